@@ -1,0 +1,340 @@
+// CPU kernels of the activation family: one template per op over the four dtypes, vectorized
+// with at::vec and split over threads with at::parallel_for. Elementwise kernels walk memory
+// order (see DenseLike); the math of each op is documented in pyops/ops/activation.py.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+
+namespace pyops {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kGrain = 32768;  // elements per task (torch's at::internal::GRAIN_SIZE)
+
+// ---- ReLU / LeakyReLU: out = x > 0 ? x : neg(x), and a 1-bit mask (x > 0) -----------------------
+// 64 elements per step: the 64 comparisons fill one uint64 of mask, which the compiler vectorizes
+// better than byte-at-a-time packing.
+template <typename scalar_t, typename Neg>
+void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, const Neg& neg) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t nbytes = (n + 7) / 8;
+  at::parallel_for(0, nbytes, kGrain / 8, [&](int64_t b0, int64_t b1) {
+    int64_t b = b0;
+    for (; b + 8 <= b1; b += 8) {  // 64 whole elements
+      const int64_t base = b * 8;
+      if (base + 64 > n) break;
+      uint64_t bits = 0;
+      for (int j = 0; j < 64; ++j) {
+        const opmath_t v = x[base + j];
+        const bool pos = v > opmath_t(0);
+        out[base + j] = pos ? v : neg(v);
+        bits |= uint64_t(pos) << j;
+      }
+      for (int k = 0; k < 8; ++k) mask[b + k] = uint8_t(bits >> (8 * k));
+    }
+    for (; b < b1; ++b) {
+      const int64_t base = b * 8;
+      const int64_t m = std::min<int64_t>(8, n - base);
+      uint8_t bits = 0;
+      for (int64_t j = 0; j < m; ++j) {
+        const opmath_t v = x[base + j];
+        const bool pos = v > opmath_t(0);
+        out[base + j] = pos ? v : neg(v);
+        bits |= uint8_t(pos) << j;
+      }
+      mask[b] = bits;
+    }
+  });
+}
+
+// grad_in = bit ? g : neg_grad(g)
+template <typename scalar_t, typename NegGrad>
+void masked_backward(const scalar_t* g, const uint8_t* mask, scalar_t* gi, int64_t n,
+                     const NegGrad& neg_grad) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t nbytes = (n + 7) / 8;
+  at::parallel_for(0, nbytes, kGrain / 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t base = b * 8;
+      const uint8_t bits = mask[b];
+      if (base + 8 <= n) {
+        for (int j = 0; j < 8; ++j) {
+          const opmath_t v = g[base + j];
+          gi[base + j] = ((bits >> j) & 1) ? v : neg_grad(v);
+        }
+      } else {
+        for (int64_t j = 0; j < n - base; ++j) {
+          const opmath_t v = g[base + j];
+          gi[base + j] = ((bits >> j) & 1) ? v : neg_grad(v);
+        }
+      }
+    }
+  });
+}
+
+// relu keeps NaN (as torch's clamp_min) and maps every other non-positive value to 0.
+struct ReluNeg {
+  template <typename T>
+  T operator()(T v) const { return v != v ? v : T(0); }
+};
+struct ReluNegGrad {
+  template <typename T>
+  T operator()(T) const { return T(0); }
+};
+struct LeakyNeg {  // also the gradient's negative branch: g * slope
+  double slope;
+  template <typename T>
+  T operator()(T v) const { return v * T(slope); }
+};
+
+template <typename Neg>
+std::tuple<at::Tensor, at::Tensor> masked_fwd_impl(const char* op, const at::Tensor& self,
+                                                   const at::Tensor& dst, const Neg& neg) {
+  check_floating(op, "self", self);
+  auto d = dense_like(self);
+  at::Tensor out = dst.defined() ? d.in : d.out;  // in place: write over the dense input
+  at::Tensor mask = at::empty({(self.numel() + 7) / 8}, self.options().dtype(at::kByte));
+  PYOPS_DISPATCH_FLOATING(self.scalar_type(), [&] {
+    masked_forward(d.in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                   mask.mutable_data_ptr<uint8_t>(), self.numel(), neg);
+  });
+  if (dst.defined() && !out.is_same(dst)) dst.copy_(out);
+  return {dst.defined() ? dst : out, mask};
+}
+
+template <typename NegGrad>
+at::Tensor masked_bwd_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& mask,
+                           const NegGrad& neg_grad) {
+  check_floating(op, "grad_out", grad_out);
+  check_mask(op, grad_out, mask);
+  auto d = dense_like(grad_out);
+  PYOPS_DISPATCH_FLOATING(grad_out.scalar_type(), [&] {
+    masked_backward(d.in.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
+                    d.out.mutable_data_ptr<scalar_t>(), grad_out.numel(), neg_grad);
+  });
+  return d.out;
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_fwd(const at::Tensor& self) {
+  return masked_fwd_impl("relu_fwd", self, at::Tensor(), ReluNeg{});
+}
+at::Tensor relu_fwd_(at::Tensor& self) {
+  return std::get<1>(masked_fwd_impl("relu_fwd_", self, self, ReluNeg{}));
+}
+at::Tensor relu_bwd(const at::Tensor& grad_out, const at::Tensor& mask) {
+  return masked_bwd_impl("relu_bwd", grad_out, mask, ReluNegGrad{});
+}
+std::tuple<at::Tensor, at::Tensor> leaky_relu_fwd(const at::Tensor& self, double slope) {
+  return masked_fwd_impl("leaky_relu_fwd", self, at::Tensor(), LeakyNeg{slope});
+}
+at::Tensor leaky_relu_fwd_(at::Tensor& self, double slope) {
+  return std::get<1>(masked_fwd_impl("leaky_relu_fwd_", self, self, LeakyNeg{slope}));
+}
+at::Tensor leaky_relu_bwd(const at::Tensor& grad_out, const at::Tensor& mask, double slope) {
+  return masked_bwd_impl("leaky_relu_bwd", grad_out, mask, LeakyNeg{slope});
+}
+
+// ---- pointwise ops through at::vec::map / map2 (Vectorized<opmath_t> lambdas) ------------------
+// map/map2 handle float16/bfloat16 by converting to float vectors, so one lambda serves all dtypes.
+template <typename Fn>
+void unary_map(const char* op, const at::Tensor& in, const at::Tensor& out, const Fn& fn) {
+  PYOPS_DISPATCH_FLOATING(in.scalar_type(), [&] {
+    const scalar_t* src = in.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, in.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      at::vec::map([&](auto x) { return fn(x); }, dst + i0, src + i0, i1 - i0);
+    });
+  });
+}
+
+template <typename Fn>
+void binary_map(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+                const Fn& fn) {
+  PYOPS_DISPATCH_FLOATING(a.scalar_type(), [&] {
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, a.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      at::vec::map2([&](auto x, auto y) { return fn(x, y); }, dst + i0, pa + i0, pb + i0, i1 - i0);
+    });
+  });
+}
+
+template <typename Fn>
+at::Tensor unary_fwd(const char* op, const at::Tensor& self, const Fn& fn) {
+  check_floating(op, "self", self);
+  auto d = dense_like(self);
+  unary_map(op, d.in, d.out, fn);
+  return d.out;
+}
+
+// grad_in = fn(grad_out, saved); grad_out is brought to saved's layout, which grad_in takes.
+template <typename Fn>
+at::Tensor binary_bwd(const char* op, const at::Tensor& grad_out, const at::Tensor& saved,
+                      const Fn& fn) {
+  check_floating(op, "grad_out", grad_out);
+  check_like(op, "grad_out", grad_out, "saved", saved);
+  check_same_shape(op, "grad_out", grad_out, "saved", saved);
+  auto d = dense_like(saved);
+  at::Tensor g = as_layout_of(grad_out, d.out);
+  binary_map(op, g, d.in, d.out, fn);
+  return d.out;
+}
+
+template <typename V>
+V elu_forward_vec(V x, double alpha) {
+  const V zero(0);
+  return V::blendv(V(alpha) * x.expm1(), x, x > zero);
+}
+
+at::Tensor elu_fwd(const at::Tensor& self, double alpha) {
+  return unary_fwd("elu_fwd", self, [alpha](auto x) { return elu_forward_vec(x, alpha); });
+}
+
+void elu_fwd_(at::Tensor& self, double alpha) {
+  check_floating("elu_fwd_", "self", self);
+  auto d = dense_like(self);
+  unary_map("elu_fwd_", d.in, d.in, [alpha](auto x) { return elu_forward_vec(x, alpha); });
+  if (!d.in.is_same(self)) self.copy_(d.in);
+}
+
+at::Tensor elu_bwd(const at::Tensor& grad_out, const at::Tensor& saved, double alpha, bool is_result) {
+  if (is_result) {  // saved = out: d out / dx = out + alpha where out <= 0
+    return binary_bwd("elu_bwd", grad_out, saved, [alpha](auto g, auto y) {
+      using V = decltype(g);
+      return V::blendv(g, g * (y + V(alpha)), y <= V(0));
+    });
+  }
+  return binary_bwd("elu_bwd", grad_out, saved, [alpha](auto g, auto x) {  // saved = input
+    using V = decltype(g);
+    return V::blendv(g, g * V(alpha) * x.exp(), x <= V(0));
+  });
+}
+
+at::Tensor sigmoid_fwd(const at::Tensor& self) {
+  return unary_fwd("sigmoid_fwd", self, [](auto x) {
+    using V = decltype(x);
+    return (V(1) + x.neg().exp()).reciprocal();
+  });
+}
+at::Tensor sigmoid_bwd(const at::Tensor& grad_out, const at::Tensor& out) {
+  return binary_bwd("sigmoid_bwd", grad_out, out, [](auto g, auto y) {
+    using V = decltype(g);
+    return g * (V(1) - y) * y;
+  });
+}
+at::Tensor tanh_fwd(const at::Tensor& self) {
+  return unary_fwd("tanh_fwd", self, [](auto x) { return x.tanh(); });
+}
+at::Tensor tanh_bwd(const at::Tensor& grad_out, const at::Tensor& out) {
+  return binary_bwd("tanh_bwd", grad_out, out, [](auto g, auto y) {
+    using V = decltype(g);
+    return g * (V(1) - y * y);
+  });
+}
+
+// ---- Maxout: out[o, j, i] = max_k x[o, j * pieces + k, i]; index of the first maximum ---------
+// NaN wins (torch.max propagates it), the first NaN included.
+std::tuple<at::Tensor, at::Tensor> maxout_fwd(const at::Tensor& self, int64_t pieces, int64_t dim) {
+  check_floating("maxout_fwd", "self", self);
+  const auto s = maxout_shape("maxout_fwd", self, pieces, dim);
+  auto sizes = self.sizes().vec();
+  sizes[s.dim] /= pieces;
+  at::Tensor out = at::empty(sizes, self.options());
+  at::Tensor idx = at::empty(sizes, self.options().dtype(at::kByte));
+  const at::Tensor x = self.contiguous();
+  const int64_t groups = s.outer * (s.channels / pieces);
+  PYOPS_DISPATCH_FLOATING(self.scalar_type(), [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    uint8_t* pi = idx.mutable_data_ptr<uint8_t>();
+    const int64_t inner = s.inner;
+    at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / (inner * pieces)), [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {  // g = o * (channels / pieces) + j
+        const scalar_t* src = px + g * pieces * inner;
+        scalar_t* dst = po + g * inner;
+        uint8_t* di = pi + g * inner;
+        for (int64_t i = 0; i < inner; ++i) {
+          dst[i] = src[i];
+          di[i] = 0;
+        }
+        for (int64_t k = 1; k < pieces; ++k) {
+          const scalar_t* row = src + k * inner;
+          for (int64_t i = 0; i < inner; ++i) {
+            const scalar_t v = row[i], best = dst[i];
+            const bool take = v > best || (v != v && best == best);
+            dst[i] = take ? v : best;
+            di[i] = take ? uint8_t(k) : di[i];
+          }
+        }
+      }
+    });
+  });
+  return {out, idx};
+}
+
+at::Tensor maxout_bwd(const at::Tensor& grad_out, const at::Tensor& indices, int64_t pieces, int64_t dim) {
+  check_floating("maxout_bwd", "grad_out", grad_out);
+  TORCH_CHECK(indices.scalar_type() == at::kByte, "pyops::maxout_bwd: indices must be uint8, got ",
+              indices.scalar_type());
+  TORCH_CHECK(indices.device() == grad_out.device(), "pyops::maxout_bwd: indices is on ",
+              indices.device(), " but grad_out is on ", grad_out.device());
+  check_same_shape("maxout_bwd", "grad_out", grad_out, "indices", indices);
+  TORCH_CHECK(grad_out.dim() > 0, "pyops::maxout_bwd: grad_out must have at least one dimension");
+  const int64_t d = c10::maybe_wrap_dim(dim, grad_out.dim());
+  auto sizes = grad_out.sizes().vec();
+  sizes[d] *= pieces;
+  at::Tensor gi = at::empty(sizes, grad_out.options());
+  const auto s = maxout_shape("maxout_bwd", gi, pieces, d);
+  const at::Tensor g = grad_out.contiguous();
+  const at::Tensor ix = indices.contiguous();
+  const int64_t groups = s.outer * (s.channels / pieces);
+  PYOPS_DISPATCH_FLOATING(grad_out.scalar_type(), [&] {
+    const scalar_t* pg = g.const_data_ptr<scalar_t>();
+    const uint8_t* pi = ix.const_data_ptr<uint8_t>();
+    scalar_t* po = gi.mutable_data_ptr<scalar_t>();
+    const int64_t inner = s.inner;
+    at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / (inner * pieces)), [&](int64_t g0, int64_t g1) {
+      for (int64_t grp = g0; grp < g1; ++grp) {
+        const scalar_t* src = pg + grp * inner;
+        const uint8_t* si = pi + grp * inner;
+        scalar_t* dst = po + grp * pieces * inner;
+        for (int64_t k = 0; k < pieces; ++k)
+          for (int64_t i = 0; i < inner; ++i) dst[k * inner + i] = si[i] == k ? src[i] : scalar_t(0);
+      }
+    });
+  });
+  return gi;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, CPU, m) {
+  m.impl("relu_fwd", &relu_fwd);
+  m.impl("relu_fwd_", &relu_fwd_);
+  m.impl("relu_bwd", &relu_bwd);
+  m.impl("leaky_relu_fwd", &leaky_relu_fwd);
+  m.impl("leaky_relu_fwd_", &leaky_relu_fwd_);
+  m.impl("leaky_relu_bwd", &leaky_relu_bwd);
+  m.impl("elu_fwd", &elu_fwd);
+  m.impl("elu_fwd_", &elu_fwd_);
+  m.impl("elu_bwd", &elu_bwd);
+  m.impl("sigmoid_fwd", &sigmoid_fwd);
+  m.impl("sigmoid_bwd", &sigmoid_bwd);
+  m.impl("tanh_fwd", &tanh_fwd);
+  m.impl("tanh_bwd", &tanh_bwd);
+  m.impl("maxout_fwd", &maxout_fwd);
+  m.impl("maxout_bwd", &maxout_bwd);
+}
+
+}  // namespace pyops

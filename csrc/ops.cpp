@@ -1,0 +1,42 @@
+// The one schema block of pyops: every native op, each backend's kernels register elsewhere
+// (csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu); fake kernels and autograd live in pyops/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyops, m) {
+  // ---- activation ------------------------------------------------------------------------
+  // Masked activations return (out, mask): mask holds bit (i % 8) of byte i / 8 = (x_i > 0),
+  // elements taken in out's memory order; *_bwd wants grad_out laid out as out was.
+  m.def("relu_fwd(Tensor self) -> (Tensor, Tensor)");
+  m.def("relu_fwd_(Tensor(a!) self) -> Tensor");
+  m.def("relu_bwd(Tensor grad_out, Tensor mask) -> Tensor");
+  m.def("leaky_relu_fwd(Tensor self, float negative_slope) -> (Tensor, Tensor)");
+  m.def("leaky_relu_fwd_(Tensor(a!) self, float negative_slope) -> Tensor");
+  m.def("leaky_relu_bwd(Tensor grad_out, Tensor mask, float negative_slope) -> Tensor");
+  m.def("elu_fwd(Tensor self, float alpha) -> Tensor");
+  m.def("elu_fwd_(Tensor(a!) self, float alpha) -> ()");
+  // saved is the output (is_result) or the input of the forward, as torch's elu_backward.
+  m.def("elu_bwd(Tensor grad_out, Tensor saved, float alpha, bool is_result) -> Tensor");
+  m.def("sigmoid_fwd(Tensor self) -> Tensor");
+  m.def("sigmoid_bwd(Tensor grad_out, Tensor out) -> Tensor");
+  m.def("tanh_fwd(Tensor self) -> Tensor");
+  m.def("tanh_bwd(Tensor grad_out, Tensor out) -> Tensor");
+  // maxout returns (out, indices): indices (uint8, out's shape) of the first maximal piece.
+  m.def("maxout_fwd(Tensor self, int pieces, int dim) -> (Tensor, Tensor)");
+  m.def("maxout_bwd(Tensor grad_out, Tensor indices, int pieces, int dim) -> Tensor");
+}
+
+// A plain extension module: importing it runs the registrations above. It carries the build facts.
+static struct PyModuleDef pyops_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&pyops_module);
+  if (m == nullptr) return nullptr;
+  PyModule_AddIntConstant(m, "WITH_CUDA", PYOPS_WITH_CUDA);
+#ifdef CPU_CAPABILITY_AVX2
+  PyModule_AddStringConstant(m, "CPU_CAPABILITY", "AVX2");
+#else
+  PyModule_AddStringConstant(m, "CPU_CAPABILITY", "DEFAULT");
+#endif
+  return m;
+}

@@ -1,0 +1,19 @@
+"""pyops: hand-written Triton, CUDA and C++ kernels for the building blocks of convolutional
+networks, as drop-in replacements for their torch counterparts.
+
+    import pyops
+    y = pyops.functional.relu(x)               # backend picked per op and device ("auto")
+    with pyops.backend("triton"): ...          # or chosen for a block
+    model = pyops.convert(model)               # swap torch modules for pyops ones
+"""
+__version__ = "0.1.0"
+
+import torch  # noqa: F401  (loads libtorch before pyops._C)
+
+from . import _C  # noqa: F401
+from .backend import BACKENDS, available_backends, backend
+from . import functional, nn, optim  # noqa: E402
+from .convert import convert
+from .info import info
+
+__all__ = ["backend", "available_backends", "BACKENDS", "functional", "nn", "optim", "convert", "info"]

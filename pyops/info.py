@@ -1,0 +1,44 @@
+"""pyops.info(): what this installation is and can run."""
+import importlib.util
+
+import torch
+
+from .backend import available_backends, triton_interpreted
+
+
+def info_dict():
+    from . import _C
+
+    try:
+        from ._build import CUDA_ARCHS
+    except ImportError:
+        CUDA_ARCHS = ""
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "pyops": __import__("pyops").__version__,
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda,
+        "triton": triton_version,
+        "triton interpreter (TRITON_INTERPRET=1)": triton_interpreted(),
+        "CPU kernels": f"compiled ({_C.CPU_CAPABILITY})",
+        "CUDA kernels": f"compiled for sm {CUDA_ARCHS}" if _C.WITH_CUDA else "not compiled",
+        "GPUs": ", ".join(gpus) or "none visible",
+        "backends": {d: available_backends(d) for d in devices},
+    }
+
+
+def info(file=None):
+    """Print (and return) versions, the compiled kernels and the backends available per device."""
+    d = info_dict()
+    width = max(len(k) for k in d)
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = "; ".join(f"{dev}: {', '.join(b)}" for dev, b in v.items())
+        print(f"{k:<{width}}  {v}", file=file)
+    return d

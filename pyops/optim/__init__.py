@@ -1,0 +1,2 @@
+"""pyops optimizers (drop-ins for torch.optim): none yet."""
+__all__ = []
