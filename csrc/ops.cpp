@@ -5,8 +5,9 @@
 
 TORCH_LIBRARY(pyops, m) {
   // ---- activation ------------------------------------------------------------------------
-  // Masked activations return (out, mask): mask holds bit (i % 8) of byte i / 8 = (x_i > 0),
-  // elements taken in out's memory order; *_bwd wants grad_out laid out as out was.
+  // Masked activations return (out, mask): bit (i % 8) of byte i / 8 says whether the gradient
+  // flows unchanged at element i (relu: !(x <= 0), leaky_relu: x > 0), elements taken in out's
+  // memory order; *_bwd wants grad_out laid out as out was.
   m.def("relu_fwd(Tensor self) -> (Tensor, Tensor)");
   m.def("relu_fwd_(Tensor(a!) self) -> Tensor");
   m.def("relu_bwd(Tensor grad_out, Tensor mask) -> Tensor");

@@ -62,10 +62,13 @@ def _offsets_2d(n):
 def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope, IS_RELU: tl.constexpr, COMPUTE: tl.constexpr):
     rows, offs, inb = _offsets_2d(n)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
-    pos = x > 0
+    # pos: where the gradient flows unchanged, as torch decides it: relu's backward tests the
+    # output (NaN passes, and stays NaN), leaky_relu's the input (NaN takes the slope).
     if IS_RELU:
-        neg = tl.where(x != x, x, 0.0)  # NaN stays NaN, as torch's clamp_min
+        pos = (x <= 0) == 0
+        neg = tl.zeros_like(x)
     else:
+        pos = x > 0
         neg = x * slope
     tl.store(out_ptr + offs, tl.where(pos, x, neg).to(out_ptr.dtype.element_ty), mask=inb)
     bits = tl.sum(pos.to(tl.int32) << tl.arange(0, 8)[None, :], axis=1)

@@ -21,11 +21,13 @@ using at::vec::Vectorized;
 
 constexpr int64_t kGrain = 32768;  // elements per task (torch's at::internal::GRAIN_SIZE)
 
-// ---- ReLU / LeakyReLU: out = x > 0 ? x : neg(x), and a 1-bit mask (x > 0) -----------------------
+// ---- ReLU / LeakyReLU: out = pass(x) ? x : neg(x), and a 1-bit mask pass(x) ---------------------
+// pass(x) is where the gradient flows unchanged, as torch decides it: relu's backward tests the
+// output (!(y <= 0), so NaN passes), leaky_relu's the input (x > 0, so NaN takes the slope).
 // 64 elements per step: the 64 comparisons fill one uint64 of mask, which the compiler vectorizes
 // better than byte-at-a-time packing.
-template <typename scalar_t, typename Neg>
-void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, const Neg& neg) {
+template <typename scalar_t, typename Op>
+void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, const Op& op) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t nbytes = (n + 7) / 8;
   at::parallel_for(0, nbytes, kGrain / 8, [&](int64_t b0, int64_t b1) {
@@ -36,8 +38,8 @@ void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, 
       uint64_t bits = 0;
       for (int j = 0; j < 64; ++j) {
         const opmath_t v = x[base + j];
-        const bool pos = v > opmath_t(0);
-        out[base + j] = pos ? v : neg(v);
+        const bool pos = op.pass(v);
+        out[base + j] = pos ? v : op.neg(v);
         bits |= uint64_t(pos) << j;
       }
       for (int k = 0; k < 8; ++k) mask[b + k] = uint8_t(bits >> (8 * k));
@@ -48,8 +50,8 @@ void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, 
       uint8_t bits = 0;
       for (int64_t j = 0; j < m; ++j) {
         const opmath_t v = x[base + j];
-        const bool pos = v > opmath_t(0);
-        out[base + j] = pos ? v : neg(v);
+        const bool pos = op.pass(v);
+        out[base + j] = pos ? v : op.neg(v);
         bits |= uint8_t(pos) << j;
       }
       mask[b] = bits;
@@ -57,10 +59,9 @@ void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, 
   });
 }
 
-// grad_in = bit ? g : neg_grad(g)
-template <typename scalar_t, typename NegGrad>
-void masked_backward(const scalar_t* g, const uint8_t* mask, scalar_t* gi, int64_t n,
-                     const NegGrad& neg_grad) {
+// grad_in = bit ? g : neg(g)
+template <typename scalar_t, typename Op>
+void masked_backward(const scalar_t* g, const uint8_t* mask, scalar_t* gi, int64_t n, const Op& op) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t nbytes = (n + 7) / 8;
   at::parallel_for(0, nbytes, kGrain / 8, [&](int64_t b0, int64_t b1) {
@@ -70,89 +71,86 @@ void masked_backward(const scalar_t* g, const uint8_t* mask, scalar_t* gi, int64
       if (base + 8 <= n) {
         for (int j = 0; j < 8; ++j) {
           const opmath_t v = g[base + j];
-          gi[base + j] = ((bits >> j) & 1) ? v : neg_grad(v);
+          gi[base + j] = ((bits >> j) & 1) ? v : op.neg(v);
         }
       } else {
         for (int64_t j = 0; j < n - base; ++j) {
           const opmath_t v = g[base + j];
-          gi[base + j] = ((bits >> j) & 1) ? v : neg_grad(v);
+          gi[base + j] = ((bits >> j) & 1) ? v : op.neg(v);
         }
       }
     }
   });
 }
 
-// relu keeps NaN (as torch's clamp_min) and maps every other non-positive value to 0.
-struct ReluNeg {
-  template <typename T>
-  T operator()(T v) const { return v != v ? v : T(0); }
+struct ReluOp {  // NaN passes (and stays NaN), every other non-positive value -> 0; gradient too
+  template <typename T> bool pass(T v) const { return !(v <= T(0)); }
+  template <typename T> T neg(T) const { return T(0); }
 };
-struct ReluNegGrad {
-  template <typename T>
-  T operator()(T) const { return T(0); }
-};
-struct LeakyNeg {  // also the gradient's negative branch: g * slope
+struct LeakyOp {  // forward's and gradient's other branch: * slope
   double slope;
-  template <typename T>
-  T operator()(T v) const { return v * T(slope); }
+  template <typename T> bool pass(T v) const { return v > T(0); }
+  template <typename T> T neg(T v) const { return v * T(slope); }
 };
 
-template <typename Neg>
+template <typename Op>
 std::tuple<at::Tensor, at::Tensor> masked_fwd_impl(const char* op, const at::Tensor& self,
-                                                   const at::Tensor& dst, const Neg& neg) {
+                                                   const at::Tensor& dst, const Op& fn) {
   check_floating(op, "self", self);
   auto d = dense_like(self);
   at::Tensor out = dst.defined() ? d.in : d.out;  // in place: write over the dense input
   at::Tensor mask = at::empty({(self.numel() + 7) / 8}, self.options().dtype(at::kByte));
   PYOPS_DISPATCH_FLOATING(self.scalar_type(), [&] {
     masked_forward(d.in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                   mask.mutable_data_ptr<uint8_t>(), self.numel(), neg);
+                   mask.mutable_data_ptr<uint8_t>(), self.numel(), fn);
   });
   if (dst.defined() && !out.is_same(dst)) dst.copy_(out);
   return {dst.defined() ? dst : out, mask};
 }
 
-template <typename NegGrad>
+template <typename Op>
 at::Tensor masked_bwd_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& mask,
-                           const NegGrad& neg_grad) {
+                           const Op& fn) {
   check_floating(op, "grad_out", grad_out);
   check_mask(op, grad_out, mask);
   auto d = dense_like(grad_out);
   PYOPS_DISPATCH_FLOATING(grad_out.scalar_type(), [&] {
     masked_backward(d.in.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
-                    d.out.mutable_data_ptr<scalar_t>(), grad_out.numel(), neg_grad);
+                    d.out.mutable_data_ptr<scalar_t>(), grad_out.numel(), fn);
   });
   return d.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_fwd(const at::Tensor& self) {
-  return masked_fwd_impl("relu_fwd", self, at::Tensor(), ReluNeg{});
+  return masked_fwd_impl("relu_fwd", self, at::Tensor(), ReluOp{});
 }
 at::Tensor relu_fwd_(at::Tensor& self) {
-  return std::get<1>(masked_fwd_impl("relu_fwd_", self, self, ReluNeg{}));
+  return std::get<1>(masked_fwd_impl("relu_fwd_", self, self, ReluOp{}));
 }
 at::Tensor relu_bwd(const at::Tensor& grad_out, const at::Tensor& mask) {
-  return masked_bwd_impl("relu_bwd", grad_out, mask, ReluNegGrad{});
+  return masked_bwd_impl("relu_bwd", grad_out, mask, ReluOp{});
 }
 std::tuple<at::Tensor, at::Tensor> leaky_relu_fwd(const at::Tensor& self, double slope) {
-  return masked_fwd_impl("leaky_relu_fwd", self, at::Tensor(), LeakyNeg{slope});
+  return masked_fwd_impl("leaky_relu_fwd", self, at::Tensor(), LeakyOp{slope});
 }
 at::Tensor leaky_relu_fwd_(at::Tensor& self, double slope) {
-  return std::get<1>(masked_fwd_impl("leaky_relu_fwd_", self, self, LeakyNeg{slope}));
+  return std::get<1>(masked_fwd_impl("leaky_relu_fwd_", self, self, LeakyOp{slope}));
 }
 at::Tensor leaky_relu_bwd(const at::Tensor& grad_out, const at::Tensor& mask, double slope) {
-  return masked_bwd_impl("leaky_relu_bwd", grad_out, mask, LeakyNeg{slope});
+  return masked_bwd_impl("leaky_relu_bwd", grad_out, mask, LeakyOp{slope});
 }
 
 // ---- pointwise ops through at::vec::map / map2 (Vectorized<opmath_t> lambdas) ------------------
-// map/map2 handle float16/bfloat16 by converting to float vectors, so one lambda serves all dtypes.
+// map/map2 convert float16/bfloat16 to float vectors when the lambda takes only Vectorized<opmath_t>
+// (a lambda that also takes Vectorized<Half> would compute, and round, in half precision).
 template <typename Fn>
 void unary_map(const char* op, const at::Tensor& in, const at::Tensor& out, const Fn& fn) {
   PYOPS_DISPATCH_FLOATING(in.scalar_type(), [&] {
     const scalar_t* src = in.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, in.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      at::vec::map([&](auto x) { return fn(x); }, dst + i0, src + i0, i1 - i0);
+      using V = Vectorized<at::opmath_type<scalar_t>>;
+      at::vec::map([&](V x) -> V { return fn(x); }, dst + i0, src + i0, i1 - i0);
     });
   });
 }
@@ -165,7 +163,8 @@ void binary_map(const char* op, const at::Tensor& a, const at::Tensor& b, const 
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, a.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      at::vec::map2([&](auto x, auto y) { return fn(x, y); }, dst + i0, pa + i0, pb + i0, i1 - i0);
+      using V = Vectorized<at::opmath_type<scalar_t>>;
+      at::vec::map2([&](V x, V y) -> V { return fn(x, y); }, dst + i0, pa + i0, pb + i0, i1 - i0);
     });
   });
 }

@@ -62,9 +62,9 @@ __device__ __forceinline__ void store8(T* p, int64_t base, int64_t n, bool vec, 
 #define PYOPS_GRID_STRIDE(i, count) \
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (count); i += int64_t(gridDim.x) * blockDim.x)
 
-// out = x > 0 ? x : neg(x); mask bit = x > 0
-template <typename T, typename Neg>
-__global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, bool vec, Neg neg) {
+// out = pass(x) ? x : neg(x); mask bit = pass(x) (where the gradient flows unchanged)
+template <typename T, typename Op>
+__global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, bool vec, Op op) {
   using opmath_t = at::opmath_type<T>;
   PYOPS_GRID_STRIDE(b, (n + kElems - 1) / kElems) {
     T v[kElems], o[kElems];
@@ -73,8 +73,8 @@ __global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, 
 #pragma unroll
     for (int j = 0; j < kElems; ++j) {
       const opmath_t a = v[j];
-      const bool pos = a > opmath_t(0);
-      o[j] = pos ? a : neg(a);
+      const bool pos = op.pass(a);
+      o[j] = pos ? a : op.neg(a);
       bits |= uint8_t(pos) << j;
     }
     store8(out, b * kElems, n, vec, o);
@@ -82,9 +82,9 @@ __global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, 
   }
 }
 
-// grad_in = bit ? g : neg_grad(g)
-template <typename T, typename NegGrad>
-__global__ void masked_bwd_kernel(const T* g, const uint8_t* mask, T* gi, int64_t n, bool vec, NegGrad neg_grad) {
+// grad_in = bit ? g : neg(g)
+template <typename T, typename Op>
+__global__ void masked_bwd_kernel(const T* g, const uint8_t* mask, T* gi, int64_t n, bool vec, Op op) {
   using opmath_t = at::opmath_type<T>;
   PYOPS_GRID_STRIDE(b, (n + kElems - 1) / kElems) {
     T v[kElems], o[kElems];
@@ -93,7 +93,7 @@ __global__ void masked_bwd_kernel(const T* g, const uint8_t* mask, T* gi, int64_
 #pragma unroll
     for (int j = 0; j < kElems; ++j) {
       const opmath_t a = v[j];
-      o[j] = ((bits >> j) & 1) ? a : neg_grad(a);
+      o[j] = ((bits >> j) & 1) ? a : op.neg(a);
     }
     store8(gi, b * kElems, n, vec, o);
   }
@@ -125,15 +125,16 @@ __global__ void binary_kernel(const T* a, const T* s, T* out, int64_t n, bool ve
 }
 
 // ---- the math of each op (see pyops/ops/activation.py) -------------------------------------------
-struct ReluNeg {  // relu keeps NaN (as torch's clamp_min), every other non-positive value -> 0
-  template <typename T> __device__ T operator()(T v) const { return v != v ? v : T(0); }
+// pass(x): where the gradient flows unchanged, as torch decides it: relu's backward tests the output
+// (!(y <= 0): NaN passes and stays NaN), leaky_relu's the input (x > 0: NaN takes the slope).
+struct ReluOp {
+  template <typename T> __device__ bool pass(T v) const { return !(v <= T(0)); }
+  template <typename T> __device__ T neg(T) const { return T(0); }
 };
-struct ReluNegGrad {
-  template <typename T> __device__ T operator()(T) const { return T(0); }
-};
-struct LeakyNeg {  // forward's and gradient's negative branch
+struct LeakyOp {  // forward's and gradient's other branch: * slope
   double slope;
-  template <typename T> __device__ T operator()(T v) const { return v * T(slope); }
+  template <typename T> __device__ bool pass(T v) const { return v > T(0); }
+  template <typename T> __device__ T neg(T v) const { return v * T(slope); }
 };
 struct EluFwd {
   double alpha;
@@ -161,9 +162,9 @@ struct TanhBwd {
 };
 
 // ---- launchers ---------------------------------------------------------------------------------
-template <typename Neg>
+template <typename Op>
 std::tuple<at::Tensor, at::Tensor> masked_fwd_impl(const char* op, const at::Tensor& self,
-                                                   const at::Tensor& dst, Neg neg) {
+                                                   const at::Tensor& dst, Op fn) {
   check_floating(op, "self", self);
   c10::cuda::CUDAGuard guard(self.device());
   auto d = dense_like(self);
@@ -175,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> masked_fwd_impl(const char* op, const at::Ten
       const bool vec = aligned16(d.in.const_data_ptr()) && aligned16(out.const_data_ptr());
       masked_fwd_kernel<<<blocks_for((n + 7) / 8), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           d.in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-          mask.mutable_data_ptr<uint8_t>(), n, vec, neg);
+          mask.mutable_data_ptr<uint8_t>(), n, vec, fn);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -183,8 +184,8 @@ std::tuple<at::Tensor, at::Tensor> masked_fwd_impl(const char* op, const at::Ten
   return {dst.defined() ? dst : out, mask};
 }
 
-template <typename NegGrad>
-at::Tensor masked_bwd_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& mask, NegGrad neg_grad) {
+template <typename Op>
+at::Tensor masked_bwd_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& mask, Op fn) {
   check_floating(op, "grad_out", grad_out);
   check_mask(op, grad_out, mask);
   c10::cuda::CUDAGuard guard(grad_out.device());
@@ -195,7 +196,7 @@ at::Tensor masked_bwd_impl(const char* op, const at::Tensor& grad_out, const at:
       const bool vec = aligned16(d.in.const_data_ptr()) && aligned16(d.out.const_data_ptr());
       masked_bwd_kernel<<<blocks_for((n + 7) / 8), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           d.in.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
-          d.out.mutable_data_ptr<scalar_t>(), n, vec, neg_grad);
+          d.out.mutable_data_ptr<scalar_t>(), n, vec, fn);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -246,20 +247,20 @@ at::Tensor binary_bwd(const char* op, const at::Tensor& grad_out, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_fwd(const at::Tensor& self) {
-  return masked_fwd_impl("relu_fwd", self, at::Tensor(), ReluNeg{});
+  return masked_fwd_impl("relu_fwd", self, at::Tensor(), ReluOp{});
 }
-at::Tensor relu_fwd_(at::Tensor& self) { return std::get<1>(masked_fwd_impl("relu_fwd_", self, self, ReluNeg{})); }
+at::Tensor relu_fwd_(at::Tensor& self) { return std::get<1>(masked_fwd_impl("relu_fwd_", self, self, ReluOp{})); }
 at::Tensor relu_bwd(const at::Tensor& grad_out, const at::Tensor& mask) {
-  return masked_bwd_impl("relu_bwd", grad_out, mask, ReluNegGrad{});
+  return masked_bwd_impl("relu_bwd", grad_out, mask, ReluOp{});
 }
 std::tuple<at::Tensor, at::Tensor> leaky_relu_fwd(const at::Tensor& self, double slope) {
-  return masked_fwd_impl("leaky_relu_fwd", self, at::Tensor(), LeakyNeg{slope});
+  return masked_fwd_impl("leaky_relu_fwd", self, at::Tensor(), LeakyOp{slope});
 }
 at::Tensor leaky_relu_fwd_(at::Tensor& self, double slope) {
-  return std::get<1>(masked_fwd_impl("leaky_relu_fwd_", self, self, LeakyNeg{slope}));
+  return std::get<1>(masked_fwd_impl("leaky_relu_fwd_", self, self, LeakyOp{slope}));
 }
 at::Tensor leaky_relu_bwd(const at::Tensor& grad_out, const at::Tensor& mask, double slope) {
-  return masked_bwd_impl("leaky_relu_bwd", grad_out, mask, LeakyNeg{slope});
+  return masked_bwd_impl("leaky_relu_bwd", grad_out, mask, LeakyOp{slope});
 }
 at::Tensor elu_fwd(const at::Tensor& self, double alpha) { return unary_fwd("elu_fwd", self, EluFwd{alpha}); }
 void elu_fwd_(at::Tensor& self, double alpha) {

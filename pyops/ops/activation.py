@@ -1,7 +1,7 @@
 """The activation family's primitive ops per backend, their fake kernels, and autograd functions.
 
 Math (forward; gradient used):
-  relu(x)        = max(x, 0), NaN kept;            dx = g * [x > 0]          (saves a 1-bit mask)
+  relu(x)        = max(x, 0), NaN kept;            dx = g * [!(x <= 0)]      (saves a 1-bit mask)
   leaky_relu(x)  = x > 0 ? x : s * x;              dx = g * ([x > 0] ? 1 : s) (saves a 1-bit mask)
   elu(x)         = x > 0 ? x : a * (exp(x) - 1);   dx = g * (y <= 0 ? y + a : 1) (saves y; the input x
                    when a < 0, where y no longer tells the branch: dx = g * (x <= 0 ? a * exp(x) : 1))
@@ -35,11 +35,18 @@ def _fake_masked_fwd_(self, *args):
     return _mask_like(self)
 
 
+def _same_device(op, a, b):
+    torch._check(a.device == b.device, lambda: f"pyops::{op}: tensors on {a.device} and {b.device}")
+
+
 def _fake_like_first(t, *args):
+    if args and isinstance(args[0], torch.Tensor):
+        _same_device("bwd", t, args[0])
     return torch.empty_like(t)
 
 
 def _fake_like_second(grad_out, saved, *args):
+    _same_device("bwd", grad_out, saved)
     return torch.empty_like(saved)
 
 
@@ -61,6 +68,7 @@ def _fake_maxout_fwd(self, pieces, dim):
 
 
 def _fake_maxout_bwd(grad_out, indices, pieces, dim):
+    _same_device("maxout_bwd", grad_out, indices)
     return grad_out.new_empty(_maxout_shape(grad_out.shape, pieces, dim, grow=True))
 
 
@@ -153,6 +161,89 @@ def _to_layout(g, stride):
     return torch.empty_strided(g.shape, stride, dtype=g.dtype, device=g.device).copy_(g)
 
 
+def _maxout_gather(gg, idx, pieces, dim):
+    """The derivative of maxout_bwd in its gradient: pick each group's chosen piece."""
+    groups = gg.unflatten(dim, (gg.shape[dim] // pieces, pieces))
+    return groups.gather(dim + 1, idx.long().unsqueeze(dim + 1)).squeeze(dim + 1)
+
+
+def _register_autograd(ops):
+    """Derivatives of one backend's functional primitives, so that each is differentiable on its
+    own (opcheck, double backward): forward primitives differentiate through their *_bwd partner,
+    *_bwd primitives are linear in grad_out and differentiate in the saved tensor with torch ops."""
+    def register(name, setup, backward):
+        torch.library.register_autograd(ops[name]._name, backward, setup_context=setup)
+
+    def save_mask(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.stride, ctx.extra = output[0].stride(), tuple(inputs[1:])
+
+    for act in ("relu", "leaky_relu"):
+        def fwd_bwd(ctx, g, _g_mask, act=act):
+            (mask,) = ctx.saved_tensors
+            return (ops[f"{act}_bwd"](_to_layout(g, ctx.stride), mask, *ctx.extra),) + (None,) * len(ctx.extra)
+
+        def save_bwd(ctx, inputs, output):
+            ctx.save_for_backward(inputs[1])
+            ctx.stride, ctx.extra = output.stride(), tuple(inputs[2:])
+
+        def bwd_bwd(ctx, gg, act=act):
+            (mask,) = ctx.saved_tensors
+            return (ops[f"{act}_bwd"](_to_layout(gg, ctx.stride), mask, *ctx.extra), None) + (None,) * len(ctx.extra)
+
+        register(f"{act}_fwd", save_mask, fwd_bwd)
+        register(f"{act}_bwd", save_bwd, bwd_bwd)
+
+    def save_elu(ctx, inputs, output):
+        x, alpha = inputs
+        ctx.save_for_backward(output if alpha >= 0 else x)
+        ctx.alpha = alpha
+
+    register("elu_fwd", save_elu,
+             lambda ctx, g: (ops["elu_bwd"](g, ctx.saved_tensors[0], ctx.alpha, ctx.alpha >= 0), None))
+
+    def save_elu_bwd(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.alpha, ctx.is_result = inputs[2], inputs[3]
+
+    def elu_bwd_bwd(ctx, gg):
+        g, s = ctx.saved_tensors
+        d_s = gg * g if ctx.is_result else gg * g * ctx.alpha * s.exp()
+        return (ops["elu_bwd"](gg, s, ctx.alpha, ctx.is_result), torch.where(s <= 0, d_s, 0), None, None)
+
+    register("elu_bwd", save_elu_bwd, elu_bwd_bwd)
+
+    def save_out(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    def save_inputs(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    register("sigmoid_fwd", save_out, lambda ctx, g: ops["sigmoid_bwd"](g, ctx.saved_tensors[0]))
+    register("tanh_fwd", save_out, lambda ctx, g: ops["tanh_bwd"](g, ctx.saved_tensors[0]))
+    register("sigmoid_bwd", save_inputs, lambda ctx, gg: (
+        ops["sigmoid_bwd"](gg, ctx.saved_tensors[1]), gg * ctx.saved_tensors[0] * (1 - 2 * ctx.saved_tensors[1])))
+    register("tanh_bwd", save_inputs, lambda ctx, gg: (
+        ops["tanh_bwd"](gg, ctx.saved_tensors[1]), -2 * gg * ctx.saved_tensors[0] * ctx.saved_tensors[1]))
+
+    def save_maxout(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.pieces, ctx.dim = inputs[1], inputs[2] % inputs[0].dim()
+
+    def save_maxout_bwd(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.pieces, ctx.dim = inputs[2], inputs[3] % inputs[0].dim()
+
+    register("maxout_fwd", save_maxout, lambda ctx, g, _gi: (
+        ops["maxout_bwd"](g, ctx.saved_tensors[0], ctx.pieces, ctx.dim), None, None))
+    register("maxout_bwd", save_maxout_bwd, lambda ctx, gg: (
+        _maxout_gather(gg, ctx.saved_tensors[0], ctx.pieces, ctx.dim), None, None, None))
+
+
+for _ops in PRIMITIVES.values():
+    _register_autograd(_ops)
+
+
 class MaskedActivation(torch.autograd.Function):
     """relu (negative_slope None) and leaky_relu: saves only the 1-bit mask [x > 0]."""
 
@@ -174,7 +265,6 @@ class MaskedActivation(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
         ops = PRIMITIVES[ctx.backend]
@@ -200,7 +290,6 @@ class ELU(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (saved,) = ctx.saved_tensors
         if ctx.inplace and ctx.alpha < 0:
@@ -225,7 +314,6 @@ class _SavesOutput(torch.autograd.Function):
         return out
 
     @classmethod
-    @torch.autograd.function.once_differentiable
     def backward(cls, ctx, grad):
         (out,) = ctx.saved_tensors
         return PRIMITIVES[ctx.backend][cls.bwd](grad, out), None
@@ -248,7 +336,6 @@ class Maxout(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
         return PRIMITIVES[ctx.backend]["maxout_bwd"](grad, idx, ctx.pieces, ctx.dim), None, None, None
@@ -256,4 +343,5 @@ class Maxout(torch.autograd.Function):
 
 def maxout_reference(x, pieces, dim):
     """The torch composite: torch.max sends the gradient to the first maximal piece."""
+    dim = dim % x.dim()
     return x.unflatten(dim, (x.shape[dim] // pieces, pieces)).max(dim + 1).values
