@@ -74,21 +74,33 @@ def _want_cuda():
     return home
 
 
+# CPU_CAPABILITY -> (flags, /proc/cpuinfo features it needs), as torch builds its own kernels.
+_CPU_CAPABILITIES = {
+    "AVX512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+               ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"]),
+    "AVX2": (["-mavx2", "-mfma", "-mf16c"], ["avx2", "fma", "f16c"]),
+    "DEFAULT": ([], []),
+}
+
+
 def _cpu_flags():
-    """Compile the CPU kernels for AVX2+FMA when the building machine has them (the build runs where
-    the extension runs); torch's `Vectorized` needs CPU_CAPABILITY named either way."""
-    flags = ["-O3", "-Wno-unknown-pragmas"]  # the C++ standard is left to torch's BuildExtension (C++20 for recent torch)
+    """Compile the CPU kernels for the widest vector ISA the building machine has (the build runs
+    where the extension runs, as pip builds from source; PYOPS_CPU_CAPABILITY=AVX512/AVX2/DEFAULT
+    overrides). torch's Vectorized needs CPU_CAPABILITY named either way."""
+    # -fopenmp: at::parallel_for is inline and runs serially unless compiled with OpenMP; the
+    # libgomp.so.1 it links is the one torch already loaded (same soname).
+    flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = f.read()
+            have = set(f.read().split())
     except OSError:
-        cpu = ""
-    if os.environ.get("PYOPS_CPU_CAPABILITY", "AVX2") == "AVX2" and re.search(r"\bavx2\b", cpu) \
-            and re.search(r"\bfma\b", cpu) and re.search(r"\bf16c\b", cpu):
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    else:
-        flags += ["-DCPU_CAPABILITY=DEFAULT"]
-    return flags
+        have = set()
+    wanted = os.environ.get("PYOPS_CPU_CAPABILITY")
+    for cap, (cap_flags, needs) in _CPU_CAPABILITIES.items():
+        if (wanted is None or wanted == cap) and all(n in have for n in needs):
+            _log(f"CPU kernels: {cap}")
+            return flags + cap_flags + [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+    raise RuntimeError(f"PYOPS_CPU_CAPABILITY={wanted} is not one this machine supports")
 
 
 def _write_build_info(arch_list):
@@ -108,7 +120,7 @@ def _extension():
         cxx.append("-DPYOPS_WITH_CUDA=0")
         _write_build_info("")
         return cpp_extension.CppExtension("pyops._C", sources, include_dirs=include_dirs,
-                                          extra_compile_args={"cxx": cxx})
+                                          extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home  # torch guessed it at import, perhaps from a wrapper's folder
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -127,7 +139,8 @@ def _extension():
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-DPYOPS_WITH_CUDA=1"]
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return cpp_extension.CUDAExtension("pyops._C", sources, include_dirs=include_dirs,
-                                       extra_compile_args={"cxx": cxx + ["-DPYOPS_WITH_CUDA=1"], "nvcc": nvcc})
+                                       extra_compile_args={"cxx": cxx + ["-DPYOPS_WITH_CUDA=1"], "nvcc": nvcc},
+                                       extra_link_args=["-fopenmp"])
 
 
 setup(

@@ -34,10 +34,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&pyops_module);
   if (m == nullptr) return nullptr;
   PyModule_AddIntConstant(m, "WITH_CUDA", PYOPS_WITH_CUDA);
-#ifdef CPU_CAPABILITY_AVX2
-  PyModule_AddStringConstant(m, "CPU_CAPABILITY", "AVX2");
-#else
-  PyModule_AddStringConstant(m, "CPU_CAPABILITY", "DEFAULT");
-#endif
+#define PYOPS_STR2(x) #x
+#define PYOPS_STR(x) PYOPS_STR2(x)
+  PyModule_AddStringConstant(m, "CPU_CAPABILITY", PYOPS_STR(CPU_CAPABILITY));
   return m;
 }

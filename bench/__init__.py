@@ -1,0 +1,1 @@
+"""pyops microbenchmarks: harness.py times cases, one module of cases per family."""

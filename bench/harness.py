@@ -1,0 +1,243 @@
+"""The microbenchmark harness: time each case on each backend against torch eager and
+torch.compile of the reference; print a table, write CSV and a PNG plot.
+
+CPU: time.perf_counter around synchronous calls, warm-up first, median of many repeats, inputs
+rotated between several copies when they exceed the caches. CUDA: triton.testing.do_bench (CUDA
+events), median. Effective GB/s counts the bytes each case must move at minimum.
+"""
+import csv
+import dataclasses
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+import pyops
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark case. `iteration(impl)` returns the function one timed iteration calls, over
+    the inputs of `make_inputs()`: impl is "pyops" (the current backend), "eager" (the torch
+    reference) or "compile" (torch.compile of the reference). For training cases, `forward(impl)`
+    is the forward alone, to count the bytes it saves for backward."""
+    family: str
+    op: str
+    mode: str  # "fwd" or "fwd+bwd"
+    shape: tuple
+    dtype: torch.dtype
+    device: str
+    min_bytes: int  # bytes the operation must move at minimum
+    make_inputs: Callable[[], tuple]
+    iteration: Callable[[str], Callable]
+    forward: Optional[Callable[[str], Callable]] = None
+    flops: Optional[int] = None
+
+
+@dataclasses.dataclass
+class Result:
+    case: Case
+    backend: str
+    ms: float
+    saved_mb: Optional[float] = None
+    peak_mb: Optional[float] = None
+    speedup_eager: Optional[float] = None
+    speedup_compile: Optional[float] = None
+
+    @property
+    def gbps(self):
+        return self.case.min_bytes / (self.ms * 1e-3) / 1e9
+
+    def row(self):
+        c = self.case
+        return {
+            "family": c.family, "op": c.op, "mode": c.mode, "shape": "x".join(map(str, c.shape)) or "()",
+            "dtype": str(c.dtype).replace("torch.", ""), "device": c.device, "backend": self.backend,
+            "median_ms": f"{self.ms:.4f}", "GB/s": f"{self.gbps:.1f}",
+            "GFLOP/s": f"{c.flops / (self.ms * 1e-3) / 1e9:.1f}" if c.flops else "",
+            "vs_eager": f"{self.speedup_eager:.2f}" if self.speedup_eager else "",
+            "vs_compile": f"{self.speedup_compile:.2f}" if self.speedup_compile else "",
+            "saved_MB": f"{self.saved_mb:.2f}" if self.saved_mb is not None else "",
+            "peak_MB": f"{self.peak_mb:.1f}" if self.peak_mb is not None else "",
+        }
+
+
+def _rotations(case):
+    """Enough input copies that consecutive iterations do not find theirs in cache (~64 MB apart)."""
+    per_set = case.min_bytes
+    return max(1, min(4, (64 << 20) // max(per_set, 1) + 1)) if case.device == "cpu" else 1
+
+
+def time_cpu(fns, input_sets, repeats, warmup=3):
+    """Median ms of each function. Timings on a shared CPU drift, so the functions take turns,
+    one iteration each per round, and every ratio compares iterations run side by side."""
+    for fn in fns:
+        for i in range(warmup):
+            fn(*input_sets[i % len(input_sets)])
+    times = [[] for _ in fns]
+    for i in range(repeats):
+        args = input_sets[i % len(input_sets)]
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn(*args)
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def time_cuda(fns, input_sets, repeats):
+    """Median ms of each function, with CUDA events (triton.testing.do_bench)."""
+    import triton.testing
+
+    def bench(fn):
+        state = {"i": 0}
+
+        def step():
+            fn(*input_sets[state["i"] % len(input_sets)])
+            state["i"] += 1
+
+        return triton.testing.do_bench(step, warmup=25, rep=max(50, repeats * 2), return_mode="median")
+
+    return [bench(fn) for fn in fns]
+
+
+def saved_megabytes(fn, inputs):
+    """Bytes saved for backward by one forward (distinct storages), in MB."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(storages.values()) / 1e6
+
+
+def _in_backend(fn, backend):
+    if backend is None:
+        return fn
+
+    def run(*args):
+        with pyops.backend(backend):
+            return fn(*args)
+
+    return run
+
+
+def measure(case, backends, repeats, with_compile=True):
+    """Results for the torch eager reference, torch.compile of it, and each pyops backend."""
+    sets = [case.make_inputs() for _ in range(_rotations(case))]
+    impls = [("torch eager", "eager", None)] + ([("torch.compile", "compile", None)] if with_compile else [])
+    impls += [(b, "pyops", b) for b in backends]
+    fns = [_in_backend(case.iteration(impl), b) for _, impl, b in impls]
+    timer = time_cuda if case.device == "cuda" else time_cpu
+    results = [Result(case, label, ms) for (label, _, _), ms in zip(impls, timer(fns, sets, repeats))]
+    for r, (_, impl, b) in zip(results, impls):
+        if case.forward is not None and impl != "compile":
+            r.saved_mb = saved_megabytes(_in_backend(case.forward(impl), b), sets[0])
+        if case.device == "cuda":  # peak memory of one more iteration
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            _in_backend(case.iteration(impl), b)(*sets[0])
+            r.peak_mb = torch.cuda.max_memory_allocated() / 1e6
+    eager = results[0]
+    compiled = results[1] if with_compile else None
+    for r in results[len(results) - len(backends):]:
+        r.speedup_eager = eager.ms / r.ms
+        r.speedup_compile = compiled.ms / r.ms if compiled else None
+    return results
+
+
+COLUMNS = ["op", "mode", "shape", "dtype", "backend", "median_ms", "GB/s", "vs_eager", "vs_compile", "saved_MB", "peak_MB"]
+
+
+def print_table(results, file=None):
+    rows = [r.row() for r in results]
+    cols = [c for c in COLUMNS if any(row[c] for row in rows)]
+    widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols), file=file)
+    for row in rows:
+        print("  ".join(row[c].ljust(widths[c]) for c in cols), file=file)
+
+
+def write_csv(results, path, machine):
+    rows = [dict(r.row(), machine=machine) for r in results]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_plot(results, path, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    pyops_results = [r for r in results if r.speedup_eager is not None]
+    labels = sorted({f"{r.case.op} {r.case.mode}\n{r.row()['shape']} {r.row()['dtype']}" for r in pyops_results},
+                    key=lambda s: s)
+    backends = sorted({r.backend for r in pyops_results})
+    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4.5))
+    width = 0.8 / max(1, len(backends))
+    for i, b in enumerate(backends):
+        vals = []
+        for lab in labels:
+            match = [r.speedup_eager for r in pyops_results if r.backend == b and
+                     f"{r.case.op} {r.case.mode}\n{r.row()['shape']} {r.row()['dtype']}" == lab]
+            vals.append(match[0] if match else 0)
+        ax.bar([j + i * width for j in range(len(labels))], vals, width, label=b)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speed-up over torch eager")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def machine_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def run(families, device, quick, out_dir, with_compile=True, backends=None, file=None):
+    import importlib
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if backends is None:
+        backends = [b for b in pyops.available_backends(device) if b != "torch"]
+        if device == "cpu":  # the Triton interpreter is a test vehicle, not something to time
+            backends = [b for b in backends if b != "triton"]
+    os.makedirs(out_dir, exist_ok=True)
+    machine = machine_name(device)
+    all_results = []
+    for family in families:
+        module = importlib.import_module(f"bench.{family}")
+        results = []
+        for case in module.cases(device, quick):
+            results += measure(case, backends, repeats=10 if quick else 50, with_compile=with_compile)
+        print(f"# {family} on {device}: {machine}, torch {torch.__version__}", file=file)
+        print_table(results, file=file)
+        stem = os.path.join(out_dir, f"{family}_{device}")
+        write_csv(results, stem + ".csv", machine)
+        write_plot(results, stem + ".png", f"pyops {family} on {machine}")
+        all_results += results
+    return all_results
