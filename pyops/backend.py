@@ -70,10 +70,19 @@ def current():
     return _stack[-1]
 
 
+_resolved = {}
+
+
 def resolve(op, device):
-    """The concrete backend that runs `op` on `device` now."""
-    name = _stack[-1]
-    dev = device.type
+    """The concrete backend that runs `op` on `device` now (memoised: this is on every call's path)."""
+    key = (op, device.type, _stack[-1], triton_interpreted())
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve(op, key[1], key[2])
+    return found
+
+
+def _resolve(op, dev, name):
     if name == "auto":
         order = _AUTO_OVERRIDES.get((op, dev)) or _AUTO_ORDER.get(dev, ("torch",))
         usable = available_backends(dev)

@@ -301,30 +301,25 @@ class ELU(torch.autograd.Function):
         return gi, None, None, None
 
 
-class _SavesOutput(torch.autograd.Function):
-    """sigmoid and tanh: saves the output y, dx = bwd(g, y)."""
+def _saves_output(name, fwd, bwd):
+    """The autograd function of an op that saves its output y: dx = bwd(g, y) (sigmoid, tanh)."""
 
-    fwd = bwd = None
-
-    @classmethod
-    def forward(cls, ctx, x, backend):
-        out = PRIMITIVES[backend][cls.fwd](x)
+    def forward(ctx, x, backend):
+        out = PRIMITIVES[backend][fwd](x)
         ctx.save_for_backward(out)
         ctx.backend = backend
         return out
 
-    @classmethod
-    def backward(cls, ctx, grad):
+    def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        return PRIMITIVES[ctx.backend][cls.bwd](grad, out), None
+        return PRIMITIVES[ctx.backend][bwd](grad, out), None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
 
 
-class Sigmoid(_SavesOutput):
-    fwd, bwd = "sigmoid_fwd", "sigmoid_bwd"
-
-
-class Tanh(_SavesOutput):
-    fwd, bwd = "tanh_fwd", "tanh_bwd"
+Sigmoid = _saves_output("Sigmoid", "sigmoid_fwd", "sigmoid_bwd")
+Tanh = _saves_output("Tanh", "tanh_fwd", "tanh_bwd")
 
 
 class Maxout(torch.autograd.Function):

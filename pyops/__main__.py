@@ -1,0 +1,49 @@
+"""The pyops command line: demo, bench, check, info."""
+import argparse
+import os
+import sys
+
+
+def _bench(args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, "bench")):
+        sys.exit("pyops bench: the bench/ folder of a source checkout is needed (pip install -e .)")
+    sys.path.insert(0, root)
+    from bench import harness
+
+    families = [args.family] if args.family else ["activation"]
+    harness.run(families, args.device, args.quick, args.out or os.path.join(root, "bench", "out"),
+                with_compile=not args.no_compile)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m pyops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, compiled kernels, backends per device")
+    demo = sub.add_parser("demo", help="every op through every backend on a batch of digits images")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    check = sub.add_parser("check", help="every op and backend against the float64 oracle; exit 1 on a mismatch")
+    check.add_argument("--device", default=None)
+    bench = sub.add_parser("bench", help="microbenchmarks: table, CSV and PNG")
+    bench.add_argument("--family", choices=["activation"], default=None)
+    bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    bench.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    bench.add_argument("--out", default=None, help="folder for CSV and PNG (default bench/out)")
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        from .info import info
+
+        info()
+    elif args.command == "bench":
+        _bench(args)
+    else:
+        from . import tour
+
+        ok = tour.demo(args.device) if args.command == "demo" else tour.check(args.device)
+        sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
