@@ -16,7 +16,7 @@ demo: .venv/.built
 	$(PY) -m pyops demo
 
 test: .venv/.built
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 bench: .venv/.built
 	$(PY) -m pyops bench

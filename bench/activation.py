@@ -1,6 +1,7 @@
 """Activation benchmark cases: forward, and forward+backward, of each op.
 
 CPU: float32 at 1M, 4M and 16M elements. GPU: float32 and bfloat16 at 1M, 16M and 64M.
+--quick keeps the size the targets name: 4M on CPU, 64M on GPU.
 Minimum bytes: forward reads x and writes y; backward reads g and what was saved (a bit per
 element for relu/leaky_relu, the output for the rest) and writes dx.
 """
@@ -32,6 +33,10 @@ def _min_bytes(op, mode, n, es):
     return fwd if mode == "fwd" else fwd + 2 * n * es + saved
 
 
+# torch.compile baselines at the size the targets name (each compile costs seconds to minutes).
+COMPILE_AT = {"cpu": 4 << 20, "cuda": 1 << 26}
+
+
 def _case(op, mode, n, dtype, device):
     pyops_fn, ref_fn, kw = OPS[op]
     shape = (n // 1024, 1024)
@@ -58,14 +63,15 @@ def _case(op, mode, n, dtype, device):
         return lambda x, g: torch.autograd.grad(f(x), x, g)
 
     return Case("activation", op, mode, shape, dtype, device, _min_bytes(op, mode, n, dtype.itemsize),
-                make_inputs, iteration, forward=None if mode == "fwd" else (lambda impl: (lambda x, g: fn(impl)(x))))
+                make_inputs, iteration, forward=None if mode == "fwd" else (lambda impl: (lambda x, g: fn(impl)(x))),
+                compile_baseline=n == COMPILE_AT.get(device))
 
 
 def cases(device, quick=False):
     if device == "cpu":
-        sizes, dtypes = ([1 << 20] if quick else [1 << 20, 4 << 20, 16 << 20]), [torch.float32]
+        sizes, dtypes = ([4 << 20] if quick else [1 << 20, 4 << 20, 16 << 20]), [torch.float32]
     else:
-        sizes, dtypes = ([1 << 24] if quick else [1 << 20, 1 << 24, 1 << 26]), [torch.float32, torch.bfloat16]
+        sizes, dtypes = ([1 << 26] if quick else [1 << 20, 1 << 24, 1 << 26]), [torch.float32, torch.bfloat16]
     for dtype in dtypes:
         for n in sizes:
             for op in OPS:

@@ -34,6 +34,7 @@ class Case:
     iteration: Callable[[str], Callable]
     forward: Optional[Callable[[str], Callable]] = None
     flops: Optional[int] = None
+    compile_baseline: bool = True  # time torch.compile of the reference too (compiles cost minutes)
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class Result:
     peak_mb: Optional[float] = None
     speedup_eager: Optional[float] = None
     speedup_compile: Optional[float] = None
+    copy_gbps: Optional[float] = None  # the device's copy bandwidth, measured in the same run
 
     @property
     def gbps(self):
@@ -61,6 +63,7 @@ class Result:
             "vs_compile": f"{self.speedup_compile:.2f}" if self.speedup_compile else "",
             "saved_MB": f"{self.saved_mb:.2f}" if self.saved_mb is not None else "",
             "peak_MB": f"{self.peak_mb:.1f}" if self.peak_mb is not None else "",
+            "pct_copy_bw": f"{100 * self.gbps / self.copy_gbps:.0f}" if self.copy_gbps else "",
         }
 
 
@@ -126,8 +129,18 @@ def _in_backend(fn, backend):
     return run
 
 
-def measure(case, backends, repeats, with_compile=True):
+def copy_bandwidth(device):
+    """GB/s of a large device-to-device copy (bytes read + written): the ceiling of memory-bound ops."""
+    if device != "cuda":
+        return None
+    x = torch.empty(1 << 26, device="cuda")
+    (ms,) = time_cuda([lambda t: t.clone()], [(x,)], 50)
+    return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def measure(case, backends, repeats, with_compile=True, copy_gbps=None):
     """Results for the torch eager reference, torch.compile of it, and each pyops backend."""
+    with_compile = with_compile and case.compile_baseline
     sets = [case.make_inputs() for _ in range(_rotations(case))]
     impls = [("torch eager", "eager", None)] + ([("torch.compile", "compile", None)] if with_compile else [])
     impls += [(b, "pyops", b) for b in backends]
@@ -142,6 +155,8 @@ def measure(case, backends, repeats, with_compile=True):
             torch.cuda.reset_peak_memory_stats()
             _in_backend(case.iteration(impl), b)(*sets[0])
             r.peak_mb = torch.cuda.max_memory_allocated() / 1e6
+    for r in results:
+        r.copy_gbps = copy_gbps
     eager = results[0]
     compiled = results[1] if with_compile else None
     for r in results[len(results) - len(backends):]:
@@ -150,7 +165,8 @@ def measure(case, backends, repeats, with_compile=True):
     return results
 
 
-COLUMNS = ["op", "mode", "shape", "dtype", "backend", "median_ms", "GB/s", "vs_eager", "vs_compile", "saved_MB", "peak_MB"]
+COLUMNS = ["op", "mode", "shape", "dtype", "backend", "median_ms", "GB/s", "pct_copy_bw", "vs_eager", "vs_compile",
+           "saved_MB", "peak_MB"]
 
 
 def print_table(results, file=None):
@@ -228,12 +244,16 @@ def run(families, device, quick, out_dir, with_compile=True, backends=None, file
             backends = [b for b in backends if b != "triton"]
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_name(device)
+    copy_gbps = copy_bandwidth(device)
+    if copy_gbps:
+        print(f"# device copy bandwidth: {copy_gbps:.0f} GB/s", file=file)
     all_results = []
     for family in families:
         module = importlib.import_module(f"bench.{family}")
         results = []
         for case in module.cases(device, quick):
-            results += measure(case, backends, repeats=10 if quick else 50, with_compile=with_compile)
+            results += measure(case, backends, repeats=10 if quick else 50, with_compile=with_compile,
+                               copy_gbps=copy_gbps)
         print(f"# {family} on {device}: {machine}, torch {torch.__version__}", file=file)
         print_table(results, file=file)
         stem = os.path.join(out_dir, f"{family}_{device}")

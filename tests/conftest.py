@@ -1,11 +1,13 @@
 import os
 
-# Triton kernels run on the CPU through the interpreter in the test suite; the variable must be set
-# before triton.jit decorates anything.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton kernels run on the CPU through the interpreter; the variable must be set
+# before triton.jit decorates anything (pyops imports its kernels on first use). With a GPU they
+# compile for it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

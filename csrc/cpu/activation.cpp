@@ -314,6 +314,37 @@ at::Tensor tanh_bwd(const at::Tensor& grad_out, const at::Tensor& out) {
 
 // ---- Maxout: out[o, j, i] = max_k x[o, j * pieces + k, i]; index of the first maximum ---------
 // NaN wins (torch.max propagates it), the first NaN included.
+// Adjacent pieces (inner == 1, e.g. maxout over the last dim): Vectorized<T>::size() groups at a
+// time, piece k of each group gathered with stride `pieces`. Returns the groups it handled.
+template <typename scalar_t>
+int64_t maxout_adjacent_vec(const scalar_t* x, scalar_t* out, uint8_t* idx, int64_t g0, int64_t g1, int64_t pieces) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    using V = Vectorized<scalar_t>;
+    using IV = Vectorized<at::vec::int_same_size_t<scalar_t>>;
+    constexpr int64_t L = V::size();
+    const IV stride = IV::arange(0, pieces);
+    __at_align__ scalar_t lanes[L];
+    int64_t g = g0;
+    for (; g + L <= g1; g += L) {
+      const scalar_t* src = x + g * pieces;
+      V best = at::vec::gather<sizeof(scalar_t)>(src, stride);
+      V bi(0);
+      for (int64_t k = 1; k < pieces; ++k) {
+        const V v = at::vec::gather<sizeof(scalar_t)>(src + k, stride);
+        const V take = (v > best) | ((v != v) & (best == best));  // first maximum; NaN propagates
+        best = V::blendv(best, v, take);
+        bi = V::blendv(bi, V(scalar_t(k)), take);
+      }
+      best.store(out + g);
+      bi.store(lanes);
+      for (int64_t i = 0; i < L; ++i) idx[g + i] = uint8_t(lanes[i]);
+    }
+    return g - g0;
+  } else {
+    return 0;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> maxout_fwd(const at::Tensor& self, int64_t pieces, int64_t dim) {
   check_floating("maxout_fwd", "self", self);
   const auto s = maxout_shape("maxout_fwd", self, pieces, dim);
@@ -329,10 +360,24 @@ std::tuple<at::Tensor, at::Tensor> maxout_fwd(const at::Tensor& self, int64_t pi
     uint8_t* pi = idx.mutable_data_ptr<uint8_t>();
     const int64_t inner = s.inner;
     at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / (inner * pieces)), [&](int64_t g0, int64_t g1) {
+      if (inner == 1 && pieces > 1) g0 += maxout_adjacent_vec(px, po, pi, g0, g1, pieces);
       for (int64_t g = g0; g < g1; ++g) {  // g = o * (channels / pieces) + j
         const scalar_t* src = px + g * pieces * inner;
         scalar_t* dst = po + g * inner;
         uint8_t* di = pi + g * inner;
+        if (inner == 1) {  // pieces adjacent: keep the running maximum in registers
+          scalar_t best = src[0];
+          uint8_t bi = 0;
+          for (int64_t k = 1; k < pieces; ++k) {
+            const scalar_t v = src[k];
+            const bool take = v > best || (v != v && best == best);
+            best = take ? v : best;
+            bi = take ? uint8_t(k) : bi;
+          }
+          *dst = best;
+          *di = bi;
+          continue;
+        }
         for (int64_t i = 0; i < inner; ++i) {
           dst[i] = src[i];
           di[i] = 0;
@@ -374,12 +419,14 @@ at::Tensor maxout_bwd(const at::Tensor& grad_out, const at::Tensor& indices, int
     scalar_t* po = gi.mutable_data_ptr<scalar_t>();
     const int64_t inner = s.inner;
     at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / (inner * pieces)), [&](int64_t g0, int64_t g1) {
+      // zero the chunk's rows (a vectorized fill), then put each gradient at its chosen piece
+      std::fill(po + g0 * pieces * inner, po + g1 * pieces * inner, scalar_t(0));
       for (int64_t grp = g0; grp < g1; ++grp) {
         const scalar_t* src = pg + grp * inner;
         const uint8_t* si = pi + grp * inner;
         scalar_t* dst = po + grp * pieces * inner;
-        for (int64_t k = 0; k < pieces; ++k)
-          for (int64_t i = 0; i < inner; ++i) dst[k * inner + i] = si[i] == k ? src[i] : scalar_t(0);
+        for (int64_t i = 0; i < inner; ++i)
+          if (si[i] < pieces) dst[si[i] * inner + i] = src[i];  // a corrupt index writes nothing
       }
     });
   });
