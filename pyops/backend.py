@@ -18,11 +18,17 @@ BACKENDS = ("native", "triton", "torch", "auto")
 _stack = ["auto"]
 
 # `auto`'s order of preference per device, fastest measured first; per-op exceptions go in
-# _AUTO_OVERRIDES[(op, device_type)]. CPU: native beats torch eager on every activation
-# (bench/activation.py). CUDA: no GPU measurement has been recorded yet, so the native CUDA kernels
-# (no launch-time compilation) come first.
+# _AUTO_OVERRIDES[(op, device_type)]. CUDA: no GPU measurement has been recorded yet, so the
+# native CUDA kernels (no launch-time compilation) come first.
 _AUTO_ORDER = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
 _AUTO_OVERRIDES = {}
+# Below these sizes (input elements) torch eager is faster on CPU: a pyops call costs ~35 us more
+# (Python autograd.Function and op dispatch), which only the kernels' gains on larger tensors
+# repay. Measured fwd+bwd crossovers, float32, 2-core EPYC (AVX512): relu and leaky_relu ~1M,
+# tanh ~64K, elu and maxout under 16K; sigmoid moves the same bytes as torch's and only draws
+# level at 4M.
+_AUTO_MIN_NUMEL = {("relu", "cpu"): 1 << 20, ("leaky_relu", "cpu"): 1 << 20, ("sigmoid", "cpu"): 1 << 22,
+                   ("tanh", "cpu"): 1 << 16, ("elu", "cpu"): 1 << 14, ("maxout", "cpu"): 1 << 14}
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,17 +79,22 @@ def current():
 _resolved = {}
 
 
-def resolve(op, device):
-    """The concrete backend that runs `op` on `device` now (memoised: this is on every call's path)."""
-    key = (op, device.type, _stack[-1], triton_interpreted())
+def resolve(op, device, numel=None):
+    """The concrete backend that runs `op` on `device` now, for an input of `numel` elements
+    (memoised: this is on every call's path)."""
+    name = _stack[-1]
+    small = name == "auto" and numel is not None and numel < _AUTO_MIN_NUMEL.get((op, device.type), 0)
+    key = (op, device.type, name, small, triton_interpreted())
     found = _resolved.get(key)
     if found is None:
-        found = _resolved[key] = _resolve(op, key[1], key[2])
+        found = _resolved[key] = _resolve(op, device.type, name, small)
     return found
 
 
-def _resolve(op, dev, name):
+def _resolve(op, dev, name, small):
     if name == "auto":
+        if small:
+            return "torch"
         order = _AUTO_OVERRIDES.get((op, dev)) or _AUTO_ORDER.get(dev, ("torch",))
         usable = available_backends(dev)
         return next(b for b in order + ("torch",) if b in usable)

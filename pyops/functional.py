@@ -27,7 +27,7 @@ def _pick(op, input, torch_takes_other_dtypes):
             return "torch"
         raise TypeError(f"pyops.{op}: input dtype {input.dtype} is not supported; expected float64, "
                         "float32, float16 or bfloat16")
-    return _resolve(op, input.device)
+    return _resolve(op, input.device, input.numel())
 
 
 def _number(op, name, value):
