@@ -48,6 +48,7 @@ def _case(op, mode, n, dtype, device):
         if impl == "eager":
             return lambda x: ref_fn(x, **kw)
         if "fn" not in compiled:
+            torch._dynamo.reset()  # every case compiles afresh (one code object serves them all)
             compiled["fn"] = torch.compile(lambda x: ref_fn(x, **kw), dynamic=False)
         return compiled["fn"]
 

@@ -198,7 +198,7 @@ def write_plot(results, path, title):
     labels = sorted({f"{r.case.op} {r.case.mode}\n{r.row()['shape']} {r.row()['dtype']}" for r in pyops_results},
                     key=lambda s: s)
     backends = sorted({r.backend for r in pyops_results})
-    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4.5))
+    fig, ax = plt.subplots(figsize=(min(18, max(6, len(labels) * 0.45)), 5))
     width = 0.8 / max(1, len(backends))
     for i, b in enumerate(backends):
         vals = []

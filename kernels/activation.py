@@ -22,6 +22,15 @@ def dense_like(x):
     return (x if x.stride() == out.stride() else out.copy_(x)), out
 
 
+def inplace_target(x, inplace):
+    """(kernel input, kernel output, finish): in place, the kernel writes over a dense x (a dense
+    copy of it otherwise, which finish() copies back); finish() returns what the op returns."""
+    src, out = dense_like(x)
+    if not inplace:
+        return src, out, lambda: out
+    return src, src, lambda: x if src is x else x.copy_(src)
+
+
 def _compute_dtype(t):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
@@ -89,16 +98,12 @@ def _masked_bwd_kernel(g_ptr, mask_ptr, gi_ptr, n, slope, IS_RELU: tl.constexpr,
 
 
 def _masked_fwd(x, slope, is_relu, inplace):
-    src, out = dense_like(x)
-    if inplace:
-        out = src
+    src, out, finish = inplace_target(x, inplace)
     n = x.numel()
     mask = torch.empty(triton.cdiv(n, 8), dtype=torch.uint8, device=x.device)
     if n:
         _masked_fwd_kernel[_grid(n)](src, out, mask, n, slope, IS_RELU=is_relu, COMPUTE=_compute_dtype(x))
-    if inplace and out is not x:
-        x.copy_(out)
-    return (x if inplace else out), mask
+    return finish(), mask
 
 
 def _masked_bwd(grad_out, mask, slope, is_relu):
@@ -160,20 +165,16 @@ def _binary_bwd_kernel(g_ptr, s_ptr, gi_ptr, n, alpha, OP: tl.constexpr, COMPUTE
 
 
 def _unary(x, op, alpha=0.0, inplace=False):
-    src, out = dense_like(x)
-    if inplace:
-        out = src
+    src, out, finish = inplace_target(x, inplace)
     n = x.numel()
     if n:
         _unary_kernel[_grid(n)](src, out, n, alpha, OP=op, COMPUTE=_compute_dtype(x))
-    if inplace and out is not x:
-        x.copy_(out)
-    return x if inplace else out
+    return finish()
 
 
 def _binary_bwd(grad_out, saved, op, alpha=0.0):
     s, gi = dense_like(saved)
-    g = grad_out if grad_out.stride() == gi.stride() else torch.empty_like(gi).copy_(grad_out)
+    g = grad_out if grad_out.stride() == gi.stride() else torch.empty_like(gi).copy_(grad_out)  # gi's layout
     n = g.numel()
     if n:
         _binary_bwd_kernel[_grid(n)](g, s, gi, n, alpha, OP=op, COMPUTE=_compute_dtype(g))

@@ -228,15 +228,18 @@ def _away_from_kinks(shape, device):
     return torch.where(x.abs() < 1e-2, x.sign() * 0.1 + x, x)
 
 
+def _op_fn(name):
+    if name == "maxout":
+        return lambda t: PF.maxout(t, 3, 1)
+    op, _, kw = OPS[name]
+    return lambda t: op(t, **kw)
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("name", list(OPS) + ["maxout"])
 def test_gradcheck(name, device, backend):
     x = _away_from_kinks((4, 6), device).requires_grad_()
-    if name == "maxout":
-        fn = lambda t: PF.maxout(t, 3, 1)  # noqa: E731
-    else:
-        op, _, kw = OPS[name]
-        fn = lambda t: op(t, **kw)  # noqa: E731
+    fn = _op_fn(name)
     with pyops.backend(backend):
         assert torch.autograd.gradcheck(fn, (x,))
         if name in INPLACE:
@@ -248,11 +251,7 @@ def test_gradcheck(name, device, backend):
 def test_gradgradcheck(name, device, backend):
     """Second derivatives, as torch's ops have them (the primitives' own derivatives)."""
     x = _away_from_kinks((3, 6), device).requires_grad_()
-    if name == "maxout":
-        fn = lambda t: PF.maxout(t, 3, 1)  # noqa: E731
-    else:
-        op, _, kw = OPS[name]
-        fn = lambda t: op(t, **kw)  # noqa: E731
+    fn = _op_fn(name)
     with pyops.backend(backend):
         assert torch.autograd.gradgradcheck(fn, (x,))
         if name == "elu":

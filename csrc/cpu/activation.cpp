@@ -1,6 +1,7 @@
 // CPU kernels of the activation family: one template per op over the four dtypes, vectorized
 // with at::vec and split over threads with at::parallel_for. Elementwise kernels walk memory
-// order (see DenseLike); the math of each op is documented in pyops/ops/activation.py.
+// order (see DenseLike); the host side is csrc/activation.h, the math of each op is documented in
+// pyops/ops/activation.py.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "activation.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/vec.h"
@@ -44,41 +46,52 @@ inline bool stream_output(const void* out, int64_t bytes) {
   return bytes >= threshold && reinterpret_cast<uintptr_t>(out) % 64 == 0;
 }
 
-template <typename scalar_t, typename Op>
-void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, const Op& op) {
+// body(src, dst, b) for every whole block b of 64 elements, in parallel; src and dst are the block's
+// input and output as opmath_t (float16/bfloat16 go through stack buffers). Returns the elements done.
+template <typename scalar_t, typename Body>
+int64_t for_each_block(const scalar_t* in, scalar_t* out, int64_t n, bool stream, const Body& body) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using fVec = Vectorized<opmath_t>;
-  constexpr bool kReduced = !std::is_same_v<scalar_t, opmath_t>;
   const int64_t nblocks = n / kBlock;
-  const bool stream = !kReduced && stream_output(out, n * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, nblocks, kGrain / kBlock, [&](int64_t b0, int64_t b1) {
     __at_align__ opmath_t in_buf[kBlock];
     __at_align__ opmath_t out_buf[kBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t base = b * kBlock;
-      const opmath_t* src;
-      opmath_t* dst;
-      if constexpr (kReduced) {
-        at::vec::convert(x + base, in_buf, kBlock);
-        src = in_buf;
-        dst = out_buf;
+      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+        body(in + base, out + base, b);
       } else {
-        src = x + base;
-        dst = out + base;
+        at::vec::convert(in + base, in_buf, kBlock);
+        body(in_buf, out_buf, b);
+        at::vec::convert(out_buf, out + base, kBlock);
       }
-      uint64_t bits = 0;
-      for (int64_t j = 0; j < kBlock; j += fVec::size()) {
-        const fVec v = fVec::loadu(src + j);
-        const fVec pass = op.pass(v);
-        vec::store(fVec::blendv(op.neg(v), v, pass), dst + j, stream);
-        bits |= uint64_t(vec::movemask(pass)) << j;
-      }
-      if constexpr (kReduced) at::vec::convert(out_buf, out + base, kBlock);
-      std::memcpy(mask + b * 8, &bits, 8);  // little-endian: byte k holds elements 8k..8k+7
     }
     if (stream) vec::sfence();
   });
-  for (int64_t base = nblocks * kBlock; base < n; base += 8) {  // the last < 64 elements
+  return nblocks * kBlock;
+}
+
+template <typename scalar_t>
+bool stream_elements(const scalar_t* out, int64_t n) {  // float16/bfloat16 stores go through convert
+  return std::is_same_v<scalar_t, at::opmath_type<scalar_t>> &&
+         stream_output(static_cast<const void*>(out), n * int64_t(sizeof(scalar_t)));
+}
+
+template <typename scalar_t, typename Op>
+void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, const Op& op) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using fVec = Vectorized<opmath_t>;
+  const bool stream = stream_elements(out, n);
+  const int64_t done = for_each_block(x, out, n, stream, [&](const opmath_t* src, opmath_t* dst, int64_t b) {
+    uint64_t bits = 0;
+    for (int64_t j = 0; j < kBlock; j += fVec::size()) {
+      const fVec v = fVec::loadu(src + j);
+      const fVec pass = op.pass(v);
+      vec::store(fVec::blendv(op.neg(v), v, pass), dst + j, stream);
+      bits |= uint64_t(vec::movemask(pass)) << j;
+    }
+    std::memcpy(mask + b * 8, &bits, 8);  // little-endian: byte k holds elements 8k..8k+7
+  });
+  for (int64_t base = done; base < n; base += 8) {  // the last < 64 elements
     uint8_t bits = 0;
     for (int64_t j = 0; j < 8 && base + j < n; ++j) {
       const opmath_t v = x[base + j];
@@ -95,109 +108,28 @@ template <typename scalar_t, typename Op>
 void masked_backward(const scalar_t* g, const uint8_t* mask, scalar_t* gi, int64_t n, const Op& op) {
   using opmath_t = at::opmath_type<scalar_t>;
   using fVec = Vectorized<opmath_t>;
-  constexpr bool kReduced = !std::is_same_v<scalar_t, opmath_t>;
   constexpr uint64_t kLaneBits = (uint64_t(1) << fVec::size()) - 1;
-  const int64_t nblocks = n / kBlock;
-  const bool stream = !kReduced && stream_output(gi, n * int64_t(sizeof(scalar_t)));
-  at::parallel_for(0, nblocks, kGrain / kBlock, [&](int64_t b0, int64_t b1) {
-    __at_align__ opmath_t in_buf[kBlock];
-    __at_align__ opmath_t out_buf[kBlock];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t base = b * kBlock;
-      const opmath_t* src;
-      opmath_t* dst;
-      if constexpr (kReduced) {
-        at::vec::convert(g + base, in_buf, kBlock);
-        src = in_buf;
-        dst = out_buf;
-      } else {
-        src = g + base;
-        dst = gi + base;
-      }
-      uint64_t bits;
-      std::memcpy(&bits, mask + b * 8, 8);
-      for (int64_t j = 0; j < kBlock; j += fVec::size()) {
-        const fVec v = fVec::loadu(src + j);
-        vec::store(fVec::blendv(op.neg(v), v, vec::expand_bits<opmath_t>(uint32_t((bits >> j) & kLaneBits))),
-                   dst + j, stream);
-      }
-      if constexpr (kReduced) at::vec::convert(out_buf, gi + base, kBlock);
+  const bool stream = stream_elements(gi, n);
+  const int64_t done = for_each_block(g, gi, n, stream, [&](const opmath_t* src, opmath_t* dst, int64_t b) {
+    uint64_t bits;
+    std::memcpy(&bits, mask + b * 8, 8);
+    for (int64_t j = 0; j < kBlock; j += fVec::size()) {
+      const fVec v = fVec::loadu(src + j);
+      const fVec pass = vec::expand_bits<opmath_t>(uint32_t((bits >> j) & kLaneBits));
+      vec::store(fVec::blendv(op.neg(v), v, pass), dst + j, stream);
     }
-    if (stream) vec::sfence();
   });
-  for (int64_t i = nblocks * kBlock; i < n; ++i) {
+  for (int64_t i = done; i < n; ++i) {
     const opmath_t v = g[i];
     gi[i] = ((mask[i / 8] >> (i % 8)) & 1) ? v : op.neg(v);
   }
-}
-
-// Scalar and Vectorized forms of each op's pass test and other branch.
-struct ReluOp {  // NaN passes (and stays NaN); every other non-positive value -> 0; gradient too
-  template <typename T> bool pass(T v) const { return !(v <= T(0)); }
-  template <typename T> Vectorized<T> pass(const Vectorized<T>& v) const { return (v > Vectorized<T>(0)) | v.isnan(); }
-  template <typename T> T neg(T) const { return T(0); }
-  template <typename T> Vectorized<T> neg(const Vectorized<T>&) const { return Vectorized<T>(0); }
-};
-struct LeakyOp {  // forward's and gradient's other branch: * slope
-  double slope;
-  template <typename T> bool pass(T v) const { return v > T(0); }
-  template <typename T> Vectorized<T> pass(const Vectorized<T>& v) const { return v > Vectorized<T>(0); }
-  template <typename T> T neg(T v) const { return v * T(slope); }
-  template <typename T> Vectorized<T> neg(const Vectorized<T>& v) const { return v * Vectorized<T>(T(slope)); }
-};
-
-template <typename Op>
-std::tuple<at::Tensor, at::Tensor> masked_fwd_impl(const char* op, const at::Tensor& self,
-                                                   const at::Tensor& dst, const Op& fn) {
-  check_floating(op, "self", self);
-  auto d = dense_like(self);
-  at::Tensor out = dst.defined() ? d.in : d.out;  // in place: write over the dense input
-  at::Tensor mask = at::empty({(self.numel() + 7) / 8}, self.options().dtype(at::kByte));
-  PYOPS_DISPATCH_FLOATING(self.scalar_type(), [&] {
-    masked_forward(d.in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                   mask.mutable_data_ptr<uint8_t>(), self.numel(), fn);
-  });
-  if (dst.defined() && !out.is_same(dst)) dst.copy_(out);
-  return {dst.defined() ? dst : out, mask};
-}
-
-template <typename Op>
-at::Tensor masked_bwd_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& mask,
-                           const Op& fn) {
-  check_floating(op, "grad_out", grad_out);
-  check_mask(op, grad_out, mask);
-  auto d = dense_like(grad_out);
-  PYOPS_DISPATCH_FLOATING(grad_out.scalar_type(), [&] {
-    masked_backward(d.in.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
-                    d.out.mutable_data_ptr<scalar_t>(), grad_out.numel(), fn);
-  });
-  return d.out;
-}
-
-std::tuple<at::Tensor, at::Tensor> relu_fwd(const at::Tensor& self) {
-  return masked_fwd_impl("relu_fwd", self, at::Tensor(), ReluOp{});
-}
-at::Tensor relu_fwd_(at::Tensor& self) {
-  return std::get<1>(masked_fwd_impl("relu_fwd_", self, self, ReluOp{}));
-}
-at::Tensor relu_bwd(const at::Tensor& grad_out, const at::Tensor& mask) {
-  return masked_bwd_impl("relu_bwd", grad_out, mask, ReluOp{});
-}
-std::tuple<at::Tensor, at::Tensor> leaky_relu_fwd(const at::Tensor& self, double slope) {
-  return masked_fwd_impl("leaky_relu_fwd", self, at::Tensor(), LeakyOp{slope});
-}
-at::Tensor leaky_relu_fwd_(at::Tensor& self, double slope) {
-  return std::get<1>(masked_fwd_impl("leaky_relu_fwd_", self, self, LeakyOp{slope}));
-}
-at::Tensor leaky_relu_bwd(const at::Tensor& grad_out, const at::Tensor& mask, double slope) {
-  return masked_bwd_impl("leaky_relu_bwd", grad_out, mask, LeakyOp{slope});
 }
 
 // ---- pointwise ops through at::vec::map / map2 (Vectorized<opmath_t> lambdas) ------------------
 // map/map2 convert float16/bfloat16 to float vectors when the lambda takes only Vectorized<opmath_t>
 // (a lambda that also takes Vectorized<Half> would compute, and round, in half precision).
 template <typename Fn>
-void unary_map(const char* op, const at::Tensor& in, const at::Tensor& out, const Fn& fn) {
+void unary_map(const at::Tensor& in, const at::Tensor& out, const Fn& fn) {
   PYOPS_DISPATCH_FLOATING(in.scalar_type(), [&] {
     const scalar_t* src = in.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
@@ -209,8 +141,7 @@ void unary_map(const char* op, const at::Tensor& in, const at::Tensor& out, cons
 }
 
 template <typename Fn>
-void binary_map(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
-                const Fn& fn) {
+void binary_map(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, const Fn& fn) {
   PYOPS_DISPATCH_FLOATING(a.scalar_type(), [&] {
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
@@ -220,27 +151,6 @@ void binary_map(const char* op, const at::Tensor& a, const at::Tensor& b, const 
       at::vec::map2([&](V x, V y) -> V { return fn(x, y); }, dst + i0, pa + i0, pb + i0, i1 - i0);
     });
   });
-}
-
-template <typename Fn>
-at::Tensor unary_fwd(const char* op, const at::Tensor& self, const Fn& fn) {
-  check_floating(op, "self", self);
-  auto d = dense_like(self);
-  unary_map(op, d.in, d.out, fn);
-  return d.out;
-}
-
-// grad_in = fn(grad_out, saved); grad_out is brought to saved's layout, which grad_in takes.
-template <typename Fn>
-at::Tensor binary_bwd(const char* op, const at::Tensor& grad_out, const at::Tensor& saved,
-                      const Fn& fn) {
-  check_floating(op, "grad_out", grad_out);
-  check_like(op, "grad_out", grad_out, "saved", saved);
-  check_same_shape(op, "grad_out", grad_out, "saved", saved);
-  auto d = dense_like(saved);
-  at::Tensor g = as_layout_of(grad_out, d.out);
-  binary_map(op, g, d.in, d.out, fn);
-  return d.out;
 }
 
 // expm1 for ELU. Sleef's float expm1 runs ~10x slower than its exp (measured: 17.8 ms against
@@ -260,57 +170,62 @@ Vectorized<T> elu_expm1(const Vectorized<T>& x) {
   }
 }
 
-template <typename V>
-V elu_forward_vec(V x, double alpha) {
-  using T = typename V::value_type;
-  return V::blendv(V(T(alpha)) * elu_expm1(x), x, x > V(0));
-}
+// The math of each op, for the device struct below (csrc/activation.h).
+struct Math {
+  // Scalar and Vectorized forms of each op's pass test and other branch.
+  struct Relu {  // NaN passes (and stays NaN); every other non-positive value -> 0; gradient too
+    template <typename T> bool pass(T v) const { return !(v <= T(0)); }
+    template <typename T> Vectorized<T> pass(const Vectorized<T>& v) const { return (v > Vectorized<T>(0)) | v.isnan(); }
+    template <typename T> T neg(T) const { return T(0); }
+    template <typename T> Vectorized<T> neg(const Vectorized<T>&) const { return Vectorized<T>(0); }
+  };
+  struct Leaky {  // forward's and gradient's other branch: * slope
+    double slope;
+    template <typename T> bool pass(T v) const { return v > T(0); }
+    template <typename T> Vectorized<T> pass(const Vectorized<T>& v) const { return v > Vectorized<T>(0); }
+    template <typename T> T neg(T v) const { return v * T(slope); }
+    template <typename T> Vectorized<T> neg(const Vectorized<T>& v) const { return v * Vectorized<T>(T(slope)); }
+  };
 
-at::Tensor elu_fwd(const at::Tensor& self, double alpha) {
-  return unary_fwd("elu_fwd", self, [alpha](auto x) { return elu_forward_vec(x, alpha); });
-}
-
-void elu_fwd_(at::Tensor& self, double alpha) {
-  check_floating("elu_fwd_", "self", self);
-  auto d = dense_like(self);
-  unary_map("elu_fwd_", d.in, d.in, [alpha](auto x) { return elu_forward_vec(x, alpha); });
-  if (!d.in.is_same(self)) self.copy_(d.in);
-}
-
-at::Tensor elu_bwd(const at::Tensor& grad_out, const at::Tensor& saved, double alpha, bool is_result) {
-  if (is_result) {  // saved = out: d out / dx = out + alpha where out <= 0
-    return binary_bwd("elu_bwd", grad_out, saved, [alpha](auto g, auto y) {
-      using V = decltype(g);
-      return V::blendv(g, g * (y + V(alpha)), y <= V(0));
-    });
-  }
-  return binary_bwd("elu_bwd", grad_out, saved, [alpha](auto g, auto x) {  // saved = input
-    using V = decltype(g);
-    return V::blendv(g, g * V(alpha) * x.exp(), x <= V(0));
-  });
-}
-
-at::Tensor sigmoid_fwd(const at::Tensor& self) {
-  return unary_fwd("sigmoid_fwd", self, [](auto x) {
-    using V = decltype(x);
-    return (V(1) + x.neg().exp()).reciprocal();
-  });
-}
-at::Tensor sigmoid_bwd(const at::Tensor& grad_out, const at::Tensor& out) {
-  return binary_bwd("sigmoid_bwd", grad_out, out, [](auto g, auto y) {
-    using V = decltype(g);
-    return g * (V(1) - y) * y;
-  });
-}
-at::Tensor tanh_fwd(const at::Tensor& self) {
-  return unary_fwd("tanh_fwd", self, [](auto x) { return x.tanh(); });
-}
-at::Tensor tanh_bwd(const at::Tensor& grad_out, const at::Tensor& out) {
-  return binary_bwd("tanh_bwd", grad_out, out, [](auto g, auto y) {
-    using V = decltype(g);
-    return g * (V(1) - y * y);
-  });
-}
+  // The math of the elementwise ops, on Vectorized<opmath_t>.
+  struct Elu {
+    double alpha;
+    template <typename T>
+    Vectorized<T> operator()(const Vectorized<T>& x) const {
+      return Vectorized<T>::blendv(Vectorized<T>(T(alpha)) * elu_expm1(x), x, x > Vectorized<T>(0));
+    }
+  };
+  struct EluBwdResult {  // saved = out: d out / dx = out + alpha where out <= 0
+    double alpha;
+    template <typename T>
+    Vectorized<T> operator()(const Vectorized<T>& g, const Vectorized<T>& y) const {
+      return Vectorized<T>::blendv(g, g * (y + Vectorized<T>(T(alpha))), y <= Vectorized<T>(0));
+    }
+  };
+  struct EluBwdInput {  // saved = input
+    double alpha;
+    template <typename T>
+    Vectorized<T> operator()(const Vectorized<T>& g, const Vectorized<T>& x) const {
+      return Vectorized<T>::blendv(g, g * Vectorized<T>(T(alpha)) * x.exp(), x <= Vectorized<T>(0));
+    }
+  };
+  struct Sigmoid {
+    template <typename T>
+    Vectorized<T> operator()(const Vectorized<T>& x) const { return (Vectorized<T>(1) + x.neg().exp()).reciprocal(); }
+  };
+  struct SigmoidBwd {
+    template <typename T>
+    Vectorized<T> operator()(const Vectorized<T>& g, const Vectorized<T>& y) const { return g * (Vectorized<T>(1) - y) * y; }
+  };
+  struct Tanh {
+    template <typename T>
+    Vectorized<T> operator()(const Vectorized<T>& x) const { return x.tanh(); }
+  };
+  struct TanhBwd {
+    template <typename T>
+    Vectorized<T> operator()(const Vectorized<T>& g, const Vectorized<T>& y) const { return g * (Vectorized<T>(1) - y * y); }
+  };
+};
 
 // ---- Maxout: out[o, j, i] = max_k x[o, j * pieces + k, i]; index of the first maximum ---------
 // NaN wins (torch.max propagates it), the first NaN included.
@@ -345,16 +260,10 @@ int64_t maxout_adjacent_vec(const scalar_t* x, scalar_t* out, uint8_t* idx, int6
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> maxout_fwd(const at::Tensor& self, int64_t pieces, int64_t dim) {
-  check_floating("maxout_fwd", "self", self);
-  const auto s = maxout_shape("maxout_fwd", self, pieces, dim);
-  auto sizes = self.sizes().vec();
-  sizes[s.dim] /= pieces;
-  at::Tensor out = at::empty(sizes, self.options());
-  at::Tensor idx = at::empty(sizes, self.options().dtype(at::kByte));
-  const at::Tensor x = self.contiguous();
+void maxout_forward(const at::Tensor& x, const at::Tensor& out, const at::Tensor& idx, const MaxoutShape& s,
+                    int64_t pieces) {
   const int64_t groups = s.outer * (s.channels / pieces);
-  PYOPS_DISPATCH_FLOATING(self.scalar_type(), [&] {
+  PYOPS_DISPATCH_FLOATING(x.scalar_type(), [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     uint8_t* pi = idx.mutable_data_ptr<uint8_t>();
@@ -394,28 +303,14 @@ std::tuple<at::Tensor, at::Tensor> maxout_fwd(const at::Tensor& self, int64_t pi
       }
     });
   });
-  return {out, idx};
 }
 
-at::Tensor maxout_bwd(const at::Tensor& grad_out, const at::Tensor& indices, int64_t pieces, int64_t dim) {
-  check_floating("maxout_bwd", "grad_out", grad_out);
-  TORCH_CHECK(indices.scalar_type() == at::kByte, "pyops::maxout_bwd: indices must be uint8, got ",
-              indices.scalar_type());
-  TORCH_CHECK(indices.device() == grad_out.device(), "pyops::maxout_bwd: indices is on ",
-              indices.device(), " but grad_out is on ", grad_out.device());
-  check_same_shape("maxout_bwd", "grad_out", grad_out, "indices", indices);
-  TORCH_CHECK(grad_out.dim() > 0, "pyops::maxout_bwd: grad_out must have at least one dimension");
-  const int64_t d = c10::maybe_wrap_dim(dim, grad_out.dim());
-  auto sizes = grad_out.sizes().vec();
-  sizes[d] *= pieces;
-  at::Tensor gi = at::empty(sizes, grad_out.options());
-  const auto s = maxout_shape("maxout_bwd", gi, pieces, d);
-  const at::Tensor g = grad_out.contiguous();
-  const at::Tensor ix = indices.contiguous();
+void maxout_backward(const at::Tensor& g, const at::Tensor& idx, const at::Tensor& gi, const MaxoutShape& s,
+                     int64_t pieces) {
   const int64_t groups = s.outer * (s.channels / pieces);
-  PYOPS_DISPATCH_FLOATING(grad_out.scalar_type(), [&] {
+  PYOPS_DISPATCH_FLOATING(g.scalar_type(), [&] {
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
-    const uint8_t* pi = ix.const_data_ptr<uint8_t>();
+    const uint8_t* pi = idx.const_data_ptr<uint8_t>();
     scalar_t* po = gi.mutable_data_ptr<scalar_t>();
     const int64_t inner = s.inner;
     at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / (inner * pieces)), [&](int64_t g0, int64_t g1) {
@@ -430,27 +325,48 @@ at::Tensor maxout_bwd(const at::Tensor& grad_out, const at::Tensor& indices, int
       }
     });
   });
-  return gi;
 }
+
+// The CPU device of csrc/activation.h.
+struct Cpu : Math {
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+
+  template <typename Op>
+  static void masked_forward(const at::Tensor& in, const at::Tensor& out, const at::Tensor& mask, const Op& op) {
+    PYOPS_DISPATCH_FLOATING(in.scalar_type(), [&] {
+      pyops::masked_forward(in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                            mask.mutable_data_ptr<uint8_t>(), in.numel(), op);
+    });
+  }
+  template <typename Op>
+  static void masked_backward(const at::Tensor& g, const at::Tensor& mask, const at::Tensor& gi, const Op& op) {
+    PYOPS_DISPATCH_FLOATING(g.scalar_type(), [&] {
+      pyops::masked_backward(g.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
+                             gi.mutable_data_ptr<scalar_t>(), g.numel(), op);
+    });
+  }
+  template <typename F>
+  static void unary(const at::Tensor& in, const at::Tensor& out, const F& f) { unary_map(in, out, f); }
+  template <typename F>
+  static void binary(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, const F& f) {
+    binary_map(a, b, out, f);
+  }
+  static void maxout_forward(const at::Tensor& x, const at::Tensor& out, const at::Tensor& idx,
+                             const MaxoutShape& s, int64_t pieces) {
+    pyops::maxout_forward(x, out, idx, s, pieces);
+  }
+  static void maxout_backward(const at::Tensor& g, const at::Tensor& idx, const at::Tensor& gi,
+                              const MaxoutShape& s, int64_t pieces) {
+    pyops::maxout_backward(g, idx, gi, s, pieces);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
-  m.impl("relu_fwd", &relu_fwd);
-  m.impl("relu_fwd_", &relu_fwd_);
-  m.impl("relu_bwd", &relu_bwd);
-  m.impl("leaky_relu_fwd", &leaky_relu_fwd);
-  m.impl("leaky_relu_fwd_", &leaky_relu_fwd_);
-  m.impl("leaky_relu_bwd", &leaky_relu_bwd);
-  m.impl("elu_fwd", &elu_fwd);
-  m.impl("elu_fwd_", &elu_fwd_);
-  m.impl("elu_bwd", &elu_bwd);
-  m.impl("sigmoid_fwd", &sigmoid_fwd);
-  m.impl("sigmoid_bwd", &sigmoid_bwd);
-  m.impl("tanh_fwd", &tanh_fwd);
-  m.impl("tanh_bwd", &tanh_bwd);
-  m.impl("maxout_fwd", &maxout_fwd);
-  m.impl("maxout_bwd", &maxout_bwd);
+  PYOPS_REGISTER_ACTIVATION(m, ::pyops::Cpu);
 }
 
 }  // namespace pyops
