@@ -234,8 +234,27 @@ def machine_name(device):
     return f"{name}, {torch.get_num_threads()} threads"
 
 
-def run(families, device, quick, out_dir, with_compile=True, backends=None, file=None):
+def steady_malloc():
+    """Stop glibc from trimming and re-growing its heap between iterations (mallopt). Otherwise a
+    case's time swings by the page faults of re-growing it, which depend on the order and total of
+    unrelated allocations (measured: a 0.5 MB mask next to two 16 MB tensors pushed the heap past
+    the trim threshold, ~290 faults per iteration, 10-40% of a 4M-element fwd+bwd). Applies to torch
+    and pyops alike; returns whether it took effect."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    return ok and (libc.mallopt(m_mmap_threshold, 1 << 30) == 1 or libc.mallopt(m_mmap_threshold, 32 << 20) == 1)
+
+
+def run(families, device, quick, out_dir, with_compile=True, backends=None, file=None, keep_malloc=False):
     import importlib
+
+    steady = device == "cpu" and not keep_malloc and steady_malloc()
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if backends is None:
@@ -254,7 +273,8 @@ def run(families, device, quick, out_dir, with_compile=True, backends=None, file
         for case in module.cases(device, quick):
             results += measure(case, backends, repeats=10 if quick else 50, with_compile=with_compile,
                                copy_gbps=copy_gbps)
-        print(f"# {family} on {device}: {machine}, torch {torch.__version__}", file=file)
+        print(f"# {family} on {device}: {machine}, torch {torch.__version__}"
+              + (", glibc heap trimming off" if steady else ""), file=file)
         print_table(results, file=file)
         stem = os.path.join(out_dir, f"{family}_{device}")
         write_csv(results, stem + ".csv", machine)

@@ -13,7 +13,7 @@ def _bench(args):
 
     families = [args.family] if args.family else ["activation"]
     harness.run(families, args.device, args.quick, args.out or os.path.join(root, "bench", "out"),
-                with_compile=not args.no_compile)
+                with_compile=not args.no_compile, keep_malloc=args.keep_malloc)
 
 
 def main(argv=None):
@@ -30,6 +30,8 @@ def main(argv=None):
     bench.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     bench.add_argument("--out", default=None, help="folder for CSV and PNG (default bench/out)")
+    bench.add_argument("--keep-malloc", action="store_true",
+                       help="leave glibc's heap trimming on (CPU timings then swing with page faults)")
     args = parser.parse_args(argv)
 
     if args.command == "info":
