@@ -436,3 +436,15 @@ def test_auto_picks_torch_for_small_cpu_tensors():
     x = torch.randn(1 << 20, requires_grad=True)
     y = PF.relu(x)
     assert type(y.grad_fn).__name__ == "MaskedActivationBackward"
+
+
+@pytest.mark.parametrize("name", list(OPS) + ["maxout"])
+def test_autocast_keeps_the_given_dtype(name):
+    """Under autocast activations compute in the dtype they are given, as torch's do."""
+    x = torch.randn(4, 6)
+    ref = (lambda t: maxout_reference(t, 3, 1)) if name == "maxout" else (lambda t: OPS[name][1](t, **OPS[name][2]))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pyops.backend("native"):
+        y = _op_fn(name)(x)
+        assert ref(x).dtype == torch.float32
+    assert y.dtype == torch.float32
+    assert_close(y, ref(x.double()), torch.float32)
