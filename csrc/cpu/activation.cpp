@@ -34,10 +34,11 @@ constexpr int64_t kGrain = 32768;  // elements per task (torch's at::internal::G
 // Blocks of 64 elements fill one uint64 of mask; float16/bfloat16 go through a float buffer.
 constexpr int64_t kBlock = 64;
 
-// Outputs past 3/4 of the last-level cache (glibc's memcpy rule) cannot stay cached for their
-// reader anyway, so they are streamed. Measured at 4M floats (16 MB, 32 MB L3): streaming made
-// relu's fwd+bwd faster in the benchmark (inputs rotated out of cache) but its 1M case slower,
-// and a real consumer reads a cache-sized output back from L3; so the rule stays glibc's.
+// Outputs past 3/4 of the last-level cache (glibc's memcpy rule) cannot stay cached for their reader,
+// so they are written with streaming stores: one write to memory instead of a read-for-ownership
+// plus a write. Measured (32 MB L3): streaming 1M-element outputs made relu slower; streaming
+// 4M-element ones (16 MB) as well gave relu's fwd+bwd nothing beyond the noise and made sigmoid's
+// 10% slower (its backward reads the output back). So the rule stays glibc's.
 inline bool stream_output(const void* out, int64_t bytes) {
   static const int64_t threshold = [] {
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
