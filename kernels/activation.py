@@ -5,6 +5,7 @@ do (`dense_like`) and bring inputs to that layout. Half types compute in float32
 float64. Everything here runs under TRITON_INTERPRET=1 too: no libdevice, so tanh and expm1 are
 built from `tl.exp` with a short Taylor series near zero, where `exp(x) - 1` would cancel.
 """
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -35,16 +36,30 @@ def _compute_dtype(t):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
+def split_scalar(v):
+    """v as hi + lo, both exact in float32: compiled Triton passes Python floats as float32, and
+    hi + lo, summed in float64 inside the kernel, keeps ~48 bits of v for float64 tensors."""
+    hi = float(np.float32(v))
+    return hi, float(np.float32(v - hi))
+
+
 def _grid(n):
     return (triton.cdiv(triton.cdiv(n, 8), BYTES.value),)
 
 
+# Compiled Triton materialises Python float literals as float32, so the series below use only
+# integers exact in float32 and divide in the compute dtype (float64 keeps its precision).
 @triton.jit
 def _tanh(x):
     ax = tl.abs(x)
     x2 = x * x
-    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (
-        62.0 / 2835.0 + x2 * (-1382.0 / 155925.0))))))
+    # x (1 - x^2/3 + 2x^4/15 - 17x^6/315 + 62x^8/2835 - 1382x^10/155925), Horner from the inside
+    p = x2 * -1382.0 / 155925.0
+    p = x2 * (62.0 + 2835.0 * p) / 2835.0
+    p = x2 * (-17.0 + 315.0 * p) / 315.0
+    p = x2 * (2.0 + 15.0 * p) / 15.0
+    p = x2 * (-1.0 + 3.0 * p) / 3.0
+    series = x * (1.0 + p)
     e = tl.exp(-2.0 * ax)
     t = (1.0 - e) / (1.0 + e)
     return tl.where(ax < SERIES_BELOW, series, tl.where(x < 0, -t, t))
@@ -52,8 +67,15 @@ def _tanh(x):
 
 @triton.jit
 def _expm1(x):
-    series = x * (1.0 + x * (1.0 / 2.0 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (
-        1.0 / 720.0 + x * (1.0 / 5040.0 + x * (1.0 / 40320.0))))))))
+    # x (1 + x/2 + x^2/6 + ... + x^7/40320), Horner from the inside
+    p = x / 40320.0
+    p = x * (1.0 + 5040.0 * p) / 5040.0
+    p = x * (1.0 + 720.0 * p) / 720.0
+    p = x * (1.0 + 120.0 * p) / 120.0
+    p = x * (1.0 + 24.0 * p) / 24.0
+    p = x * (1.0 + 6.0 * p) / 6.0
+    p = x * (1.0 + 2.0 * p) / 2.0
+    series = x * (1.0 + p)
     return tl.where(tl.abs(x) < SERIES_BELOW, series, tl.exp(x) - 1.0)
 
 
@@ -68,7 +90,8 @@ def _offsets_2d(n):
 
 # ---- ReLU / LeakyReLU with a 1-bit mask ---------------------------------------------------------
 @triton.jit
-def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope, IS_RELU: tl.constexpr, COMPUTE: tl.constexpr):
+def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope_hi, slope_lo, IS_RELU: tl.constexpr,
+                       COMPUTE: tl.constexpr):
     rows, offs, inb = _offsets_2d(n)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     # pos: where the gradient flows unchanged, as torch decides it: relu's backward tests the
@@ -78,14 +101,15 @@ def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope, IS_RELU: tl.constexpr
         neg = tl.zeros_like(x)
     else:
         pos = x > 0
-        neg = x * slope
+        neg = x * (tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE))
     tl.store(out_ptr + offs, tl.where(pos, x, neg).to(out_ptr.dtype.element_ty), mask=inb)
     bits = tl.sum(pos.to(tl.int32) << tl.arange(0, 8)[None, :], axis=1)
     tl.store(mask_ptr + rows, bits.to(tl.uint8), mask=rows < tl.cdiv(n, 8))
 
 
 @triton.jit
-def _masked_bwd_kernel(g_ptr, mask_ptr, gi_ptr, n, slope, IS_RELU: tl.constexpr, COMPUTE: tl.constexpr):
+def _masked_bwd_kernel(g_ptr, mask_ptr, gi_ptr, n, slope_hi, slope_lo, IS_RELU: tl.constexpr,
+                       COMPUTE: tl.constexpr):
     rows, offs, inb = _offsets_2d(n)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     bits = tl.load(mask_ptr + rows, mask=rows < tl.cdiv(n, 8), other=0).to(tl.int32)
@@ -93,7 +117,7 @@ def _masked_bwd_kernel(g_ptr, mask_ptr, gi_ptr, n, slope, IS_RELU: tl.constexpr,
     if IS_RELU:
         neg = tl.zeros_like(g)
     else:
-        neg = g * slope
+        neg = g * (tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE))
     tl.store(gi_ptr + offs, tl.where(pos, g, neg).to(gi_ptr.dtype.element_ty), mask=inb)
 
 
@@ -102,7 +126,8 @@ def _masked_fwd(x, slope, is_relu, inplace):
     n = x.numel()
     mask = torch.empty(triton.cdiv(n, 8), dtype=torch.uint8, device=x.device)
     if n:
-        _masked_fwd_kernel[_grid(n)](src, out, mask, n, slope, IS_RELU=is_relu, COMPUTE=_compute_dtype(x))
+        _masked_fwd_kernel[_grid(n)](src, out, mask, n, *split_scalar(slope), IS_RELU=is_relu,
+                                     COMPUTE=_compute_dtype(x))
     return finish(), mask
 
 
@@ -110,7 +135,8 @@ def _masked_bwd(grad_out, mask, slope, is_relu):
     g, gi = dense_like(grad_out)
     n = g.numel()
     if n:
-        _masked_bwd_kernel[_grid(n)](g, mask, gi, n, slope, IS_RELU=is_relu, COMPUTE=_compute_dtype(g))
+        _masked_bwd_kernel[_grid(n)](g, mask, gi, n, *split_scalar(slope), IS_RELU=is_relu,
+                                     COMPUTE=_compute_dtype(g))
     return gi
 
 
@@ -136,9 +162,10 @@ ELU_RESULT, ELU_INPUT, SIGMOID_BWD, TANH_BWD = 0, 1, 2, 3
 
 
 @triton.jit
-def _unary_kernel(x_ptr, out_ptr, n, alpha, OP: tl.constexpr, COMPUTE: tl.constexpr):
+def _unary_kernel(x_ptr, out_ptr, n, alpha_hi, alpha_lo, OP: tl.constexpr, COMPUTE: tl.constexpr):
     _, offs, inb = _offsets_2d(n)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
+    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
     if OP == 0:  # ELU
         y = tl.where(x > 0, x, alpha * _expm1(x))
     elif OP == 1:  # SIGMOID
@@ -149,9 +176,10 @@ def _unary_kernel(x_ptr, out_ptr, n, alpha, OP: tl.constexpr, COMPUTE: tl.conste
 
 
 @triton.jit
-def _binary_bwd_kernel(g_ptr, s_ptr, gi_ptr, n, alpha, OP: tl.constexpr, COMPUTE: tl.constexpr):
+def _binary_bwd_kernel(g_ptr, s_ptr, gi_ptr, n, alpha_hi, alpha_lo, OP: tl.constexpr, COMPUTE: tl.constexpr):
     _, offs, inb = _offsets_2d(n)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
+    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
     s = tl.load(s_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     if OP == 0:  # ELU from its output: out + alpha where out <= 0
         gi = tl.where(s <= 0, g * (s + alpha), g)
@@ -168,7 +196,7 @@ def _unary(x, op, alpha=0.0, inplace=False):
     src, out, finish = inplace_target(x, inplace)
     n = x.numel()
     if n:
-        _unary_kernel[_grid(n)](src, out, n, alpha, OP=op, COMPUTE=_compute_dtype(x))
+        _unary_kernel[_grid(n)](src, out, n, *split_scalar(alpha), OP=op, COMPUTE=_compute_dtype(x))
     return finish()
 
 
@@ -177,7 +205,7 @@ def _binary_bwd(grad_out, saved, op, alpha=0.0):
     g = grad_out if grad_out.stride() == gi.stride() else torch.empty_like(gi).copy_(grad_out)  # gi's layout
     n = g.numel()
     if n:
-        _binary_bwd_kernel[_grid(n)](g, s, gi, n, alpha, OP=op, COMPUTE=_compute_dtype(g))
+        _binary_bwd_kernel[_grid(n)](g, s, gi, n, *split_scalar(alpha), OP=op, COMPUTE=_compute_dtype(g))
     return gi
 
 

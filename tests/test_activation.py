@@ -448,3 +448,16 @@ def test_autocast_keeps_the_given_dtype(name):
         assert ref(x).dtype == torch.float32
     assert y.dtype == torch.float32
     assert_close(y, ref(x.double()), torch.float32)
+
+
+@pytest.mark.parametrize("v", [0.2, 1.3, -0.7, 0.01, 1e-3, 1.0, 0.0, 123.456])
+def test_triton_scalars_survive_float32_arguments(v):
+    """Compiled Triton passes Python floats as float32: slopes and alphas travel as hi + lo, both
+    exact in float32, which float64 kernels sum back to ~48 bits."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("triton")
+    from pyops.kernels.activation import split_scalar
+
+    hi, lo = split_scalar(v)
+    assert float(np.float32(hi)) == hi and float(np.float32(lo)) == lo
+    assert abs((hi + lo) - v) <= 1e-14 * max(1.0, abs(v))
