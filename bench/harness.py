@@ -107,15 +107,7 @@ def time_cuda(fns, input_sets, repeats):
 
 def saved_megabytes(fn, inputs):
     """Bytes saved for backward by one forward (distinct storages), in MB."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*inputs)
-    return sum(storages.values()) / 1e6
+    return pyops.saved_bytes(fn, *inputs) / 1e6
 
 
 def _in_backend(fn, backend):

@@ -14,6 +14,6 @@ from . import _C  # noqa: F401
 from .backend import BACKENDS, available_backends, backend
 from . import functional, nn, optim  # noqa: E402
 from .convert import convert
-from .info import info
+from .info import info, saved_bytes
 
-__all__ = ["backend", "available_backends", "BACKENDS", "functional", "nn", "optim", "convert", "info"]
+__all__ = ["backend", "available_backends", "BACKENDS", "functional", "nn", "optim", "convert", "info", "saved_bytes"]

@@ -42,3 +42,16 @@ def info(file=None):
             v = "; ".join(f"{dev}: {', '.join(b)}" for dev, b in v.items())
         print(f"{k:<{width}}  {v}", file=file)
     return d
+
+
+def saved_bytes(fn, *args):
+    """Bytes that fn(*args) saves for backward: the distinct storages autograd packs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(storages.values())

@@ -311,18 +311,6 @@ def test_opcheck(name, device, backend):
 
 
 # ---- memory saved for backward --------------------------------------------------------------------
-def _saved_bytes(fn, x):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("name", list(OPS) + ["maxout"])
 def test_saved_bytes(name):
     """relu/leaky_relu save a 1-bit mask, elu/sigmoid/tanh their output, maxout uint8 indices."""
@@ -331,13 +319,13 @@ def test_saved_bytes(name):
     if name == "maxout":
         x = torch.randn(n - 5, requires_grad=True)
         with pyops.backend("native"):
-            got = _saved_bytes(lambda t: PF.maxout(t, 4, 0), x)
+            got = pyops.saved_bytes(lambda t: PF.maxout(t, 4, 0), x)
         assert got == x.numel() // 4
         return
     op, ref, kw = OPS[name]
     with pyops.backend("native"):
-        got = _saved_bytes(lambda t: op(t, **kw), x)
-    torch_bytes = _saved_bytes(lambda t: ref(t, **kw), x)
+        got = pyops.saved_bytes(lambda t: op(t, **kw), x)
+    torch_bytes = pyops.saved_bytes(lambda t: ref(t, **kw), x)
     if name in ("relu", "leaky_relu"):
         assert got == (n + 7) // 8
         assert torch_bytes == 4 * n  # float32: pyops saves 1/32 of torch's
