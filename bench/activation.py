@@ -33,7 +33,8 @@ def _min_bytes(op, mode, n, es):
     return fwd if mode == "fwd" else fwd + 2 * n * es + saved
 
 
-# torch.compile baselines at the size the targets name (each compile costs seconds to minutes).
+# torch.compile baselines at the size the targets name, float32 (each compile costs seconds, and
+# bench/gpu_check.sh has minutes).
 COMPILE_AT = {"cpu": 4 << 20, "cuda": 1 << 26}
 
 
@@ -65,7 +66,7 @@ def _case(op, mode, n, dtype, device):
 
     return Case("activation", op, mode, shape, dtype, device, _min_bytes(op, mode, n, dtype.itemsize),
                 make_inputs, iteration, forward=None if mode == "fwd" else (lambda impl: (lambda x, g: fn(impl)(x))),
-                compile_baseline=n == COMPILE_AT.get(device))
+                compile_baseline=n == COMPILE_AT.get(device) and dtype == torch.float32)
 
 
 def cases(device, quick=False):

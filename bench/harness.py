@@ -262,14 +262,14 @@ def run(families, device, quick, out_dir, with_compile=True, backends=None, file
     for family in families:
         module = importlib.import_module(f"bench.{family}")
         results = []
+        stem = os.path.join(out_dir, f"{family}_{device}")
         for case in module.cases(device, quick):
             results += measure(case, backends, repeats=10 if quick else 50, with_compile=with_compile,
                                copy_gbps=copy_gbps)
+            write_csv(results, stem + ".csv", machine)  # after every case: a cut-off run keeps its rows
         print(f"# {family} on {device}: {machine}, torch {torch.__version__}"
               + (", glibc heap trimming off" if steady else ""), file=file)
         print_table(results, file=file)
-        stem = os.path.join(out_dir, f"{family}_{device}")
-        write_csv(results, stem + ".csv", machine)
         write_plot(results, stem + ".png", f"pyops {family} on {machine}")
         all_results += results
     return all_results

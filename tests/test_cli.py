@@ -70,3 +70,13 @@ def test_bench_cli_help():
 
 def test_bad_command():
     assert _run("nope").returncode != 0
+
+
+def test_triton_listed_for_cpu_only_when_interpreted():
+    code = "import pyops; print(pyops.available_backends('cpu'))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    interp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(env, TRITON_INTERPRET="1"), cwd=ROOT)
+    assert "triton" not in plain.stdout and "native" in plain.stdout, plain.stderr
+    assert "triton" in interp.stdout, interp.stderr
