@@ -22,12 +22,11 @@ _stack = ["auto"]
 # native CUDA kernels (no launch-time compilation) come first.
 _AUTO_ORDER = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
 _AUTO_OVERRIDES = {}
-# Below these sizes (input elements) torch eager is faster on CPU: a pyops call costs ~35 us more
+# Below these sizes (input elements) torch eager is faster on CPU: a pyops call costs ~20 us more
 # (Python autograd.Function and op dispatch), which only the kernels' gains on larger tensors
-# repay. Measured fwd+bwd crossovers, float32, 2-core EPYC (AVX512): relu and leaky_relu ~1M,
-# tanh ~64K, elu and maxout under 16K; sigmoid moves the same bytes as torch's and only draws
-# level at 4M.
-_AUTO_MIN_NUMEL = {("relu", "cpu"): 1 << 20, ("leaky_relu", "cpu"): 1 << 20, ("sigmoid", "cpu"): 1 << 22,
+# repay. Measured fwd+bwd crossovers, float32, 2-core EPYC (AVX512): relu, leaky_relu and
+# sigmoid ~1M, tanh ~64K, elu and maxout under 16K.
+_AUTO_MIN_NUMEL = {("relu", "cpu"): 1 << 20, ("leaky_relu", "cpu"): 1 << 20, ("sigmoid", "cpu"): 1 << 20,
                    ("tanh", "cpu"): 1 << 16, ("elu", "cpu"): 1 << 14, ("maxout", "cpu"): 1 << 14}
 
 
@@ -44,7 +43,10 @@ def _triton_importable():
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
 def triton_interpreted():
+    """Whether Triton runs interpreted (read once: triton.jit reads the variable when it decorates
+    a kernel, so changing it later changes nothing anyway)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -84,7 +86,7 @@ def resolve(op, device, numel=None):
     (memoised: this is on every call's path)."""
     name = _stack[-1]
     small = name == "auto" and numel is not None and numel < _AUTO_MIN_NUMEL.get((op, device.type), 0)
-    key = (op, device.type, name, small, triton_interpreted())
+    key = (op, device.type, name, small)
     found = _resolved.get(key)
     if found is None:
         found = _resolved[key] = _resolve(op, device.type, name, small)

@@ -147,6 +147,15 @@ def _register():
 PRIMITIVES = _register()  # backend -> primitive name -> op
 
 
+def _call(op, *args):
+    """op(*args) from inside our autograd functions. Without grad recording (forward, and backward
+    unless create_graph) it skips the primitives' own Python autograd kernel, ~5 us a call."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 # ---- autograd ---------------------------------------------------------------------------------
 
 
@@ -254,11 +263,11 @@ class MaskedActivation(torch.autograd.Function):
         extra = () if relu else (negative_slope,)
         if inplace:
             ctx.stride = _dense_stride(x)
-            mask = ops["relu_fwd_" if relu else "leaky_relu_fwd_"](x, *extra)
+            mask = _call(ops["relu_fwd_" if relu else "leaky_relu_fwd_"], x, *extra)
             ctx.mark_dirty(x)
             out = x
         else:
-            out, mask = ops["relu_fwd" if relu else "leaky_relu_fwd"](x, *extra)
+            out, mask = _call(ops["relu_fwd" if relu else "leaky_relu_fwd"], x, *extra)
             ctx.stride = out.stride()
         ctx.save_for_backward(mask)
         ctx.extra, ctx.relu, ctx.backend = extra, relu, backend
@@ -269,7 +278,7 @@ class MaskedActivation(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         ops = PRIMITIVES[ctx.backend]
         g = _to_layout(grad, ctx.stride)
-        gi = ops["relu_bwd" if ctx.relu else "leaky_relu_bwd"](g, mask, *ctx.extra)
+        gi = _call(ops["relu_bwd" if ctx.relu else "leaky_relu_bwd"], g, mask, *ctx.extra)
         return gi, None, None, None
 
 
@@ -278,11 +287,11 @@ class ELU(torch.autograd.Function):
     def forward(ctx, x, alpha, inplace, backend):
         ops = PRIMITIVES[backend]
         if inplace:
-            ops["elu_fwd_"](x, alpha)
+            _call(ops["elu_fwd_"], x, alpha)
             ctx.mark_dirty(x)
             out, saved, is_result = x, x, True
         else:
-            out = ops["elu_fwd"](x, alpha)
+            out = _call(ops["elu_fwd"], x, alpha)
             # y tells the branch (y <= 0) only when alpha >= 0; else keep the input, as torch does.
             saved, is_result = (out, True) if alpha >= 0 else (x, False)
         ctx.save_for_backward(saved)
@@ -297,7 +306,7 @@ class ELU(torch.autograd.Function):
                 "pyops.elu: in-place elu backward calculation is triggered with a negative alpha "
                 f"({ctx.alpha}), which is not supported (the input cannot be recovered from the "
                 "output); call the out-of-place version instead.")
-        gi = PRIMITIVES[ctx.backend]["elu_bwd"](grad, saved, ctx.alpha, ctx.is_result)
+        gi = _call(PRIMITIVES[ctx.backend]["elu_bwd"], grad, saved, ctx.alpha, ctx.is_result)
         return gi, None, None, None
 
 
@@ -305,14 +314,14 @@ def _saves_output(name, fwd, bwd):
     """The autograd function of an op that saves its output y: dx = bwd(g, y) (sigmoid, tanh)."""
 
     def forward(ctx, x, backend):
-        out = PRIMITIVES[backend][fwd](x)
+        out = _call(PRIMITIVES[backend][fwd], x)
         ctx.save_for_backward(out)
         ctx.backend = backend
         return out
 
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        return PRIMITIVES[ctx.backend][bwd](grad, out), None
+        return _call(PRIMITIVES[ctx.backend][bwd], grad, out), None
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
                                                    "backward": staticmethod(backward)})
@@ -325,7 +334,7 @@ Tanh = _saves_output("Tanh", "tanh_fwd", "tanh_bwd")
 class Maxout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pieces, dim, backend):
-        out, idx = PRIMITIVES[backend]["maxout_fwd"](x, pieces, dim)
+        out, idx = _call(PRIMITIVES[backend]["maxout_fwd"], x, pieces, dim)
         ctx.save_for_backward(idx)
         ctx.pieces, ctx.dim, ctx.backend = pieces, dim, backend
         return out
@@ -333,7 +342,7 @@ class Maxout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        return PRIMITIVES[ctx.backend]["maxout_bwd"](grad, idx, ctx.pieces, ctx.dim), None, None, None
+        return _call(PRIMITIVES[ctx.backend]["maxout_bwd"], grad, idx, ctx.pieces, ctx.dim), None, None, None
 
 
 def maxout_reference(x, pieces, dim):
