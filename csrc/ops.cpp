@@ -25,6 +25,25 @@ TORCH_LIBRARY(pyops, m) {
   // maxout returns (out, indices): indices (uint8, out's shape) of the first maximal piece.
   m.def("maxout_fwd(Tensor self, int pieces, int dim) -> (Tensor, Tensor)");
   m.def("maxout_bwd(Tensor grad_out, Tensor indices, int pieces, int dim) -> Tensor");
+
+  // ---- optim: one call updates every tensor of a (device, dtype) group in place ----------------
+  // Lists run in parallel (state lists empty where an option needs no state). grad_scale: the
+  // gradients are divided by it and written back unscaled; found_inf != 0: nothing is touched.
+  // lr is a 0-d tensor; steps are 0-d float32 tensors, incremented by the step.
+  m.def("sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor lr, "
+        "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, int[] first, "
+        "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def("adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+        "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, Tensor lr, float beta1, float beta2, "
+        "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled, Tensor? grad_scale, "
+        "Tensor? found_inf) -> ()");
+  m.def("adagrad_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] sums, Tensor(d!)[] steps, "
+        "Tensor lr, float lr_decay, float weight_decay, float eps, bool maximize, Tensor? grad_scale, "
+        "Tensor? found_inf) -> ()");
+  m.def("rmsprop_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
+        "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, Tensor(f!)[] steps, Tensor lr, float alpha, "
+        "float eps, float weight_decay, float momentum, bool centered, bool maximize, Tensor? grad_scale, "
+        "Tensor? found_inf) -> ()");
 }
 
 // A plain extension module: importing it runs the registrations above. It carries the build facts.

@@ -1,2 +1,4 @@
-"""pyops optimizers (drop-ins for torch.optim): none yet."""
-__all__ = []
+"""pyops optimizers: drop-ins for torch.optim, each step one fused kernel call per (device, dtype) group."""
+from .fused import SGD, Adagrad, Adam, AdamW, RMSprop
+
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]

@@ -1,0 +1,257 @@
+// CPU kernels of the optim family: one parallel pass over every tensor of a parameter group
+// (a table of chunks across all tensors), each element read and written once. The math follows
+// torch.optim's for-loop implementations; see pyops/optim/fused.py.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+
+namespace pyops {
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;  // elements per task
+
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+// Every list must match params in length; every tensor must share its param's device, dtype, shape
+// and dense layout (the kernels walk memory order).
+void check_group(const char* op, at::TensorList params, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
+  for (const auto& [name, list] : lists) {
+    TORCH_CHECK(list.empty() || list.size() == params.size(), "pyops::", op, ": ", name, " has ", list.size(),
+                " tensors but params has ", params.size());
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    check_floating(op, "params", p);
+    TORCH_CHECK(p.device().is_cpu(), "pyops::", op, ": params must be on the CPU here, got ", p.device());
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "pyops::", op, ": params[", i, "] is not dense");
+    for (const auto& [name, list] : lists) {
+      if (list.empty()) continue;
+      const at::Tensor& t = list[i];
+      check_like(op, "params", p, name, t);
+      TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "pyops::", op, ": ", name, "[", i,
+                  "] has shape ", t.sizes(), " and strides ", t.strides(), " but params[", i, "] has ", p.sizes(),
+                  " and ", p.strides());
+    }
+  }
+}
+
+std::vector<Chunk> chunk_table(at::TensorList params) {
+  std::vector<Chunk> table;
+  for (size_t i = 0; i < params.size(); ++i)
+    for (int64_t b = 0; b < params[i].numel(); b += kChunk)
+      table.push_back({int64_t(i), b, std::min(params[i].numel(), b + kChunk)});
+  return table;
+}
+
+// The grad scaler's contract: found_inf set -> skip; else gradients scaled by 1 / grad_scale.
+bool skip_step(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0;
+}
+double inv_scale(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() && grad_scale->defined() ? 1.0 / grad_scale->item<double>() : 1.0;
+}
+
+template <typename T>
+T* ptr(at::TensorList list, int64_t i) {
+  return list.empty() ? nullptr : list[i].mutable_data_ptr<T>();
+}
+
+// Runs body(scalar_t*, chunk, i) for every chunk of the group in parallel, dtype dispatched.
+template <typename Body>
+void for_each_chunk(at::TensorList params, const Body& body) {
+  const auto table = chunk_table(params);
+  if (table.empty()) return;
+  PYOPS_DISPATCH_FLOATING(params[0].scalar_type(), [&] {
+    at::parallel_for(0, int64_t(table.size()), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) body(static_cast<scalar_t*>(nullptr), table[c]);
+    });
+  });
+}
+
+void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList bufs, const at::Tensor& lr_t,
+               double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+               at::IntArrayRef first, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf) {
+  check_group("sgd_step_", params, {{"grads", grads}, {"momentum_buffers", bufs}});
+  if (skip_step(found_inf)) return;
+  const double lr = lr_t.item<double>(), inv = inv_scale(grad_scale);
+  const bool unscale = grad_scale.has_value() && grad_scale->defined();
+  for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using opmath_t = at::opmath_type<T>;
+    T* p = ptr<T>(params, ch.tensor);
+    T* g = ptr<T>(grads, ch.tensor);
+    T* m = ptr<T>(bufs, ch.tensor);
+    const bool is_first = !first.empty() && first[ch.tensor];
+    for (int64_t j = ch.begin; j < ch.end; ++j) {
+      opmath_t gj = g[j];
+      if (unscale) g[j] = gj = opmath_t(gj * inv);
+      if (maximize) gj = -gj;
+      opmath_t pj = p[j];
+      if (weight_decay != 0) gj += opmath_t(weight_decay) * pj;
+      if (momentum != 0) {
+        opmath_t buf = is_first ? gj : opmath_t(momentum) * opmath_t(m[j]) + opmath_t(1 - dampening) * gj;
+        m[j] = buf;
+        buf = m[j];
+        gj = nesterov ? gj + opmath_t(momentum) * buf : buf;
+      }
+      p[j] = pj - opmath_t(lr) * gj;
+    }
+  });
+}
+
+void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_t, double beta1,
+                double beta2, double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_group("adam_step_", params, {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                                     {"max_exp_avg_sqs", max_exp_avg_sqs}});
+  TORCH_CHECK(steps.size() == params.size(), "pyops::adam_step_: steps has ", steps.size(), " tensors");
+  if (skip_step(found_inf)) return;
+  const double lr = lr_t.item<double>(), inv = inv_scale(grad_scale);
+  const bool unscale = grad_scale.has_value() && grad_scale->defined();
+  // torch computes with a tensor lr in the tensor's dtype: lr / bias_correction1 and 1 - lr * wd
+  // then round to float32 for a float32 lr.
+  const bool lr_f32 = lr_t.scalar_type() == at::kFloat;
+  std::vector<double> step_size(params.size()), bc2_sqrt(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {  // step_t += 1, then torch's bias corrections in double
+    steps[i].add_(1);
+    const double step = steps[i].item<double>();
+    const double bc1 = 1 - std::pow(beta1, step);
+    step_size[i] = lr_f32 ? double(float(lr) / float(bc1)) : lr / bc1;
+    bc2_sqrt[i] = std::sqrt(1 - std::pow(beta2, step));
+  }
+  const double decay = lr_f32 ? double(1.0f - float(lr) * float(weight_decay)) : 1 - lr * weight_decay;
+  for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using opmath_t = at::opmath_type<T>;
+    T* p = ptr<T>(params, ch.tensor);
+    T* g = ptr<T>(grads, ch.tensor);
+    T* m = ptr<T>(exp_avgs, ch.tensor);
+    T* v = ptr<T>(exp_avg_sqs, ch.tensor);
+    T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs, ch.tensor) : nullptr;
+    const opmath_t b1 = beta1, b2 = beta2, ss = step_size[ch.tensor], bc2 = bc2_sqrt[ch.tensor];
+    for (int64_t j = ch.begin; j < ch.end; ++j) {
+      opmath_t gj = g[j];
+      if (unscale) g[j] = gj = opmath_t(gj * inv);
+      if (maximize) gj = -gj;
+      opmath_t pj = p[j];
+      if (weight_decay != 0) {
+        if (decoupled) {
+          pj *= opmath_t(decay);
+        } else {
+          gj += opmath_t(weight_decay) * pj;
+        }
+      }
+      const opmath_t mj = opmath_t(m[j]) + (1 - b1) * (gj - opmath_t(m[j]));  // lerp
+      const opmath_t vj = opmath_t(v[j]) * b2 + (1 - b2) * gj * gj;
+      m[j] = mj;
+      v[j] = vj;
+      opmath_t vu = v[j];
+      if (amsgrad) {
+        vmax[j] = std::max<opmath_t>(vmax[j], vu);
+        vu = vmax[j];
+      }
+      const opmath_t denom = std::sqrt(vu) / bc2 + opmath_t(eps);
+      p[j] = pj - ss * opmath_t(m[j]) / denom;
+    }
+  });
+}
+
+void adagrad_step_(at::TensorList params, at::TensorList grads, at::TensorList sums, at::TensorList steps,
+                   const at::Tensor& lr_t, double lr_decay, double weight_decay, double eps, bool maximize,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_group("adagrad_step_", params, {{"grads", grads}, {"sums", sums}});
+  TORCH_CHECK(steps.size() == params.size(), "pyops::adagrad_step_: steps has ", steps.size(), " tensors");
+  if (skip_step(found_inf)) return;
+  const double lr = lr_t.item<double>(), inv = inv_scale(grad_scale);
+  const bool unscale = grad_scale.has_value() && grad_scale->defined();
+  std::vector<double> clr(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    steps[i].add_(1);
+    clr[i] = lr / (1 + (steps[i].item<double>() - 1) * lr_decay);
+  }
+  for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using opmath_t = at::opmath_type<T>;
+    T* p = ptr<T>(params, ch.tensor);
+    T* g = ptr<T>(grads, ch.tensor);
+    T* s = ptr<T>(sums, ch.tensor);
+    const opmath_t c = clr[ch.tensor];
+    for (int64_t j = ch.begin; j < ch.end; ++j) {
+      opmath_t gj = g[j];
+      if (unscale) g[j] = gj = opmath_t(gj * inv);
+      if (maximize) gj = -gj;
+      opmath_t pj = p[j];
+      if (weight_decay != 0) gj += opmath_t(weight_decay) * pj;
+      s[j] = opmath_t(s[j]) + gj * gj;
+      const opmath_t std_ = std::sqrt(opmath_t(s[j])) + opmath_t(eps);
+      p[j] = pj - c * gj / std_;
+    }
+  });
+}
+
+void rmsprop_step_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
+                   at::TensorList bufs, at::TensorList steps, const at::Tensor& lr_t, double alpha, double eps,
+                   double weight_decay, double momentum, bool centered, bool maximize,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_group("rmsprop_step_", params, {{"grads", grads}, {"square_avgs", square_avgs}, {"grad_avgs", grad_avgs},
+                                        {"momentum_buffers", bufs}});
+  TORCH_CHECK(steps.size() == params.size(), "pyops::rmsprop_step_: steps has ", steps.size(), " tensors");
+  if (skip_step(found_inf)) return;
+  const double lr = lr_t.item<double>(), inv = inv_scale(grad_scale);
+  const bool unscale = grad_scale.has_value() && grad_scale->defined();
+  for (size_t i = 0; i < params.size(); ++i) steps[i].add_(1);
+  for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using opmath_t = at::opmath_type<T>;
+    T* p = ptr<T>(params, ch.tensor);
+    T* g = ptr<T>(grads, ch.tensor);
+    T* sq = ptr<T>(square_avgs, ch.tensor);
+    T* ga = centered ? ptr<T>(grad_avgs, ch.tensor) : nullptr;
+    T* m = momentum > 0 ? ptr<T>(bufs, ch.tensor) : nullptr;
+    const opmath_t a = alpha;
+    for (int64_t j = ch.begin; j < ch.end; ++j) {
+      opmath_t gj = g[j];
+      if (unscale) g[j] = gj = opmath_t(gj * inv);
+      if (maximize) gj = -gj;
+      opmath_t pj = p[j];
+      if (weight_decay != 0) gj += opmath_t(weight_decay) * pj;
+      sq[j] = opmath_t(sq[j]) * a + (1 - a) * gj * gj;
+      opmath_t avg;
+      if (centered) {
+        ga[j] = opmath_t(ga[j]) + (1 - a) * (gj - opmath_t(ga[j]));  // lerp
+        avg = std::sqrt(opmath_t(sq[j]) - opmath_t(ga[j]) * opmath_t(ga[j])) + opmath_t(eps);
+      } else {
+        avg = std::sqrt(opmath_t(sq[j])) + opmath_t(eps);
+      }
+      if (momentum > 0) {
+        m[j] = opmath_t(m[j]) * opmath_t(momentum) + gj / avg;
+        p[j] = pj - opmath_t(lr) * opmath_t(m[j]);
+      } else {
+        p[j] = pj - opmath_t(lr) * gj / avg;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, CPU, m) {
+  m.impl("sgd_step_", &sgd_step_);
+  m.impl("adam_step_", &adam_step_);
+  m.impl("adagrad_step_", &adagrad_step_);
+  m.impl("rmsprop_step_", &rmsprop_step_);
+}
+
+}  // namespace pyops

@@ -1,0 +1,250 @@
+"""Fused optimizers: torch.optim's SGD, Adam, AdamW, Adagrad and RMSprop with each step done by one
+pyops kernel call per (device, dtype) group of a parameter group.
+
+The classes subclass torch's, so constructor signatures, defaults, validation, param_groups keys,
+state keys and state_dict layout are torch's own; only step() differs. Per element (g the gradient,
+negated when maximize; wd the weight decay):
+  SGD:     g += wd p; b = first ? g : mu b + (1 - dampening) g; g = nesterov ? g + mu b : b; p -= lr g
+  Adam(W): t += 1; (AdamW/decoupled: p *= 1 - lr wd | else g += wd p); m = lerp(m, g, 1 - b1);
+           v = b2 v + (1 - b2) g^2; (amsgrad: vmax = max(vmax, v)); p -= lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps)
+  Adagrad: t += 1; g += wd p; s += g^2; p -= lr / (1 + (t - 1) lr_decay) g / (sqrt(s) + eps)
+  RMSprop: t += 1; g += wd p; a = alpha a + (1 - alpha) g^2; (centered: ga = lerp(ga, g, 1 - alpha), a' = a - ga^2);
+           d = sqrt(a') + eps; momentum: b = mu b + g / d, p -= lr b | else p -= lr g / d
+Grad scaler (torch.amp.GradScaler): `grad_scale` divides the gradients, which are written back
+unscaled; `found_inf` set leaves parameters, gradients and all state untouched.
+
+Kernels: native C++ on CPU (csrc/cpu/optim.cpp). Where no pyops kernel runs (other devices, the
+`torch` backend, non-dense parameters) the step falls back to torch's for-loop implementation.
+"""
+import torch
+from torch import optim
+from torch.optim import adagrad as _adagrad, adam as _adam, rmsprop as _rmsprop, sgd as _sgd
+
+from .. import _C  # noqa: F401  (registers the native ops)
+from ..backend import resolve
+
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]
+
+_OPS = torch.ops.pyops
+
+
+def _no_differentiable(name, differentiable):
+    if differentiable:
+        raise ValueError(f"pyops.optim.{name}: differentiable=True is not supported; use torch.optim.{name}")
+
+
+def _scalar(v):
+    return float(v) if isinstance(v, torch.Tensor) else v
+
+
+def _lr_tensor(lr):
+    return lr.detach() if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
+
+
+def _native_subsets(name, params, *lists):
+    """Index lists of params that one native call can update together ((device, dtype) groups of dense
+    CPU tensors whose state shares their layout), and the indices left to torch's implementation."""
+    groups, rest = {}, []
+    for i, p in enumerate(params):
+        dense = p.device.type == "cpu" and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) \
+            and resolve(name, p.device) == "native" and _is_dense(p) \
+            and all(lst[i] is None or (lst[i].stride() == p.stride() and lst[i].dtype == p.dtype) for lst in lists)
+        if dense:
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        else:
+            rest.append(i)
+    return list(groups.values()), rest
+
+
+def _is_dense(t):
+    return torch.empty_like(t, device="meta").stride() == t.stride()
+
+
+def _pick(lst, idx):
+    return [lst[i] for i in idx] if lst else []
+
+
+class _Fused:
+    """step() for a torch optimizer subclass: _collect(group) -> the lists _init_group gathers,
+    _native(group, lists, idx, grad_scale, found_inf) and _torch(group, lists, idx) update a subset."""
+
+    _step_supports_amp_scaling = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            lists = self._collect(group)
+            params = lists[0]
+            if any(p.grad is not None and p.grad.is_sparse for p in params):
+                raise RuntimeError(f"pyops.optim.{type(self).__name__}: sparse gradients are not supported")
+            if any(torch.is_complex(p) for p in params):
+                raise TypeError(f"pyops.optim.{type(self).__name__}: complex parameters are not supported")
+            native, rest = _native_subsets(self._op, params, *lists[1:2])
+            for idx in native:
+                self._native(group, lists, idx, grad_scale, found_inf)
+            if rest:
+                if found_inf is not None and float(found_inf) != 0:
+                    continue
+                if grad_scale is not None:
+                    for i in rest:
+                        lists[1][i].div_(grad_scale.to(lists[1][i].device))
+                self._torch(group, lists, rest)
+        return loss
+
+
+class SGD(_Fused, optim.SGD):
+    """torch.optim.SGD, fused (see the module docstring for the update)."""
+
+    _op = "sgd"
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize=False,
+                 foreach=None, differentiable=False, fused=None):
+        _no_differentiable("SGD", differentiable)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach,
+                         differentiable=False, fused=fused)
+
+    def _collect(self, group):
+        params, grads, bufs = [], [], []
+        self._init_group(group, params, grads, bufs)
+        return params, grads, bufs
+
+    def _native(self, group, lists, idx, grad_scale, found_inf):
+        params, grads, bufs = (_pick(lst, idx) for lst in lists)
+        momentum = _scalar(group["momentum"])
+        first = [b is None for b in bufs] if momentum != 0 else []
+        if momentum != 0:
+            bufs = [torch.empty_like(p) if b is None else b for p, b in zip(params, bufs)]
+        _OPS.sgd_step_(params, grads, bufs if momentum != 0 else [], _lr_tensor(group["lr"]), momentum,
+                       _scalar(group["dampening"]), _scalar(group["weight_decay"]), group["nesterov"],
+                       group["maximize"], [int(f) for f in first], grad_scale, found_inf)
+        if momentum != 0 and not (found_inf is not None and float(found_inf) != 0):
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+    def _torch(self, group, lists, idx):
+        params, grads, bufs = (_pick(lst, idx) for lst in lists)
+        _sgd.sgd(params, grads, bufs, foreach=False, weight_decay=group["weight_decay"],
+                      momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                      nesterov=group["nesterov"], maximize=group["maximize"])
+        if group["momentum"] != 0:
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+
+class _AdamStep:
+    _op = "adam"
+
+    def _collect(self, group):
+        params, grads, m, v, vmax, steps = [], [], [], [], [], []
+        self._init_group(group, params, grads, m, v, vmax, steps)
+        return params, grads, m, v, vmax, steps
+
+    def _native(self, group, lists, idx, grad_scale, found_inf):
+        params, grads, m, v, vmax, steps = (_pick(lst, idx) for lst in lists)
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        _OPS.adam_step_(params, grads, m, v, vmax if group["amsgrad"] else [], steps, _lr_tensor(group["lr"]), beta1,
+                        beta2, _scalar(group["weight_decay"]), group["eps"], group["amsgrad"], group["maximize"],
+                        self._decoupled(group), grad_scale, found_inf)
+
+    def _torch(self, group, lists, idx):
+        params, grads, m, v, vmax, steps = (_pick(lst, idx) for lst in lists)
+        beta1, beta2 = group["betas"]
+        _adam.adam(params, grads, m, v, vmax if group["amsgrad"] else [], steps, foreach=False,
+                        capturable=group["capturable"], decoupled_weight_decay=self._decoupled(group),
+                        amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+
+class Adam(_AdamStep, _Fused, optim.Adam):
+    """torch.optim.Adam, fused (see the module docstring for the update)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *, foreach=None,
+                 maximize=False, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False):
+        _no_differentiable("Adam", differentiable)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=False, fused=fused,
+                         decoupled_weight_decay=decoupled_weight_decay)
+
+    @staticmethod
+    def _decoupled(group):
+        return group.get("decoupled_weight_decay", False)
+
+
+class AdamW(_AdamStep, _Fused, optim.AdamW):
+    """torch.optim.AdamW (Adam with decoupled weight decay), fused."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        _no_differentiable("AdamW", differentiable)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
+                         capturable=capturable, differentiable=False, fused=fused)
+
+    @staticmethod
+    def _decoupled(group):
+        return True
+
+
+class Adagrad(_Fused, optim.Adagrad):
+    """torch.optim.Adagrad, fused (see the module docstring for the update)."""
+
+    _op = "adagrad"
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 foreach=None, *, maximize=False, differentiable=False, fused=None):
+        _no_differentiable("Adagrad", differentiable)
+        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
+                         maximize=maximize, differentiable=False, fused=fused)
+
+    def _collect(self, group):
+        params, grads, sums, steps = [], [], [], []
+        self._init_group(group, params, grads, sums, steps)
+        return params, grads, sums, steps
+
+    def _native(self, group, lists, idx, grad_scale, found_inf):
+        params, grads, sums, steps = (_pick(lst, idx) for lst in lists)
+        _OPS.adagrad_step_(params, grads, sums, steps, _lr_tensor(group["lr"]), group["lr_decay"],
+                           _scalar(group["weight_decay"]), group["eps"], group["maximize"], grad_scale, found_inf)
+
+    def _torch(self, group, lists, idx):
+        params, grads, sums, steps = (_pick(lst, idx) for lst in lists)
+        _adagrad.adagrad(params, grads, sums, steps, foreach=False, lr=group["lr"],
+                              weight_decay=group["weight_decay"], lr_decay=group["lr_decay"], eps=group["eps"],
+                              maximize=group["maximize"])
+
+
+class RMSprop(_Fused, optim.RMSprop):
+    """torch.optim.RMSprop, fused (see the module docstring for the update)."""
+
+    _op = "rmsprop"
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False):
+        _no_differentiable("RMSprop", differentiable)
+        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable, foreach, maximize,
+                         differentiable=False)
+
+    def _collect(self, group):
+        params, grads, square_avgs, bufs, grad_avgs, steps = [], [], [], [], [], []
+        self._init_group(group, params, grads, square_avgs, bufs, grad_avgs, steps)
+        return params, grads, square_avgs, grad_avgs, bufs, steps
+
+    def _native(self, group, lists, idx, grad_scale, found_inf):
+        params, grads, square_avgs, grad_avgs, bufs, steps = (_pick(lst, idx) for lst in lists)
+        _OPS.rmsprop_step_(params, grads, square_avgs, grad_avgs if group["centered"] else [],
+                           bufs if group["momentum"] > 0 else [], steps, _lr_tensor(group["lr"]), group["alpha"],
+                           group["eps"], _scalar(group["weight_decay"]), group["momentum"], group["centered"],
+                           group["maximize"], grad_scale, found_inf)
+
+    def _torch(self, group, lists, idx):
+        params, grads, square_avgs, grad_avgs, bufs, steps = (_pick(lst, idx) for lst in lists)
+        _rmsprop.rmsprop(params, grads, square_avgs, grad_avgs if group["centered"] else [],
+                              bufs if group["momentum"] > 0 else [], steps, foreach=False,
+                              maximize=group["maximize"], capturable=group["capturable"], lr=group["lr"],
+                              alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+                              momentum=group["momentum"], centered=group["centered"])

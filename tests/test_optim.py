@@ -1,0 +1,190 @@
+"""pyops.optim against torch.optim's for-loop implementations, step by step."""
+import copy
+
+import pytest
+import torch
+
+import pyops
+import pyops.optim as popt
+
+from oracle import TOL
+
+CONFIGS = {
+    "SGD": [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "dampening": 0.5},
+            {"weight_decay": 0.1, "momentum": 0.5}, {"maximize": True, "momentum": 0.3}, {"lr": torch.tensor(0.01)}],
+    "Adam": [{}, {"amsgrad": True}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled_weight_decay": True},
+             {"maximize": True, "betas": (0.8, 0.9)}, {"lr": torch.tensor(0.01), "eps": 1e-6}],
+    "AdamW": [{}, {"amsgrad": True, "weight_decay": 0.3}, {"maximize": True}],
+    "Adagrad": [{}, {"lr_decay": 0.1}, {"weight_decay": 0.1, "initial_accumulator_value": 0.5}, {"maximize": True}],
+    "RMSprop": [{}, {"centered": True}, {"momentum": 0.9}, {"momentum": 0.5, "centered": True, "weight_decay": 0.1},
+                {"maximize": True, "alpha": 0.9}],
+}
+CASES = [(name, i) for name, cfgs in CONFIGS.items() for i in range(len(cfgs))]
+
+
+def _params(dtype):
+    torch.manual_seed(0)
+    shapes = [(5, 3), (7,), (), (0, 4), (3, 2, 2), (1,)]
+    return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def _run(cls, params, cfg, steps, grads):
+    opt = cls([{"params": params[:3]}, {"params": params[3:], "lr": 0.02}], **cfg) if "lr" not in cfg else \
+        cls(params, **cfg)
+    for k in range(steps):
+        for j, p in enumerate(params):
+            p.grad = None if (j == 1 and k % 3 == 2) else grads[k][j].clone()  # a param without a grad
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name,i", CASES)
+def test_matches_torch_for_loop(name, i, dtype):
+    cfg = CONFIGS[name][i]
+    ref_params, our_params = _params(dtype), _params(dtype)
+    torch.manual_seed(1)
+    grads = [[torch.randn_like(p) for p in ref_params] for _ in range(12)]
+    ref = _run(getattr(torch.optim, name), ref_params, dict(cfg, foreach=False), 12, grads)
+    ours = _run(getattr(popt, name), our_params, cfg, 12, grads)
+    rtol, atol = TOL[dtype]
+    scale = 20  # 12 steps of rounding
+    for a, b in zip(our_params, ref_params):
+        torch.testing.assert_close(a, b, rtol=rtol * scale, atol=atol * scale)
+    for p_ours, p_ref in zip(our_params, ref_params):
+        s_ours, s_ref = ours.state[p_ours], ref.state[p_ref]
+        assert s_ours.keys() == s_ref.keys()
+        for k in s_ref:
+            torch.testing.assert_close(s_ours[k], s_ref[k], rtol=rtol * scale, atol=atol * scale)
+    def groups(o):  # the reference ran with foreach=False; every other key must agree
+        return [{k: v for k, v in g.items() if k not in ("foreach", "lr")} for g in o.state_dict()["param_groups"]]
+
+    assert groups(ours) == groups(ref)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_state_dict_round_trip(name):
+    """torch -> pyops -> torch: training continues on the same trajectory."""
+    cfg = CONFIGS[name][1] if len(CONFIGS[name]) > 1 else {}
+    params_a, params_b = _params(torch.float64), _params(torch.float64)
+    torch.manual_seed(1)
+    grads = [[torch.randn_like(p) for p in params_a] for _ in range(8)]
+    ref = _run(getattr(torch.optim, name), params_a, dict(cfg, foreach=False), 4, grads)
+    ours = getattr(popt, name)([{"params": params_b[:3]}, {"params": params_b[3:], "lr": 0.02}], **cfg)
+    with torch.no_grad():
+        for a, b in zip(params_a, params_b):
+            b.copy_(a)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for k in range(4, 8):
+        for j, (a, b) in enumerate(zip(params_a, params_b)):
+            a.grad, b.grad = grads[k][j].clone(), grads[k][j].clone()
+        ref.step()
+        ours.step()
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    back = getattr(torch.optim, name)([{"params": params_a[:3]}, {"params": params_a[3:], "lr": 0.02}],
+                                      **dict(cfg, foreach=False))
+    back.load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_found_inf_skips_everything(name):
+    """A step with found_inf set touches nothing, momentum buffers included on the very first step."""
+    params = _params(torch.float32)
+    opt = getattr(popt, name)(params, **(CONFIGS[name][2] if len(CONFIGS[name]) > 2 else {}))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    opt.grad_scale = torch.tensor(4.0)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    for p, b, g in zip(params, before, grads):
+        assert torch.equal(p, b) and torch.equal(p.grad, g)
+    for state in opt.state.values():
+        for k, v in state.items():
+            if k == "step":
+                assert float(v) == 0
+            elif k == "momentum_buffer":  # SGD creates it at its first real step; RMSprop at init, zeros
+                assert name != "SGD", "a skipped first step left a momentum buffer"
+                assert not v.any()
+            elif k in ("exp_avg", "exp_avg_sq", "square_avg", "grad_avg", "max_exp_avg_sq"):
+                assert not v.any()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_grad_scale_unscales_and_writes_back(name):
+    params_a, params_b = _params(torch.float64), _params(torch.float64)
+    ref = getattr(torch.optim, name)(params_a, foreach=False)
+    ours = getattr(popt, name)(params_b)
+    for a, b in zip(params_a, params_b):
+        g = torch.randn_like(a)
+        a.grad, b.grad = g.clone(), g * 8
+    ours.grad_scale, ours.found_inf = torch.tensor(8.0, dtype=torch.float64), torch.tensor(0.0)
+    ref.step()
+    ours.step()
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(b.grad, a.grad)
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_grad_scaler_end_to_end():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = popt.Adam(model.parameters(), lr=0.1)
+    assert opt._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    scaler.scale(loss).backward()
+    before = model.weight.detach().clone()
+    scaler.step(opt)
+    scaler.update()
+    assert not torch.equal(model.weight, before)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bad_input(name):
+    p = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match=f"pyops.optim.{name}: differentiable=True"):
+        getattr(popt, name)([p], differentiable=True)
+    c = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    opt = getattr(popt, name)([c])
+    c.grad = torch.randn_like(c)
+    with pytest.raises(TypeError, match=f"pyops.optim.{name}: complex"):
+        opt.step()
+    with pytest.raises(ValueError):
+        getattr(popt, name)([p], lr=-1.0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_is_a_torch_optimizer_and_torch_backend_matches(name):
+    params = _params(torch.float32)
+    opt = getattr(popt, name)(params)
+    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, getattr(torch.optim, name))
+    ref_params = _params(torch.float32)
+    ref = getattr(torch.optim, name)(ref_params, foreach=False)
+    for a, b in zip(params, ref_params):
+        g = torch.randn_like(a)
+        a.grad, b.grad = g.clone(), g.clone()
+    with pyops.backend("torch"):
+        opt.step()
+    ref.step()
+    for a, b in zip(params, ref_params):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_half_precision_parameters(name, dtype):
+    """float16/bfloat16 parameters and state, computed in float32: against torch's for-loop in
+    float64 from the same starting values (the state itself is rounded to the dtype each step)."""
+    cfg = CONFIGS[name][1] if len(CONFIGS[name]) > 1 else {}
+    ours_p = _params(dtype)
+    ref_p = [p.detach().double().requires_grad_() for p in ours_p]
+    torch.manual_seed(1)
+    grads = [[torch.randn_like(p) for p in ref_p] for _ in range(6)]
+    _run(getattr(torch.optim, name), ref_p, dict(cfg, foreach=False), 6, grads)
+    _run(getattr(popt, name), ours_p, cfg, 6, [[g.to(dtype) for g in gs] for gs in grads])
+    rtol, atol = TOL[dtype]
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a.detach().double(), b.detach(), rtol=rtol * 10, atol=rtol * 10)
