@@ -3,6 +3,7 @@
 // torch.optim's for-loop implementations; see pyops/optim/fused.py.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -61,6 +62,46 @@ double inv_scale(const std::optional<at::Tensor>& grad_scale) {
   return grad_scale.has_value() && grad_scale->defined() ? 1.0 / grad_scale->item<double>() : 1.0;
 }
 
+// One body serves the vector loop and the scalar tail: W is Vectorized<opmath_t> (float and double
+// tensors) or opmath_t itself, and these helpers load, store and compute on either.
+using at::vec::Vectorized;
+template <typename W, typename T>
+W ld(const T* p) {
+  if constexpr (std::is_arithmetic_v<W>) {
+    return W(*p);
+  } else {
+    return W::loadu(p);
+  }
+}
+template <typename T, typename W>
+void st(T* p, const W& v) {
+  if constexpr (std::is_arithmetic_v<W>) {
+    *p = T(v);
+  } else {
+    v.store(p);
+  }
+}
+template <typename T>
+T sqrt_(T x) { return std::sqrt(x); }
+template <typename T>
+Vectorized<T> sqrt_(const Vectorized<T>& x) { return x.sqrt(); }
+template <typename T>
+T maximum_(T a, T b) { return a != a ? a : (b != b ? b : std::max(a, b)); }  // NaN wins, as torch.maximum
+template <typename T>
+Vectorized<T> maximum_(const Vectorized<T>& a, const Vectorized<T>& b) { return at::vec::maximum(a, b); }
+
+// body(j, W{}) for j in [begin, end): whole vectors first where the tensor's type is its opmath type.
+template <typename T, typename Body>
+void for_elements(int64_t begin, int64_t end, const Body& body) {
+  using opmath_t = at::opmath_type<T>;
+  int64_t j = begin;
+  if constexpr (std::is_same_v<T, opmath_t>) {
+    using V = Vectorized<T>;
+    for (; j + V::size() <= end; j += V::size()) body(j, V());
+  }
+  for (; j < end; ++j) body(j, opmath_t());
+}
+
 template <typename T>
 T* ptr(at::TensorList list, int64_t i) {
   return list.empty() ? nullptr : list[i].mutable_data_ptr<T>();
@@ -93,20 +134,24 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList bufs,
     T* g = ptr<T>(grads, ch.tensor);
     T* m = ptr<T>(bufs, ch.tensor);
     const bool is_first = !first.empty() && first[ch.tensor];
-    for (int64_t j = ch.begin; j < ch.end; ++j) {
-      opmath_t gj = g[j];
-      if (unscale) g[j] = gj = opmath_t(gj * inv);
-      if (maximize) gj = -gj;
-      opmath_t pj = p[j];
-      if (weight_decay != 0) gj += opmath_t(weight_decay) * pj;
-      if (momentum != 0) {
-        opmath_t buf = is_first ? gj : opmath_t(momentum) * opmath_t(m[j]) + opmath_t(1 - dampening) * gj;
-        m[j] = buf;
-        buf = m[j];
-        gj = nesterov ? gj + opmath_t(momentum) * buf : buf;
+    for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
+      using W = decltype(w);
+      W gj = ld<W>(g + j);
+      if (unscale) {
+        gj = gj * W(opmath_t(inv));
+        st(g + j, gj);
       }
-      p[j] = pj - opmath_t(lr) * gj;
-    }
+      if (maximize) gj = W(0) - gj;
+      const W pj = ld<W>(p + j);
+      if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
+      if (momentum != 0) {
+        W buf = is_first ? gj : W(opmath_t(momentum)) * ld<W>(m + j) + W(opmath_t(1 - dampening)) * gj;
+        st(m + j, buf);
+        buf = ld<W>(m + j);  // what the buffer holds (rounded to T)
+        gj = nesterov ? gj + W(opmath_t(momentum)) * buf : buf;
+      }
+      st(p + j, pj - W(opmath_t(lr)) * gj);
+    });
   });
 }
 
@@ -141,30 +186,33 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     T* v = ptr<T>(exp_avg_sqs, ch.tensor);
     T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs, ch.tensor) : nullptr;
     const opmath_t b1 = beta1, b2 = beta2, ss = step_size[ch.tensor], bc2 = bc2_sqrt[ch.tensor];
-    for (int64_t j = ch.begin; j < ch.end; ++j) {
-      opmath_t gj = g[j];
-      if (unscale) g[j] = gj = opmath_t(gj * inv);
-      if (maximize) gj = -gj;
-      opmath_t pj = p[j];
+    for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
+      using W = decltype(w);
+      W gj = ld<W>(g + j);
+      if (unscale) {
+        gj = gj * W(opmath_t(inv));
+        st(g + j, gj);
+      }
+      if (maximize) gj = W(0) - gj;
+      W pj = ld<W>(p + j);
       if (weight_decay != 0) {
         if (decoupled) {
-          pj *= opmath_t(decay);
+          pj = pj * W(opmath_t(decay));
         } else {
-          gj += opmath_t(weight_decay) * pj;
+          gj = gj + W(opmath_t(weight_decay)) * pj;
         }
       }
-      const opmath_t mj = opmath_t(m[j]) + (1 - b1) * (gj - opmath_t(m[j]));  // lerp
-      const opmath_t vj = opmath_t(v[j]) * b2 + (1 - b2) * gj * gj;
-      m[j] = mj;
-      v[j] = vj;
-      opmath_t vu = v[j];
+      const W m0 = ld<W>(m + j);
+      st(m + j, m0 + W(1 - b1) * (gj - m0));  // lerp
+      st(v + j, ld<W>(v + j) * W(b2) + W(1 - b2) * gj * gj);
+      W vu = ld<W>(v + j);
       if (amsgrad) {
-        vmax[j] = std::max<opmath_t>(vmax[j], vu);
-        vu = vmax[j];
+        st(vmax + j, maximum_(ld<W>(vmax + j), vu));
+        vu = ld<W>(vmax + j);
       }
-      const opmath_t denom = std::sqrt(vu) / bc2 + opmath_t(eps);
-      p[j] = pj - ss * opmath_t(m[j]) / denom;
-    }
+      const W denom = sqrt_(vu) / W(bc2) + W(opmath_t(eps));
+      st(p + j, pj - W(ss) * ld<W>(m + j) / denom);
+    });
   });
 }
 
@@ -188,16 +236,19 @@ void adagrad_step_(at::TensorList params, at::TensorList grads, at::TensorList s
     T* g = ptr<T>(grads, ch.tensor);
     T* s = ptr<T>(sums, ch.tensor);
     const opmath_t c = clr[ch.tensor];
-    for (int64_t j = ch.begin; j < ch.end; ++j) {
-      opmath_t gj = g[j];
-      if (unscale) g[j] = gj = opmath_t(gj * inv);
-      if (maximize) gj = -gj;
-      opmath_t pj = p[j];
-      if (weight_decay != 0) gj += opmath_t(weight_decay) * pj;
-      s[j] = opmath_t(s[j]) + gj * gj;
-      const opmath_t std_ = std::sqrt(opmath_t(s[j])) + opmath_t(eps);
-      p[j] = pj - c * gj / std_;
-    }
+    for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
+      using W = decltype(w);
+      W gj = ld<W>(g + j);
+      if (unscale) {
+        gj = gj * W(opmath_t(inv));
+        st(g + j, gj);
+      }
+      if (maximize) gj = W(0) - gj;
+      const W pj = ld<W>(p + j);
+      if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
+      st(s + j, ld<W>(s + j) + gj * gj);
+      st(p + j, pj - W(c) * gj / (sqrt_(ld<W>(s + j)) + W(opmath_t(eps))));
+    });
   });
 }
 
@@ -221,27 +272,33 @@ void rmsprop_step_(at::TensorList params, at::TensorList grads, at::TensorList s
     T* ga = centered ? ptr<T>(grad_avgs, ch.tensor) : nullptr;
     T* m = momentum > 0 ? ptr<T>(bufs, ch.tensor) : nullptr;
     const opmath_t a = alpha;
-    for (int64_t j = ch.begin; j < ch.end; ++j) {
-      opmath_t gj = g[j];
-      if (unscale) g[j] = gj = opmath_t(gj * inv);
-      if (maximize) gj = -gj;
-      opmath_t pj = p[j];
-      if (weight_decay != 0) gj += opmath_t(weight_decay) * pj;
-      sq[j] = opmath_t(sq[j]) * a + (1 - a) * gj * gj;
-      opmath_t avg;
+    for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
+      using W = decltype(w);
+      W gj = ld<W>(g + j);
+      if (unscale) {
+        gj = gj * W(opmath_t(inv));
+        st(g + j, gj);
+      }
+      if (maximize) gj = W(0) - gj;
+      const W pj = ld<W>(p + j);
+      if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
+      st(sq + j, ld<W>(sq + j) * W(a) + W(1 - a) * gj * gj);
+      W avg;
       if (centered) {
-        ga[j] = opmath_t(ga[j]) + (1 - a) * (gj - opmath_t(ga[j]));  // lerp
-        avg = std::sqrt(opmath_t(sq[j]) - opmath_t(ga[j]) * opmath_t(ga[j])) + opmath_t(eps);
+        const W ga0 = ld<W>(ga + j);
+        st(ga + j, ga0 + W(1 - a) * (gj - ga0));  // lerp
+        const W gaj = ld<W>(ga + j);
+        avg = sqrt_(ld<W>(sq + j) - gaj * gaj) + W(opmath_t(eps));
       } else {
-        avg = std::sqrt(opmath_t(sq[j])) + opmath_t(eps);
+        avg = sqrt_(ld<W>(sq + j)) + W(opmath_t(eps));
       }
       if (momentum > 0) {
-        m[j] = opmath_t(m[j]) * opmath_t(momentum) + gj / avg;
-        p[j] = pj - opmath_t(lr) * opmath_t(m[j]);
+        st(m + j, ld<W>(m + j) * W(opmath_t(momentum)) + gj / avg);
+        st(p + j, pj - W(opmath_t(lr)) * ld<W>(m + j));
       } else {
-        p[j] = pj - opmath_t(lr) * gj / avg;
+        st(p + j, pj - W(opmath_t(lr)) * gj / avg);
       }
-    }
+    });
   });
 }
 
