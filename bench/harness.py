@@ -35,6 +35,9 @@ class Case:
     forward: Optional[Callable[[str], Callable]] = None
     flops: Optional[int] = None
     compile_baseline: bool = True  # time torch.compile of the reference too (compiles cost minutes)
+    # (label, impl) of the torch implementations to time and compare against; by default torch eager
+    # ("eager") and torch.compile of it ("compile"). The first is the baseline of the plot.
+    references: Optional[list] = None
 
 
 @dataclasses.dataclass
@@ -44,8 +47,7 @@ class Result:
     ms: float
     saved_mb: Optional[float] = None
     peak_mb: Optional[float] = None
-    speedup_eager: Optional[float] = None
-    speedup_compile: Optional[float] = None
+    speedups: dict = dataclasses.field(default_factory=dict)  # reference impl -> its time / ours
     copy_gbps: Optional[float] = None  # the device's copy bandwidth, measured in the same run
 
     @property
@@ -59,8 +61,7 @@ class Result:
             "dtype": str(c.dtype).replace("torch.", ""), "device": c.device, "backend": self.backend,
             "median_ms": f"{self.ms:.4f}", "GB/s": f"{self.gbps:.1f}",
             "GFLOP/s": f"{c.flops / (self.ms * 1e-3) / 1e9:.1f}" if c.flops else "",
-            "vs_eager": f"{self.speedup_eager:.2f}" if self.speedup_eager else "",
-            "vs_compile": f"{self.speedup_compile:.2f}" if self.speedup_compile else "",
+            **{f"vs_{impl}": f"{x:.2f}" for impl, x in self.speedups.items()},
             "saved_MB": f"{self.saved_mb:.2f}" if self.saved_mb is not None else "",
             "peak_MB": f"{self.peak_mb:.1f}" if self.peak_mb is not None else "",
             "pct_copy_bw": f"{100 * self.gbps / self.copy_gbps:.0f}" if self.copy_gbps else "",
@@ -131,15 +132,17 @@ def copy_bandwidth(device):
 
 
 def measure(case, backends, repeats, with_compile=True, copy_gbps=None):
-    """Results for the torch eager reference, torch.compile of it, and each pyops backend."""
-    with_compile = with_compile and case.compile_baseline
+    """Results for the torch references (eager and torch.compile unless the case names others) and
+    each pyops backend, timed side by side."""
+    refs = case.references or [("torch eager", "eager"), ("torch.compile", "compile")]
+    refs = [(label, impl) for label, impl in refs if impl != "compile" or (with_compile and case.compile_baseline)]
     sets = [case.make_inputs() for _ in range(_rotations(case))]
-    impls = [("torch eager", "eager", None)] + ([("torch.compile", "compile", None)] if with_compile else [])
-    impls += [(b, "pyops", b) for b in backends]
+    impls = [(label, impl, None) for label, impl in refs] + [(b, "pyops", b) for b in backends]
     fns = [_in_backend(case.iteration(impl), b) for _, impl, b in impls]
     timer = time_cuda if case.device == "cuda" else time_cpu
     results = [Result(case, label, ms) for (label, _, _), ms in zip(impls, timer(fns, sets, repeats))]
     for r, (_, impl, b) in zip(results, impls):
+        r.copy_gbps = copy_gbps
         if case.forward is not None and impl != "compile":
             r.saved_mb = saved_megabytes(_in_backend(case.forward(impl), b), sets[0])
         if case.device == "cuda":  # peak memory of one more iteration
@@ -147,13 +150,8 @@ def measure(case, backends, repeats, with_compile=True, copy_gbps=None):
             torch.cuda.reset_peak_memory_stats()
             _in_backend(case.iteration(impl), b)(*sets[0])
             r.peak_mb = torch.cuda.max_memory_allocated() / 1e6
-    for r in results:
-        r.copy_gbps = copy_gbps
-    eager = results[0]
-    compiled = results[1] if with_compile else None
-    for r in results[len(results) - len(backends):]:
-        r.speedup_eager = eager.ms / r.ms
-        r.speedup_compile = compiled.ms / r.ms if compiled else None
+    for r in results[len(refs):]:
+        r.speedups = {impl: ref.ms / r.ms for (_, impl), ref in zip(refs, results)}
     return results
 
 
@@ -161,19 +159,27 @@ COLUMNS = ["op", "mode", "shape", "dtype", "backend", "median_ms", "GB/s", "pct_
            "saved_MB", "peak_MB"]
 
 
+def _columns(rows):
+    """COLUMNS, with any other vs_<reference> columns the rows carry, in first-seen order."""
+    extra = [k for row in rows for k in row if k.startswith("vs_") and k not in COLUMNS]
+    cols = COLUMNS[:COLUMNS.index("saved_MB")] + list(dict.fromkeys(extra)) + COLUMNS[COLUMNS.index("saved_MB"):]
+    return [c for c in cols if any(row.get(c) for row in rows)]
+
+
 def print_table(results, file=None):
     rows = [r.row() for r in results]
-    cols = [c for c in COLUMNS if any(row[c] for row in rows)]
-    widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in cols}
+    cols = _columns(rows)
+    widths = {c: max(len(c), *(len(row.get(c, "")) for row in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols), file=file)
     for row in rows:
-        print("  ".join(row[c].ljust(widths[c]) for c in cols), file=file)
+        print("  ".join(row.get(c, "").ljust(widths[c]) for c in cols), file=file)
 
 
 def write_csv(results, path, machine):
     rows = [dict(r.row(), machine=machine) for r in results]
+    fields = list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
 
@@ -186,7 +192,7 @@ def write_plot(results, path, title):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    pyops_results = [r for r in results if r.speedup_eager is not None]
+    pyops_results = [r for r in results if r.speedups]
     labels = sorted({f"{r.case.op} {r.case.mode}\n{r.row()['shape']} {r.row()['dtype']}" for r in pyops_results},
                     key=lambda s: s)
     backends = sorted({r.backend for r in pyops_results})
@@ -195,14 +201,14 @@ def write_plot(results, path, title):
     for i, b in enumerate(backends):
         vals = []
         for lab in labels:
-            match = [r.speedup_eager for r in pyops_results if r.backend == b and
+            match = [next(iter(r.speedups.values())) for r in pyops_results if r.backend == b and
                      f"{r.case.op} {r.case.mode}\n{r.row()['shape']} {r.row()['dtype']}" == lab]
             vals.append(match[0] if match else 0)
         ax.bar([j + i * width for j in range(len(labels))], vals, width, label=b)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(labels))])
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speed-up over torch eager")
+    ax.set_ylabel("speed-up over the first torch reference")
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()

@@ -11,7 +11,7 @@ def _bench(args):
     sys.path.insert(0, root)
     from bench import harness
 
-    families = [args.family] if args.family else ["activation"]
+    families = [args.family] if args.family else ["activation", "optim"]
     harness.run(families, args.device, args.quick, args.out or os.path.join(root, "bench", "out"),
                 with_compile=not args.no_compile, keep_malloc=args.keep_malloc)
 
@@ -25,7 +25,7 @@ def main(argv=None):
     check = sub.add_parser("check", help="every op and backend against the float64 oracle; exit 1 on a mismatch")
     check.add_argument("--device", default=None)
     bench = sub.add_parser("bench", help="microbenchmarks: table, CSV and PNG")
-    bench.add_argument("--family", choices=["activation"], default=None)
+    bench.add_argument("--family", choices=["activation", "optim"], default=None)
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
     bench.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")

@@ -102,6 +102,18 @@ void for_elements(int64_t begin, int64_t end, const Body& body) {
   for (; j < end; ++j) body(j, opmath_t());
 }
 
+// step_t += 1 and its new value, without an op dispatch per tensor (1000 small tensors made those
+// ~3 ms of a 10 ms Adam step). Steps are torch's float32 scalars; others go through add_.
+double increment_step(const at::Tensor& step) {
+  if (step.scalar_type() == at::kFloat && step.device().is_cpu() && step.numel() == 1) {
+    float* v = step.mutable_data_ptr<float>();
+    *v += 1.0f;
+    return *v;
+  }
+  step.add_(1);
+  return step.item<double>();
+}
+
 template <typename T>
 T* ptr(at::TensorList list, int64_t i) {
   return list.empty() ? nullptr : list[i].mutable_data_ptr<T>();
@@ -170,8 +182,7 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   const bool lr_f32 = lr_t.scalar_type() == at::kFloat;
   std::vector<double> step_size(params.size()), bc2_sqrt(params.size());
   for (size_t i = 0; i < params.size(); ++i) {  // step_t += 1, then torch's bias corrections in double
-    steps[i].add_(1);
-    const double step = steps[i].item<double>();
+    const double step = increment_step(steps[i]);
     const double bc1 = 1 - std::pow(beta1, step);
     step_size[i] = lr_f32 ? double(float(lr) / float(bc1)) : lr / bc1;
     bc2_sqrt[i] = std::sqrt(1 - std::pow(beta2, step));
@@ -185,7 +196,7 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     T* m = ptr<T>(exp_avgs, ch.tensor);
     T* v = ptr<T>(exp_avg_sqs, ch.tensor);
     T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs, ch.tensor) : nullptr;
-    const opmath_t b1 = beta1, b2 = beta2, ss = step_size[ch.tensor], bc2 = bc2_sqrt[ch.tensor];
+    const opmath_t b1 = beta1, b2 = beta2, ss = step_size[ch.tensor], inv_bc2 = 1 / bc2_sqrt[ch.tensor];
     for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
       using W = decltype(w);
       W gj = ld<W>(g + j);
@@ -210,7 +221,7 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
         st(vmax + j, maximum_(ld<W>(vmax + j), vu));
         vu = ld<W>(vmax + j);
       }
-      const W denom = sqrt_(vu) / W(bc2) + W(opmath_t(eps));
+      const W denom = sqrt_(vu) * W(inv_bc2) + W(opmath_t(eps));  // one division per element, not two
       st(p + j, pj - W(ss) * ld<W>(m + j) / denom);
     });
   });
@@ -226,8 +237,7 @@ void adagrad_step_(at::TensorList params, at::TensorList grads, at::TensorList s
   const bool unscale = grad_scale.has_value() && grad_scale->defined();
   std::vector<double> clr(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    steps[i].add_(1);
-    clr[i] = lr / (1 + (steps[i].item<double>() - 1) * lr_decay);
+    clr[i] = lr / (1 + (increment_step(steps[i]) - 1) * lr_decay);
   }
   for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -262,7 +272,7 @@ void rmsprop_step_(at::TensorList params, at::TensorList grads, at::TensorList s
   if (skip_step(found_inf)) return;
   const double lr = lr_t.item<double>(), inv = inv_scale(grad_scale);
   const bool unscale = grad_scale.has_value() && grad_scale->defined();
-  for (size_t i = 0; i < params.size(); ++i) steps[i].add_(1);
+  for (size_t i = 0; i < params.size(); ++i) increment_step(steps[i]);
   for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using opmath_t = at::opmath_type<T>;

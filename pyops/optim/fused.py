@@ -41,22 +41,37 @@ def _lr_tensor(lr):
     return lr.detach() if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
 
 
-def _native_subsets(name, params, *lists):
+_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _native_subsets(name, params, grads):
     """Index lists of params that one native call can update together ((device, dtype) groups of dense
-    CPU tensors whose state shares their layout), and the indices left to torch's implementation."""
+    CPU tensors whose gradients share their layout), and the indices left to torch's implementation.
+    (State tensors are torch's zeros_like(param), which keeps a dense param's layout.)"""
+    if not params:
+        return [], []
+    dev, dtype = params[0].device, params[0].dtype
+    if dev.type == "cpu" and dtype in _KERNEL_DTYPES and resolve(name, dev) == "native" and all(
+            p.dtype is dtype and p.is_contiguous() and g.is_contiguous() and g.dtype is dtype and not p.is_cuda
+            for p, g in zip(params, grads)):
+        return [list(range(len(params)))], []  # the common case, checked cheaply
     groups, rest = {}, []
-    for i, p in enumerate(params):
-        dense = p.device.type == "cpu" and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) \
-            and resolve(name, p.device) == "native" and _is_dense(p) \
-            and all(lst[i] is None or (lst[i].stride() == p.stride() and lst[i].dtype == p.dtype) for lst in lists)
-        if dense:
-            groups.setdefault((p.device, p.dtype), []).append(i)
+    native = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        dev = p.device
+        if dev not in native:
+            native[dev] = dev.type == "cpu" and resolve(name, dev) == "native"
+        if native[dev] and p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype and g.stride() == p.stride() \
+                and _is_dense(p):
+            groups.setdefault(p.dtype, []).append(i)
         else:
             rest.append(i)
     return list(groups.values()), rest
 
 
 def _is_dense(t):
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return True
     return torch.empty_like(t, device="meta").stride() == t.stride()
 
 
@@ -81,11 +96,10 @@ class _Fused:
         for group in self.param_groups:
             lists = self._collect(group)
             params = lists[0]
-            if any(p.grad is not None and p.grad.is_sparse for p in params):
-                raise RuntimeError(f"pyops.optim.{type(self).__name__}: sparse gradients are not supported")
-            if any(torch.is_complex(p) for p in params):
-                raise TypeError(f"pyops.optim.{type(self).__name__}: complex parameters are not supported")
-            native, rest = _native_subsets(self._op, params, *lists[1:2])
+            if any(g.is_sparse or g.is_complex() for g in lists[1]):
+                kind = "sparse gradients" if any(g.is_sparse for g in lists[1]) else "complex parameters"
+                raise TypeError(f"pyops.optim.{type(self).__name__}: {kind} are not supported")
+            native, rest = _native_subsets(self._op, params, lists[1])
             for idx in native:
                 self._native(group, lists, idx, grad_scale, found_inf)
             if rest:
@@ -123,9 +137,10 @@ class SGD(_Fused, optim.SGD):
         _OPS.sgd_step_(params, grads, bufs if momentum != 0 else [], _lr_tensor(group["lr"]), momentum,
                        _scalar(group["dampening"]), _scalar(group["weight_decay"]), group["nesterov"],
                        group["maximize"], [int(f) for f in first], grad_scale, found_inf)
-        if momentum != 0 and not (found_inf is not None and float(found_inf) != 0):
-            for p, b in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = b
+        if any(first) and not (found_inf is not None and float(found_inf) != 0):
+            for p, b, f in zip(params, bufs, first):
+                if f:  # a new buffer: the state holds it from now on
+                    self.state[p]["momentum_buffer"] = b
 
     def _torch(self, group, lists, idx):
         params, grads, bufs = (_pick(lst, idx) for lst in lists)

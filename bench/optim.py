@@ -1,0 +1,77 @@
+"""Optimizer benchmark cases: one step of each pyops optimizer against torch's for-loop, foreach
+and fused implementations of the same optimizer.
+
+Parameter sets: ResNet-18's 62 tensors (11.7M float32 parameters) and 1000 tensors of 4096; on
+GPU also 100M parameters in 10 tensors (the bandwidth floor: Adam moves 28 bytes a parameter).
+Minimum bytes per step: every tensor read once and every updated one written once.
+"""
+import torch
+
+import pyops.optim as popt
+
+from .harness import Case
+
+# (state tensors read and written per parameter) -> bytes per element: param, grad and state read,
+# param and state written.
+OPTIMIZERS = {
+    "SGD": ({"momentum": 0.9}, 1),
+    "Adam": ({}, 2),
+    "AdamW": ({}, 2),
+    "Adagrad": ({}, 1),
+    "RMSprop": ({}, 1),
+}
+REFERENCES = [("torch for-loop", "forloop"), ("torch foreach", "foreach"), ("torch fused", "fused")]
+
+
+def resnet18_shapes():
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for cout in (64, 128, 256, 512):
+        for block in range(2):
+            c = cin if block == 0 else cout
+            shapes += [(cout, c, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if block == 0 and c != cout:
+                shapes += [(cout, c, 1, 1), (cout,), (cout,)]
+        cin = cout
+    return shapes + [(1000, 512), (1000,)]
+
+
+def _fused_supported(name):
+    return name in ("SGD", "Adam", "AdamW", "Adagrad")
+
+
+def _case(name, label, shapes, device):
+    kwargs, states = OPTIMIZERS[name]
+    n = sum(torch.Size(s).numel() for s in shapes)
+    opts = {}
+
+    def make_inputs():
+        params = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        return (params,)
+
+    def iteration(impl):
+        def step(params):
+            key = (impl, id(params))
+            if key not in opts:
+                cls = getattr(popt if impl == "pyops" else torch.optim, name)
+                extra = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+                opts[key] = cls(params, **kwargs, **extra.get(impl, {}))
+            opts[key].step()
+        return step
+
+    refs = [r for r in REFERENCES if r[1] != "fused" or _fused_supported(name)]
+    return Case("optim", name, "step", (f"{label}:{len(shapes)}t:{n / 1e6:.1f}M",), torch.float32, device,
+                (2 + states) * n * 4 + (1 + states) * n * 4, make_inputs, iteration, references=refs)
+
+
+def cases(device, quick=False):
+    sets = [("resnet18", resnet18_shapes())]
+    if not quick:
+        sets.append(("1000x4096", [(4096,)] * 1000))
+        if device == "cuda":
+            sets.append(("100M", [(10_000_000,)] * 10))
+    for label, shapes in sets:
+        for name in OPTIMIZERS:
+            yield _case(name, label, shapes, device)
