@@ -9,6 +9,8 @@ import pyops.optim as popt
 
 from oracle import TOL
 
+KERNEL_BACKENDS = [b for b in pyops.available_backends("cpu") if b != "torch"]
+
 CONFIGS = {
     "SGD": [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "dampening": 0.5},
             {"weight_decay": 0.1, "momentum": 0.5}, {"maximize": True, "momentum": 0.3}, {"lr": torch.tensor(0.01)}],
@@ -38,15 +40,17 @@ def _run(cls, params, cfg, steps, grads):
     return opt
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("name,i", CASES)
-def test_matches_torch_for_loop(name, i, dtype):
+def test_matches_torch_for_loop(name, i, dtype, backend):
     cfg = CONFIGS[name][i]
     ref_params, our_params = _params(dtype), _params(dtype)
     torch.manual_seed(1)
     grads = [[torch.randn_like(p) for p in ref_params] for _ in range(12)]
     ref = _run(getattr(torch.optim, name), ref_params, dict(cfg, foreach=False), 12, grads)
-    ours = _run(getattr(popt, name), our_params, cfg, 12, grads)
+    with pyops.backend(backend):
+        ours = _run(getattr(popt, name), our_params, cfg, 12, grads)
     rtol, atol = TOL[dtype]
     scale = 20  # 12 steps of rounding
     for a, b in zip(our_params, ref_params):
@@ -87,8 +91,9 @@ def test_state_dict_round_trip(name):
     back.load_state_dict(ours.state_dict())
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_found_inf_skips_everything(name):
+def test_found_inf_skips_everything(name, backend):
     """A step with found_inf set touches nothing, momentum buffers included on the very first step."""
     params = _params(torch.float32)
     opt = getattr(popt, name)(params, **(CONFIGS[name][2] if len(CONFIGS[name]) > 2 else {}))
@@ -98,7 +103,8 @@ def test_found_inf_skips_everything(name):
     grads = [p.grad.clone() for p in params]
     opt.grad_scale = torch.tensor(4.0)
     opt.found_inf = torch.tensor(1.0)
-    opt.step()
+    with pyops.backend(backend):
+        opt.step()
     for p, b, g in zip(params, before, grads):
         assert torch.equal(p, b) and torch.equal(p.grad, g)
     for state in opt.state.values():
@@ -112,8 +118,9 @@ def test_found_inf_skips_everything(name):
                 assert not v.any()
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_grad_scale_unscales_and_writes_back(name):
+def test_grad_scale_unscales_and_writes_back(name, backend):
     params_a, params_b = _params(torch.float64), _params(torch.float64)
     ref = getattr(torch.optim, name)(params_a, foreach=False)
     ours = getattr(popt, name)(params_b)
@@ -122,7 +129,8 @@ def test_grad_scale_unscales_and_writes_back(name):
         a.grad, b.grad = g.clone(), g * 8
     ours.grad_scale, ours.found_inf = torch.tensor(8.0, dtype=torch.float64), torch.tensor(0.0)
     ref.step()
-    ours.step()
+    with pyops.backend(backend):
+        ours.step()
     for a, b in zip(params_a, params_b):
         torch.testing.assert_close(b.grad, a.grad)
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

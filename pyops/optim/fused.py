@@ -44,29 +44,36 @@ def _lr_tensor(lr):
 _KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def _native_subsets(name, params, grads):
-    """Index lists of params that one native call can update together ((device, dtype) groups of dense
-    CPU tensors whose gradients share their layout), and the indices left to torch's implementation.
-    (State tensors are torch's zeros_like(param), which keeps a dense param's layout.)"""
+def _kernel_subsets(name, params, grads):
+    """(backend, indices) groups that one kernel call can update together (dense tensors of one device
+    and dtype whose gradients share their layout, on a device with a pyops kernel) and the indices
+    left to torch's implementation. (State tensors are torch's zeros_like(param), which keeps a dense
+    param's layout.)"""
     if not params:
         return [], []
+    backends = {}
+
+    def backend_of(dev):
+        if dev not in backends:
+            b = resolve(name, dev)
+            backends[dev] = b if (b == "native" and dev.type == "cpu") or b == "triton" else None
+        return backends[dev]
+
     dev, dtype = params[0].device, params[0].dtype
-    if dev.type == "cpu" and dtype in _KERNEL_DTYPES and resolve(name, dev) == "native" and all(
-            p.dtype is dtype and p.is_contiguous() and g.is_contiguous() and g.dtype is dtype and not p.is_cuda
+    b0 = backend_of(dev)
+    if b0 is not None and dtype in _KERNEL_DTYPES and all(
+            p.dtype is dtype and p.device == dev and p.is_contiguous() and g.is_contiguous() and g.dtype is dtype
             for p, g in zip(params, grads)):
-        return [list(range(len(params)))], []  # the common case, checked cheaply
+        return [(b0, list(range(len(params))))], []  # the common case, checked cheaply
     groups, rest = {}, []
-    native = {}
     for i, (p, g) in enumerate(zip(params, grads)):
-        dev = p.device
-        if dev not in native:
-            native[dev] = dev.type == "cpu" and resolve(name, dev) == "native"
-        if native[dev] and p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype and g.stride() == p.stride() \
+        b = backend_of(p.device)
+        if b is not None and p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype and g.stride() == p.stride() \
                 and _is_dense(p):
-            groups.setdefault(p.dtype, []).append(i)
+            groups.setdefault((b, p.device, p.dtype), []).append(i)
         else:
             rest.append(i)
-    return list(groups.values()), rest
+    return [(key[0], idx) for key, idx in groups.items()], rest
 
 
 def _is_dense(t):
@@ -85,6 +92,12 @@ class _Fused:
 
     _step_supports_amp_scaling = True
 
+    @staticmethod
+    def _kernels():
+        from ..kernels import optim as K  # imported on first use (TRITON_INTERPRET is read then)
+
+        return K
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -99,9 +112,10 @@ class _Fused:
             if any(g.is_sparse or g.is_complex() for g in lists[1]):
                 kind = "sparse gradients" if any(g.is_sparse for g in lists[1]) else "complex parameters"
                 raise TypeError(f"pyops.optim.{type(self).__name__}: {kind} are not supported")
-            native, rest = _native_subsets(self._op, params, lists[1])
-            for idx in native:
-                self._native(group, lists, idx, grad_scale, found_inf)
+            kernel_groups, rest = _kernel_subsets(self._op, params, lists[1])
+            for backend, idx in kernel_groups:
+                run = self._native if backend == "native" else self._triton
+                run(group, lists, idx, grad_scale, found_inf)
             if rest:
                 if found_inf is not None and float(found_inf) != 0:
                     continue
@@ -142,6 +156,21 @@ class SGD(_Fused, optim.SGD):
                 if f:  # a new buffer: the state holds it from now on
                     self.state[p]["momentum_buffer"] = b
 
+    def _triton(self, group, lists, idx, grad_scale, found_inf):
+        params, grads, bufs = (_pick(lst, idx) for lst in lists)
+        momentum = _scalar(group["momentum"])
+        first = [b is None for b in bufs] if momentum != 0 else []
+        if momentum != 0:
+            bufs = [torch.empty_like(p) if b is None else b for p, b in zip(params, bufs)]
+        K = self._kernels()
+        wd = _scalar(group["weight_decay"])
+        K.step(K.SGD, params, grads, bufs, [], [], [], group["lr"], (momentum, _scalar(group["dampening"]), wd, 0.0),
+               (momentum != 0, group["nesterov"]), group["maximize"], wd != 0, grad_scale, found_inf, first=first)
+        if any(first) and not (found_inf is not None and float(found_inf) != 0):
+            for p, b, f in zip(params, bufs, first):
+                if f:
+                    self.state[p]["momentum_buffer"] = b
+
     def _torch(self, group, lists, idx):
         params, grads, bufs = (_pick(lst, idx) for lst in lists)
         _sgd.sgd(params, grads, bufs, foreach=False, weight_decay=group["weight_decay"],
@@ -166,6 +195,15 @@ class _AdamStep:
         _OPS.adam_step_(params, grads, m, v, vmax if group["amsgrad"] else [], steps, _lr_tensor(group["lr"]), beta1,
                         beta2, _scalar(group["weight_decay"]), group["eps"], group["amsgrad"], group["maximize"],
                         self._decoupled(group), grad_scale, found_inf)
+
+    def _triton(self, group, lists, idx, grad_scale, found_inf):
+        params, grads, m, v, vmax, steps = (_pick(lst, idx) for lst in lists)
+        K = self._kernels()
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        wd = _scalar(group["weight_decay"])
+        K.step(K.ADAM, params, grads, m, v, vmax if group["amsgrad"] else [], steps, group["lr"],
+               (beta1, beta2, wd, group["eps"]), (group["amsgrad"], self._decoupled(group)), group["maximize"],
+               wd != 0, grad_scale, found_inf)
 
     def _torch(self, group, lists, idx):
         params, grads, m, v, vmax, steps = (_pick(lst, idx) for lst in lists)
@@ -226,6 +264,13 @@ class Adagrad(_Fused, optim.Adagrad):
         _OPS.adagrad_step_(params, grads, sums, steps, _lr_tensor(group["lr"]), group["lr_decay"],
                            _scalar(group["weight_decay"]), group["eps"], group["maximize"], grad_scale, found_inf)
 
+    def _triton(self, group, lists, idx, grad_scale, found_inf):
+        params, grads, sums, steps = (_pick(lst, idx) for lst in lists)
+        K = self._kernels()
+        wd = _scalar(group["weight_decay"])
+        K.step(K.ADAGRAD, params, grads, sums, [], [], steps, group["lr"], (group["lr_decay"], 0.0, wd, group["eps"]),
+               (False, False), group["maximize"], wd != 0, grad_scale, found_inf)
+
     def _torch(self, group, lists, idx):
         params, grads, sums, steps = (_pick(lst, idx) for lst in lists)
         _adagrad.adagrad(params, grads, sums, steps, foreach=False, lr=group["lr"],
@@ -255,6 +300,15 @@ class RMSprop(_Fused, optim.RMSprop):
                            bufs if group["momentum"] > 0 else [], steps, _lr_tensor(group["lr"]), group["alpha"],
                            group["eps"], _scalar(group["weight_decay"]), group["momentum"], group["centered"],
                            group["maximize"], grad_scale, found_inf)
+
+    def _triton(self, group, lists, idx, grad_scale, found_inf):
+        params, grads, square_avgs, grad_avgs, bufs, steps = (_pick(lst, idx) for lst in lists)
+        K = self._kernels()
+        wd = _scalar(group["weight_decay"])
+        K.step(K.RMSPROP, params, grads, square_avgs, grad_avgs if group["centered"] else [],
+               bufs if group["momentum"] > 0 else [], steps, group["lr"],
+               (group["alpha"], group["momentum"], wd, group["eps"]), (group["centered"], group["momentum"] > 0),
+               group["maximize"], wd != 0, grad_scale, found_inf)
 
     def _torch(self, group, lists, idx):
         params, grads, square_avgs, grad_avgs, bufs, steps = (_pick(lst, idx) for lst in lists)
