@@ -164,7 +164,7 @@ def step(algo, params, grads, s1, s2, s3, steps, lr, hyper, flags, maximize, has
     _multi_tensor_kernel[(len(chunks),)](
         chunk_t, sizes, _addresses(params, device), _addresses(grads, device), _addresses(s1, device),
         _addresses(s2, device), _addresses(s3, device), _addresses(steps, device),
-        _table([int(f) for f in first] if first else [0], device), lr_t, hyper_t,
+        _table([int(f) for f in first] if first else [0] * len(params), device), lr_t, hyper_t,
         grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
         ALGO=algo, DTYPE=_TL[dtype], COMPUTE=compute, FLAG1=bool(flags[0]), FLAG2=bool(flags[1]),
         FLAG3=False, MAXIMIZE=bool(maximize), HAS_WD=bool(has_wd), HAS_SCALE=grad_scale is not None,

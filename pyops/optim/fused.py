@@ -37,8 +37,18 @@ def _scalar(v):
     return float(v) if isinstance(v, torch.Tensor) else v
 
 
-def _lr_tensor(lr):
-    return lr.detach() if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
+def _lr_tensor(lr, device):
+    """lr as a one-element tensor on device (a float goes through pinned memory: no host sync)."""
+    if isinstance(lr, torch.Tensor):
+        return lr.detach().to(device)
+    t = torch.tensor(float(lr), dtype=torch.float64)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+def _skipped(found_inf):
+    """Whether the grad scaler skips this step: read on the host, so only where the answer is needed
+    to keep torch's state layout and it costs no device synchronisation or is unavoidable."""
+    return found_inf is not None and float(found_inf) != 0
 
 
 _KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -56,7 +66,7 @@ def _kernel_subsets(name, params, grads):
     def backend_of(dev):
         if dev not in backends:
             b = resolve(name, dev)
-            backends[dev] = b if (b == "native" and dev.type == "cpu") or b == "triton" else None
+            backends[dev] = b if b in ("native", "triton") else None
         return backends[dev]
 
     dev, dtype = params[0].device, params[0].dtype
@@ -117,7 +127,7 @@ class _Fused:
                 run = self._native if backend == "native" else self._triton
                 run(group, lists, idx, grad_scale, found_inf)
             if rest:
-                if found_inf is not None and float(found_inf) != 0:
+                if _skipped(found_inf):
                     continue
                 if grad_scale is not None:
                     for i in rest:
@@ -142,34 +152,44 @@ class SGD(_Fused, optim.SGD):
         self._init_group(group, params, grads, bufs)
         return params, grads, bufs
 
+    def _buffers(self, group, params, bufs):
+        """Momentum buffers for the kernels, and which start as the gradient (torch creates a buffer as
+        clone(grad) at a parameter's first step). Without dampening a zero buffer gives the same
+        first update (0 * momentum + grad), so new buffers are zeros and need no flag."""
+        if _scalar(group["momentum"]) == 0:
+            return [], []
+        if _scalar(group["dampening"]) == 0:
+            return [torch.zeros_like(p) if b is None else b for p, b in zip(params, bufs)], []
+        first = [b is None for b in bufs]
+        return [torch.empty_like(p) if b is None else b for p, b in zip(params, bufs)], first
+
+    def _keep_buffers(self, params, old, new, first, found_inf):
+        """The state holds the new buffers from now on, unless this step was skipped and they were
+        never written (the flagged ones; zero buffers stay valid)."""
+        if first and any(first) and _skipped(found_inf):
+            new = [n if not f else None for n, f in zip(new, first)]
+        for p, o, n in zip(params, old, new):
+            if o is None and n is not None:
+                self.state[p]["momentum_buffer"] = n
+
     def _native(self, group, lists, idx, grad_scale, found_inf):
-        params, grads, bufs = (_pick(lst, idx) for lst in lists)
-        momentum = _scalar(group["momentum"])
-        first = [b is None for b in bufs] if momentum != 0 else []
-        if momentum != 0:
-            bufs = [torch.empty_like(p) if b is None else b for p, b in zip(params, bufs)]
-        _OPS.sgd_step_(params, grads, bufs if momentum != 0 else [], _lr_tensor(group["lr"]), momentum,
+        params, grads, old = (_pick(lst, idx) for lst in lists)
+        bufs, first = self._buffers(group, params, old)
+        _OPS.sgd_step_(params, grads, bufs, _lr_tensor(group["lr"], params[0].device), _scalar(group["momentum"]),
                        _scalar(group["dampening"]), _scalar(group["weight_decay"]), group["nesterov"],
                        group["maximize"], [int(f) for f in first], grad_scale, found_inf)
-        if any(first) and not (found_inf is not None and float(found_inf) != 0):
-            for p, b, f in zip(params, bufs, first):
-                if f:  # a new buffer: the state holds it from now on
-                    self.state[p]["momentum_buffer"] = b
+        if bufs:
+            self._keep_buffers(params, old, bufs, first, found_inf)
 
     def _triton(self, group, lists, idx, grad_scale, found_inf):
-        params, grads, bufs = (_pick(lst, idx) for lst in lists)
-        momentum = _scalar(group["momentum"])
-        first = [b is None for b in bufs] if momentum != 0 else []
-        if momentum != 0:
-            bufs = [torch.empty_like(p) if b is None else b for p, b in zip(params, bufs)]
+        params, grads, old = (_pick(lst, idx) for lst in lists)
+        bufs, first = self._buffers(group, params, old)
+        momentum, wd = _scalar(group["momentum"]), _scalar(group["weight_decay"])
         K = self._kernels()
-        wd = _scalar(group["weight_decay"])
         K.step(K.SGD, params, grads, bufs, [], [], [], group["lr"], (momentum, _scalar(group["dampening"]), wd, 0.0),
                (momentum != 0, group["nesterov"]), group["maximize"], wd != 0, grad_scale, found_inf, first=first)
-        if any(first) and not (found_inf is not None and float(found_inf) != 0):
-            for p, b, f in zip(params, bufs, first):
-                if f:
-                    self.state[p]["momentum_buffer"] = b
+        if bufs:
+            self._keep_buffers(params, old, bufs, first, found_inf)
 
     def _torch(self, group, lists, idx):
         params, grads, bufs = (_pick(lst, idx) for lst in lists)
@@ -192,7 +212,7 @@ class _AdamStep:
     def _native(self, group, lists, idx, grad_scale, found_inf):
         params, grads, m, v, vmax, steps = (_pick(lst, idx) for lst in lists)
         beta1, beta2 = (_scalar(b) for b in group["betas"])
-        _OPS.adam_step_(params, grads, m, v, vmax if group["amsgrad"] else [], steps, _lr_tensor(group["lr"]), beta1,
+        _OPS.adam_step_(params, grads, m, v, vmax if group["amsgrad"] else [], steps, _lr_tensor(group["lr"], params[0].device), beta1,
                         beta2, _scalar(group["weight_decay"]), group["eps"], group["amsgrad"], group["maximize"],
                         self._decoupled(group), grad_scale, found_inf)
 
@@ -261,7 +281,7 @@ class Adagrad(_Fused, optim.Adagrad):
 
     def _native(self, group, lists, idx, grad_scale, found_inf):
         params, grads, sums, steps = (_pick(lst, idx) for lst in lists)
-        _OPS.adagrad_step_(params, grads, sums, steps, _lr_tensor(group["lr"]), group["lr_decay"],
+        _OPS.adagrad_step_(params, grads, sums, steps, _lr_tensor(group["lr"], params[0].device), group["lr_decay"],
                            _scalar(group["weight_decay"]), group["eps"], group["maximize"], grad_scale, found_inf)
 
     def _triton(self, group, lists, idx, grad_scale, found_inf):
@@ -297,7 +317,7 @@ class RMSprop(_Fused, optim.RMSprop):
     def _native(self, group, lists, idx, grad_scale, found_inf):
         params, grads, square_avgs, grad_avgs, bufs, steps = (_pick(lst, idx) for lst in lists)
         _OPS.rmsprop_step_(params, grads, square_avgs, grad_avgs if group["centered"] else [],
-                           bufs if group["momentum"] > 0 else [], steps, _lr_tensor(group["lr"]), group["alpha"],
+                           bufs if group["momentum"] > 0 else [], steps, _lr_tensor(group["lr"], params[0].device), group["alpha"],
                            group["eps"], _scalar(group["weight_decay"]), group["momentum"], group["centered"],
                            group["maximize"], grad_scale, found_inf)
 
