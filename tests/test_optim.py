@@ -219,3 +219,27 @@ def test_cuda_matches_torch_for_loop(name, i, dtype, backend):
     for a, b in zip(our_params, ref_params):
         torch.testing.assert_close(a, b, rtol=rtol * 20, atol=atol * 20)
     assert ref is not None
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_master_weights(name, backend):
+    """bfloat16 parameters with master_weights follow the float32 trajectory (to bfloat16 rounding),
+    their state is float32, and a plain bfloat16 run drifts further."""
+    cfg = CONFIGS[name][1] if len(CONFIGS[name]) > 1 else {}
+    cfg = {k: v for k, v in cfg.items() if k != "lr"}
+    half = [p.detach().bfloat16().requires_grad_() for p in _params(torch.float32)]
+    full = [p.detach().float().requires_grad_() for p in half]  # the same values, in float32
+    torch.manual_seed(1)
+    grads = [[torch.randn_like(p).bfloat16().float() for p in full] for _ in range(20)]
+    _run(getattr(torch.optim, name), full, dict(cfg, foreach=False), 20, grads)
+    with pyops.backend(backend):
+        opt = _run(getattr(popt, name), half, dict(cfg, master_weights=True), 20,
+                   [[g.bfloat16() for g in gs] for gs in grads])
+    for h, f in zip(half, full):
+        assert h.dtype == torch.bfloat16
+        torch.testing.assert_close(h.float(), f.detach(), rtol=8e-3, atol=8e-3)
+        state = opt.state[h]
+        if state:
+            assert state["master_param"].dtype == torch.float32
+            torch.testing.assert_close(state["master_param"], f.detach(), rtol=1e-3, atol=1e-4)

@@ -13,7 +13,10 @@ negated when maximize; wd the weight decay):
 Grad scaler (torch.amp.GradScaler): `grad_scale` divides the gradients, which are written back
 unscaled; `found_inf` set leaves parameters, gradients and all state untouched.
 
-Kernels: native C++ on CPU (csrc/cpu/optim.cpp). Where no pyops kernel runs (other devices, the
+master_weights=True keeps a float32 copy of each float16/bfloat16 parameter ("master_param" in its
+state) and its state in float32; the parameter takes the rounded result after each step.
+
+Kernels: native C++ on CPU (csrc/cpu/optim.cpp), CUDA (csrc/cuda/optim.cu), Triton (kernels/optim.py). Where no pyops kernel runs (other devices, the
 `torch` backend, non-dense parameters) the step falls back to torch's for-loop implementation.
 """
 import torch
@@ -118,6 +121,9 @@ class _Fused:
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             lists = self._collect(group)
+            writeback = None
+            if getattr(self, "master_weights", False):
+                lists, writeback = self._to_master(group, lists)
             params = lists[0]
             if any(g.is_sparse or g.is_complex() for g in lists[1]):
                 kind = "sparse gradients" if any(g.is_sparse for g in lists[1]) else "complex parameters"
@@ -133,7 +139,45 @@ class _Fused:
                     for i in rest:
                         lists[1][i].div_(grad_scale.to(lists[1][i].device))
                 self._torch(group, lists, rest)
+            if writeback is not None:
+                writeback(grad_scale is not None)
         return loss
+
+    def _owner(self, p):
+        """The parameter a tensor of the step's lists stands for (itself, or the one whose float32
+        master copy it is)."""
+        return getattr(self, "_masters", {}).get(id(p), p)
+
+    def _to_master(self, group, lists):
+        """master_weights: float16/bfloat16 parameters step through float32 master copies kept in
+        their state ("master_param"), with float32 state and float32 copies of the gradients; the
+        parameters take the rounded result. Returns the lists to step and the write-back."""
+        params, grads = lists[0], lists[1]
+        half = [i for i, p in enumerate(params) if p.dtype in (torch.float16, torch.bfloat16)]
+        if not half:
+            return lists, None
+        for i in half:
+            p, state = params[i], self.state[params[i]]
+            if "master_param" not in state:
+                state["master_param"] = p.detach().float()
+                for k, v in list(state.items()):
+                    if k not in ("step", "master_param") and isinstance(v, torch.Tensor) and v.dtype == p.dtype:
+                        state[k] = v.float()
+        lists = self._collect(group)  # again: now with the float32 state
+        self._masters = getattr(self, "_masters", {})
+        new_params, new_grads = list(lists[0]), list(lists[1])
+        for i in half:
+            master = self.state[params[i]]["master_param"]
+            self._masters[id(master)] = params[i]
+            new_params[i], new_grads[i] = master, grads[i].float()
+
+        def writeback(unscaled):
+            for i in half:
+                params[i].copy_(new_params[i])
+                if unscaled:  # the grad scaler's contract: gradients written back unscaled
+                    grads[i].copy_(new_grads[i])
+
+        return (new_params, new_grads) + tuple(lists[2:]), writeback
 
 
 class SGD(_Fused, optim.SGD):
@@ -142,10 +186,11 @@ class SGD(_Fused, optim.SGD):
     _op = "sgd"
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize=False,
-                 foreach=None, differentiable=False, fused=None):
+                 foreach=None, differentiable=False, fused=None, master_weights=False):
         _no_differentiable("SGD", differentiable)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach,
                          differentiable=False, fused=fused)
+        self.master_weights = bool(master_weights)
 
     def _collect(self, group):
         params, grads, bufs = [], [], []
@@ -170,7 +215,7 @@ class SGD(_Fused, optim.SGD):
             new = [n if not f else None for n, f in zip(new, first)]
         for p, o, n in zip(params, old, new):
             if o is None and n is not None:
-                self.state[p]["momentum_buffer"] = n
+                self.state[self._owner(p)]["momentum_buffer"] = n
 
     def _native(self, group, lists, idx, grad_scale, found_inf):
         params, grads, old = (_pick(lst, idx) for lst in lists)
@@ -198,7 +243,7 @@ class SGD(_Fused, optim.SGD):
                       nesterov=group["nesterov"], maximize=group["maximize"])
         if group["momentum"] != 0:
             for p, b in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = b
+                self.state[self._owner(p)]["momentum_buffer"] = b
 
 
 class _AdamStep:
@@ -238,11 +283,13 @@ class Adam(_AdamStep, _Fused, optim.Adam):
     """torch.optim.Adam, fused (see the module docstring for the update)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *, foreach=None,
-                 maximize=False, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False):
+                 maximize=False, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False,
+                 master_weights=False):
         _no_differentiable("Adam", differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=False, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay)
+        self.master_weights = bool(master_weights)
 
     @staticmethod
     def _decoupled(group):
@@ -253,10 +300,12 @@ class AdamW(_AdamStep, _Fused, optim.AdamW):
     """torch.optim.AdamW (Adam with decoupled weight decay), fused."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 master_weights=False):
         _no_differentiable("AdamW", differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=False, fused=fused)
+        self.master_weights = bool(master_weights)
 
     @staticmethod
     def _decoupled(group):
@@ -269,10 +318,11 @@ class Adagrad(_Fused, optim.Adagrad):
     _op = "adagrad"
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 foreach=None, *, maximize=False, differentiable=False, fused=None):
+                 foreach=None, *, maximize=False, differentiable=False, fused=None, master_weights=False):
         _no_differentiable("Adagrad", differentiable)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
                          maximize=maximize, differentiable=False, fused=fused)
+        self.master_weights = bool(master_weights)
 
     def _collect(self, group):
         params, grads, sums, steps = [], [], [], []
@@ -304,10 +354,11 @@ class RMSprop(_Fused, optim.RMSprop):
     _op = "rmsprop"
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False):
+                 capturable=False, foreach=None, maximize=False, differentiable=False, master_weights=False):
         _no_differentiable("RMSprop", differentiable)
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable, foreach, maximize,
                          differentiable=False)
+        self.master_weights = bool(master_weights)
 
     def _collect(self, group):
         params, grads, square_avgs, bufs, grad_avgs, steps = [], [], [], [], [], []
