@@ -134,10 +134,22 @@ def _multi_tensor_kernel(chunks, sizes, p_tab, g_tab, s1_tab, s2_tab, s3_tab, st
 _TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+_TABLES = {}
+
+
 def _table(values, device, dtype=torch.int64):
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":  # pinned and non-blocking: no host synchronisation
-        return t.pin_memory().to(device, non_blocking=True)
+    """values as a tensor on device: uploaded from pinned memory without a host synchronisation, and
+    cached, so that a step over unchanged tensors and hyper-parameters uploads nothing (CUDA graph
+    capture after a warm-up step then records no host copy)."""
+    key = (device, dtype, tuple(values))
+    t = _TABLES.get(key)
+    if t is None:
+        t = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        if len(_TABLES) >= 64:  # parameter lists and hyper-parameters change rarely
+            _TABLES.clear()
+        _TABLES[key] = t
     return t
 
 

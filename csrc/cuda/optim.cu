@@ -12,6 +12,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -175,27 +178,49 @@ void launch(const char* op, at::TensorList params, at::TensorList grads, at::Ten
   h.grad_scale = float_ptr(grad_scale, op, "grad_scale", p0);
   h.found_inf = float_ptr(found_inf, op, "found_inf", p0);
 
-  // Tables, filled in pinned memory and copied without a host synchronisation.
-  std::vector<int64_t> chunk_list;
+  // Tables in device memory, filled in pinned memory and copied without a host synchronisation, and
+  // cached while the tensors do not change: then a step uploads nothing, and CUDA graph capture of a
+  // step (after a warm-up step, as graphs need anyway) records no host copy.
   const int64_t n = int64_t(params.size());
-  at::Tensor host = at::empty({int64_t(n * sizeof(TensorMeta))}, at::TensorOptions(at::kByte).pinned_memory(true));
-  auto* metas = reinterpret_cast<TensorMeta*>(host.mutable_data_ptr<uint8_t>());
+  std::vector<int64_t> key{p0.device().index()};
+  std::vector<TensorMeta> metas(n);
+  std::vector<int64_t> chunk_list;
   for (int64_t i = 0; i < n; ++i) {
     metas[i] = {params[i].data_ptr(), data_or_null(grads, i), data_or_null(s1, i), data_or_null(s2, i),
                 data_or_null(s3, i), steps.empty() ? nullptr : steps[i].mutable_data_ptr<float>(),
                 params[i].numel(), first.empty() ? 0 : first[i]};
+    const void* ptrs[] = {metas[i].p, metas[i].g, metas[i].s1, metas[i].s2, metas[i].s3, metas[i].step};
+    for (const void* q : ptrs) key.push_back(int64_t(reinterpret_cast<uintptr_t>(q)));
+    key.push_back(metas[i].numel);
+    key.push_back(metas[i].first);
     for (int64_t s = 0; s < params[i].numel(); s += kChunk) {
       chunk_list.push_back(i);
       chunk_list.push_back(s);
     }
   }
-  const at::Tensor meta_d = host.to(p0.device(), /*non_blocking=*/true);
+  static std::mutex mu;
+  static std::map<std::vector<int64_t>, std::pair<at::Tensor, at::Tensor>> cache;
+  at::Tensor meta_d, chunks_d;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) {
+      std::tie(meta_d, chunks_d) = it->second;
+    } else {
+      at::Tensor host = at::empty({int64_t(n * sizeof(TensorMeta))}, at::TensorOptions(at::kByte).pinned_memory(true));
+      std::memcpy(host.mutable_data_ptr<uint8_t>(), metas.data(), n * sizeof(TensorMeta));
+      meta_d = host.to(p0.device(), /*non_blocking=*/true);
+      at::Tensor chunks_h = at::empty({int64_t(std::max<size_t>(chunk_list.size(), 2))},
+                                      at::TensorOptions(at::kLong).pinned_memory(true));
+      std::copy(chunk_list.begin(), chunk_list.end(), chunks_h.mutable_data_ptr<int64_t>());
+      chunks_d = chunks_h.to(p0.device(), /*non_blocking=*/true);
+      if (cache.size() >= 16) cache.clear();  // parameter lists change rarely; keep the last few
+      cache.emplace(key, std::make_pair(meta_d, chunks_d));
+    }
+  }
   const auto* meta_ptr = reinterpret_cast<const TensorMeta*>(meta_d.const_data_ptr<uint8_t>());
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (!chunk_list.empty()) {
-    at::Tensor chunks_h = at::empty({int64_t(chunk_list.size())}, at::TensorOptions(at::kLong).pinned_memory(true));
-    std::copy(chunk_list.begin(), chunk_list.end(), chunks_h.mutable_data_ptr<int64_t>());
-    const at::Tensor chunks_d = chunks_h.to(p0.device(), /*non_blocking=*/true);
     PYOPS_DISPATCH_FLOATING(p0.scalar_type(), [&] {
       multi_tensor_kernel<scalar_t, A><<<unsigned(chunk_list.size() / 2), kThreads, 0, stream>>>(
           meta_ptr, chunks_d.const_data_ptr<int64_t>(), h);

@@ -40,12 +40,21 @@ def _scalar(v):
     return float(v) if isinstance(v, torch.Tensor) else v
 
 
+_LR = {}
+
+
 def _lr_tensor(lr, device):
-    """lr as a one-element tensor on device (a float goes through pinned memory: no host sync)."""
+    """lr as a one-element tensor on device: a float goes through pinned memory (no host sync) once
+    per value and device."""
     if isinstance(lr, torch.Tensor):
         return lr.detach().to(device)
-    t = torch.tensor(float(lr), dtype=torch.float64)
-    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+    key = (float(lr), device)
+    if key not in _LR:
+        t = torch.tensor(float(lr), dtype=torch.float64)
+        if len(_LR) >= 64:
+            _LR.clear()
+        _LR[key] = t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+    return _LR[key]
 
 
 def _skipped(found_inf):
