@@ -134,6 +134,7 @@ class _Fused:
             if getattr(self, "master_weights", False):
                 lists, writeback = self._to_master(group, lists)
             params = lists[0]
+            self._steps_to_devices(lists)
             if any(g.is_sparse or g.is_complex() for g in lists[1]):
                 kind = "sparse gradients" if any(g.is_sparse for g in lists[1]) else "complex parameters"
                 raise TypeError(f"pyops.optim.{type(self).__name__}: {kind} are not supported")
@@ -151,6 +152,18 @@ class _Fused:
             if writeback is not None:
                 writeback(grad_scale is not None)
         return loss
+
+    _steps_at = None  # where the step counts are in _collect's lists (None: no step counts)
+
+    def _steps_to_devices(self, lists):
+        """The kernels read step counts on the parameter's device (as torch's fused and capturable
+        modes keep them); torch's for-loop mode keeps them on the CPU, so they move, once."""
+        if self._steps_at is None:
+            return
+        steps = lists[self._steps_at]
+        for i, (p, t) in enumerate(zip(lists[0], steps)):
+            if t.device != p.device and p.device.type != "cpu":
+                steps[i] = self.state[self._owner(p)]["step"] = t.to(p.device)
 
     def _owner(self, p):
         """The parameter a tensor of the step's lists stands for (itself, or the one whose float32
@@ -257,6 +270,7 @@ class SGD(_Fused, optim.SGD):
 
 class _AdamStep:
     _op = "adam"
+    _steps_at = 5
 
     def _collect(self, group):
         params, grads, m, v, vmax, steps = [], [], [], [], [], []
@@ -325,6 +339,7 @@ class Adagrad(_Fused, optim.Adagrad):
     """torch.optim.Adagrad, fused (see the module docstring for the update)."""
 
     _op = "adagrad"
+    _steps_at = 3
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  foreach=None, *, maximize=False, differentiable=False, fused=None, master_weights=False):
@@ -361,6 +376,7 @@ class RMSprop(_Fused, optim.RMSprop):
     """torch.optim.RMSprop, fused (see the module docstring for the update)."""
 
     _op = "rmsprop"
+    _steps_at = 5
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, master_weights=False):
