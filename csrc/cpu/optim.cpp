@@ -62,6 +62,15 @@ double inv_scale(const std::optional<at::Tensor>& grad_scale) {
   return grad_scale.has_value() && grad_scale->defined() ? 1.0 / grad_scale->item<double>() : 1.0;
 }
 
+// lr and the grad scaler's factor, read once per step (CPU tensors: no device synchronisation).
+struct StepScalars {
+  double lr, inv;
+  bool unscale;
+};
+StepScalars step_scalars(const at::Tensor& lr, const std::optional<at::Tensor>& grad_scale) {
+  return {lr.item<double>(), inv_scale(grad_scale), grad_scale.has_value() && grad_scale->defined()};
+}
+
 // One body serves the vector loop and the scalar tail: W is Vectorized<opmath_t> (float and double
 // tensors) or opmath_t itself, and these helpers load, store and compute on either.
 using at::vec::Vectorized;
@@ -89,6 +98,17 @@ template <typename T>
 T maximum_(T a, T b) { return a != a ? a : (b != b ? b : std::max(a, b)); }  // NaN wins, as torch.maximum
 template <typename T>
 Vectorized<T> maximum_(const Vectorized<T>& a, const Vectorized<T>& b) { return at::vec::maximum(a, b); }
+
+// The gradient at j as the update uses it: unscaled (and written back so), negated to maximize.
+template <typename W, typename T, typename O>
+W grad_at(T* g, int64_t j, const StepScalars& sc, bool maximize) {
+  W gj = ld<W>(g + j);
+  if (sc.unscale) {
+    gj = gj * W(O(sc.inv));
+    st(g + j, gj);
+  }
+  return maximize ? W(0) - gj : gj;
+}
 
 // body(j, W{}) for j in [begin, end): whole vectors first where the tensor's type is its opmath type.
 template <typename T, typename Body>
@@ -137,8 +157,8 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                const std::optional<at::Tensor>& found_inf) {
   check_group("sgd_step_", params, {{"grads", grads}, {"momentum_buffers", bufs}});
   if (skip_step(found_inf)) return;
-  const double lr = lr_t.item<double>(), inv = inv_scale(grad_scale);
-  const bool unscale = grad_scale.has_value() && grad_scale->defined();
+  const StepScalars sc = step_scalars(lr_t, grad_scale);
+  const double lr = sc.lr;
   for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using opmath_t = at::opmath_type<T>;
@@ -148,12 +168,7 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList bufs,
     const bool is_first = !first.empty() && first[ch.tensor];
     for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
       using W = decltype(w);
-      W gj = ld<W>(g + j);
-      if (unscale) {
-        gj = gj * W(opmath_t(inv));
-        st(g + j, gj);
-      }
-      if (maximize) gj = W(0) - gj;
+      W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
       const W pj = ld<W>(p + j);
       if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
       if (momentum != 0) {
@@ -175,8 +190,8 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
                                      {"max_exp_avg_sqs", max_exp_avg_sqs}});
   TORCH_CHECK(steps.size() == params.size(), "pyops::adam_step_: steps has ", steps.size(), " tensors");
   if (skip_step(found_inf)) return;
-  const double lr = lr_t.item<double>(), inv = inv_scale(grad_scale);
-  const bool unscale = grad_scale.has_value() && grad_scale->defined();
+  const StepScalars sc = step_scalars(lr_t, grad_scale);
+  const double lr = sc.lr;
   // torch computes with a tensor lr in the tensor's dtype: lr / bias_correction1 and 1 - lr * wd
   // then round to float32 for a float32 lr.
   const bool lr_f32 = lr_t.scalar_type() == at::kFloat;
@@ -199,12 +214,7 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     const opmath_t b1 = beta1, b2 = beta2, ss = step_size[ch.tensor], inv_bc2 = 1 / bc2_sqrt[ch.tensor];
     for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
       using W = decltype(w);
-      W gj = ld<W>(g + j);
-      if (unscale) {
-        gj = gj * W(opmath_t(inv));
-        st(g + j, gj);
-      }
-      if (maximize) gj = W(0) - gj;
+      W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
       W pj = ld<W>(p + j);
       if (weight_decay != 0) {
         if (decoupled) {
@@ -233,8 +243,8 @@ void adagrad_step_(at::TensorList params, at::TensorList grads, at::TensorList s
   check_group("adagrad_step_", params, {{"grads", grads}, {"sums", sums}});
   TORCH_CHECK(steps.size() == params.size(), "pyops::adagrad_step_: steps has ", steps.size(), " tensors");
   if (skip_step(found_inf)) return;
-  const double lr = lr_t.item<double>(), inv = inv_scale(grad_scale);
-  const bool unscale = grad_scale.has_value() && grad_scale->defined();
+  const StepScalars sc = step_scalars(lr_t, grad_scale);
+  const double lr = sc.lr;
   std::vector<double> clr(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     clr[i] = lr / (1 + (increment_step(steps[i]) - 1) * lr_decay);
@@ -248,12 +258,7 @@ void adagrad_step_(at::TensorList params, at::TensorList grads, at::TensorList s
     const opmath_t c = clr[ch.tensor];
     for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
       using W = decltype(w);
-      W gj = ld<W>(g + j);
-      if (unscale) {
-        gj = gj * W(opmath_t(inv));
-        st(g + j, gj);
-      }
-      if (maximize) gj = W(0) - gj;
+      W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
       const W pj = ld<W>(p + j);
       if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
       st(s + j, ld<W>(s + j) + gj * gj);
@@ -270,8 +275,8 @@ void rmsprop_step_(at::TensorList params, at::TensorList grads, at::TensorList s
                                         {"momentum_buffers", bufs}});
   TORCH_CHECK(steps.size() == params.size(), "pyops::rmsprop_step_: steps has ", steps.size(), " tensors");
   if (skip_step(found_inf)) return;
-  const double lr = lr_t.item<double>(), inv = inv_scale(grad_scale);
-  const bool unscale = grad_scale.has_value() && grad_scale->defined();
+  const StepScalars sc = step_scalars(lr_t, grad_scale);
+  const double lr = sc.lr;
   for (size_t i = 0; i < params.size(); ++i) increment_step(steps[i]);
   for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -284,12 +289,7 @@ void rmsprop_step_(at::TensorList params, at::TensorList grads, at::TensorList s
     const opmath_t a = alpha;
     for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
       using W = decltype(w);
-      W gj = ld<W>(g + j);
-      if (unscale) {
-        gj = gj * W(opmath_t(inv));
-        st(g + j, gj);
-      }
-      if (maximize) gj = W(0) - gj;
+      W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
       const W pj = ld<W>(p + j);
       if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
       st(sq + j, ld<W>(sq + j) * W(a) + W(1 - a) * gj * gj);
