@@ -275,3 +275,12 @@ def test_cuda_step_captures_in_a_graph(name, backend):
     torch.cuda.synchronize()
     for p, q in zip(eager_p, graph_p):
         torch.testing.assert_close(q, p)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sparse_gradients_are_refused(name):
+    p = torch.randn(4, 3, requires_grad=True)
+    p.grad = torch.randn(4, 3).to_sparse()
+    opt = getattr(popt, name)([p])
+    with pytest.raises((TypeError, RuntimeError), match="(?i)sparse"):
+        opt.step()
