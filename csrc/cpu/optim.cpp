@@ -110,6 +110,18 @@ W grad_at(T* g, int64_t j, const StepScalars& sc, bool maximize) {
   return maximize ? W(0) - gj : gj;
 }
 
+// v as stored in a T tensor and read back: itself unless T rounds (float16/bfloat16), so that the
+// update uses what the state holds, as torch's does, without reloading it where nothing rounds.
+template <typename T, typename W>
+W stored(T* p, const W& v) {
+  st(p, v);
+  if constexpr (std::is_same_v<T, at::opmath_type<T>>) {
+    return v;
+  } else {
+    return ld<W>(p);
+  }
+}
+
 // body(j, W{}) for j in [begin, end): whole vectors first where the tensor's type is its opmath type.
 template <typename T, typename Body>
 void for_elements(int64_t begin, int64_t end, const Body& body) {
@@ -172,9 +184,7 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList bufs,
       const W pj = ld<W>(p + j);
       if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
       if (momentum != 0) {
-        W buf = is_first ? gj : W(opmath_t(momentum)) * ld<W>(m + j) + W(opmath_t(1 - dampening)) * gj;
-        st(m + j, buf);
-        buf = ld<W>(m + j);  // what the buffer holds (rounded to T)
+        const W buf = stored(m + j, is_first ? gj : W(opmath_t(momentum)) * ld<W>(m + j) + W(opmath_t(1 - dampening)) * gj);
         gj = nesterov ? gj + W(opmath_t(momentum)) * buf : buf;
       }
       st(p + j, pj - W(opmath_t(lr)) * gj);
@@ -224,15 +234,11 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
         }
       }
       const W m0 = ld<W>(m + j);
-      st(m + j, m0 + W(1 - b1) * (gj - m0));  // lerp
-      st(v + j, ld<W>(v + j) * W(b2) + W(1 - b2) * gj * gj);
-      W vu = ld<W>(v + j);
-      if (amsgrad) {
-        st(vmax + j, maximum_(ld<W>(vmax + j), vu));
-        vu = ld<W>(vmax + j);
-      }
+      const W mj = stored(m + j, m0 + W(1 - b1) * (gj - m0));  // lerp
+      W vu = stored(v + j, ld<W>(v + j) * W(b2) + W(1 - b2) * gj * gj);
+      if (amsgrad) vu = stored(vmax + j, maximum_(ld<W>(vmax + j), vu));
       const W denom = sqrt_(vu) * W(inv_bc2) + W(opmath_t(eps));  // one division per element, not two
-      st(p + j, pj - W(ss) * ld<W>(m + j) / denom);
+      st(p + j, pj - W(ss) * mj / denom);
     });
   });
 }
