@@ -24,7 +24,7 @@ def _ptr(table, t, dtype: tl.constexpr):
 @triton.jit
 def _multi_tensor_kernel(chunks, sizes, p_tab, g_tab, s1_tab, s2_tab, s3_tab, step_tab, first_tab, lr_ptr, hyper,
                          scale_ptr, found_ptr, ALGO: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                         FLAG1: tl.constexpr, FLAG2: tl.constexpr, FLAG3: tl.constexpr, MAXIMIZE: tl.constexpr,
+                         FLAG1: tl.constexpr, FLAG2: tl.constexpr, MAXIMIZE: tl.constexpr,
                          HAS_WD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
                          LR_F32: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -179,7 +179,7 @@ def step(algo, params, grads, s1, s2, s3, steps, lr, hyper, flags, maximize, has
         _table([int(f) for f in first] if first else [0] * len(params), device), lr_t, hyper_t,
         grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
         ALGO=algo, DTYPE=_TL[dtype], COMPUTE=compute, FLAG1=bool(flags[0]), FLAG2=bool(flags[1]),
-        FLAG3=False, MAXIMIZE=bool(maximize), HAS_WD=bool(has_wd), HAS_SCALE=grad_scale is not None,
+        MAXIMIZE=bool(maximize), HAS_WD=bool(has_wd), HAS_SCALE=grad_scale is not None,
         HAS_FOUND=found_inf is not None, LR_F32=isinstance(lr, torch.Tensor) and lr.dtype == torch.float32,
         BLOCK=BLOCK)
     if steps:

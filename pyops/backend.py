@@ -12,6 +12,8 @@ import os
 import torch
 
 BACKENDS = ("native", "triton", "torch", "auto")
+# The dtypes every pyops kernel takes (csrc/common/checks.h has the C++ twin).
+KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 # The selection stack: a plain module global, so that torch.compile traces through it (it guards on
 # the value) instead of breaking the graph on a ContextVar or thread-local.

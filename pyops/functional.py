@@ -8,7 +8,7 @@ a TypeError names the op and the dtype.
 import torch
 import torch.nn.functional as F
 
-from .backend import resolve as _resolve
+from .backend import KERNEL_DTYPES, resolve as _resolve
 from .ops import activation as _act
 
 __all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout"]
@@ -22,7 +22,7 @@ def _check_tensor(op, input):
 def _pick(op, input, torch_takes_other_dtypes):
     """The backend that runs op on input, or "torch" for dtypes only torch handles."""
     _check_tensor(op, input)
-    if input.dtype not in _act.KERNEL_DTYPES:
+    if input.dtype not in KERNEL_DTYPES:
         if torch_takes_other_dtypes:
             return "torch"
         raise TypeError(f"pyops.{op}: input dtype {input.dtype} is not supported; expected float64, "

@@ -284,3 +284,42 @@ def test_sparse_gradients_are_refused(name):
     opt = getattr(popt, name)([p])
     with pytest.raises((TypeError, RuntimeError), match="(?i)sparse"):
         opt.step()
+
+
+def _opcheck_args(name, dtype, requires_grad=False):
+    torch.manual_seed(0)
+    shapes = [(3, 4), (0,), (), (2, 3, 4, 5)]
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    params[3] = params[3].contiguous(memory_format=torch.channels_last)
+    like = lambda: [torch.rand_like(p) for p in params]  # noqa: E731
+    steps = [torch.tensor(2.0) for _ in params]
+    lr = torch.tensor(0.01, dtype=torch.float64)
+    if name == "sgd_step_":
+        return (params, like(), like(), lr, 0.9, 0.1, 0.01, True, False, [0, 1, 0, 0], None, None)
+    if name == "adam_step_":
+        return (params, like(), like(), like(), like(), steps, lr, 0.9, 0.999, 0.01, 1e-8, True, False, False,
+                torch.tensor(2.0), torch.tensor(0.0))
+    if name == "adagrad_step_":
+        return (params, like(), like(), steps, lr, 0.1, 0.0, 1e-10, True, None, None)
+    return (params, like(), like(), like(), like(), steps, lr, 0.99, 1e-8, 0.1, 0.5, True, False, None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", ["sgd_step_", "adam_step_", "adagrad_step_", "rmsprop_step_"])
+def test_opcheck(name, dtype):
+    from pyops.ops.optim import PRIMITIVES
+
+    torch.library.opcheck(PRIMITIVES[name], _opcheck_args(name, dtype))
+
+
+def test_primitives_reject_bad_input():
+    from pyops.ops.optim import PRIMITIVES
+
+    args = list(_opcheck_args("adam_step_", torch.float32))
+    args[1] = args[1][:2]
+    with pytest.raises(RuntimeError, match="pyops::adam_step_: grads has 2 tensors but params has 4"):
+        PRIMITIVES["adam_step_"](*args)
+    args = list(_opcheck_args("sgd_step_", torch.float32))
+    args[1] = [g.double() for g in args[1]]
+    with pytest.raises(RuntimeError, match="pyops::sgd_step_: grads has dtype"):
+        PRIMITIVES["sgd_step_"](*args)

@@ -18,8 +18,6 @@ import torch
 
 from .. import _C  # noqa: F401  (registers the native pyops:: ops)
 
-KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
 # ---- fake (meta) kernels, shared by the native and Triton primitives ---------------------------
 
 

@@ -23,12 +23,11 @@ import torch
 from torch import optim
 from torch.optim import adagrad as _adagrad, adam as _adam, rmsprop as _rmsprop, sgd as _sgd
 
-from .. import _C  # noqa: F401  (registers the native ops)
-from ..backend import resolve
+from ..backend import KERNEL_DTYPES, resolve
+from ..ops.optim import PRIMITIVES
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]
 
-_OPS = torch.ops.pyops
 
 
 def _no_differentiable(name, differentiable):
@@ -63,9 +62,6 @@ def _skipped(found_inf):
     return found_inf is not None and float(found_inf) != 0
 
 
-_KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
 def _kernel_subsets(name, params, grads):
     """(backend, indices) groups that one kernel call can update together (dense tensors of one device
     and dtype whose gradients share their layout, on a device with a pyops kernel) and the indices
@@ -83,14 +79,14 @@ def _kernel_subsets(name, params, grads):
 
     dev, dtype = params[0].device, params[0].dtype
     b0 = backend_of(dev)
-    if b0 is not None and dtype in _KERNEL_DTYPES and all(
+    if b0 is not None and dtype in KERNEL_DTYPES and all(
             p.dtype is dtype and p.device == dev and p.is_contiguous() and g.is_contiguous() and g.dtype is dtype
             for p, g in zip(params, grads)):
         return [(b0, list(range(len(params))))], []  # the common case, checked cheaply
     groups, rest = {}, []
     for i, (p, g) in enumerate(zip(params, grads)):
         b = backend_of(p.device)
-        if b is not None and p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype and g.stride() == p.stride() \
+        if b is not None and p.dtype in KERNEL_DTYPES and g.dtype == p.dtype and g.stride() == p.stride() \
                 and _is_dense(p):
             groups.setdefault((b, p.device, p.dtype), []).append(i)
         else:
@@ -242,7 +238,7 @@ class SGD(_Fused, optim.SGD):
     def _native(self, group, lists, idx, grad_scale, found_inf):
         params, grads, old = (_pick(lst, idx) for lst in lists)
         bufs, first = self._buffers(group, params, old)
-        _OPS.sgd_step_(params, grads, bufs, _lr_tensor(group["lr"], params[0].device), _scalar(group["momentum"]),
+        PRIMITIVES["sgd_step_"](params, grads, bufs, _lr_tensor(group["lr"], params[0].device), _scalar(group["momentum"]),
                        _scalar(group["dampening"]), _scalar(group["weight_decay"]), group["nesterov"],
                        group["maximize"], [int(f) for f in first], grad_scale, found_inf)
         if bufs:
@@ -280,7 +276,7 @@ class _AdamStep:
     def _native(self, group, lists, idx, grad_scale, found_inf):
         params, grads, m, v, vmax, steps = (_pick(lst, idx) for lst in lists)
         beta1, beta2 = (_scalar(b) for b in group["betas"])
-        _OPS.adam_step_(params, grads, m, v, vmax if group["amsgrad"] else [], steps, _lr_tensor(group["lr"], params[0].device), beta1,
+        PRIMITIVES["adam_step_"](params, grads, m, v, vmax if group["amsgrad"] else [], steps, _lr_tensor(group["lr"], params[0].device), beta1,
                         beta2, _scalar(group["weight_decay"]), group["eps"], group["amsgrad"], group["maximize"],
                         self._decoupled(group), grad_scale, found_inf)
 
@@ -355,7 +351,7 @@ class Adagrad(_Fused, optim.Adagrad):
 
     def _native(self, group, lists, idx, grad_scale, found_inf):
         params, grads, sums, steps = (_pick(lst, idx) for lst in lists)
-        _OPS.adagrad_step_(params, grads, sums, steps, _lr_tensor(group["lr"], params[0].device), group["lr_decay"],
+        PRIMITIVES["adagrad_step_"](params, grads, sums, steps, _lr_tensor(group["lr"], params[0].device), group["lr_decay"],
                            _scalar(group["weight_decay"]), group["eps"], group["maximize"], grad_scale, found_inf)
 
     def _triton(self, group, lists, idx, grad_scale, found_inf):
@@ -392,7 +388,7 @@ class RMSprop(_Fused, optim.RMSprop):
 
     def _native(self, group, lists, idx, grad_scale, found_inf):
         params, grads, square_avgs, grad_avgs, bufs, steps = (_pick(lst, idx) for lst in lists)
-        _OPS.rmsprop_step_(params, grads, square_avgs, grad_avgs if group["centered"] else [],
+        PRIMITIVES["rmsprop_step_"](params, grads, square_avgs, grad_avgs if group["centered"] else [],
                            bufs if group["momentum"] > 0 else [], steps, _lr_tensor(group["lr"], params[0].device), group["alpha"],
                            group["eps"], _scalar(group["weight_decay"]), group["momentum"], group["centered"],
                            group["maximize"], grad_scale, found_inf)
