@@ -111,7 +111,8 @@ def _write_build_info(arch_list):
 
 
 def _extension():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/backend.cpp"] + sorted(
+        glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/triton/*.cpp") + glob.glob("csrc/autograd/*.cpp"))
     cxx = _cpu_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))

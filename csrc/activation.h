@@ -29,12 +29,11 @@ struct Activation {
   static std::tuple<Tensor, Tensor> masked_fwd(const char* name, const Tensor& self, bool inplace, const Op& op) {
     check_floating(name, "self", self);
     typename D::Guard guard(self);
-    auto d = dense_like(self);
-    Tensor out = inplace ? d.in : d.out;  // in place: write over the dense input
+    auto d = inplace ? dense_inplace(self) : dense_like(self);
     Tensor mask = at::empty({(self.numel() + 7) / 8}, self.options().dtype(at::kByte));
-    if (self.numel() > 0) D::masked_forward(d.in, out, mask, op);
-    if (inplace && !out.is_same(self)) self.copy_(out);
-    return {inplace ? self : out, mask};
+    if (self.numel() > 0) D::masked_forward(d.in, d.out, mask, op);
+    if (inplace && !d.out.is_same(self)) self.copy_(d.out);
+    return {inplace ? self : d.out, mask};
   }
 
   template <class Op>
@@ -69,11 +68,10 @@ struct Activation {
   static Tensor unary_fwd(const char* name, Tensor self, bool inplace, const F& f) {
     check_floating(name, "self", self);
     typename D::Guard guard(self);
-    auto d = dense_like(self);
-    Tensor out = inplace ? d.in : d.out;
-    if (self.numel() > 0) D::unary(d.in, out, f);
-    if (inplace && !out.is_same(self)) self.copy_(out);
-    return inplace ? self : out;
+    auto d = inplace ? dense_inplace(self) : dense_like(self);
+    if (self.numel() > 0) D::unary(d.in, d.out, f);
+    if (inplace && !d.out.is_same(self)) self.copy_(d.out);
+    return inplace ? self : d.out;
   }
 
   // grad_in = f(grad_out, saved); grad_out is brought to saved's layout, which grad_in takes.
@@ -140,23 +138,24 @@ struct Activation {
 
 }  // namespace pyops
 
-// Every activation op, registered for device D inside TORCH_LIBRARY_IMPL(pyops, <key>, m).
-#define PYOPS_REGISTER_ACTIVATION(m, D)                                 \
+// Every activation op of device D, registered inside TORCH_LIBRARY_IMPL(pyops, <key>, m) under the
+// native names (SUFFIX "") or the Triton twins' (SUFFIX "_triton"; in-place ones end in "_" after it).
+#define PYOPS_REGISTER_ACTIVATION(m, D, SUFFIX)                         \
   do {                                                                  \
     using A = ::pyops::Activation<D>;                                   \
-    m.impl("relu_fwd", &A::relu_fwd);                                   \
-    m.impl("relu_fwd_", &A::relu_fwd_);                                 \
-    m.impl("relu_bwd", &A::relu_bwd);                                   \
-    m.impl("leaky_relu_fwd", &A::leaky_relu_fwd);                       \
-    m.impl("leaky_relu_fwd_", &A::leaky_relu_fwd_);                     \
-    m.impl("leaky_relu_bwd", &A::leaky_relu_bwd);                       \
-    m.impl("elu_fwd", &A::elu_fwd);                                     \
-    m.impl("elu_fwd_", &A::elu_fwd_);                                   \
-    m.impl("elu_bwd", &A::elu_bwd);                                     \
-    m.impl("sigmoid_fwd", &A::sigmoid_fwd);                             \
-    m.impl("sigmoid_bwd", &A::sigmoid_bwd);                             \
-    m.impl("tanh_fwd", &A::tanh_fwd);                                   \
-    m.impl("tanh_bwd", &A::tanh_bwd);                                   \
-    m.impl("maxout_fwd", &A::maxout_fwd);                               \
-    m.impl("maxout_bwd", &A::maxout_bwd);                               \
+    m.impl("relu_fwd" SUFFIX, &A::relu_fwd);                            \
+    m.impl("relu_fwd" SUFFIX "_", &A::relu_fwd_);                       \
+    m.impl("relu_bwd" SUFFIX, &A::relu_bwd);                            \
+    m.impl("leaky_relu_fwd" SUFFIX, &A::leaky_relu_fwd);                \
+    m.impl("leaky_relu_fwd" SUFFIX "_", &A::leaky_relu_fwd_);           \
+    m.impl("leaky_relu_bwd" SUFFIX, &A::leaky_relu_bwd);                \
+    m.impl("elu_fwd" SUFFIX, &A::elu_fwd);                              \
+    m.impl("elu_fwd" SUFFIX "_", &A::elu_fwd_);                         \
+    m.impl("elu_bwd" SUFFIX, &A::elu_bwd);                              \
+    m.impl("sigmoid_fwd" SUFFIX, &A::sigmoid_fwd);                      \
+    m.impl("sigmoid_bwd" SUFFIX, &A::sigmoid_bwd);                      \
+    m.impl("tanh_fwd" SUFFIX, &A::tanh_fwd);                            \
+    m.impl("tanh_bwd" SUFFIX, &A::tanh_bwd);                            \
+    m.impl("maxout_fwd" SUFFIX, &A::maxout_fwd);                        \
+    m.impl("maxout_bwd" SUFFIX, &A::maxout_bwd);                        \
   } while (0)

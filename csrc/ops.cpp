@@ -1,53 +1,87 @@
-// The one schema block of pyops: every native op, each backend's kernels register elsewhere
-// (csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu); fake kernels and autograd live in pyops/ops/.
+// The one schema block of pyops: every op, defined once. Each primitive exists twice with the same
+// schema, as the native op pyops::<name> (csrc/cpu, csrc/cuda) and its Triton twin (csrc/triton,
+// launching pyops.kernels); the public ops pick a backend and carry autograd (csrc/autograd).
+// Fake kernels live in pyops/ops/<family>.py.
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(pyops, m) {
-  // ---- activation ------------------------------------------------------------------------
-  // Masked activations return (out, mask): bit (i % 8) of byte i / 8 says whether the gradient
-  // flows unchanged at element i (relu: !(x <= 0), leaky_relu: x > 0), elements taken in out's
-  // memory order; *_bwd wants grad_out laid out as out was.
-  m.def("relu_fwd(Tensor self) -> (Tensor, Tensor)");
-  m.def("relu_fwd_(Tensor(a!) self) -> Tensor");
-  m.def("relu_bwd(Tensor grad_out, Tensor mask) -> Tensor");
-  m.def("leaky_relu_fwd(Tensor self, float negative_slope) -> (Tensor, Tensor)");
-  m.def("leaky_relu_fwd_(Tensor(a!) self, float negative_slope) -> Tensor");
-  m.def("leaky_relu_bwd(Tensor grad_out, Tensor mask, float negative_slope) -> Tensor");
-  m.def("elu_fwd(Tensor self, float alpha) -> Tensor");
-  m.def("elu_fwd_(Tensor(a!) self, float alpha) -> ()");
-  // saved is the output (is_result) or the input of the forward, as torch's elu_backward.
-  m.def("elu_bwd(Tensor grad_out, Tensor saved, float alpha, bool is_result) -> Tensor");
-  m.def("sigmoid_fwd(Tensor self) -> Tensor");
-  m.def("sigmoid_bwd(Tensor grad_out, Tensor out) -> Tensor");
-  m.def("tanh_fwd(Tensor self) -> Tensor");
-  m.def("tanh_bwd(Tensor grad_out, Tensor out) -> Tensor");
-  // maxout returns (out, indices): indices (uint8, out's shape) of the first maximal piece.
-  m.def("maxout_fwd(Tensor self, int pieces, int dim) -> (Tensor, Tensor)");
-  m.def("maxout_bwd(Tensor grad_out, Tensor indices, int pieces, int dim) -> Tensor");
+#include <string>
 
-  // ---- optim: one call updates every tensor of a (device, dtype) group in place ----------------
-  // Lists run in parallel (state lists empty where an option needs no state). grad_scale: the
-  // gradients are divided by it and written back unscaled; found_inf != 0: nothing is touched.
-  // lr is a 0-d tensor; steps are 0-d float32 tensors, incremented by the step.
-  m.def("sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor lr, "
-        "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, int[] first, "
-        "Tensor? grad_scale, Tensor? found_inf) -> ()");
-  m.def("adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
-        "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, Tensor lr, float beta1, float beta2, "
-        "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled, Tensor? grad_scale, "
-        "Tensor? found_inf) -> ()");
-  m.def("adagrad_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] sums, Tensor(d!)[] steps, "
-        "Tensor lr, float lr_decay, float weight_decay, float eps, bool maximize, Tensor? grad_scale, "
-        "Tensor? found_inf) -> ()");
-  m.def("rmsprop_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
-        "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, Tensor(f!)[] steps, Tensor lr, float alpha, "
-        "float eps, float weight_decay, float momentum, bool centered, bool maximize, Tensor? grad_scale, "
-        "Tensor? found_inf) -> ()");
+#include "common/backend.h"
+#include "primitives.h"
+
+TORCH_LIBRARY(pyops, m) {
+  // ---- primitives: pyops::<native> and pyops::<triton>, one schema (csrc/primitives.h) ----------
+#define PYOPS_DEFINE_PRIMITIVE(native, triton, signature) \
+  m.def(native signature);                                \
+  m.def(triton signature);
+  PYOPS_PRIMITIVES(PYOPS_DEFINE_PRIMITIVE)
+#undef PYOPS_DEFINE_PRIMITIVE
+
+  // ---- public ops: torch's signatures; each picks the backend (pyops.backend) and differentiates
+  // through its primitives (csrc/autograd/<family>.cpp) ----------------------------------------------
+  m.def("relu(Tensor self) -> Tensor");
+  m.def("relu_(Tensor(a!) self) -> Tensor(a!)");
+  m.def("leaky_relu(Tensor self, Scalar negative_slope=0.01) -> Tensor");
+  m.def("leaky_relu_(Tensor(a!) self, Scalar negative_slope=0.01) -> Tensor(a!)");
+  m.def("elu(Tensor self, Scalar alpha=1.0) -> Tensor");
+  m.def("elu_(Tensor(a!) self, Scalar alpha=1.0) -> Tensor(a!)");
+  m.def("sigmoid(Tensor self) -> Tensor");
+  m.def("tanh(Tensor self) -> Tensor");
+  m.def("maxout(Tensor self, int pieces, int dim=1) -> Tensor");
 }
 
-// A plain extension module: importing it runs the registrations above. It carries the build facts.
-static struct PyModuleDef pyops_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// ---- the extension module: importing it runs the registrations above; it carries the build facts,
+// the primitive table and the backend selection (a thread-local read by every public op) ----------
+namespace {
+
+PyObject* py_set_backend(PyObject*, PyObject* arg) {
+  const long b = PyLong_AsLong(arg);
+  if (b == -1 && PyErr_Occurred()) return nullptr;
+  if (b < 0 || b >= long(pyops::Backend::kCount)) {
+    PyErr_Format(PyExc_ValueError, "pyops: backend id %ld out of range", b);
+    return nullptr;
+  }
+  pyops::select_backend(pyops::Backend(b));
+  Py_RETURN_NONE;
+}
+
+PyObject* py_get_backend(PyObject*, PyObject*) { return PyLong_FromLong(long(pyops::selected_backend())); }
+
+// _set_available(triton_cpu, triton_cuda, cuda): what can run here, told once by pyops.backend.
+PyObject* py_set_available(PyObject*, PyObject* args) {
+  int triton_cpu = 0, triton_cuda = 0, cuda = 0;
+  if (!PyArg_ParseTuple(args, "ppp", &triton_cpu, &triton_cuda, &cuda)) return nullptr;
+  pyops::set_available({bool(triton_cpu), bool(triton_cuda), bool(cuda) && PYOPS_WITH_CUDA});
+  Py_RETURN_NONE;
+}
+
+// _resolve(op, device_type, numel, auto_min_numel) -> backend id: what the selection gives there.
+PyObject* py_resolve(PyObject*, PyObject* args) {
+  const char* op = nullptr;
+  const char* device = nullptr;
+  long long numel = -1, min_numel = 0;
+  if (!PyArg_ParseTuple(args, "ssLL", &op, &device, &numel, &min_numel)) return nullptr;
+  const std::string dev(device);
+  const auto d = dev == "cpu" ? pyops::Device::kCpu : dev == "cuda" ? pyops::Device::kCuda : pyops::Device::kOther;
+  try {
+    return PyLong_FromLong(long(pyops::resolve_for(d, numel, min_numel, op)));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"_set_backend", py_set_backend, METH_O, "Select a backend id for this thread."},
+    {"_get_backend", py_get_backend, METH_NOARGS, "This thread's selected backend id."},
+    {"_set_available", py_set_available, METH_VARARGS, "Tell which backends can run here."},
+    {"_resolve", py_resolve, METH_VARARGS, "The backend id that runs on a device now."},
+    {nullptr, nullptr, 0, nullptr}};
+
+struct PyModuleDef pyops_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+}  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&pyops_module);
@@ -56,5 +90,15 @@ PyMODINIT_FUNC PyInit__C(void) {
 #define PYOPS_STR2(x) #x
 #define PYOPS_STR(x) PYOPS_STR2(x)
   PyModule_AddStringConstant(m, "CPU_CAPABILITY", PYOPS_STR(CPU_CAPABILITY));
+  // PRIMITIVES: ((native name, triton name), ...), so that Python never derives one from the other.
+  PyObject* prims = PyList_New(0);
+#define PYOPS_LIST_PRIMITIVE(native, triton, signature) \
+  PyList_Append(prims, Py_BuildValue("(ss)", native, triton));
+  PYOPS_PRIMITIVES(PYOPS_LIST_PRIMITIVE)
+#undef PYOPS_LIST_PRIMITIVE
+  PyModule_AddObject(m, "PRIMITIVES", PyList_AsTuple(prims));
+  Py_DECREF(prims);
+  // BACKENDS: names in id order (csrc/common/backend.h).
+  PyModule_AddObject(m, "BACKENDS", Py_BuildValue("(ssss)", "auto", "native", "triton", "torch"));
   return m;
 }

@@ -3,40 +3,29 @@
 Backends: ``native`` (pyops._C: C++ on CPU, CUDA C++ on GPU), ``triton`` (pyops.kernels; on CPU only
 under TRITON_INTERPRET=1), ``torch`` (plain torch ops, the reference) and ``auto`` (per op and device,
 the fastest measured backend). ``with pyops.backend("triton"): ...`` selects one for a block.
+
+The selection is a thread-local that the C++ ops read (csrc/common/backend.h): per thread, as
+torch.no_grad is, and invisible to torch.compile, which traces the ops' choice at trace time.
+Used as a decorator, ``@pyops.backend(name)`` also holds for each resumption of a generator.
 """
-import contextlib
 import functools
 import importlib.util
 import os
 
 import torch
+from torch.utils._contextlib import _DecoratorContextManager
+
+from . import _C
 
 BACKENDS = ("native", "triton", "torch", "auto")
+_IDS = {name: i for i, name in enumerate(_C.BACKENDS)}
 # The dtypes every pyops kernel takes (csrc/common/checks.h has the C++ twin).
 KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-# The selection stack: a plain module global, so that torch.compile traces through it (it guards on
-# the value) instead of breaking the graph on a ContextVar or thread-local.
-_stack = ["auto"]
-
-# `auto`'s order of preference per device, fastest measured first; per-op exceptions go in
-# _AUTO_OVERRIDES[(op, device_type)]. CUDA: no GPU measurement has been recorded yet, so the
-# native CUDA kernels (no launch-time compilation) come first.
-_AUTO_ORDER = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
-_AUTO_OVERRIDES = {}
-# Below these sizes (input elements) torch eager is faster on CPU: a pyops call costs ~20 us more
-# (Python autograd.Function and op dispatch), which only the kernels' gains on larger tensors
-# repay. Measured fwd+bwd crossovers, float32, 2-core EPYC (AVX512): relu, leaky_relu and
-# sigmoid ~1M, tanh ~64K, elu and maxout under 16K.
-_AUTO_MIN_NUMEL = {("relu", "cpu"): 1 << 20, ("leaky_relu", "cpu"): 1 << 20, ("sigmoid", "cpu"): 1 << 20,
-                   ("tanh", "cpu"): 1 << 16, ("elu", "cpu"): 1 << 14, ("maxout", "cpu"): 1 << 14}
 
 
 @functools.lru_cache(maxsize=None)
 def native_devices():
     """Device types pyops._C has kernels for."""
-    from . import _C
-
     return ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
 
 
@@ -64,47 +53,41 @@ def available_backends(device="cpu"):
     return found
 
 
-@contextlib.contextmanager
-def backend(name):
-    """Run the block with backend `name` (one of native, triton, torch, auto)."""
-    if name not in BACKENDS:
-        raise ValueError(f"pyops.backend: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    _stack.append(name)
-    try:
-        yield
-    finally:
-        _stack.pop()
+def _tell_cxx():
+    gpu = torch.cuda.is_available()
+    _C._set_available(_triton_importable() and triton_interpreted(), _triton_importable() and gpu, gpu)
+
+
+_tell_cxx()
+
+
+class backend(_DecoratorContextManager):
+    """Run the block (or the decorated function) with backend `name` (native, triton, torch, auto),
+    on this thread; on exit the thread's previous selection comes back."""
+
+    def __init__(self, name):
+        if name not in BACKENDS:
+            raise ValueError(f"pyops.backend: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+        self.name = name
+        self._prev = []
+
+    def __enter__(self):
+        self._prev.append(_C._get_backend())
+        _C._set_backend(_IDS[self.name])
+
+    def __exit__(self, *exc):
+        _C._set_backend(self._prev.pop())
+
+    def clone(self):
+        return self.__class__(self.name)
 
 
 def current():
-    return _stack[-1]
+    """This thread's selected backend name."""
+    return _C.BACKENDS[_C._get_backend()]
 
 
-_resolved = {}
-
-
-def resolve(op, device, numel=None):
-    """The concrete backend that runs `op` on `device` now, for an input of `numel` elements
-    (memoised: this is on every call's path)."""
-    name = _stack[-1]
-    small = name == "auto" and numel is not None and numel < _AUTO_MIN_NUMEL.get((op, device.type), 0)
-    key = (op, device.type, name, small)
-    found = _resolved.get(key)
-    if found is None:
-        found = _resolved[key] = _resolve(op, device.type, name, small)
-    return found
-
-
-def _resolve(op, dev, name, small):
-    if name == "auto":
-        if small:
-            return "torch"
-        order = _AUTO_OVERRIDES.get((op, dev)) or _AUTO_ORDER.get(dev, ("torch",))
-        usable = available_backends(dev)
-        return next(b for b in order + ("torch",) if b in usable)
-    if name == "torch":
-        return name
-    if name not in available_backends(dev):
-        raise RuntimeError(f"pyops.{op}: backend {name!r} is not available on {dev} here "
-                           f"(available: {', '.join(available_backends(dev))})")
-    return name
+def resolve(op, device, numel=-1, auto_min_numel=0):
+    """The concrete backend ("native", "triton" or "torch") that runs `op` on `device` now, by the
+    rule the C++ ops use: `auto` takes torch for CPU inputs of fewer than auto_min_numel elements."""
+    return _C.BACKENDS[_C._resolve(op, torch.device(device).type, numel, auto_min_numel)]

@@ -4,85 +4,83 @@ Same signatures, results, gradients, in-place semantics and inf/NaN behaviour as
 float64, float32, float16 and bfloat16. Where torch accepts another dtype (relu on integers,
 sigmoid/tanh on integers or complex) the call goes to torch itself; where torch has no such op
 a TypeError names the op and the dtype.
+
+Each function is one call of a public pyops op (csrc/autograd/<family>.cpp), which picks the
+backend (pyops.backend) and differentiates in C++: a pyops call costs what a torch call does.
 """
 import torch
-import torch.nn.functional as F
 
-from .backend import KERNEL_DTYPES, resolve as _resolve
-from .ops import activation as _act
+from . import ops as _ops  # noqa: F401  (registers fake kernels and the Triton launch ops)
 
 __all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout"]
 
-
-def _check_tensor(op, input):
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"pyops.{op}: input must be a Tensor, got {type(input).__name__}")
+_P = torch.ops.pyops
 
 
-def _pick(op, input, torch_takes_other_dtypes):
-    """The backend that runs op on input, or "torch" for dtypes only torch handles."""
-    _check_tensor(op, input)
-    if input.dtype not in KERNEL_DTYPES:
-        if torch_takes_other_dtypes:
-            return "torch"
-        raise TypeError(f"pyops.{op}: input dtype {input.dtype} is not supported; expected float64, "
-                        "float32, float16 or bfloat16")
-    return _resolve(op, input.device, input.numel())
+def _tensor_expected(op, input):
+    return TypeError(f"pyops.{op}: input must be a Tensor, got {type(input).__name__}")
 
 
 def _number(op, name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"pyops.{op}: {name} must be a number, got {type(value).__name__}")
-    return float(value)
+    """A scalar argument in any form torch's modules accept: Python and numpy numbers, bools and
+    one-element tensors."""
+    if isinstance(value, (float, int)):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return value.item()
+    try:
+        import numbers
+
+        if isinstance(value, numbers.Real):
+            return float(value)
+    except TypeError:
+        pass
+    raise TypeError(f"pyops.{op}: {name} must be a number, got {type(value).__name__}")
 
 
 def relu(input, inplace=False):
     """max(input, 0); gradient g * [input > 0]. Saves a 1-bit mask."""
-    b = _pick("relu", input, True)
-    if b == "torch":
-        return F.relu(input, inplace=inplace)
-    return _act.MaskedActivation.apply(input, None, bool(inplace), b)
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected("relu", input)
+    return _P.relu_.default(input) if inplace else _P.relu.default(input)
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
     """input > 0 ? input : negative_slope * input; gradient g * (input > 0 ? 1 : negative_slope)."""
-    b = _pick("leaky_relu", input, False)
-    slope = _number("leaky_relu", "negative_slope", negative_slope)
-    if b == "torch":
-        return F.leaky_relu(input, slope, inplace=inplace)
-    return _act.MaskedActivation.apply(input, slope, bool(inplace), b)
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected("leaky_relu", input)
+    slope = negative_slope if type(negative_slope) is float else _number("leaky_relu", "negative_slope", negative_slope)
+    return _P.leaky_relu_.default(input, slope) if inplace else _P.leaky_relu.default(input, slope)
 
 
 def elu(input, alpha=1.0, inplace=False):
-    """input > 0 ? input : alpha * (exp(input) - 1); gradient g * (y <= 0 ? y + alpha : 1)."""
-    b = _pick("elu", input, False)
-    alpha = _number("elu", "alpha", alpha)
-    if b == "torch":
-        return F.elu(input, alpha, inplace=inplace)
-    return _act.ELU.apply(input, alpha, bool(inplace), b)
+    """input > 0 ? input : alpha * (exp(input) - 1); gradient g * (input <= 0 ? alpha * exp(input) : 1)."""
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected("elu", input)
+    alpha = alpha if type(alpha) is float else _number("elu", "alpha", alpha)
+    return _P.elu_.default(input, alpha) if inplace else _P.elu.default(input, alpha)
 
 
 def sigmoid(input):
     """1 / (1 + exp(-input)); gradient g * y * (1 - y)."""
-    b = _pick("sigmoid", input, True)
-    if b == "torch":
-        return torch.sigmoid(input)
-    return _act.Sigmoid.apply(input, b)
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected("sigmoid", input)
+    return _P.sigmoid.default(input)
 
 
 def tanh(input):
     """tanh(input); gradient g * (1 - y^2)."""
-    b = _pick("tanh", input, True)
-    if b == "torch":
-        return torch.tanh(input)
-    return _act.Tanh.apply(input, b)
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected("tanh", input)
+    return _P.tanh.default(input)
 
 
 def maxout(input, pieces, dim=1):
     """output[..., j, ...] = max_k input[..., j * pieces + k, ...]; the gradient goes to the first
     maximal piece. `pieces` (1 to 256) must divide input.size(dim)."""
-    b = _pick("maxout", input, False)
-    dim = _act.check_maxout("maxout", input.shape, pieces, dim)
-    if b == "torch":
-        return _act.maxout_reference(input, pieces, dim)
-    return _act.Maxout.apply(input, pieces, dim, b)
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected("maxout", input)
+    if isinstance(pieces, bool) or not isinstance(pieces, int):
+        raise ValueError(f"pyops.maxout: pieces must be an int in [1, 256] (indices are saved as uint8), "
+                         f"got {pieces!r}")
+    return _P.maxout.default(input, pieces, dim)

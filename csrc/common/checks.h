@@ -62,6 +62,13 @@ inline DenseLike dense_like(const at::Tensor& x) {
   return {as_layout_of(x, out), out};
 }
 
+// In place: the kernel reads and writes x itself when x is dense, else a dense copy (copied back).
+inline DenseLike dense_inplace(const at::Tensor& x) {
+  if (x.is_non_overlapping_and_dense()) return {x, x};
+  at::Tensor copy = at::empty_like(x).copy_(x);
+  return {copy, copy};
+}
+
 // Maxout's view of a tensor: [outer, channels, inner] around dim.
 struct MaxoutShape {
   int64_t outer = 1, channels = 1, inner = 1, dim = 0;

@@ -367,7 +367,7 @@ struct Cpu : Math {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
-  PYOPS_REGISTER_ACTIVATION(m, ::pyops::Cpu);
+  PYOPS_REGISTER_ACTIVATION(m, ::pyops::Cpu, "");
 }
 
 }  // namespace pyops

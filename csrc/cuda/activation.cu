@@ -274,7 +274,7 @@ struct Cuda : Math {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
-  PYOPS_REGISTER_ACTIVATION(m, ::pyops::Cuda);
+  PYOPS_REGISTER_ACTIVATION(m, ::pyops::Cuda, "");
 }
 
 }  // namespace pyops

@@ -1,0 +1,35 @@
+// The backend selection, readable from every op: a thread-local that pyops.backend(...) sets
+// (per thread, as torch.no_grad), and the rule that turns `auto` into a concrete backend.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace pyops {
+
+// Ids in pyops._C.BACKENDS order.
+enum class Backend : int8_t { kAuto = 0, kNative = 1, kTriton = 2, kTorch = 3, kCount = 4 };
+enum class Device : int8_t { kCpu, kCuda, kOther };
+
+Backend selected_backend();
+void select_backend(Backend b);
+
+struct Available {
+  bool triton_cpu = false;   // Triton interpreted (TRITON_INTERPRET=1)
+  bool triton_cuda = false;  // Triton importable and a GPU visible
+  bool native_cuda = false;  // compiled with CUDA and a GPU visible
+};
+void set_available(const Available& a);
+
+// The concrete backend (native, triton or torch) for an input of `numel` elements (-1: unknown, as
+// for symbolic sizes under torch.compile) on `device`. `auto` takes torch below auto_min_numel on
+// the CPU, where pyops' kernels do not repay their call; else native, then triton. An explicit
+// backend that cannot run there raises, naming op.
+Backend resolve_for(Device device, int64_t numel, int64_t auto_min_numel, const char* op = "op");
+
+// The same for a tensor: torch for dtypes no kernel takes, and never a branch on a symbolic size.
+Backend resolve(const char* op, const at::Tensor& t, int64_t auto_min_numel);
+
+const char* backend_name(Backend b);
+
+}  // namespace pyops

@@ -1,0 +1,51 @@
+// Every primitive op: (native name, Triton twin's name, schema). csrc/ops.cpp defines both from the
+// one schema; pyops._C.PRIMITIVES lists the pairs for Python. Forward and backward are separate ops;
+// in-place forwards end in "_" and return what they save.
+#pragma once
+
+// clang-format off
+#define PYOPS_PRIMITIVES(X)                                                                            \
+  /* ---- activation: masked ops return (out, mask): bit (i % 8) of byte i / 8 says whether the     \
+     gradient flows unchanged at element i (relu: !(x <= 0), leaky_relu: x > 0), elements taken in   \
+     out's memory order; *_bwd wants grad_out laid out as out was. */                                \
+  X("relu_fwd", "relu_fwd_triton", "(Tensor self) -> (Tensor, Tensor)")                             \
+  X("relu_fwd_", "relu_fwd_triton_", "(Tensor(a!) self) -> Tensor")                                 \
+  X("relu_bwd", "relu_bwd_triton", "(Tensor grad_out, Tensor mask) -> Tensor")                      \
+  X("leaky_relu_fwd", "leaky_relu_fwd_triton", "(Tensor self, float negative_slope) -> (Tensor, Tensor)") \
+  X("leaky_relu_fwd_", "leaky_relu_fwd_triton_", "(Tensor(a!) self, float negative_slope) -> Tensor") \
+  X("leaky_relu_bwd", "leaky_relu_bwd_triton", "(Tensor grad_out, Tensor mask, float negative_slope) -> Tensor") \
+  X("elu_fwd", "elu_fwd_triton", "(Tensor self, float alpha) -> Tensor")                            \
+  X("elu_fwd_", "elu_fwd_triton_", "(Tensor(a!) self, float alpha) -> ()")                          \
+  /* saved is the output (is_result) or the input of the forward, as torch's elu_backward */         \
+  X("elu_bwd", "elu_bwd_triton", "(Tensor grad_out, Tensor saved, float alpha, bool is_result) -> Tensor") \
+  X("sigmoid_fwd", "sigmoid_fwd_triton", "(Tensor self) -> Tensor")                                 \
+  X("sigmoid_bwd", "sigmoid_bwd_triton", "(Tensor grad_out, Tensor out) -> Tensor")                 \
+  X("tanh_fwd", "tanh_fwd_triton", "(Tensor self) -> Tensor")                                       \
+  X("tanh_bwd", "tanh_bwd_triton", "(Tensor grad_out, Tensor out) -> Tensor")                       \
+  /* maxout returns (out, indices): indices (uint8, out's shape) of the first maximal piece */       \
+  X("maxout_fwd", "maxout_fwd_triton", "(Tensor self, int pieces, int dim) -> (Tensor, Tensor)")    \
+  X("maxout_bwd", "maxout_bwd_triton", "(Tensor grad_out, Tensor indices, int pieces, int dim) -> Tensor") \
+  /* ---- optim: one call updates every tensor of a (device, dtype) group in place. Lists run in    \
+     parallel (state lists empty where an option needs no state). grad_scale: the gradients are     \
+     divided by it and written back unscaled; found_inf != 0: nothing is touched. lr is a 0-d        \
+     tensor; steps are 0-d tensors, incremented by the step. new_buffers (SGD): the buffer at i is   \
+     new and starts as the gradient. */                                                              \
+  X("sgd_step_", "sgd_step_triton_",                                                                \
+    "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor lr, "          \
+    "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "            \
+    "int[] new_buffers, Tensor? grad_scale, Tensor? found_inf) -> ()")                               \
+  X("adam_step_", "adam_step_triton_",                                                              \
+    "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "   \
+    "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, Tensor lr, float beta1, float beta2, "        \
+    "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled, Tensor? grad_scale, " \
+    "Tensor? found_inf) -> ()")                                                                      \
+  X("adagrad_step_", "adagrad_step_triton_",                                                        \
+    "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] sums, Tensor(d!)[] steps, Tensor lr, "  \
+    "float lr_decay, float weight_decay, float eps, bool maximize, Tensor? grad_scale, "             \
+    "Tensor? found_inf) -> ()")                                                                      \
+  X("rmsprop_step_", "rmsprop_step_triton_",                                                        \
+    "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "  \
+    "Tensor(e!)[] momentum_buffers, Tensor(f!)[] steps, Tensor lr, float alpha, float eps, "         \
+    "float weight_decay, float momentum, bool centered, bool maximize, Tensor? grad_scale, "         \
+    "Tensor? found_inf) -> ()")
+// clang-format on
