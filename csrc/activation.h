@@ -2,8 +2,8 @@
 // allocation and layout, in-place semantics, and the list of ops each device registers.
 // A device D (csrc/cpu/activation.cpp, csrc/cuda/activation.cu) supplies:
 //   D::Guard(tensor)                                    device guard (a no-op on CPU)
-//   D::masked_forward(in, out, mask, op)                out = op.pass(x) ? x : op.neg(x), mask bits
-//   D::masked_backward(grad, mask, grad_in, op)         grad_in = bit ? g : op.neg(g)
+//   D::masked_forward(in, out, mask, op)                out = op.pass(x) ? x : op.out_other(x), mask bits
+//   D::masked_backward(grad, mask, grad_in, op)         grad_in = bit ? g : op.grad_other(g)
 //   D::unary(in, out, f) / D::binary(a, b, out, f)      elementwise maps in memory order
 //   D::maxout_forward / D::maxout_backward              (see below)
 //   the math: D::Relu, D::Leaky{slope}, D::Elu{alpha}, D::EluBwdResult{alpha},

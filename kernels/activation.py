@@ -1,50 +1,89 @@
-"""Triton kernels of the activation family and their launchers (tensors in, tensors out).
+"""Triton kernels of the activation family and their launchers.
 
-Elementwise kernels walk memory order: the launchers lay the output out as torch's elementwise ops
-do (`dense_like`) and bring inputs to that layout. Half types compute in float32, float64 stays
-float64. Everything here runs under TRITON_INTERPRET=1 too: no libdevice, so tanh and expm1 are
-built from `tl.exp` with a short Taylor series near zero, where `exp(x) - 1` would cancel.
+The launchers are pure kernels: the host side (argument checks, output allocation, layout, in-place
+rules) lives in C++ (csrc/activation.h) for every backend. A launcher receives checked, allocated
+tensors on one device and only launches; it returns None. Elementwise launchers walk `numel`
+elements in memory order from each data pointer: their tensors are non-overlapping and dense with
+identical strides (channels_last and transposed layouts included), and `out` may be `x` itself
+(in place). Masks are contiguous uint8, bit i % 8 of byte i // 8 for element i.
+
+Half types compute in float32, float64 stays float64. Everything here also runs under
+TRITON_INTERPRET=1: no libdevice, so tanh and expm1 are built from `tl.exp` with a short Taylor
+series near zero, where `exp(x) - 1` would cancel. Every global a kernel reads is a `tl.constexpr`
+(compiled Triton refuses plain module globals), and every offset is int64.
 """
-import numpy as np
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
-# Elementwise programs cover BYTES mask bytes = 8 * BYTES elements.
+# Elementwise programs cover BYTES mask bytes = BITS * BYTES elements.
 BYTES: tl.constexpr = tl.constexpr(128)
+BITS: tl.constexpr = tl.constexpr(8)
 # Below this |x|, tanh and expm1 use their Taylor series: the truncation error there is under
 # 1e-12 relative, and above it exp-based formulas lose at most ~3 bits to cancellation.
 SERIES_BELOW: tl.constexpr = tl.constexpr(0.15)
+# Maxout output elements per program.
+MAXOUT_BLOCK: tl.constexpr = tl.constexpr(512)
+
+# Op selectors, one value each across the family, so that a selector handed to the wrong kernel
+# matches no branch and fails to compile instead of running another op.
+OP_RELU: tl.constexpr = tl.constexpr(0)
+OP_LEAKY_RELU: tl.constexpr = tl.constexpr(1)
+OP_ELU: tl.constexpr = tl.constexpr(2)
+OP_SIGMOID: tl.constexpr = tl.constexpr(3)
+OP_TANH: tl.constexpr = tl.constexpr(4)
+OP_ELU_RESULT_BWD: tl.constexpr = tl.constexpr(5)
+OP_ELU_INPUT_BWD: tl.constexpr = tl.constexpr(6)
+OP_SIGMOID_BWD: tl.constexpr = tl.constexpr(7)
+OP_TANH_BWD: tl.constexpr = tl.constexpr(8)
+
+MASKED_OPS = {"relu": OP_RELU.value, "leaky_relu": OP_LEAKY_RELU.value}
+UNARY_OPS = {"elu": OP_ELU.value, "sigmoid": OP_SIGMOID.value, "tanh": OP_TANH.value}
+BINARY_BWD_OPS = {"elu_result": OP_ELU_RESULT_BWD.value, "elu_input": OP_ELU_INPUT_BWD.value,
+                  "sigmoid": OP_SIGMOID_BWD.value, "tanh": OP_TANH_BWD.value}
+
+# torch dtype -> (Triton pointer element type name, compute dtype)
+DTYPES = {
+    torch.float64: ("fp64", tl.float64),
+    torch.float32: ("fp32", tl.float32),
+    torch.float16: ("fp16", tl.float32),
+    torch.bfloat16: ("bf16", tl.float32),
+}
 
 
-def dense_like(x):
-    """(input in the output's layout, output): torch's empty_like keeps a dense input's strides."""
-    out = torch.empty_like(x)
-    return (x if x.stride() == out.stride() else out.copy_(x)), out
+def _op(table, kind, op):
+    try:
+        return table[op]
+    except KeyError:
+        raise ValueError(f"pyops.kernels.activation.{kind}: unknown op {op!r}, expected one of {sorted(table)}") \
+            from None
 
 
-def inplace_target(x, inplace):
-    """(kernel input, kernel output, finish): in place, the kernel writes over a dense x (a dense
-    copy of it otherwise, which finish() copies back); finish() returns what the op returns."""
-    src, out = dense_like(x)
-    if not inplace:
-        return src, out, lambda: out
-    return src, src, lambda: x if src is x else x.copy_(src)
+def _compute(t):
+    return DTYPES[t.dtype][1]
 
 
-def _compute_dtype(t):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
+def f64_halves(v):
+    """v's float64 bit pattern as (high, low) signed 32-bit integers. Compiled Triton passes Python
+    floats as float32, which rounds and turns |v| > 3.4e38 into inf; two int32 halves (never
+    specialised, so one compiled kernel serves every value) carry any float64 exactly, inf, NaN,
+    -0.0 and denormals included. `_f64` rebuilds it in the kernel."""
+    (bits,) = struct.unpack("<q", struct.pack("<d", float(v)))
+    low = bits & 0xFFFFFFFF
+    return bits >> 32, low - (1 << 32) if low >= 1 << 31 else low
 
 
-def split_scalar(v):
-    """v as hi + lo, both exact in float32: compiled Triton passes Python floats as float32, and
-    hi + lo, summed in float64 inside the kernel, keeps ~48 bits of v for float64 tensors."""
-    hi = float(np.float32(v))
-    return hi, float(np.float32(v - hi))
+@triton.jit
+def _f64(hi, lo):
+    """The float64 whose bit pattern f64_halves split into hi and lo."""
+    bits = (tl.cast(hi, tl.int64) << 32) | tl.cast(tl.cast(lo, tl.uint32, bitcast=True), tl.int64)
+    return tl.cast(bits, tl.float64, bitcast=True)
 
 
 def _grid(n):
-    return (triton.cdiv(triton.cdiv(n, 8), BYTES.value),)
+    return (triton.cdiv(triton.cdiv(n, BITS.value), BYTES.value),)
 
 
 # Compiled Triton materialises Python float literals as float32, so the series below use only
@@ -81,172 +120,132 @@ def _expm1(x):
 
 @triton.jit
 def _offsets_2d(n):
-    """Element offsets of this program as [BYTES, 8] (row b = mask byte b), int64, and their mask."""
+    """Element offsets of this program as [BYTES, BITS] (row b = mask byte b), int64, and their mask."""
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BYTES + tl.arange(0, BYTES)
-    offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
+    rows = pid * BYTES + tl.arange(0, BYTES).to(tl.int64)
+    offs = rows[:, None] * BITS + tl.arange(0, BITS).to(tl.int64)[None, :]
     return rows, offs, offs < n
 
 
 # ---- ReLU / LeakyReLU with a 1-bit mask ---------------------------------------------------------
-@triton.jit
-def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope_hi, slope_lo, IS_RELU: tl.constexpr,
+@triton.jit(do_not_specialize=["slope_hi", "slope_lo"])
+def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope_hi, slope_lo, OP: tl.constexpr,
                        COMPUTE: tl.constexpr):
     rows, offs, inb = _offsets_2d(n)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     # pos: where the gradient flows unchanged, as torch decides it: relu's backward tests the
     # output (NaN passes, and stays NaN), leaky_relu's the input (NaN takes the slope).
-    if IS_RELU:
+    if OP == OP_RELU:
         pos = (x <= 0) == 0
-        neg = tl.zeros_like(x)
+        # torch's relu keeps x where x is not negative: -0.0 stays -0.0, NaN stays NaN
+        y = tl.where(x < 0, tl.zeros_like(x), x)
     else:
+        tl.static_assert(OP == OP_LEAKY_RELU)
         pos = x > 0
-        neg = x * (tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE))
-    tl.store(out_ptr + offs, tl.where(pos, x, neg).to(out_ptr.dtype.element_ty), mask=inb)
-    bits = tl.sum(pos.to(tl.int32) << tl.arange(0, 8)[None, :], axis=1)
-    tl.store(mask_ptr + rows, bits.to(tl.uint8), mask=rows < tl.cdiv(n, 8))
+        y = tl.where(pos, x, x * _f64(slope_hi, slope_lo).to(COMPUTE))
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inb)
+    bits = tl.sum(pos.to(tl.int32) << tl.arange(0, BITS)[None, :], axis=1)
+    tl.store(mask_ptr + rows, bits.to(tl.uint8), mask=rows < tl.cdiv(n, BITS))
 
 
-@triton.jit
-def _masked_bwd_kernel(g_ptr, mask_ptr, gi_ptr, n, slope_hi, slope_lo, IS_RELU: tl.constexpr,
+@triton.jit(do_not_specialize=["slope_hi", "slope_lo"])
+def _masked_bwd_kernel(g_ptr, mask_ptr, gi_ptr, n, slope_hi, slope_lo, OP: tl.constexpr,
                        COMPUTE: tl.constexpr):
     rows, offs, inb = _offsets_2d(n)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
-    bits = tl.load(mask_ptr + rows, mask=rows < tl.cdiv(n, 8), other=0).to(tl.int32)
-    pos = ((bits[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0
-    if IS_RELU:
+    bits = tl.load(mask_ptr + rows, mask=rows < tl.cdiv(n, BITS), other=0).to(tl.int32)
+    pos = ((bits[:, None] >> tl.arange(0, BITS)[None, :]) & 1) != 0
+    if OP == OP_RELU:
         neg = tl.zeros_like(g)
     else:
-        neg = g * (tl.cast(slope_hi, COMPUTE) + tl.cast(slope_lo, COMPUTE))
+        tl.static_assert(OP == OP_LEAKY_RELU)
+        neg = g * _f64(slope_hi, slope_lo).to(COMPUTE)
     tl.store(gi_ptr + offs, tl.where(pos, g, neg).to(gi_ptr.dtype.element_ty), mask=inb)
 
 
-def _masked_fwd(x, slope, is_relu, inplace):
-    src, out, finish = inplace_target(x, inplace)
+def masked_fwd(x, out, mask, op, negative_slope):
+    """out = x where pos else (relu: 0, leaky_relu: x * negative_slope); bit i of mask = pos_i, with
+    pos = not (x <= 0) for relu (NaN passes; -0.0 stays -0.0, as torch.relu) and x > 0 for leaky_relu."""
+    sel = _op(MASKED_OPS, "masked_fwd", op)
     n = x.numel()
-    mask = torch.empty(triton.cdiv(n, 8), dtype=torch.uint8, device=x.device)
     if n:
-        _masked_fwd_kernel[_grid(n)](src, out, mask, n, *split_scalar(slope), IS_RELU=is_relu,
-                                     COMPUTE=_compute_dtype(x))
-    return finish(), mask
+        _masked_fwd_kernel[_grid(n)](x, out, mask, n, *f64_halves(negative_slope), OP=sel, COMPUTE=_compute(x))
 
 
-def _masked_bwd(grad_out, mask, slope, is_relu):
-    g, gi = dense_like(grad_out)
-    n = g.numel()
+def masked_bwd(grad, mask, grad_in, op, negative_slope):
+    """grad_in = grad where the mask bit is set, else (relu: 0, leaky_relu: grad * negative_slope)."""
+    sel = _op(MASKED_OPS, "masked_bwd", op)
+    n = grad.numel()
     if n:
-        _masked_bwd_kernel[_grid(n)](g, mask, gi, n, *split_scalar(slope), IS_RELU=is_relu,
-                                     COMPUTE=_compute_dtype(g))
-    return gi
-
-
-def relu_fwd(x, inplace=False):
-    return _masked_fwd(x, 0.0, True, inplace)
-
-
-def relu_bwd(grad_out, mask):
-    return _masked_bwd(grad_out, mask, 0.0, True)
-
-
-def leaky_relu_fwd(x, negative_slope, inplace=False):
-    return _masked_fwd(x, negative_slope, False, inplace)
-
-
-def leaky_relu_bwd(grad_out, mask, negative_slope):
-    return _masked_bwd(grad_out, mask, negative_slope, False)
+        _masked_bwd_kernel[_grid(n)](grad, mask, grad_in, n, *f64_halves(negative_slope), OP=sel,
+                                     COMPUTE=_compute(grad))
 
 
 # ---- ELU, sigmoid, tanh ------------------------------------------------------------------------
-ELU, SIGMOID, TANH = 0, 1, 2
-ELU_RESULT, ELU_INPUT, SIGMOID_BWD, TANH_BWD = 0, 1, 2, 3
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["alpha_hi", "alpha_lo"])
 def _unary_kernel(x_ptr, out_ptr, n, alpha_hi, alpha_lo, OP: tl.constexpr, COMPUTE: tl.constexpr):
     _, offs, inb = _offsets_2d(n)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
-    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
-    if OP == 0:  # ELU
-        y = tl.where(x > 0, x, alpha * _expm1(x))
-    elif OP == 1:  # SIGMOID
+    if OP == OP_ELU:
+        # x where x is not negative, as torch's elu: ±0 and NaN pass unchanged whatever alpha is
+        y = tl.where(x < 0, _f64(alpha_hi, alpha_lo).to(COMPUTE) * _expm1(x), x)
+    elif OP == OP_SIGMOID:
         y = 1.0 / (1.0 + tl.exp(-x))
-    else:  # TANH
+    else:
+        tl.static_assert(OP == OP_TANH)
         y = _tanh(x)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["alpha_hi", "alpha_lo"])
 def _binary_bwd_kernel(g_ptr, s_ptr, gi_ptr, n, alpha_hi, alpha_lo, OP: tl.constexpr, COMPUTE: tl.constexpr):
     _, offs, inb = _offsets_2d(n)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
-    alpha = tl.cast(alpha_hi, COMPUTE) + tl.cast(alpha_lo, COMPUTE)
     s = tl.load(s_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
-    if OP == 0:  # ELU from its output: out + alpha where out <= 0
-        gi = tl.where(s <= 0, g * (s + alpha), g)
-    elif OP == 1:  # ELU from its input
-        gi = tl.where(s <= 0, g * alpha * tl.exp(s), g)
-    elif OP == 2:  # SIGMOID
+    if OP == OP_ELU_RESULT_BWD:  # s = elu's output: out + alpha = alpha exp(x) where out <= 0
+        gi = tl.where(s <= 0, g * (s + _f64(alpha_hi, alpha_lo).to(COMPUTE)), g)
+    elif OP == OP_ELU_INPUT_BWD:  # s = elu's input
+        gi = tl.where(s <= 0, g * _f64(alpha_hi, alpha_lo).to(COMPUTE) * tl.exp(s), g)
+    elif OP == OP_SIGMOID_BWD:
         gi = g * (1.0 - s) * s
-    else:  # TANH
+    else:
+        tl.static_assert(OP == OP_TANH_BWD)
         gi = g * (1.0 - s * s)
     tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=inb)
 
 
-def _unary(x, op, alpha=0.0, inplace=False):
-    src, out, finish = inplace_target(x, inplace)
+def unary(x, out, op, alpha):
+    """out = elu: x < 0 ? alpha * expm1(x) : x; sigmoid: 1 / (1 + exp(-x)); tanh: tanh(x).
+    alpha is read by elu only."""
+    sel = _op(UNARY_OPS, "unary", op)
     n = x.numel()
     if n:
-        _unary_kernel[_grid(n)](src, out, n, *split_scalar(alpha), OP=op, COMPUTE=_compute_dtype(x))
-    return finish()
+        _unary_kernel[_grid(n)](x, out, n, *f64_halves(alpha), OP=sel, COMPUTE=_compute(x))
 
 
-def _binary_bwd(grad_out, saved, op, alpha=0.0):
-    s, gi = dense_like(saved)
-    g = grad_out if grad_out.stride() == gi.stride() else torch.empty_like(gi).copy_(grad_out)  # gi's layout
-    n = g.numel()
+def binary_bwd(grad, saved, grad_in, op, alpha):
+    """grad_in from grad g and the saved tensor s: elu_result (s = output): s <= 0 ? g (s + alpha) : g;
+    elu_input (s = input): s <= 0 ? g alpha exp(s) : g; sigmoid: g (1 - s) s; tanh: g (1 - s^2)."""
+    sel = _op(BINARY_BWD_OPS, "binary_bwd", op)
+    n = grad.numel()
     if n:
-        _binary_bwd_kernel[_grid(n)](g, s, gi, n, *split_scalar(alpha), OP=op, COMPUTE=_compute_dtype(g))
-    return gi
-
-
-def elu_fwd(x, alpha, inplace=False):
-    return _unary(x, ELU, alpha, inplace)
-
-
-def elu_bwd(grad_out, saved, alpha, is_result):
-    return _binary_bwd(grad_out, saved, ELU_RESULT if is_result else ELU_INPUT, alpha)
-
-
-def sigmoid_fwd(x):
-    return _unary(x, SIGMOID)
-
-
-def sigmoid_bwd(grad_out, out):
-    return _binary_bwd(grad_out, out, SIGMOID_BWD)
-
-
-def tanh_fwd(x):
-    return _unary(x, TANH)
-
-
-def tanh_bwd(grad_out, out):
-    return _binary_bwd(grad_out, out, TANH_BWD)
+        _binary_bwd_kernel[_grid(n)](grad, saved, grad_in, n, *f64_halves(alpha), OP=sel, COMPUTE=_compute(grad))
 
 
 # ---- Maxout ------------------------------------------------------------------------------------
-MAXOUT_BLOCK = 512  # output elements per program
-
-
-@triton.jit
+# pieces (1 to 256) only bounds a loop: not specialised, so it is always an i32 and pieces == 1
+# compiles nothing new.
+@triton.jit(do_not_specialize=["pieces"])
 def _maxout_fwd_kernel(x_ptr, out_ptr, idx_ptr, count, inner, pieces, BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     inb = e < count
-    grp = e // inner
-    src = grp * pieces * inner + (e - grp * inner)
+    inner64 = tl.cast(inner, tl.int64)
+    row = e // inner64  # (outer, group) of output element e
+    src = row * tl.cast(pieces, tl.int64) * inner64 + (e - row * inner64)
     best = tl.load(x_ptr + src, mask=inb, other=0.0)
     bi = tl.zeros([BLOCK], dtype=tl.int32)
     for k in range(1, pieces):
-        v = tl.load(x_ptr + src + k * inner, mask=inb, other=0.0)
+        v = tl.load(x_ptr + src + tl.cast(k, tl.int64) * inner64, mask=inb, other=0.0)
         take = (v > best) | ((v != v) & (best == best))  # first maximum; NaN propagates
         best = tl.where(take, v, best)
         bi = tl.where(take, k, bi)
@@ -254,47 +253,80 @@ def _maxout_fwd_kernel(x_ptr, out_ptr, idx_ptr, count, inner, pieces, BLOCK: tl.
     tl.store(idx_ptr + e, bi.to(tl.uint8), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pieces"])
 def _maxout_bwd_kernel(g_ptr, idx_ptr, gi_ptr, count, inner, pieces, BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     inb = e < count
-    grp = e // inner
-    dst = grp * pieces * inner + (e - grp * inner)
+    inner64 = tl.cast(inner, tl.int64)
+    row = e // inner64
+    dst = row * tl.cast(pieces, tl.int64) * inner64 + (e - row * inner64)
     g = tl.load(g_ptr + e, mask=inb, other=0.0)
     bi = tl.load(idx_ptr + e, mask=inb, other=0).to(tl.int32)
     for k in range(0, pieces):
-        tl.store(gi_ptr + dst + k * inner, tl.where(bi == k, g, tl.zeros_like(g)), mask=inb)
+        tl.store(gi_ptr + dst + tl.cast(k, tl.int64) * inner64, tl.where(bi == k, g, tl.zeros_like(g)), mask=inb)
 
 
-def _maxout_inner(shape, dim):
-    inner = 1
-    for s in shape[dim + 1:]:
-        inner *= s
-    return inner
-
-
-def maxout_fwd(x, pieces, dim):
-    """Assumes checked arguments (dim wrapped, pieces divides x.shape[dim])."""
-    shape = list(x.shape)
-    shape[dim] //= pieces
-    x = x.contiguous()
-    out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    idx = torch.empty(shape, dtype=torch.uint8, device=x.device)
+def maxout_fwd(x, out, indices, inner, pieces):
+    """x contiguous as [outer, groups * pieces, inner]; out and indices (uint8) contiguous as
+    [outer, groups, inner]: out = max over the pieces of each group, indices = the first maximal
+    piece; NaN propagates (as torch.max)."""
     count = out.numel()
     if count:
-        grid = (triton.cdiv(count, MAXOUT_BLOCK),)
-        _maxout_fwd_kernel[grid](x, out, idx, count, _maxout_inner(shape, dim), pieces, BLOCK=MAXOUT_BLOCK)
-    return out, idx
+        grid = (triton.cdiv(count, MAXOUT_BLOCK.value),)
+        _maxout_fwd_kernel[grid](x, out, indices, count, inner, pieces, BLOCK=MAXOUT_BLOCK.value)
 
 
-def maxout_bwd(grad_out, indices, pieces, dim):
-    shape = list(grad_out.shape)
-    shape[dim] *= pieces
-    g = grad_out.contiguous()
-    gi = torch.empty(shape, dtype=g.dtype, device=g.device)
-    count = g.numel()
+def maxout_bwd(grad, indices, grad_in, inner, pieces):
+    """grad_in (contiguous [outer, groups * pieces, inner]) = grad at the piece indices names, 0 elsewhere."""
+    count = grad.numel()
     if count:
-        grid = (triton.cdiv(count, MAXOUT_BLOCK),)
-        _maxout_bwd_kernel[grid](g, indices.contiguous(), gi, count, _maxout_inner(shape, dim), pieces,
-                                 BLOCK=MAXOUT_BLOCK)
-    return gi
+        grid = (triton.cdiv(count, MAXOUT_BLOCK.value),)
+        _maxout_bwd_kernel[grid](grad, indices, grad_in, count, inner, pieces, BLOCK=MAXOUT_BLOCK.value)
+
+
+# ---- ahead-of-time compilation -----------------------------------------------------------------
+# How Triton types a launch's size argument: i32 below 2^31, i64 above, the constant 1 folded in.
+# ":16" hints it divisible by 16 (vector loads and stores), the common case and the harder code.
+INT_FORMS = ("i32:16", "i64:16", 1)
+# maxout's (count, inner): inner divides count, so it is never wider than count, and 1 where count
+# is 1 (pieces is never specialised)
+MAXOUT_SIZE_FORMS = (("i32:16", "i32:16"), ("i32:16", 1), ("i64:16", "i32:16"), ("i64:16", "i64:16"),
+                     ("i64:16", 1), (1, 1))
+
+
+def _int_args(sig, consts, **forms):
+    for name, form in forms.items():
+        if form == 1:
+            consts[name] = 1
+        else:
+            sig[name] = form
+    return "".join(f",{name}:{form}" for name, form in forms.items())
+
+
+def aot_variants():
+    """Every specialisation the launchers above can launch, for ahead-of-time compilation (tests):
+    (label, jit function, signature {runtime argument: Triton type}, constexprs {name: value}), from
+    the tables the launchers use: each dtype, op and form of the size arguments."""
+    variants = []
+    elementwise = [("masked_fwd", _masked_fwd_kernel, MASKED_OPS, ("x_ptr", "out_ptr"), ("mask_ptr",), "slope"),
+                   ("masked_bwd", _masked_bwd_kernel, MASKED_OPS, ("g_ptr", "gi_ptr"), ("mask_ptr",), "slope"),
+                   ("unary", _unary_kernel, UNARY_OPS, ("x_ptr", "out_ptr"), (), "alpha"),
+                   ("binary_bwd", _binary_bwd_kernel, BINARY_BWD_OPS, ("g_ptr", "s_ptr", "gi_ptr"), (), "alpha")]
+    maxout = [("maxout_fwd", _maxout_fwd_kernel, ("x_ptr", "out_ptr"), "idx_ptr"),
+              ("maxout_bwd", _maxout_bwd_kernel, ("g_ptr", "gi_ptr"), "idx_ptr")]
+    for dtype, (ty, compute) in DTYPES.items():
+        for launcher, kernel, ops, data, masks, scalar in elementwise:
+            for op, sel in ops.items():
+                for n in INT_FORMS:
+                    sig = {a: f"*{ty}" for a in data} | {m: "*u8" for m in masks}
+                    sig |= {f"{scalar}_hi": "i32", f"{scalar}_lo": "i32"}  # f64_halves, never specialised
+                    consts = {"OP": sel, "COMPUTE": compute}
+                    label = f"{launcher}[{op},{ty}{_int_args(sig, consts, n=n)}]"
+                    variants.append((label, kernel, sig, consts))
+        for launcher, kernel, data, idx in maxout:
+            for count, inner in MAXOUT_SIZE_FORMS:
+                sig = {a: f"*{ty}" for a in data} | {idx: "*u8", "pieces": "i32"}
+                consts = {"BLOCK": MAXOUT_BLOCK.value}
+                label = f"{launcher}[{ty}{_int_args(sig, consts, count=count, inner=inner)}]"
+                variants.append((label, kernel, sig, consts))
+    return variants

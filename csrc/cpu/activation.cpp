@@ -28,7 +28,7 @@ using at::vec::Vectorized;
 
 constexpr int64_t kGrain = 32768;  // elements per task (torch's at::internal::GRAIN_SIZE)
 
-// ---- ReLU / LeakyReLU: out = pass(x) ? x : neg(x), and a 1-bit mask pass(x) ---------------------
+// ---- ReLU / LeakyReLU: out = pass(x) ? x : out_other(x), and a 1-bit mask pass(x) ---------------
 // pass(x) is where the gradient flows unchanged, as torch decides it: relu's backward tests the
 // output (!(y <= 0), so NaN passes), leaky_relu's the input (x > 0, so NaN takes the slope).
 // Blocks of 64 elements fill one uint64 of mask; float16/bfloat16 go through a float buffer.
@@ -87,7 +87,7 @@ void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, 
     for (int64_t j = 0; j < kBlock; j += fVec::size()) {
       const fVec v = fVec::loadu(src + j);
       const fVec pass = op.pass(v);
-      vec::store(fVec::blendv(op.neg(v), v, pass), dst + j, stream);
+      vec::store(fVec::blendv(op.out_other(v), v, pass), dst + j, stream);
       bits |= uint64_t(vec::movemask(pass)) << j;
     }
     std::memcpy(mask + b * 8, &bits, 8);  // little-endian: byte k holds elements 8k..8k+7
@@ -97,14 +97,14 @@ void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, 
     for (int64_t j = 0; j < 8 && base + j < n; ++j) {
       const opmath_t v = x[base + j];
       const bool pass = op.pass(v);
-      out[base + j] = pass ? v : op.neg(v);
+      out[base + j] = pass ? v : op.out_other(v);
       bits |= uint8_t(pass) << j;
     }
     mask[base / 8] = bits;
   }
 }
 
-// grad_in = bit ? g : neg(g)
+// grad_in = bit ? g : grad_other(g)
 template <typename scalar_t, typename Op>
 void masked_backward(const scalar_t* g, const uint8_t* mask, scalar_t* gi, int64_t n, const Op& op) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -117,12 +117,12 @@ void masked_backward(const scalar_t* g, const uint8_t* mask, scalar_t* gi, int64
     for (int64_t j = 0; j < kBlock; j += fVec::size()) {
       const fVec v = fVec::loadu(src + j);
       const fVec pass = vec::expand_bits<opmath_t>(uint32_t((bits >> j) & kLaneBits));
-      vec::store(fVec::blendv(op.neg(v), v, pass), dst + j, stream);
+      vec::store(fVec::blendv(op.grad_other(v), v, pass), dst + j, stream);
     }
   });
   for (int64_t i = done; i < n; ++i) {
     const opmath_t v = g[i];
-    gi[i] = ((mask[i / 8] >> (i % 8)) & 1) ? v : op.neg(v);
+    gi[i] = ((mask[i / 8] >> (i % 8)) & 1) ? v : op.grad_other(v);
   }
 }
 
@@ -177,15 +177,20 @@ struct Math {
   struct Relu {  // NaN passes (and stays NaN); every other non-positive value -> 0; gradient too
     template <typename T> bool pass(T v) const { return !(v <= T(0)); }
     template <typename T> Vectorized<T> pass(const Vectorized<T>& v) const { return (v > Vectorized<T>(0)) | v.isnan(); }
-    template <typename T> T neg(T) const { return T(0); }
-    template <typename T> Vectorized<T> neg(const Vectorized<T>&) const { return Vectorized<T>(0); }
+    // the output where x <= 0: 0, but -0.0 stays itself (torch's relu is x < 0 ? 0 : x)
+    template <typename T> T out_other(T v) const { return v == T(0) ? v : T(0); }
+    template <typename T> Vectorized<T> out_other(const Vectorized<T>& v) const { return v & (v == Vectorized<T>(0)); }
+    template <typename T> T grad_other(T) const { return T(0); }
+    template <typename T> Vectorized<T> grad_other(const Vectorized<T>&) const { return Vectorized<T>(0); }
   };
   struct Leaky {  // forward's and gradient's other branch: * slope
     double slope;
     template <typename T> bool pass(T v) const { return v > T(0); }
     template <typename T> Vectorized<T> pass(const Vectorized<T>& v) const { return v > Vectorized<T>(0); }
-    template <typename T> T neg(T v) const { return v * T(slope); }
-    template <typename T> Vectorized<T> neg(const Vectorized<T>& v) const { return v * Vectorized<T>(T(slope)); }
+    template <typename T> T out_other(T v) const { return v * T(slope); }
+    template <typename T> Vectorized<T> out_other(const Vectorized<T>& v) const { return v * Vectorized<T>(T(slope)); }
+    template <typename T> T grad_other(T v) const { return out_other(v); }
+    template <typename T> Vectorized<T> grad_other(const Vectorized<T>& v) const { return out_other(v); }
   };
 
   // The math of the elementwise ops, on Vectorized<opmath_t>.
@@ -193,7 +198,8 @@ struct Math {
     double alpha;
     template <typename T>
     Vectorized<T> operator()(const Vectorized<T>& x) const {
-      return Vectorized<T>::blendv(Vectorized<T>(T(alpha)) * elu_expm1(x), x, x > Vectorized<T>(0));
+      // x >= 0 (not > 0): at +-0 torch returns x itself, whatever alpha (inf * 0 would be NaN)
+      return Vectorized<T>::blendv(Vectorized<T>(T(alpha)) * elu_expm1(x), x, x >= Vectorized<T>(0));
     }
   };
   struct EluBwdResult {  // saved = out: d out / dx = out + alpha where out <= 0

@@ -64,7 +64,7 @@ __device__ __forceinline__ void store8(T* p, int64_t base, int64_t n, bool vec, 
 #define PYOPS_GRID_STRIDE(i, count) \
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (count); i += int64_t(gridDim.x) * blockDim.x)
 
-// out = pass(x) ? x : neg(x); mask bit = pass(x) (where the gradient flows unchanged)
+// out = pass(x) ? x : out_other(x); mask bit = pass(x) (where the gradient flows unchanged)
 template <typename T, typename Op>
 __global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, bool vec, Op op) {
   using opmath_t = at::opmath_type<T>;
@@ -76,7 +76,7 @@ __global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, 
     for (int j = 0; j < kElems; ++j) {
       const opmath_t a = v[j];
       const bool pos = op.pass(a);
-      o[j] = pos ? a : op.neg(a);
+      o[j] = pos ? a : op.out_other(a);
       bits |= uint8_t(pos) << j;
     }
     store8(out, b * kElems, n, vec, o);
@@ -84,7 +84,7 @@ __global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, 
   }
 }
 
-// grad_in = bit ? g : neg(g)
+// grad_in = bit ? g : grad_other(g)
 template <typename T, typename Op>
 __global__ void masked_bwd_kernel(const T* g, const uint8_t* mask, T* gi, int64_t n, bool vec, Op op) {
   using opmath_t = at::opmath_type<T>;
@@ -95,7 +95,7 @@ __global__ void masked_bwd_kernel(const T* g, const uint8_t* mask, T* gi, int64_
 #pragma unroll
     for (int j = 0; j < kElems; ++j) {
       const opmath_t a = v[j];
-      o[j] = ((bits >> j) & 1) ? a : op.neg(a);
+      o[j] = ((bits >> j) & 1) ? a : op.grad_other(a);
     }
     store8(gi, b * kElems, n, vec, o);
   }
@@ -140,16 +140,20 @@ struct Math {  // for the device struct below (csrc/activation.h)
   // (!(y <= 0): NaN passes and stays NaN), leaky_relu's the input (x > 0: NaN takes the slope).
   struct Relu {
     template <typename T> __device__ bool pass(T v) const { return !(v <= T(0)); }
-    template <typename T> __device__ T neg(T) const { return T(0); }
+    // the output where x <= 0: 0, but -0.0 stays itself (torch's relu is x < 0 ? 0 : x)
+    template <typename T> __device__ T out_other(T v) const { return v == T(0) ? v : T(0); }
+    template <typename T> __device__ T grad_other(T) const { return T(0); }
   };
   struct Leaky {  // forward's and gradient's other branch: * slope
     double slope;
     template <typename T> __device__ bool pass(T v) const { return v > T(0); }
-    template <typename T> __device__ T neg(T v) const { return v * T(slope); }
+    template <typename T> __device__ T out_other(T v) const { return v * T(slope); }
+    template <typename T> __device__ T grad_other(T v) const { return v * T(slope); }
   };
   struct Elu {
     double alpha;
-    template <typename T> __device__ T operator()(T x) const { return x > T(0) ? x : T(alpha) * expm1_(x); }
+    // x >= 0 (not > 0): at +-0 torch returns x itself, whatever alpha (inf * 0 would be NaN)
+    template <typename T> __device__ T operator()(T x) const { return x >= T(0) ? x : T(alpha) * expm1_(x); }
   };
   struct EluBwdResult {  // d out / dx = out + alpha where out <= 0
     double alpha;
