@@ -126,6 +126,7 @@ struct Activation {
                 " but grad_out is on ", grad_out.device());
     check_same_shape("maxout_bwd", "grad_out", grad_out, "indices", indices);
     TORCH_CHECK(grad_out.dim() > 0, "pyops::maxout_bwd: grad_out must have at least one dimension");
+    check_dim("maxout_bwd", dim, grad_out.dim());
     typename D::Guard guard(grad_out);
     auto sizes = grad_out.sizes().vec();
     sizes[c10::maybe_wrap_dim(dim, grad_out.dim())] *= pieces;

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 import torch  # noqa: F401  (loads libtorch before pyops._C)
 
 from . import _C  # noqa: F401
-from .backend import BACKENDS, available_backends, backend
+from .backend import BACKENDS, available_backends, backend, current as current_backend
 from . import functional, nn, optim  # noqa: E402
 from .convert import convert
 from .info import info, saved_bytes
 
-__all__ = ["backend", "available_backends", "BACKENDS", "functional", "nn", "optim", "convert", "info", "saved_bytes"]
+__all__ = ["backend", "current_backend", "available_backends", "BACKENDS", "functional", "nn", "optim", "convert", "info", "saved_bytes"]

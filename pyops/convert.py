@@ -14,15 +14,40 @@ def _activation(m):
     }.get(type(m))
 
 
+# What a replacement takes over from the module it replaces: its hooks and flags, as they are.
+_CARRIED = ("training", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+            "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+            "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+            "_load_state_dict_post_hooks")
+
+
+def _replacement(m, done):
+    """The pyops module standing for m (the same one for every place m is used), or None."""
+    if id(m) in done:
+        return done[id(m)]
+    make = _activation(m)
+    new = None
+    if make is not None:
+        new = make()
+        for attr in _CARRIED:
+            if hasattr(m, attr):
+                setattr(new, attr, getattr(m, attr))
+    done[id(m)] = new
+    return new
+
+
 def convert(model):
-    """Replace every torch module that has a pyops drop-in (exact type match) by it; returns model.
-    Parameters and buffers are shared, not copied, and training mode is kept."""
-    for name, child in model.named_children():
-        make = _activation(child)
-        if make is not None:
-            new = make()
-            new.train(child.training)
-            setattr(model, name, new)
-        else:
-            convert(child)
+    """Replace every torch module that has a pyops drop-in (exact type match) by it and return the
+    model (a replaced root comes back as its replacement). Parameters and buffers are shared, not
+    copied; training mode and hooks are kept; a module used at several places becomes one pyops
+    module used at the same places."""
+    done = {}
+    root = _replacement(model, done)
+    if root is not None:
+        return root
+    for module in list(model.modules()):
+        for name, child in list(module._modules.items()):  # named_children() skips a repeated child
+            new = _replacement(child, done) if child is not None else None
+            if new is not None:
+                setattr(module, name, new)
     return model

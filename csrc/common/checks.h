@@ -69,6 +69,11 @@ inline DenseLike dense_inplace(const at::Tensor& x) {
   return {copy, copy};
 }
 
+inline void check_dim(const char* op, int64_t dim, int64_t ndim) {
+  TORCH_CHECK(dim >= -ndim && dim < ndim, "pyops::", op, ": dim=", dim, " is out of range for a ", ndim,
+              "-d input");
+}
+
 // Maxout's view of a tensor: [outer, channels, inner] around dim.
 struct MaxoutShape {
   int64_t outer = 1, channels = 1, inner = 1, dim = 0;
@@ -76,6 +81,7 @@ struct MaxoutShape {
 
 inline MaxoutShape maxout_shape(const char* op, const at::Tensor& x, int64_t pieces, int64_t dim) {
   TORCH_CHECK(x.dim() > 0, "pyops::", op, ": input must have at least one dimension");
+  check_dim(op, dim, x.dim());
   MaxoutShape s;
   s.dim = c10::maybe_wrap_dim(dim, x.dim());
   TORCH_CHECK(pieces >= 1 && pieces <= 256, "pyops::", op, ": pieces must be in [1, 256], got ", pieces);

@@ -13,6 +13,8 @@ class ReLU(nn.ReLU):
     """torch.nn.ReLU on pyops kernels."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():  # TorchScript calls the op itself (registered in C++)
+            return torch.ops.pyops.relu_(input) if self.inplace else torch.ops.pyops.relu(input)
         return F.relu(input, inplace=self.inplace)
 
 
@@ -20,6 +22,10 @@ class LeakyReLU(nn.LeakyReLU):
     """torch.nn.LeakyReLU on pyops kernels."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            if self.inplace:
+                return torch.ops.pyops.leaky_relu_(input, self.negative_slope)
+            return torch.ops.pyops.leaky_relu(input, self.negative_slope)
         return F.leaky_relu(input, self.negative_slope, self.inplace)
 
 
@@ -27,6 +33,8 @@ class ELU(nn.ELU):
     """torch.nn.ELU on pyops kernels."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return torch.ops.pyops.elu_(input, self.alpha) if self.inplace else torch.ops.pyops.elu(input, self.alpha)
         return F.elu(input, self.alpha, self.inplace)
 
 
@@ -34,6 +42,8 @@ class Sigmoid(nn.Sigmoid):
     """torch.nn.Sigmoid on pyops kernels."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return torch.ops.pyops.sigmoid(input)
         return F.sigmoid(input)
 
 
@@ -41,6 +51,8 @@ class Tanh(nn.Tanh):
     """torch.nn.Tanh on pyops kernels."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return torch.ops.pyops.tanh(input)
         return F.tanh(input)
 
 
@@ -75,7 +87,10 @@ class Maxout(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input):
-        return F.maxout(torch.nn.functional.linear(input, self.weight, self.bias), self.pieces, dim=-1)
+        z = torch.nn.functional.linear(input, self.weight, self.bias)
+        if torch.jit.is_scripting():
+            return torch.ops.pyops.maxout(z, self.pieces, -1)
+        return F.maxout(z, self.pieces, dim=-1)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, pieces={self.pieces}, "

@@ -36,3 +36,7 @@ def define_launch(schema, launcher):
 
     for key in ("CPU", "CUDA"):
         LAUNCH_LIBRARY.impl(name, launch, key)
+
+
+# Every family registers its fake kernels and Triton launch ops on import.
+from . import activation  # noqa: E402,F401

@@ -1,0 +1,256 @@
+"""torch's semantics where users lean on them, and bad input that must never crash, for the
+activation family and the machinery every family shares (backend selection, convert, scripting)."""
+import math
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+import pyops
+import pyops.functional as PF
+import pyops.nn as pnn
+from pyops.ops import PRIMITIVES
+
+from oracle import assert_close
+
+CPU_KERNEL_BACKENDS = [b for b in pyops.available_backends("cpu") if b != "torch"]
+
+
+# ---- crashes: every primitive of every backend checks before it launches --------------------------
+_BAD_CALLS = """
+import torch
+from pyops.ops import PRIMITIVES
+x = torch.randn(40)
+mask = torch.zeros(5, dtype=torch.uint8)
+bad = {
+    "sigmoid_bwd: grad larger than the saved output": lambda o: o["sigmoid_bwd"](torch.randn(400), x),
+    "tanh_bwd: saved of another dtype": lambda o: o["tanh_bwd"](x, x.double()),
+    "elu_bwd: saved on another device": lambda o: o["elu_bwd"](x, x.to("meta"), 1.0, True),
+    "relu_bwd: empty mask": lambda o: o["relu_bwd"](x, torch.zeros(0, dtype=torch.uint8)),
+    "relu_bwd: short mask": lambda o: o["relu_bwd"](x, mask[:2]),
+    "relu_bwd: mask of another dtype": lambda o: o["relu_bwd"](x, torch.zeros(5)),
+    "relu_bwd: non-contiguous mask": lambda o: o["relu_bwd"](x, torch.zeros(10, dtype=torch.uint8)[::2]),
+    "leaky_relu_bwd: long mask": lambda o: o["leaky_relu_bwd"](x, torch.zeros(50, dtype=torch.uint8), 0.1),
+    "maxout_bwd: short indices": lambda o: o["maxout_bwd"](x, torch.zeros(3, dtype=torch.uint8), 2, 0),
+    "maxout_bwd: indices of another dtype": lambda o: o["maxout_bwd"](x, torch.zeros(40), 2, 0),
+    "maxout_fwd: pieces not dividing": lambda o: o["maxout_fwd"](x, 3, 0),
+    "maxout_fwd: pieces out of range": lambda o: o["maxout_fwd"](x, 0, 0),
+    "maxout_fwd: dim out of range": lambda o: o["maxout_fwd"](x, 2, 4),
+    "maxout_fwd: 0-d input": lambda o: o["maxout_fwd"](torch.tensor(1.0), 1, 0),
+    "relu_fwd: integer input": lambda o: o["relu_fwd"](torch.arange(4)),
+    "relu_fwd_: integer input in place": lambda o: o["relu_fwd_"](torch.arange(4)),
+    "elu_fwd_: complex input": lambda o: o["elu_fwd_"](torch.zeros(3, dtype=torch.complex64), 1.0),
+}
+for backend in BACKENDS:
+    for what, call in bad.items():
+        try:
+            call(PRIMITIVES[backend])
+        except (RuntimeError, ValueError, TypeError) as e:
+            assert "pyops" in str(e), (backend, what, str(e)[:200])
+        else:
+            raise AssertionError(f"{backend}: {what}: no error")
+print("all refused")
+"""
+
+
+def test_primitives_refuse_bad_input_without_crashing():
+    """Each bad argument to each primitive of each backend is an error naming the op, never a
+    signal (run in a subprocess, where a crash would show as one)."""
+    code = f"BACKENDS = {CPU_KERNEL_BACKENDS!r}\n" + _BAD_CALLS
+    env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert "all refused" in r.stdout
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("name,args", [("relu_fwd_", ()), ("leaky_relu_fwd_", (0.1,)), ("elu_fwd_", (1.0,))])
+def test_inplace_primitives_bump_the_version_once_and_refuse_leaves(backend, name, args):
+    op = PRIMITIVES[backend][name]
+    x = torch.randn(10)
+    v = x._version
+    op(x, *args)
+    assert x._version == v + 1
+    leaf = torch.randn(10, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        op(leaf, *args)
+
+
+# ---- the backend selection is per thread and per block ------------------------------------------
+def test_backend_selection_is_per_thread():
+    seen, entered, release = {}, threading.Event(), threading.Event()
+
+    def holder():
+        with pyops.backend("torch"):
+            entered.set()
+            release.wait(10)
+            seen["holder"] = pyops.current_backend()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    entered.wait(10)
+    seen["main"] = pyops.current_backend()
+    with pyops.backend("native"):  # exits on this thread restore this thread's choice only
+        pass
+    release.set()
+    t.join()
+    assert seen == {"holder": "torch", "main": "auto"}
+    assert pyops.current_backend() == "auto"
+
+
+def test_backend_as_decorator_holds_in_each_generator_resumption():
+    @pyops.backend("torch")
+    def gen():
+        for _ in range(2):
+            yield pyops.current_backend()
+
+    g = gen()
+    assert next(g) == "torch"
+    assert pyops.current_backend() == "auto"  # nothing leaks to the caller while suspended
+    assert next(g) == "torch"
+
+
+def test_nested_blocks_restore_in_order():
+    with pyops.backend("torch"):
+        with pyops.backend("native"):
+            assert pyops.current_backend() == "native"
+        assert pyops.current_backend() == "torch"
+    assert pyops.current_backend() == "auto"
+
+
+# ---- torch.compile and torch.export with dynamic shapes under `auto` ------------------------------
+def test_compile_dynamic_shapes_with_auto():
+    def f(x):
+        return PF.relu(x) + PF.elu(x) + PF.maxout(x, 2, 1) .sum() + PF.sigmoid(x) * PF.tanh(x)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in (3, 5, 1 << 15):  # across auto's CPU crossover sizes
+        x = torch.randn(batch, 4, requires_grad=True)
+        y = compiled(x)
+        y.sum().backward()
+        xr = x.detach().requires_grad_()
+        f(xr).sum().backward()
+        assert_close(y, f(x.detach()).double(), torch.float32)
+        assert_close(x.grad, xr.grad.double(), torch.float32)
+
+
+def test_export_with_a_dynamic_batch():
+    class M(nn.Module):
+        def forward(self, x):
+            return PF.leaky_relu(PF.relu(x), 0.2) * PF.sigmoid(x)
+
+    batch = torch.export.Dim("batch", min=2, max=1 << 20)
+    ep = torch.export.export(M(), (torch.randn(4, 3),), dynamic_shapes={"x": {0: batch}})
+    for n in (2, 7, 1 << 16):
+        x = torch.randn(n, 3)
+        assert_close(ep.module()(x), M()(x).double(), torch.float32)
+
+
+# ---- saved tensors, double backward --------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_elu_saves_its_input_as_torch(backend):
+    """torch's out-of-place elu saves its input, so its output can be modified in place."""
+    x = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(20, dtype=torch.float64)
+    with pyops.backend(backend):
+        out = PF.elu(x, 0.7)
+        out += res
+        out.sum().backward()
+    xr = x.detach().requires_grad_()
+    outr = TF.elu(xr, 0.7)
+    outr += res
+    outr.sum().backward()
+    assert_close(x.grad, xr.grad, torch.float64)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", ["relu", "leaky_relu"])
+def test_double_backward_through_masked_activations_is_zero(backend, name):
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    op = getattr(PF, name)
+    with pyops.backend(backend):
+        (g,) = torch.autograd.grad(op(x).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), x)
+    (gt,) = torch.autograd.grad(getattr(TF, name)(x).sum(), x, create_graph=True)
+    (ggt,) = torch.autograd.grad(gt.sum(), x)
+    assert torch.equal(gg, ggt) and not gg.any()
+
+
+# ---- scalars in every form torch accepts, of any magnitude ---------------------------------------
+@pytest.mark.parametrize("value", [np.float32(0.2), np.float64(0.3), torch.tensor(0.25), True, 2])
+def test_scalar_forms(value):
+    x = torch.randn(30, dtype=torch.float64)
+    with pyops.backend("native"):
+        assert_close(PF.leaky_relu(x, value), TF.leaky_relu(x, float(value)), torch.float64)
+        assert_close(PF.elu(x, value), TF.elu(x, float(value)), torch.float64)
+    m = pyops.convert(nn.Sequential(nn.LeakyReLU(value), nn.ELU(value)))
+    with pyops.backend("native"):
+        assert_close(m(x), TF.elu(TF.leaky_relu(x, float(value)), float(value)), torch.float64)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("value", [1e39, -1e39, 1e300, math.inf, -math.inf, 5e-324])
+def test_huge_and_non_finite_scalars_match_torch(backend, value):
+    x = torch.tensor([-3.0, -1e-3, -0.0, 0.0, 2.0, math.inf, -math.inf], dtype=torch.float64)
+    g = torch.linspace(-1, 1, 7, dtype=torch.float64)
+    for op, ref in [(PF.leaky_relu, TF.leaky_relu), (PF.elu, TF.elu)]:
+        xp, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with pyops.backend(backend):
+            y = op(xp, value)
+            y.backward(g)
+        yr = ref(xr, value)
+        yr.backward(g)
+        assert_close(y, yr, torch.float64)  # NaN and inf where torch has them, the rest to 1e-10
+        assert_close(xp.grad, xr.grad, torch.float64, what="gradient")
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS + ["torch"])
+def test_relu_keeps_negative_zero(backend):
+    x = torch.tensor([-0.0, 0.0, -2.0, math.nan])
+    with pyops.backend(backend):
+        y = PF.relu(x)
+        z = PF.relu(x.clone(), inplace=True)
+    for out in (y, z):
+        assert torch.equal(out.signbit(), TF.relu(x).signbit()) and out[3].isnan()
+
+
+# ---- convert keeps hooks and sharing, and converts the root ---------------------------------------
+def test_convert_keeps_hooks_sharing_and_converts_the_root():
+    shared, calls = nn.ReLU(), []
+    shared.register_forward_hook(lambda m, i, o: calls.append("fwd"))
+    shared.register_forward_pre_hook(lambda m, i: calls.append("pre"))
+    model = nn.Sequential(nn.Linear(3, 3), shared, nn.Linear(3, 3), shared, nn.Sequential(nn.Tanh()))
+    model.eval()
+    assert pyops.convert(model) is model
+    assert isinstance(model[1], pnn.ReLU) and model[1] is model[3] and isinstance(model[4][0], pnn.Tanh)
+    assert not model[1].training
+    model(torch.randn(2, 3))
+    assert calls == ["pre", "fwd", "pre", "fwd"]
+    root = pyops.convert(nn.LeakyReLU(0.3))
+    assert isinstance(root, pnn.LeakyReLU) and root.negative_slope == 0.3
+
+
+# ---- TorchScript and forward-mode AD ------------------------------------------------------------
+def test_jit_script_of_pyops_modules():
+    model = nn.Sequential(pnn.Maxout(4, 6, 2), pnn.ReLU(), pnn.LeakyReLU(0.1, True), pnn.ELU(0.5), pnn.Sigmoid(),
+                          pnn.Tanh())
+    scripted = torch.jit.script(model)
+    x = torch.randn(3, 4)
+    assert_close(scripted(x), model(x).double(), torch.float32)
+    assert "pyops::maxout" in str(scripted._modules["0"].forward.graph)
+
+
+def test_forward_mode_ad_is_refused_clearly():
+    import torch.autograd.forward_ad as fwAD
+
+    with pyops.backend("native"), fwAD.dual_level():
+        x = fwAD.make_dual(torch.randn(3), torch.ones(3))
+        with pytest.raises(RuntimeError, match="pyops.relu: forward-mode AD"):
+            PF.relu(x)
