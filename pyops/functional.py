@@ -15,6 +15,25 @@ from . import ops as _ops  # noqa: F401  (registers fake kernels and the Triton 
 __all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout"]
 
 _P = torch.ops.pyops
+_compiling = torch.compiler.is_compiling
+
+
+def _op(name):
+    """The public op `name` as eager code calls it: the dispatcher's own callable, ~0.4 us cheaper than
+    the OpOverload around it, which torch.compile needs to see (so compiled code takes that)."""
+    overload = getattr(_P, name).default
+    return overload, overload._op
+
+
+_relu, _relu_eager = _op("relu")
+_relu_, _relu_eager_ = _op("relu_")
+_leaky_relu, _leaky_relu_eager = _op("leaky_relu")
+_leaky_relu_, _leaky_relu_eager_ = _op("leaky_relu_")
+_elu, _elu_eager = _op("elu")
+_elu_, _elu_eager_ = _op("elu_")
+_sigmoid, _sigmoid_eager = _op("sigmoid")
+_tanh, _tanh_eager = _op("tanh")
+_maxout, _maxout_eager = _op("maxout")
 
 
 def _tensor_expected(op, input):
@@ -42,7 +61,9 @@ def relu(input, inplace=False):
     """max(input, 0); gradient g * [input > 0]. Saves a 1-bit mask."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("relu", input)
-    return _P.relu_.default(input) if inplace else _P.relu.default(input)
+    if _compiling():
+        return _relu_(input) if inplace else _relu(input)
+    return _relu_eager_(input) if inplace else _relu_eager(input)
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
@@ -50,7 +71,9 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("leaky_relu", input)
     slope = negative_slope if type(negative_slope) is float else _number("leaky_relu", "negative_slope", negative_slope)
-    return _P.leaky_relu_.default(input, slope) if inplace else _P.leaky_relu.default(input, slope)
+    if _compiling():
+        return _leaky_relu_(input, slope) if inplace else _leaky_relu(input, slope)
+    return _leaky_relu_eager_(input, slope) if inplace else _leaky_relu_eager(input, slope)
 
 
 def elu(input, alpha=1.0, inplace=False):
@@ -58,21 +81,23 @@ def elu(input, alpha=1.0, inplace=False):
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("elu", input)
     alpha = alpha if type(alpha) is float else _number("elu", "alpha", alpha)
-    return _P.elu_.default(input, alpha) if inplace else _P.elu.default(input, alpha)
+    if _compiling():
+        return _elu_(input, alpha) if inplace else _elu(input, alpha)
+    return _elu_eager_(input, alpha) if inplace else _elu_eager(input, alpha)
 
 
 def sigmoid(input):
     """1 / (1 + exp(-input)); gradient g * y * (1 - y)."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("sigmoid", input)
-    return _P.sigmoid.default(input)
+    return _sigmoid(input) if _compiling() else _sigmoid_eager(input)
 
 
 def tanh(input):
     """tanh(input); gradient g * (1 - y^2)."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("tanh", input)
-    return _P.tanh.default(input)
+    return _tanh(input) if _compiling() else _tanh_eager(input)
 
 
 def maxout(input, pieces, dim=1):
@@ -83,4 +108,4 @@ def maxout(input, pieces, dim=1):
     if isinstance(pieces, bool) or not isinstance(pieces, int):
         raise ValueError(f"pyops.maxout: pieces must be an int in [1, 256] (indices are saved as uint8), "
                          f"got {pieces!r}")
-    return _P.maxout.default(input, pieces, dim)
+    return _maxout(input, pieces, dim) if _compiling() else _maxout_eager(input, pieces, dim)
