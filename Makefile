@@ -1,6 +1,7 @@
 # make demo   set up .venv (torch, tools, the build) and run `python -m pyops demo`
 # make test   set up the same way and run the test suite
 # make bench  set up the same way and run the CPU/GPU microbenchmarks
+# make lint   ruff (lint and format) and clang-format, checking only; make format applies them
 # Each target re-uses .venv and rebuilds only what changed.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -10,13 +11,25 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.
 # local package indexes may print one warning per package they do not hold
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test bench check info clean
+.PHONY: demo test bench check info lint format clean
 
 demo: .venv/.built
 	$(PY) -m pyops demo
 
-test: .venv/.built
+test: lint .venv/.built
 	$(PY) -m pytest -q
+
+CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu')
+
+lint: .venv/.deps
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
+
+format: .venv/.deps
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+	.venv/bin/clang-format -i $(CXX_SOURCES)
 
 bench: .venv/.built
 	$(PY) -m pyops bench

@@ -254,3 +254,19 @@ def test_forward_mode_ad_is_refused_clearly():
         x = fwAD.make_dual(torch.randn(3), torch.ones(3))
         with pytest.raises(RuntimeError, match="pyops.relu: forward-mode AD"):
             PF.relu(x)
+
+
+def test_vmap_runs_the_ops_batched():
+    """torch.vmap uses pyops' batching rules (no per-sample loop); torch.func's autograd transforms
+    (grad, vjp, jvp) are not supported (the derivatives are C++ autograd functions)."""
+    import warnings
+
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    with pyops.backend("native"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the loop fallback warns
+        for f, ref in [(PF.relu, TF.relu), (lambda t: PF.leaky_relu(t, 0.3), lambda t: TF.leaky_relu(t, 0.3)),
+                       (lambda t: PF.elu(t, 0.7), lambda t: TF.elu(t, 0.7)), (PF.sigmoid, torch.sigmoid),
+                       (PF.tanh, torch.tanh)]:
+            assert_close(torch.vmap(f, in_dims=1)(x), ref(x).movedim(1, 0), torch.float64)
+        y = torch.vmap(lambda t: PF.maxout(t, 3, -1), in_dims=1)(x)
+        assert_close(y, torch.stack([PF.maxout(x[:, i], 3, -1) for i in range(4)]), torch.float64)

@@ -120,3 +120,36 @@ def maxout_reference(x, pieces, dim):
     """The torch composite: torch.max sends the gradient to the first maximal piece."""
     dim = dim % x.dim()
     return x.unflatten(dim, (x.shape[dim] // pieces, pieces)).max(dim + 1).values
+
+
+# ---- torch.vmap: the elementwise public ops apply to the batched tensor as it is; maxout moves the
+# batch dimension first and shifts its own dim past it ---------------------------------------------
+def _register_vmap():
+    if not hasattr(torch.library, "register_vmap"):  # torch < 2.4: vmap falls back to a loop
+        return
+    P = torch.ops.pyops
+
+    def elementwise(op):
+        def rule(info, in_dims, x, *args):
+            return op(x, *args), in_dims[0]
+
+        return rule
+
+    for name in ("relu", "leaky_relu", "elu", "sigmoid", "tanh"):
+        op = getattr(P, name).default
+        torch.library.register_vmap(op._name, elementwise(op))
+
+    def maxout_rule(info, in_dims, x, pieces, dim=1):
+        bdim = in_dims[0]
+        if bdim is None:
+            return P.maxout.default(x, pieces, dim), None
+        x = x.movedim(bdim, 0)
+        logical = x.dim() - 1
+        if not -logical <= dim < logical:
+            raise ValueError(f"pyops.maxout: dim={dim} is out of range for a {logical}-d input")
+        return P.maxout.default(x, pieces, dim % logical + 1), 0
+
+    torch.library.register_vmap("pyops::maxout", maxout_rule)
+
+
+_register_vmap()
