@@ -122,7 +122,7 @@ struct MaskedFwdFn : torch::autograd::Function<MaskedFwdFn<B>> {
   static variable_list forward(AutogradContext* ctx, Tensor x, std::optional<double> slope, bool inplace,
                                Tensor* mask_out) {
     at::AutoDispatchBelowADInplaceOrView below;
-    ctx->saved_data["slope"] = slope;
+    if (slope) ctx->saved_data["slope"] = *slope;
     if (inplace) {  // one output: autograd cannot rebase a view's history onto several
       const Tensor mask = slope ? leaky_relu_fwd_[B].call(x, *slope) : relu_fwd_[B].call(x);
       ctx->mark_dirty({x});
@@ -132,25 +132,31 @@ struct MaskedFwdFn : torch::autograd::Function<MaskedFwdFn<B>> {
       return {x};
     }
     auto [out, mask] = slope ? leaky_relu_fwd[B].call(x, *slope) : relu_fwd[B].call(x);
-    Tensor anchor = at::empty({0}, x.options());
+    // The anchor (see link_to_forward) has no elements but out's sizes and strides after a leading
+    // 0, so it also carries the layout backward needs.
+    auto sizes = out.sym_sizes().vec(), strides = out.sym_strides().vec();
+    sizes.insert(sizes.begin(), 0);
+    strides.insert(strides.begin(), 1);
+    Tensor anchor = at::empty_strided_symint(sizes, strides, x.options());
     ctx->mark_non_differentiable({mask});
     ctx->set_materialize_grads(false);  // the mask and the anchor get no gradients to fill
     ctx->save_for_backward({mask, anchor});
-    ctx->saved_data["sizes"] = out.sym_sizes();
-    ctx->saved_data["strides"] = out.sym_strides();
     return {out, mask, anchor};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto slope = ctx->saved_data["slope"].toOptional<double>();
-    const auto strides = ctx->saved_data["strides"].toSymIntVector();
+    const auto found = ctx->saved_data.find("slope");
+    const auto slope = found == ctx->saved_data.end() ? std::nullopt : std::optional<double>(found->second.toDouble());
+    const bool inplace = saved.size() == 1;
+    const Tensor* anchor = inplace ? nullptr : &saved[1];
+    const auto strides_saved = inplace ? ctx->saved_data["strides"].toSymIntVector() : std::vector<c10::SymInt>();
+    const c10::SymIntArrayRef strides = inplace ? c10::SymIntArrayRef(strides_saved) : anchor->sym_strides().slice(1);
     // Only the anchor's gradient arrives on a second backward: the output's is zero then.
     const Tensor g = grads[0].defined() ? to_layout(grads[0], strides)
-                                        : at::zeros_symint(ctx->saved_data["sizes"].toSymIntVector(),
-                                                           saved[1].options());
+                                        : at::zeros_symint(anchor->sym_sizes().slice(1), anchor->options());
     Tensor gi = at::GradMode::is_enabled() && g.requires_grad() ? MaskedBwdFn<B>::apply(g, saved[0], slope)
                                                                 : MaskedBwdFn<B>::call(g, saved[0], slope);
-    return {saved.size() > 1 ? link_to_forward(gi, saved[1]) : gi, Tensor(), Tensor(), Tensor()};
+    return {inplace ? gi : link_to_forward(gi, *anchor), Tensor(), Tensor(), Tensor()};
   }
 };
 
