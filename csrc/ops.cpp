@@ -92,12 +92,27 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(m, "CPU_CAPABILITY", PYOPS_STR(CPU_CAPABILITY));
   // PRIMITIVES: ((native name, triton name), ...), so that Python never derives one from the other.
   PyObject* prims = PyList_New(0);
-#define PYOPS_LIST_PRIMITIVE(native, triton, signature) \
-  PyList_Append(prims, Py_BuildValue("(ss)", native, triton));
+#define PYOPS_LIST_PRIMITIVE(native, triton, signature)   \
+  {                                                       \
+    PyObject* pair = Py_BuildValue("(ss)", native, triton); \
+    PyList_Append(prims, pair);                           \
+    Py_DECREF(pair);                                      \
+  }
   PYOPS_PRIMITIVES(PYOPS_LIST_PRIMITIVE)
 #undef PYOPS_LIST_PRIMITIVE
   PyModule_AddObject(m, "PRIMITIVES", PyList_AsTuple(prims));
   Py_DECREF(prims);
+  // AUTO_MIN_NUMEL: op -> the CPU size below which `auto` runs torch (csrc/common/backend.h).
+  PyObject* crossovers = PyDict_New();
+#define PYOPS_EXPORT_AUTO_MIN(op, n)        \
+  {                                         \
+    PyObject* value = PyLong_FromLongLong(n); \
+    PyDict_SetItemString(crossovers, #op, value); \
+    Py_DECREF(value);                       \
+  }
+  PYOPS_AUTO_MIN_NUMEL(PYOPS_EXPORT_AUTO_MIN)
+#undef PYOPS_EXPORT_AUTO_MIN
+  PyModule_AddObject(m, "AUTO_MIN_NUMEL", crossovers);
   // BACKENDS: names in id order (csrc/common/backend.h).
   PyModule_AddObject(m, "BACKENDS", Py_BuildValue("(ssss)", "auto", "native", "triton", "torch"));
   return m;

@@ -9,13 +9,21 @@ Each function is one call of a public pyops op (csrc/autograd/<family>.cpp), whi
 backend (pyops.backend) and differentiates in C++: a pyops call costs what a torch call does.
 """
 import torch
+import torch.nn.functional as _TF
 
+from . import _C
 from . import ops as _ops  # noqa: F401  (registers fake kernels and the Triton launch ops)
 
 __all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout"]
 
 _P = torch.ops.pyops
 _compiling = torch.compiler.is_compiling
+# Under `auto` (backend id 0), small CPU inputs go to torch eager (csrc/common/backend.h has the rule
+# and the sizes); eager calls decide that here too, so that they cost what torch's own call does.
+_selected = _C._get_backend
+_MIN = _C.AUTO_MIN_NUMEL
+_RELU_MIN, _LEAKY_RELU_MIN, _ELU_MIN = _MIN["relu"], _MIN["leaky_relu"], _MIN["elu"]
+_SIGMOID_MIN, _TANH_MIN = _MIN["sigmoid"], _MIN["tanh"]
 
 
 def _op(name):
@@ -63,6 +71,8 @@ def relu(input, inplace=False):
         raise _tensor_expected("relu", input)
     if _compiling():
         return _relu_(input) if inplace else _relu(input)
+    if not _selected() and input.is_cpu and input.numel() < _RELU_MIN and input.is_floating_point():
+        return torch.relu_(input) if inplace else torch.relu(input)
     return _relu_eager_(input) if inplace else _relu_eager(input)
 
 
@@ -73,6 +83,8 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
     slope = negative_slope if type(negative_slope) is float else _number("leaky_relu", "negative_slope", negative_slope)
     if _compiling():
         return _leaky_relu_(input, slope) if inplace else _leaky_relu(input, slope)
+    if not _selected() and input.is_cpu and input.numel() < _LEAKY_RELU_MIN and input.is_floating_point():
+        return _TF.leaky_relu(input, slope, inplace)
     return _leaky_relu_eager_(input, slope) if inplace else _leaky_relu_eager(input, slope)
 
 
@@ -83,6 +95,8 @@ def elu(input, alpha=1.0, inplace=False):
     alpha = alpha if type(alpha) is float else _number("elu", "alpha", alpha)
     if _compiling():
         return _elu_(input, alpha) if inplace else _elu(input, alpha)
+    if not _selected() and input.is_cpu and input.numel() < _ELU_MIN and input.is_floating_point():
+        return _TF.elu(input, alpha, inplace)
     return _elu_eager_(input, alpha) if inplace else _elu_eager(input, alpha)
 
 
@@ -90,14 +104,22 @@ def sigmoid(input):
     """1 / (1 + exp(-input)); gradient g * y * (1 - y)."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("sigmoid", input)
-    return _sigmoid(input) if _compiling() else _sigmoid_eager(input)
+    if _compiling():
+        return _sigmoid(input)
+    if not _selected() and input.is_cpu and input.numel() < _SIGMOID_MIN and input.is_floating_point():
+        return torch.sigmoid(input)
+    return _sigmoid_eager(input)
 
 
 def tanh(input):
     """tanh(input); gradient g * (1 - y^2)."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("tanh", input)
-    return _tanh(input) if _compiling() else _tanh_eager(input)
+    if _compiling():
+        return _tanh(input)
+    if not _selected() and input.is_cpu and input.numel() < _TANH_MIN and input.is_floating_point():
+        return torch.tanh(input)
+    return _tanh_eager(input)
 
 
 def maxout(input, pieces, dim=1):

@@ -411,14 +411,6 @@ struct Kernels {
   } while (0)
 
 // ---- the public ops -------------------------------------------------------------------------------
-// `auto` hands CPU inputs below these sizes (elements) to torch eager, which is faster there: the
-// kernels' gains do not repay a pyops call. Measured fwd+bwd crossovers, float32, 2-core EPYC (AVX512).
-constexpr int64_t kReluAutoMin = int64_t(1) << 20;
-constexpr int64_t kLeakyReluAutoMin = int64_t(1) << 20;
-constexpr int64_t kEluAutoMin = int64_t(1) << 14;
-constexpr int64_t kSigmoidAutoMin = int64_t(1) << 20;
-constexpr int64_t kTanhAutoMin = int64_t(1) << 16;
-constexpr int64_t kMaxoutAutoMin = int64_t(1) << 14;
 
 // Dtypes torch handles and no kernel takes (integers, complex) go to torch where torch has the op.
 void check_kernel_dtype(const char* op, const Tensor& x) {
@@ -427,45 +419,45 @@ void check_kernel_dtype(const char* op, const Tensor& x) {
 }
 
 Tensor relu(const Tensor& x) {
-  const Backend b = resolve("relu", x, kReluAutoMin);
+  const Backend b = resolve("relu", x, auto_min_numel::relu);
   return b == Backend::kTorch ? at::relu(x) : std::get<0>(relu_fwd[b].call(x));
 }
 Tensor& relu_(Tensor& x) {
-  const Backend b = resolve("relu_", x, kReluAutoMin);
+  const Backend b = resolve("relu_", x, auto_min_numel::relu);
   if (b == Backend::kTorch) return at::relu_(x);
   relu_fwd_[b].call(x);
   return x;
 }
 Tensor leaky_relu(const Tensor& x, const at::Scalar& slope) {
   check_kernel_dtype("leaky_relu", x);
-  const Backend b = resolve("leaky_relu", x, kLeakyReluAutoMin);
+  const Backend b = resolve("leaky_relu", x, auto_min_numel::leaky_relu);
   return b == Backend::kTorch ? at::leaky_relu(x, slope) : std::get<0>(leaky_relu_fwd[b].call(x, slope.toDouble()));
 }
 Tensor& leaky_relu_(Tensor& x, const at::Scalar& slope) {
   check_kernel_dtype("leaky_relu_", x);
-  const Backend b = resolve("leaky_relu_", x, kLeakyReluAutoMin);
+  const Backend b = resolve("leaky_relu_", x, auto_min_numel::leaky_relu);
   if (b == Backend::kTorch) return at::leaky_relu_(x, slope);
   leaky_relu_fwd_[b].call(x, slope.toDouble());
   return x;
 }
 Tensor elu(const Tensor& x, const at::Scalar& alpha) {
   check_kernel_dtype("elu", x);
-  const Backend b = resolve("elu", x, kEluAutoMin);
+  const Backend b = resolve("elu", x, auto_min_numel::elu);
   return b == Backend::kTorch ? at::elu(x, alpha) : elu_fwd[b].call(x, alpha.toDouble());
 }
 Tensor& elu_(Tensor& x, const at::Scalar& alpha) {
   check_kernel_dtype("elu_", x);
-  const Backend b = resolve("elu_", x, kEluAutoMin);
+  const Backend b = resolve("elu_", x, auto_min_numel::elu);
   if (b == Backend::kTorch) return at::elu_(x, alpha);
   elu_fwd_[b].call(x, alpha.toDouble());
   return x;
 }
 Tensor sigmoid(const Tensor& x) {
-  const Backend b = resolve("sigmoid", x, kSigmoidAutoMin);
+  const Backend b = resolve("sigmoid", x, auto_min_numel::sigmoid);
   return b == Backend::kTorch ? at::sigmoid(x) : sigmoid_fwd[b].call(x);
 }
 Tensor tanh(const Tensor& x) {
-  const Backend b = resolve("tanh", x, kTanhAutoMin);
+  const Backend b = resolve("tanh", x, auto_min_numel::tanh);
   return b == Backend::kTorch ? at::tanh(x) : tanh_fwd[b].call(x);
 }
 Tensor maxout(const Tensor& x, int64_t pieces, int64_t dim) {
@@ -478,7 +470,7 @@ Tensor maxout(const Tensor& x, int64_t pieces, int64_t dim) {
   const int64_t d = c10::maybe_wrap_dim(dim, x.dim());
   TORCH_CHECK_VALUE(x.sym_size(d) % pieces == 0, "pyops.maxout: pieces=", pieces, " does not divide the size of dim ",
                     d, " (", x.sym_size(d), ")");
-  const Backend b = resolve("maxout", x, kMaxoutAutoMin);
+  const Backend b = resolve("maxout", x, auto_min_numel::maxout);
   if (b == Backend::kTorch)  // the composite: torch.max sends the gradient to the first maximal piece
     return std::get<0>(x.unflatten_symint(d, {x.sym_size(d) / pieces, pieces}).max(d + 1));
   return std::get<0>(maxout_fwd[b].call(x, pieces, d));
