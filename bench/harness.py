@@ -5,6 +5,7 @@ CPU: time.perf_counter around synchronous calls, warm-up first, median of many r
 rotated between several copies when they exceed the caches. CUDA: triton.testing.do_bench (CUDA
 events), median. Effective GB/s counts the bytes each case must move at minimum.
 """
+
 import csv
 import dataclasses
 import os
@@ -23,6 +24,7 @@ class Case:
     the inputs of `make_inputs()`: impl is "pyops" (the current backend), "eager" (the torch
     reference) or "compile" (torch.compile of the reference). For training cases, `forward(impl)`
     is the forward alone, to count the bytes it saves for backward."""
+
     family: str
     op: str
     mode: str  # "fwd" or "fwd+bwd"
@@ -38,6 +40,11 @@ class Case:
     # (label, impl) of the torch implementations to time and compare against; by default torch eager
     # ("eager") and torch.compile of it ("compile"). The first is the baseline of the plot.
     references: Optional[list] = None
+    # Calls one iteration makes (tiny cases make many, so that neither the timer nor the backend switch
+    # around an iteration counts); times are reported per call.
+    calls: int = 1
+    threads: Optional[int] = None  # torch.set_num_threads for the case (None: leave it)
+    auto: bool = False  # time the "auto" selection beside the concrete backends
 
 
 @dataclasses.dataclass
@@ -57,14 +64,21 @@ class Result:
     def row(self):
         c = self.case
         return {
-            "family": c.family, "op": c.op, "mode": c.mode, "shape": "x".join(map(str, c.shape)) or "()",
-            "dtype": str(c.dtype).replace("torch.", ""), "device": c.device, "backend": self.backend,
-            "median_ms": f"{self.ms:.4f}", "GB/s": f"{self.gbps:.1f}",
+            "family": c.family,
+            "op": c.op,
+            "mode": c.mode,
+            "shape": "x".join(map(str, c.shape)) or "()",
+            "dtype": str(c.dtype).replace("torch.", ""),
+            "device": c.device,
+            "backend": self.backend,
+            "median_ms": f"{self.ms:.4f}",
+            "GB/s": f"{self.gbps:.1f}" if c.min_bytes else "",
+            "median_us": f"{self.ms * 1e3:.2f}" if c.calls > 1 else "",
             "GFLOP/s": f"{c.flops / (self.ms * 1e-3) / 1e9:.1f}" if c.flops else "",
             **{f"vs_{impl}": f"{x:.2f}" for impl, x in self.speedups.items()},
             "saved_MB": f"{self.saved_mb:.2f}" if self.saved_mb is not None else "",
             "peak_MB": f"{self.peak_mb:.1f}" if self.peak_mb is not None else "",
-            "pct_copy_bw": f"{100 * self.gbps / self.copy_gbps:.0f}" if self.copy_gbps else "",
+            "pct_copy_bw": f"{100 * self.gbps / self.copy_gbps:.0f}" if self.copy_gbps and c.min_bytes else "",
         }
 
 
@@ -136,11 +150,22 @@ def measure(case, backends, repeats, with_compile=True, copy_gbps=None):
     each pyops backend, timed side by side."""
     refs = case.references or [("torch eager", "eager"), ("torch.compile", "compile")]
     refs = [(label, impl) for label, impl in refs if impl != "compile" or (with_compile and case.compile_baseline)]
+    threads = torch.get_num_threads()
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    try:
+        return _measure(case, refs, list(backends) + (["auto"] if case.auto else []), repeats, copy_gbps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(case, refs, backends, repeats, copy_gbps):
     sets = [case.make_inputs() for _ in range(_rotations(case))]
     impls = [(label, impl, None) for label, impl in refs] + [(b, "pyops", b) for b in backends]
     fns = [_in_backend(case.iteration(impl), b) for _, impl, b in impls]
     timer = time_cuda if case.device == "cuda" else time_cpu
-    results = [Result(case, label, ms) for (label, _, _), ms in zip(impls, timer(fns, sets, repeats))]
+    times = timer(fns, sets, repeats)
+    results = [Result(case, label, ms / case.calls) for (label, _, _), ms in zip(impls, times)]
     for r, (_, impl, b) in zip(results, impls):
         r.copy_gbps = copy_gbps
         if case.forward is not None and impl != "compile":
@@ -150,19 +175,31 @@ def measure(case, backends, repeats, with_compile=True, copy_gbps=None):
             torch.cuda.reset_peak_memory_stats()
             _in_backend(case.iteration(impl), b)(*sets[0])
             r.peak_mb = torch.cuda.max_memory_allocated() / 1e6
-    for r in results[len(refs):]:
+    for r in results[len(refs) :]:
         r.speedups = {impl: ref.ms / r.ms for (_, impl), ref in zip(refs, results)}
     return results
 
 
-COLUMNS = ["op", "mode", "shape", "dtype", "backend", "median_ms", "GB/s", "pct_copy_bw", "vs_eager", "vs_compile",
-           "saved_MB", "peak_MB"]
+COLUMNS = [
+    "op",
+    "mode",
+    "shape",
+    "dtype",
+    "backend",
+    "median_ms",
+    "GB/s",
+    "pct_copy_bw",
+    "vs_eager",
+    "vs_compile",
+    "saved_MB",
+    "peak_MB",
+]
 
 
 def _columns(rows):
     """COLUMNS, with any other vs_<reference> columns the rows carry, in first-seen order."""
     extra = [k for row in rows for k in row if k.startswith("vs_") and k not in COLUMNS]
-    cols = COLUMNS[:COLUMNS.index("saved_MB")] + list(dict.fromkeys(extra)) + COLUMNS[COLUMNS.index("saved_MB"):]
+    cols = COLUMNS[: COLUMNS.index("saved_MB")] + list(dict.fromkeys(extra)) + COLUMNS[COLUMNS.index("saved_MB") :]
     return [c for c in cols if any(row.get(c) for row in rows)]
 
 
@@ -193,16 +230,20 @@ def write_plot(results, path, title):
     except ImportError:
         return False
     pyops_results = [r for r in results if r.speedups]
-    labels = sorted({f"{r.case.op} {r.case.mode}\n{r.row()['shape']} {r.row()['dtype']}" for r in pyops_results},
-                    key=lambda s: s)
+    labels = sorted(
+        {f"{r.case.op} {r.case.mode}\n{r.row()['shape']} {r.row()['dtype']}" for r in pyops_results}, key=lambda s: s
+    )
     backends = sorted({r.backend for r in pyops_results})
     fig, ax = plt.subplots(figsize=(min(18, max(6, len(labels) * 0.45)), 5))
     width = 0.8 / max(1, len(backends))
     for i, b in enumerate(backends):
         vals = []
         for lab in labels:
-            match = [next(iter(r.speedups.values())) for r in pyops_results if r.backend == b and
-                     f"{r.case.op} {r.case.mode}\n{r.row()['shape']} {r.row()['dtype']}" == lab]
+            match = [
+                next(iter(r.speedups.values()))
+                for r in pyops_results
+                if r.backend == b and f"{r.case.op} {r.case.mode}\n{r.row()['shape']} {r.row()['dtype']}" == lab
+            ]
             vals.append(match[0] if match else 0)
         ax.bar([j + i * width for j in range(len(labels))], vals, width, label=b)
     ax.axhline(1.0, color="k", lw=0.8)
@@ -252,9 +293,8 @@ def steady_malloc():
 def run(families, device, quick, out_dir, with_compile=True, backends=None, file=None, keep_malloc=False):
     import importlib
 
-    steady = device == "cpu" and not keep_malloc and steady_malloc()
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    steady = device == "cpu" and not keep_malloc and steady_malloc()
     if backends is None:
         backends = [b for b in pyops.available_backends(device) if b != "torch"]
         if device == "cpu":  # the Triton interpreter is a test vehicle, not something to time
@@ -270,12 +310,16 @@ def run(families, device, quick, out_dir, with_compile=True, backends=None, file
         results = []
         stem = os.path.join(out_dir, f"{family}_{device}")
         for case in module.cases(device, quick):
-            results += measure(case, backends, repeats=10 if quick else 50, with_compile=with_compile,
-                               copy_gbps=copy_gbps)
+            results += measure(
+                case, backends, repeats=10 if quick else 50, with_compile=with_compile, copy_gbps=copy_gbps
+            )
             write_csv(results, stem + ".csv", machine)  # after every case: a cut-off run keeps its rows
-        print(f"# {family} on {device}: {machine}, torch {torch.__version__}"
-              + (", glibc heap trimming off" if steady else ""), file=file)
-        print_table(results, file=file)
+        print(
+            f"# {family} on {device}: {machine}, torch {torch.__version__}"
+            + (", glibc heap trimming off" if steady else ""),
+            file=file,
+        )
+        getattr(module, "print_table", print_table)(results, file=file)  # a family may print its own
         write_plot(results, stem + ".png", f"pyops {family} on {machine}")
         all_results += results
     return all_results

@@ -1,7 +1,14 @@
 """The pyops command line: demo, bench, check, info."""
+
 import argparse
 import os
 import sys
+
+import torch
+
+from .testing import BENCH_FAMILIES, FAMILIES
+
+DEVICES = ("cpu", "cuda")
 
 
 def _bench(args):
@@ -11,9 +18,15 @@ def _bench(args):
     sys.path.insert(0, root)
     from bench import harness
 
-    families = [args.family] if args.family else ["activation", "optim"]
-    harness.run(families, args.device, args.quick, args.out or os.path.join(root, "bench", "out"),
-                with_compile=not args.no_compile, keep_malloc=args.keep_malloc)
+    families = [args.family] if args.family else list(BENCH_FAMILIES)
+    harness.run(
+        families,
+        args.device,
+        args.quick,
+        args.out or os.path.join(root, "bench", "out"),
+        with_compile=not args.no_compile,
+        keep_malloc=args.keep_malloc,
+    )
 
 
 def main(argv=None):
@@ -21,19 +34,27 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, compiled kernels, backends per device")
     demo = sub.add_parser("demo", help="every op through every backend on a batch of digits images")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    check = sub.add_parser("check", help="every op and backend against the float64 oracle; exit 1 on a mismatch")
-    check.add_argument("--device", default=None)
+    demo.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
+    check = sub.add_parser(
+        "check", help="every op, optimizer, backend and dtype against the float64 oracle; exit 1 on a mismatch"
+    )
+    check.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
+    check.add_argument("--family", choices=FAMILIES, action="append", help="only this family (repeatable)")
     bench = sub.add_parser("bench", help="microbenchmarks: table, CSV and PNG")
-    bench.add_argument("--family", choices=["activation", "optim"], default=None)
-    bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    bench.add_argument("--family", choices=BENCH_FAMILIES, default=None, help="default: all of them")
+    bench.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
     bench.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     bench.add_argument("--out", default=None, help="folder for CSV and PNG (default bench/out)")
-    bench.add_argument("--keep-malloc", action="store_true",
-                       help="leave glibc's heap trimming on (CPU timings then swing with page faults)")
+    bench.add_argument(
+        "--keep-malloc",
+        action="store_true",
+        help="leave glibc's heap trimming on (CPU timings then swing with page faults)",
+    )
     args = parser.parse_args(argv)
 
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"pyops {args.command}: --device cuda, but no CUDA GPU is visible here")
     if args.command == "info":
         from .info import info
 
@@ -43,7 +64,7 @@ def main(argv=None):
     else:
         from . import tour
 
-        ok = tour.demo(args.device) if args.command == "demo" else tour.check(args.device)
+        ok = tour.demo(args.device) if args.command == "demo" else tour.check(args.device, args.family)
         sys.exit(0 if ok else 1)
 
 

@@ -1,5 +1,7 @@
 """The command line: info, check, demo, and a bench run on tiny cases."""
+
 import csv
+import io
 import os
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 import pyops
+from pyops.testing import BENCH_FAMILIES, FAMILIES, SPECS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,8 +19,9 @@ def _run(*args, interpret=True):
     env = dict(os.environ)
     if not interpret:  # as a user runs it: the Triton interpreter is a test vehicle, not a backend
         env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-m", "pyops", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pyops", *args], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env
+    )
 
 
 def test_info():
@@ -29,24 +33,37 @@ def test_info():
     assert "native" in d["backends"]["cpu"]
 
 
+def _bench_modules():
+    sys.path.insert(0, ROOT)
+    try:
+        from bench import activation, harness, overhead
+    finally:
+        sys.path.remove(ROOT)
+    return activation, harness, overhead
+
+
 def test_check_passes():
+    """Every family, every entry of the spec table and every backend available here (Triton under the
+    interpreter included) is checked."""
     out = _run("check")
     assert out.returncode == 0, out.stdout + out.stderr
     assert " 0 failed" in out.stdout
+    rows = [line.split() for line in out.stdout.splitlines()]
+    for family, specs in SPECS.items():
+        for name in specs:
+            backends = {row[3] for row in rows if row[:2] == [family, name]}
+            assert backends == set(pyops.available_backends("cpu")), (family, name, backends)
 
 
 def test_demo_runs_on_digits():
     out = _run("demo", interpret=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "digits" in out.stdout and "relu" in out.stdout and "maxout" in out.stdout
+    assert "Adam" in out.stdout and "RMSprop" in out.stdout
 
 
 def test_bench_writes_table_csv_and_plot(tmp_path):
-    sys.path.insert(0, ROOT)
-    try:
-        from bench import activation, harness
-    finally:
-        sys.path.remove(ROOT)
+    activation, harness, _ = _bench_modules()
     cases = [c for c in activation.cases("cpu", quick=True) if c.op in ("relu", "maxout")]
     shrunk = [activation._case(c.op, c.mode, 1 << 14, c.dtype, "cpu") for c in cases]
     results = []
@@ -63,9 +80,54 @@ def test_bench_writes_table_csv_and_plot(tmp_path):
         assert os.path.getsize(tmp_path / "a.png") > 0
 
 
+def test_overhead_cases_print_torch_beside_each_backend(tmp_path):
+    """The overhead family: per op and mode torch's time per call, each backend's and the ratio; the
+    case's one thread is the process's setting again afterwards."""
+    _, harness, overhead = _bench_modules()
+    threads = torch.get_num_threads()
+    results = []
+    for mode in overhead.MODES:
+        case = overhead._case("relu", mode, 64, "cpu", calls=5)
+        assert case.threads == 1 and case.auto
+        results += harness.measure(case, ["native"], repeats=3, with_compile=False)
+    assert torch.get_num_threads() == threads
+    assert [r.backend for r in results[:3]] == ["torch", "native", "auto"]
+    assert all(r.ms > 0 for r in results)
+    table = io.StringIO()
+    overhead.print_table(results, file=table)
+    lines = table.getvalue().splitlines()
+    assert "torch us" in lines[1] and "native us" in lines[1] and "auto us" in lines[1]
+    assert [line.split()[:3] for line in lines[2:]] == [["relu", "64", mode] for mode in overhead.MODES]
+    harness.write_csv(results, tmp_path / "o.csv", "test")
+    assert all(float(r["median_us"]) > 0 for r in csv.DictReader(open(tmp_path / "o.csv")))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_bench_steadies_the_heap_without_device(tmp_path, monkeypatch):
+    """With no --device the bench runs on the CPU here, and steadies glibc's heap there."""
+    _, harness, _ = _bench_modules()
+    calls = []
+    monkeypatch.setattr(harness, "steady_malloc", lambda: calls.append(1) or True)
+    harness.run([], None, True, str(tmp_path))
+    assert calls == [1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+@pytest.mark.parametrize("command", ["bench", "check", "demo"])
+def test_cuda_without_a_gpu_is_one_clear_line(command):
+    out = _run(command, "--device", "cuda")
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+    assert "no CUDA GPU" in out.stderr
+
+
 def test_bench_cli_help():
     out = _run("bench", "--help")
     assert out.returncode == 0 and "--quick" in out.stdout
+    for family in BENCH_FAMILIES:
+        assert family in out.stdout
+    out = _run("check", "--help")
+    assert out.returncode == 0 and all(family in out.stdout for family in FAMILIES)
 
 
 def test_bad_command():
@@ -76,7 +138,8 @@ def test_triton_listed_for_cpu_only_when_interpreted():
     code = "import pyops; print(pyops.available_backends('cpu'))"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
-    interp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=dict(env, TRITON_INTERPRET="1"), cwd=ROOT)
+    interp = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(env, TRITON_INTERPRET="1"), cwd=ROOT
+    )
     assert "triton" not in plain.stdout and "native" in plain.stdout, plain.stderr
     assert "triton" in interp.stdout, interp.stderr

@@ -1,0 +1,98 @@
+"""The fixed cost of a call: each activation of the spec table (pyops.testing.ACTIVATIONS) on a tiny
+tensor, as users call it (pyops.functional against torch's own function), per backend.
+
+Cases: float32 tensors of 64 elements and of 1 element; forward+backward (`op(x).sum().backward()`),
+and the forward alone under torch.no_grad() and under torch.inference_mode(). On the CPU one thread.
+An iteration makes CALLS calls (the backend is switched and the timer read once around them); the
+figure is the median over iterations, per call. On CUDA the same cases, timed with CUDA events.
+Targets: native forward+backward within 1.2x torch's, forward under no_grad/inference_mode within
+2.5x; auto below its crossover within 1.1x.
+"""
+
+import math
+
+import torch
+
+from pyops.testing import ACTIVATIONS
+
+from .harness import Case
+
+SIZES = (64, 1)
+MODES = ("fwd+bwd", "no_grad", "inference_mode")
+CALLS = {True: 100, False: 400}  # calls per iteration, by --quick
+REFERENCE = "torch"
+
+
+def _case(op, mode, n, device, calls):
+    spec = ACTIVATIONS[op]
+    shape = (1, n)  # ops with a dim act along dim 1
+    kw = spec.kwargs_for(shape)
+
+    def make_inputs():
+        return (torch.randn(shape, device=device, requires_grad=mode == "fwd+bwd"),)
+
+    def iteration(impl):
+        f = spec.fn if impl == "pyops" else spec.reference
+        if mode == "fwd+bwd":
+
+            def run(x):
+                for _ in range(calls):
+                    f(x, **kw).sum().backward()
+
+            return run
+        grad_mode = torch.no_grad if mode == "no_grad" else torch.inference_mode
+
+        def run(x):
+            with grad_mode():
+                for _ in range(calls):
+                    f(x, **kw)
+
+        return run
+
+    return Case(
+        "overhead",
+        op,
+        mode,
+        shape,
+        torch.float32,
+        device,
+        0,
+        make_inputs,
+        iteration,
+        compile_baseline=False,
+        references=[(REFERENCE, "eager")],
+        calls=calls,
+        threads=1 if device == "cpu" else None,
+        auto=True,
+    )
+
+
+def cases(device, quick=False):
+    for n in SIZES:
+        for mode in MODES:
+            for op in ACTIVATIONS:
+                yield _case(op, mode, n, device, CALLS[quick])
+
+
+def print_table(results, file=None):
+    """One row per case: torch's microseconds per call, then each backend's and its ratio to torch's."""
+    cases, rows = [], {}
+    for r in results:
+        if id(r.case) not in rows:
+            cases.append(r.case)
+            rows[id(r.case)] = {}
+        rows[id(r.case)][r.backend] = r
+    backends = list(dict.fromkeys(r.backend for r in results if r.backend != REFERENCE))
+    threads = "one thread, " if cases and cases[0].threads == 1 else ""
+    print(f"# {threads}median us per call (x torch: the backend's time over torch's, lower is better)", file=file)
+    head = f"{'op':<11} {'elements':>8}  {'mode':<15} {'torch us':>9}"
+    head += "".join(f"  {b + ' us':>10} {'x torch':>7}" for b in backends)
+    print(head, file=file)
+    for case in cases:
+        by_backend = rows[id(case)]
+        torch_us = by_backend[REFERENCE].ms * 1e3
+        line = f"{case.op:<11} {math.prod(case.shape):>8}  {case.mode:<15} {torch_us:9.2f}"
+        for b in backends:
+            r = by_backend.get(b)
+            line += f"  {r.ms * 1e3:10.2f} {r.ms * 1e3 / torch_us:7.2f}" if r else f"  {'':>10} {'':>7}"
+        print(line, file=file)

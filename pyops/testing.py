@@ -1,0 +1,475 @@
+"""The op spec table and the float64 oracle: per op its pyops function, the torch reference, its keyword
+arguments, sample inputs (shapes, layouts, edge values) and the tolerance per dtype; per optimizer its
+pyops and torch classes, configurations and tolerance. The tests, `python -m pyops check`, the demo
+tour and the bench all read it, so a new op (or optimizer) is one new entry here.
+
+The oracle is the torch reference computed in float64 from the same (dtype-rounded) inputs; a result
+passes when every element is within `atol + rtol * |oracle|` (TOL), NaN and inf exactly where the
+oracle has them.
+"""
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as TF
+
+from . import functional as F
+from . import optim as popt
+from .ops.activation import maxout_reference
+
+# ---- tolerances -------------------------------------------------------------------------------------
+
+# dtype -> (rtol, atol) against the float64 oracle: float64 ~1e-10 relative, float32 ~1e-5,
+# float16 ~1e-3, bfloat16 ~1.6e-2.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (1e-3, 1e-4),
+    torch.bfloat16: (1.6e-2, 1e-3),
+}
+DTYPES = tuple(TOL)
+
+
+def tolerance(dtype, reduced=1, scale=1):
+    """(rtol, atol) for `dtype`: atol grows with the number of elements a result reduces over
+    (`reduced`: rounding errors add up along a sum), both with `scale` (e.g. optimizer steps)."""
+    rtol, atol = TOL[dtype]
+    return rtol * scale, atol * reduced * scale
+
+
+def unreliable(device, backend_name, dtype):
+    """Whether a (device, backend, dtype) cannot be checked here: bfloat16 arithmetic is wrong in the
+    Triton interpreter, so Triton bfloat16 is checked on GPU only."""
+    return torch.device(device).type == "cpu" and backend_name == "triton" and dtype == torch.bfloat16
+
+
+@dataclasses.dataclass
+class Comparison:
+    """One result against the oracle. `worst` is the largest error over its bound (at most 1 passes;
+    inf where NaN, inf, shape or dtype differ), `error` the largest error relative to max |oracle|,
+    `message` None when within tolerance, else what is wrong."""
+
+    what: str
+    worst: float
+    error: float
+    message: Optional[str] = None
+
+    @property
+    def ok(self):
+        return self.message is None
+
+
+def _failed(what, message):
+    return Comparison(what, math.inf, math.inf, f"{what}: {message}")
+
+
+def compare(actual, expected64, dtype, torch_result=None, what="output", reduced=1, scale=1):
+    """`actual` (of `dtype`) against the float64 oracle within tolerance(dtype, reduced, scale), NaNs
+    where the oracle has them. Where torch's own result in `dtype` (torch_result) is further from the
+    oracle than the tolerance (rounding the dtype itself forces, e.g. a saved float16 output), pyops
+    may be as far as torch is, times 2, and no further."""
+
+    if actual.shape != expected64.shape:
+        return _failed(what, f"shape {tuple(actual.shape)} != {tuple(expected64.shape)}")
+    if actual.dtype != dtype:
+        return _failed(what, f"dtype {actual.dtype} != {dtype}")
+    rtol, atol = tolerance(dtype, reduced, scale)
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected64.detach().to("cpu", torch.float64)
+    nan_a, nan_e = a.isnan(), e.isnan()
+    if not torch.equal(nan_a, nan_e):
+        return _failed(what, f"NaN at {nan_a.nonzero()[:5].tolist()} vs oracle {nan_e.nonzero()[:5].tolist()}")
+    inf_e = e.isinf()
+    if not torch.equal(a[inf_e], e[inf_e]):
+        return _failed(what, "infinities differ from the oracle")
+    fin = ~nan_e & ~inf_e
+    err = (a - e).abs()[fin]
+    bound = atol + rtol * e.abs()[fin]
+    if torch_result is not None:
+        t = torch_result.detach().to("cpu", torch.float64)
+        bound = torch.maximum(bound, 2 * (t - e).abs()[fin])
+    if not err.numel():
+        return Comparison(what, 0.0, 0.0)
+    worst = float((err / bound).max())
+    error = float(err.max() / e.abs()[fin].max().clamp_min(1e-30))
+    bad = err > bound
+    if bad.any():
+        return Comparison(
+            what,
+            worst,
+            error,
+            f"{what} ({dtype}): {int(bad.sum())} of {err.numel()} elements off; "
+            f"worst error {float((err - bound).max()):.3g} over bound",
+        )
+    return Comparison(what, worst, error)
+
+
+def _labelled(label, comparison):
+    message = comparison.message and f"{label}: {comparison.message}"
+    return dataclasses.replace(comparison, what=f"{label} {comparison.what}", message=message)
+
+
+def assert_close(actual, expected64, dtype, torch_result=None, what="output", reduced=1, scale=1):
+    """compare(), as an assertion."""
+    result = compare(actual, expected64, dtype, torch_result, what, reduced, scale)
+    assert result.ok, result.message
+
+
+# ---- ops --------------------------------------------------------------------------------------------
+
+
+def _identity(t):
+    return t
+
+
+def _channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _transposed(t):
+    return t.t()
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """An input: `values` as given, or `shape` drawn as randn * 3 in float64; rounded to the dtype,
+    moved to the device, then `view` of it is what the op gets (a layout). `kwargs` override the op's
+    for this input; `grad_view` lays out the incoming gradient (default: contiguous)."""
+
+    shape: tuple = ()
+    view: Callable = _identity
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    grad_view: Optional[Callable] = None
+    values: Optional[tuple] = None
+
+    def draw(self, dtype, device, generator=None):
+        """The tensor the view is taken of."""
+        if self.values is not None:
+            base = torch.tensor(self.values, dtype=torch.float64)
+        else:
+            base = torch.randn(self.shape, dtype=torch.float64, generator=generator) * 3
+        return base.to(dtype).to(device)
+
+    def make(self, dtype, device, generator=None):
+        """The input the op gets."""
+        return self.view(self.draw(dtype, device, generator))
+
+    def grad(self, shape, dtype, device, generator=None):
+        """The gradient flowing into an output of `shape`: randn, or a ramp for given values."""
+        if self.values is not None:
+            g = torch.linspace(-2, 2, math.prod(shape), dtype=torch.float64).reshape(shape)
+        else:
+            g = torch.randn(shape, dtype=torch.float64, generator=generator)
+        g = g.to(dtype).to(device)
+        return self.grad_view(g) if self.grad_view is not None else g
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One differentiable op. `saves` is what backward keeps: "mask" (1 bit an output element),
+    "input", "output" or "indices" (uint8, one an output element). `fit(shape, kwargs)` adapts the
+    keyword arguments to an input shape they do not fit (None: they fit every shape). `reduced(x, kwargs)`
+    is the number of input elements each output element sums over (None: none, an elementwise op or an
+    exact max)."""
+
+    family: str
+    name: str
+    fn: Callable
+    reference: Callable
+    kwargs: dict
+    samples: dict
+    edge: Sample
+    saves: str
+    inplace: bool = False
+    fit: Optional[Callable] = None
+    reduced: Optional[Callable] = None
+    dtypes: tuple = DTYPES
+
+    def sample_kwargs(self, sample):
+        """The keyword arguments for one of the samples."""
+        return {**self.kwargs, **sample.kwargs}
+
+    def kwargs_for(self, shape):
+        """The keyword arguments for an input of `shape` (kwargs, fitted to it where needed)."""
+        return self.kwargs if self.fit is None else self.fit(tuple(shape), dict(self.kwargs))
+
+    def reduction(self, x, kwargs):
+        return 1 if self.reduced is None else self.reduced(x, kwargs)
+
+    def output_shape(self, shape, kwargs=None):
+        """The output's shape for an input of `shape` (the reference run on the meta device)."""
+        kwargs = self.kwargs if kwargs is None else kwargs
+        return tuple(self.reference(torch.empty(shape, device="meta"), **kwargs).shape)
+
+    def saved_bytes(self, numel_in, numel_out, itemsize):
+        """Bytes backward keeps for one input of numel_in elements (of itemsize bytes) giving numel_out."""
+        return {
+            "mask": (numel_out + 7) // 8,
+            "input": numel_in * itemsize,
+            "output": numel_out * itemsize,
+            "indices": numel_out,
+        }[self.saves]
+
+    def check(self, dtype, device, seed=0):
+        """Every sample and the edge values on the current backend, against the oracle; each sample drawn
+        from a generator seeded with `seed` (the values the tests draw after torch.manual_seed(seed))."""
+        return [
+            _labelled(label, c)
+            for label, sample in {**self.samples, "edge": self.edge}.items()
+            for c in check_op_sample(self, sample, dtype, device, torch.Generator().manual_seed(seed))
+        ]
+
+
+# Empty, 0-d, one element, sizes that are not a multiple of 8 (the vector/mask width), several Triton
+# programs, and non-contiguous layouts.
+ELEMENTWISE_SAMPLES = {
+    "0d": Sample(()),
+    "one": Sample((1,)),
+    "empty": Sample((0, 3)),
+    "odd": Sample((13, 9)),
+    "blocks": Sample((3, 1001)),
+    "transposed": Sample((9, 21), _transposed, grad_view=lambda g: g.t().contiguous().t()),
+    "sliced": Sample((6, 34), lambda t: t[1:, ::3]),
+    "channels_last": Sample((2, 5, 3, 7), _channels_last),
+    "expanded": Sample((1, 37), lambda t: t.expand(4, 37)),
+}
+
+
+def _floats(text):
+    return tuple(float(v) for v in text.split())
+
+
+# Exact zeros at the kinks, tiny and huge values, inf and NaN.
+EDGE_VALUES = Sample(
+    values=_floats("0 -0 1e-30 -1e-30 1e-5 -1e-5 0.5 -0.5 1 -1 20 -20 80 -80 1e30 -1e30 inf -inf nan")
+    + _floats("3 -3 0.1499 -0.1501 1e-8 -1e-8")
+)
+
+
+def _fit_pieces(shape, kwargs):
+    """maxout on `shape`: the most pieces up to kwargs' that divide the size along dim."""
+    size = shape[kwargs["dim"]]
+    return {**kwargs, "pieces": max(p for p in range(1, kwargs["pieces"] + 1) if size % p == 0)}
+
+
+def _elementwise(name, fn, reference, kwargs, saves, inplace=False):
+    return OpSpec("activation", name, fn, reference, kwargs, ELEMENTWISE_SAMPLES, EDGE_VALUES, saves, inplace)
+
+
+ACTIVATIONS = {
+    spec.name: spec
+    for spec in (
+        _elementwise("relu", F.relu, TF.relu, {}, "mask", inplace=True),
+        _elementwise("leaky_relu", F.leaky_relu, TF.leaky_relu, {"negative_slope": 0.2}, "mask", inplace=True),
+        _elementwise("elu", F.elu, TF.elu, {"alpha": 1.3}, "input", inplace=True),
+        _elementwise("sigmoid", F.sigmoid, torch.sigmoid, {}, "output"),
+        _elementwise("tanh", F.tanh, torch.tanh, {}, "output"),
+        OpSpec(
+            family="activation",
+            name="maxout",
+            fn=F.maxout,
+            reference=maxout_reference,
+            kwargs={"pieces": 4, "dim": 1},
+            samples={
+                "dim1": Sample((4, 12, 3), kwargs={"pieces": 3, "dim": 1}),
+                "last": Sample((5, 20), kwargs={"pieces": 4, "dim": -1}),
+                "first": Sample((6, 7), kwargs={"pieces": 2, "dim": 0}),
+                "1d": Sample((9,), kwargs={"pieces": 9, "dim": 0}),
+                "pieces1": Sample((3, 4), kwargs={"pieces": 1, "dim": 1}),
+                "empty": Sample((0, 6), kwargs={"pieces": 3, "dim": 1}),
+                "big": Sample((2, 1030, 2), kwargs={"pieces": 2, "dim": 1}),
+                "channels_last": Sample((2, 8, 3, 5), _channels_last, kwargs={"pieces": 4, "dim": 1}),
+                "transposed": Sample((6, 10), _transposed, kwargs={"pieces": 5, "dim": 0}),
+            },
+            # Groups of 4: ties (the gradient goes to the first maximal piece), NaN (wins, the first NaN of a
+            # group), -inf, signed zeros.
+            edge=Sample(
+                values=_floats("1 3 3 2  nan 5 nan 1  -inf -inf -inf -inf  0 -0 0 0  4 nan 9 9  2 2 2 2"),
+                kwargs={"pieces": 4, "dim": 0},
+            ),
+            saves="indices",
+            fit=_fit_pieces,
+        ),
+    )
+}
+
+
+def forward_backward(fn, x, kwargs, g):
+    """fn(x, **kwargs) and its input gradient for output gradient g (zeros where the output is empty)."""
+    xr = x.detach().clone().requires_grad_()
+    y = fn(xr, **kwargs)
+    (gx,) = torch.autograd.grad(y, xr, g) if y.numel() else (torch.zeros_like(xr),)
+    return y, gx
+
+
+def compare_op(fn, reference, kwargs, x, g, reduced=1):
+    """fn(x, **kwargs) and its input gradient for output gradient g, against the float64 oracle (the
+    reference on x in float64) with torch's own result in x's dtype as the rounding allowance; the
+    output's strides must be torch's. Returns the output's and the gradient's Comparisons."""
+    xp = x.detach().clone().requires_grad_()
+    y = fn(xp, **kwargs)
+    y64, gx64 = forward_backward(reference, x.detach().to(torch.float64), kwargs, g.to(torch.float64))
+    yt, gt = forward_backward(reference, x, kwargs, g)
+    out = compare(y, y64, x.dtype, yt, reduced=reduced)
+    if out.ok and y.numel() > 1 and y.stride() != yt.stride():
+        out = Comparison("output", math.inf, out.error, f"layout {y.stride()} differs from torch's {yt.stride()}")
+    results = [out]
+    if y.numel():
+        (gx,) = torch.autograd.grad(y, xp, g)
+        results.append(compare(gx, gx64, x.dtype, gt, what="gradient", reduced=reduced))
+    return results
+
+
+def check_op_sample(spec, sample, dtype, device, generator=None):
+    """compare_op on one sample of an OpSpec, on the current backend."""
+    kwargs = spec.sample_kwargs(sample)
+    x = sample.make(dtype, device, generator)
+    g = sample.grad(spec.output_shape(x.shape, kwargs), dtype, device, generator)
+    return compare_op(spec.fn, spec.reference, kwargs, x, g, spec.reduction(x, kwargs))
+
+
+# ---- optimizers -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    """One optimizer: the pyops class against torch's (run as its for-loop, foreach=False), for each
+    of `configs` (constructor keyword arguments) over `steps` steps; the tolerance is TOL times
+    `scale` (the steps' rounding adds up). `dtypes`: those torch's for-loop is the reference for. For
+    float16/bfloat16 parameters pyops computes in float32 while torch's for-loop computes in the half
+    dtype, where its state underflows (v = (1 - beta2) g^2 of a gradient below ~1e-3, and eps = 1e-8,
+    round to 0 in float16: torch's step turns inf), so it is no reference there."""
+
+    family: str
+    name: str
+    cls: type
+    reference: type
+    configs: tuple
+    steps: int = 12
+    scale: float = 20
+    dtypes: tuple = (torch.float64, torch.float32)
+
+    def check(self, dtype, device, seed=0):
+        """Every configuration on the current backend, against the oracle (values drawn from `seed`)."""
+        return [
+            _labelled(f"config {i} {config}", c)
+            for i, config in enumerate(self.configs)
+            for c in check_optimizer(self, config, dtype, device, torch.Generator().manual_seed(seed))
+        ]
+
+
+def _optimizer(name, configs):
+    """pyops.optim.<name> against torch.optim.<name>."""
+    return OptimSpec("optim", name, getattr(popt, name), getattr(torch.optim, name), tuple(configs))
+
+
+OPTIMIZERS = {
+    spec.name: spec
+    for spec in (
+        _optimizer(
+            "SGD",
+            [
+                {},
+                {"momentum": 0.9},
+                {"momentum": 0.9, "nesterov": True},
+                {"momentum": 0.9, "dampening": 0.5},
+                {"weight_decay": 0.1, "momentum": 0.5},
+                {"maximize": True, "momentum": 0.3},
+                {"lr": torch.tensor(0.01)},
+            ],
+        ),
+        _optimizer(
+            "Adam",
+            [
+                {},
+                {"amsgrad": True},
+                {"weight_decay": 0.1},
+                {"weight_decay": 0.1, "decoupled_weight_decay": True},
+                {"maximize": True, "betas": (0.8, 0.9)},
+                {"lr": torch.tensor(0.01), "eps": 1e-6},
+            ],
+        ),
+        _optimizer("AdamW", [{}, {"amsgrad": True, "weight_decay": 0.3}, {"maximize": True}]),
+        _optimizer(
+            "Adagrad",
+            [{}, {"lr_decay": 0.1}, {"weight_decay": 0.1, "initial_accumulator_value": 0.5}, {"maximize": True}],
+        ),
+        _optimizer(
+            "RMSprop",
+            [
+                {},
+                {"centered": True},
+                {"momentum": 0.9},
+                {"momentum": 0.5, "centered": True, "weight_decay": 0.1},
+                {"maximize": True, "alpha": 0.9},
+            ],
+        ),
+    )
+}
+# Parameter shapes of an optimizer check: several tensors, a 0-d and an empty one.
+OPTIM_SHAPES = ((5, 3), (7,), (), (0, 4), (3, 2, 2), (1,))
+
+
+def run_optimizer(cls, params, config, grads):
+    """Step `cls` over `params` once per entry of `grads` (a list per step). Two parameter groups (the
+    second with lr 0.02) unless the config sets lr; parameter 1 has no gradient every third step."""
+    if "lr" in config:
+        opt = cls(params, **config)
+    else:
+        opt = cls([{"params": params[:3]}, {"params": params[3:], "lr": 0.02}], **config)
+    for k, step_grads in enumerate(grads):
+        for j, p in enumerate(params):
+            p.grad = None if (j == 1 and k % 3 == 2) else step_grads[j].clone()
+        opt.step()
+    return opt
+
+
+def check_optimizer(spec, config, dtype, device, generator=None):
+    """spec.cls (on the current backend) against spec.reference in float64 from the same dtype-rounded
+    parameters and gradients, with torch's own for-loop in `dtype` as the rounding allowance: the
+    parameters and every state tensor. Returns Comparisons."""
+    on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in config.items()}
+    start = [(torch.randn(s, dtype=torch.float64, generator=generator)).to(dtype) for s in OPTIM_SHAPES]
+    grads = [
+        [torch.randn(s, dtype=torch.float64, generator=generator).to(dtype) for s in OPTIM_SHAPES]
+        for _ in range(spec.steps)
+    ]
+
+    def run(cls, run_dtype, config, reference):
+        params = [p.to(device, run_dtype, copy=True).requires_grad_() for p in start]
+        extra = {"foreach": False} if reference else {}
+        gs = [[g.to(device, run_dtype) for g in step] for step in grads]
+        return params, run_optimizer(cls, params, {**config, **extra}, gs)
+
+    p64, o64 = run(spec.reference, torch.float64, on_device, True)
+    pt, ot = run(spec.reference, dtype, on_device, True)
+    ours, opt = run(spec.cls, dtype, on_device, False)
+    results = []
+    for i, (a, e, t) in enumerate(zip(ours, p64, pt)):
+        results.append(compare(a, e, dtype, t, what=f"param {i}", scale=spec.scale))
+        state, s64, st = opt.state[a], o64.state[e], ot.state[t]
+        if state.keys() != st.keys():
+            results.append(_failed(f"state {i}", f"keys {sorted(state)} != torch's {sorted(st)}"))
+            continue
+        for key in st:
+            what = f"state {i} {key}"
+            if not isinstance(st[key], torch.Tensor):
+                ok = state[key] == st[key]
+                results.append(Comparison(what, 0.0, 0.0) if ok else _failed(what, f"{state[key]!r} != {st[key]!r}"))
+            elif state[key].dtype != st[key].dtype:
+                results.append(_failed(what, f"dtype {state[key].dtype} != torch's {st[key].dtype}"))
+            else:
+                results.append(compare(state[key], s64[key], st[key].dtype, st[key], what=what, scale=spec.scale))
+    return results
+
+
+# ---- families ---------------------------------------------------------------------------------------
+
+# Every op family that exists, with its spec entries: `check` covers each and the bench has a module
+# of cases per family (bench/<family>.py).
+SPECS = {"activation": ACTIVATIONS, "optim": OPTIMIZERS}
+FAMILIES = tuple(SPECS)
+# The bench's families: one per op family, and `overhead`, the fixed cost of a call of each activation.
+BENCH_FAMILIES = FAMILIES + ("overhead",)
