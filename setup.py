@@ -4,6 +4,7 @@ CPU kernels are always compiled.  CUDA kernels are compiled whenever torch is a 
 CUDA toolkit is found, whether or not a GPU is visible; PYOPS_CUDA=0/1 overrides.  Install with
 `pip install -e . --no-build-isolation` once torch is installed (isolation would pull a second torch).
 """
+
 import glob
 import os
 import re
@@ -11,9 +12,8 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -41,8 +41,9 @@ def _cuda_home():
 
 def _nvcc_major(cuda_home):
     try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-                             capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"release (\d+)\.", out)
@@ -76,8 +77,10 @@ def _want_cuda():
 
 # CPU_CAPABILITY -> (flags, /proc/cpuinfo features it needs), as torch builds its own kernels.
 _CPU_CAPABILITIES = {
-    "AVX512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
-               ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"]),
+    "AVX512": (
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+        ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"],
+    ),
     "AVX2": (["-mavx2", "-mfma", "-mf16c"], ["avx2", "fma", "f16c"]),
     "DEFAULT": ([], []),
 }
@@ -112,7 +115,8 @@ def _write_build_info(arch_list):
 
 def _extension():
     sources = ["csrc/ops.cpp", "csrc/backend.cpp"] + sorted(
-        glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/triton/*.cpp") + glob.glob("csrc/autograd/*.cpp"))
+        glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/triton/*.cpp") + glob.glob("csrc/autograd/*.cpp")
+    )
     cxx = _cpu_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
@@ -120,16 +124,22 @@ def _extension():
     if cuda_home is None:
         cxx.append("-DPYOPS_WITH_CUDA=0")
         _write_build_info("")
-        return cpp_extension.CppExtension("pyops._C", sources, include_dirs=include_dirs,
-                                          extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        return cpp_extension.CppExtension(
+            "pyops._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home  # torch guessed it at import, perhaps from a wrapper's folder
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not arch_list:
         arch_list = "8.0;9.0"
         if torch.cuda.is_available():
-            arch_list = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
-                                         for i in range(torch.cuda.device_count())}))
+            arch_list = ";".join(
+                sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
+            )
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     _log(f"CUDA kernels: toolkit {cuda_home}, architectures {arch_list}")
     _write_build_info(arch_list)
@@ -139,9 +149,13 @@ def _extension():
         include_dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")))
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-DPYOPS_WITH_CUDA=1"]
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    return cpp_extension.CUDAExtension("pyops._C", sources, include_dirs=include_dirs,
-                                       extra_compile_args={"cxx": cxx + ["-DPYOPS_WITH_CUDA=1"], "nvcc": nvcc},
-                                       extra_link_args=["-fopenmp"])
+    return cpp_extension.CUDAExtension(
+        "pyops._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx + ["-DPYOPS_WITH_CUDA=1"], "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+    )
 
 
 setup(

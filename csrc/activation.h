@@ -141,22 +141,22 @@ struct Activation {
 
 // Every activation op of device D, registered inside TORCH_LIBRARY_IMPL(pyops, <key>, m) under the
 // native names (SUFFIX "") or the Triton twins' (SUFFIX "_triton"; in-place ones end in "_" after it).
-#define PYOPS_REGISTER_ACTIVATION(m, D, SUFFIX)                         \
-  do {                                                                  \
-    using A = ::pyops::Activation<D>;                                   \
-    m.impl("relu_fwd" SUFFIX, &A::relu_fwd);                            \
-    m.impl("relu_fwd" SUFFIX "_", &A::relu_fwd_);                       \
-    m.impl("relu_bwd" SUFFIX, &A::relu_bwd);                            \
-    m.impl("leaky_relu_fwd" SUFFIX, &A::leaky_relu_fwd);                \
-    m.impl("leaky_relu_fwd" SUFFIX "_", &A::leaky_relu_fwd_);           \
-    m.impl("leaky_relu_bwd" SUFFIX, &A::leaky_relu_bwd);                \
-    m.impl("elu_fwd" SUFFIX, &A::elu_fwd);                              \
-    m.impl("elu_fwd" SUFFIX "_", &A::elu_fwd_);                         \
-    m.impl("elu_bwd" SUFFIX, &A::elu_bwd);                              \
-    m.impl("sigmoid_fwd" SUFFIX, &A::sigmoid_fwd);                      \
-    m.impl("sigmoid_bwd" SUFFIX, &A::sigmoid_bwd);                      \
-    m.impl("tanh_fwd" SUFFIX, &A::tanh_fwd);                            \
-    m.impl("tanh_bwd" SUFFIX, &A::tanh_bwd);                            \
-    m.impl("maxout_fwd" SUFFIX, &A::maxout_fwd);                        \
-    m.impl("maxout_bwd" SUFFIX, &A::maxout_bwd);                        \
+#define PYOPS_REGISTER_ACTIVATION(m, D, SUFFIX)               \
+  do {                                                        \
+    using A = ::pyops::Activation<D>;                         \
+    m.impl("relu_fwd" SUFFIX, &A::relu_fwd);                  \
+    m.impl("relu_fwd" SUFFIX "_", &A::relu_fwd_);             \
+    m.impl("relu_bwd" SUFFIX, &A::relu_bwd);                  \
+    m.impl("leaky_relu_fwd" SUFFIX, &A::leaky_relu_fwd);      \
+    m.impl("leaky_relu_fwd" SUFFIX "_", &A::leaky_relu_fwd_); \
+    m.impl("leaky_relu_bwd" SUFFIX, &A::leaky_relu_bwd);      \
+    m.impl("elu_fwd" SUFFIX, &A::elu_fwd);                    \
+    m.impl("elu_fwd" SUFFIX "_", &A::elu_fwd_);               \
+    m.impl("elu_bwd" SUFFIX, &A::elu_bwd);                    \
+    m.impl("sigmoid_fwd" SUFFIX, &A::sigmoid_fwd);            \
+    m.impl("sigmoid_bwd" SUFFIX, &A::sigmoid_bwd);            \
+    m.impl("tanh_fwd" SUFFIX, &A::tanh_fwd);                  \
+    m.impl("tanh_bwd" SUFFIX, &A::tanh_bwd);                  \
+    m.impl("maxout_fwd" SUFFIX, &A::maxout_fwd);              \
+    m.impl("maxout_bwd" SUFFIX, &A::maxout_bwd);              \
   } while (0)

@@ -58,7 +58,9 @@ Backend resolve_for(Device device, int64_t numel, int64_t auto_min_numel, const 
     return Backend::kTorch;
   }
   TORCH_CHECK(can_run(b, device), "pyops.", op, ": backend '", backend_name(b), "' is not available on ",
-              device == Device::kCpu ? "cpu" : device == Device::kCuda ? "cuda" : "this device",
+              device == Device::kCpu    ? "cpu"
+              : device == Device::kCuda ? "cuda"
+                                        : "this device",
               " here (available: ", usable_list(device), ")");
   return b;
 }
@@ -67,8 +69,8 @@ Backend resolve(const char* op, const at::Tensor& t, int64_t auto_min_numel) {
   if (!is_kernel_dtype(t.scalar_type())) return Backend::kTorch;
   const Device d = device_kind(t);
   if (d == Device::kOther && selected != Backend::kAuto && selected != Backend::kTorch) {
-    TORCH_CHECK(false, "pyops.", op, ": backend '", backend_name(selected), "' is not available on ",
-                t.device().type(), " here (available: torch)");
+    TORCH_CHECK(false, "pyops.", op, ": backend '", backend_name(selected), "' is not available on ", t.device().type(),
+                " here (available: torch)");
   }
   // Under torch.compile with dynamic shapes the size is symbolic: choose as for a large input
   // rather than put a guard on it.

@@ -72,12 +72,11 @@ PyObject* py_resolve(PyObject*, PyObject* args) {
   }
 }
 
-PyMethodDef methods[] = {
-    {"_set_backend", py_set_backend, METH_O, "Select a backend id for this thread."},
-    {"_get_backend", py_get_backend, METH_NOARGS, "This thread's selected backend id."},
-    {"_set_available", py_set_available, METH_VARARGS, "Tell which backends can run here."},
-    {"_resolve", py_resolve, METH_VARARGS, "The backend id that runs on a device now."},
-    {nullptr, nullptr, 0, nullptr}};
+PyMethodDef methods[] = {{"_set_backend", py_set_backend, METH_O, "Select a backend id for this thread."},
+                         {"_get_backend", py_get_backend, METH_NOARGS, "This thread's selected backend id."},
+                         {"_set_available", py_set_available, METH_VARARGS, "Tell which backends can run here."},
+                         {"_resolve", py_resolve, METH_VARARGS, "The backend id that runs on a device now."},
+                         {nullptr, nullptr, 0, nullptr}};
 
 struct PyModuleDef pyops_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 
@@ -92,11 +91,11 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(m, "CPU_CAPABILITY", PYOPS_STR(CPU_CAPABILITY));
   // PRIMITIVES: ((native name, triton name), ...), so that Python never derives one from the other.
   PyObject* prims = PyList_New(0);
-#define PYOPS_LIST_PRIMITIVE(native, triton, signature)   \
-  {                                                       \
+#define PYOPS_LIST_PRIMITIVE(native, triton, signature)     \
+  {                                                         \
     PyObject* pair = Py_BuildValue("(ss)", native, triton); \
-    PyList_Append(prims, pair);                           \
-    Py_DECREF(pair);                                      \
+    PyList_Append(prims, pair);                             \
+    Py_DECREF(pair);                                        \
   }
   PYOPS_PRIMITIVES(PYOPS_LIST_PRIMITIVE)
 #undef PYOPS_LIST_PRIMITIVE
@@ -104,11 +103,11 @@ PyMODINIT_FUNC PyInit__C(void) {
   Py_DECREF(prims);
   // AUTO_MIN_NUMEL: op -> the CPU size below which `auto` runs torch (csrc/common/backend.h).
   PyObject* crossovers = PyDict_New();
-#define PYOPS_EXPORT_AUTO_MIN(op, n)        \
-  {                                         \
-    PyObject* value = PyLong_FromLongLong(n); \
+#define PYOPS_EXPORT_AUTO_MIN(op, n)              \
+  {                                               \
+    PyObject* value = PyLong_FromLongLong(n);     \
     PyDict_SetItemString(crossovers, #op, value); \
-    Py_DECREF(value);                       \
+    Py_DECREF(value);                             \
   }
   PYOPS_AUTO_MIN_NUMEL(PYOPS_EXPORT_AUTO_MIN)
 #undef PYOPS_EXPORT_AUTO_MIN

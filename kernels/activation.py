@@ -12,6 +12,7 @@ TRITON_INTERPRET=1: no libdevice, so tanh and expm1 are built from `tl.exp` with
 series near zero, where `exp(x) - 1` would cancel. Every global a kernel reads is a `tl.constexpr`
 (compiled Triton refuses plain module globals), and every offset is int64.
 """
+
 import struct
 
 import torch
@@ -41,8 +42,12 @@ OP_TANH_BWD: tl.constexpr = tl.constexpr(8)
 
 MASKED_OPS = {"relu": OP_RELU.value, "leaky_relu": OP_LEAKY_RELU.value}
 UNARY_OPS = {"elu": OP_ELU.value, "sigmoid": OP_SIGMOID.value, "tanh": OP_TANH.value}
-BINARY_BWD_OPS = {"elu_result": OP_ELU_RESULT_BWD.value, "elu_input": OP_ELU_INPUT_BWD.value,
-                  "sigmoid": OP_SIGMOID_BWD.value, "tanh": OP_TANH_BWD.value}
+BINARY_BWD_OPS = {
+    "elu_result": OP_ELU_RESULT_BWD.value,
+    "elu_input": OP_ELU_INPUT_BWD.value,
+    "sigmoid": OP_SIGMOID_BWD.value,
+    "tanh": OP_TANH_BWD.value,
+}
 
 # torch dtype -> (Triton pointer element type name, compute dtype)
 DTYPES = {
@@ -57,8 +62,9 @@ def _op(table, kind, op):
     try:
         return table[op]
     except KeyError:
-        raise ValueError(f"pyops.kernels.activation.{kind}: unknown op {op!r}, expected one of {sorted(table)}") \
-            from None
+        raise ValueError(
+            f"pyops.kernels.activation.{kind}: unknown op {op!r}, expected one of {sorted(table)}"
+        ) from None
 
 
 def _compute(t):
@@ -129,8 +135,7 @@ def _offsets_2d(n):
 
 # ---- ReLU / LeakyReLU with a 1-bit mask ---------------------------------------------------------
 @triton.jit(do_not_specialize=["slope_hi", "slope_lo"])
-def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope_hi, slope_lo, OP: tl.constexpr,
-                       COMPUTE: tl.constexpr):
+def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope_hi, slope_lo, OP: tl.constexpr, COMPUTE: tl.constexpr):
     rows, offs, inb = _offsets_2d(n)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     # pos: where the gradient flows unchanged, as torch decides it: relu's backward tests the
@@ -149,8 +154,7 @@ def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope_hi, slope_lo, OP: tl.c
 
 
 @triton.jit(do_not_specialize=["slope_hi", "slope_lo"])
-def _masked_bwd_kernel(g_ptr, mask_ptr, gi_ptr, n, slope_hi, slope_lo, OP: tl.constexpr,
-                       COMPUTE: tl.constexpr):
+def _masked_bwd_kernel(g_ptr, mask_ptr, gi_ptr, n, slope_hi, slope_lo, OP: tl.constexpr, COMPUTE: tl.constexpr):
     rows, offs, inb = _offsets_2d(n)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     bits = tl.load(mask_ptr + rows, mask=rows < tl.cdiv(n, BITS), other=0).to(tl.int32)
@@ -177,8 +181,9 @@ def masked_bwd(grad, mask, grad_in, op, negative_slope):
     sel = _op(MASKED_OPS, "masked_bwd", op)
     n = grad.numel()
     if n:
-        _masked_bwd_kernel[_grid(n)](grad, mask, grad_in, n, *f64_halves(negative_slope), OP=sel,
-                                     COMPUTE=_compute(grad))
+        _masked_bwd_kernel[_grid(n)](
+            grad, mask, grad_in, n, *f64_halves(negative_slope), OP=sel, COMPUTE=_compute(grad)
+        )
 
 
 # ---- ELU, sigmoid, tanh ------------------------------------------------------------------------
@@ -290,8 +295,14 @@ def maxout_bwd(grad, indices, grad_in, inner, pieces):
 INT_FORMS = ("i32:16", "i64:16", 1)
 # maxout's (count, inner): inner divides count, so it is never wider than count, and 1 where count
 # is 1 (pieces is never specialised)
-MAXOUT_SIZE_FORMS = (("i32:16", "i32:16"), ("i32:16", 1), ("i64:16", "i32:16"), ("i64:16", "i64:16"),
-                     ("i64:16", 1), (1, 1))
+MAXOUT_SIZE_FORMS = (
+    ("i32:16", "i32:16"),
+    ("i32:16", 1),
+    ("i64:16", "i32:16"),
+    ("i64:16", "i64:16"),
+    ("i64:16", 1),
+    (1, 1),
+)
 
 
 def _int_args(sig, consts, **forms):
@@ -308,13 +319,17 @@ def aot_variants():
     (label, jit function, signature {runtime argument: Triton type}, constexprs {name: value}), from
     the tables the launchers use: each dtype, op and form of the size arguments."""
     variants = []
-    elementwise = [("masked_fwd", _masked_fwd_kernel, MASKED_OPS, ("x_ptr", "out_ptr"), ("mask_ptr",), "slope"),
-                   ("masked_bwd", _masked_bwd_kernel, MASKED_OPS, ("g_ptr", "gi_ptr"), ("mask_ptr",), "slope"),
-                   ("unary", _unary_kernel, UNARY_OPS, ("x_ptr", "out_ptr"), (), "alpha"),
-                   ("binary_bwd", _binary_bwd_kernel, BINARY_BWD_OPS, ("g_ptr", "s_ptr", "gi_ptr"), (), "alpha")]
-    maxout = [("maxout_fwd", _maxout_fwd_kernel, ("x_ptr", "out_ptr"), "idx_ptr"),
-              ("maxout_bwd", _maxout_bwd_kernel, ("g_ptr", "gi_ptr"), "idx_ptr")]
-    for dtype, (ty, compute) in DTYPES.items():
+    elementwise = [
+        ("masked_fwd", _masked_fwd_kernel, MASKED_OPS, ("x_ptr", "out_ptr"), ("mask_ptr",), "slope"),
+        ("masked_bwd", _masked_bwd_kernel, MASKED_OPS, ("g_ptr", "gi_ptr"), ("mask_ptr",), "slope"),
+        ("unary", _unary_kernel, UNARY_OPS, ("x_ptr", "out_ptr"), (), "alpha"),
+        ("binary_bwd", _binary_bwd_kernel, BINARY_BWD_OPS, ("g_ptr", "s_ptr", "gi_ptr"), (), "alpha"),
+    ]
+    maxout = [
+        ("maxout_fwd", _maxout_fwd_kernel, ("x_ptr", "out_ptr"), "idx_ptr"),
+        ("maxout_bwd", _maxout_bwd_kernel, ("g_ptr", "gi_ptr"), "idx_ptr"),
+    ]
+    for ty, compute in DTYPES.values():
         for launcher, kernel, ops, data, masks, scalar in elementwise:
             for op, sel in ops.items():
                 for n in INT_FORMS:

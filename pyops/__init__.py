@@ -6,14 +6,31 @@ networks, as drop-in replacements for their torch counterparts.
     with pyops.backend("triton"): ...          # or chosen for a block
     model = pyops.convert(model)               # swap torch modules for pyops ones
 """
+
 __version__ = "0.1.0"
 
 import torch  # noqa: F401  (loads libtorch before pyops._C)
 
-from . import _C  # noqa: F401
-from .backend import BACKENDS, available_backends, backend, current as current_backend
-from . import functional, nn, optim  # noqa: E402
+from . import (
+    _C,  # noqa: F401
+    functional,
+    nn,
+    optim,
+)
+from .backend import BACKENDS, available_backends, backend
+from .backend import current as current_backend
 from .convert import convert
 from .info import info, saved_bytes
 
-__all__ = ["backend", "current_backend", "available_backends", "BACKENDS", "functional", "nn", "optim", "convert", "info", "saved_bytes"]
+__all__ = [
+    "backend",
+    "current_backend",
+    "available_backends",
+    "BACKENDS",
+    "functional",
+    "nn",
+    "optim",
+    "convert",
+    "info",
+    "saved_bytes",
+]

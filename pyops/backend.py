@@ -8,6 +8,7 @@ The selection is a thread-local that the C++ ops read (csrc/common/backend.h): p
 torch.no_grad is, and invisible to torch.compile, which traces the ops' choice at trace time.
 Used as a decorator, ``@pyops.backend(name)`` also holds for each resumption of a generator.
 """
+
 import functools
 import importlib.util
 import os
@@ -23,18 +24,18 @@ _IDS = {name: i for i, name in enumerate(_C.BACKENDS)}
 KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native_devices():
     """Device types pyops._C has kernels for."""
     return ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable():
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_interpreted():
     """Whether Triton runs interpreted (read once: triton.jit reads the variable when it decorates
     a kernel, so changing it later changes nothing anyway)."""
@@ -47,7 +48,9 @@ def available_backends(device="cpu"):
     found = []
     if dev in native_devices() and (dev != "cuda" or torch.cuda.is_available()):
         found.append("native")
-    if _triton_importable() and ((dev == "cuda" and torch.cuda.is_available()) or (dev == "cpu" and triton_interpreted())):
+    if _triton_importable() and (
+        (dev == "cuda" and torch.cuda.is_available()) or (dev == "cpu" and triton_interpreted())
+    ):
         found.append("triton")
     found.append("torch")
     return found

@@ -1,4 +1,5 @@
 """pyops.convert(model): swap torch modules for their pyops drop-ins, in place."""
+
 from torch import nn
 
 from . import nn as pnn
@@ -15,10 +16,21 @@ def _activation(m):
 
 
 # What a replacement takes over from the module it replaces: its hooks and flags, as they are.
-_CARRIED = ("training", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-            "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
-            "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-            "_load_state_dict_post_hooks")
+_CARRIED = (
+    "training",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_is_full_backward_hook",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 def _replacement(m, done):

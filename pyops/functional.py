@@ -8,6 +8,7 @@ a TypeError names the op and the dtype.
 Each function is one call of a public pyops op (csrc/autograd/<family>.cpp), which picks the
 backend (pyops.backend) and differentiates in C++: a pyops call costs what a torch call does.
 """
+
 import torch
 import torch.nn.functional as _TF
 
@@ -128,6 +129,7 @@ def maxout(input, pieces, dim=1):
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("maxout", input)
     if isinstance(pieces, bool) or not isinstance(pieces, int):
-        raise ValueError(f"pyops.maxout: pieces must be an int in [1, 256] (indices are saved as uint8), "
-                         f"got {pieces!r}")
+        raise ValueError(
+            f"pyops.maxout: pieces must be an int in [1, 256] (indices are saved as uint8), got {pieces!r}"
+        )
     return _maxout(input, pieces, dim) if _compiling() else _maxout_eager(input, pieces, dim)

@@ -1,4 +1,5 @@
 """pyops.info(): what this installation is and can run."""
+
 import importlib.util
 
 import torch
@@ -19,7 +20,9 @@ def info_dict():
 
         triton_version = triton.__version__
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     return {
         "pyops": __import__("pyops").__version__,
         "torch": torch.__version__,

@@ -1,13 +1,13 @@
 """pyops.nn modules, pyops.convert, and torch.compile over a model of pyops modules."""
+
 import pytest
 import torch
 from torch import nn
 
 import pyops
 import pyops.nn as pnn
-from pyops.ops.activation import maxout_reference
-
 from oracle import assert_close, device_backends
+from pyops.ops.activation import maxout_reference
 
 MODULES = [
     (pnn.ReLU, nn.ReLU, [(), (True,)]),
@@ -44,8 +44,10 @@ def test_maxout_unit(device, backend):
     x = torch.randn(7, 5, dtype=torch.float64, device=device, requires_grad=True)
     with pyops.backend(backend):
         y = m(x)
-    expected = torch.stack([torch.stack([x @ m.weight[j * 4 + k] + m.bias[j * 4 + k] for k in range(4)]).max(0).values
-                            for j in range(3)], dim=1)
+    expected = torch.stack(
+        [torch.stack([x @ m.weight[j * 4 + k] + m.bias[j * 4 + k] for k in range(4)]).max(0).values for j in range(3)],
+        dim=1,
+    )
     assert_close(y, expected.detach(), torch.float64)
     y.sum().backward()
     assert m.weight.grad is not None and x.grad is not None
@@ -65,8 +67,18 @@ def test_maxout_unit_without_bias_and_bad_arguments():
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.LeakyReLU(0.1), nn.Linear(32, 32),
-                         nn.ELU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 8), nn.Sigmoid())
+    return nn.Sequential(
+        nn.Linear(16, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.LeakyReLU(0.1),
+        nn.Linear(32, 32),
+        nn.ELU(),
+        nn.Linear(32, 16),
+        nn.Tanh(),
+        nn.Linear(16, 8),
+        nn.Sigmoid(),
+    )
 
 
 def test_convert_swaps_modules_and_keeps_results():

@@ -1,9 +1,9 @@
 """torch's semantics where users lean on them, and bad input that must never crash, for the
 activation family and the machinery every family shares (backend selection, convert, scripting)."""
+
 import math
 import subprocess
 import sys
-import textwrap
 import threading
 
 import numpy as np
@@ -15,9 +15,8 @@ from torch import nn
 import pyops
 import pyops.functional as PF
 import pyops.nn as pnn
-from pyops.ops import PRIMITIVES
-
 from oracle import assert_close
+from pyops.ops import PRIMITIVES
 
 CPU_KERNEL_BACKENDS = [b for b in pyops.available_backends("cpu") if b != "torch"]
 
@@ -127,7 +126,7 @@ def test_nested_blocks_restore_in_order():
 # ---- torch.compile and torch.export with dynamic shapes under `auto` ------------------------------
 def test_compile_dynamic_shapes_with_auto():
     def f(x):
-        return PF.relu(x) + PF.elu(x) + PF.maxout(x, 2, 1) .sum() + PF.sigmoid(x) * PF.tanh(x)
+        return PF.relu(x) + PF.elu(x) + PF.maxout(x, 2, 1).sum() + PF.sigmoid(x) * PF.tanh(x)
 
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
@@ -239,8 +238,9 @@ def test_convert_keeps_hooks_sharing_and_converts_the_root():
 
 # ---- TorchScript and forward-mode AD ------------------------------------------------------------
 def test_jit_script_of_pyops_modules():
-    model = nn.Sequential(pnn.Maxout(4, 6, 2), pnn.ReLU(), pnn.LeakyReLU(0.1, True), pnn.ELU(0.5), pnn.Sigmoid(),
-                          pnn.Tanh())
+    model = nn.Sequential(
+        pnn.Maxout(4, 6, 2), pnn.ReLU(), pnn.LeakyReLU(0.1, True), pnn.ELU(0.5), pnn.Sigmoid(), pnn.Tanh()
+    )
     scripted = torch.jit.script(model)
     x = torch.randn(3, 4)
     assert_close(scripted(x), model(x).double(), torch.float32)
@@ -264,9 +264,13 @@ def test_vmap_runs_the_ops_batched():
     x = torch.randn(3, 4, 6, dtype=torch.float64)
     with pyops.backend("native"), warnings.catch_warnings():
         warnings.simplefilter("error")  # the loop fallback warns
-        for f, ref in [(PF.relu, TF.relu), (lambda t: PF.leaky_relu(t, 0.3), lambda t: TF.leaky_relu(t, 0.3)),
-                       (lambda t: PF.elu(t, 0.7), lambda t: TF.elu(t, 0.7)), (PF.sigmoid, torch.sigmoid),
-                       (PF.tanh, torch.tanh)]:
+        for f, ref in [
+            (PF.relu, TF.relu),
+            (lambda t: PF.leaky_relu(t, 0.3), lambda t: TF.leaky_relu(t, 0.3)),
+            (lambda t: PF.elu(t, 0.7), lambda t: TF.elu(t, 0.7)),
+            (PF.sigmoid, torch.sigmoid),
+            (PF.tanh, torch.tanh),
+        ]:
             assert_close(torch.vmap(f, in_dims=1)(x), ref(x).movedim(1, 0), torch.float64)
         y = torch.vmap(lambda t: PF.maxout(t, 3, -1), in_dims=1)(x)
         assert_close(y, torch.stack([PF.maxout(x[:, i], 3, -1) for i in range(4)]), torch.float64)

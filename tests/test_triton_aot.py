@@ -10,6 +10,7 @@ GPU), importing the kernel files by path: importing pyops would load its C++ ext
 
 Run as a script, this file is that subprocess: `python tests/test_triton_aot.py OUT.json`.
 """
+
 import importlib
 import importlib.util
 import inspect
@@ -46,8 +47,9 @@ REGISTERS = re.compile(r"Used (\d+) registers")
 def _load_kernels(name):
     """pyops' kernels/<name>.py as a submodule of PACKAGE (relative imports work), loaded by path."""
     if PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACKAGE, KERNELS_DIR / "__init__.py",
-                                                      submodule_search_locations=[str(KERNELS_DIR)])
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, KERNELS_DIR / "__init__.py", submodule_search_locations=[str(KERNELS_DIR)]
+        )
         package = importlib.util.module_from_spec(spec)
         sys.modules[PACKAGE] = package
         spec.loader.exec_module(package)
@@ -64,8 +66,10 @@ def _source(fn, signature, constexprs):
     unknown = (set(signature) | set(constexprs)) - set(names)
     missing = [a for a in names if a not in signature and a not in constexprs]
     if unknown or missing:
-        raise ValueError(f"{fn.__name__}: variant names unknown arguments {sorted(unknown)}, "
-                         f"leaves {missing} without a type or value")
+        raise ValueError(
+            f"{fn.__name__}: variant names unknown arguments {sorted(unknown)}, "
+            f"leaves {missing} without a type or value"
+        )
     full, hinted = {}, []
     for i, a in enumerate(names):
         ty, _, hint = ("constexpr" if a in constexprs else signature[a]).partition(":")
@@ -112,8 +116,13 @@ def _compile_job(key):
                 spills = getattr(compiled, "n_spills", None)
             except Exception:
                 spills = None
-        result.update(ok=True, shared=compiled.metadata.shared, registers=regs, spills=spills,
-                      cubin_bytes=len(compiled.asm["cubin"]))
+        result.update(
+            ok=True,
+            shared=compiled.metadata.shared,
+            registers=regs,
+            spills=spills,
+            cubin_bytes=len(compiled.asm["cubin"]),
+        )
     except Exception as e:  # reported per variant by the test, with the errors it chains
         chain = []
         while e is not None and len(chain) < 4:
@@ -128,8 +137,8 @@ def _compile_job(key):
 
 def compile_all(jobs):
     """Compile every aot_variants() of KERNEL_MODULES for TARGETS in `jobs` processes; JSON-able."""
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     start = time.perf_counter()
     report = {"modules": {}, "results": []}
@@ -188,11 +197,19 @@ def aot_report(tmp_path_factory):
     # a fresh cache, so every variant really compiles and ptxas reports on it
     env.update(TRITON_CACHE_DIR=str(tmp / "cache"), TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
     out = tmp / "report.json"
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=COMPILE_TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=COMPILE_TIMEOUT_S,
+    )
     if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"the ahead-of-time compile failed to run (exit {proc.returncode}):\n"
-                    f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"the ahead-of-time compile failed to run (exit {proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return json.loads(out.read_text())
 
 
@@ -203,16 +220,19 @@ def _summary(results):
     for r in results:
         if r["ok"]:
             rows.setdefault((r["kernel"], r["target"]), []).append(r)
-    lines = [f"{'kernel':<24} {'target':<6} {'variants':>8} {'shared B':>9} {'regs':>5} {'spills B':>9} "
-             f"{'compile s':>9}"]
+    lines = [
+        f"{'kernel':<24} {'target':<6} {'variants':>8} {'shared B':>9} {'regs':>5} {'spills B':>9} {'compile s':>9}"
+    ]
 
     def most(rs, key):
         values = [r[key] for r in rs if r[key] is not None]
         return max(values) if values else "n/a"
 
     for (kernel, target), rs in sorted(rows.items()):
-        lines.append(f"{kernel:<24} {target:<6} {len(rs):>8} {most(rs, 'shared'):>9} {most(rs, 'registers'):>5} "
-                     f"{most(rs, 'spills'):>9} {sum(r['seconds'] for r in rs):>9.2f}")
+        lines.append(
+            f"{kernel:<24} {target:<6} {len(rs):>8} {most(rs, 'shared'):>9} {most(rs, 'registers'):>5} "
+            f"{most(rs, 'spills'):>9} {sum(r['seconds'] for r in rs):>9.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -224,27 +244,38 @@ def test_kernels_compile_for_gpu(aot_report, module):
     assert "error" not in info, f"kernels/{module}.py: loading it or its aot_variants() failed:\n{info.get('error')}"
     results = [r for r in aot_report["results"] if r["module"] == module]
     assert info["variants"] > 0 and len(results) == info["variants"] * len(TARGETS)
-    print(f"\nkernels/{module}.py: {info['variants']} variants x {len(TARGETS)} targets compiled to cubin "
-          f"(triton {aot_report['triton']}; all modules {aot_report['seconds']:.1f} s on {aot_report['jobs']} "
-          f"processes)\n{_summary(results)}")
+    print(
+        f"\nkernels/{module}.py: {info['variants']} variants x {len(TARGETS)} targets compiled to cubin "
+        f"(triton {aot_report['triton']}; all modules {aot_report['seconds']:.1f} s on {aot_report['jobs']} "
+        f"processes)\n{_summary(results)}"
+    )
     spilling = [r for r in results if r["ok"] and r["spills"]]
     for r in spilling:
         print(f"  spills: {r['label']} {r['target']}: {r['spills']} bytes")
     if spilling:
-        warnings.warn(f"kernels/{module}.py: {len(spilling)} compiled variants spill registers "
-                      f"(e.g. {spilling[0]['label']} on {spilling[0]['target']})")
+        warnings.warn(
+            stacklevel=2,
+            message=f"kernels/{module}.py: {len(spilling)} compiled variants spill registers "
+            f"(e.g. {spilling[0]['label']} on {spilling[0]['target']})",
+        )
     failed = [r for r in results if not r["ok"]]
     first = {}  # one report per kernel and error
     for r in failed:
         first.setdefault((r["kernel"], r["error"]), r)
     assert not failed, f"{len(failed)} of {len(results)} variants do not compile:\n" + "\n".join(
         f"--- {r['label']} on {r['target']} (and others like it):\n{r['error'][-2000:]}"
-        for r in list(first.values())[:4])
+        for r in list(first.values())[:4]
+    )
 
 
 # ---- the variants are the launches ----------------------------------------------------------------
-TRITON_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                torch.uint8: "u8"}
+TRITON_TYPES = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.uint8: "u8",
+}
 BIG = 2**31 + 16  # past int32: Triton passes it as i64
 # Triton's own typing of an argument (mangle_type(arg, specialize), triton >= 3.3), to check ours by
 MANGLE = getattr(triton.runtime.jit, "mangle_type", None)
@@ -268,7 +299,7 @@ def _specialisation(kernel, args, kwargs):
             signature[name] = "*" + TRITON_TYPES[v.dtype]
         elif isinstance(v, int):
             specialise = name not in fixed and i not in fixed
-            ty = "constexpr" if v == 1 and specialise else "i32" if -2**31 <= v < 2**31 else "i64"
+            ty = "constexpr" if v == 1 and specialise else "i32" if -(2**31) <= v < 2**31 else "i64"
             if MANGLE is not None:  # Triton's own rule, where this version exposes it
                 assert MANGLE(v, specialise) == ty, (name, v, MANGLE(v, specialise), ty)
             if ty == "constexpr":
@@ -344,8 +375,22 @@ def _scalar_probe(out_ptr, i, hi, lo):
     tl.store(out_ptr + i, K_F64(hi, lo))
 
 
-SCALARS = [float("inf"), -float("inf"), float("nan"), 1e300, -1e300, -0.0, 0.0, 5e-324, -5e-324, 0.2,
-           1.7976931348623157e308, 2.2250738585072014e-308, 3.4028235677973366e38, -1.5]
+SCALARS = [
+    float("inf"),
+    -float("inf"),
+    float("nan"),
+    1e300,
+    -1e300,
+    -0.0,
+    0.0,
+    5e-324,
+    -5e-324,
+    0.2,
+    1.7976931348623157e308,
+    2.2250738585072014e-308,
+    3.4028235677973366e38,
+    -1.5,
+]
 
 
 @needs_triton
@@ -354,7 +399,7 @@ def test_scalar_transport_is_exact():
     out = torch.empty(len(SCALARS), dtype=torch.float64, device=DEVICE)
     for i, v in enumerate(SCALARS):
         hi, lo = K.f64_halves(v)
-        assert -2**31 <= hi < 2**31 and -2**31 <= lo < 2**31
+        assert -(2**31) <= hi < 2**31 and -(2**31) <= lo < 2**31
         _scalar_probe[(1,)](out, i, hi, lo)
     want = torch.tensor(SCALARS, dtype=torch.float64)
     assert torch.equal(out.cpu().view(torch.int64), want.view(torch.int64)), (out, want)
@@ -362,8 +407,9 @@ def test_scalar_transport_is_exact():
 
 def _edge(shape, dtype, layout):
     x = torch.randn(shape, dtype=torch.float64) * 3
-    x.view(-1)[:10] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-30, -1e-30,
-                                    40.0, -40.0, 0.1], dtype=torch.float64)
+    x.view(-1)[:10] = torch.tensor(
+        [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 0.1], dtype=torch.float64
+    )
     x = x.to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -379,7 +425,7 @@ def _memory_order(t):
 
 def _bits(pos):
     flat = torch.zeros(math.ceil(pos.numel() / 8) * 8, dtype=torch.uint8, device=pos.device)
-    flat[:pos.numel()] = _memory_order(pos).to(torch.uint8)
+    flat[: pos.numel()] = _memory_order(pos).to(torch.uint8)
     weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=pos.device)
     return (flat.view(-1, 8).int() * weights).sum(1).to(torch.uint8)
 
@@ -430,8 +476,12 @@ def test_unary_and_binary_bwd_launchers(dtype, layout):
     x = _edge((2, 3, 4, 5), dtype, layout)
     g = torch.empty_like(x).copy_(torch.randn(x.shape, dtype=dtype))
     wide = torch.float64 if dtype == torch.float64 else torch.float32
-    for op, alpha, ref in [("elu", 1.0, lambda t: F.elu(t, 1.0)), ("elu", 0.3, lambda t: F.elu(t, 0.3)),
-                           ("sigmoid", 0.0, torch.sigmoid), ("tanh", 0.0, torch.tanh)]:
+    for op, alpha, ref in [
+        ("elu", 1.0, lambda t: F.elu(t, 1.0)),
+        ("elu", 0.3, lambda t: F.elu(t, 0.3)),
+        ("sigmoid", 0.0, torch.sigmoid),
+        ("tanh", 0.0, torch.tanh),
+    ]:
         want = ref(x.double()).to(dtype)
         for inplace in (False, True):
             xi = x.clone()
@@ -444,9 +494,14 @@ def test_unary_and_binary_bwd_launchers(dtype, layout):
             K.binary_bwd(g, saved, gi, bop, alpha)
             s, gw = saved.to(wide), g.to(wide)
             # as torch's scalar and CUDA elu_backward (its CPU vector path gives NaN for a NaN s)
-            want_g = {"elu_result": lambda: torch.where(s <= 0, gw * (s + alpha), gw),
-                      "elu_input": lambda: torch.where(s <= 0, gw * alpha * torch.exp(s), gw),
-                      "sigmoid": lambda: gw * (1 - s) * s, "tanh": lambda: gw * (1 - s * s)}[bop]()
+            if bop == "elu_result":
+                want_g = torch.where(s <= 0, gw * (s + alpha), gw)
+            elif bop == "elu_input":
+                want_g = torch.where(s <= 0, gw * alpha * torch.exp(s), gw)
+            elif bop == "sigmoid":
+                want_g = gw * (1 - s) * s
+            else:
+                want_g = gw * (1 - s * s)
             _close(gi, want_g.to(dtype), dtype, bop)
 
 
@@ -458,19 +513,19 @@ def test_maxout_launchers(dtype, shape, dim, pieces):
     x.view(-1)[3] = float("nan")
     x.view(-1)[1] = x.view(-1)[0]  # a tie: the first piece wins
     x = x.to(DEVICE)
-    inner = math.prod(shape[dim + 1:])
+    inner = math.prod(shape[dim + 1 :])
     oshape = list(shape)
     oshape[dim] //= pieces
     out = torch.empty(oshape, dtype=dtype, device=DEVICE)
     idx = torch.empty(oshape, dtype=torch.uint8, device=DEVICE)
     K.maxout_fwd(x, out, idx, inner, pieces)
-    want, want_idx = x.reshape(*shape[:dim], oshape[dim], pieces, *shape[dim + 1:]).max(dim=dim + 1)
+    want, want_idx = x.reshape(*shape[:dim], oshape[dim], pieces, *shape[dim + 1 :]).max(dim=dim + 1)
     torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(idx.long(), want_idx)
     g = torch.randn(oshape, dtype=dtype).to(DEVICE)
     gi = torch.full(shape, 7.0, dtype=dtype, device=DEVICE)
     K.maxout_bwd(g, idx, gi, inner, pieces)
-    want_gi = torch.zeros(*shape[:dim], oshape[dim], pieces, *shape[dim + 1:], dtype=dtype, device=DEVICE)
+    want_gi = torch.zeros(*shape[:dim], oshape[dim], pieces, *shape[dim + 1 :], dtype=dtype, device=DEVICE)
     want_gi.scatter_(dim + 1, want_idx.unsqueeze(dim + 1), g.unsqueeze(dim + 1))
     assert torch.equal(gi, want_gi.reshape(shape))
 

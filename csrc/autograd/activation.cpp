@@ -68,7 +68,7 @@ const Prim<Tensor(const Tensor&)> tanh_fwd("pyops::tanh_fwd", "pyops::tanh_fwd_t
 const Prim<Tensor(const Tensor&, const Tensor&)> tanh_bwd("pyops::tanh_bwd", "pyops::tanh_bwd_triton");
 const Prim<MaskedPair(const Tensor&, int64_t, int64_t)> maxout_fwd("pyops::maxout_fwd", "pyops::maxout_fwd_triton");
 const Prim<Tensor(const Tensor&, const Tensor&, int64_t, int64_t)> maxout_bwd("pyops::maxout_bwd",
-                                                                            "pyops::maxout_bwd_triton");
+                                                                              "pyops::maxout_bwd_triton");
 
 // ---- helpers ----------------------------------------------------------------------------------------
 // Whether autograd must record this call; forward-mode AD (dual tensors) is refused clearly.
@@ -299,10 +299,10 @@ struct MaxoutFwdFn : torch::autograd::Function<MaxoutFwdFn<B>> {
 
 // ---- the Autograd kernels of the primitives: record through the functions above when a graph is
 // built, else go straight to the kernel ----------------------------------------------------------------
-#define PYOPS_BELOW_AUTOGRAD(call)                \
-  do {                                            \
-    at::AutoDispatchBelowADInplaceOrView below;   \
-    return call;                                  \
+#define PYOPS_BELOW_AUTOGRAD(call)              \
+  do {                                          \
+    at::AutoDispatchBelowADInplaceOrView below; \
+    return call;                                \
   } while (0)
 
 // In place without recording: bump the version counter, as torch's in-place ops do.
@@ -312,7 +312,7 @@ struct MaxoutFwdFn : torch::autograd::Function<MaxoutFwdFn<B>> {
       at::AutoDispatchBelowADInplaceOrView below; \
       return call;                                \
     }();                                          \
-    torch::autograd::impl::bump_version(x);        \
+    torch::autograd::impl::bump_version(x);       \
     return result;                                \
   } while (0)
 
@@ -390,24 +390,24 @@ struct Kernels {
   }
 };
 
-#define PYOPS_REGISTER_ACTIVATION_AUTOGRAD(m, B, SUFFIX)                                        \
-  do {                                                                                          \
-    using K = Kernels<B>;                                                                       \
-    m.impl("relu_fwd" SUFFIX, &K::relu_fwd_k);                                                  \
-    m.impl("relu_fwd" SUFFIX "_", &K::relu_fwd_k_);                                             \
-    m.impl("relu_bwd" SUFFIX, &K::relu_bwd_k);                                                  \
-    m.impl("leaky_relu_fwd" SUFFIX, &K::leaky_relu_fwd_k);                                      \
-    m.impl("leaky_relu_fwd" SUFFIX "_", &K::leaky_relu_fwd_k_);                                 \
-    m.impl("leaky_relu_bwd" SUFFIX, &K::leaky_relu_bwd_k);                                      \
-    m.impl("elu_fwd" SUFFIX, &K::elu_fwd_k);                                                    \
-    m.impl("elu_fwd" SUFFIX "_", &K::elu_fwd_k_);                                               \
-    m.impl("elu_bwd" SUFFIX, &K::elu_bwd_k);                                                    \
-    m.impl("sigmoid_fwd" SUFFIX, &K::template saves_output_fwd<SigmoidOps>);                   \
-    m.impl("sigmoid_bwd" SUFFIX, &K::template saves_output_bwd<SigmoidOps>);                   \
-    m.impl("tanh_fwd" SUFFIX, &K::template saves_output_fwd<TanhOps>);                         \
-    m.impl("tanh_bwd" SUFFIX, &K::template saves_output_bwd<TanhOps>);                         \
-    m.impl("maxout_fwd" SUFFIX, &K::maxout_fwd_k);                                              \
-    m.impl("maxout_bwd" SUFFIX, &K::maxout_bwd_k);                                              \
+#define PYOPS_REGISTER_ACTIVATION_AUTOGRAD(m, B, SUFFIX)                     \
+  do {                                                                       \
+    using K = Kernels<B>;                                                    \
+    m.impl("relu_fwd" SUFFIX, &K::relu_fwd_k);                               \
+    m.impl("relu_fwd" SUFFIX "_", &K::relu_fwd_k_);                          \
+    m.impl("relu_bwd" SUFFIX, &K::relu_bwd_k);                               \
+    m.impl("leaky_relu_fwd" SUFFIX, &K::leaky_relu_fwd_k);                   \
+    m.impl("leaky_relu_fwd" SUFFIX "_", &K::leaky_relu_fwd_k_);              \
+    m.impl("leaky_relu_bwd" SUFFIX, &K::leaky_relu_bwd_k);                   \
+    m.impl("elu_fwd" SUFFIX, &K::elu_fwd_k);                                 \
+    m.impl("elu_fwd" SUFFIX "_", &K::elu_fwd_k_);                            \
+    m.impl("elu_bwd" SUFFIX, &K::elu_bwd_k);                                 \
+    m.impl("sigmoid_fwd" SUFFIX, &K::template saves_output_fwd<SigmoidOps>); \
+    m.impl("sigmoid_bwd" SUFFIX, &K::template saves_output_bwd<SigmoidOps>); \
+    m.impl("tanh_fwd" SUFFIX, &K::template saves_output_fwd<TanhOps>);       \
+    m.impl("tanh_bwd" SUFFIX, &K::template saves_output_bwd<TanhOps>);       \
+    m.impl("maxout_fwd" SUFFIX, &K::maxout_fwd_k);                           \
+    m.impl("maxout_bwd" SUFFIX, &K::maxout_bwd_k);                           \
   } while (0)
 
 // ---- the public ops -------------------------------------------------------------------------------

@@ -35,12 +35,12 @@ const char* backend_name(Backend b);
 // `auto` hands CPU inputs below these sizes (elements) to torch eager, which is faster there: the
 // kernels' gains do not repay a pyops call. Measured fwd+bwd crossovers, float32, 2-core EPYC
 // (AVX512). pyops._C.AUTO_MIN_NUMEL carries the same table to Python.
-#define PYOPS_AUTO_MIN_NUMEL(X) \
-  X(relu, int64_t(1) << 20)     \
+#define PYOPS_AUTO_MIN_NUMEL(X)   \
+  X(relu, int64_t(1) << 20)       \
   X(leaky_relu, int64_t(1) << 20) \
-  X(elu, int64_t(1) << 14)      \
-  X(sigmoid, int64_t(1) << 20)  \
-  X(tanh, int64_t(1) << 16)     \
+  X(elu, int64_t(1) << 14)        \
+  X(sigmoid, int64_t(1) << 20)    \
+  X(tanh, int64_t(1) << 16)       \
   X(maxout, int64_t(1) << 14)
 
 namespace auto_min_numel {

@@ -20,27 +20,25 @@ inline void check_floating(const char* op, const char* name, const at::Tensor& t
 // b must share a's device and dtype (a is the first tensor argument).
 inline void check_like(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,
                        const at::Tensor& b) {
-  TORCH_CHECK(a.device() == b.device(), "pyops::", op, ": ", b_name, " is on ", b.device(), " but ",
-              a_name, " is on ", a.device());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "pyops::", op, ": ", b_name, " has dtype ",
-              b.scalar_type(), " but ", a_name, " has dtype ", a.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), "pyops::", op, ": ", b_name, " is on ", b.device(), " but ", a_name, " is on ",
+              a.device());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "pyops::", op, ": ", b_name, " has dtype ", b.scalar_type(), " but ",
+              a_name, " has dtype ", a.scalar_type());
 }
 
-inline void check_same_shape(const char* op, const char* a_name, const at::Tensor& a,
-                             const char* b_name, const at::Tensor& b) {
-  TORCH_CHECK(a.sizes() == b.sizes(), "pyops::", op, ": ", b_name, " has shape ", b.sizes(),
-              " but ", a_name, " has shape ", a.sizes());
+inline void check_same_shape(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,
+                             const at::Tensor& b) {
+  TORCH_CHECK(a.sizes() == b.sizes(), "pyops::", op, ": ", b_name, " has shape ", b.sizes(), " but ", a_name,
+              " has shape ", a.sizes());
 }
 
 // A bit mask of n elements: contiguous uint8 of ceil(n / 8) bytes on t's device.
 inline void check_mask(const char* op, const at::Tensor& t, const at::Tensor& mask) {
-  TORCH_CHECK(mask.scalar_type() == at::kByte, "pyops::", op, ": mask must be uint8, got ",
-              mask.scalar_type());
-  TORCH_CHECK(mask.device() == t.device(), "pyops::", op, ": mask is on ", mask.device(),
-              " but grad_out is on ", t.device());
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "pyops::", op, ": mask must be uint8, got ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == t.device(), "pyops::", op, ": mask is on ", mask.device(), " but grad_out is on ",
+              t.device());
   TORCH_CHECK(mask.dim() == 1 && mask.numel() == (t.numel() + 7) / 8, "pyops::", op,
-              ": mask must hold ceil(numel / 8) = ", (t.numel() + 7) / 8, " bytes, got shape ",
-              mask.sizes());
+              ": mask must hold ceil(numel / 8) = ", (t.numel() + 7) / 8, " bytes, got shape ", mask.sizes());
   TORCH_CHECK(mask.is_contiguous(), "pyops::", op, ": mask must be contiguous");
 }
 
@@ -70,8 +68,7 @@ inline DenseLike dense_inplace(const at::Tensor& x) {
 }
 
 inline void check_dim(const char* op, int64_t dim, int64_t ndim) {
-  TORCH_CHECK(dim >= -ndim && dim < ndim, "pyops::", op, ": dim=", dim, " is out of range for a ", ndim,
-              "-d input");
+  TORCH_CHECK(dim >= -ndim && dim < ndim, "pyops::", op, ": dim=", dim, " is out of range for a ", ndim, "-d input");
 }
 
 // Maxout's view of a tensor: [outer, channels, inner] around dim.
@@ -86,8 +83,8 @@ inline MaxoutShape maxout_shape(const char* op, const at::Tensor& x, int64_t pie
   s.dim = c10::maybe_wrap_dim(dim, x.dim());
   TORCH_CHECK(pieces >= 1 && pieces <= 256, "pyops::", op, ": pieces must be in [1, 256], got ", pieces);
   s.channels = x.size(s.dim);
-  TORCH_CHECK(s.channels % pieces == 0, "pyops::", op, ": pieces=", pieces,
-              " does not divide the size of dim ", s.dim, " (", s.channels, ")");
+  TORCH_CHECK(s.channels % pieces == 0, "pyops::", op, ": pieces=", pieces, " does not divide the size of dim ", s.dim,
+              " (", s.channels, ")");
   for (int64_t d = 0; d < s.dim; ++d) s.outer *= x.size(d);
   for (int64_t d = s.dim + 1; d < x.dim(); ++d) s.inner *= x.size(d);
   return s;

@@ -175,22 +175,58 @@ Vectorized<T> elu_expm1(const Vectorized<T>& x) {
 struct Math {
   // Scalar and Vectorized forms of each op's pass test and other branch.
   struct Relu {  // NaN passes (and stays NaN); every other non-positive value -> 0; gradient too
-    template <typename T> bool pass(T v) const { return !(v <= T(0)); }
-    template <typename T> Vectorized<T> pass(const Vectorized<T>& v) const { return (v > Vectorized<T>(0)) | v.isnan(); }
+    template <typename T>
+    bool pass(T v) const {
+      return !(v <= T(0));
+    }
+    template <typename T>
+    Vectorized<T> pass(const Vectorized<T>& v) const {
+      return (v > Vectorized<T>(0)) | v.isnan();
+    }
     // the output where x <= 0: 0, but -0.0 stays itself (torch's relu is x < 0 ? 0 : x)
-    template <typename T> T out_other(T v) const { return v == T(0) ? v : T(0); }
-    template <typename T> Vectorized<T> out_other(const Vectorized<T>& v) const { return v & (v == Vectorized<T>(0)); }
-    template <typename T> T grad_other(T) const { return T(0); }
-    template <typename T> Vectorized<T> grad_other(const Vectorized<T>&) const { return Vectorized<T>(0); }
+    template <typename T>
+    T out_other(T v) const {
+      return v == T(0) ? v : T(0);
+    }
+    template <typename T>
+    Vectorized<T> out_other(const Vectorized<T>& v) const {
+      return v & (v == Vectorized<T>(0));
+    }
+    template <typename T>
+    T grad_other(T) const {
+      return T(0);
+    }
+    template <typename T>
+    Vectorized<T> grad_other(const Vectorized<T>&) const {
+      return Vectorized<T>(0);
+    }
   };
   struct Leaky {  // forward's and gradient's other branch: * slope
     double slope;
-    template <typename T> bool pass(T v) const { return v > T(0); }
-    template <typename T> Vectorized<T> pass(const Vectorized<T>& v) const { return v > Vectorized<T>(0); }
-    template <typename T> T out_other(T v) const { return v * T(slope); }
-    template <typename T> Vectorized<T> out_other(const Vectorized<T>& v) const { return v * Vectorized<T>(T(slope)); }
-    template <typename T> T grad_other(T v) const { return out_other(v); }
-    template <typename T> Vectorized<T> grad_other(const Vectorized<T>& v) const { return out_other(v); }
+    template <typename T>
+    bool pass(T v) const {
+      return v > T(0);
+    }
+    template <typename T>
+    Vectorized<T> pass(const Vectorized<T>& v) const {
+      return v > Vectorized<T>(0);
+    }
+    template <typename T>
+    T out_other(T v) const {
+      return v * T(slope);
+    }
+    template <typename T>
+    Vectorized<T> out_other(const Vectorized<T>& v) const {
+      return v * Vectorized<T>(T(slope));
+    }
+    template <typename T>
+    T grad_other(T v) const {
+      return out_other(v);
+    }
+    template <typename T>
+    Vectorized<T> grad_other(const Vectorized<T>& v) const {
+      return out_other(v);
+    }
   };
 
   // The math of the elementwise ops, on Vectorized<opmath_t>.
@@ -218,19 +254,27 @@ struct Math {
   };
   struct Sigmoid {
     template <typename T>
-    Vectorized<T> operator()(const Vectorized<T>& x) const { return (Vectorized<T>(1) + x.neg().exp()).reciprocal(); }
+    Vectorized<T> operator()(const Vectorized<T>& x) const {
+      return (Vectorized<T>(1) + x.neg().exp()).reciprocal();
+    }
   };
   struct SigmoidBwd {
     template <typename T>
-    Vectorized<T> operator()(const Vectorized<T>& g, const Vectorized<T>& y) const { return g * (Vectorized<T>(1) - y) * y; }
+    Vectorized<T> operator()(const Vectorized<T>& g, const Vectorized<T>& y) const {
+      return g * (Vectorized<T>(1) - y) * y;
+    }
   };
   struct Tanh {
     template <typename T>
-    Vectorized<T> operator()(const Vectorized<T>& x) const { return x.tanh(); }
+    Vectorized<T> operator()(const Vectorized<T>& x) const {
+      return x.tanh();
+    }
   };
   struct TanhBwd {
     template <typename T>
-    Vectorized<T> operator()(const Vectorized<T>& g, const Vectorized<T>& y) const { return g * (Vectorized<T>(1) - y * y); }
+    Vectorized<T> operator()(const Vectorized<T>& g, const Vectorized<T>& y) const {
+      return g * (Vectorized<T>(1) - y * y);
+    }
   };
 };
 
@@ -355,25 +399,25 @@ struct Cpu : Math {
     });
   }
   template <typename F>
-  static void unary(const at::Tensor& in, const at::Tensor& out, const F& f) { unary_map(in, out, f); }
+  static void unary(const at::Tensor& in, const at::Tensor& out, const F& f) {
+    unary_map(in, out, f);
+  }
   template <typename F>
   static void binary(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, const F& f) {
     binary_map(a, b, out, f);
   }
-  static void maxout_forward(const at::Tensor& x, const at::Tensor& out, const at::Tensor& idx,
-                             const MaxoutShape& s, int64_t pieces) {
+  static void maxout_forward(const at::Tensor& x, const at::Tensor& out, const at::Tensor& idx, const MaxoutShape& s,
+                             int64_t pieces) {
     pyops::maxout_forward(x, out, idx, s, pieces);
   }
-  static void maxout_backward(const at::Tensor& g, const at::Tensor& idx, const at::Tensor& gi,
-                              const MaxoutShape& s, int64_t pieces) {
+  static void maxout_backward(const at::Tensor& g, const at::Tensor& idx, const at::Tensor& gi, const MaxoutShape& s,
+                              int64_t pieces) {
     pyops::maxout_backward(g, idx, gi, s, pieces);
   }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CPU, m) {
-  PYOPS_REGISTER_ACTIVATION(m, ::pyops::Cpu, "");
-}
+TORCH_LIBRARY_IMPL(pyops, CPU, m) { PYOPS_REGISTER_ACTIVATION(m, ::pyops::Cpu, ""); }
 
 }  // namespace pyops

@@ -139,41 +139,80 @@ struct Math {  // for the device struct below (csrc/activation.h)
   // pass(x): where the gradient flows unchanged, as torch decides it: relu's backward tests the output
   // (!(y <= 0): NaN passes and stays NaN), leaky_relu's the input (x > 0: NaN takes the slope).
   struct Relu {
-    template <typename T> __device__ bool pass(T v) const { return !(v <= T(0)); }
+    template <typename T>
+    __device__ bool pass(T v) const {
+      return !(v <= T(0));
+    }
     // the output where x <= 0: 0, but -0.0 stays itself (torch's relu is x < 0 ? 0 : x)
-    template <typename T> __device__ T out_other(T v) const { return v == T(0) ? v : T(0); }
-    template <typename T> __device__ T grad_other(T) const { return T(0); }
+    template <typename T>
+    __device__ T out_other(T v) const {
+      return v == T(0) ? v : T(0);
+    }
+    template <typename T>
+    __device__ T grad_other(T) const {
+      return T(0);
+    }
   };
   struct Leaky {  // forward's and gradient's other branch: * slope
     double slope;
-    template <typename T> __device__ bool pass(T v) const { return v > T(0); }
-    template <typename T> __device__ T out_other(T v) const { return v * T(slope); }
-    template <typename T> __device__ T grad_other(T v) const { return v * T(slope); }
+    template <typename T>
+    __device__ bool pass(T v) const {
+      return v > T(0);
+    }
+    template <typename T>
+    __device__ T out_other(T v) const {
+      return v * T(slope);
+    }
+    template <typename T>
+    __device__ T grad_other(T v) const {
+      return v * T(slope);
+    }
   };
   struct Elu {
     double alpha;
     // x >= 0 (not > 0): at +-0 torch returns x itself, whatever alpha (inf * 0 would be NaN)
-    template <typename T> __device__ T operator()(T x) const { return x >= T(0) ? x : T(alpha) * expm1_(x); }
+    template <typename T>
+    __device__ T operator()(T x) const {
+      return x >= T(0) ? x : T(alpha) * expm1_(x);
+    }
   };
   struct EluBwdResult {  // d out / dx = out + alpha where out <= 0
     double alpha;
-    template <typename T> __device__ T operator()(T g, T y) const { return y <= T(0) ? g * (y + T(alpha)) : g; }
+    template <typename T>
+    __device__ T operator()(T g, T y) const {
+      return y <= T(0) ? g * (y + T(alpha)) : g;
+    }
   };
   struct EluBwdInput {
     double alpha;
-    template <typename T> __device__ T operator()(T g, T x) const { return x <= T(0) ? g * T(alpha) * exp_(x) : g; }
+    template <typename T>
+    __device__ T operator()(T g, T x) const {
+      return x <= T(0) ? g * T(alpha) * exp_(x) : g;
+    }
   };
   struct Sigmoid {
-    template <typename T> __device__ T operator()(T x) const { return T(1) / (T(1) + exp_(-x)); }
+    template <typename T>
+    __device__ T operator()(T x) const {
+      return T(1) / (T(1) + exp_(-x));
+    }
   };
   struct SigmoidBwd {
-    template <typename T> __device__ T operator()(T g, T y) const { return g * (T(1) - y) * y; }
+    template <typename T>
+    __device__ T operator()(T g, T y) const {
+      return g * (T(1) - y) * y;
+    }
   };
   struct Tanh {
-    template <typename T> __device__ T operator()(T x) const { return tanh_(x); }
+    template <typename T>
+    __device__ T operator()(T x) const {
+      return tanh_(x);
+    }
   };
   struct TanhBwd {
-    template <typename T> __device__ T operator()(T g, T y) const { return g * (T(1) - y * y); }
+    template <typename T>
+    __device__ T operator()(T g, T y) const {
+      return g * (T(1) - y * y);
+    }
   };
 };
 
@@ -209,10 +248,10 @@ __global__ void maxout_bwd_kernel(const T* g, const uint8_t* idx, T* gi, int64_t
 }
 
 // ---- launchers: the CUDA device of csrc/activation.h ------------------------------------------------
-#define PYOPS_LAUNCH(kernel, units, ...)                                                               \
-  do {                                                                                                 \
-    kernel<<<blocks_for(units), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);         \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                    \
+#define PYOPS_LAUNCH(kernel, units, ...)                                                        \
+  do {                                                                                          \
+    kernel<<<blocks_for(units), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                             \
   } while (0)
 
 struct Cuda : Math {
@@ -244,8 +283,8 @@ struct Cuda : Math {
     const int64_t n = in.numel();
     const bool vec = aligned16(in.const_data_ptr()) && aligned16(out.const_data_ptr());
     PYOPS_DISPATCH_FLOATING(in.scalar_type(), [&] {
-      PYOPS_LAUNCH(unary_kernel, (n + 7) / 8, in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n,
-                   vec, f);
+      PYOPS_LAUNCH(unary_kernel, (n + 7) / 8, in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, vec,
+                   f);
     });
   }
   template <typename F>
@@ -277,8 +316,6 @@ struct Cuda : Math {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
-  PYOPS_REGISTER_ACTIVATION(m, ::pyops::Cuda, "");
-}
+TORCH_LIBRARY_IMPL(pyops, CUDA, m) { PYOPS_REGISTER_ACTIVATION(m, ::pyops::Cuda, ""); }
 
 }  // namespace pyops

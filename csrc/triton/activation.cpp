@@ -73,13 +73,13 @@ struct Triton : TritonMath {
     static const TritonLaunch launch("pyops::_triton_binary_bwd");
     launch(g, saved, out, F::name, f.scalar);
   }
-  static void maxout_forward(const at::Tensor& x, const at::Tensor& out, const at::Tensor& idx,
-                             const MaxoutShape& s, int64_t pieces) {
+  static void maxout_forward(const at::Tensor& x, const at::Tensor& out, const at::Tensor& idx, const MaxoutShape& s,
+                             int64_t pieces) {
     static const TritonLaunch launch("pyops::_triton_maxout_fwd");
     launch(x, out, idx, s.inner, pieces);
   }
-  static void maxout_backward(const at::Tensor& g, const at::Tensor& idx, const at::Tensor& gi,
-                              const MaxoutShape& s, int64_t pieces) {
+  static void maxout_backward(const at::Tensor& g, const at::Tensor& idx, const at::Tensor& gi, const MaxoutShape& s,
+                              int64_t pieces) {
     static const TritonLaunch launch("pyops::_triton_maxout_bwd");
     launch(g, idx, gi, s.inner, pieces);
   }
@@ -87,11 +87,7 @@ struct Triton : TritonMath {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CPU, m) {
-  PYOPS_REGISTER_ACTIVATION(m, ::pyops::Triton, "_triton");
-}
-TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
-  PYOPS_REGISTER_ACTIVATION(m, ::pyops::Triton, "_triton");
-}
+TORCH_LIBRARY_IMPL(pyops, CPU, m) { PYOPS_REGISTER_ACTIVATION(m, ::pyops::Triton, "_triton"); }
+TORCH_LIBRARY_IMPL(pyops, CUDA, m) { PYOPS_REGISTER_ACTIVATION(m, ::pyops::Triton, "_triton"); }
 
 }  // namespace pyops

@@ -1,4 +1,5 @@
 """pyops modules: drop-ins for their torch.nn counterparts."""
+
 from .activation import ELU, LeakyReLU, Maxout, ReLU, Sigmoid, Tanh
 
 __all__ = ["ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Maxout"]

@@ -1,4 +1,5 @@
 """Activation modules: subclasses of torch's (same constructor, isinstance holds) that run pyops."""
+
 import math
 
 import torch
@@ -93,5 +94,7 @@ class Maxout(nn.Module):
         return F.maxout(z, self.pieces, dim=-1)
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, pieces={self.pieces}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, pieces={self.pieces}, "
+            f"bias={self.bias is not None}"
+        )

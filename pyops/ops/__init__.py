@@ -4,6 +4,7 @@ PRIMITIVES[backend][name] is the op that runs primitive `name` on `backend` ("na
 pyops::<name> and its Triton twin, both defined in C++ from one schema (csrc/primitives.h) and listed
 in pyops._C.PRIMITIVES. Their derivatives are C++ Autograd kernels (csrc/autograd/<family>.cpp).
 """
+
 import torch
 
 from .. import _C

@@ -14,6 +14,7 @@ The primitives (pyops::<op>_fwd/_bwd and their Triton twins) are defined in C++ 
 their host side is csrc/activation.h for every backend, their derivatives csrc/autograd/activation.cpp.
 Masks follow the output's memory order; backward brings grad_out to the output's layout first.
 """
+
 import torch
 
 from . import define_launch, register_fake
@@ -103,17 +104,27 @@ def _kernels():
     return activation
 
 
-define_launch("_triton_masked_fwd(Tensor x, Tensor(a!) out, Tensor(b!) mask, str op, float scalar) -> ()",
-              lambda: _kernels().masked_fwd)
-define_launch("_triton_masked_bwd(Tensor grad, Tensor mask, Tensor(a!) grad_in, str op, float scalar) -> ()",
-              lambda: _kernels().masked_bwd)
+define_launch(
+    "_triton_masked_fwd(Tensor x, Tensor(a!) out, Tensor(b!) mask, str op, float scalar) -> ()",
+    lambda: _kernels().masked_fwd,
+)
+define_launch(
+    "_triton_masked_bwd(Tensor grad, Tensor mask, Tensor(a!) grad_in, str op, float scalar) -> ()",
+    lambda: _kernels().masked_bwd,
+)
 define_launch("_triton_unary(Tensor x, Tensor(a!) out, str op, float scalar) -> ()", lambda: _kernels().unary)
-define_launch("_triton_binary_bwd(Tensor grad, Tensor saved, Tensor(a!) grad_in, str op, float scalar) -> ()",
-              lambda: _kernels().binary_bwd)
-define_launch("_triton_maxout_fwd(Tensor x, Tensor(a!) out, Tensor(b!) indices, int inner, int pieces) -> ()",
-              lambda: _kernels().maxout_fwd)
-define_launch("_triton_maxout_bwd(Tensor grad, Tensor indices, Tensor(a!) grad_in, int inner, int pieces) -> ()",
-              lambda: _kernels().maxout_bwd)
+define_launch(
+    "_triton_binary_bwd(Tensor grad, Tensor saved, Tensor(a!) grad_in, str op, float scalar) -> ()",
+    lambda: _kernels().binary_bwd,
+)
+define_launch(
+    "_triton_maxout_fwd(Tensor x, Tensor(a!) out, Tensor(b!) indices, int inner, int pieces) -> ()",
+    lambda: _kernels().maxout_fwd,
+)
+define_launch(
+    "_triton_maxout_bwd(Tensor grad, Tensor indices, Tensor(a!) grad_in, int inner, int pieces) -> ()",
+    lambda: _kernels().maxout_bwd,
+)
 
 
 def maxout_reference(x, pieces, dim):
