@@ -1,4 +1,4 @@
 """pyops optimizers: drop-ins for torch.optim, each step one fused kernel call per (device, dtype) group."""
-from .fused import SGD, Adagrad, Adam, AdamW, RMSprop
+from .fused import SGD, Adagrad, Adam, AdamW, RMSprop, fallback_counts
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "fallback_counts"]
