@@ -16,6 +16,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <optional>
+#include <type_traits>
 
 #include "common/checks.h"
 
@@ -55,7 +56,22 @@ struct RmspropStep : GroupStep {
 };
 
 // ---- per-step scalars, as torch computes them: with a tensor lr, torch computes lr / bias
-// correction and 1 - lr * wd in the tensor's dtype, so a float32 lr rounds them to float32 ---------
+// correction and 1 - lr * wd in the tensor's dtype, so a float32 lr rounds them to float32; each
+// product is rounded before the sum, as torch's separate ops (and Python's float arithmetic) do,
+// never fused into one multiply-add (which GCC with -mfma and nvcc would otherwise emit) ------------
+template <typename T>
+C10_HOST_DEVICE inline T mul_rounded(T a, T b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
+#else
+  volatile T product = a * b;  // a store forces the rounding; these run once per tensor and step
+  return product;
+#endif
+}
 C10_HOST_DEVICE inline double adam_step_size(double lr, bool lr_is_float, double beta1, double step) {
   const double bias_correction1 = 1 - ::pow(beta1, step);
   return lr_is_float ? double(float(lr) / float(bias_correction1)) : lr / bias_correction1;
@@ -64,10 +80,10 @@ C10_HOST_DEVICE inline double adam_inv_bias_correction2_sqrt(double beta2, doubl
   return 1 / ::sqrt(1 - ::pow(beta2, step));
 }
 C10_HOST_DEVICE inline double decoupled_decay(double lr, bool lr_is_float, double weight_decay) {
-  return lr_is_float ? double(1.0f - float(lr) * float(weight_decay)) : 1 - lr * weight_decay;
+  return lr_is_float ? double(1.0f - mul_rounded(float(lr), float(weight_decay))) : 1 - mul_rounded(lr, weight_decay);
 }
 C10_HOST_DEVICE inline double adagrad_clr(double lr, bool lr_is_float, double lr_decay, double step) {
-  const double denominator = 1 + (step - 1) * lr_decay;
+  const double denominator = 1 + mul_rounded(step - 1, lr_decay);
   return lr_is_float ? double(float(lr) / float(denominator)) : lr / denominator;
 }
 
@@ -128,14 +144,14 @@ inline void check_group(const char* op, const GroupStep& g, std::initializer_lis
   const at::Device device = p0.device();
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == device && p.scalar_type() == p0.scalar_type(), "pyops::", op, ": params[", i,
-                "] is ", p.scalar_type(), " on ", p.device(), " but params[0] is ", p0.scalar_type(), " on ", device,
+    TORCH_CHECK(p.device() == device && p.scalar_type() == p0.scalar_type(), "pyops::", op, ": params[", i, "] is ",
+                p.scalar_type(), " on ", p.device(), " but params[0] is ", p0.scalar_type(), " on ", device,
                 " (one call takes one device and dtype)");
     TORCH_CHECK(p.is_non_overlapping_and_dense(), "pyops::", op, ": params[", i,
                 "] is not dense (its elements must fill its memory without gaps or overlaps)");
     auto check_like_param = [&](const char* name, const at::Tensor& t) {
-      TORCH_CHECK(t.device() == device, "pyops::", op, ": ", name, " is on ", t.device(), " but params is on ",
-                  device, " (tensor ", i, ")");
+      TORCH_CHECK(t.device() == device, "pyops::", op, ": ", name, " is on ", t.device(), " but params is on ", device,
+                  " (tensor ", i, ")");
       TORCH_CHECK(t.scalar_type() == p.scalar_type(), "pyops::", op, ": ", name, " has dtype ", t.scalar_type(),
                   " but params has dtype ", p.scalar_type(), " (tensor ", i, ")");
       TORCH_CHECK(same_layout(t, p), "pyops::", op, ": ", name, "[", i, "] has shape ", t.sizes(), " and strides ",
@@ -146,21 +162,20 @@ inline void check_group(const char* op, const GroupStep& g, std::initializer_lis
       if (!s.list.empty()) check_like_param(s.name, s.list[i]);
     if (!steps.empty()) {
       const at::Tensor& s = steps[i];
-      TORCH_CHECK(s.numel() == 1 && is_step_dtype(s.scalar_type()) && s.device() == device, "pyops::", op,
-                  ": steps[", i, "] must be a one-element float32 or float64 tensor on ", device, ", got ",
-                  s.scalar_type(), " with ", s.numel(), " elements on ", s.device());
+      TORCH_CHECK(s.numel() == 1 && is_step_dtype(s.scalar_type()) && s.device() == device, "pyops::", op, ": steps[",
+                  i, "] must be a one-element float32 or float64 tensor on ", device, ", got ", s.scalar_type(),
+                  " with ", s.numel(), " elements on ", s.device());
     }
     if (!flags.empty()) {
       const at::Tensor& f = flags[i];
-      TORCH_CHECK(f.numel() == 1 && (f.scalar_type() == at::kBool || f.scalar_type() == at::kByte) &&
-                      f.device() == device,
-                  "pyops::", op, ": new_buffers[", i, "] must be a one-element bool or uint8 tensor on ", device,
-                  ", got ", f.scalar_type(), " with ", f.numel(), " elements on ", f.device());
+      TORCH_CHECK(
+          f.numel() == 1 && (f.scalar_type() == at::kBool || f.scalar_type() == at::kByte) && f.device() == device,
+          "pyops::", op, ": new_buffers[", i, "] must be a one-element bool or uint8 tensor on ", device, ", got ",
+          f.scalar_type(), " with ", f.numel(), " elements on ", f.device());
     }
   }
   check_scalar_tensor(op, "lr", g.lr, device);
-  if (g.grad_scale.has_value() && g.grad_scale->defined())
-    check_scalar_tensor(op, "grad_scale", *g.grad_scale, device);
+  if (g.grad_scale.has_value() && g.grad_scale->defined()) check_scalar_tensor(op, "grad_scale", *g.grad_scale, device);
   if (g.found_inf.has_value() && g.found_inf->defined()) check_scalar_tensor(op, "found_inf", *g.found_inf, device);
 }
 
@@ -205,8 +220,8 @@ struct Optim {
     if (params.empty()) return;
     typename D::Guard guard(params[0]);
     D::sgd(s);
-    bump_versions({params, momentum != 0 ? momentum_buffers : TensorList(), new_buffers,
-                   has(grad_scale) ? grads : TensorList()});
+    bump_versions(
+        {params, momentum != 0 ? momentum_buffers : TensorList(), new_buffers, has(grad_scale) ? grads : TensorList()});
   }
 
   static void adam_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -256,8 +271,8 @@ struct Optim {
 
   static void rmsprop_step_(TensorList params, TensorList grads, TensorList square_avgs, TensorList grad_avgs,
                             TensorList momentum_buffers, TensorList steps, const Tensor& lr, double alpha, double eps,
-                            double weight_decay, double momentum, bool centered, bool maximize,
-                            const Opt& grad_scale, const Opt& found_inf) {
+                            double weight_decay, double momentum, bool centered, bool maximize, const Opt& grad_scale,
+                            const Opt& found_inf) {
     RmspropStep s;
     set_group(s, params, grads, lr, maximize, grad_scale, found_inf);
     s.square_avgs = square_avgs;
@@ -286,11 +301,11 @@ struct Optim {
 
 // Every optim op of device D, registered inside TORCH_LIBRARY_IMPL(pyops, <key>, m) under the
 // native names (SUFFIX "") or the Triton twins' (SUFFIX "_triton", the trailing "_" after it).
-#define PYOPS_REGISTER_OPTIM(m, D, SUFFIX)                  \
-  do {                                                      \
-    using O = ::pyops::Optim<D>;                            \
-    m.impl("sgd_step" SUFFIX "_", &O::sgd_step_);           \
-    m.impl("adam_step" SUFFIX "_", &O::adam_step_);         \
-    m.impl("adagrad_step" SUFFIX "_", &O::adagrad_step_);   \
-    m.impl("rmsprop_step" SUFFIX "_", &O::rmsprop_step_);   \
+#define PYOPS_REGISTER_OPTIM(m, D, SUFFIX)                \
+  do {                                                    \
+    using O = ::pyops::Optim<D>;                          \
+    m.impl("sgd_step" SUFFIX "_", &O::sgd_step_);         \
+    m.impl("adam_step" SUFFIX "_", &O::adam_step_);       \
+    m.impl("adagrad_step" SUFFIX "_", &O::adagrad_step_); \
+    m.impl("rmsprop_step" SUFFIX "_", &O::rmsprop_step_); \
   } while (0)

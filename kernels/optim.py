@@ -12,6 +12,7 @@ read on the device in their own dtype (float32 or float64). The host side (argum
 C++ one every backend shares (csrc/optim.h); these launchers get checked tensors. Math as
 pyops/optim/fused.py.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -158,13 +159,17 @@ def _adam_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK
     step = _scalar(row, ROW_STEP, ROW_STEP_IS_F64) + 1.0  # the finish kernel stores it
     # torch's bias corrections in float64 (beta ** step as exp(step log beta))
     bias_correction1 = 1.0 - tl.exp(step * tl.log(beta1))
-    step_size = tl.where(lr_is_f32, (lr.to(tl.float32) / bias_correction1.to(tl.float32)).to(tl.float64),
-                         lr / bias_correction1)
+    step_size = tl.where(
+        lr_is_f32, (lr.to(tl.float32) / bias_correction1.to(tl.float32)).to(tl.float64), lr / bias_correction1
+    )
     inv_bias_correction2_sqrt = 1.0 / tl.sqrt(1.0 - tl.exp(step * tl.log(beta2)))
     if weight_decay != 0:
         if tl.load(table + ADAM_DECOUPLED) != 0:
-            decay = tl.where(lr_is_f32, (1.0 - lr.to(tl.float32) * weight_decay.to(tl.float32)).to(tl.float64),
-                             1.0 - lr * weight_decay)
+            decay = tl.where(
+                lr_is_f32,
+                (1.0 - lr.to(tl.float32) * weight_decay.to(tl.float32)).to(tl.float64),
+                1.0 - lr * weight_decay,
+            )
             p = p * decay.to(COMPUTE)
         else:
             g = g + weight_decay.to(COMPUTE) * p
@@ -269,17 +274,20 @@ def _finish_kernel(table, BLOCK: tl.constexpr):
 
 # ---- the launches --------------------------------------------------------------------------------
 UPDATE_KERNELS = {"sgd": _sgd_kernel, "adam": _adam_kernel, "adagrad": _adagrad_kernel, "rmsprop": _rmsprop_kernel}
-DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16,
-          torch.bfloat16: tl.bfloat16}
+DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 UPDATE_SIGNATURE = {"table": "*i64", "hyper": "*fp64"}
 FINISH_SIGNATURE = {"table": "*i64"}
+# Compile options of the update launches: no fused multiply-add, so that the per-step scalars (1 - lr *
+# weight_decay, 1 + (step - 1) * lr_decay) round each product as torch's separate ops do (a float32 lr
+# makes one float32 ulp of 1 - lr * wd a 6e-8 relative error in a float64 parameter). The kernels are
+# memory-bound: the unfused element math costs nothing measurable.
+UPDATE_OPTIONS = {"enable_fp_fusion": False}
 
 
 def _update_constexprs(dtype):
     """The compile-time parameters of an update launch: the parameters' dtype, the compute dtype it
     implies (float32 for half types, as torch's opmath), the block size."""
-    return {"DTYPE": DTYPES[dtype], "COMPUTE": tl.float64 if dtype == torch.float64 else tl.float32,
-            "BLOCK": BLOCK}
+    return {"DTYPE": DTYPES[dtype], "COMPUTE": tl.float64 if dtype == torch.float64 else tl.float32, "BLOCK": BLOCK}
 
 
 def _finish_constexprs():
@@ -288,8 +296,11 @@ def _finish_constexprs():
 
 def aot_variants():
     """Every launch the launchers below make: (label, kernel, signature, constexprs)."""
-    variants = [(f"{name} {str(dtype).replace('torch.', '')}", kernel, dict(UPDATE_SIGNATURE),
-                 _update_constexprs(dtype)) for name, kernel in UPDATE_KERNELS.items() for dtype in DTYPES]
+    variants = [
+        (f"{name} {str(dtype).replace('torch.', '')}", kernel, dict(UPDATE_SIGNATURE), _update_constexprs(dtype))
+        for name, kernel in UPDATE_KERNELS.items()
+        for dtype in DTYPES
+    ]
     return variants + [("finish", _finish_kernel, dict(FINISH_SIGNATURE), _finish_constexprs())]
 
 
@@ -350,16 +361,22 @@ def _launch(name, params, grads, states, steps, new_buffers, lr, grad_scale, fou
     for i, p in enumerate(params):
         numel = p.numel()
         step = steps[i] if steps else None
-        rows += [numel, p.data_ptr(), grads[i].data_ptr(), *(s[i].data_ptr() if s else 0 for s in states),
-                 _address(step), int(step is not None and step.dtype == torch.float64),
-                 new_buffers[i].data_ptr() if new_buffers else 0]
+        rows += [
+            numel,
+            p.data_ptr(),
+            grads[i].data_ptr(),
+            *(s[i].data_ptr() if s else 0 for s in states),
+            _address(step),
+            int(step is not None and step.dtype == torch.float64),
+            new_buffers[i].data_ptr() if new_buffers else 0,
+        ]
         for start in range(0, numel, BLOCK):
             chunks += [i, start]
     header[CHUNKS_AT] = HEADER_SIZE.value + len(rows)
     table = _device_table(header + rows + chunks, torch.int64, device)
     if chunks:
         hyper_table = _device_table(hyper, torch.float64, device)
-        UPDATE_KERNELS[name][(len(chunks) // 2,)](table, hyper_table, **_update_constexprs(dtype))
+        UPDATE_KERNELS[name][(len(chunks) // 2,)](table, hyper_table, **_update_constexprs(dtype), **UPDATE_OPTIONS)
     if steps or new_buffers:
         _finish_kernel[(triton.cdiv(n, FINISH_BLOCK),)](table, **_finish_constexprs())
 
@@ -373,18 +390,70 @@ def _hyper(*slots):
 
 
 # The launchers take the primitives' own arguments (csrc/primitives.h), checked by csrc/optim.h.
-def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-             new_buffers, grad_scale, found_inf):
+def sgd_step(
+    params,
+    grads,
+    momentum_buffers,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    new_buffers,
+    grad_scale,
+    found_inf,
+):
     hyper = _hyper((SGD_MOMENTUM, momentum), (SGD_DAMPENING, dampening), (SGD_WEIGHT_DECAY, weight_decay))
-    _launch("sgd", params, grads, [momentum_buffers if momentum != 0 else []], [], new_buffers, lr, grad_scale,
-            found_inf, maximize, [(SGD_NESTEROV, nesterov)], hyper)
+    _launch(
+        "sgd",
+        params,
+        grads,
+        [momentum_buffers if momentum != 0 else []],
+        [],
+        new_buffers,
+        lr,
+        grad_scale,
+        found_inf,
+        maximize,
+        [(SGD_NESTEROV, nesterov)],
+        hyper,
+    )
 
 
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps,
-              amsgrad, maximize, decoupled, grad_scale, found_inf):
+def adam_step(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    lr,
+    beta1,
+    beta2,
+    weight_decay,
+    eps,
+    amsgrad,
+    maximize,
+    decoupled,
+    grad_scale,
+    found_inf,
+):
     hyper = _hyper((ADAM_BETA1, beta1), (ADAM_BETA2, beta2), (ADAM_WEIGHT_DECAY, weight_decay), (ADAM_EPS, eps))
-    _launch("adam", params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []], steps, [], lr,
-            grad_scale, found_inf, maximize, [(ADAM_AMSGRAD, amsgrad), (ADAM_DECOUPLED, decoupled)], hyper)
+    _launch(
+        "adam",
+        params,
+        grads,
+        [exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []],
+        steps,
+        [],
+        lr,
+        grad_scale,
+        found_inf,
+        maximize,
+        [(ADAM_AMSGRAD, amsgrad), (ADAM_DECOUPLED, decoupled)],
+        hyper,
+    )
 
 
 def adagrad_step(params, grads, sums, steps, lr, lr_decay, weight_decay, eps, maximize, grad_scale, found_inf):
@@ -392,10 +461,37 @@ def adagrad_step(params, grads, sums, steps, lr, lr_decay, weight_decay, eps, ma
     _launch("adagrad", params, grads, [sums], steps, [], lr, grad_scale, found_inf, maximize, [], hyper)
 
 
-def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, alpha, eps, weight_decay,
-                 momentum, centered, maximize, grad_scale, found_inf):
-    hyper = _hyper((RMSPROP_ALPHA, alpha), (RMSPROP_EPS, eps), (RMSPROP_WEIGHT_DECAY, weight_decay),
-                   (RMSPROP_MOMENTUM, momentum))
-    _launch("rmsprop", params, grads,
-            [square_avgs, grad_avgs if centered else [], momentum_buffers if momentum > 0 else []], steps, [], lr,
-            grad_scale, found_inf, maximize, [(RMSPROP_CENTERED, centered)], hyper)
+def rmsprop_step(
+    params,
+    grads,
+    square_avgs,
+    grad_avgs,
+    momentum_buffers,
+    steps,
+    lr,
+    alpha,
+    eps,
+    weight_decay,
+    momentum,
+    centered,
+    maximize,
+    grad_scale,
+    found_inf,
+):
+    hyper = _hyper(
+        (RMSPROP_ALPHA, alpha), (RMSPROP_EPS, eps), (RMSPROP_WEIGHT_DECAY, weight_decay), (RMSPROP_MOMENTUM, momentum)
+    )
+    _launch(
+        "rmsprop",
+        params,
+        grads,
+        [square_avgs, grad_avgs if centered else [], momentum_buffers if momentum > 0 else []],
+        steps,
+        [],
+        lr,
+        grad_scale,
+        found_inf,
+        maximize,
+        [(RMSPROP_CENTERED, centered)],
+        hyper,
+    )

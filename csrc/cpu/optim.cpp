@@ -77,13 +77,21 @@ void st(T* p, const W& v) {
   }
 }
 template <typename T>
-T sqrt_(T x) { return std::sqrt(x); }
+T sqrt_(T x) {
+  return std::sqrt(x);
+}
 template <typename T>
-Vectorized<T> sqrt_(const Vectorized<T>& x) { return x.sqrt(); }
+Vectorized<T> sqrt_(const Vectorized<T>& x) {
+  return x.sqrt();
+}
 template <typename T>
-T maximum_(T a, T b) { return a != a ? a : (b != b ? b : std::max(a, b)); }  // NaN wins, as torch.maximum
+T maximum_(T a, T b) {
+  return a != a ? a : (b != b ? b : std::max(a, b));
+}  // NaN wins, as torch.maximum
 template <typename T>
-Vectorized<T> maximum_(const Vectorized<T>& a, const Vectorized<T>& b) { return at::vec::maximum(a, b); }
+Vectorized<T> maximum_(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return at::vec::maximum(a, b);
+}
 
 // v as stored in a T tensor and read back: itself unless T rounds (float16/bfloat16), so that the
 // update uses what the state holds, as torch's does, without reloading it where nothing rounds.
@@ -176,8 +184,8 @@ struct Cpu {
         const W pj = ld<W>(p + j);
         if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
         if (momentum != 0) {
-          const W buf = stored(m + j, first ? gj : W(opmath_t(momentum)) * ld<W>(m + j) +
-                                                       W(opmath_t(1 - dampening)) * gj);
+          const W buf =
+              stored(m + j, first ? gj : W(opmath_t(momentum)) * ld<W>(m + j) + W(opmath_t(1 - dampening)) * gj);
           gj = nesterov ? gj + W(opmath_t(momentum)) * buf : buf;
         }
         st(p + j, pj - W(opmath_t(lr)) * gj);
@@ -297,8 +305,6 @@ struct Cpu {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CPU, m) {
-  PYOPS_REGISTER_OPTIM(m, ::pyops::Cpu, "");
-}
+TORCH_LIBRARY_IMPL(pyops, CPU, m) { PYOPS_REGISTER_OPTIM(m, ::pyops::Cpu, ""); }
 
 }  // namespace pyops

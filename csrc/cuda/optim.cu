@@ -268,8 +268,8 @@ const Tables& tables_for(const std::vector<TensorMeta>& metas, const at::Device&
   std::vector<int64_t> key{device.index(), int64_t(stream.id())};
   key.reserve(2 + metas.size() * 10);
   for (const TensorMeta& m : metas) {
-    for (const void* q : std::initializer_list<const void*>{m.param, m.grad, m.state[0], m.state[1], m.state[2],
-                                                             m.step, m.new_buffer})
+    for (const void* q :
+         std::initializer_list<const void*>{m.param, m.grad, m.state[0], m.state[1], m.state[2], m.step, m.new_buffer})
       key.push_back(int64_t(reinterpret_cast<uintptr_t>(q)));
     key.push_back(m.numel);
     key.push_back(m.step_is_double);
@@ -331,14 +331,14 @@ void launch(const GroupStep& s, const K& kernel, std::initializer_list<at::Tenso
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (t.num_chunks > 0) {
     PYOPS_DISPATCH_FLOATING(p0.scalar_type(), [&] {
-      multi_tensor_kernel<scalar_t, K><<<unsigned(t.num_chunks), kThreads, 0, stream>>>(
-          meta_ptr, chunk_ptr, common, kernel);
+      multi_tensor_kernel<scalar_t, K>
+          <<<unsigned(t.num_chunks), kThreads, 0, stream>>>(meta_ptr, chunk_ptr, common, kernel);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   if (!steps.empty() || !new_buffers.empty()) {
     finish_step<<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(meta_ptr, int64_t(n),
-                                                                                   common.found_inf);
+                                                                                  common.found_inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -372,8 +372,6 @@ struct Cuda {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
-  PYOPS_REGISTER_OPTIM(m, ::pyops::Cuda, "");
-}
+TORCH_LIBRARY_IMPL(pyops, CUDA, m) { PYOPS_REGISTER_OPTIM(m, ::pyops::Cuda, ""); }
 
 }  // namespace pyops

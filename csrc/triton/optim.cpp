@@ -15,8 +15,8 @@ struct Triton {
 
   static void sgd(const SgdStep& s) {
     static const TritonLaunch launch("pyops::_triton_sgd_step");
-    launch(s.params, s.grads, s.momentum_buffers, s.lr, s.momentum, s.dampening, s.weight_decay, s.nesterov,
-           s.maximize, s.new_buffers, s.grad_scale, s.found_inf);
+    launch(s.params, s.grads, s.momentum_buffers, s.lr, s.momentum, s.dampening, s.weight_decay, s.nesterov, s.maximize,
+           s.new_buffers, s.grad_scale, s.found_inf);
   }
   static void adam(const AdamStep& s) {
     static const TritonLaunch launch("pyops::_triton_adam_step");
@@ -37,11 +37,7 @@ struct Triton {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CPU, m) {
-  PYOPS_REGISTER_OPTIM(m, ::pyops::Triton, "_triton");
-}
-TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
-  PYOPS_REGISTER_OPTIM(m, ::pyops::Triton, "_triton");
-}
+TORCH_LIBRARY_IMPL(pyops, CPU, m) { PYOPS_REGISTER_OPTIM(m, ::pyops::Triton, "_triton"); }
+TORCH_LIBRARY_IMPL(pyops, CUDA, m) { PYOPS_REGISTER_OPTIM(m, ::pyops::Triton, "_triton"); }
 
 }  // namespace pyops

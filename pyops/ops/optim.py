@@ -6,6 +6,7 @@ schemas in csrc/primitives.h) updates a group's tensors in place and returns not
 side calls `pyops::_triton_<optimizer>_step`, defined here with the primitive's own schema, which
 runs the launcher of pyops.kernels.optim. The update math is in pyops/optim/fused.py.
 """
+
 import torch
 
 from . import PRIMITIVES, define_launch, register_fake
@@ -22,8 +23,10 @@ LAUNCHES = {
 def _fake(params, grads, *rest):
     """The steps return nothing; under tracing only the lists' agreement is checked (the C++ checks
     run on real tensors)."""
-    torch._check(len(grads) == len(params),
-                 lambda: f"pyops optim step: grads has {len(grads)} tensors but params has {len(params)}")
+    torch._check(
+        len(grads) == len(params),
+        lambda: f"pyops optim step: grads has {len(grads)} tensors but params has {len(params)}",
+    )
 
 
 for _name in LAUNCHES:
@@ -39,7 +42,7 @@ def _kernels():
 def _launch_schema(primitive, launch_name):
     """The launch op's schema: the primitive's own arguments under the launch op's name."""
     schema = str(PRIMITIVES["native"][primitive]._schema)  # "pyops::sgd_step_(Tensor(a!)[] params, ...) -> ()"
-    return launch_name + schema[schema.index("("):]
+    return launch_name + schema[schema.index("(") :]
 
 
 for _name, (_launch_name, _launcher) in LAUNCHES.items():

@@ -6,7 +6,8 @@ state keys and state_dict layout are torch's own; only step() differs. Per eleme
 negated when maximize; wd the weight decay):
   SGD:     g += wd p; b = new ? g : mu b + (1 - dampening) g; g = nesterov ? g + mu b : b; p -= lr g
   Adam(W): t += 1; (AdamW/decoupled: p *= 1 - lr wd | else g += wd p); m = lerp(m, g, 1 - b1);
-           v = b2 v + (1 - b2) g^2; (amsgrad: vmax = max(vmax, v), NaN wins); p -= lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps)
+           v = b2 v + (1 - b2) g^2; (amsgrad: vmax = max(vmax, v), NaN wins);
+           p -= lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps)
   Adagrad: t += 1; g += wd p; s += g^2; p -= lr / (1 + (t - 1) lr_decay) g / (sqrt(s) + eps)
   RMSprop: t += 1; g += wd p; a = alpha a + (1 - alpha) g^2; (centered: ga = lerp(ga, g, 1 - alpha), a' = a - ga^2);
            d = sqrt(a') + eps; momentum: b = mu b + g / d, p -= lr b | else p -= lr g / d
@@ -32,12 +33,16 @@ master_weights=True keeps a float32 copy of each float16/bfloat16 parameter ("ma
 state) and its state in float32; the parameter takes the rounded result after each step. The float32
 state survives deepcopy, pickling and state_dict()/load_state_dict().
 """
+
 import logging
 from collections import Counter
 
 import torch
 from torch import optim
-from torch.optim import adagrad as _adagrad, adam as _adam, rmsprop as _rmsprop, sgd as _sgd
+from torch.optim import adagrad as _adagrad
+from torch.optim import adam as _adam
+from torch.optim import rmsprop as _rmsprop
+from torch.optim import sgd as _sgd
 
 from ..backend import KERNEL_DTYPES, current, resolve
 from ..ops import PRIMITIVES
@@ -64,8 +69,11 @@ def _fell_back(optimizer, reason, count):
     _FALLBACKS[reason] += count
     if (type(optimizer).__name__, reason) not in _LOGGED:
         _LOGGED.add((type(optimizer).__name__, reason))
-        _log.debug("pyops.optim.%s: %s take torch's step instead of a pyops kernel (counted in "
-                   "pyops.optim.fallback_counts())", type(optimizer).__name__, reason)
+        _log.debug(
+            "pyops.optim.%s: %s take torch's step instead of a pyops kernel (counted in pyops.optim.fallback_counts())",
+            type(optimizer).__name__,
+            reason,
+        )
 
 
 def _scalar(v):
@@ -367,11 +375,34 @@ class SGD(_Fused, optim.SGD):
     _primitive = "sgd_step_"
     _state_keys = (None, None, "momentum_buffer")
 
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize=False,
-                 foreach=None, differentiable=False, fused=None, master_weights=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        *,
+        maximize=False,
+        foreach=None,
+        differentiable=False,
+        fused=None,
+        master_weights=False,
+    ):
         _check_master(master_weights, differentiable)
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach,
-                         differentiable=differentiable, fused=fused)
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
         self.master_weights = bool(master_weights)
 
     def _collect(self, group):
@@ -408,8 +439,19 @@ class SGD(_Fused, optim.SGD):
                 for i, p in enumerate(params if pending else ()):
                     flags[i] = pending.get(self._owner(p), flags[i])
         PRIMITIVES[backend]["sgd_step_"](
-            params, grads, bufs if momentum != 0 else [], _lr_tensor(group["lr"], device), momentum, dampening,
-            _scalar(group["weight_decay"]), group["nesterov"], group["maximize"], flags, grad_scale, found_inf)
+            params,
+            grads,
+            bufs if momentum != 0 else [],
+            _lr_tensor(group["lr"], device),
+            momentum,
+            dampening,
+            _scalar(group["weight_decay"]),
+            group["nesterov"],
+            group["maximize"],
+            flags,
+            grad_scale,
+            found_inf,
+        )
         if new or flags:
             self._keep_buffers(params, bufs, new, flags if dampening != 0 else [], found_inf)
 
@@ -455,11 +497,21 @@ class SGD(_Fused, optim.SGD):
                 if flag is not None and bool(flag.item()):
                     bufs[i] = None
         new = [i for i, b in enumerate(bufs) if b is None] if momentum != 0 else []
-        _sgd.sgd(params, grads, bufs, has_sparse_grad=any(g.is_sparse for g in grads), foreach=False,
-                 weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
+        _sgd.sgd(
+            params,
+            grads,
+            bufs,
+            has_sparse_grad=any(g.is_sparse for g in grads),
+            foreach=False,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
         if momentum != 0:
-            for i, (p, b) in enumerate(zip(params, bufs)):
+            for p, b in zip(params, bufs):
                 self.state[self._owner(p)]["momentum_buffer"] = b
             if skip is not None:  # created by a step the device may skip: settled like the kernel's
                 flag = skip.to(torch.uint8).reshape(1)
@@ -481,36 +533,92 @@ class _AdamStep:
     def _arguments(self, group, lists, lr, grad_scale, found_inf):
         params, grads, m, v, vmax, steps = lists
         beta1, beta2 = (_scalar(b) for b in group["betas"])
-        return (params, grads, m, v, vmax if group["amsgrad"] else [], steps, lr, beta1, beta2,
-                _scalar(group["weight_decay"]), group["eps"], group["amsgrad"], group["maximize"],
-                self._decoupled(group), grad_scale, found_inf)
+        return (
+            params,
+            grads,
+            m,
+            v,
+            vmax if group["amsgrad"] else [],
+            steps,
+            lr,
+            beta1,
+            beta2,
+            _scalar(group["weight_decay"]),
+            group["eps"],
+            group["amsgrad"],
+            group["maximize"],
+            self._decoupled(group),
+            grad_scale,
+            found_inf,
+        )
 
     def _torch(self, group, lists, skip):
         params, grads, m, v, vmax, steps = lists
         beta1, beta2 = group["betas"]
-        _adam.adam(params, grads, m, v, vmax if group["amsgrad"] else [], steps, foreach=False,
-                   capturable=group["capturable"] or self._capturable(params, steps),
-                   has_complex=any(p.is_complex() for p in params), decoupled_weight_decay=self._decoupled(group),
-                   amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
-                   weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        _adam.adam(
+            params,
+            grads,
+            m,
+            v,
+            vmax if group["amsgrad"] else [],
+            steps,
+            foreach=False,
+            capturable=group["capturable"] or self._capturable(params, steps),
+            has_complex=any(p.is_complex() for p in params),
+            decoupled_weight_decay=self._decoupled(group),
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
 
 
 def _check_master(master_weights, differentiable):
     if master_weights and differentiable:
-        raise ValueError("pyops.optim: master_weights=True needs differentiable=False (a differentiable step is "
-                         "torch's own, which keeps no master copies)")
+        raise ValueError(
+            "pyops.optim: master_weights=True needs differentiable=False (a differentiable step is "
+            "torch's own, which keeps no master copies)"
+        )
 
 
 class Adam(_AdamStep, _Fused, optim.Adam):
     """torch.optim.Adam, fused (see the module docstring for the update and the paths)."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *, foreach=None,
-                 maximize=False, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False,
-                 master_weights=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        *,
+        foreach=None,
+        maximize=False,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        decoupled_weight_decay=False,
+        master_weights=False,
+    ):
         _check_master(master_weights, differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
-                         capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
         self.master_weights = bool(master_weights)
 
     @staticmethod
@@ -521,12 +629,36 @@ class Adam(_AdamStep, _Fused, optim.Adam):
 class AdamW(_AdamStep, _Fused, optim.AdamW):
     """torch.optim.AdamW (Adam with decoupled weight decay), fused."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 master_weights=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        *,
+        maximize=False,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        master_weights=False,
+    ):
         _check_master(master_weights, differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
-                         capturable=capturable, differentiable=differentiable, fused=fused)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
         self.master_weights = bool(master_weights)
 
     @staticmethod
@@ -542,11 +674,34 @@ class Adagrad(_Fused, optim.Adagrad):
     _state_keys = (None, None, "sum", None)
     _steps_at = 3
 
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 foreach=None, *, maximize=False, differentiable=False, fused=None, master_weights=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        lr_decay=0,
+        weight_decay=0,
+        initial_accumulator_value=0,
+        eps=1e-10,
+        foreach=None,
+        *,
+        maximize=False,
+        differentiable=False,
+        fused=None,
+        master_weights=False,
+    ):
         _check_master(master_weights, differentiable)
-        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
-                         maximize=maximize, differentiable=differentiable, fused=fused)
+        super().__init__(
+            params,
+            lr,
+            lr_decay,
+            weight_decay,
+            initial_accumulator_value,
+            eps,
+            foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+        )
         self.master_weights = bool(master_weights)
 
     def _collect(self, group):
@@ -556,15 +711,36 @@ class Adagrad(_Fused, optim.Adagrad):
 
     def _arguments(self, group, lists, lr, grad_scale, found_inf):
         params, grads, sums, steps = lists
-        return (params, grads, sums, steps, lr, group["lr_decay"], _scalar(group["weight_decay"]), group["eps"],
-                group["maximize"], grad_scale, found_inf)
+        return (
+            params,
+            grads,
+            sums,
+            steps,
+            lr,
+            group["lr_decay"],
+            _scalar(group["weight_decay"]),
+            group["eps"],
+            group["maximize"],
+            grad_scale,
+            found_inf,
+        )
 
     def _torch(self, group, lists, skip):
         params, grads, sums, steps = lists
-        _adagrad.adagrad(params, grads, sums, steps, has_sparse_grad=any(g.is_sparse for g in grads), foreach=False,
-                         has_complex=any(p.is_complex() for p in params), lr=group["lr"],
-                         weight_decay=group["weight_decay"], lr_decay=group["lr_decay"], eps=group["eps"],
-                         maximize=group["maximize"])
+        _adagrad.adagrad(
+            params,
+            grads,
+            sums,
+            steps,
+            has_sparse_grad=any(g.is_sparse for g in grads),
+            foreach=False,
+            has_complex=any(p.is_complex() for p in params),
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            lr_decay=group["lr_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
 
 
 class RMSprop(_Fused, optim.RMSprop):
@@ -575,11 +751,35 @@ class RMSprop(_Fused, optim.RMSprop):
     _state_keys = (None, None, "square_avg", "grad_avg", "momentum_buffer", None)
     _steps_at = 5
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False, master_weights=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0,
+        momentum=0,
+        centered=False,
+        capturable=False,
+        foreach=None,
+        maximize=False,
+        differentiable=False,
+        master_weights=False,
+    ):
         _check_master(master_weights, differentiable)
-        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable, foreach, maximize,
-                         differentiable=differentiable)
+        super().__init__(
+            params,
+            lr,
+            alpha,
+            eps,
+            weight_decay,
+            momentum,
+            centered,
+            capturable,
+            foreach,
+            maximize,
+            differentiable=differentiable,
+        )
         self.master_weights = bool(master_weights)
 
     def _collect(self, group):
@@ -589,16 +789,41 @@ class RMSprop(_Fused, optim.RMSprop):
 
     def _arguments(self, group, lists, lr, grad_scale, found_inf):
         params, grads, square_avgs, grad_avgs, bufs, steps = lists
-        return (params, grads, square_avgs, grad_avgs if group["centered"] else [],
-                bufs if group["momentum"] > 0 else [], steps, lr, group["alpha"], group["eps"],
-                _scalar(group["weight_decay"]), group["momentum"], group["centered"], group["maximize"], grad_scale,
-                found_inf)
+        return (
+            params,
+            grads,
+            square_avgs,
+            grad_avgs if group["centered"] else [],
+            bufs if group["momentum"] > 0 else [],
+            steps,
+            lr,
+            group["alpha"],
+            group["eps"],
+            _scalar(group["weight_decay"]),
+            group["momentum"],
+            group["centered"],
+            group["maximize"],
+            grad_scale,
+            found_inf,
+        )
 
     def _torch(self, group, lists, skip):
         params, grads, square_avgs, grad_avgs, bufs, steps = lists
-        _rmsprop.rmsprop(params, grads, square_avgs, grad_avgs if group["centered"] else [],
-                         bufs if group["momentum"] > 0 else [], steps, foreach=False, maximize=group["maximize"],
-                         capturable=group["capturable"] or self._capturable(params, steps),
-                         has_complex=any(p.is_complex() for p in params), lr=group["lr"], alpha=group["alpha"],
-                         eps=group["eps"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-                         centered=group["centered"])
+        _rmsprop.rmsprop(
+            params,
+            grads,
+            square_avgs,
+            grad_avgs if group["centered"] else [],
+            bufs if group["momentum"] > 0 else [],
+            steps,
+            foreach=False,
+            maximize=group["maximize"],
+            capturable=group["capturable"] or self._capturable(params, steps),
+            has_complex=any(p.is_complex() for p in params),
+            lr=group["lr"],
+            alpha=group["alpha"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            centered=group["centered"],
+        )
