@@ -877,33 +877,55 @@ def test_primitives_check_everything_before_launching(backend):
         assert ": raised pyops::" in line, line
 
 
-_PARAM_DTYPE_CHANGED = r"""
+_PARAMETER_CHANGED_UNDER_STATE = r"""
 import sys, torch, pyops, pyops.optim as popt
+backend = sys.argv[1]
 p = torch.randn(4, 3, requires_grad=True)
 opt = popt.Adam([p])
-with pyops.backend(sys.argv[1]):
+with pyops.backend(backend):
     p.grad = torch.randn_like(p)
     opt.step()
     p.data = p.data.double()
     p.grad = torch.randn_like(p)
     try:
         opt.step()
-        print("ACCEPTED")
+        print("dtype: ACCEPTED")
     except RuntimeError as e:
-        print("raised", str(e).splitlines()[0])
+        print("dtype: raised", str(e).splitlines()[0])
+ours = [torch.randn(2, 3, 4, 4, requires_grad=True)]
+ref = [ours[0].detach().clone().requires_grad_()]
+opts = popt.Adam(ours, weight_decay=0.1), torch.optim.Adam(ref, weight_decay=0.1, foreach=False)
+for k in range(4):
+    if k == 2:
+        for q in ours + ref:
+            q.data = q.data.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 3, 4, 4)
+    for q in ours + ref:
+        q.grad = torch.empty_like(q).copy_(g)
+    with pyops.backend(backend):
+        opts[0].step()
+    opts[1].step()
+print("memory format: max difference", float((ours[0] - ref[0]).abs().max()))
 """
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_parameter_dtype_changed_under_the_state(backend):
+def test_parameter_changed_under_the_state(backend):
     """p.data = p.data.double() after a step leaves float32 state: a named error (torch's for-loop
-    raises too), never a signal or silent garbage."""
+    raises too), never a signal or silent garbage; a parameter moved to channels_last under its
+    state steps as torch's does (both in a subprocess: a mismatch used to be a segfault)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run(
-        [sys.executable, "-c", _PARAM_DTYPE_CHANGED, backend], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", _PARAMETER_CHANGED_UNDER_STATE, backend],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout}\n{out.stderr[-3000:]}"
-    assert "raised pyops::adam_step_: exp_avgs has dtype Float but params has dtype Double" in out.stdout
+    assert "dtype: raised pyops::adam_step_: exp_avgs has dtype Float but params has dtype Double" in out.stdout
+    difference = float(out.stdout.split("memory format: max difference")[1])
+    assert difference < 1e-6, out.stdout
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -262,7 +262,7 @@ at::Tensor pinned(int64_t bytes, bool capturing, const Fill& fill) {
   return t;
 }
 
-const Tables& tables_for(const std::vector<TensorMeta>& metas, const at::Device& device) {
+Tables tables_for(const std::vector<TensorMeta>& metas, const at::Device& device) {
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   std::vector<int64_t> key{device.index(), int64_t(stream.id())};
@@ -301,7 +301,7 @@ const Tables& tables_for(const std::vector<TensorMeta>& metas, const at::Device&
     it = cache.emplace(std::move(key), std::move(t)).first;
   }
   if (capturing) it->second.used_by_graph = true;
-  return it->second;
+  return it->second;  // a copy (tensor handles): another thread may evict the entry once the lock is gone
 }
 
 void* data_or_null(at::TensorList list, size_t i) { return list.empty() ? nullptr : list[i].data_ptr(); }
@@ -324,7 +324,7 @@ void launch(const GroupStep& s, const K& kernel, std::initializer_list<at::Tenso
     m.new_buffer = new_buffers.empty() ? nullptr : static_cast<uint8_t*>(new_buffers[i].data_ptr());
     m.numel = s.params[i].numel();
   }
-  const Tables& t = tables_for(metas, p0.device());
+  const Tables t = tables_for(metas, p0.device());
   const auto* meta_ptr = reinterpret_cast<const TensorMeta*>(t.metas_device.const_data_ptr<uint8_t>());
   const auto* chunk_ptr = reinterpret_cast<const int64_t*>(t.chunks_device.const_data_ptr<uint8_t>());
   const Common common{device_scalar(s.lr), device_scalar(s.grad_scale), device_scalar(s.found_inf), s.maximize};
