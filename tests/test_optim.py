@@ -703,6 +703,41 @@ def test_non_dense_parameters_fall_back_counted_and_logged_once(caplog):
     assert len(logged) <= 1 and (before > 0 or len(logged) == 1)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fallback_keeps_the_grad_scaler_contract(name, device):
+    """Tensors that take torch's step (here a non-dense parameter) under a grad scaler: found_inf set
+    leaves everything untouched (decided on the device where found_inf lives), otherwise gradients are
+    unscaled in place and the step is torch's."""
+    torch.manual_seed(0)
+    base = torch.randn(4, 8, dtype=torch.float64, device=device)
+    ours = [base[:, ::2].detach().requires_grad_(), torch.randn(3, dtype=torch.float64, device=device).requires_grad_()]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    cfg = {"momentum": 0.9, "dampening": 0.5} if name == "SGD" else {}
+    opt = getattr(popt, name)(ours, **cfg)
+    ref_opt = getattr(torch.optim, name)(ref, foreach=False, **cfg)
+    grads = [torch.randn(p.shape, dtype=p.dtype, device=device) for p in ours]
+    for p, g in zip(ours, grads):
+        p.grad = g * 8
+    before = [p.detach().clone() for p in ours]
+    opt.grad_scale = torch.tensor(8.0, device=device)
+    opt.found_inf = torch.tensor(1.0, device=device)
+    opt.step()
+    for p, b, g in zip(ours, before, grads):
+        assert torch.equal(p, b) and torch.equal(p.grad, g * 8)
+    opt.found_inf = torch.tensor(0.0, device=device)
+    opt.step()
+    for p, r, g in zip(ours, ref, grads):
+        torch.testing.assert_close(p.grad, g)
+        r.grad = g.clone()
+    ref_opt.step()
+    for p, r in zip(ours, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+    if name == "SGD":
+        state = opt.state_dict()["state"]
+        torch.testing.assert_close(state[0]["momentum_buffer"], ref_opt.state[ref[0]]["momentum_buffer"])
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_amsgrad_propagates_nan(device, backend):
     def params():
