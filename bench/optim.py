@@ -4,15 +4,20 @@ and fused implementations of the same optimizer.
 Parameter sets: ResNet-18's 62 tensors (11.7M float32 parameters) and 1000 tensors of 4096; on
 GPU also 100M parameters in 10 tensors (the bandwidth floor: Adam moves 28 bytes a parameter).
 Minimum bytes per step: every tensor read once and every updated one written once.
+
+The fixed cost of step() (the "overhead" sets): as many tensors as ResNet-18 has, and 1000, of 64
+elements each, so that the time is what a step costs besides moving the data (torch's _init_group,
+list building, the call, the per-tensor setup), against torch's fused and foreach steps.
 """
+
 import torch
 
 import pyops.optim as popt
 
 from .harness import Case
 
-# (state tensors read and written per parameter) -> bytes per element: param, grad and state read,
-# param and state written.
+# name -> (constructor arguments, state tensors per parameter). Bytes per element: the parameter,
+# gradient and state read, the parameter and state written.
 OPTIMIZERS = {
     "SGD": ({"momentum": 0.9}, 1),
     "Adam": ({}, 2),
@@ -21,6 +26,8 @@ OPTIMIZERS = {
     "RMSprop": ({}, 1),
 }
 REFERENCES = [("torch for-loop", "forloop"), ("torch foreach", "foreach"), ("torch fused", "fused")]
+OVERHEAD_REFERENCES = [("torch fused", "fused"), ("torch foreach", "foreach")]
+OVERHEAD_NUMEL = 64  # elements per tensor of the fixed-cost sets
 
 
 def resnet18_shapes():
@@ -40,7 +47,7 @@ def _fused_supported(name):
     return name in ("SGD", "Adam", "AdamW", "Adagrad")
 
 
-def _case(name, label, shapes, device):
+def _case(name, label, shapes, device, references=REFERENCES, shape_label=None):
     kwargs, states = OPTIMIZERS[name]
     n = sum(torch.Size(s).numel() for s in shapes)
     opts = {}
@@ -59,14 +66,29 @@ def _case(name, label, shapes, device):
                 extra = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
                 opts[key] = cls(params, **kwargs, **extra.get(impl, {}))
             opts[key].step()
+
         return step
 
-    refs = [r for r in REFERENCES if r[1] != "fused" or _fused_supported(name)]
-    return Case("optim", name, "step", (f"{label}:{len(shapes)}t:{n / 1e6:.1f}M",), torch.float32, device,
-                (2 + states) * n * 4 + (1 + states) * n * 4, make_inputs, iteration, references=refs)
+    refs = [r for r in references if r[1] != "fused" or _fused_supported(name)]
+    return Case(
+        "optim",
+        name,
+        "step",
+        (shape_label or f"{label}:{len(shapes)}t:{n / 1e6:.1f}M",),
+        torch.float32,
+        device,
+        (2 + states) * n * 4 + (1 + states) * n * 4,
+        make_inputs,
+        iteration,
+        references=refs,
+    )
 
 
 def cases(device, quick=False):
+    for label, count in (("overhead-resnet18", len(resnet18_shapes())), ("overhead", 1000)):
+        for name in OPTIMIZERS:
+            shapes = [(OVERHEAD_NUMEL,)] * count
+            yield _case(name, label, shapes, device, OVERHEAD_REFERENCES, f"{label}:{count}x{OVERHEAD_NUMEL}")
     sets = [("resnet18", resnet18_shapes())]
     if not quick:
         sets.append(("1000x4096", [(4096,)] * 1000))

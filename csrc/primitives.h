@@ -25,15 +25,17 @@
   /* maxout returns (out, indices): indices (uint8, out's shape) of the first maximal piece */       \
   X("maxout_fwd", "maxout_fwd_triton", "(Tensor self, int pieces, int dim) -> (Tensor, Tensor)")    \
   X("maxout_bwd", "maxout_bwd_triton", "(Tensor grad_out, Tensor indices, int pieces, int dim) -> Tensor") \
-  /* ---- optim: one call updates every tensor of a (device, dtype) group in place. Lists run in    \
-     parallel (state lists empty where an option needs no state). grad_scale: the gradients are     \
-     divided by it and written back unscaled; found_inf != 0: nothing is touched. lr is a 0-d        \
-     tensor; steps are 0-d tensors, incremented by the step. new_buffers (SGD): the buffer at i is   \
-     new and starts as the gradient. */                                                              \
+  /* ---- optim: one call updates every tensor of a (device, dtype) group in place (csrc/optim.h).  \
+     Lists run in parallel (state lists empty where an option needs no state). grad_scale: the      \
+     gradients are divided by it and written back unscaled; found_inf != 0: nothing is touched. lr, \
+     grad_scale and found_inf are one-element float32/float64 tensors on the parameters' device;    \
+     steps are one-element float32/float64 tensors there, incremented by the step. new_buffers (SGD):\
+     empty, or per parameter a one-element bool/uint8 flag: the buffer is new and starts as the     \
+     gradient; the step clears the flags it applied (none when found_inf is set). */                \
   X("sgd_step_", "sgd_step_triton_",                                                                \
     "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor lr, "          \
     "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "            \
-    "int[] new_buffers, Tensor? grad_scale, Tensor? found_inf) -> ()")                               \
+    "Tensor(d!)[] new_buffers, Tensor? grad_scale, Tensor? found_inf) -> ()")                        \
   X("adam_step_", "adam_step_triton_",                                                              \
     "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "   \
     "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, Tensor lr, float beta1, float beta2, "        \

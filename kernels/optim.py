@@ -1,186 +1,497 @@
 """Triton kernels of the optim family: one launch updates every tensor of a (device, dtype) group.
 
-A chunk table (tensor index, start) lists BLOCK-element pieces of all tensors; each program looks
-its tensor's pointers up in pointer tables (int64 addresses) and updates one piece, reading and
-writing each element once. Hyper-parameters travel in a float64 table and lr as a tensor, so they
-are runtime values (no recompiles, exact in float64); steps, grad_scale and found_inf are read on
-the device. Math as pyops/optim/fused.py.
+Each launch reads one int64 table (cached on the device) that says everything but the
+hyper-parameters: a header (where lr, grad_scale and found_inf live and in which dtype, the options),
+one row per tensor (its size, the addresses of its parameter, gradient, state, step count and SGD
+new-buffer flag) and the chunk list (tensor, start) whose BLOCK-element pieces the programs take.
+Hyper-parameters travel in a float64 table, so they are runtime values (no recompiles, exact in
+float64). Options (maximize, nesterov, amsgrad...) are runtime flags too: a uniform branch costs
+nothing in a memory-bound kernel, and the only compile-time parameter left is the dtype, so each
+update kernel has four variants (aot_variants()). lr, grad_scale, found_inf and the step counts are
+read on the device in their own dtype (float32 or float64). The host side (argument checks) is the
+C++ one every backend shares (csrc/optim.h); these launchers get checked tensors. Math as
+pyops/optim/fused.py.
 """
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
-SGD, ADAM, ADAGRAD, RMSPROP = 0, 1, 2, 3
-# hyper table slots: a and b mean per algorithm what the kernel's branches say
-H_A, H_B, H_WD, H_EPS = 0, 1, 2, 3
+BLOCK = 1024  # elements per program of an update kernel
+FINISH_BLOCK = 128  # tensors per program of the step-count kernel
+
+# ---- the launch table (int64): header slots ------------------------------------------------------
+LR_ADDRESS = tl.constexpr(0)
+LR_IS_F64 = tl.constexpr(1)
+GRAD_SCALE_ADDRESS = tl.constexpr(2)  # 0: no grad scaler factor
+GRAD_SCALE_IS_F64 = tl.constexpr(3)
+FOUND_INF_ADDRESS = tl.constexpr(4)  # 0: no found_inf
+FOUND_INF_IS_F64 = tl.constexpr(5)
+MAXIMIZE = tl.constexpr(6)
+OPTION_SLOTS = tl.constexpr(7)  # each algorithm's boolean options, named below
+TENSOR_COUNT = tl.constexpr(9)
+CHUNKS_AT = tl.constexpr(10)  # where the (tensor, start) pairs begin
+HEADER_SIZE = tl.constexpr(11)
+SGD_NESTEROV = OPTION_SLOTS
+ADAM_AMSGRAD = OPTION_SLOTS
+ADAM_DECOUPLED = OPTION_SLOTS + 1
+RMSPROP_CENTERED = OPTION_SLOTS
+
+# ---- a tensor's row: its size and addresses --------------------------------------------------------
+ROW_NUMEL = tl.constexpr(0)
+ROW_PARAM = tl.constexpr(1)
+ROW_GRAD = tl.constexpr(2)
+ROW_STATE = tl.constexpr(3)  # up to three state tensors, named per algorithm below
+ROW_STEP = tl.constexpr(6)  # 0: no step count
+ROW_STEP_IS_F64 = tl.constexpr(7)
+ROW_NEW_BUFFER = tl.constexpr(8)  # SGD: 0, or a bool/uint8 flag saying the momentum buffer is new
+ROW_SIZE = tl.constexpr(9)
+MAX_STATES = 3
+SGD_MOMENTUM_BUFFER = ROW_STATE
+ADAM_EXP_AVG = ROW_STATE
+ADAM_EXP_AVG_SQ = ROW_STATE + 1
+ADAM_MAX_EXP_AVG_SQ = ROW_STATE + 2
+ADAGRAD_SUM = ROW_STATE
+RMSPROP_SQUARE_AVG = ROW_STATE
+RMSPROP_GRAD_AVG = ROW_STATE + 1
+RMSPROP_MOMENTUM_BUFFER = ROW_STATE + 2
+
+# ---- the hyper-parameter table (float64), per algorithm --------------------------------------------
+SGD_MOMENTUM = tl.constexpr(0)
+SGD_DAMPENING = tl.constexpr(1)
+SGD_WEIGHT_DECAY = tl.constexpr(2)
+ADAM_BETA1 = tl.constexpr(0)
+ADAM_BETA2 = tl.constexpr(1)
+ADAM_WEIGHT_DECAY = tl.constexpr(2)
+ADAM_EPS = tl.constexpr(3)
+ADAGRAD_LR_DECAY = tl.constexpr(0)
+ADAGRAD_WEIGHT_DECAY = tl.constexpr(1)
+ADAGRAD_EPS = tl.constexpr(2)
+RMSPROP_ALPHA = tl.constexpr(0)
+RMSPROP_EPS = tl.constexpr(1)
+RMSPROP_WEIGHT_DECAY = tl.constexpr(2)
+RMSPROP_MOMENTUM = tl.constexpr(3)
+HYPER_SIZE = 4
+
+
+# ---- shared pieces (few: the interpreter re-patches the language at every nested jit call, ~0.25 ms
+# each, so helpers that are one line are written out where they are used) -------------------------
+@triton.jit
+def _scalar(base, ADDRESS: tl.constexpr, IS_F64: tl.constexpr):
+    """The one-element float32/float64 tensor whose address and dtype flag sit at base[ADDRESS] and
+    base[IS_F64], as float64 (0 where the address is 0: absent)."""
+    address = tl.load(base + ADDRESS)
+    is_f64 = tl.load(base + IS_F64) != 0
+    present = address != 0
+    v64 = tl.load(address.to(tl.pointer_type(tl.float64)), mask=present & is_f64, other=0.0)
+    v32 = tl.load(address.to(tl.pointer_type(tl.float32)), mask=present & (~is_f64), other=0.0)
+    return tl.where(is_f64, v64, v32.to(tl.float64))
 
 
 @triton.jit
-def _ptr(table, t, dtype: tl.constexpr):
-    return tl.load(table + t).to(tl.pointer_type(dtype))
+def _chunk(table, BLOCK: tl.constexpr):
+    """This program's tensor row, element offsets and mask (all false when found_inf is set: the
+    grad scaler skips the step and nothing is touched). (x == 0).to(int32) != 0: the interpreter types
+    a float comparison by its operands, which numpy's bitwise ops then refuse to combine."""
+    pid = tl.program_id(0).to(tl.int64)
+    pair = table + tl.load(table + CHUNKS_AT) + 2 * pid
+    row = table + HEADER_SIZE + tl.load(pair) * ROW_SIZE
+    offs = tl.load(pair + 1) + tl.arange(0, BLOCK).to(tl.int64)
+    not_found = (_scalar(table, FOUND_INF_ADDRESS, FOUND_INF_IS_F64) == 0).to(tl.int32) != 0
+    return row, offs, (offs < tl.load(row + ROW_NUMEL)) & not_found
 
 
 @triton.jit
-def _multi_tensor_kernel(chunks, sizes, p_tab, g_tab, s1_tab, s2_tab, s3_tab, step_tab, first_tab, lr_ptr, hyper,
-                         scale_ptr, found_ptr, ALGO: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                         FLAG1: tl.constexpr, FLAG2: tl.constexpr, MAXIMIZE: tl.constexpr,
-                         HAS_WD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
-                         LR_F32: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(sizes + t)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
-    if HAS_FOUND:  # the grad scaler found inf/NaN: touch nothing
-        mask = mask & (tl.load(found_ptr + tl.zeros([BLOCK], tl.int32)).to(tl.float32) == 0)
-    p_ptr = _ptr(p_tab, t, DTYPE)
-    g_ptr = _ptr(g_tab, t, DTYPE)
+def _gradient(table, row, offs, mask, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    """The gradient as the update uses it: unscaled by the grad scaler's factor (and written back
+    so), negated to maximize."""
+    g_ptr = tl.load(row + ROW_GRAD).to(tl.pointer_type(DTYPE))
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    if HAS_SCALE:
-        g = g / tl.load(scale_ptr).to(COMPUTE)
-        tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)
-    if MAXIMIZE:
+    if tl.load(table + GRAD_SCALE_ADDRESS) != 0:
+        inv_scale = (1.0 / _scalar(table, GRAD_SCALE_ADDRESS, GRAD_SCALE_IS_F64)).to(COMPUTE)
+        unscaled = (g * inv_scale).to(DTYPE)
+        tl.store(g_ptr + offs, unscaled, mask=mask)
+        g = unscaled.to(COMPUTE)
+    if tl.load(table + MAXIMIZE) != 0:
         g = -g
+    return g
+
+
+# ---- the update kernels, one per algorithm. State is stored and read back rounded to DTYPE, as
+# torch's update reads its state; lr_is_f32: torch computes step-size scalars in a tensor lr's dtype.
+@triton.jit
+def _sgd_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    row, offs, mask = _chunk(table, BLOCK)
+    g = _gradient(table, row, offs, mask, DTYPE, COMPUTE)
+    p_ptr = tl.load(row + ROW_PARAM).to(tl.pointer_type(DTYPE))
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    lr = tl.load(lr_ptr).to(COMPUTE)
-    a = tl.load(hyper + H_A).to(COMPUTE)
-    b = tl.load(hyper + H_B).to(COMPUTE)
-    wd = tl.load(hyper + H_WD).to(COMPUTE)
-    eps = tl.load(hyper + H_EPS).to(COMPUTE)
-    if ALGO == 0:  # SGD: a momentum, b dampening; FLAG1 momentum, FLAG2 nesterov
-        if HAS_WD:
-            g = g + wd * p
-        if FLAG1:
-            m_ptr = _ptr(s1_tab, t, DTYPE)
-            first = tl.load(first_tab + t)
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-            buf = tl.where(first != 0, g, a * m + (1.0 - b) * g)
-            tl.store(m_ptr + offs, buf.to(DTYPE), mask=mask)
-            buf = buf.to(DTYPE).to(COMPUTE)
-            if FLAG2:
-                g = g + a * buf
-            else:
-                g = buf
-        p = p - lr * g
-    elif ALGO == 1:  # Adam: a beta1, b beta2; FLAG1 amsgrad, FLAG2 decoupled weight decay
-        step = (tl.load(_ptr(step_tab, t, tl.float32)) + 1.0).to(COMPUTE)
-        if HAS_WD:
-            if FLAG2:
-                if LR_F32:  # torch computes 1 - lr * wd in a float32 lr's dtype
-                    p = p * (1.0 - lr.to(tl.float32) * wd.to(tl.float32)).to(COMPUTE)
-                else:
-                    p = p * (1.0 - lr * wd)
-            else:
-                g = g + wd * p
-        m_ptr = _ptr(s1_tab, t, DTYPE)
-        v_ptr = _ptr(s2_tab, t, DTYPE)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        m = m + (1.0 - a) * (g - m)
-        v = v * b + (1.0 - b) * g * g
-        tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-        tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
-        m = m.to(DTYPE).to(COMPUTE)
-        v = v.to(DTYPE).to(COMPUTE)
-        if FLAG1:
-            vmax_ptr = _ptr(s3_tab, t, DTYPE)
-            vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(COMPUTE), v)
-            tl.store(vmax_ptr + offs, vmax.to(DTYPE), mask=mask)
-            v = vmax.to(DTYPE).to(COMPUTE)
-        bc1 = 1.0 - tl.exp(step * tl.log(a))
-        bc2 = 1.0 - tl.exp(step * tl.log(b))
-        if LR_F32:  # and lr / bias_correction1 likewise
-            step_size = (lr.to(tl.float32) / bc1.to(tl.float32)).to(COMPUTE)
+    lr = _scalar(table, LR_ADDRESS, LR_IS_F64).to(COMPUTE)
+    momentum = tl.load(hyper + SGD_MOMENTUM)
+    weight_decay = tl.load(hyper + SGD_WEIGHT_DECAY)
+    if weight_decay != 0:
+        g = g + weight_decay.to(COMPUTE) * p
+    if momentum != 0:
+        buf_ptr = tl.load(row + SGD_MOMENTUM_BUFFER).to(tl.pointer_type(DTYPE))
+        flag = tl.load(row + ROW_NEW_BUFFER)
+        is_new = tl.load(flag.to(tl.pointer_type(tl.uint8)), mask=flag != 0, other=0) != 0
+        dampening = tl.load(hyper + SGD_DAMPENING)
+        buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        buf = tl.where(is_new, g, momentum.to(COMPUTE) * buf + (1.0 - dampening).to(COMPUTE) * g).to(DTYPE)
+        tl.store(buf_ptr + offs, buf, mask=mask)
+        if tl.load(table + SGD_NESTEROV) != 0:
+            g = g + momentum.to(COMPUTE) * buf.to(COMPUTE)
         else:
-            step_size = lr / bc1
-        p = p - step_size * m / (tl.sqrt(v) / tl.sqrt(bc2) + eps)
-    elif ALGO == 2:  # Adagrad: a lr_decay
-        step = (tl.load(_ptr(step_tab, t, tl.float32)) + 1.0).to(COMPUTE)
-        if HAS_WD:
-            g = g + wd * p
-        s_ptr = _ptr(s1_tab, t, DTYPE)
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(COMPUTE) + g * g
-        tl.store(s_ptr + offs, s.to(DTYPE), mask=mask)
-        s = s.to(DTYPE).to(COMPUTE)
-        p = p - lr / (1.0 + (step - 1.0) * a) * g / (tl.sqrt(s) + eps)
-    else:  # RMSprop: a alpha, b momentum; FLAG1 centered, FLAG2 momentum > 0
-        if HAS_WD:
-            g = g + wd * p
-        sq_ptr = _ptr(s1_tab, t, DTYPE)
-        sq = tl.load(sq_ptr + offs, mask=mask, other=0.0).to(COMPUTE) * a + (1.0 - a) * g * g
-        tl.store(sq_ptr + offs, sq.to(DTYPE), mask=mask)
-        sq = sq.to(DTYPE).to(COMPUTE)
-        if FLAG1:
-            ga_ptr = _ptr(s2_tab, t, DTYPE)
-            ga = tl.load(ga_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-            ga = ga + (1.0 - a) * (g - ga)
-            tl.store(ga_ptr + offs, ga.to(DTYPE), mask=mask)
-            ga = ga.to(DTYPE).to(COMPUTE)
-            avg = tl.sqrt(sq - ga * ga) + eps
+            g = buf.to(COMPUTE)
+    tl.store(p_ptr + offs, (p - lr * g).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _adam_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    row, offs, mask = _chunk(table, BLOCK)
+    g = _gradient(table, row, offs, mask, DTYPE, COMPUTE)
+    p_ptr = tl.load(row + ROW_PARAM).to(tl.pointer_type(DTYPE))
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    lr = _scalar(table, LR_ADDRESS, LR_IS_F64)
+    lr_is_f32 = tl.load(table + LR_IS_F64) == 0
+    beta1 = tl.load(hyper + ADAM_BETA1)
+    beta2 = tl.load(hyper + ADAM_BETA2)
+    weight_decay = tl.load(hyper + ADAM_WEIGHT_DECAY)
+    step = _scalar(row, ROW_STEP, ROW_STEP_IS_F64) + 1.0  # the finish kernel stores it
+    # torch's bias corrections in float64 (beta ** step as exp(step log beta))
+    bias_correction1 = 1.0 - tl.exp(step * tl.log(beta1))
+    step_size = tl.where(
+        lr_is_f32, (lr.to(tl.float32) / bias_correction1.to(tl.float32)).to(tl.float64), lr / bias_correction1
+    )
+    inv_bias_correction2_sqrt = 1.0 / tl.sqrt(1.0 - tl.exp(step * tl.log(beta2)))
+    if weight_decay != 0:
+        if tl.load(table + ADAM_DECOUPLED) != 0:
+            decay = tl.where(
+                lr_is_f32,
+                (1.0 - lr.to(tl.float32) * weight_decay.to(tl.float32)).to(tl.float64),
+                1.0 - lr * weight_decay,
+            )
+            p = p * decay.to(COMPUTE)
         else:
-            avg = tl.sqrt(sq) + eps
-        if FLAG2:
-            m_ptr = _ptr(s3_tab, t, DTYPE)
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(COMPUTE) * b + g / avg
-            tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-            p = p - lr * m.to(DTYPE).to(COMPUTE)
-        else:
-            p = p - lr * g / avg
+            g = g + weight_decay.to(COMPUTE) * p
+    m_ptr = tl.load(row + ADAM_EXP_AVG).to(tl.pointer_type(DTYPE))
+    v_ptr = tl.load(row + ADAM_EXP_AVG_SQ).to(tl.pointer_type(DTYPE))
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    b1 = beta1.to(COMPUTE)
+    b2 = beta2.to(COMPUTE)
+    m = (m + (1.0 - b1) * (g - m)).to(DTYPE)  # lerp
+    v = (v * b2 + (1.0 - b2) * g * g).to(DTYPE)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    v = v.to(COMPUTE)
+    if tl.load(table + ADAM_AMSGRAD) != 0:
+        vmax_ptr = tl.load(row + ADAM_MAX_EXP_AVG_SQ).to(tl.pointer_type(DTYPE))
+        vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        vmax = tl.where(vmax != vmax, vmax, tl.where(vmax > v, vmax, v)).to(DTYPE)  # NaN wins, as torch.maximum
+        tl.store(vmax_ptr + offs, vmax, mask=mask)
+        v = vmax.to(COMPUTE)
+    eps = tl.load(hyper + ADAM_EPS).to(COMPUTE)
+    denom = tl.sqrt(v) * inv_bias_correction2_sqrt.to(COMPUTE) + eps
+    tl.store(p_ptr + offs, (p - step_size.to(COMPUTE) * m.to(COMPUTE) / denom).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _adagrad_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    row, offs, mask = _chunk(table, BLOCK)
+    g = _gradient(table, row, offs, mask, DTYPE, COMPUTE)
+    p_ptr = tl.load(row + ROW_PARAM).to(tl.pointer_type(DTYPE))
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    lr = _scalar(table, LR_ADDRESS, LR_IS_F64)
+    lr_is_f32 = tl.load(table + LR_IS_F64) == 0
+    weight_decay = tl.load(hyper + ADAGRAD_WEIGHT_DECAY)
+    step = _scalar(row, ROW_STEP, ROW_STEP_IS_F64) + 1.0  # the finish kernel stores it
+    denominator = 1.0 + (step - 1.0) * tl.load(hyper + ADAGRAD_LR_DECAY)
+    clr = tl.where(lr_is_f32, (lr.to(tl.float32) / denominator.to(tl.float32)).to(tl.float64), lr / denominator)
+    if weight_decay != 0:
+        g = g + weight_decay.to(COMPUTE) * p
+    s_ptr = tl.load(row + ADAGRAD_SUM).to(tl.pointer_type(DTYPE))
+    s = (tl.load(s_ptr + offs, mask=mask, other=0.0).to(COMPUTE) + g * g).to(DTYPE)
+    tl.store(s_ptr + offs, s, mask=mask)
+    eps = tl.load(hyper + ADAGRAD_EPS).to(COMPUTE)
+    tl.store(p_ptr + offs, (p - clr.to(COMPUTE) * g / (tl.sqrt(s.to(COMPUTE)) + eps)).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _rmsprop_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    row, offs, mask = _chunk(table, BLOCK)
+    g = _gradient(table, row, offs, mask, DTYPE, COMPUTE)
+    p_ptr = tl.load(row + ROW_PARAM).to(tl.pointer_type(DTYPE))
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    lr = _scalar(table, LR_ADDRESS, LR_IS_F64).to(COMPUTE)
+    alpha = tl.load(hyper + RMSPROP_ALPHA).to(COMPUTE)
+    eps = tl.load(hyper + RMSPROP_EPS).to(COMPUTE)
+    weight_decay = tl.load(hyper + RMSPROP_WEIGHT_DECAY)
+    momentum = tl.load(hyper + RMSPROP_MOMENTUM)
+    if weight_decay != 0:
+        g = g + weight_decay.to(COMPUTE) * p
+    sq_ptr = tl.load(row + RMSPROP_SQUARE_AVG).to(tl.pointer_type(DTYPE))
+    sq = (tl.load(sq_ptr + offs, mask=mask, other=0.0).to(COMPUTE) * alpha + (1.0 - alpha) * g * g).to(DTYPE)
+    tl.store(sq_ptr + offs, sq, mask=mask)
+    sq = sq.to(COMPUTE)
+    if tl.load(table + RMSPROP_CENTERED) != 0:
+        ga_ptr = tl.load(row + RMSPROP_GRAD_AVG).to(tl.pointer_type(DTYPE))
+        ga = tl.load(ga_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        ga = (ga + (1.0 - alpha) * (g - ga)).to(DTYPE)  # lerp
+        tl.store(ga_ptr + offs, ga, mask=mask)
+        avg = tl.sqrt(sq - ga.to(COMPUTE) * ga.to(COMPUTE)) + eps
+    else:
+        avg = tl.sqrt(sq) + eps
+    if momentum > 0:
+        buf_ptr = tl.load(row + RMSPROP_MOMENTUM_BUFFER).to(tl.pointer_type(DTYPE))
+        buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(COMPUTE) * momentum.to(COMPUTE) + g / avg
+        buf = buf.to(DTYPE)
+        tl.store(buf_ptr + offs, buf, mask=mask)
+        p = p - lr * buf.to(COMPUTE)
+    else:
+        p = p - lr * g / avg
     tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
 
 
-_TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+@triton.jit
+def _finish_kernel(table, BLOCK: tl.constexpr):
+    """After the update: step counts advance and applied new-buffer flags clear, unless found_inf
+    is set (a separate launch, since every program of a tensor reads its step first)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    not_found = (_scalar(table, FOUND_INF_ADDRESS, FOUND_INF_IS_F64) == 0).to(tl.int32) != 0
+    live = (idx < tl.load(table + TENSOR_COUNT)) & not_found
+    rows = table + HEADER_SIZE + idx * ROW_SIZE
+    step = tl.load(rows + ROW_STEP, mask=live, other=0)
+    is_f64 = tl.load(rows + ROW_STEP_IS_F64, mask=live, other=0) != 0
+    as_f64 = live & (step != 0) & is_f64
+    as_f32 = live & (step != 0) & (~is_f64)
+    step64 = step.to(tl.pointer_type(tl.float64))
+    step32 = step.to(tl.pointer_type(tl.float32))
+    tl.store(step64, tl.load(step64, mask=as_f64, other=0.0) + 1.0, mask=as_f64)
+    tl.store(step32, tl.load(step32, mask=as_f32, other=0.0) + 1.0, mask=as_f32)
+    flag = tl.load(rows + ROW_NEW_BUFFER, mask=live, other=0)
+    tl.store(flag.to(tl.pointer_type(tl.uint8)), tl.zeros([BLOCK], tl.uint8), mask=live & (flag != 0))
 
 
-_TABLES = {}
+# ---- the launches --------------------------------------------------------------------------------
+UPDATE_KERNELS = {"sgd": _sgd_kernel, "adam": _adam_kernel, "adagrad": _adagrad_kernel, "rmsprop": _rmsprop_kernel}
+DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+UPDATE_SIGNATURE = {"table": "*i64", "hyper": "*fp64"}
+FINISH_SIGNATURE = {"table": "*i64"}
+# Compile options of the update launches: no fused multiply-add, so that the per-step scalars (1 - lr *
+# weight_decay, 1 + (step - 1) * lr_decay) round each product as torch's separate ops do (a float32 lr
+# makes one float32 ulp of 1 - lr * wd a 6e-8 relative error in a float64 parameter). The kernels are
+# memory-bound: the unfused element math costs nothing measurable.
+UPDATE_OPTIONS = {"enable_fp_fusion": False}
 
 
-def _table(values, device, dtype=torch.int64):
-    """values as a tensor on device: uploaded from pinned memory without a host synchronisation, and
-    cached, so that a step over unchanged tensors and hyper-parameters uploads nothing (CUDA graph
-    capture after a warm-up step then records no host copy)."""
-    key = (device, dtype, tuple(values))
-    t = _TABLES.get(key)
-    if t is None:
-        t = torch.tensor(values, dtype=dtype)
-        if device.type == "cuda":
-            t = t.pin_memory().to(device, non_blocking=True)
-        if len(_TABLES) >= 64:  # parameter lists and hyper-parameters change rarely
-            _TABLES.clear()
-        _TABLES[key] = t
-    return t
+def _update_constexprs(dtype):
+    """The compile-time parameters of an update launch: the parameters' dtype, the compute dtype it
+    implies (float32 for half types, as torch's opmath), the block size."""
+    return {"DTYPE": DTYPES[dtype], "COMPUTE": tl.float64 if dtype == torch.float64 else tl.float32, "BLOCK": BLOCK}
 
 
-def _addresses(tensors, device):
-    return _table([x.data_ptr() for x in tensors] if tensors else [0], device)
+def _finish_constexprs():
+    return {"BLOCK": FINISH_BLOCK}
 
 
-def step(algo, params, grads, s1, s2, s3, steps, lr, hyper, flags, maximize, has_wd, grad_scale, found_inf,
-         first=None):
-    """One launch over every tensor of the group (all of one device and dtype), then the step
-    counts advance (by 0 where found_inf is set): the kernel reads step and uses step + 1."""
-    if not params:
-        return
+def aot_variants():
+    """Every launch the launchers below make: (label, kernel, signature, constexprs)."""
+    variants = [
+        (f"{name} {str(dtype).replace('torch.', '')}", kernel, dict(UPDATE_SIGNATURE), _update_constexprs(dtype))
+        for name, kernel in UPDATE_KERNELS.items()
+        for dtype in DTYPES
+    ]
+    return variants + [("finish", _finish_kernel, dict(FINISH_SIGNATURE), _finish_constexprs())]
+
+
+MAX_CACHED_TABLES = 64
+_TABLES = {}  # key -> [host tensor, device tensor, used by a CUDA graph]
+
+
+def _device_table(values, dtype, device):
+    """values as a tensor on device, cached: a step over unchanged tensors and hyper-parameters
+    uploads nothing. A table is uploaded from pinned memory without a host synchronisation, per stream
+    (a step on another stream never reads a table whose upload that stream has not ordered). CUDA
+    graphs replay the table a captured launch used, and a capture that had to create one records its
+    upload: so a table created or used during a capture keeps its host and device buffers for good."""
+    is_cuda = device.type == "cuda"
+    stream = torch.cuda.current_stream(device).cuda_stream if is_cuda else 0
+    key = (device, stream, dtype, tuple(values))
+    entry = _TABLES.get(key)
+    if entry is None:
+        if len(_TABLES) >= MAX_CACHED_TABLES:  # tensor lists and hyper-parameters change rarely
+            for k in [k for k, e in _TABLES.items() if not e[2]]:
+                del _TABLES[k]
+        host = torch.tensor(values, dtype=dtype)
+        table = host
+        if is_cuda:
+            host = host.pin_memory()
+            table = torch.empty_like(host, device=device)
+            table.copy_(host, non_blocking=True)
+        entry = _TABLES[key] = [host, table, False]
+    if is_cuda and torch.cuda.is_current_stream_capturing():
+        entry[2] = True
+    return entry[1]
+
+
+def _address(t):
+    return t.data_ptr() if t is not None else 0
+
+
+def _launch(name, params, grads, states, steps, new_buffers, lr, grad_scale, found_inf, maximize, options, hyper):
+    """One update launch over the group, then (where steps or flags exist) the finish launch.
+    states: up to MAX_STATES lists (empty where unused); options: (header slot, bool) pairs."""
+    n = len(params)
     device, dtype = params[0].device, params[0].dtype
-    chunks = [(i, s) for i, p in enumerate(params) for s in range(0, p.numel(), BLOCK)]
-    if not chunks:
-        return
-    chunk_t = _table([x for c in chunks for x in c], device)
-    sizes = _table([p.numel() for p in params], device)
-    hyper_t = _table(list(hyper), device, torch.float64)
-    lr_t = lr.to(device) if isinstance(lr, torch.Tensor) else _table([float(lr)], device, torch.float64)
-    dummy = hyper_t
-    compute = tl.float64 if dtype == torch.float64 else tl.float32
-    _multi_tensor_kernel[(len(chunks),)](
-        chunk_t, sizes, _addresses(params, device), _addresses(grads, device), _addresses(s1, device),
-        _addresses(s2, device), _addresses(s3, device), _addresses(steps, device),
-        _table([int(f) for f in first] if first else [0] * len(params), device), lr_t, hyper_t,
-        grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
-        ALGO=algo, DTYPE=_TL[dtype], COMPUTE=compute, FLAG1=bool(flags[0]), FLAG2=bool(flags[1]),
-        MAXIMIZE=bool(maximize), HAS_WD=bool(has_wd), HAS_SCALE=grad_scale is not None,
-        HAS_FOUND=found_inf is not None, LR_F32=isinstance(lr, torch.Tensor) and lr.dtype == torch.float32,
-        BLOCK=BLOCK)
-    if steps:
-        torch._foreach_add_(steps, (1 - found_inf.to(steps[0].device, torch.float32)) if found_inf is not None else 1)
+    header = [0] * HEADER_SIZE.value
+    header[LR_ADDRESS] = lr.data_ptr()
+    header[LR_IS_F64] = int(lr.dtype == torch.float64)
+    if grad_scale is not None:
+        header[GRAD_SCALE_ADDRESS] = grad_scale.data_ptr()
+        header[GRAD_SCALE_IS_F64] = int(grad_scale.dtype == torch.float64)
+    if found_inf is not None:
+        header[FOUND_INF_ADDRESS] = found_inf.data_ptr()
+        header[FOUND_INF_IS_F64] = int(found_inf.dtype == torch.float64)
+    header[MAXIMIZE] = int(maximize)
+    for slot, value in options:
+        header[slot] = int(value)
+    header[TENSOR_COUNT] = n
+    states = [s for s in states] + [[]] * (MAX_STATES - len(states))
+    rows, chunks = [], []
+    for i, p in enumerate(params):
+        numel = p.numel()
+        step = steps[i] if steps else None
+        rows += [
+            numel,
+            p.data_ptr(),
+            grads[i].data_ptr(),
+            *(s[i].data_ptr() if s else 0 for s in states),
+            _address(step),
+            int(step is not None and step.dtype == torch.float64),
+            new_buffers[i].data_ptr() if new_buffers else 0,
+        ]
+        for start in range(0, numel, BLOCK):
+            chunks += [i, start]
+    header[CHUNKS_AT] = HEADER_SIZE.value + len(rows)
+    table = _device_table(header + rows + chunks, torch.int64, device)
+    if chunks:
+        hyper_table = _device_table(hyper, torch.float64, device)
+        UPDATE_KERNELS[name][(len(chunks) // 2,)](table, hyper_table, **_update_constexprs(dtype), **UPDATE_OPTIONS)
+    if steps or new_buffers:
+        _finish_kernel[(triton.cdiv(n, FINISH_BLOCK),)](table, **_finish_constexprs())
+
+
+def _hyper(*slots):
+    """The hyper-parameter table from (slot, value) pairs."""
+    values = [0.0] * HYPER_SIZE
+    for slot, value in slots:
+        values[slot] = float(value)
+    return values
+
+
+# The launchers take the primitives' own arguments (csrc/primitives.h), checked by csrc/optim.h.
+def sgd_step(
+    params,
+    grads,
+    momentum_buffers,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    new_buffers,
+    grad_scale,
+    found_inf,
+):
+    hyper = _hyper((SGD_MOMENTUM, momentum), (SGD_DAMPENING, dampening), (SGD_WEIGHT_DECAY, weight_decay))
+    _launch(
+        "sgd",
+        params,
+        grads,
+        [momentum_buffers if momentum != 0 else []],
+        [],
+        new_buffers,
+        lr,
+        grad_scale,
+        found_inf,
+        maximize,
+        [(SGD_NESTEROV, nesterov)],
+        hyper,
+    )
+
+
+def adam_step(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    lr,
+    beta1,
+    beta2,
+    weight_decay,
+    eps,
+    amsgrad,
+    maximize,
+    decoupled,
+    grad_scale,
+    found_inf,
+):
+    hyper = _hyper((ADAM_BETA1, beta1), (ADAM_BETA2, beta2), (ADAM_WEIGHT_DECAY, weight_decay), (ADAM_EPS, eps))
+    _launch(
+        "adam",
+        params,
+        grads,
+        [exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []],
+        steps,
+        [],
+        lr,
+        grad_scale,
+        found_inf,
+        maximize,
+        [(ADAM_AMSGRAD, amsgrad), (ADAM_DECOUPLED, decoupled)],
+        hyper,
+    )
+
+
+def adagrad_step(params, grads, sums, steps, lr, lr_decay, weight_decay, eps, maximize, grad_scale, found_inf):
+    hyper = _hyper((ADAGRAD_LR_DECAY, lr_decay), (ADAGRAD_WEIGHT_DECAY, weight_decay), (ADAGRAD_EPS, eps))
+    _launch("adagrad", params, grads, [sums], steps, [], lr, grad_scale, found_inf, maximize, [], hyper)
+
+
+def rmsprop_step(
+    params,
+    grads,
+    square_avgs,
+    grad_avgs,
+    momentum_buffers,
+    steps,
+    lr,
+    alpha,
+    eps,
+    weight_decay,
+    momentum,
+    centered,
+    maximize,
+    grad_scale,
+    found_inf,
+):
+    hyper = _hyper(
+        (RMSPROP_ALPHA, alpha), (RMSPROP_EPS, eps), (RMSPROP_WEIGHT_DECAY, weight_decay), (RMSPROP_MOMENTUM, momentum)
+    )
+    _launch(
+        "rmsprop",
+        params,
+        grads,
+        [square_avgs, grad_avgs if centered else [], momentum_buffers if momentum > 0 else []],
+        steps,
+        [],
+        lr,
+        grad_scale,
+        found_inf,
+        maximize,
+        [(RMSPROP_CENTERED, centered)],
+        hyper,
+    )

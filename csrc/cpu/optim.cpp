@@ -1,6 +1,7 @@
-// CPU kernels of the optim family: one parallel pass over every tensor of a parameter group
-// (a table of chunks across all tensors), each element read and written once. The math follows
-// torch.optim's for-loop implementations; see pyops/optim/fused.py.
+// CPU kernels of the optim family (the CPU device of csrc/optim.h): one pass over every tensor of a
+// parameter group, each element read and written once, in parallel over a table of chunks across
+// all tensors when the group is large enough to repay the threads. The math follows torch.optim's
+// for-loop implementations; see pyops/optim/fused.py.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -11,64 +12,49 @@
 #include <optional>
 #include <vector>
 
-#include "common/checks.h"
 #include "common/dispatch.h"
+#include "optim.h"
 
 namespace pyops {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per task
+// Below this many elements in a group the step runs on the calling thread: waking the pool costs more
+// than it saves (62 tensors of 64 elements: 10 us serial; a parallel region's wake-up alone is several
+// microseconds and, on a loaded machine, can stall for milliseconds).
+constexpr int64_t kParallelMinElements = 1 << 15;
 
 struct Chunk {
   int64_t tensor, begin, end;
 };
 
-// Every list must match params in length; every tensor must share its param's device, dtype, shape
-// and dense layout (the kernels walk memory order).
-void check_group(const char* op, at::TensorList params, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
-  for (const auto& [name, list] : lists) {
-    TORCH_CHECK(list.empty() || list.size() == params.size(), "pyops::", op, ": ", name, " has ", list.size(),
-                " tensors but params has ", params.size());
-  }
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    check_floating(op, "params", p);
-    TORCH_CHECK(p.device().is_cpu(), "pyops::", op, ": params must be on the CPU here, got ", p.device());
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "pyops::", op, ": params[", i, "] is not dense");
-    for (const auto& [name, list] : lists) {
-      if (list.empty()) continue;
-      const at::Tensor& t = list[i];
-      check_like(op, "params", p, name, t);
-      TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "pyops::", op, ": ", name, "[", i,
-                  "] has shape ", t.sizes(), " and strides ", t.strides(), " but params[", i, "] has ", p.sizes(),
-                  " and ", p.strides());
-    }
-  }
-}
-
-std::vector<Chunk> chunk_table(at::TensorList params) {
+std::vector<Chunk> chunk_table(at::TensorList params, int64_t* total) {
   std::vector<Chunk> table;
-  for (size_t i = 0; i < params.size(); ++i)
-    for (int64_t b = 0; b < params[i].numel(); b += kChunk)
-      table.push_back({int64_t(i), b, std::min(params[i].numel(), b + kChunk)});
+  *total = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    *total += n;
+    for (int64_t b = 0; b < n; b += kChunk) table.push_back({int64_t(i), b, std::min(n, b + kChunk)});
+  }
   return table;
 }
 
-// The grad scaler's contract: found_inf set -> skip; else gradients scaled by 1 / grad_scale.
-bool skip_step(const std::optional<at::Tensor>& found_inf) {
-  return found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0;
+// The grad scaler's contract: found_inf set -> skip; else gradients scaled by 1 / grad_scale. On the
+// CPU these tensors are read directly (no device synchronisation).
+double scalar_value(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : double(*t.const_data_ptr<float>());
 }
-double inv_scale(const std::optional<at::Tensor>& grad_scale) {
-  return grad_scale.has_value() && grad_scale->defined() ? 1.0 / grad_scale->item<double>() : 1.0;
-}
+bool skip_step(const GroupStep& s) { return has(s.found_inf) && scalar_value(*s.found_inf) != 0; }
 
-// lr and the grad scaler's factor, read once per step (CPU tensors: no device synchronisation).
+// lr and the grad scaler's factor, read once per step.
 struct StepScalars {
   double lr, inv;
-  bool unscale;
+  bool unscale, lr_is_float;
 };
-StepScalars step_scalars(const at::Tensor& lr, const std::optional<at::Tensor>& grad_scale) {
-  return {lr.item<double>(), inv_scale(grad_scale), grad_scale.has_value() && grad_scale->defined()};
+StepScalars step_scalars(const GroupStep& s) {
+  const bool unscale = has(s.grad_scale);
+  return {scalar_value(s.lr), unscale ? 1.0 / scalar_value(*s.grad_scale) : 1.0, unscale,
+          s.lr.scalar_type() == at::kFloat};
 }
 
 // One body serves the vector loop and the scalar tail: W is Vectorized<opmath_t> (float and double
@@ -91,23 +77,20 @@ void st(T* p, const W& v) {
   }
 }
 template <typename T>
-T sqrt_(T x) { return std::sqrt(x); }
+T sqrt_(T x) {
+  return std::sqrt(x);
+}
 template <typename T>
-Vectorized<T> sqrt_(const Vectorized<T>& x) { return x.sqrt(); }
+Vectorized<T> sqrt_(const Vectorized<T>& x) {
+  return x.sqrt();
+}
 template <typename T>
-T maximum_(T a, T b) { return a != a ? a : (b != b ? b : std::max(a, b)); }  // NaN wins, as torch.maximum
+T maximum_(T a, T b) {
+  return a != a ? a : (b != b ? b : std::max(a, b));
+}  // NaN wins, as torch.maximum
 template <typename T>
-Vectorized<T> maximum_(const Vectorized<T>& a, const Vectorized<T>& b) { return at::vec::maximum(a, b); }
-
-// The gradient at j as the update uses it: unscaled (and written back so), negated to maximize.
-template <typename W, typename T, typename O>
-W grad_at(T* g, int64_t j, const StepScalars& sc, bool maximize) {
-  W gj = ld<W>(g + j);
-  if (sc.unscale) {
-    gj = gj * W(O(sc.inv));
-    st(g + j, gj);
-  }
-  return maximize ? W(0) - gj : gj;
+Vectorized<T> maximum_(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return at::vec::maximum(a, b);
 }
 
 // v as stored in a T tensor and read back: itself unless T rounds (float16/bfloat16), so that the
@@ -122,6 +105,14 @@ W stored(T* p, const W& v) {
   }
 }
 
+// The gradient at j as the update uses it: unscaled (and written back so), negated to maximize.
+template <typename W, typename T, typename O>
+W grad_at(T* g, int64_t j, const StepScalars& sc, bool maximize) {
+  W gj = ld<W>(g + j);
+  if (sc.unscale) gj = stored(g + j, gj * W(O(sc.inv)));  // the update uses the gradient as written back
+  return maximize ? W(0) - gj : gj;
+}
+
 // body(j, W{}) for j in [begin, end): whole vectors first where the tensor's type is its opmath type.
 template <typename T, typename Body>
 void for_elements(int64_t begin, int64_t end, const Body& body) {
@@ -134,16 +125,13 @@ void for_elements(int64_t begin, int64_t end, const Body& body) {
   for (; j < end; ++j) body(j, opmath_t());
 }
 
-// step_t += 1 and its new value, without an op dispatch per tensor (1000 small tensors made those
-// ~3 ms of a 10 ms Adam step). Steps are torch's float32 scalars; others go through add_.
+// step_t += 1 and its new value, read and written in place (steps are checked one-element float32
+// or float64 CPU tensors): an op dispatch per tensor cost ~3 ms of a 10 ms Adam step on 1000 tensors.
 double increment_step(const at::Tensor& step) {
-  if (step.scalar_type() == at::kFloat && step.device().is_cpu() && step.numel() == 1) {
-    float* v = step.mutable_data_ptr<float>();
-    *v += 1.0f;
-    return *v;
-  }
-  step.add_(1);
-  return step.item<double>();
+  if (step.scalar_type() == at::kDouble) return ++*step.mutable_data_ptr<double>();
+  float* v = step.mutable_data_ptr<float>();
+  *v += 1.0f;
+  return *v;
 }
 
 template <typename T>
@@ -151,180 +139,172 @@ T* ptr(at::TensorList list, int64_t i) {
   return list.empty() ? nullptr : list[i].mutable_data_ptr<T>();
 }
 
-// Runs body(scalar_t*, chunk, i) for every chunk of the group in parallel, dtype dispatched.
+// Runs body(scalar_t*, chunk) for every chunk of the group, dtype dispatched; in parallel when the
+// group is large.
 template <typename Body>
 void for_each_chunk(at::TensorList params, const Body& body) {
-  const auto table = chunk_table(params);
+  int64_t total = 0;
+  const auto table = chunk_table(params, &total);
   if (table.empty()) return;
   PYOPS_DISPATCH_FLOATING(params[0].scalar_type(), [&] {
-    at::parallel_for(0, int64_t(table.size()), 1, [&](int64_t c0, int64_t c1) {
+    auto run = [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) body(static_cast<scalar_t*>(nullptr), table[c]);
-    });
+    };
+    if (total < kParallelMinElements) {
+      run(0, int64_t(table.size()));
+    } else {
+      at::parallel_for(0, int64_t(table.size()), 1, run);
+    }
   });
 }
 
-void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList bufs, const at::Tensor& lr_t,
-               double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-               at::IntArrayRef first, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
-  check_group("sgd_step_", params, {{"grads", grads}, {"momentum_buffers", bufs}});
-  if (skip_step(found_inf)) return;
-  const StepScalars sc = step_scalars(lr_t, grad_scale);
-  const double lr = sc.lr;
-  for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    using opmath_t = at::opmath_type<T>;
-    T* p = ptr<T>(params, ch.tensor);
-    T* g = ptr<T>(grads, ch.tensor);
-    T* m = ptr<T>(bufs, ch.tensor);
-    const bool is_first = !first.empty() && first[ch.tensor];
-    for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
-      using W = decltype(w);
-      W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
-      const W pj = ld<W>(p + j);
-      if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
-      if (momentum != 0) {
-        const W buf = stored(m + j, is_first ? gj : W(opmath_t(momentum)) * ld<W>(m + j) + W(opmath_t(1 - dampening)) * gj);
-        gj = nesterov ? gj + W(opmath_t(momentum)) * buf : buf;
-      }
-      st(p + j, pj - W(opmath_t(lr)) * gj);
-    });
-  });
-}
+struct Cpu {
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
 
-void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_t, double beta1,
-                double beta2, double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  check_group("adam_step_", params, {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
-                                     {"max_exp_avg_sqs", max_exp_avg_sqs}});
-  TORCH_CHECK(steps.size() == params.size(), "pyops::adam_step_: steps has ", steps.size(), " tensors");
-  if (skip_step(found_inf)) return;
-  const StepScalars sc = step_scalars(lr_t, grad_scale);
-  const double lr = sc.lr;
-  // torch computes with a tensor lr in the tensor's dtype: lr / bias_correction1 and 1 - lr * wd
-  // then round to float32 for a float32 lr.
-  const bool lr_f32 = lr_t.scalar_type() == at::kFloat;
-  std::vector<double> step_size(params.size()), bc2_sqrt(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {  // step_t += 1, then torch's bias corrections in double
-    const double step = increment_step(steps[i]);
-    const double bc1 = 1 - std::pow(beta1, step);
-    step_size[i] = lr_f32 ? double(float(lr) / float(bc1)) : lr / bc1;
-    bc2_sqrt[i] = std::sqrt(1 - std::pow(beta2, step));
-  }
-  const double decay = lr_f32 ? double(1.0f - float(lr) * float(weight_decay)) : 1 - lr * weight_decay;
-  for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    using opmath_t = at::opmath_type<T>;
-    T* p = ptr<T>(params, ch.tensor);
-    T* g = ptr<T>(grads, ch.tensor);
-    T* m = ptr<T>(exp_avgs, ch.tensor);
-    T* v = ptr<T>(exp_avg_sqs, ch.tensor);
-    T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs, ch.tensor) : nullptr;
-    const opmath_t b1 = beta1, b2 = beta2, ss = step_size[ch.tensor], inv_bc2 = 1 / bc2_sqrt[ch.tensor];
-    for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
-      using W = decltype(w);
-      W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
-      W pj = ld<W>(p + j);
-      if (weight_decay != 0) {
-        if (decoupled) {
-          pj = pj * W(opmath_t(decay));
-        } else {
-          gj = gj + W(opmath_t(weight_decay)) * pj;
+  static void sgd(const SgdStep& s) {
+    if (skip_step(s)) return;
+    const StepScalars sc = step_scalars(s);
+    const double lr = sc.lr, momentum = s.momentum, dampening = s.dampening, weight_decay = s.weight_decay;
+    const bool nesterov = s.nesterov, maximize = s.maximize;
+    std::vector<char> is_new(s.params.size(), 0);
+    for (size_t i = 0; i < s.new_buffers.size(); ++i)
+      is_new[i] = *static_cast<const uint8_t*>(s.new_buffers[i].const_data_ptr()) != 0;
+    for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      using opmath_t = at::opmath_type<T>;
+      T* p = ptr<T>(s.params, ch.tensor);
+      T* g = ptr<T>(s.grads, ch.tensor);
+      T* m = momentum != 0 ? ptr<T>(s.momentum_buffers, ch.tensor) : nullptr;
+      const bool first = is_new[ch.tensor];
+      for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
+        using W = decltype(w);
+        W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
+        const W pj = ld<W>(p + j);
+        if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
+        if (momentum != 0) {
+          const W buf =
+              stored(m + j, first ? gj : W(opmath_t(momentum)) * ld<W>(m + j) + W(opmath_t(1 - dampening)) * gj);
+          gj = nesterov ? gj + W(opmath_t(momentum)) * buf : buf;
         }
-      }
-      const W m0 = ld<W>(m + j);
-      const W mj = stored(m + j, m0 + W(1 - b1) * (gj - m0));  // lerp
-      W vu = stored(v + j, ld<W>(v + j) * W(b2) + W(1 - b2) * gj * gj);
-      if (amsgrad) vu = stored(vmax + j, maximum_(ld<W>(vmax + j), vu));
-      const W denom = sqrt_(vu) * W(inv_bc2) + W(opmath_t(eps));  // one division per element, not two
-      st(p + j, pj - W(ss) * mj / denom);
+        st(p + j, pj - W(opmath_t(lr)) * gj);
+      });
     });
-  });
-}
-
-void adagrad_step_(at::TensorList params, at::TensorList grads, at::TensorList sums, at::TensorList steps,
-                   const at::Tensor& lr_t, double lr_decay, double weight_decay, double eps, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  check_group("adagrad_step_", params, {{"grads", grads}, {"sums", sums}});
-  TORCH_CHECK(steps.size() == params.size(), "pyops::adagrad_step_: steps has ", steps.size(), " tensors");
-  if (skip_step(found_inf)) return;
-  const StepScalars sc = step_scalars(lr_t, grad_scale);
-  const double lr = sc.lr;
-  std::vector<double> clr(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    clr[i] = lr / (1 + (increment_step(steps[i]) - 1) * lr_decay);
+    for (const at::Tensor& f : s.new_buffers) *static_cast<uint8_t*>(f.mutable_data_ptr()) = 0;
   }
-  for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    using opmath_t = at::opmath_type<T>;
-    T* p = ptr<T>(params, ch.tensor);
-    T* g = ptr<T>(grads, ch.tensor);
-    T* s = ptr<T>(sums, ch.tensor);
-    const opmath_t c = clr[ch.tensor];
-    for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
-      using W = decltype(w);
-      W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
-      const W pj = ld<W>(p + j);
-      if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
-      st(s + j, ld<W>(s + j) + gj * gj);
-      st(p + j, pj - W(c) * gj / (sqrt_(ld<W>(s + j)) + W(opmath_t(eps))));
-    });
-  });
-}
 
-void rmsprop_step_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
-                   at::TensorList bufs, at::TensorList steps, const at::Tensor& lr_t, double alpha, double eps,
-                   double weight_decay, double momentum, bool centered, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  check_group("rmsprop_step_", params, {{"grads", grads}, {"square_avgs", square_avgs}, {"grad_avgs", grad_avgs},
-                                        {"momentum_buffers", bufs}});
-  TORCH_CHECK(steps.size() == params.size(), "pyops::rmsprop_step_: steps has ", steps.size(), " tensors");
-  if (skip_step(found_inf)) return;
-  const StepScalars sc = step_scalars(lr_t, grad_scale);
-  const double lr = sc.lr;
-  for (size_t i = 0; i < params.size(); ++i) increment_step(steps[i]);
-  for_each_chunk(params, [&](auto* tag, const Chunk& ch) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    using opmath_t = at::opmath_type<T>;
-    T* p = ptr<T>(params, ch.tensor);
-    T* g = ptr<T>(grads, ch.tensor);
-    T* sq = ptr<T>(square_avgs, ch.tensor);
-    T* ga = centered ? ptr<T>(grad_avgs, ch.tensor) : nullptr;
-    T* m = momentum > 0 ? ptr<T>(bufs, ch.tensor) : nullptr;
-    const opmath_t a = alpha;
-    for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
-      using W = decltype(w);
-      W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
-      const W pj = ld<W>(p + j);
-      if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
-      st(sq + j, ld<W>(sq + j) * W(a) + W(1 - a) * gj * gj);
-      W avg;
-      if (centered) {
-        const W ga0 = ld<W>(ga + j);
-        st(ga + j, ga0 + W(1 - a) * (gj - ga0));  // lerp
-        const W gaj = ld<W>(ga + j);
-        avg = sqrt_(ld<W>(sq + j) - gaj * gaj) + W(opmath_t(eps));
-      } else {
-        avg = sqrt_(ld<W>(sq + j)) + W(opmath_t(eps));
-      }
-      if (momentum > 0) {
-        st(m + j, ld<W>(m + j) * W(opmath_t(momentum)) + gj / avg);
-        st(p + j, pj - W(opmath_t(lr)) * ld<W>(m + j));
-      } else {
-        st(p + j, pj - W(opmath_t(lr)) * gj / avg);
-      }
+  static void adam(const AdamStep& s) {
+    if (skip_step(s)) return;
+    const StepScalars sc = step_scalars(s);
+    const size_t n = s.params.size();
+    std::vector<double> step_size(n), inv_bc2(n);
+    for (size_t i = 0; i < n; ++i) {  // step_t += 1, then torch's bias corrections in double
+      const double step = increment_step(s.steps[i]);
+      step_size[i] = adam_step_size(sc.lr, sc.lr_is_float, s.beta1, step);
+      inv_bc2[i] = adam_inv_bias_correction2_sqrt(s.beta2, step);
+    }
+    const double decay = decoupled_decay(sc.lr, sc.lr_is_float, s.weight_decay);
+    const double weight_decay = s.weight_decay, eps = s.eps;
+    const bool amsgrad = s.amsgrad, decoupled = s.decoupled, maximize = s.maximize;
+    for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      using opmath_t = at::opmath_type<T>;
+      T* p = ptr<T>(s.params, ch.tensor);
+      T* g = ptr<T>(s.grads, ch.tensor);
+      T* m = ptr<T>(s.exp_avgs, ch.tensor);
+      T* v = ptr<T>(s.exp_avg_sqs, ch.tensor);
+      T* vmax = amsgrad ? ptr<T>(s.max_exp_avg_sqs, ch.tensor) : nullptr;
+      const opmath_t b1 = s.beta1, b2 = s.beta2, ss = step_size[ch.tensor], inv_bc2_t = inv_bc2[ch.tensor];
+      for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
+        using W = decltype(w);
+        W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
+        W pj = ld<W>(p + j);
+        if (weight_decay != 0) {
+          if (decoupled) {
+            pj = pj * W(opmath_t(decay));
+          } else {
+            gj = gj + W(opmath_t(weight_decay)) * pj;
+          }
+        }
+        const W m0 = ld<W>(m + j);
+        const W mj = stored(m + j, m0 + W(1 - b1) * (gj - m0));  // lerp
+        W vu = stored(v + j, ld<W>(v + j) * W(b2) + W(1 - b2) * gj * gj);
+        if (amsgrad) vu = stored(vmax + j, maximum_(ld<W>(vmax + j), vu));
+        const W denom = sqrt_(vu) * W(inv_bc2_t) + W(opmath_t(eps));  // one division per element, not two
+        st(p + j, pj - W(ss) * mj / denom);
+      });
     });
-  });
-}
+  }
+
+  static void adagrad(const AdagradStep& s) {
+    if (skip_step(s)) return;
+    const StepScalars sc = step_scalars(s);
+    std::vector<double> clr(s.params.size());
+    for (size_t i = 0; i < s.params.size(); ++i)
+      clr[i] = adagrad_clr(sc.lr, sc.lr_is_float, s.lr_decay, increment_step(s.steps[i]));
+    const double weight_decay = s.weight_decay, eps = s.eps;
+    const bool maximize = s.maximize;
+    for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      using opmath_t = at::opmath_type<T>;
+      T* p = ptr<T>(s.params, ch.tensor);
+      T* g = ptr<T>(s.grads, ch.tensor);
+      T* sum = ptr<T>(s.sums, ch.tensor);
+      const opmath_t c = clr[ch.tensor];
+      for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
+        using W = decltype(w);
+        W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
+        const W pj = ld<W>(p + j);
+        if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
+        const W sj = stored(sum + j, ld<W>(sum + j) + gj * gj);
+        st(p + j, pj - W(c) * gj / (sqrt_(sj) + W(opmath_t(eps))));
+      });
+    });
+  }
+
+  static void rmsprop(const RmspropStep& s) {
+    if (skip_step(s)) return;
+    const StepScalars sc = step_scalars(s);
+    for (const at::Tensor& step : s.steps) increment_step(step);
+    const double lr = sc.lr, weight_decay = s.weight_decay, eps = s.eps, momentum = s.momentum;
+    const bool centered = s.centered, maximize = s.maximize;
+    for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      using opmath_t = at::opmath_type<T>;
+      T* p = ptr<T>(s.params, ch.tensor);
+      T* g = ptr<T>(s.grads, ch.tensor);
+      T* sq = ptr<T>(s.square_avgs, ch.tensor);
+      T* ga = centered ? ptr<T>(s.grad_avgs, ch.tensor) : nullptr;
+      T* m = momentum > 0 ? ptr<T>(s.momentum_buffers, ch.tensor) : nullptr;
+      const opmath_t alpha = s.alpha;
+      for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
+        using W = decltype(w);
+        W gj = grad_at<W, T, opmath_t>(g, j, sc, maximize);
+        const W pj = ld<W>(p + j);
+        if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
+        const W sqj = stored(sq + j, ld<W>(sq + j) * W(alpha) + W(1 - alpha) * gj * gj);
+        W avg;
+        if (centered) {
+          const W ga0 = ld<W>(ga + j);
+          const W gaj = stored(ga + j, ga0 + W(1 - alpha) * (gj - ga0));  // lerp
+          avg = sqrt_(sqj - gaj * gaj) + W(opmath_t(eps));
+        } else {
+          avg = sqrt_(sqj) + W(opmath_t(eps));
+        }
+        if (momentum > 0) {
+          const W mj = stored(m + j, ld<W>(m + j) * W(opmath_t(momentum)) + gj / avg);
+          st(p + j, pj - W(opmath_t(lr)) * mj);
+        } else {
+          st(p + j, pj - W(opmath_t(lr)) * gj / avg);
+        }
+      });
+    });
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CPU, m) {
-  m.impl("sgd_step_", &sgd_step_);
-  m.impl("adam_step_", &adam_step_);
-  m.impl("adagrad_step_", &adagrad_step_);
-  m.impl("rmsprop_step_", &rmsprop_step_);
-}
+TORCH_LIBRARY_IMPL(pyops, CPU, m) { PYOPS_REGISTER_OPTIM(m, ::pyops::Cpu, ""); }
 
 }  // namespace pyops

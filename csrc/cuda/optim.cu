@@ -1,277 +1,377 @@
-// CUDA kernels of the optim family: one launch updates every tensor of a (device, dtype) group.
-// A table in device memory (uploaded from pinned memory, without a host synchronisation) holds each
-// tensor's pointers and size and the chunks (tensor, start) that the blocks take; step counts,
-// lr, grad_scale and found_inf are read on the device. Step counts advance in a second, tiny launch
-// (the update reads step and uses step + 1), as torch's fused optimizers do. Math as
-// pyops/optim/fused.py and csrc/cpu/optim.cpp.
+// CUDA kernels of the optim family (the CUDA device of csrc/optim.h): one launch updates every tensor
+// of a (device, dtype) group. A table in device memory holds each tensor's pointers and size and the
+// chunks (tensor, start) that the blocks take; lr, grad_scale, found_inf and the step counts are read
+// on the device, in their own dtype (no host read anywhere). Step counts advance, and SGD's new-buffer
+// flags clear, in a second tiny launch (the update reads step and uses step + 1), as torch's fused
+// optimizers do. Math as pyops/optim/fused.py and csrc/cpu/optim.cpp; the per-step scalars come from
+// csrc/optim.h, so every backend rounds them as torch does.
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <initializer_list>
+#include <optional>
 #include <map>
 #include <mutex>
-#include <optional>
 #include <vector>
 
-#include "common/checks.h"
 #include "common/dispatch.h"
+#include "optim.h"
 
 namespace pyops {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 4096;  // elements per block
+constexpr int kMaxStates = 3;     // state tensors per parameter (Adam with amsgrad, RMSprop)
+// Cached device tables kept while parameter lists change (eviction spares those a CUDA graph uses).
+constexpr size_t kMaxCachedTables = 16;
 
+// One tensor of the group as the kernels see it. state[] slots are named by each algorithm below.
 struct TensorMeta {
-  void* p;
-  void* g;
-  void* s1;
-  void* s2;
-  void* s3;
-  float* step;
+  void* param;
+  void* grad;
+  void* state[kMaxStates];
+  void* step;           // nullptr: the algorithm keeps no step count
+  uint8_t* new_buffer;  // SGD: nullptr, or a flag (bool/uint8) saying the momentum buffer is new
   int64_t numel;
-  int64_t first;  // SGD: the momentum buffer starts as the gradient
+  bool step_is_double;
 };
 
-struct Hyper {  // per algorithm, a and b as the kernels below say
-  double a, b, wd, eps;
-  bool maximize, has_wd, flag1, flag2;
-  const void* lr;
-  bool lr_double;
-  const float* grad_scale;
-  const float* found_inf;
+// A one-element float32/float64 tensor read on the device (nullptr: absent).
+struct DeviceScalar {
+  const void* ptr = nullptr;
+  bool is_double = false;
+  __device__ double get() const {
+    return is_double ? *static_cast<const double*>(ptr) : double(*static_cast<const float*>(ptr));
+  }
 };
 
-enum Algo { kSgd, kAdam, kAdagrad, kRmsprop };
-
-__device__ __forceinline__ double read_lr(const Hyper& h) {
-  return h.lr_double ? *static_cast<const double*>(h.lr) : double(*static_cast<const float*>(h.lr));
+DeviceScalar device_scalar(const std::optional<at::Tensor>& t) {
+  if (!has(t)) return {};
+  return {t->const_data_ptr(), t->scalar_type() == at::kDouble};
 }
 
-template <typename T, Algo A>
-__global__ void multi_tensor_kernel(const TensorMeta* metas, const int64_t* chunks, Hyper h) {
+// What every algorithm's kernel reads besides its own hyper-parameters.
+struct Common {
+  DeviceScalar lr, grad_scale, found_inf;
+  bool maximize;
+};
+
+__device__ __forceinline__ double next_step(const TensorMeta& m) {
+  return (m.step_is_double ? *static_cast<const double*>(m.step) : double(*static_cast<const float*>(m.step))) + 1;
+}
+
+template <typename T>
+__device__ __forceinline__ T* state(const TensorMeta& m, int slot) {
+  return static_cast<T*>(m.state[slot]);
+}
+
+// Each algorithm: its hyper-parameters, what a block computes once for its tensor (prepare), and the
+// update of element j from the (unscaled, maximize-negated) gradient g.
+struct SgdKernel {
+  static constexpr int kMomentumBuffer = 0;
+  double momentum, dampening, weight_decay;
+  bool nesterov;
+  struct PerTensor {
+    bool new_buffer;
+  };
+  __device__ PerTensor prepare(const TensorMeta& m, double, bool) const {
+    return {m.new_buffer != nullptr && *m.new_buffer != 0};
+  }
+  template <typename T, typename O>
+  __device__ void update(const TensorMeta& m, int64_t j, T* p, O g, O lr, const PerTensor& t) const {
+    const O pj = p[j];
+    if (weight_decay != 0) g += O(weight_decay) * pj;
+    if (momentum != 0) {
+      T* buf = state<T>(m, kMomentumBuffer);
+      buf[j] = t.new_buffer ? g : O(momentum) * O(buf[j]) + O(1 - dampening) * g;
+      const O b = buf[j];
+      g = nesterov ? g + O(momentum) * b : b;
+    }
+    p[j] = pj - lr * g;
+  }
+};
+
+struct AdamKernel {
+  static constexpr int kExpAvg = 0, kExpAvgSq = 1, kMaxExpAvgSq = 2;
+  double beta1, beta2, weight_decay, eps;
+  bool amsgrad, decoupled;
+  struct PerTensor {
+    double step_size, inv_bias_correction2_sqrt, decay;
+  };
+  __device__ PerTensor prepare(const TensorMeta& m, double lr, bool lr_is_float) const {
+    const double step = next_step(m);
+    return {adam_step_size(lr, lr_is_float, beta1, step), adam_inv_bias_correction2_sqrt(beta2, step),
+            decoupled_decay(lr, lr_is_float, weight_decay)};
+  }
+  template <typename T, typename O>
+  __device__ void update(const TensorMeta& m, int64_t j, T* p, O g, O, const PerTensor& t) const {
+    O pj = p[j];
+    if (weight_decay != 0) {
+      if (decoupled) {
+        pj *= O(t.decay);
+      } else {
+        g += O(weight_decay) * pj;
+      }
+    }
+    const O b1 = beta1, b2 = beta2;
+    T* exp_avg = state<T>(m, kExpAvg);
+    T* exp_avg_sq = state<T>(m, kExpAvgSq);
+    const O m0 = exp_avg[j];
+    exp_avg[j] = m0 + (1 - b1) * (g - m0);  // lerp
+    exp_avg_sq[j] = O(exp_avg_sq[j]) * b2 + (1 - b2) * g * g;
+    O v = exp_avg_sq[j];
+    if (amsgrad) {
+      T* max_exp_avg_sq = state<T>(m, kMaxExpAvgSq);
+      const O vmax = max_exp_avg_sq[j];
+      max_exp_avg_sq[j] = (vmax != vmax || vmax > v) ? vmax : v;  // NaN wins, as torch.maximum
+      v = max_exp_avg_sq[j];
+    }
+    p[j] = pj - O(t.step_size) * O(exp_avg[j]) / (sqrt(v) * O(t.inv_bias_correction2_sqrt) + O(eps));
+  }
+};
+
+struct AdagradKernel {
+  static constexpr int kSum = 0;
+  double lr_decay, weight_decay, eps;
+  struct PerTensor {
+    double clr;
+  };
+  __device__ PerTensor prepare(const TensorMeta& m, double lr, bool lr_is_float) const {
+    return {adagrad_clr(lr, lr_is_float, lr_decay, next_step(m))};
+  }
+  template <typename T, typename O>
+  __device__ void update(const TensorMeta& m, int64_t j, T* p, O g, O, const PerTensor& t) const {
+    const O pj = p[j];
+    if (weight_decay != 0) g += O(weight_decay) * pj;
+    T* sum = state<T>(m, kSum);
+    sum[j] = O(sum[j]) + g * g;
+    p[j] = pj - O(t.clr) * g / (sqrt(O(sum[j])) + O(eps));
+  }
+};
+
+struct RmspropKernel {
+  static constexpr int kSquareAvg = 0, kGradAvg = 1, kMomentumBuffer = 2;
+  double alpha, eps, weight_decay, momentum;
+  bool centered;
+  struct PerTensor {};
+  __device__ PerTensor prepare(const TensorMeta&, double, bool) const { return {}; }
+  template <typename T, typename O>
+  __device__ void update(const TensorMeta& m, int64_t j, T* p, O g, O lr, const PerTensor&) const {
+    const O pj = p[j];
+    const O a = alpha;
+    if (weight_decay != 0) g += O(weight_decay) * pj;
+    T* square_avg = state<T>(m, kSquareAvg);
+    square_avg[j] = O(square_avg[j]) * a + (1 - a) * g * g;
+    O avg;
+    if (centered) {
+      T* grad_avg = state<T>(m, kGradAvg);
+      const O ga = grad_avg[j];
+      grad_avg[j] = ga + (1 - a) * (g - ga);  // lerp
+      const O gaj = grad_avg[j];
+      avg = sqrt(O(square_avg[j]) - gaj * gaj) + O(eps);
+    } else {
+      avg = sqrt(O(square_avg[j])) + O(eps);
+    }
+    if (momentum > 0) {
+      T* buf = state<T>(m, kMomentumBuffer);
+      buf[j] = O(buf[j]) * O(momentum) + g / avg;
+      p[j] = pj - lr * O(buf[j]);
+    } else {
+      p[j] = pj - lr * g / avg;
+    }
+  }
+};
+
+template <typename T, typename K>
+__global__ void multi_tensor_kernel(const TensorMeta* metas, const int64_t* chunks, Common c, K k) {
   using opmath_t = at::opmath_type<T>;
-  if (h.found_inf != nullptr && *h.found_inf != 0.f) return;
+  if (c.found_inf.ptr != nullptr && c.found_inf.get() != 0) return;  // the grad scaler skips the step
   const int64_t t = chunks[2 * blockIdx.x], start = chunks[2 * blockIdx.x + 1];
   const TensorMeta m = metas[t];
   const int64_t end = min(start + kChunk, m.numel);
-  T* p = static_cast<T*>(m.p);
-  T* g = static_cast<T*>(m.g);
-  T* s1 = static_cast<T*>(m.s1);
-  T* s2 = static_cast<T*>(m.s2);
-  T* s3 = static_cast<T*>(m.s3);
-  const opmath_t lr = read_lr(h);
-  const opmath_t inv = h.grad_scale != nullptr ? opmath_t(1) / opmath_t(*h.grad_scale) : opmath_t(1);
-  const opmath_t a = h.a, b = h.b, wd = h.wd, eps = h.eps;
-  const double step = m.step != nullptr ? double(*m.step) + 1 : 0;
-  opmath_t step_size = 0, inv_bc2 = 0, clr = 0;
-  if constexpr (A == kAdam) {
-    step_size = opmath_t(double(lr) / (1 - pow(h.a, step)));
-    inv_bc2 = opmath_t(1 / sqrt(1 - pow(h.b, step)));
-  }
-  if constexpr (A == kAdagrad) clr = opmath_t(double(lr) / (1 + (step - 1) * h.a));
+  const double lr = c.lr.get();
+  const auto per_tensor = k.prepare(m, lr, !c.lr.is_double);
+  const bool unscale = c.grad_scale.ptr != nullptr;
+  const opmath_t inv = unscale ? opmath_t(1.0 / c.grad_scale.get()) : opmath_t(1);
+  T* p = static_cast<T*>(m.param);
+  T* g = static_cast<T*>(m.grad);
   for (int64_t j = start + threadIdx.x; j < end; j += blockDim.x) {
     opmath_t gj = g[j];
-    if (h.grad_scale != nullptr) {
-      gj *= inv;
-      g[j] = gj;
+    if (unscale) {
+      g[j] = gj * inv;
+      gj = g[j];  // the update uses the gradient as written back
     }
-    if (h.maximize) gj = -gj;
-    opmath_t pj = p[j];
-    if constexpr (A == kSgd) {  // a momentum, b dampening; flag1: momentum != 0, flag2: nesterov
-      if (h.has_wd) gj += wd * pj;
-      if (h.flag1) {
-        const opmath_t buf = m.first ? gj : a * opmath_t(s1[j]) + (1 - b) * gj;
-        s1[j] = buf;
-        gj = h.flag2 ? gj + a * opmath_t(s1[j]) : opmath_t(s1[j]);
-      }
-      p[j] = pj - lr * gj;
-    } else if constexpr (A == kAdam) {  // a beta1, b beta2; flag1: amsgrad, flag2: decoupled
-      if (h.has_wd) {
-        if (h.flag2) {
-          pj *= 1 - lr * wd;
-        } else {
-          gj += wd * pj;
-        }
-      }
-      const opmath_t m0 = s1[j];
-      s1[j] = m0 + (1 - a) * (gj - m0);
-      s2[j] = opmath_t(s2[j]) * b + (1 - b) * gj * gj;
-      opmath_t v = s2[j];
-      if (h.flag1) {
-        const opmath_t vmax = s3[j];
-        s3[j] = (vmax != vmax || vmax > v) ? vmax : v;
-        v = s3[j];
-      }
-      p[j] = pj - step_size * opmath_t(s1[j]) / (sqrt(v) * inv_bc2 + eps);
-    } else if constexpr (A == kAdagrad) {  // a lr_decay
-      if (h.has_wd) gj += wd * pj;
-      s1[j] = opmath_t(s1[j]) + gj * gj;
-      p[j] = pj - clr * gj / (sqrt(opmath_t(s1[j])) + eps);
-    } else {  // RMSprop: a alpha, b momentum; flag1: centered, flag2: momentum > 0
-      if (h.has_wd) gj += wd * pj;
-      s1[j] = opmath_t(s1[j]) * a + (1 - a) * gj * gj;
-      opmath_t avg;
-      if (h.flag1) {
-        const opmath_t ga = s2[j];
-        s2[j] = ga + (1 - a) * (gj - ga);
-        const opmath_t gaj = s2[j];
-        avg = sqrt(opmath_t(s1[j]) - gaj * gaj) + eps;
-      } else {
-        avg = sqrt(opmath_t(s1[j])) + eps;
-      }
-      if (h.flag2) {
-        s3[j] = opmath_t(s3[j]) * b + gj / avg;
-        p[j] = pj - lr * opmath_t(s3[j]);
-      } else {
-        p[j] = pj - lr * gj / avg;
-      }
-    }
+    if (c.maximize) gj = -gj;
+    k.template update<T, opmath_t>(m, j, p, gj, opmath_t(lr), per_tensor);
   }
 }
 
-__global__ void increment_steps(const TensorMeta* metas, int64_t n, const float* found_inf) {
+// After the update: step counts advance and applied new-buffer flags clear, unless the step was skipped.
+__global__ void finish_step(const TensorMeta* metas, int64_t n, DeviceScalar found_inf) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n && metas[i].step != nullptr && (found_inf == nullptr || *found_inf == 0.f)) *metas[i].step += 1.f;
+  if (i >= n || (found_inf.ptr != nullptr && found_inf.get() != 0)) return;
+  const TensorMeta& m = metas[i];
+  if (m.step != nullptr) {
+    if (m.step_is_double) {
+      *static_cast<double*>(m.step) += 1;
+    } else {
+      *static_cast<float*>(m.step) += 1.f;
+    }
+  }
+  if (m.new_buffer != nullptr) *m.new_buffer = 0;
+}
+
+// ---- device tables -----------------------------------------------------------------------------
+// Filled in pinned memory, copied without a host synchronisation, and cached while the tensors do not
+// change, so that a step over unchanged tensors uploads nothing. CUDA graphs replay the table a
+// captured launch used, and a capture records the upload itself where it had to create one (a whole
+// training step captured with zero_grad(set_to_none=True) gives gradients new addresses inside the
+// capture): so an entry created or used during a capture keeps its host and device buffers for the
+// life of the process (never evicted), and entries are per stream, so that a step on another stream
+// never reads a table whose upload that stream has not ordered.
+struct Tables {
+  at::Tensor metas_host, chunks_host, metas_device, chunks_device;
+  int64_t num_chunks = 0;
+  bool used_by_graph = false;
+};
+
+void upload(const at::Tensor& host, const at::Tensor& device, bool capturing, cudaStream_t stream) {
+  if (capturing) {  // recorded in the graph; the host buffer lives as long as the cache entry (forever)
+    C10_CUDA_CHECK(cudaMemcpyAsync(device.mutable_data_ptr(), host.const_data_ptr(), host.nbytes(),
+                                   cudaMemcpyHostToDevice, stream));
+  } else {  // torch's copy orders the pinned buffer's reuse after the copy
+    device.copy_(host, /*non_blocking=*/true);
+  }
+}
+
+template <typename Fill>
+at::Tensor pinned(int64_t bytes, bool capturing, const Fill& fill) {
+  // Allocating pinned memory is not a stream operation: allowed while another capture is underway.
+  std::optional<c10::cuda::CUDAStreamCaptureModeGuard> relaxed;
+  if (capturing) relaxed.emplace(cudaStreamCaptureModeRelaxed);
+  at::Tensor t = at::empty({std::max<int64_t>(bytes, 1)}, at::TensorOptions(at::kByte).pinned_memory(true));
+  fill(t.mutable_data_ptr<uint8_t>());
+  return t;
+}
+
+Tables tables_for(const std::vector<TensorMeta>& metas, const at::Device& device) {
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  std::vector<int64_t> key{device.index(), int64_t(stream.id())};
+  key.reserve(2 + metas.size() * 10);
+  for (const TensorMeta& m : metas) {
+    for (const void* q :
+         std::initializer_list<const void*>{m.param, m.grad, m.state[0], m.state[1], m.state[2], m.step, m.new_buffer})
+      key.push_back(int64_t(reinterpret_cast<uintptr_t>(q)));
+    key.push_back(m.numel);
+    key.push_back(m.step_is_double);
+  }
+  static std::mutex mu;
+  static std::map<std::vector<int64_t>, Tables> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    if (cache.size() >= kMaxCachedTables) {  // parameter lists change rarely; keep what graphs use
+      for (auto e = cache.begin(); e != cache.end();) e = e->second.used_by_graph ? std::next(e) : cache.erase(e);
+    }
+    std::vector<int64_t> chunk_list;
+    for (size_t i = 0; i < metas.size(); ++i)
+      for (int64_t s = 0; s < metas[i].numel; s += kChunk) {
+        chunk_list.push_back(int64_t(i));
+        chunk_list.push_back(s);
+      }
+    Tables t;
+    t.num_chunks = int64_t(chunk_list.size() / 2);
+    const int64_t meta_bytes = int64_t(metas.size() * sizeof(TensorMeta));
+    const int64_t chunk_bytes = int64_t(chunk_list.size() * sizeof(int64_t));
+    t.metas_host = pinned(meta_bytes, capturing, [&](uint8_t* d) { std::memcpy(d, metas.data(), meta_bytes); });
+    t.chunks_host = pinned(chunk_bytes, capturing, [&](uint8_t* d) { std::memcpy(d, chunk_list.data(), chunk_bytes); });
+    t.metas_device = at::empty({t.metas_host.numel()}, at::TensorOptions(at::kByte).device(device));
+    t.chunks_device = at::empty({t.chunks_host.numel()}, at::TensorOptions(at::kByte).device(device));
+    upload(t.metas_host, t.metas_device, capturing, stream);
+    upload(t.chunks_host, t.chunks_device, capturing, stream);
+    it = cache.emplace(std::move(key), std::move(t)).first;
+  }
+  if (capturing) it->second.used_by_graph = true;
+  return it->second;  // a copy (tensor handles): another thread may evict the entry once the lock is gone
 }
 
 void* data_or_null(at::TensorList list, size_t i) { return list.empty() ? nullptr : list[i].data_ptr(); }
 
-const float* float_ptr(const std::optional<at::Tensor>& t, const char* op, const char* name, const at::Tensor& p) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1 && t->device() == p.device(), "pyops::", op, ": ",
-              name, " must be a one-element float32 tensor on ", p.device());
-  return t->const_data_ptr<float>();
-}
-
-template <Algo A>
-void launch(const char* op, at::TensorList params, at::TensorList grads, at::TensorList s1, at::TensorList s2,
-            at::TensorList s3, at::TensorList steps, const at::Tensor& lr, Hyper h, at::IntArrayRef first,
-            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  if (params.empty()) return;
-  const at::Tensor& p0 = params[0];
-  c10::cuda::CUDAGuard guard(p0.device());
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_floating(op, "params", params[i]);
-    check_like(op, "params", p0, "params", params[i]);
-    TORCH_CHECK(params[i].is_non_overlapping_and_dense(), "pyops::", op, ": params[", i, "] is not dense");
-    for (at::TensorList list : {grads, s1, s2, s3}) {
-      if (list.empty()) continue;
-      check_like(op, "params", params[i], "a gradient or state tensor", list[i]);
-      TORCH_CHECK(list[i].strides() == params[i].strides(), "pyops::", op, ": tensor ", i,
-                  " does not share its parameter's layout");
-    }
-    if (!steps.empty())
-      TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].device() == p0.device(), "pyops::", op,
-                  ": steps must be float32 tensors on ", p0.device());
-  }
-  TORCH_CHECK(lr.numel() == 1 && lr.device() == p0.device() &&
-                  (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
-              "pyops::", op, ": lr must be a one-element float32/float64 tensor on ", p0.device());
-  h.lr = lr.const_data_ptr();
-  h.lr_double = lr.scalar_type() == at::kDouble;
-  h.grad_scale = float_ptr(grad_scale, op, "grad_scale", p0);
-  h.found_inf = float_ptr(found_inf, op, "found_inf", p0);
-
-  // Tables in device memory, filled in pinned memory and copied without a host synchronisation, and
-  // cached while the tensors do not change: then a step uploads nothing, and CUDA graph capture of a
-  // step (after a warm-up step, as graphs need anyway) records no host copy.
-  const int64_t n = int64_t(params.size());
-  std::vector<int64_t> key{p0.device().index()};
+template <typename K>
+void launch(const GroupStep& s, const K& kernel, std::initializer_list<at::TensorList> states, at::TensorList steps,
+            at::TensorList new_buffers = {}) {
+  const at::Tensor& p0 = s.params[0];
+  const size_t n = s.params.size();
   std::vector<TensorMeta> metas(n);
-  std::vector<int64_t> chunk_list;
-  for (int64_t i = 0; i < n; ++i) {
-    metas[i] = {params[i].data_ptr(), data_or_null(grads, i), data_or_null(s1, i), data_or_null(s2, i),
-                data_or_null(s3, i), steps.empty() ? nullptr : steps[i].mutable_data_ptr<float>(),
-                params[i].numel(), first.empty() ? 0 : first[i]};
-    const void* ptrs[] = {metas[i].p, metas[i].g, metas[i].s1, metas[i].s2, metas[i].s3, metas[i].step};
-    for (const void* q : ptrs) key.push_back(int64_t(reinterpret_cast<uintptr_t>(q)));
-    key.push_back(metas[i].numel);
-    key.push_back(metas[i].first);
-    for (int64_t s = 0; s < params[i].numel(); s += kChunk) {
-      chunk_list.push_back(i);
-      chunk_list.push_back(s);
-    }
+  for (size_t i = 0; i < n; ++i) {
+    TensorMeta& m = metas[i];
+    m.param = s.params[i].data_ptr();
+    m.grad = s.grads[i].data_ptr();
+    int slot = 0;
+    for (at::TensorList list : states) m.state[slot++] = data_or_null(list, i);
+    for (; slot < kMaxStates; ++slot) m.state[slot] = nullptr;
+    m.step = data_or_null(steps, i);
+    m.step_is_double = !steps.empty() && steps[i].scalar_type() == at::kDouble;
+    m.new_buffer = new_buffers.empty() ? nullptr : static_cast<uint8_t*>(new_buffers[i].data_ptr());
+    m.numel = s.params[i].numel();
   }
-  static std::mutex mu;
-  static std::map<std::vector<int64_t>, std::pair<at::Tensor, at::Tensor>> cache;
-  at::Tensor meta_d, chunks_d;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) {
-      std::tie(meta_d, chunks_d) = it->second;
-    } else {
-      at::Tensor host = at::empty({int64_t(n * sizeof(TensorMeta))}, at::TensorOptions(at::kByte).pinned_memory(true));
-      std::memcpy(host.mutable_data_ptr<uint8_t>(), metas.data(), n * sizeof(TensorMeta));
-      meta_d = host.to(p0.device(), /*non_blocking=*/true);
-      at::Tensor chunks_h = at::empty({int64_t(std::max<size_t>(chunk_list.size(), 2))},
-                                      at::TensorOptions(at::kLong).pinned_memory(true));
-      std::copy(chunk_list.begin(), chunk_list.end(), chunks_h.mutable_data_ptr<int64_t>());
-      chunks_d = chunks_h.to(p0.device(), /*non_blocking=*/true);
-      if (cache.size() >= 16) cache.clear();  // parameter lists change rarely; keep the last few
-      cache.emplace(key, std::make_pair(meta_d, chunks_d));
-    }
-  }
-  const auto* meta_ptr = reinterpret_cast<const TensorMeta*>(meta_d.const_data_ptr<uint8_t>());
+  const Tables t = tables_for(metas, p0.device());
+  const auto* meta_ptr = reinterpret_cast<const TensorMeta*>(t.metas_device.const_data_ptr<uint8_t>());
+  const auto* chunk_ptr = reinterpret_cast<const int64_t*>(t.chunks_device.const_data_ptr<uint8_t>());
+  const Common common{device_scalar(s.lr), device_scalar(s.grad_scale), device_scalar(s.found_inf), s.maximize};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (!chunk_list.empty()) {
+  if (t.num_chunks > 0) {
     PYOPS_DISPATCH_FLOATING(p0.scalar_type(), [&] {
-      multi_tensor_kernel<scalar_t, A><<<unsigned(chunk_list.size() / 2), kThreads, 0, stream>>>(
-          meta_ptr, chunks_d.const_data_ptr<int64_t>(), h);
+      multi_tensor_kernel<scalar_t, K>
+          <<<unsigned(t.num_chunks), kThreads, 0, stream>>>(meta_ptr, chunk_ptr, common, kernel);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (!steps.empty()) {
-    increment_steps<<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(meta_ptr, n, h.found_inf);
+  if (!steps.empty() || !new_buffers.empty()) {
+    finish_step<<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(meta_ptr, int64_t(n),
+                                                                                  common.found_inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList bufs, const at::Tensor& lr, double momentum,
-               double dampening, double weight_decay, bool nesterov, bool maximize, at::IntArrayRef first,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  Hyper h{momentum, dampening, weight_decay, 0, maximize, weight_decay != 0, momentum != 0, nesterov};
-  launch<kSgd>("sgd_step_", params, grads, bufs, {}, {}, {}, lr, h, first, grad_scale, found_inf);
-}
+struct Cuda {
+  struct Guard {
+    c10::cuda::CUDAGuard guard;
+    explicit Guard(const at::Tensor& t) : guard(t.device()) {}
+  };
 
-void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, double beta1, double beta2,
-                double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  Hyper h{beta1, beta2, weight_decay, eps, maximize, weight_decay != 0, amsgrad, decoupled};
-  launch<kAdam>("adam_step_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, h, {}, grad_scale,
-                found_inf);
-}
-
-void adagrad_step_(at::TensorList params, at::TensorList grads, at::TensorList sums, at::TensorList steps,
-                   const at::Tensor& lr, double lr_decay, double weight_decay, double eps, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  Hyper h{lr_decay, 0, weight_decay, eps, maximize, weight_decay != 0, false, false};
-  launch<kAdagrad>("adagrad_step_", params, grads, sums, {}, {}, steps, lr, h, {}, grad_scale, found_inf);
-}
-
-void rmsprop_step_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
-                   at::TensorList bufs, at::TensorList steps, const at::Tensor& lr, double alpha, double eps,
-                   double weight_decay, double momentum, bool centered, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  Hyper h{alpha, momentum, weight_decay, eps, maximize, weight_decay != 0, centered, momentum > 0};
-  launch<kRmsprop>("rmsprop_step_", params, grads, square_avgs, grad_avgs, bufs, steps, lr, h, {}, grad_scale,
-                   found_inf);
-}
+  static void sgd(const SgdStep& s) {
+    const SgdKernel k{s.momentum, s.dampening, s.weight_decay, s.nesterov};
+    launch(s, k, {s.momentum != 0 ? s.momentum_buffers : at::TensorList()}, {}, s.new_buffers);
+  }
+  static void adam(const AdamStep& s) {
+    const AdamKernel k{s.beta1, s.beta2, s.weight_decay, s.eps, s.amsgrad, s.decoupled};
+    launch(s, k, {s.exp_avgs, s.exp_avg_sqs, s.amsgrad ? s.max_exp_avg_sqs : at::TensorList()}, s.steps);
+  }
+  static void adagrad(const AdagradStep& s) {
+    const AdagradKernel k{s.lr_decay, s.weight_decay, s.eps};
+    launch(s, k, {s.sums}, s.steps);
+  }
+  static void rmsprop(const RmspropStep& s) {
+    const RmspropKernel k{s.alpha, s.eps, s.weight_decay, s.momentum, s.centered};
+    launch(s, k,
+           {s.square_avgs, s.centered ? s.grad_avgs : at::TensorList(),
+            s.momentum > 0 ? s.momentum_buffers : at::TensorList()},
+           s.steps);
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
-  m.impl("sgd_step_", &sgd_step_);
-  m.impl("adam_step_", &adam_step_);
-  m.impl("adagrad_step_", &adagrad_step_);
-  m.impl("rmsprop_step_", &rmsprop_step_);
-}
+TORCH_LIBRARY_IMPL(pyops, CUDA, m) { PYOPS_REGISTER_OPTIM(m, ::pyops::Cuda, ""); }
 
 }  // namespace pyops

@@ -1,19 +1,49 @@
-"""The optim family's primitive ops: `pyops::<optimizer>_step_` (schemas in csrc/ops.cpp), each
-updating a group's tensors in place, and their fake kernels (they return nothing, so the fakes only
-check the lists match). The update math is in pyops/optim/fused.py."""
+"""The optim family's primitives: fake kernels and the Triton launch ops.
+
+Each primitive (`pyops::<optimizer>_step_` and its Triton twin `pyops::<optimizer>_step_triton_`,
+schemas in csrc/primitives.h) updates a group's tensors in place and returns nothing; its host side
+(argument checks, version counters) is csrc/optim.h for every backend. The Triton twin's C++ host
+side calls `pyops::_triton_<optimizer>_step`, defined here with the primitive's own schema, which
+runs the launcher of pyops.kernels.optim. The update math is in pyops/optim/fused.py.
+"""
+
 import torch
 
-from .. import _C  # noqa: F401  (registers the native pyops:: ops)
+from . import PRIMITIVES, define_launch, register_fake
 
-NAMES = ("sgd_step_", "adam_step_", "adagrad_step_", "rmsprop_step_")
+# primitive -> (its Triton launch op, the launcher's name in pyops.kernels.optim)
+LAUNCHES = {
+    "sgd_step_": ("_triton_sgd_step", "sgd_step"),
+    "adam_step_": ("_triton_adam_step", "adam_step"),
+    "adagrad_step_": ("_triton_adagrad_step", "adagrad_step"),
+    "rmsprop_step_": ("_triton_rmsprop_step", "rmsprop_step"),
+}
 
 
-def _fake(params, grads, *rest, **kwargs):
-    torch._check(len(grads) == len(params), lambda: "pyops optim step: grads and params differ in length")
-    return None
+def _fake(params, grads, *rest):
+    """The steps return nothing; under tracing only the lists' agreement is checked (the C++ checks
+    run on real tensors)."""
+    torch._check(
+        len(grads) == len(params),
+        lambda: f"pyops optim step: grads has {len(grads)} tensors but params has {len(params)}",
+    )
 
 
-for _name in NAMES:
-    torch.library.register_fake(f"pyops::{_name}")(_fake)
+for _name in LAUNCHES:
+    register_fake(_name, _fake)
 
-PRIMITIVES = {name: getattr(torch.ops.pyops, name).default for name in NAMES}
+
+def _kernels():
+    from ..kernels import optim  # imported on first use, so that TRITON_INTERPRET is read then
+
+    return optim
+
+
+def _launch_schema(primitive, launch_name):
+    """The launch op's schema: the primitive's own arguments under the launch op's name."""
+    schema = str(PRIMITIVES["native"][primitive]._schema)  # "pyops::sgd_step_(Tensor(a!)[] params, ...) -> ()"
+    return launch_name + schema[schema.index("(") :]
+
+
+for _name, (_launch_name, _launcher) in LAUNCHES.items():
+    define_launch(_launch_schema(_name, _launch_name), lambda launcher=_launcher: getattr(_kernels(), launcher))

@@ -1,4 +1,5 @@
 """pyops optimizers: drop-ins for torch.optim, each step one fused kernel call per (device, dtype) group."""
-from .fused import SGD, Adagrad, Adam, AdamW, RMSprop
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]
+from .fused import SGD, Adagrad, Adam, AdamW, RMSprop, fallback_counts
+
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "fallback_counts"]

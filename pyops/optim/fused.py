@@ -4,94 +4,115 @@ pyops kernel call per (device, dtype) group of a parameter group.
 The classes subclass torch's, so constructor signatures, defaults, validation, param_groups keys,
 state keys and state_dict layout are torch's own; only step() differs. Per element (g the gradient,
 negated when maximize; wd the weight decay):
-  SGD:     g += wd p; b = first ? g : mu b + (1 - dampening) g; g = nesterov ? g + mu b : b; p -= lr g
+  SGD:     g += wd p; b = new ? g : mu b + (1 - dampening) g; g = nesterov ? g + mu b : b; p -= lr g
   Adam(W): t += 1; (AdamW/decoupled: p *= 1 - lr wd | else g += wd p); m = lerp(m, g, 1 - b1);
-           v = b2 v + (1 - b2) g^2; (amsgrad: vmax = max(vmax, v)); p -= lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps)
+           v = b2 v + (1 - b2) g^2; (amsgrad: vmax = max(vmax, v), NaN wins);
+           p -= lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps)
   Adagrad: t += 1; g += wd p; s += g^2; p -= lr / (1 + (t - 1) lr_decay) g / (sqrt(s) + eps)
   RMSprop: t += 1; g += wd p; a = alpha a + (1 - alpha) g^2; (centered: ga = lerp(ga, g, 1 - alpha), a' = a - ga^2);
            d = sqrt(a') + eps; momentum: b = mu b + g / d, p -= lr b | else p -= lr g / d
-Grad scaler (torch.amp.GradScaler): `grad_scale` divides the gradients, which are written back
-unscaled; `found_inf` set leaves parameters, gradients and all state untouched.
+With a float32 lr tensor, lr / (1 - b1^t), 1 - lr wd and Adagrad's lr / (1 + (t - 1) lr_decay) round to
+float32, as torch's tensor arithmetic does. Grad scaler (torch.amp.GradScaler): `grad_scale` divides
+the gradients, which are written back unscaled; `found_inf` set leaves parameters, gradients and all
+state untouched. Steps bump the version counters of what they write, as torch's in-place ops do.
 
+Which path a tensor takes (`pyops.optim.fallback_counts()` counts the tensor-steps that take torch's,
+and the "pyops" logger says so once per optimizer and reason at debug level):
+  - pyops kernel (native C++ on CPU, csrc/cpu/optim.cpp; CUDA, csrc/cuda/optim.cu; Triton,
+    kernels/optim.py): dense float64/float32/float16/bfloat16 parameters on a device with a kernel;
+    complex parameters as real pairs (torch.view_as_real, as torch's fused optimizers do); gradients
+    and state in another layout than their parameter's (a gradient strided differently, state kept in
+    a parameter's old memory format) are brought to its layout first (state once, for good).
+  - torch's for-loop step: parameters that are not dense (e.g. a strided view), sparse gradients
+    (SGD, Adagrad; the others refuse them as torch does), gradients of another dtype than their
+    parameter, devices without a pyops kernel, and the `torch` backend. With a grad scaler on a GPU
+    the skip decision stays on the device there too (no host read), except that Adagrad's for-loop
+    reads its step count on the host, as torch's does.
+  - torch's own step(): `differentiable=True` (the whole optimizer).
 master_weights=True keeps a float32 copy of each float16/bfloat16 parameter ("master_param" in its
-state) and its state in float32; the parameter takes the rounded result after each step.
-
-Kernels: native C++ on CPU (csrc/cpu/optim.cpp), CUDA (csrc/cuda/optim.cu), Triton (kernels/optim.py). Where no pyops kernel runs (other devices, the
-`torch` backend, non-dense parameters) the step falls back to torch's for-loop implementation.
+state) and its state in float32; the parameter takes the rounded result after each step. The float32
+state survives deepcopy, pickling and state_dict()/load_state_dict().
 """
+
+import logging
+from collections import Counter
+
 import torch
 from torch import optim
-from torch.optim import adagrad as _adagrad, adam as _adam, rmsprop as _rmsprop, sgd as _sgd
+from torch.optim import adagrad as _adagrad
+from torch.optim import adam as _adam
+from torch.optim import rmsprop as _rmsprop
+from torch.optim import sgd as _sgd
 
-from ..backend import KERNEL_DTYPES, resolve
-from ..ops.optim import PRIMITIVES
+from ..backend import KERNEL_DTYPES, current, resolve
+from ..ops import PRIMITIVES
+from ..ops import optim as _optim_ops  # noqa: F401  (the primitives' fakes and Triton launch ops)
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "fallback_counts"]
+
+KERNEL_BACKENDS = ("native", "triton")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+MAX_CACHED_LRS = 64
+
+_log = logging.getLogger("pyops")
+_FALLBACKS = Counter()
+_LOGGED = set()
 
 
+def fallback_counts():
+    """Tensor-steps that took torch's implementation instead of a pyops kernel, by reason, since the
+    process started."""
+    return dict(_FALLBACKS)
 
-def _no_differentiable(name, differentiable):
-    if differentiable:
-        raise ValueError(f"pyops.optim.{name}: differentiable=True is not supported; use torch.optim.{name}")
+
+def _fell_back(optimizer, reason, count):
+    _FALLBACKS[reason] += count
+    if (type(optimizer).__name__, reason) not in _LOGGED:
+        _LOGGED.add((type(optimizer).__name__, reason))
+        _log.debug(
+            "pyops.optim.%s: %s take torch's step instead of a pyops kernel (counted in pyops.optim.fallback_counts())",
+            type(optimizer).__name__,
+            reason,
+        )
 
 
 def _scalar(v):
     return float(v) if isinstance(v, torch.Tensor) else v
 
 
-_LR = {}
+_LRS = {}  # (value, device, stream) -> [host tensor, device tensor, used by a CUDA graph]
 
 
 def _lr_tensor(lr, device):
-    """lr as a one-element tensor on device: a float goes through pinned memory (no host sync) once
-    per value and device."""
+    """lr as a one-element tensor on device. A float is uploaded once per value, device and stream,
+    from pinned memory (no host synchronisation); one created or used during a CUDA graph capture is
+    kept for good, since the graph replays it."""
     if isinstance(lr, torch.Tensor):
-        return lr.detach().to(device)
-    key = (float(lr), device)
-    if key not in _LR:
-        t = torch.tensor(float(lr), dtype=torch.float64)
-        if len(_LR) >= 64:
-            _LR.clear()
-        _LR[key] = t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
-    return _LR[key]
+        return lr if lr.device == device else lr.detach().to(device)
+    is_cuda = device.type == "cuda"
+    key = (float(lr), device, torch.cuda.current_stream(device).cuda_stream if is_cuda else 0)
+    entry = _LRS.get(key)
+    if entry is None:
+        if len(_LRS) >= MAX_CACHED_LRS:  # a schedule with float lrs: drop what no graph uses
+            for k in [k for k, e in _LRS.items() if not e[2]]:
+                del _LRS[k]
+        host = value = torch.tensor(float(lr), dtype=torch.float64)
+        if is_cuda:
+            host = host.pin_memory()
+            value = torch.empty_like(host, device=device)
+            value.copy_(host, non_blocking=True)
+        entry = _LRS[key] = [host, value, False]
+    if is_cuda and torch.cuda.is_current_stream_capturing():
+        entry[2] = True
+    return entry[1]
 
 
-def _skipped(found_inf):
-    """Whether the grad scaler skips this step: read on the host, so only where the answer is needed
-    to keep torch's state layout and it costs no device synchronisation or is unavoidable."""
-    return found_inf is not None and float(found_inf) != 0
+def _on(t, device):
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
 
 
-def _kernel_subsets(name, params, grads):
-    """(backend, indices) groups that one kernel call can update together (dense tensors of one device
-    and dtype whose gradients share their layout, on a device with a pyops kernel) and the indices
-    left to torch's implementation. (State tensors are torch's zeros_like(param), which keeps a dense
-    param's layout.)"""
-    if not params:
-        return [], []
-    backends = {}
-
-    def backend_of(dev):
-        if dev not in backends:
-            b = resolve(name, dev)
-            backends[dev] = b if b in ("native", "triton") else None
-        return backends[dev]
-
-    dev, dtype = params[0].device, params[0].dtype
-    b0 = backend_of(dev)
-    if b0 is not None and dtype in KERNEL_DTYPES and all(
-            p.dtype is dtype and p.device == dev and p.is_contiguous() and g.is_contiguous() and g.dtype is dtype
-            for p, g in zip(params, grads)):
-        return [(b0, list(range(len(params))))], []  # the common case, checked cheaply
-    groups, rest = {}, []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        b = backend_of(p.device)
-        if b is not None and p.dtype in KERNEL_DTYPES and g.dtype == p.dtype and g.stride() == p.stride() \
-                and _is_dense(p):
-            groups.setdefault((b, p.device, p.dtype), []).append(i)
-        else:
-            rest.append(i)
-    return [(key[0], idx) for key, idx in groups.items()], rest
+def _pick(lst, idx):
+    return [lst[i] for i in idx] if lst else []
 
 
 def _is_dense(t):
@@ -100,93 +121,214 @@ def _is_dense(t):
     return torch.empty_like(t, device="meta").stride() == t.stride()
 
 
-def _pick(lst, idx):
-    return [lst[i] for i in idx] if lst else []
+def _same_layout(a, b):
+    """Whether a and b (one shape) walk memory alike: strides agree wherever a size exceeds one."""
+    return a.shape == b.shape and all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def _real(t):
+    return torch.view_as_real(t) if t is not None and t.is_complex() else t
 
 
 class _Fused:
-    """step() for a torch optimizer subclass: _collect(group) -> the lists _init_group gathers,
-    _native(group, lists, idx, grad_scale, found_inf) and _torch(group, lists, idx) update a subset."""
+    """step() for a torch optimizer subclass. Each subclass names its primitive and lists:
+    _collect(group) -> (lists in _init_group's order, has_sparse_grad); _arguments(group, lists, lr,
+    grad_scale, found_inf) -> the primitive's arguments; _torch(group, lists, skip) -> torch's
+    for-loop step on those lists; _state_keys: the state key each list holds (None: params, grads,
+    steps); _steps_at: where the step counts are (None: no step counts)."""
 
     _step_supports_amp_scaling = True
+    master_weights = False  # instances set it; kept through deepcopy and pickling (__getstate__)
+    _steps_at = None
 
-    @staticmethod
-    def _kernels():
-        from ..kernels import optim as K  # imported on first use (TRITON_INTERPRET is read then)
-
-        return K
+    def step(self, closure=None):
+        if self.defaults.get("differentiable"):
+            count = sum(p.grad is not None for g in self.param_groups for p in g["params"])
+            _fell_back(self, "differentiable=True", count)
+            return super().step(closure)  # torch's own, which differentiates through the step
+        return self._fused_step(closure)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def _fused_step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        self._stand_ins = {}  # id(tensor stepped instead of a parameter) -> the parameter, this step
         for group in self.param_groups:
-            lists = self._collect(group)
+            lists, has_sparse = self._collect(group)
+            if not lists[0]:
+                continue
             writeback = None
-            if getattr(self, "master_weights", False):
+            if self.master_weights:
                 lists, writeback = self._to_master(group, lists)
-            params = lists[0]
-            self._steps_to_devices(lists)
-            if any(g.is_sparse or g.is_complex() for g in lists[1]):
-                kind = "sparse gradients" if any(g.is_sparse for g in lists[1]) else "complex parameters"
-                raise TypeError(f"pyops.optim.{type(self).__name__}: {kind} are not supported")
-            kernel_groups, rest = _kernel_subsets(self._op, params, lists[1])
-            for backend, idx in kernel_groups:
-                run = self._native if backend == "native" else self._triton
-                run(group, lists, idx, grad_scale, found_inf)
-            if rest:
-                if _skipped(found_inf):
-                    continue
-                if grad_scale is not None:
-                    for i in rest:
-                        lists[1][i].div_(grad_scale.to(lists[1][i].device))
-                self._torch(group, lists, rest)
+            # The common case in one call; the shared C++ checks decide whether it qualifies (they run
+            # before anything is written), and anything else goes the careful way.
+            if has_sparse or not self._whole_group(group, lists, grad_scale, found_inf):
+                self._careful_step(group, lists, grad_scale, found_inf)
             if writeback is not None:
                 writeback(grad_scale is not None)
+        self._stand_ins = {}
         return loss
 
-    _steps_at = None  # where the step counts are in _collect's lists (None: no step counts)
+    def _whole_group(self, group, lists, grad_scale, found_inf):
+        device = lists[0][0].device
+        backend = resolve(self._op, device)
+        if backend not in KERNEL_BACKENDS:
+            return False
+        try:
+            self._run(backend, group, lists, device, _on(grad_scale, device), _on(found_inf, device))
+        except RuntimeError as e:
+            if str(e).startswith(f"pyops::{self._primitive}:"):
+                return False
+            raise
+        return True
 
-    def _steps_to_devices(self, lists):
+    def _run(self, backend, group, lists, device, grad_scale, found_inf):
+        """One primitive call over lists (one device and dtype)."""
+        lr = _lr_tensor(group["lr"], device)
+        PRIMITIVES[backend][self._primitive](*self._arguments(group, lists, lr, grad_scale, found_inf))
+
+    def _careful_step(self, group, lists, grad_scale, found_inf):
+        """Per tensor: the kernel where one can run it (after bringing gradients and state to the
+        parameter's layout and complex tensors to real pairs), torch's step otherwise."""
+        lists = [list(lst) for lst in lists]
+        params, grads = lists[0], lists[1]
+        if self._steps_at is not None:
+            self._steps_to_devices(params, lists[self._steps_at])
+        auto = current() == "auto"
+        backends, kernel_groups, fallbacks = {}, {}, {}
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if p.device not in backends:
+                backends[p.device] = resolve(self._op, p.device)
+            backend = backends[p.device]
+            real_dtype = p.real.dtype if p.is_complex() else p.dtype
+            if backend not in KERNEL_BACKENDS:
+                reason = "tensors on a device without a pyops kernel" if auto else None
+            elif g.is_sparse:
+                reason = "sparse gradients"
+            elif real_dtype not in KERNEL_DTYPES:
+                reason = f"{p.dtype} parameters"
+            elif not _is_dense(p):
+                reason = "non-dense parameters"
+            elif g.dtype != p.dtype:
+                reason = "gradients of another dtype than their parameter"
+            else:
+                kernel_groups.setdefault((backend, p.device, p.dtype), []).append(i)
+                continue
+            fallbacks.setdefault(reason, []).append(i)
+        unscaled_copies = []
+        for (backend, device, _), idx in kernel_groups.items():
+            sub = [_pick(lst, idx) for lst in lists]
+            self._to_param_layouts(sub, unscaled_copies)
+            if sub[0][0].is_complex():
+                self._as_real_pairs(sub)
+            self._run(backend, group, sub, device, _on(grad_scale, device), _on(found_inf, device))
+        if grad_scale is not None:  # gradients stepped from a copy in their parameter's layout
+            for g, copy in unscaled_copies:
+                g.copy_(copy)
+        for reason, idx in fallbacks.items():
+            if reason is not None:
+                _fell_back(self, reason, len(idx))
+            self._fallback(group, lists, idx, grad_scale, found_inf)
+
+    def _to_param_layouts(self, sub, unscaled_copies):
+        """State in another layout than its parameter (kept from the parameter's old memory format)
+        is replaced by a copy in the parameter's, for good; a gradient is stepped from such a copy."""
+        params = sub[0]
+        for i, p in enumerate(params):
+            g = sub[1][i]
+            if not _same_layout(g, p):
+                sub[1][i] = torch.empty_like(p).copy_(g)
+                unscaled_copies.append((g, sub[1][i]))
+            for k, key in enumerate(self._state_keys):
+                s = sub[k][i] if key is not None and sub[k] else None
+                if s is not None and not _same_layout(s, p):
+                    sub[k][i] = torch.empty_like(p, dtype=s.dtype).copy_(s)
+                    self.state[self._owner(p)][key] = sub[k][i]
+
+    def _as_real_pairs(self, sub):
+        """Complex tensors as real pairs (the view shares the parameter's version counter)."""
+        for k, lst in enumerate(sub):
+            if k == self._steps_at:
+                continue
+            for i, t in enumerate(lst):
+                if t is not None and t.is_complex():
+                    lst[i] = torch.view_as_real(t)
+                    self._stand_ins[id(lst[i])] = self._owner(t)
+
+    def _fallback(self, group, lists, idx, grad_scale, found_inf):
+        """torch's for-loop step for the tensors at idx, under the grad scaler's contract. A
+        found_inf on the CPU is read; on a device the step runs and is undone there where found_inf
+        is set, so that nothing waits for the device."""
+        sub = [_pick(lst, idx) for lst in lists]
+        skip = None
+        if found_inf is not None:
+            if found_inf.device.type == "cpu":
+                if float(found_inf) != 0:
+                    return
+            else:
+                skip = found_inf != 0
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal()
+            for g in sub[1]:
+                factor = inv.to(g.device, g.real.dtype if g.is_complex() else g.dtype)
+                if skip is not None:
+                    factor = torch.where(skip.to(g.device), torch.ones_like(factor), factor)
+                g.mul_(factor)
+        if skip is None:
+            self._torch(group, sub, None)
+            return
+        written = [t for k, lst in enumerate(sub) if k != 1 for t in lst if t is not None]
+        before = [t.clone() for t in written]
+        self._torch(group, sub, skip)
+        for t, b in zip(written, before):
+            t.copy_(torch.where(skip.to(t.device), b, t))
+
+    def _steps_to_devices(self, params, steps):
         """The kernels read step counts on the parameter's device (as torch's fused and capturable
         modes keep them); torch's for-loop mode keeps them on the CPU, so they move, once."""
-        if self._steps_at is None:
-            return
-        steps = lists[self._steps_at]
-        for i, (p, t) in enumerate(zip(lists[0], steps)):
+        for i, (p, t) in enumerate(zip(params, steps)):
             if t.device != p.device and p.device.type != "cpu":
                 steps[i] = self.state[self._owner(p)]["step"] = t.to(p.device)
 
-    def _owner(self, p):
-        """The parameter a tensor of the step's lists stands for (itself, or the one whose float32
-        master copy it is)."""
-        return getattr(self, "_masters", {}).get(id(p), p)
+    def _owner(self, t):
+        """The parameter a tensor of the step's lists stands for (itself, or the parameter whose
+        float32 master copy or real view it is)."""
+        return self._stand_ins.get(id(t), t)
 
+    def _capturable(self, params, steps):
+        """torch's for-loop reads step counts on the host unless told they live on the device."""
+        return bool(steps) and steps[0].device.type != "cpu"
+
+    # ---- master weights ------------------------------------------------------------------------
     def _to_master(self, group, lists):
         """master_weights: float16/bfloat16 parameters step through float32 master copies kept in
         their state ("master_param"), with float32 state and float32 copies of the gradients; the
         parameters take the rounded result. Returns the lists to step and the write-back."""
         params, grads = lists[0], lists[1]
-        half = [i for i, p in enumerate(params) if p.dtype in (torch.float16, torch.bfloat16)]
+        half = [i for i, p in enumerate(params) if p.dtype in HALF_DTYPES]
         if not half:
             return lists, None
+        converted = False
         for i in half:
             p, state = params[i], self.state[params[i]]
-            if "master_param" not in state:
-                state["master_param"] = p.detach().float()
-                for k, v in list(state.items()):
-                    if k not in ("step", "master_param") and isinstance(v, torch.Tensor) and v.dtype == p.dtype:
-                        state[k] = v.float()
-        lists = self._collect(group)  # again: now with the float32 state
-        self._masters = getattr(self, "_masters", {})
+            master = state.get("master_param")
+            if master is None or master.dtype != torch.float32:
+                state["master_param"] = (p if master is None else master).detach().to(torch.float32, copy=True)
+                converted = True
+            for k, v in list(state.items()):
+                if k not in ("step", "master_param") and isinstance(v, torch.Tensor) and v.dtype in HALF_DTYPES:
+                    state[k] = v.float()
+                    converted = True
+        if converted:
+            lists = self._collect(group)[0]  # again: now with the float32 state
         new_params, new_grads = list(lists[0]), list(lists[1])
         for i in half:
             master = self.state[params[i]]["master_param"]
-            self._masters[id(master)] = params[i]
+            self._stand_ins[id(master)] = params[i]
             new_params[i], new_grads[i] = master, grads[i].float()
 
         def writeback(unscaled):
@@ -197,117 +339,286 @@ class _Fused:
 
         return (new_params, new_grads) + tuple(lists[2:]), writeback
 
+    # ---- what survives copies and reloads ----------------------------------------------------------
+    def __getstate__(self):
+        self._settle()
+        state = super().__getstate__()
+        state["master_weights"] = self.master_weights
+        return state
+
+    def state_dict(self):
+        self._settle()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.__dict__.pop("_pending_new_buffers", None)
+        super().load_state_dict(state_dict)
+        if self.master_weights:  # torch's loader cast the float32 master copies and state to the params' dtype
+            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            for pid, p in zip(saved_ids, params):
+                saved = state_dict["state"].get(pid, {})
+                if p.dtype not in HALF_DTYPES:
+                    continue
+                for k, v in saved.items():
+                    if k != "step" and isinstance(v, torch.Tensor) and v.dtype == torch.float32:
+                        self.state[p][k] = v.to(p.device, copy=True)
+
+    def _settle(self):
+        """Resolve what the device decides lazily (SGD's new momentum buffers under a grad scaler)."""
+
 
 class SGD(_Fused, optim.SGD):
-    """torch.optim.SGD, fused (see the module docstring for the update)."""
+    """torch.optim.SGD, fused (see the module docstring for the update and the paths)."""
 
     _op = "sgd"
+    _primitive = "sgd_step_"
+    _state_keys = (None, None, "momentum_buffer")
 
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize=False,
-                 foreach=None, differentiable=False, fused=None, master_weights=False):
-        _no_differentiable("SGD", differentiable)
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach,
-                         differentiable=False, fused=fused)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        *,
+        maximize=False,
+        foreach=None,
+        differentiable=False,
+        fused=None,
+        master_weights=False,
+    ):
+        _check_master(master_weights, differentiable)
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
         self.master_weights = bool(master_weights)
 
     def _collect(self, group):
         params, grads, bufs = [], [], []
-        self._init_group(group, params, grads, bufs)
-        return params, grads, bufs
+        has_sparse = self._init_group(group, params, grads, bufs)
+        return (params, grads, bufs), has_sparse
 
-    def _buffers(self, group, params, bufs):
-        """Momentum buffers for the kernels, and which start as the gradient (torch creates a buffer as
-        clone(grad) at a parameter's first step). Without dampening a zero buffer gives the same
-        first update (0 * momentum + grad), so new buffers are zeros and need no flag."""
-        if _scalar(group["momentum"]) == 0:
-            return [], []
-        if _scalar(group["dampening"]) == 0:
-            return [torch.zeros_like(p) if b is None else b for p, b in zip(params, bufs)], []
-        first = [b is None for b in bufs]
-        return [torch.empty_like(p) if b is None else b for p, b in zip(params, bufs)], first
+    # New momentum buffers: torch creates one as clone(grad) at a parameter's first step. Without
+    # dampening a zero buffer gives the same first update (0 * momentum + grad), so new buffers are
+    # zeros. With dampening the kernel is told which buffers are new by a one-element flag per
+    # parameter, which the kernel clears once it applied it. Under a grad scaler a step may be
+    # skipped, and whether it was is known on the device only: the buffer joins the state at once and
+    # its flag stays pending (passed again at the next step) until a step without found_inf, a found_inf
+    # on the CPU, state_dict() or pickling settles it; an unwritten buffer then leaves the state.
+    def _pending(self):
+        return self.__dict__.setdefault("_pending_new_buffers", {})
 
-    def _keep_buffers(self, params, old, new, first, found_inf):
-        """The state holds the new buffers from now on, unless this step was skipped and they were
-        never written (the flagged ones; zero buffers stay valid)."""
-        if first and any(first) and _skipped(found_inf):
-            new = [n if not f else None for n, f in zip(new, first)]
-        for p, o, n in zip(params, old, new):
-            if o is None and n is not None:
-                self.state[self._owner(p)]["momentum_buffer"] = n
+    def _run(self, backend, group, lists, device, grad_scale, found_inf):
+        params, grads, old = lists
+        momentum, dampening = _scalar(group["momentum"]), _scalar(group["dampening"])
+        bufs, new, flags, pending = old, [], [], self.__dict__.get("_pending_new_buffers")
+        if momentum != 0:
+            new = [i for i, b in enumerate(old) if b is None]
+            if new:
+                bufs = list(old)
+                make = torch.zeros_like if dampening == 0 else torch.empty_like
+                for i in new:
+                    bufs[i] = make(params[i])
+            if (new and dampening != 0) or pending:
+                flags = [self._zero_flag(device)] * len(params)
+                if dampening != 0:
+                    for i in new:
+                        flags[i] = torch.ones(1, dtype=torch.uint8, device=device)
+                for i, p in enumerate(params if pending else ()):
+                    flags[i] = pending.get(self._owner(p), flags[i])
+        PRIMITIVES[backend]["sgd_step_"](
+            params,
+            grads,
+            bufs if momentum != 0 else [],
+            _lr_tensor(group["lr"], device),
+            momentum,
+            dampening,
+            _scalar(group["weight_decay"]),
+            group["nesterov"],
+            group["maximize"],
+            flags,
+            grad_scale,
+            found_inf,
+        )
+        if new or flags:
+            self._keep_buffers(params, bufs, new, flags if dampening != 0 else [], found_inf)
 
-    def _native(self, group, lists, idx, grad_scale, found_inf):
-        params, grads, old = (_pick(lst, idx) for lst in lists)
-        bufs, first = self._buffers(group, params, old)
-        PRIMITIVES["sgd_step_"](params, grads, bufs, _lr_tensor(group["lr"], params[0].device), _scalar(group["momentum"]),
-                       _scalar(group["dampening"]), _scalar(group["weight_decay"]), group["nesterov"],
-                       group["maximize"], [int(f) for f in first], grad_scale, found_inf)
-        if bufs:
-            self._keep_buffers(params, old, bufs, first, found_inf)
+    def _zero_flag(self, device):
+        zeros = self.__dict__.setdefault("_zero_flags", {})
+        if device not in zeros:
+            zeros[device] = torch.zeros(1, dtype=torch.uint8, device=device)
+        return zeros[device]
 
-    def _triton(self, group, lists, idx, grad_scale, found_inf):
-        params, grads, old = (_pick(lst, idx) for lst in lists)
-        bufs, first = self._buffers(group, params, old)
-        momentum, wd = _scalar(group["momentum"]), _scalar(group["weight_decay"])
-        K = self._kernels()
-        K.step(K.SGD, params, grads, bufs, [], [], [], group["lr"], (momentum, _scalar(group["dampening"]), wd, 0.0),
-               (momentum != 0, group["nesterov"]), group["maximize"], wd != 0, grad_scale, found_inf, first=first)
-        if bufs:
-            self._keep_buffers(params, old, bufs, first, found_inf)
+    def _keep_buffers(self, params, bufs, new, flags, found_inf):
+        skipped = None  # unknown on the host
+        if found_inf is None:
+            skipped = False
+        elif found_inf.device.type == "cpu":
+            skipped = float(found_inf) != 0
+        pending = self._pending()
+        for i in new:
+            owner = self._owner(params[i])
+            if skipped and flags:
+                continue  # never written: the next step starts this buffer
+            buf = bufs[i]
+            self.state[owner]["momentum_buffer"] = torch.view_as_complex(buf) if owner.is_complex() else buf
+            if skipped is None and flags:
+                pending[owner] = flags[i]
+        if skipped is False and pending:  # every flag passed was applied and cleared
+            for p in params:
+                pending.pop(self._owner(p), None)
 
-    def _torch(self, group, lists, idx):
-        params, grads, bufs = (_pick(lst, idx) for lst in lists)
-        _sgd.sgd(params, grads, bufs, foreach=False, weight_decay=group["weight_decay"],
-                      momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-                      nesterov=group["nesterov"], maximize=group["maximize"])
-        if group["momentum"] != 0:
+    def _settle(self):
+        pending = self.__dict__.get("_pending_new_buffers")
+        for owner, flag in list((pending or {}).items()):
+            if bool(flag.item()):  # still new: the step that made it was skipped
+                self.state[owner].pop("momentum_buffer", None)
+            del pending[owner]
+
+    def _torch(self, group, lists, skip):
+        params, grads, bufs = lists
+        momentum = _scalar(group["momentum"])
+        pending = self.__dict__.get("_pending_new_buffers")
+        if momentum != 0 and pending:  # a buffer still flagged new starts anew (a host read, rare)
+            for i, p in enumerate(params):
+                flag = pending.pop(self._owner(p), None)
+                if flag is not None and bool(flag.item()):
+                    bufs[i] = None
+        new = [i for i, b in enumerate(bufs) if b is None] if momentum != 0 else []
+        _sgd.sgd(
+            params,
+            grads,
+            bufs,
+            has_sparse_grad=any(g.is_sparse for g in grads),
+            foreach=False,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if momentum != 0:
             for p, b in zip(params, bufs):
                 self.state[self._owner(p)]["momentum_buffer"] = b
+            if skip is not None:  # created by a step the device may skip: settled like the kernel's
+                flag = skip.to(torch.uint8).reshape(1)
+                for i in new:
+                    self._pending()[self._owner(params[i])] = flag
 
 
 class _AdamStep:
     _op = "adam"
+    _primitive = "adam_step_"
+    _state_keys = (None, None, "exp_avg", "exp_avg_sq", "max_exp_avg_sq", None)
     _steps_at = 5
 
     def _collect(self, group):
         params, grads, m, v, vmax, steps = [], [], [], [], [], []
         self._init_group(group, params, grads, m, v, vmax, steps)
-        return params, grads, m, v, vmax, steps
+        return (params, grads, m, v, vmax, steps), False
 
-    def _native(self, group, lists, idx, grad_scale, found_inf):
-        params, grads, m, v, vmax, steps = (_pick(lst, idx) for lst in lists)
+    def _arguments(self, group, lists, lr, grad_scale, found_inf):
+        params, grads, m, v, vmax, steps = lists
         beta1, beta2 = (_scalar(b) for b in group["betas"])
-        PRIMITIVES["adam_step_"](params, grads, m, v, vmax if group["amsgrad"] else [], steps, _lr_tensor(group["lr"], params[0].device), beta1,
-                        beta2, _scalar(group["weight_decay"]), group["eps"], group["amsgrad"], group["maximize"],
-                        self._decoupled(group), grad_scale, found_inf)
+        return (
+            params,
+            grads,
+            m,
+            v,
+            vmax if group["amsgrad"] else [],
+            steps,
+            lr,
+            beta1,
+            beta2,
+            _scalar(group["weight_decay"]),
+            group["eps"],
+            group["amsgrad"],
+            group["maximize"],
+            self._decoupled(group),
+            grad_scale,
+            found_inf,
+        )
 
-    def _triton(self, group, lists, idx, grad_scale, found_inf):
-        params, grads, m, v, vmax, steps = (_pick(lst, idx) for lst in lists)
-        K = self._kernels()
-        beta1, beta2 = (_scalar(b) for b in group["betas"])
-        wd = _scalar(group["weight_decay"])
-        K.step(K.ADAM, params, grads, m, v, vmax if group["amsgrad"] else [], steps, group["lr"],
-               (beta1, beta2, wd, group["eps"]), (group["amsgrad"], self._decoupled(group)), group["maximize"],
-               wd != 0, grad_scale, found_inf)
-
-    def _torch(self, group, lists, idx):
-        params, grads, m, v, vmax, steps = (_pick(lst, idx) for lst in lists)
+    def _torch(self, group, lists, skip):
+        params, grads, m, v, vmax, steps = lists
         beta1, beta2 = group["betas"]
-        _adam.adam(params, grads, m, v, vmax if group["amsgrad"] else [], steps, foreach=False,
-                        capturable=group["capturable"], decoupled_weight_decay=self._decoupled(group),
-                        amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
-                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        _adam.adam(
+            params,
+            grads,
+            m,
+            v,
+            vmax if group["amsgrad"] else [],
+            steps,
+            foreach=False,
+            capturable=group["capturable"] or self._capturable(params, steps),
+            has_complex=any(p.is_complex() for p in params),
+            decoupled_weight_decay=self._decoupled(group),
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+def _check_master(master_weights, differentiable):
+    if master_weights and differentiable:
+        raise ValueError(
+            "pyops.optim: master_weights=True needs differentiable=False (a differentiable step is "
+            "torch's own, which keeps no master copies)"
+        )
 
 
 class Adam(_AdamStep, _Fused, optim.Adam):
-    """torch.optim.Adam, fused (see the module docstring for the update)."""
+    """torch.optim.Adam, fused (see the module docstring for the update and the paths)."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *, foreach=None,
-                 maximize=False, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False,
-                 master_weights=False):
-        _no_differentiable("Adam", differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
-                         capturable=capturable, differentiable=False, fused=fused,
-                         decoupled_weight_decay=decoupled_weight_decay)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        *,
+        foreach=None,
+        maximize=False,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        decoupled_weight_decay=False,
+        master_weights=False,
+    ):
+        _check_master(master_weights, differentiable)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
         self.master_weights = bool(master_weights)
 
     @staticmethod
@@ -318,12 +629,36 @@ class Adam(_AdamStep, _Fused, optim.Adam):
 class AdamW(_AdamStep, _Fused, optim.AdamW):
     """torch.optim.AdamW (Adam with decoupled weight decay), fused."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 master_weights=False):
-        _no_differentiable("AdamW", differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
-                         capturable=capturable, differentiable=False, fused=fused)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        *,
+        maximize=False,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        master_weights=False,
+    ):
+        _check_master(master_weights, differentiable)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
         self.master_weights = bool(master_weights)
 
     @staticmethod
@@ -332,80 +667,163 @@ class AdamW(_AdamStep, _Fused, optim.AdamW):
 
 
 class Adagrad(_Fused, optim.Adagrad):
-    """torch.optim.Adagrad, fused (see the module docstring for the update)."""
+    """torch.optim.Adagrad, fused (see the module docstring for the update and the paths)."""
 
     _op = "adagrad"
+    _primitive = "adagrad_step_"
+    _state_keys = (None, None, "sum", None)
     _steps_at = 3
 
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 foreach=None, *, maximize=False, differentiable=False, fused=None, master_weights=False):
-        _no_differentiable("Adagrad", differentiable)
-        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
-                         maximize=maximize, differentiable=False, fused=fused)
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        lr_decay=0,
+        weight_decay=0,
+        initial_accumulator_value=0,
+        eps=1e-10,
+        foreach=None,
+        *,
+        maximize=False,
+        differentiable=False,
+        fused=None,
+        master_weights=False,
+    ):
+        _check_master(master_weights, differentiable)
+        super().__init__(
+            params,
+            lr,
+            lr_decay,
+            weight_decay,
+            initial_accumulator_value,
+            eps,
+            foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+        )
         self.master_weights = bool(master_weights)
 
     def _collect(self, group):
         params, grads, sums, steps = [], [], [], []
-        self._init_group(group, params, grads, sums, steps)
-        return params, grads, sums, steps
+        has_sparse, _ = self._init_group(group, params, grads, sums, steps)
+        return (params, grads, sums, steps), has_sparse
 
-    def _native(self, group, lists, idx, grad_scale, found_inf):
-        params, grads, sums, steps = (_pick(lst, idx) for lst in lists)
-        PRIMITIVES["adagrad_step_"](params, grads, sums, steps, _lr_tensor(group["lr"], params[0].device), group["lr_decay"],
-                           _scalar(group["weight_decay"]), group["eps"], group["maximize"], grad_scale, found_inf)
+    def _arguments(self, group, lists, lr, grad_scale, found_inf):
+        params, grads, sums, steps = lists
+        return (
+            params,
+            grads,
+            sums,
+            steps,
+            lr,
+            group["lr_decay"],
+            _scalar(group["weight_decay"]),
+            group["eps"],
+            group["maximize"],
+            grad_scale,
+            found_inf,
+        )
 
-    def _triton(self, group, lists, idx, grad_scale, found_inf):
-        params, grads, sums, steps = (_pick(lst, idx) for lst in lists)
-        K = self._kernels()
-        wd = _scalar(group["weight_decay"])
-        K.step(K.ADAGRAD, params, grads, sums, [], [], steps, group["lr"], (group["lr_decay"], 0.0, wd, group["eps"]),
-               (False, False), group["maximize"], wd != 0, grad_scale, found_inf)
-
-    def _torch(self, group, lists, idx):
-        params, grads, sums, steps = (_pick(lst, idx) for lst in lists)
-        _adagrad.adagrad(params, grads, sums, steps, foreach=False, lr=group["lr"],
-                              weight_decay=group["weight_decay"], lr_decay=group["lr_decay"], eps=group["eps"],
-                              maximize=group["maximize"])
+    def _torch(self, group, lists, skip):
+        params, grads, sums, steps = lists
+        _adagrad.adagrad(
+            params,
+            grads,
+            sums,
+            steps,
+            has_sparse_grad=any(g.is_sparse for g in grads),
+            foreach=False,
+            has_complex=any(p.is_complex() for p in params),
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            lr_decay=group["lr_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
 
 
 class RMSprop(_Fused, optim.RMSprop):
-    """torch.optim.RMSprop, fused (see the module docstring for the update)."""
+    """torch.optim.RMSprop, fused (see the module docstring for the update and the paths)."""
 
     _op = "rmsprop"
+    _primitive = "rmsprop_step_"
+    _state_keys = (None, None, "square_avg", "grad_avg", "momentum_buffer", None)
     _steps_at = 5
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False, master_weights=False):
-        _no_differentiable("RMSprop", differentiable)
-        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable, foreach, maximize,
-                         differentiable=False)
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0,
+        momentum=0,
+        centered=False,
+        capturable=False,
+        foreach=None,
+        maximize=False,
+        differentiable=False,
+        master_weights=False,
+    ):
+        _check_master(master_weights, differentiable)
+        super().__init__(
+            params,
+            lr,
+            alpha,
+            eps,
+            weight_decay,
+            momentum,
+            centered,
+            capturable,
+            foreach,
+            maximize,
+            differentiable=differentiable,
+        )
         self.master_weights = bool(master_weights)
 
     def _collect(self, group):
         params, grads, square_avgs, bufs, grad_avgs, steps = [], [], [], [], [], []
         self._init_group(group, params, grads, square_avgs, bufs, grad_avgs, steps)
-        return params, grads, square_avgs, grad_avgs, bufs, steps
+        return (params, grads, square_avgs, grad_avgs, bufs, steps), False
 
-    def _native(self, group, lists, idx, grad_scale, found_inf):
-        params, grads, square_avgs, grad_avgs, bufs, steps = (_pick(lst, idx) for lst in lists)
-        PRIMITIVES["rmsprop_step_"](params, grads, square_avgs, grad_avgs if group["centered"] else [],
-                           bufs if group["momentum"] > 0 else [], steps, _lr_tensor(group["lr"], params[0].device), group["alpha"],
-                           group["eps"], _scalar(group["weight_decay"]), group["momentum"], group["centered"],
-                           group["maximize"], grad_scale, found_inf)
+    def _arguments(self, group, lists, lr, grad_scale, found_inf):
+        params, grads, square_avgs, grad_avgs, bufs, steps = lists
+        return (
+            params,
+            grads,
+            square_avgs,
+            grad_avgs if group["centered"] else [],
+            bufs if group["momentum"] > 0 else [],
+            steps,
+            lr,
+            group["alpha"],
+            group["eps"],
+            _scalar(group["weight_decay"]),
+            group["momentum"],
+            group["centered"],
+            group["maximize"],
+            grad_scale,
+            found_inf,
+        )
 
-    def _triton(self, group, lists, idx, grad_scale, found_inf):
-        params, grads, square_avgs, grad_avgs, bufs, steps = (_pick(lst, idx) for lst in lists)
-        K = self._kernels()
-        wd = _scalar(group["weight_decay"])
-        K.step(K.RMSPROP, params, grads, square_avgs, grad_avgs if group["centered"] else [],
-               bufs if group["momentum"] > 0 else [], steps, group["lr"],
-               (group["alpha"], group["momentum"], wd, group["eps"]), (group["centered"], group["momentum"] > 0),
-               group["maximize"], wd != 0, grad_scale, found_inf)
-
-    def _torch(self, group, lists, idx):
-        params, grads, square_avgs, grad_avgs, bufs, steps = (_pick(lst, idx) for lst in lists)
-        _rmsprop.rmsprop(params, grads, square_avgs, grad_avgs if group["centered"] else [],
-                              bufs if group["momentum"] > 0 else [], steps, foreach=False,
-                              maximize=group["maximize"], capturable=group["capturable"], lr=group["lr"],
-                              alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-                              momentum=group["momentum"], centered=group["centered"])
+    def _torch(self, group, lists, skip):
+        params, grads, square_avgs, grad_avgs, bufs, steps = lists
+        _rmsprop.rmsprop(
+            params,
+            grads,
+            square_avgs,
+            grad_avgs if group["centered"] else [],
+            bufs if group["momentum"] > 0 else [],
+            steps,
+            foreach=False,
+            maximize=group["maximize"],
+            capturable=group["capturable"] or self._capturable(params, steps),
+            has_complex=any(p.is_complex() for p in params),
+            lr=group["lr"],
+            alpha=group["alpha"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            centered=group["centered"],
+        )

@@ -1,0 +1,311 @@
+// The optim family's host side, written once for every device: argument checks, version counters,
+// the per-step scalar formulas (torch's rounding) and the list of ops each device registers.
+// One call updates every tensor of a parameter group in place (see csrc/primitives.h for the lists).
+// A device D (csrc/cpu/optim.cpp, csrc/cuda/optim.cu, csrc/triton/optim.cpp) supplies:
+//   D::Guard(tensor)                          device guard (a no-op on CPU)
+//   D::sgd(const SgdStep&), D::adam(const AdamStep&), D::adagrad(const AdagradStep&),
+//   D::rmsprop(const RmspropStep&)            the update, on checked, non-empty lists
+// The device reads lr, grad_scale and found_inf where they live (no host read on a GPU), skips
+// everything when found_inf != 0, and otherwise advances the step counts and clears the SGD
+// new-buffer flags it applied.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <initializer_list>
+#include <optional>
+#include <type_traits>
+
+#include "common/checks.h"
+
+namespace pyops {
+
+// What every step reads besides its own state: the group's parameters and gradients, the learning
+// rate (a one-element float32 or float64 tensor on the parameters' device) and the grad scaler's
+// tensors (one-element float32 or float64, or absent).
+struct GroupStep {
+  at::TensorList params, grads;
+  at::Tensor lr;
+  bool maximize = false;
+  std::optional<at::Tensor> grad_scale, found_inf;
+};
+
+struct SgdStep : GroupStep {
+  at::TensorList momentum_buffers, new_buffers;
+  double momentum = 0, dampening = 0, weight_decay = 0;
+  bool nesterov = false;
+};
+
+struct AdamStep : GroupStep {
+  at::TensorList exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  double beta1 = 0, beta2 = 0, weight_decay = 0, eps = 0;
+  bool amsgrad = false, decoupled = false;
+};
+
+struct AdagradStep : GroupStep {
+  at::TensorList sums, steps;
+  double lr_decay = 0, weight_decay = 0, eps = 0;
+};
+
+struct RmspropStep : GroupStep {
+  at::TensorList square_avgs, grad_avgs, momentum_buffers, steps;
+  double alpha = 0, eps = 0, weight_decay = 0, momentum = 0;
+  bool centered = false;
+};
+
+// ---- per-step scalars, as torch computes them: with a tensor lr, torch computes lr / bias
+// correction and 1 - lr * wd in the tensor's dtype, so a float32 lr rounds them to float32; each
+// product is rounded before the sum, as torch's separate ops (and Python's float arithmetic) do,
+// never fused into one multiply-add (which GCC with -mfma and nvcc would otherwise emit) ------------
+template <typename T>
+C10_HOST_DEVICE inline T mul_rounded(T a, T b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
+#else
+  volatile T product = a * b;  // a store forces the rounding; these run once per tensor and step
+  return product;
+#endif
+}
+C10_HOST_DEVICE inline double adam_step_size(double lr, bool lr_is_float, double beta1, double step) {
+  const double bias_correction1 = 1 - ::pow(beta1, step);
+  return lr_is_float ? double(float(lr) / float(bias_correction1)) : lr / bias_correction1;
+}
+C10_HOST_DEVICE inline double adam_inv_bias_correction2_sqrt(double beta2, double step) {
+  return 1 / ::sqrt(1 - ::pow(beta2, step));
+}
+C10_HOST_DEVICE inline double decoupled_decay(double lr, bool lr_is_float, double weight_decay) {
+  return lr_is_float ? double(1.0f - mul_rounded(float(lr), float(weight_decay))) : 1 - mul_rounded(lr, weight_decay);
+}
+C10_HOST_DEVICE inline double adagrad_clr(double lr, bool lr_is_float, double lr_decay, double step) {
+  const double denominator = 1 + mul_rounded(step - 1, lr_decay);
+  return lr_is_float ? double(float(lr) / float(denominator)) : lr / denominator;
+}
+
+// ---- checks ---------------------------------------------------------------------------------------
+
+// A state (or gradient) list of a step: empty where no option needs it; `needed_by` names the option
+// that makes it required (nullptr: always required).
+struct StateList {
+  const char* name;
+  at::TensorList list;
+  bool required;
+  const char* needed_by = nullptr;
+};
+
+// Two tensors of one shape walk memory alike when their strides agree on every dimension of size
+// above one (a size-1 dimension's stride is never used).
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+inline bool is_step_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
+
+// A one-element float32/float64 tensor on `device` (lr, grad_scale, found_inf).
+inline void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK(t.defined() && t.numel() == 1 && is_step_dtype(t.scalar_type()) && t.device() == device, "pyops::", op,
+              ": ", name, " must be a one-element float32 or float64 tensor on ", device, ", got ",
+              t.defined() ? c10::toString(t.scalar_type()) : "an undefined tensor", " with ",
+              t.defined() ? t.numel() : 0, " elements on ", t.defined() ? t.device() : device);
+}
+
+// Every list matches params in length, every tensor shares its parameter's device, dtype, shape and
+// memory layout (the kernels walk memory in order), parameters are dense and of one device and
+// dtype; steps are one-element float32/float64 tensors and SGD's new-buffer flags one-element
+// bool/uint8 tensors, on the parameter's device.
+inline void check_group(const char* op, const GroupStep& g, std::initializer_list<StateList> states,
+                        at::TensorList steps = {}, bool steps_required = false, at::TensorList flags = {}) {
+  const at::TensorList params = g.params;
+  const size_t n = params.size();
+  auto check_length = [&](const char* name, at::TensorList list, bool required, const char* needed_by) {
+    if (list.empty() && !required) return;
+    if (list.empty() && n > 0) {
+      TORCH_CHECK(false, "pyops::", op, ": ", name, " is empty but ", needed_by ? needed_by : "the step",
+                  " needs one tensor per parameter (params has ", n, ")");
+    }
+    TORCH_CHECK(list.size() == n, "pyops::", op, ": ", name, " has ", list.size(), " tensors but params has ", n);
+  };
+  check_length("grads", g.grads, true, nullptr);
+  for (const auto& s : states) check_length(s.name, s.list, s.required, s.needed_by);
+  check_length("steps", steps, steps_required, nullptr);
+  check_length("new_buffers", flags, false, nullptr);
+  if (n == 0) return;
+
+  const at::Tensor& p0 = params[0];
+  check_floating(op, "params", p0);
+  const at::Device device = p0.device();
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == device && p.scalar_type() == p0.scalar_type(), "pyops::", op, ": params[", i, "] is ",
+                p.scalar_type(), " on ", p.device(), " but params[0] is ", p0.scalar_type(), " on ", device,
+                " (one call takes one device and dtype)");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "pyops::", op, ": params[", i,
+                "] is not dense (its elements must fill its memory without gaps or overlaps)");
+    auto check_like_param = [&](const char* name, const at::Tensor& t) {
+      TORCH_CHECK(t.device() == device, "pyops::", op, ": ", name, " is on ", t.device(), " but params is on ", device,
+                  " (tensor ", i, ")");
+      TORCH_CHECK(t.scalar_type() == p.scalar_type(), "pyops::", op, ": ", name, " has dtype ", t.scalar_type(),
+                  " but params has dtype ", p.scalar_type(), " (tensor ", i, ")");
+      TORCH_CHECK(same_layout(t, p), "pyops::", op, ": ", name, "[", i, "] has shape ", t.sizes(), " and strides ",
+                  t.strides(), " but params[", i, "] has shape ", p.sizes(), " and strides ", p.strides());
+    };
+    check_like_param("grads", g.grads[i]);
+    for (const auto& s : states)
+      if (!s.list.empty()) check_like_param(s.name, s.list[i]);
+    if (!steps.empty()) {
+      const at::Tensor& s = steps[i];
+      TORCH_CHECK(s.numel() == 1 && is_step_dtype(s.scalar_type()) && s.device() == device, "pyops::", op, ": steps[",
+                  i, "] must be a one-element float32 or float64 tensor on ", device, ", got ", s.scalar_type(),
+                  " with ", s.numel(), " elements on ", s.device());
+    }
+    if (!flags.empty()) {
+      const at::Tensor& f = flags[i];
+      TORCH_CHECK(
+          f.numel() == 1 && (f.scalar_type() == at::kBool || f.scalar_type() == at::kByte) && f.device() == device,
+          "pyops::", op, ": new_buffers[", i, "] must be a one-element bool or uint8 tensor on ", device, ", got ",
+          f.scalar_type(), " with ", f.numel(), " elements on ", f.device());
+    }
+  }
+  check_scalar_tensor(op, "lr", g.lr, device);
+  if (g.grad_scale.has_value() && g.grad_scale->defined()) check_scalar_tensor(op, "grad_scale", *g.grad_scale, device);
+  if (g.found_inf.has_value() && g.found_inf->defined()) check_scalar_tensor(op, "found_inf", *g.found_inf, device);
+}
+
+// In-place writes bump version counters, as torch's optimizers' own in-place ops do, so that a
+// backward that saved a parameter before the step raises instead of using the new value. Gradients
+// are written only when the grad scaler's factor is applied.
+inline void bump_versions(std::initializer_list<at::TensorList> lists) {
+  for (at::TensorList list : lists)
+    for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+}
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+template <class D>
+struct Optim {
+  using Tensor = at::Tensor;
+  using TensorList = at::TensorList;
+  using Opt = std::optional<at::Tensor>;
+
+  static void set_group(GroupStep& g, TensorList params, TensorList grads, const Tensor& lr, bool maximize,
+                        const Opt& grad_scale, const Opt& found_inf) {
+    g.params = params;
+    g.grads = grads;
+    g.lr = lr;
+    g.maximize = maximize;
+    g.grad_scale = grad_scale;
+    g.found_inf = found_inf;
+  }
+
+  static void sgd_step_(TensorList params, TensorList grads, TensorList momentum_buffers, const Tensor& lr,
+                        double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                        TensorList new_buffers, const Opt& grad_scale, const Opt& found_inf) {
+    SgdStep s;
+    set_group(s, params, grads, lr, maximize, grad_scale, found_inf);
+    s.momentum_buffers = momentum_buffers;
+    s.new_buffers = new_buffers;
+    s.momentum = momentum;
+    s.dampening = dampening;
+    s.weight_decay = weight_decay;
+    s.nesterov = nesterov;
+    check_group("sgd_step_", s, {{"momentum_buffers", momentum_buffers, momentum != 0, "momentum != 0"}}, {}, false,
+                new_buffers);
+    if (params.empty()) return;
+    typename D::Guard guard(params[0]);
+    D::sgd(s);
+    bump_versions(
+        {params, momentum != 0 ? momentum_buffers : TensorList(), new_buffers, has(grad_scale) ? grads : TensorList()});
+  }
+
+  static void adam_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                         TensorList max_exp_avg_sqs, TensorList steps, const Tensor& lr, double beta1, double beta2,
+                         double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled,
+                         const Opt& grad_scale, const Opt& found_inf) {
+    AdamStep s;
+    set_group(s, params, grads, lr, maximize, grad_scale, found_inf);
+    s.exp_avgs = exp_avgs;
+    s.exp_avg_sqs = exp_avg_sqs;
+    s.max_exp_avg_sqs = max_exp_avg_sqs;
+    s.steps = steps;
+    s.beta1 = beta1;
+    s.beta2 = beta2;
+    s.weight_decay = weight_decay;
+    s.eps = eps;
+    s.amsgrad = amsgrad;
+    s.decoupled = decoupled;
+    check_group("adam_step_", s,
+                {{"exp_avgs", exp_avgs, true},
+                 {"exp_avg_sqs", exp_avg_sqs, true},
+                 {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad, "amsgrad"}},
+                steps, true);
+    if (params.empty()) return;
+    typename D::Guard guard(params[0]);
+    D::adam(s);
+    bump_versions({params, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : TensorList(), steps,
+                   has(grad_scale) ? grads : TensorList()});
+  }
+
+  static void adagrad_step_(TensorList params, TensorList grads, TensorList sums, TensorList steps, const Tensor& lr,
+                            double lr_decay, double weight_decay, double eps, bool maximize, const Opt& grad_scale,
+                            const Opt& found_inf) {
+    AdagradStep s;
+    set_group(s, params, grads, lr, maximize, grad_scale, found_inf);
+    s.sums = sums;
+    s.steps = steps;
+    s.lr_decay = lr_decay;
+    s.weight_decay = weight_decay;
+    s.eps = eps;
+    check_group("adagrad_step_", s, {{"sums", sums, true}}, steps, true);
+    if (params.empty()) return;
+    typename D::Guard guard(params[0]);
+    D::adagrad(s);
+    bump_versions({params, sums, steps, has(grad_scale) ? grads : TensorList()});
+  }
+
+  static void rmsprop_step_(TensorList params, TensorList grads, TensorList square_avgs, TensorList grad_avgs,
+                            TensorList momentum_buffers, TensorList steps, const Tensor& lr, double alpha, double eps,
+                            double weight_decay, double momentum, bool centered, bool maximize, const Opt& grad_scale,
+                            const Opt& found_inf) {
+    RmspropStep s;
+    set_group(s, params, grads, lr, maximize, grad_scale, found_inf);
+    s.square_avgs = square_avgs;
+    s.grad_avgs = grad_avgs;
+    s.momentum_buffers = momentum_buffers;
+    s.steps = steps;
+    s.alpha = alpha;
+    s.eps = eps;
+    s.weight_decay = weight_decay;
+    s.momentum = momentum;
+    s.centered = centered;
+    check_group("rmsprop_step_", s,
+                {{"square_avgs", square_avgs, true},
+                 {"grad_avgs", grad_avgs, centered, "centered"},
+                 {"momentum_buffers", momentum_buffers, momentum > 0, "momentum > 0"}},
+                steps, true);
+    if (params.empty()) return;
+    typename D::Guard guard(params[0]);
+    D::rmsprop(s);
+    bump_versions({params, square_avgs, centered ? grad_avgs : TensorList(),
+                   momentum > 0 ? momentum_buffers : TensorList(), steps, has(grad_scale) ? grads : TensorList()});
+  }
+};
+
+}  // namespace pyops
+
+// Every optim op of device D, registered inside TORCH_LIBRARY_IMPL(pyops, <key>, m) under the
+// native names (SUFFIX "") or the Triton twins' (SUFFIX "_triton", the trailing "_" after it).
+#define PYOPS_REGISTER_OPTIM(m, D, SUFFIX)                \
+  do {                                                    \
+    using O = ::pyops::Optim<D>;                          \
+    m.impl("sgd_step" SUFFIX "_", &O::sgd_step_);         \
+    m.impl("adam_step" SUFFIX "_", &O::adam_step_);       \
+    m.impl("adagrad_step" SUFFIX "_", &O::adagrad_step_); \
+    m.impl("rmsprop_step" SUFFIX "_", &O::rmsprop_step_); \
+  } while (0)
