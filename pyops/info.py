@@ -33,7 +33,15 @@ def info_dict():
         "CUDA kernels": f"compiled for sm {CUDA_ARCHS}" if _C.WITH_CUDA else "not compiled",
         "GPUs": ", ".join(gpus) or "none visible",
         "backends": {d: available_backends(d) for d in devices},
+        "optimizer steps on torch's path (tensor-steps, by reason)": _fallbacks(),
     }
+
+
+def _fallbacks():
+    from .optim import fallback_counts
+
+    counts = fallback_counts()
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items())) or "none"
 
 
 def info(file=None):
