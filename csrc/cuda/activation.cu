@@ -1,7 +1,7 @@
 // CUDA kernels of the activation family (the host side is csrc/activation.h). Every elementwise
-// kernel gives each thread 8 elements
-// (one mask byte): one 16-byte load for float16/bfloat16, two for float32, four for float64, when
-// every pointer is 16-byte aligned; scalar loads otherwise and at the tail. Math in opmath_type.
+// kernel gives each thread 8 elements (one mask byte): one 16-byte load for float16/bfloat16, two
+// for float32, four for float64, when every pointer is 16-byte aligned; scalar loads otherwise and
+// at the tail. Math in opmath_type.
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
