@@ -33,15 +33,19 @@ Backend resolve(const char* op, const at::Tensor& t, int64_t auto_min_numel);
 const char* backend_name(Backend b);
 
 // `auto` hands CPU inputs below these sizes (elements) to torch eager, which is faster there: the
-// kernels' gains do not repay a pyops call. Measured fwd+bwd crossovers, float32, 2-core EPYC
-// (AVX512). pyops._C.AUTO_MIN_NUMEL carries the same table to Python.
+// kernels' gains do not repay a pyops call. Measured fwd+bwd crossovers (dense upstream gradient),
+// float32, 2 cores: relu, leaky_relu and sigmoid on a 2-core EPYC (AVX512) when a call cost ~20 us
+// more than torch's; elu and maxout re-measured at ~4K on a 2-core Xeon (AVX512) once it cost ~10 us
+// (elu 1.0x at 4K, 1.1x at 16K; maxout 1.3x at 4K). tanh: 64K on the EPYC; on the Xeon torch's own
+// vectorized tanh beats Sleef's at every size (0.4-0.8x). pyops._C.AUTO_MIN_NUMEL carries the same
+// table to Python.
 #define PYOPS_AUTO_MIN_NUMEL(X)   \
   X(relu, int64_t(1) << 20)       \
   X(leaky_relu, int64_t(1) << 20) \
-  X(elu, int64_t(1) << 14)        \
+  X(elu, int64_t(1) << 12)        \
   X(sigmoid, int64_t(1) << 20)    \
   X(tanh, int64_t(1) << 16)       \
-  X(maxout, int64_t(1) << 14)
+  X(maxout, int64_t(1) << 12)
 
 namespace auto_min_numel {
 #define PYOPS_AUTO_MIN_CONSTANT(op, n) constexpr int64_t op = n;
