@@ -15,6 +15,7 @@ import pyops.optim as popt
 from oracle import TOL
 from pyops.ops import PRIMITIVES
 from pyops.ops.optim import LAUNCHES
+from pyops.testing import OPTIMIZERS
 
 KERNEL_BACKENDS = [b for b in pyops.available_backends("cpu") if b != "torch"]
 # (device, backend) pairs with a pyops kernel: the CPU ones here, the CUDA ones marked (skipped without a GPU)
@@ -22,34 +23,8 @@ DEVICE_BACKENDS = [("cpu", b) for b in KERNEL_BACKENDS] + [
     pytest.param("cuda", b, marks=pytest.mark.cuda) for b in ("native", "triton")
 ]
 
-CONFIGS = {
-    "SGD": [
-        {},
-        {"momentum": 0.9},
-        {"momentum": 0.9, "nesterov": True},
-        {"momentum": 0.9, "dampening": 0.5},
-        {"weight_decay": 0.1, "momentum": 0.5},
-        {"maximize": True, "momentum": 0.3},
-        {"lr": torch.tensor(0.01)},
-    ],
-    "Adam": [
-        {},
-        {"amsgrad": True},
-        {"weight_decay": 0.1},
-        {"weight_decay": 0.1, "decoupled_weight_decay": True},
-        {"maximize": True, "betas": (0.8, 0.9)},
-        {"lr": torch.tensor(0.01), "eps": 1e-6},
-    ],
-    "AdamW": [{}, {"amsgrad": True, "weight_decay": 0.3}, {"maximize": True}],
-    "Adagrad": [{}, {"lr_decay": 0.1}, {"weight_decay": 0.1, "initial_accumulator_value": 0.5}, {"maximize": True}],
-    "RMSprop": [
-        {},
-        {"centered": True},
-        {"momentum": 0.9},
-        {"momentum": 0.5, "centered": True, "weight_decay": 0.1},
-        {"maximize": True, "alpha": 0.9},
-    ],
-}
+# The configurations of the spec table (pyops/testing.py), which `python -m pyops check` runs too.
+CONFIGS = {name: list(spec.configs) for name, spec in OPTIMIZERS.items()}
 CASES = [(name, i) for name, cfgs in CONFIGS.items() for i in range(len(cfgs))]
 
 
