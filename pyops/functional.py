@@ -21,6 +21,8 @@ _P = torch.ops.pyops
 _compiling = torch.compiler.is_compiling
 # Under `auto` (backend id 0), small CPU inputs go to torch eager (csrc/common/backend.h has the rule
 # and the sizes); eager calls decide that here too, so that they cost what torch's own call does.
+# (relu, sigmoid and tanh send every dtype no kernel takes to torch anyway; leaky_relu and elu check
+# that it is a floating dtype, so that torch never sees what pyops refuses.)
 _selected = _C._get_backend
 _MIN = _C.AUTO_MIN_NUMEL
 _RELU_MIN, _LEAKY_RELU_MIN, _ELU_MIN = _MIN["relu"], _MIN["leaky_relu"], _MIN["elu"]
@@ -72,7 +74,7 @@ def relu(input, inplace=False):
         raise _tensor_expected("relu", input)
     if _compiling():
         return _relu_(input) if inplace else _relu(input)
-    if not _selected() and input.is_cpu and input.numel() < _RELU_MIN and input.is_floating_point():
+    if not _selected() and input.is_cpu and input.numel() < _RELU_MIN:
         return torch.relu_(input) if inplace else torch.relu(input)
     return _relu_eager_(input) if inplace else _relu_eager(input)
 
@@ -107,7 +109,7 @@ def sigmoid(input):
         raise _tensor_expected("sigmoid", input)
     if _compiling():
         return _sigmoid(input)
-    if not _selected() and input.is_cpu and input.numel() < _SIGMOID_MIN and input.is_floating_point():
+    if not _selected() and input.is_cpu and input.numel() < _SIGMOID_MIN:
         return torch.sigmoid(input)
     return _sigmoid_eager(input)
 
@@ -118,7 +120,7 @@ def tanh(input):
         raise _tensor_expected("tanh", input)
     if _compiling():
         return _tanh(input)
-    if not _selected() and input.is_cpu and input.numel() < _TANH_MIN and input.is_floating_point():
+    if not _selected() and input.is_cpu and input.numel() < _TANH_MIN:
         return torch.tanh(input)
     return _tanh_eager(input)
 
