@@ -36,8 +36,7 @@ bool can_run(Backend b, Device d) {
 
 std::string usable_list(Device d) {
   std::string s;
-  for (Backend b : {Backend::kNative, Backend::kTriton, Backend::kTorch}) {
-    if (!can_run(b, d)) continue;
+  for (Backend b : usable_backends(d)) {
     if (!s.empty()) s += ", ";
     s += backend_name(b);
   }
@@ -48,6 +47,13 @@ Device device_kind(const at::Tensor& t) {
   return t.is_cpu() ? Device::kCpu : t.is_cuda() ? Device::kCuda : Device::kOther;
 }
 }  // namespace
+
+std::vector<Backend> usable_backends(Device d) {
+  std::vector<Backend> found;
+  for (Backend b : {Backend::kNative, Backend::kTriton, Backend::kTorch})
+    if (can_run(b, d)) found.push_back(b);
+  return found;
+}
 
 Backend resolve_for(Device device, int64_t numel, int64_t auto_min_numel, const char* op) {
   const Backend b = selected;

@@ -56,26 +56,40 @@ PyObject* py_set_available(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+pyops::Device parse_device(const char* device) {
+  const std::string dev(device);
+  return dev == "cpu" ? pyops::Device::kCpu : dev == "cuda" ? pyops::Device::kCuda : pyops::Device::kOther;
+}
+
 // _resolve(op, device_type, numel, auto_min_numel) -> backend id: what the selection gives there.
 PyObject* py_resolve(PyObject*, PyObject* args) {
   const char* op = nullptr;
   const char* device = nullptr;
   long long numel = -1, min_numel = 0;
   if (!PyArg_ParseTuple(args, "ssLL", &op, &device, &numel, &min_numel)) return nullptr;
-  const std::string dev(device);
-  const auto d = dev == "cpu" ? pyops::Device::kCpu : dev == "cuda" ? pyops::Device::kCuda : pyops::Device::kOther;
   try {
-    return PyLong_FromLong(long(pyops::resolve_for(d, numel, min_numel, op)));
+    return PyLong_FromLong(long(pyops::resolve_for(parse_device(device), numel, min_numel, op)));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     return nullptr;
   }
 }
 
+// _available(device_type) -> backend ids that can run there, in order of preference.
+PyObject* py_available(PyObject*, PyObject* arg) {
+  const char* device = PyUnicode_AsUTF8(arg);
+  if (device == nullptr) return nullptr;
+  const auto found = pyops::usable_backends(parse_device(device));
+  PyObject* ids = PyTuple_New(Py_ssize_t(found.size()));
+  for (size_t i = 0; i < found.size(); ++i) PyTuple_SET_ITEM(ids, Py_ssize_t(i), PyLong_FromLong(long(found[i])));
+  return ids;
+}
+
 PyMethodDef methods[] = {{"_set_backend", py_set_backend, METH_O, "Select a backend id for this thread."},
                          {"_get_backend", py_get_backend, METH_NOARGS, "This thread's selected backend id."},
                          {"_set_available", py_set_available, METH_VARARGS, "Tell which backends can run here."},
                          {"_resolve", py_resolve, METH_VARARGS, "The backend id that runs on a device now."},
+                         {"_available", py_available, METH_O, "The backend ids that can run on a device here."},
                          {nullptr, nullptr, 0, nullptr}};
 
 struct PyModuleDef pyops_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

@@ -25,12 +25,6 @@ KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
-def native_devices():
-    """Device types pyops._C has kernels for."""
-    return ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
-
-
-@functools.cache
 def _triton_importable():
     return importlib.util.find_spec("triton") is not None
 
@@ -42,26 +36,19 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def available_backends(device="cpu"):
-    """The backends that can run on `device` here, in order of preference (`auto` excluded)."""
-    dev = torch.device(device).type
-    found = []
-    if dev in native_devices() and (dev != "cuda" or torch.cuda.is_available()):
-        found.append("native")
-    if _triton_importable() and (
-        (dev == "cuda" and torch.cuda.is_available()) or (dev == "cpu" and triton_interpreted())
-    ):
-        found.append("triton")
-    found.append("torch")
-    return found
-
-
 def _tell_cxx():
+    """What can run here, told once to the C++ rule (csrc/common/backend.h) that every op and
+    available_backends() read."""
     gpu = torch.cuda.is_available()
     _C._set_available(_triton_importable() and triton_interpreted(), _triton_importable() and gpu, gpu)
 
 
 _tell_cxx()
+
+
+def available_backends(device="cpu"):
+    """The backends that can run on `device` here, in order of preference (`auto` excluded)."""
+    return [_C.BACKENDS[i] for i in _C._available(torch.device(device).type)]
 
 
 class backend(_DecoratorContextManager):

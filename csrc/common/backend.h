@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace pyops {
 
@@ -31,6 +32,9 @@ Backend resolve_for(Device device, int64_t numel, int64_t auto_min_numel, const 
 Backend resolve(const char* op, const at::Tensor& t, int64_t auto_min_numel);
 
 const char* backend_name(Backend b);
+
+// The concrete backends that can run on `device` here, in order of preference (torch last).
+std::vector<Backend> usable_backends(Device device);
 
 // `auto` hands CPU inputs below these sizes (elements) to torch eager, which is faster there: the
 // kernels' gains do not repay a pyops call. Measured fwd+bwd crossovers (dense upstream gradient),
