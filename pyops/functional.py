@@ -9,6 +9,8 @@ Each function is one call of a public pyops op (csrc/autograd/<family>.cpp), whi
 backend (pyops.backend) and differentiates in C++: a pyops call costs what a torch call does.
 """
 
+import numbers
+
 import torch
 import torch.nn.functional as _TF
 
@@ -54,17 +56,12 @@ def _tensor_expected(op, input):
 def _number(op, name, value):
     """A scalar argument in any form torch's modules accept: Python and numpy numbers, bools and
     one-element tensors."""
-    if isinstance(value, (float, int)):
-        return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         return value.item()
-    try:
-        import numbers
-
-        if isinstance(value, numbers.Real):
-            return float(value)
-    except TypeError:
-        pass
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, numbers.Real):  # numpy scalars
+        return float(value)
     raise TypeError(f"pyops.{op}: {name} must be a number, got {type(value).__name__}")
 
 
