@@ -33,8 +33,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pyops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, compiled kernels, backends per device")
-    demo = sub.add_parser("demo", help="every op through every backend on a batch of digits images")
-    demo.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
+    demo = sub.add_parser("demo", help="train a network on the digits with pyops and with torch, and compare")
+    from . import demo as demo_job
+
+    demo_job.add_arguments(demo)
+    tour = sub.add_parser("tour", help="every op and optimizer through every backend on a batch of digits images")
+    tour.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
     check = sub.add_parser(
         "check", help="every op, optimizer, backend and dtype against the float64 oracle; exit 1 on a mismatch"
     )
@@ -53,7 +57,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
+    if str(getattr(args, "device", None)).startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"pyops {args.command}: --device cuda, but no CUDA GPU is visible here")
     if args.command == "info":
         from .info import info
@@ -61,10 +65,12 @@ def main(argv=None):
         info()
     elif args.command == "bench":
         _bench(args)
+    elif args.command == "demo":
+        sys.exit(0 if demo_job.main(args) else 1)
     else:
         from . import tour
 
-        ok = tour.demo(args.device) if args.command == "demo" else tour.check(args.device, args.family)
+        ok = tour.demo(args.device) if args.command == "tour" else tour.check(args.device, args.family)
         sys.exit(0 if ok else 1)
 
 

@@ -1,4 +1,7 @@
-"""pyops.convert(model): swap torch modules for their pyops drop-ins, in place."""
+"""pyops.convert(model): swap torch modules for their pyops drop-ins, and fuse a batch norm or
+convolution with the activation that directly follows it."""
+
+import copy
 
 from torch import nn
 
@@ -48,11 +51,60 @@ def _replacement(m, done):
     return new
 
 
-def convert(model):
-    """Replace every torch module that has a pyops drop-in (exact type match) by it and return the
-    model (a replaced root comes back as its replacement). Parameters and buffers are shared, not
-    copied; training mode and hooks are kept; a module used at several places becomes one pyops
-    module used at the same places."""
+def _fusable(m):
+    """The (activation, its keyword arguments) a ReLU/LeakyReLU/ELU module computes, else None. A module
+    with hooks is left alone: fusing it would hide the value its hooks see."""
+    if _has_hooks(m):
+        return None
+    if isinstance(m, nn.ReLU):
+        return "relu", {}
+    if isinstance(m, nn.LeakyReLU):
+        return "leaky_relu", {"negative_slope": m.negative_slope}
+    if isinstance(m, nn.ELU):
+        return "elu", {"alpha": m.alpha}
+    return None
+
+
+def _has_hooks(m):
+    return any(getattr(m, attr, None) for attr in _CARRIED if attr.endswith("hooks"))
+
+
+def _fuse_into(m, act, kwargs):
+    """Give the pyops module m the activation `act` if it has none and can take it; whether it did."""
+    if type(m) not in _FUSES_ACTIVATION or _has_hooks(m):
+        return False
+    if getattr(m, "activation", None) is not None:
+        return False
+    m.activation = act
+    for k, v in kwargs.items():
+        setattr(m, k, v)
+    return True
+
+
+def fuse_activations(model):
+    """In every nn.Sequential of model, a pyops batch norm or convolution directly followed by a
+    ReLU/LeakyReLU/ELU takes the activation into its kernel (`activation=...`) and the activation's
+    place becomes nn.Identity, so indices and state_dict keys stay the same. A convolution followed by
+    a batch norm is left as it is (the batch norm takes the activation). Returns model."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            act = _fusable(seq._modules[second]) if seq._modules[second] is not None else None
+            if act is not None and _fuse_into(seq._modules[first], *act):
+                seq._modules[second] = nn.Identity()
+    return model
+
+
+def convert(model, inplace=False, fuse=True):
+    """The model with every torch module that has a pyops drop-in (exact type match) replaced by it
+    (a replaced root comes back as its replacement); with `fuse`, batch norms and convolutions are
+    then fused with the activation that follows them (see `fuse_activations`). With inplace=False (the default)
+    the model is deep-copied first; with inplace=True the replacements share the original's
+    parameters and buffers, and the model itself is changed. Training mode and hooks are kept; a
+    module used at several places becomes one pyops module used at the same places. state_dict keys
+    are unchanged either way."""
+    if not inplace:
+        model = copy.deepcopy(model)
     done = {}
     root = _replacement(model, done)
     if root is not None:
@@ -62,4 +114,10 @@ def convert(model):
             new = _replacement(child, done) if child is not None else None
             if new is not None:
                 setattr(module, name, new)
+    if fuse:
+        fuse_activations(model)
     return model
+
+
+# pyops modules that take an activation into their kernel (filled in as those families exist).
+_FUSES_ACTIVATION = tuple(getattr(pnn, name) for name in ("BatchNorm1d", "BatchNorm2d", "Conv2d") if hasattr(pnn, name))

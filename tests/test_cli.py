@@ -55,11 +55,23 @@ def test_check_passes():
             assert backends == set(pyops.available_backends("cpu")), (family, name, backends)
 
 
-def test_demo_runs_on_digits():
-    out = _run("demo", interpret=False)
+def test_tour_runs_on_digits():
+    out = _run("tour", interpret=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "digits" in out.stdout and "relu" in out.stdout and "maxout" in out.stdout
     assert "Adam" in out.stdout and "RMSprop" in out.stdout
+
+
+def test_demo_trains_both_sides_and_plots(tmp_path):
+    """The main job: both sides trained from the same start, a table each, the plot written."""
+    png = tmp_path / "curves.png"
+    out = _run("demo", "--epochs", "2", "--no-progress", "--plot", str(png), interpret=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for line in ("pyops: cnn (pyops modules, pyops.optim.Adam)", "torch: cnn (torch modules, torch.optim.Adam)"):
+        assert line in out.stdout
+    assert out.stdout.count("macro F1") == 2 and out.stdout.count("per-class recall") == 2
+    assert "time per epoch, pyops / torch" in out.stdout
+    assert png.stat().st_size > 10_000
 
 
 def test_bench_writes_table_csv_and_plot(tmp_path):

@@ -221,13 +221,23 @@ def test_relu_keeps_negative_zero(backend):
 
 
 # ---- convert keeps hooks and sharing, and converts the root ---------------------------------------
+def test_convert_copies_unless_inplace():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    copied = pyops.convert(model)
+    assert copied is not model and isinstance(model[1], nn.ReLU) and not isinstance(model[1], pnn.ReLU)
+    assert isinstance(copied[1], pnn.ReLU) and copied[0].weight is not model[0].weight
+    assert torch.equal(copied[0].weight, model[0].weight) and copied.state_dict().keys() == model.state_dict().keys()
+    same = pyops.convert(model, inplace=True)
+    assert same is model and isinstance(model[1], pnn.ReLU)
+
+
 def test_convert_keeps_hooks_sharing_and_converts_the_root():
     shared, calls = nn.ReLU(), []
     shared.register_forward_hook(lambda m, i, o: calls.append("fwd"))
     shared.register_forward_pre_hook(lambda m, i: calls.append("pre"))
     model = nn.Sequential(nn.Linear(3, 3), shared, nn.Linear(3, 3), shared, nn.Sequential(nn.Tanh()))
     model.eval()
-    assert pyops.convert(model) is model
+    assert pyops.convert(model, inplace=True) is model
     assert isinstance(model[1], pnn.ReLU) and model[1] is model[3] and isinstance(model[4][0], pnn.Tanh)
     assert not model[1].training
     model(torch.randn(2, 3))

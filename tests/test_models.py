@@ -1,0 +1,241 @@
+"""Whole models: the lectures' networks built from pyops and from torch, trained side by side on the
+digits; convert() of torch-built models; pyops.optim.convert; the demo's other jobs; distributed
+training on two processes."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import pyops
+import pyops.nn as pnn
+from pyops import data as pdata
+from pyops import demo
+from pyops import models as pmodels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = list(pmodels.MODELS)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return pdata.split()
+
+
+def _steps(model, side, split, steps, dtype, batch=64):
+    """Losses of `steps` Adam steps of model on the first batches of the digits, in dtype."""
+    model = model.to(dtype)
+    opt = demo._optimizer(side, model.parameters(), 1e-3)
+    loss_fn = demo._loss(side)
+    batches = pdata.batches(len(split.y_train), batch, 0)[:steps]
+    losses = []
+    for idx in batches:
+        opt.zero_grad()
+        loss = loss_fn(model(split.x_train[idx].to(dtype)), split.y_train[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_both_libs_build_the_same_network(name):
+    ours, theirs = pmodels.pair(name)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    kinds = {type(m) for m in ours.modules()}
+    assert not kinds & {nn.ReLU, nn.Conv2d, nn.BatchNorm2d}, kinds  # pyops' modules, not torch's
+    assert not {type(m) for m in theirs.modules()} & {pnn.ReLU, pnn.Maxout}
+    assert ours(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_parity_float64(name, digits):
+    """Same initialisation and batches, 20 steps: pyops' kernels (native backend) and torch's agree step
+    by step in float64."""
+    ours, theirs = pmodels.pair(name)
+    with pyops.backend("native"):
+        mine = _steps(ours, "pyops", digits, 20, torch.float64)
+    ref = _steps(theirs, "torch", digits, 20, torch.float64)
+    torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
+    for (k, p), q in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10, msg=k)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnext"])
+def test_training_parity_float32(name, digits):
+    ours, theirs = pmodels.pair(name)
+    with pyops.backend("native"):
+        mine = _steps(ours, "pyops", digits, 20, torch.float32)
+    ref = _steps(theirs, "torch", digits, 20, torch.float32)
+    torch.testing.assert_close(mine, ref, rtol=2e-3, atol=1e-4)
+
+
+def test_cnn_learns_the_digits(digits):
+    model = pmodels.build("cnn")
+    run = demo.train(model, "pyops", digits.x_train, digits.y_train, epochs=8, progress=False)
+    m = demo.metrics(run.model, digits.x_test, digits.y_test)
+    assert m["accuracy"] >= 0.95, m["accuracy"]
+    assert run.losses[-1] < run.losses[0] / 5
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compile_fullgraph_matches_eager(name):
+    """torch.compile(fullgraph=True) of each network of pyops modules: no graph break, forward and
+    backward as in eager."""
+    model = pmodels.build(name).double()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    model.eval()  # the running statistics do not move, so both runs see the same model
+    eager = model(x)
+    eager.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-9, atol=1e-12)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("training", [True, False])
+def test_convert_of_torch_models(name, training):
+    """convert() of a torch-built network: pyops modules holding the same state, batch norm (or
+    convolution) fused with the activation that follows it, same outputs and gradients."""
+    theirs = pmodels.build(name, "torch").double().train(training)
+    ours = pyops.convert(theirs)
+    assert ours is not theirs and ours.state_dict().keys() == theirs.state_dict().keys()
+    kinds = [type(m) for m in ours.modules()]
+    assert nn.ReLU not in kinds and nn.Conv2d not in kinds and nn.BatchNorm2d not in kinds
+    fused = [m for m in ours.modules() if getattr(m, "activation", None) is not None]
+    expected = sum(
+        isinstance(a, (nn.Conv2d, nn.BatchNorm2d)) and isinstance(b, nn.ReLU)
+        for seq in theirs.modules()
+        if isinstance(seq, nn.Sequential)
+        for a, b in zip(seq, list(seq)[1:])
+    )
+    assert len(fused) == expected
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    with pyops.backend("native"):
+        y = ours(x)
+        y.square().sum().backward()
+    r = theirs(x)
+    r.square().sum().backward()
+    torch.testing.assert_close(y, r, rtol=1e-9, atol=1e-12)
+    for (k, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=k)
+    for (k, b), c in zip(ours.named_buffers(), theirs.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_convert_fuses_only_what_it_may():
+    hooked = nn.ReLU()
+    hooked.register_forward_hook(lambda *a: None)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 1), hooked, nn.ELU(0.5)
+    )
+    ours = pyops.convert(model)
+    assert ours[0].activation == "relu" and isinstance(ours[1], nn.Identity)
+    assert ours[2].activation == "leaky_relu" and ours[2].negative_slope == 0.2 and isinstance(ours[3], nn.Identity)
+    assert ours[4].activation is None and isinstance(ours[5], pnn.ReLU) and isinstance(ours[6], pnn.ELU)
+    plain = pyops.convert(model, fuse=False)
+    assert plain[0].activation is None and isinstance(plain[1], pnn.ReLU)
+    x = torch.randn(2, 2, 6, 6)
+    torch.testing.assert_close(ours(x), model(x))
+
+
+def test_optim_convert_keeps_the_state():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    twin = nn.Linear(6, 3).double()
+    twin.load_state_dict(model.state_dict())
+    data = [(torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)) for _ in range(6)]
+    opts = [torch.optim.Adam(m.parameters(), lr=0.01, weight_decay=0.1, amsgrad=True) for m in (model, twin)]
+
+    def step(m, opt, x, t):
+        opt.zero_grad()
+        nn.functional.mse_loss(m(x), t).backward()
+        opt.step()
+
+    for x, t in data[:3]:
+        for m, opt in zip((model, twin), opts):
+            step(m, opt, x, t)
+    converted = pyops.optim.convert(opts[0])
+    assert type(converted) is pyops.optim.Adam and converted.param_groups[0]["amsgrad"]
+    assert converted.state[model.weight]["step"] == 3
+    for x, t in data[3:]:
+        step(model, converted, x, t)
+        step(twin, opts[1], x, t)
+    torch.testing.assert_close(model.weight, twin.weight, rtol=1e-12, atol=1e-14)
+    assert pyops.optim.convert(converted) is converted
+    with pytest.raises(TypeError, match="pyops.optim.convert: no pyops drop-in for LBFGS"):
+        pyops.optim.convert(torch.optim.LBFGS(model.parameters()))
+
+
+def _args(**kw):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--no-progress", "--epochs", "1"])
+    args.device, args.dtype, args.data_name = "cpu", torch.float32, "digits"
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_demo_model_comparison_table(digits, capsys):
+    rows = demo.compare_models(_args(epochs=3), digits)
+    names = [r[0] for r in rows]
+    assert names == ["k-NN (k=3)", "linear (logistic regression)", "mlp2", "mlp3", "maxout", "cnn"]
+    assert all(0.5 < acc <= 1 for _, acc, _, _ in rows), rows
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_demo_imbalance_and_transfer(digits, capsys):
+    results = demo.imbalance(_args(epochs=3), digits)
+    (_, plain), (_, weighted) = results
+    cut = [1, 4, 7]
+    assert weighted["per_class_recall"][cut].mean() >= plain["per_class_recall"][cut].mean()
+    rows = demo.transfer(_args(epochs=2))
+    assert [r[0] for r in rows] == ["transfer (frozen 0-4 features, new head)", "from scratch"]
+    assert "cut classes" in capsys.readouterr().out
+
+
+def test_data_accepts_tensors_and_datasets():
+    images, labels = torch.rand(40, 8, 8), torch.arange(40) % 4
+    split = pdata.split((images, labels), test_fraction=0.5)
+    assert split.x_train.shape == (20, 1, 8, 8) and split.classes == 4
+    dataset = [(images[i], int(labels[i])) for i in range(40)]
+    x, y = pdata.as_tensors(dataset)
+    assert torch.equal(x[:, 0], images) and torch.equal(y, labels)
+    with pytest.raises(TypeError, match="pyops.data"):
+        pdata.as_tensors(5)
+
+
+def _torchrun(tmp_path, nproc, name):
+    out = tmp_path / f"{name}.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone"]
+    cmd += ["-m", "pyops", "demo", "--epochs", "1", "--dtype", "float64", "--only", "pyops", "--sync-bn"]
+    cmd += ["--no-progress", "--batch-size", "64", "--device", "cpu", "--save", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return torch.load(out)["pyops"]
+
+
+def test_distributed_training_equals_one_process(tmp_path):
+    """Two processes on gloo with DistributedDataParallel and SyncBatchNorm, each taking half of every
+    batch, train as one process on the whole batch: same losses, same final parameters and running
+    statistics."""
+    two = _torchrun(tmp_path, 2, "two")
+    one = _torchrun(tmp_path, 1, "one")
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-9, atol=1e-12)
+    assert two["state"].keys() == one["state"].keys()
+    for k, v in one["state"].items():
+        torch.testing.assert_close(two["state"][k], v, rtol=1e-8, atol=1e-10, msg=k)
