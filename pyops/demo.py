@@ -289,19 +289,8 @@ def compare(args, split):
         if args.only and side != args.only:
             continue
         model = model.to(device=device, dtype=args.dtype)
-        run = train(
-            model,
-            side,
-            split.x_train.to(args.dtype),
-            split.y_train,
-            args.epochs,
-            args.batch_size,
-            args.lr,
-            args.seed,
-            sync_bn=args.sync_bn,
-            progress=not args.no_progress,
-            desc=f"{side} {args.model}",
-        )
+        x = split.x_train.to(args.dtype)
+        run = fit(args, model, x, split.y_train, f"{side} {args.model}", side=side, sync_bn=args.sync_bn)
         runs.append(run)
         evaluations.append(metrics(run.model, split.x_test.to(args.dtype), split.y_test))
     if rank == 0:
