@@ -239,3 +239,15 @@ def test_distributed_training_equals_one_process(tmp_path):
     assert two["state"].keys() == one["state"].keys()
     for k, v in one["state"].items():
         torch.testing.assert_close(two["state"][k], v, rtol=1e-8, atol=1e-10, msg=k)
+
+
+def test_optimizers_step_fsdp2_sharded_parameters():
+    """pyops optimizers on fully_shard's DTensor parameters (2 processes, gloo): each rank steps its
+    shard in the kernel, the state stays sharded, and the result is torch's on the whole model."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(
+        cmd + [os.path.join(ROOT, "tests", "fsdp_worker.py")], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert res.returncode == 0 and "fsdp ok" in res.stdout, res.stdout + res.stderr

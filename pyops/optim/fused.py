@@ -54,6 +54,11 @@ KERNEL_BACKENDS = ("native", "triton")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_CACHED_LRS = 64
 
+try:  # FSDP2's sharded parameters
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = None
+
 _log = logging.getLogger("pyops")
 _FALLBACKS = Counter()
 _LOGGED = set()
@@ -105,6 +110,18 @@ def _lr_tensor(lr, device):
     if is_cuda and torch.cuda.is_current_stream_capturing():
         entry[2] = True
     return entry[1]
+
+
+def _as_state_of(owner, t):
+    """t, stepped in place of the parameter `owner` (as its real pairs or its local shard), in the form
+    owner's state holds it: complex for a complex parameter, sharded as owner for a DTensor one."""
+    if owner.is_complex() and not t.is_complex():
+        t = torch.view_as_complex(t)
+    if _DTensor is not None and isinstance(owner, _DTensor) and not isinstance(t, _DTensor):
+        t = _DTensor.from_local(
+            t, owner.device_mesh, owner.placements, run_check=False, shape=owner.shape, stride=owner.stride()
+        )
+    return t
 
 
 def _on(t, device):
@@ -164,6 +181,14 @@ class _Fused:
             writeback = None
             if self.master_weights:
                 lists, writeback = self._to_master(group, lists)
+            local = self._local_shards(lists)
+            if local is None:  # DTensors whose shards cannot be stepped on their own
+                _fell_back(self, "DTensor parameters sharded unlike their gradients", len(lists[0]))
+                self._fallback(group, lists, range(len(lists[0])), grad_scale, found_inf)
+                if writeback is not None:
+                    writeback(grad_scale is not None)
+                continue
+            lists = local
             # The common case in one call; the shared C++ checks decide whether it qualifies (they run
             # before anything is written), and anything else goes the careful way.
             if has_sparse or not self._whole_group(group, lists, grad_scale, found_inf):
@@ -247,7 +272,32 @@ class _Fused:
                 s = sub[k][i] if key is not None and sub[k] else None
                 if s is not None and not _same_layout(s, p):
                     sub[k][i] = torch.empty_like(p, dtype=s.dtype).copy_(s)
-                    self.state[self._owner(p)][key] = sub[k][i]
+                    self.state[self._owner(p)][key] = _as_state_of(self._owner(p), sub[k][i])
+
+    def _local_shards(self, lists):
+        """DTensor parameters (FSDP2's sharded ones), their gradients and state as this rank's local
+        shards: every step is elementwise, so stepping each rank's shard steps the whole tensor,
+        provided a parameter and its gradient are sharded alike and nothing is pending reduction
+        (Partial). None where that does not hold; lists itself where there is no DTensor."""
+        if _DTensor is None or not any(isinstance(p, _DTensor) for p in lists[0]):
+            return lists
+        for p, g in zip(lists[0], lists[1]):
+            for t in (p, g):
+                if not isinstance(t, _DTensor) or any(pl.is_partial() for pl in t.placements):
+                    return None
+            if g.placements != p.placements or g.device_mesh != p.device_mesh:
+                return None
+        out = []
+        for lst in lists:
+            shards = []
+            for t in lst:
+                if isinstance(t, _DTensor):
+                    local = t.to_local()
+                    self._stand_ins[id(local)] = self._owner(t)
+                    t = local
+                shards.append(t)
+            out.append(shards)
+        return tuple(out)
 
     def _as_real_pairs(self, sub):
         """Complex tensors as real pairs (the view shares the parameter's version counter)."""
@@ -473,7 +523,7 @@ class SGD(_Fused, optim.SGD):
             if skipped and flags:
                 continue  # never written: the next step starts this buffer
             buf = bufs[i]
-            self.state[owner]["momentum_buffer"] = torch.view_as_complex(buf) if owner.is_complex() else buf
+            self.state[owner]["momentum_buffer"] = _as_state_of(owner, buf)
             if skipped is None and flags:
                 pending[owner] = flags[i]
         if skipped is False and pending:  # every flag passed was applied and cleared
@@ -512,7 +562,7 @@ class SGD(_Fused, optim.SGD):
         )
         if momentum != 0:
             for p, b in zip(params, bufs):
-                self.state[self._owner(p)]["momentum_buffer"] = b
+                self.state[self._owner(p)]["momentum_buffer"] = _as_state_of(self._owner(p), b)
             if skip is not None:  # created by a step the device may skip: settled like the kernel's
                 flag = skip.to(torch.uint8).reshape(1)
                 for i in new:
