@@ -106,6 +106,15 @@ def compare(actual, expected64, dtype, torch_result=None, what="output", reduced
     return Comparison(what, worst, error)
 
 
+def gradcheck(fn, inputs):
+    """torch.autograd.gradcheck of fn at inputs (float64) as a Comparison (worst 0 passes, inf fails)."""
+    try:
+        torch.autograd.gradcheck(fn, inputs)
+    except Exception as e:  # GradcheckError, or the op's own error: either is the failure to report
+        return _failed("gradcheck", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return Comparison("gradcheck", 0.0, 0.0)
+
+
 def _labelled(label, comparison):
     message = comparison.message and f"{label}: {comparison.message}"
     return dataclasses.replace(comparison, what=f"{label} {comparison.what}", message=message)
@@ -214,12 +223,20 @@ class OpSpec:
 
     def check(self, dtype, device, seed=0):
         """Every sample and the edge values on the current backend, against the oracle; each sample drawn
-        from a generator seeded with `seed` (the values the tests draw after torch.manual_seed(seed))."""
-        return [
+        from a generator seeded with `seed` (the values the tests draw after torch.manual_seed(seed)).
+        In float64, also torch.autograd.gradcheck of the op on its first sample of 2 to 256 elements."""
+        results = [
             _labelled(label, c)
             for label, sample in {**self.samples, "edge": self.edge}.items()
             for c in check_op_sample(self, sample, dtype, device, torch.Generator().manual_seed(seed))
         ]
+        if dtype == torch.float64:
+            small = [v for v in self.samples.values() if v.values is None and 1 < math.prod(v.shape) <= 256]
+            sample = (small or list(self.samples.values()))[0]
+            kwargs = self.sample_kwargs(sample)
+            x = sample.make(dtype, device, torch.Generator().manual_seed(seed)).requires_grad_()
+            results.append(gradcheck(lambda t: self.fn(t, **kwargs), (x,)))
+        return results
 
 
 # Empty, 0-d, one element, sizes that are not a multiple of 8 (the vector/mask width), several Triton

@@ -153,8 +153,9 @@ def check(device=None, families=None):
     with the worst case of its samples; the failures listed after. Returns whether all passed."""
     device = default_device(device)
     print(
-        f"pyops check on {device}: every op and optimizer, on every backend and dtype, against the float64 oracle "
-        "(err: largest error relative to max |oracle|; err/tol: largest error over its bound, <= 1 passes)"
+        f"pyops check on {device}: every op and optimizer, on every backend and dtype, against the float64 oracle; "
+        "float64 rows of ops include torch.autograd.gradcheck (err: largest error relative to max |oracle|; "
+        "err/tol: largest error over its bound, <= 1 passes)"
     )
     head = f"{'family':<10} {'op':<11} {'dtype':<9} {'backend':<8} {'results':>7} {'max err':>9} {'err/tol':>8}  ok"
     print(head)
