@@ -103,11 +103,7 @@ def _optimizer(side, params, lr):
 
 
 def _loss(side, weight=None):
-    if side == "pyops":
-        from . import nn as pnn
-
-        return getattr(pnn, "CrossEntropyLoss", nn.CrossEntropyLoss)(weight=weight)
-    return nn.CrossEntropyLoss(weight=weight)
+    return pmodels.loss_module(side, weight=weight)
 
 
 def _sync(device):

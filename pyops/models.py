@@ -257,6 +257,15 @@ def build(name, lib="pyops", seed=0, fuse=True, **kwargs):
     return model
 
 
+def loss_module(lib="pyops", **kwargs):
+    """Cross-entropy as `lib` provides it (softmax and the negative log-likelihood in one)."""
+    if lib == "pyops":
+        from . import nn as pnn
+
+        return getattr(pnn, "CrossEntropyLoss", nn.CrossEntropyLoss)(**kwargs)  # DEVFALLBACK
+    return nn.CrossEntropyLoss(**kwargs)
+
+
 def pair(name, seed=0, **kwargs):
     """(pyops model, torch model) of `name` holding the same initial parameters and buffers."""
     theirs = build(name, "torch", seed, **kwargs)

@@ -489,4 +489,4 @@ def check_optimizer(spec, config, dtype, device, generator=None):
 SPECS = {"activation": ACTIVATIONS, "optim": OPTIMIZERS}
 FAMILIES = tuple(SPECS)
 # The bench's families: one per op family, and `overhead`, the fixed cost of a call of each activation.
-BENCH_FAMILIES = FAMILIES + ("overhead",)
+BENCH_FAMILIES = FAMILIES + ("overhead", "models")
