@@ -75,10 +75,18 @@ def _fuse_into(m, act, kwargs):
         return False
     if getattr(m, "activation", None) is not None:
         return False
+    for k, v in kwargs.items():  # a parameter the module cannot hold must be the kernel's fixed one
+        if not hasattr(m, k) and v != _FIXED_PARAMETERS[k]:
+            return False
     m.activation = act
     for k, v in kwargs.items():
-        setattr(m, k, v)
+        if hasattr(m, k):
+            setattr(m, k, v)
     return True
+
+
+# The activation parameters of a fused kernel that takes none (torch's defaults).
+_FIXED_PARAMETERS = {"negative_slope": 0.01, "alpha": 1.0}
 
 
 def fuse_activations(model):

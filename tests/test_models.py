@@ -138,15 +138,25 @@ def test_convert_fuses_only_what_it_may():
     hooked = nn.ReLU()
     hooked.register_forward_hook(lambda *a: None)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 1), hooked, nn.ELU(0.5)
+        nn.Conv2d(2, 4, 3),
+        nn.ReLU(),
+        nn.BatchNorm2d(4),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 4, 1),
+        hooked,
+        nn.ELU(0.5),
+        nn.Conv2d(4, 4, 1),
+        nn.LeakyReLU(0.3),
     )
     ours = pyops.convert(model)
     assert ours[0].activation == "relu" and isinstance(ours[1], nn.Identity)
     assert ours[2].activation == "leaky_relu" and ours[2].negative_slope == 0.2 and isinstance(ours[3], nn.Identity)
     assert ours[4].activation is None and isinstance(ours[5], pnn.ReLU) and isinstance(ours[6], pnn.ELU)
+    if not hasattr(ours[7], "negative_slope"):  # a convolution's epilogue has the default slope only
+        assert ours[7].activation is None and isinstance(ours[8], pnn.LeakyReLU)
     plain = pyops.convert(model, fuse=False)
     assert plain[0].activation is None and isinstance(plain[1], pnn.ReLU)
-    x = torch.randn(2, 2, 6, 6)
+    x = torch.randn(2, 2, 8, 8)
     torch.testing.assert_close(ours(x), model(x))
 
 
