@@ -144,7 +144,7 @@ def _stats_combine_kernel(pn_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, part
         m2 = m2 + tl.where(nb > 0, m2b + delta * delta * (n * nb / safe), 0.0)
         n = total
     tl.store(mean_ptr + cols, mean, mask=cm)
-    tl.store(var_ptr + cols, m2 / n, mask=cm)
+    tl.store(var_ptr + cols, m2 / tl.where(n > 0, n, 1.0), mask=cm)
 
 
 @triton.jit(do_not_specialize=["C", "parts"])

@@ -105,9 +105,11 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn<B>> {
     const auto act = BnAct(ctx->saved_data["activation"].toInt());
     const double param = ctx->saved_data["param"].toDouble();
     const c10::string_view name = bn_act_name(act);
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) && weight.defined(),
-               need_b = ctx->needs_input_grad(2) && bias.defined(),
-               need_r = ctx->needs_input_grad(3) && ctx->saved_data["has_residual"].toBool();
+    // needs_input_grad counts the tensor inputs given (x, then weight, bias, residual where given)
+    const bool has_w = weight.defined(), has_b = bias.defined(), has_r = ctx->saved_data["has_residual"].toBool();
+    const bool need_x = ctx->needs_input_grad(0), need_w = has_w && ctx->needs_input_grad(1),
+               need_b = has_b && ctx->needs_input_grad(1 + has_w),
+               need_r = has_r && ctx->needs_input_grad(1 + has_w + has_b);
     variable_list result(10);
     // with the identity, dr = dz = g itself
     const bool kernel_r = need_r && act != BnAct::kNone;
