@@ -232,6 +232,45 @@ struct BatchNorm {
     return {sum_dz, sum_dz_xhat, gr};
   }
 
+  // ---- backward in training, both passes: (dx, sum(dz), sum(dz * xhat), dr or empty). A device may do
+  // them at once (D::bwd_fused returns whether it did); else the reduction, the coefficients, the
+  // elementwise pass.
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& grad_out, const std::optional<Tensor>& input,
+                                                        const std::optional<Tensor>& output,
+                                                        const std::optional<Tensor>& residual, const Tensor& mean,
+                                                        const Tensor& invstd, const std::optional<Tensor>& weight,
+                                                        const std::optional<Tensor>& bias, c10::string_view activation,
+                                                        double param, bool grad_residual) {
+    const char* op = "batch_norm_bwd";
+    check_floating(op, "grad_out", grad_out);
+    typename D::Guard guard(grad_out);
+    const Tensor& x0 = input.has_value() && input->defined() ? *input : output.value_or(grad_out);
+    TORCH_CHECK(x0.dim() >= 2, "pyops::", op, ": input must have at least 2 dimensions (N, C, ...), got ", x0.dim());
+    const Tensor m = bn_channel(op, "mean", mean, x0), is = bn_channel(op, "invstd", invstd, x0);
+    const Tensor w = bn_channel(op, "weight", weight.value_or(Tensor()), x0);
+    const Tensor b = bn_channel(op, "bias", bias.value_or(Tensor()), x0);
+    BnInput in;
+    BnPass p = backward_pass(op, grad_out, input, output, residual, m, b, activation, param, &in);
+    const auto opts = in.x.options().dtype(bn_opmath(in.x.scalar_type()));
+    Tensor sum_dz = at::zeros({in.l.channels}, opts), sum_dzv = at::zeros({in.l.channels}, opts);
+    Tensor gr = grad_residual ? at::empty_like(in.x) : at::empty({0}, in.x.options());
+    Tensor gi = at::empty_like(in.x);
+    p.a = w.defined() ? w * is : is;
+    const bool any = in.x.numel() > 0;
+    const Tensor gr_arg = grad_residual ? gr : Tensor();
+    if (any && !D::bwd_fused(p, is, w, sum_dz, sum_dzv, gr_arg, gi)) {
+      D::bwd_reduce(p, sum_dz, sum_dzv, gr_arg);
+      const Tensor sdx = p.from_output ? (w.defined() ? sum_dzv / w : sum_dzv) : sum_dzv * is;
+      const double count = double(in.l.count());
+      const Tensor mdz = sum_dz / count, mdx = sdx / count;
+      p.c = -p.a * mdz;
+      p.b = p.from_output ? -is * mdx : -p.a * is * mdx;
+      D::bwd_elemt(p, gi);
+    }
+    Tensor sum_dz_xhat = p.from_output ? (w.defined() ? sum_dzv / w : sum_dzv) : sum_dzv * is;
+    return {gi, sum_dz, sum_dz_xhat, gr};
+  }
+
   // ---- backward, elementwise: dx; mean_dz and mean_dz_xhat (means over the batch) given in training ---
   static Tensor bwd_elemt(const Tensor& grad_out, const std::optional<Tensor>& input,
                           const std::optional<Tensor>& output, const std::optional<Tensor>& residual,
@@ -272,4 +311,5 @@ struct BatchNorm {
     m.impl("batch_norm_elemt" SUFFIX, &BN::elemt);           \
     m.impl("batch_norm_bwd_reduce" SUFFIX, &BN::bwd_reduce); \
     m.impl("batch_norm_bwd_elemt" SUFFIX, &BN::bwd_elemt);   \
+    m.impl("batch_norm_bwd" SUFFIX, &BN::bwd);               \
   } while (0)

@@ -66,5 +66,10 @@
   X("batch_norm_bwd_elemt", "batch_norm_bwd_elemt_triton",                                          \
     "(Tensor grad_out, Tensor? input, Tensor? output, Tensor? residual, Tensor mean, Tensor invstd, " \
     "Tensor? weight, Tensor? bias, Tensor? mean_dz, Tensor? mean_dz_xhat, str activation, "          \
-    "float param) -> Tensor")
+    "float param) -> Tensor")                                                                        \
+  /* both backward passes in training: (dx, sum(dz), sum(dz * xhat), dr or empty) */                  \
+  X("batch_norm_bwd", "batch_norm_bwd_triton",                                                      \
+    "(Tensor grad_out, Tensor? input, Tensor? output, Tensor? residual, Tensor mean, Tensor invstd, " \
+    "Tensor? weight, Tensor? bias, str activation, float param, bool grad_residual) -> "              \
+    "(Tensor, Tensor, Tensor, Tensor)")
 // clang-format on

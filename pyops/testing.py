@@ -495,7 +495,7 @@ BATCH_NORM_SAMPLES = {
     "empty": Sample((0, 3, 4)),
 }
 # What the Triton interpreter runs (tiny; the kernels are the same for every shape).
-BATCH_NORM_TRITON_SAMPLES = ("channels_last", "ncl", "2d")
+BATCH_NORM_TRITON_SAMPLES = ("channels_last_grad", "ncl_transposed", "2d")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -666,9 +666,18 @@ def _recovered_grads(kwargs, x, rm, rv, w, b, r, g, y):
     ]
 
 
+# Every sample for the plain, the fused residual+relu and the memory-efficient elu forms; the others take
+# these (each layout kind, the smallest batch, a constant channel).
+BATCH_NORM_CORE_SAMPLES = ("nchw", "channels_last_grad", "2d", "ncl_transposed", "nhw2", "constant")
+BATCH_NORM_FULL = ("batch_norm", "bn_add_relu", "bn_elu_me")
+
+
 def _bn(name, residual=False, affine=True, running=True, dtypes=DTYPES, **kwargs):
     kwargs = {"training": True, "momentum": 0.3, "eps": 1e-5, **kwargs}
-    return BatchNormSpec("batch_norm", name, kwargs, residual, affine, running, dtypes=dtypes)
+    samples = BATCH_NORM_SAMPLES
+    if name not in BATCH_NORM_FULL:
+        samples = {k: v for k, v in BATCH_NORM_SAMPLES.items() if k in BATCH_NORM_CORE_SAMPLES}
+    return BatchNormSpec("batch_norm", name, kwargs, residual, affine, running, samples, dtypes)
 
 
 BATCH_NORMS = {

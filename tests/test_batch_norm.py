@@ -37,7 +37,7 @@ def _cases():
                 if device == "cpu" and backend == "triton":
                     if name not in TRITON_SPECS or sample not in BATCH_NORM_TRITON_SAMPLES:
                         continue
-                if device == "cpu" and backend == "torch" and sample not in ("nchw", "channels_last"):
+                if device == "cpu" and backend == "torch" and sample not in ("nchw", "channels_last_grad"):
                     continue
                 yield pytest.param(name, sample, device, backend, marks=marks, id=f"{name}-{sample}-{device}-{backend}")
 
@@ -178,6 +178,10 @@ def _primitive_samples(name, device):
             yield (g, x, None, None, mean, invstd, w, b, "none", 0.0, False)
             yield (g, x, y, None, mean, invstd, w, b, "relu", 0.0, True)
             yield (g, None, y, r, mean, invstd, w, b, "leaky_relu", 0.1, True)
+        elif name == "batch_norm_bwd":
+            yield (g, x, None, None, mean, invstd, w, b, "none", 0.0, False)
+            yield (g, x, y, None, mean, invstd, None, None, "relu", 0.0, True)
+            yield (g, None, y, r, mean, invstd, w, b, "elu", 0.9, True)
         elif name == "batch_norm_bwd_elemt":
             yield (g, x, None, None, mean, invstd, w, b, mean * 0.1, invstd * 0.2, "none", 0.0)
             yield (g, x, y, None, mean, invstd, None, None, None, None, "relu", 0.0)

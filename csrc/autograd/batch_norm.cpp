@@ -59,6 +59,10 @@ const Prim<Triple(const Tensor&, const Opt&, const Opt&, const Opt&, const Tenso
 const Prim<Tensor(const Tensor&, const Opt&, const Opt&, const Opt&, const Tensor&, const Tensor&, const Opt&,
                   const Opt&, const Opt&, const Opt&, c10::string_view, double)>
     bn_bwd_elemt("pyops::batch_norm_bwd_elemt", "pyops::batch_norm_bwd_elemt_triton");
+using Quad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+const Prim<Quad(const Tensor&, const Opt&, const Opt&, const Opt&, const Tensor&, const Tensor&, const Opt&, const Opt&,
+                c10::string_view, double, bool)>
+    bn_bwd("pyops::batch_norm_bwd", "pyops::batch_norm_bwd_triton");
 
 Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : std::nullopt; }
 
@@ -120,6 +124,15 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn<B>> {
                                          std::nullopt, std::nullopt, name, param);
       return result;
     }
+    if (training && need_x) {  // both passes in one primitive (a device may fuse them)
+      auto [gi, sum_dz, sum_dz_xhat, dr] = bn_bwd[B].call(g, opt(x), opt(out), opt(residual), mean, invstd, opt(weight),
+                                                          opt(bias), name, param, kernel_r);
+      result[0] = gi;
+      if (kernel_r) result[3] = dr;
+      if (need_w) result[1] = sum_dz_xhat.to(weight.scalar_type());
+      if (need_b) result[2] = sum_dz.to(bias.scalar_type());
+      return result;
+    }
     auto [sum_dz, sum_dz_xhat, dr] = bn_bwd_reduce[B].call(g, opt(x), opt(out), opt(residual), mean, invstd,
                                                            opt(weight), opt(bias), name, param, kernel_r);
     if (kernel_r) result[3] = dr;
@@ -157,6 +170,10 @@ struct Kernels {
                            bool grad_residual) {
     PYOPS_BN_BELOW(bn_bwd_reduce[B].call(g, x, y, r, mean, invstd, w, b, act, param, grad_residual));
   }
+  static Quad bwd(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean, const Tensor& invstd,
+                  const Opt& w, const Opt& b, c10::string_view act, double param, bool grad_residual) {
+    PYOPS_BN_BELOW(bn_bwd[B].call(g, x, y, r, mean, invstd, w, b, act, param, grad_residual));
+  }
   static Tensor bwd_elemt(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean,
                           const Tensor& invstd, const Opt& w, const Opt& b, const Opt& mdz, const Opt& mdx,
                           c10::string_view act, double param) {
@@ -171,6 +188,7 @@ struct Kernels {
     m.impl("batch_norm_elemt" SUFFIX, &K::elemt);           \
     m.impl("batch_norm_bwd_reduce" SUFFIX, &K::bwd_reduce); \
     m.impl("batch_norm_bwd_elemt" SUFFIX, &K::bwd_elemt);   \
+    m.impl("batch_norm_bwd" SUFFIX, &K::bwd);               \
   } while (0)
 
 // ---- the public op --------------------------------------------------------------------------------------

@@ -31,6 +31,11 @@ struct Triton {
     launch(p.grad, opt(p.input), opt(p.output), opt(p.residual), p.center, sum_dz, sum_dzv, opt(gr), p.l.outer,
            p.l.channels, p.l.inner, std::string(bn_act_name(p.act)), p.param, p.from_output);
   }
+  // the two backward passes stay two kernels here (csrc/batch_norm.h runs them)
+  static bool bwd_fused(const BnPass&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&) {
+    return false;
+  }
   static void bwd_elemt(const BnPass& p, const at::Tensor& gi) {
     static const TritonLaunch launch("pyops::_triton_bn_bwd_elemt");
     launch(p.grad, opt(p.input), opt(p.output), opt(p.residual), p.center, p.a, opt(p.b), opt(p.c), gi, p.l.outer,

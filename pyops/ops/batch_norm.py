@@ -77,11 +77,20 @@ def _fake_bwd_elemt(
     return _working(ref)
 
 
+def _fake_bwd(grad_out, input, output, residual, mean, invstd, weight, bias, activation, param, grad_residual):
+    ref = _reference_of(input, output)
+    c = _channels(ref)
+    opmath = _opmath(ref.dtype)
+    gr = _working(ref) if grad_residual else ref.new_empty((0,))
+    return _working(ref), ref.new_empty((c,), dtype=opmath), ref.new_empty((c,), dtype=opmath), gr
+
+
 FAKES = {
     "batch_norm_stats": _fake_stats,
     "batch_norm_elemt": _fake_elemt,
     "batch_norm_bwd_reduce": _fake_bwd_reduce,
     "batch_norm_bwd_elemt": _fake_bwd_elemt,
+    "batch_norm_bwd": _fake_bwd,
 }
 for _name, _fake in FAKES.items():
     register_fake(_name, _fake)
