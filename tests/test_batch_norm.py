@@ -487,6 +487,31 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled_model.bn2.num_batches_tracked, eager.bn2.num_batches_tracked)
 
 
+def test_compile_dynamic_shapes_and_cumulative_average():
+    """dynamic=True over three batch shapes, momentum=None (the cumulative average) included: no graph
+    break, eager's results and running statistics."""
+    torch.manual_seed(0)
+
+    def model():
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), pnn.BatchNorm2d(4, activation="relu"), pnn.BatchNorm2d(4, momentum=None)
+        )
+
+    compiled_model, eager = model(), model()
+    eager.load_state_dict(compiled_model.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (2, 3, 5):
+        x = torch.randn(n, 3, 5 + n, 5)
+        yc, ye = compiled(x), eager(x)
+        torch.testing.assert_close(yc, ye)
+        yc.sum().backward()
+        ye.sum().backward()
+    for i in (1, 2):
+        torch.testing.assert_close(compiled_model[i].running_var, eager[i].running_var)
+        torch.testing.assert_close(compiled_model[i].running_mean, eager[i].running_mean)
+    torch.testing.assert_close(compiled_model[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-5)
+
+
 # ---- SyncBatchNorm ---------------------------------------------------------------------------------------
 _SYNC = r"""
 import os, sys, torch, torch.distributed as dist
@@ -578,3 +603,20 @@ def test_cuda_matches_cpu():
             with pyops.backend(backend):
                 y = PF.batch_norm(xc.cuda(), None, None, training=True, activation="relu")
             torch.testing.assert_close(y.cpu(), batch_norm_reference(x, None, None, training=True, activation="relu"))
+
+
+def test_fused_backward_equals_the_two_passes():
+    """The CPU's channel-by-channel backward gives the two-kernel path's bits (same sums, coefficients
+    derived with the same operations in the same order)."""
+    P = PRIMITIVES["native"]
+    x = torch.randn(4, 5, 6, 7)
+    g, y = torch.randn_like(x), torch.rand_like(x)
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    mean, var = P["batch_norm_stats"](x)
+    invstd = (var + 1e-5).rsqrt()
+    gi, sum_dz, sum_dz_xhat, dr = P["batch_norm_bwd"](g, x, y, None, mean, invstd, w, b, "relu", 0.0, True)
+    s1, s2, dr2 = P["batch_norm_bwd_reduce"](g, x, y, None, mean, invstd, w, b, "relu", 0.0, True)
+    n = x.numel() // 5
+    gi2 = P["batch_norm_bwd_elemt"](g, x, y, None, mean, invstd, w, b, s1 / n, s2 / n, "relu", 0.0)
+    assert torch.equal(sum_dz, s1) and torch.equal(sum_dz_xhat, s2) and torch.equal(dr, dr2)
+    assert torch.equal(gi, gi2)

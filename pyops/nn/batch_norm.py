@@ -51,11 +51,16 @@ class _FusedBatchNorm:
 
     def _factor_and_mode(self):
         """torch's _BatchNorm.forward: the running average's factor (and num_batches_tracked counted),
-        whether batch statistics are used, and the running buffers to pass."""
+        whether batch statistics are used, and the running buffers to pass. Under torch.compile the
+        cumulative average (momentum=None) is "cumulative": its factor 1 / num_batches_tracked is data, not
+        a constant to trace (see _cumulative)."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            if self.momentum is None:
+                factor = "cumulative" if torch.compiler.is_compiling() else 1.0 / float(self.num_batches_tracked)
+            else:
+                factor = self.momentum
         bn_training = True if self.training else (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
         return (
@@ -77,24 +82,41 @@ class _FusedBatchNorm:
             text += ", memory_efficient=True"
         return text
 
+    def _cumulative(self, call, running_mean, running_var):
+        """call(momentum) with the running statistics moved by 1 / num_batches_tracked, a tensor: the op
+        sets them to the batch's (momentum 1), then they are blended back (no host synchronisation)."""
+        old_mean, old_var = running_mean.clone(), running_var.clone()
+        out = call(1.0)
+        with torch.no_grad():
+            weight = 1.0 / self.num_batches_tracked.to(running_mean.dtype)
+            running_mean.copy_(torch.lerp(old_mean, running_mean, weight))
+            running_var.copy_(torch.lerp(old_var, running_var, weight))
+        return out
+
 
 class _BatchNormMixin(_FusedBatchNorm):
     def forward(self, input, residual=None):
         """act(batch_norm(input) + residual) (see pyops.functional.batch_norm)."""
         self._check_input_dim(input)
         factor, bn_training, running_mean, running_var = self._factor_and_mode()
-        return F.batch_norm(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            bn_training,
-            factor,
-            self.eps,
-            residual=residual,
-            **self._fused_kwargs(),
-        )
+
+        def call(momentum):
+            return F.batch_norm(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                bn_training,
+                momentum,
+                self.eps,
+                residual=residual,
+                **self._fused_kwargs(),
+            )
+
+        if factor == "cumulative":
+            return self._cumulative(call, running_mean, running_var)
+        return call(factor)
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
@@ -247,18 +269,24 @@ class SyncBatchNorm(_FusedBatchNorm, nn.SyncBatchNorm):
         group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
         world = dist.get_world_size(group) if bn_training and self.training and group is not None else 1
         if world <= 1:
-            return F.batch_norm(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                bn_training,
-                factor,
-                self.eps,
-                residual=residual,
-                **self._fused_kwargs(),
-            )
+
+            def call(momentum):
+                return F.batch_norm(
+                    input,
+                    running_mean,
+                    running_var,
+                    self.weight,
+                    self.bias,
+                    bn_training,
+                    momentum,
+                    self.eps,
+                    residual=residual,
+                    **self._fused_kwargs(),
+                )
+
+            return self._cumulative(call, running_mean, running_var) if factor == "cumulative" else call(factor)
+        if factor == "cumulative":  # (traced without syncing: the factor is read here)
+            factor = 1.0 / float(self.num_batches_tracked)
         act = self.activation or "none"
         param = self.negative_slope if act == "leaky_relu" else self.alpha if act == "elu" else 0.0
         if (act == "leaky_relu" and param < 0) or (act == "elu" and param < 0):
