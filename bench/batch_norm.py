@@ -116,6 +116,7 @@ def _case(form, mode, shape, dtype, device, layout, compile_baseline=True, calls
         references=[("torch eager", "eager")] if calls > 1 else None,
         calls=calls,
         threads=threads,
+        auto=calls > 1,
     )
 
 

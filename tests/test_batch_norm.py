@@ -23,6 +23,15 @@ from pyops.ops.batch_norm import FAKES as BATCH_NORM_FAKES
 from pyops.ops.batch_norm import batch_norm_reference
 from pyops.testing import BATCH_NORM_TRITON_SAMPLES, BATCH_NORMS, check_batch_norm
 
+
+@pytest.fixture(autouse=True)
+def _native():
+    """The tests' small inputs run pyops' kernels (under `auto` they would go to torch below its crossover);
+    a test that names a backend selects it inside."""
+    with pyops.backend("native"):
+        yield
+
+
 # Triton runs under the interpreter here: a few configurations on tiny samples, float32/float64.
 TRITON_SPECS = ("batch_norm", "bn_add_relu", "bn_add_leaky_me", "bn_elu_me", "bn_eval_leaky")
 
