@@ -7,7 +7,8 @@ channels_last as [N * H * W, C, 1]); a channel's M = outer * inner values are it
 (o, i) = divmod(q, inner). Per-channel coefficients are dense float32 (float64 for float64 data).
 
 Reductions are split: program (part, channel block) reduces a tile of ROWS positions x COLS channels
-at a time over its span of positions and writes partial results; a second kernel combines the parts
+at a time over its span of positions (tile results in the compute dtype, accumulated in float64) and
+writes partial results; a second kernel combines the parts
 of each channel in part order (deterministic, no atomics). The number of parts depends on the shape
 only. Statistics are per-tile two-pass (tile mean, then squared deviations from it) merged with
 Chan's formula. The activation, its parameter and the optional operands are runtime arguments (one
@@ -103,16 +104,21 @@ def _stats_partial_kernel(x_ptr, pn_ptr, pmean_ptr, pm2_ptr, count, inner, C, sp
     cols = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS).to(tl.int64)
     lo = part * span
     hi = tl.minimum(lo + span, count)
-    n = tl.zeros([COLS], dtype=COMPUTE)
-    mean = tl.zeros([COLS], dtype=COMPUTE)
-    m2 = tl.zeros([COLS], dtype=COMPUTE)
+    n = tl.zeros([COLS], dtype=tl.float64)
+    mean = tl.zeros([COLS], dtype=tl.float64)
+    m2 = tl.zeros([COLS], dtype=tl.float64)
+    # each channel's first value as a shift: the tiles sum x - shift, small where the mean is far from 0
+    shift = tl.load(x_ptr + cols * inner, mask=cols < C, other=0.0).to(COMPUTE)
     for start in range(lo, hi, ROWS):
         offs, mask = _tile(count, inner, C, start, hi, cols)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        nb = tl.minimum(hi - start, ROWS).to(COMPUTE)
-        mb = tl.sum(x, axis=0) / nb
-        d = tl.where(mask, x - mb[None, :], 0.0)
-        m2b = tl.sum(d * d, axis=0)
+        x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - shift[None, :], 0.0)
+        nt = tl.minimum(hi - start, ROWS).to(COMPUTE)
+        mt = tl.sum(x, axis=0) / nt
+        d = tl.where(mask, x - mt[None, :], 0.0)
+        # the tile's statistics in the compute dtype, merged in float64
+        nb = nt.to(tl.float64)
+        mb = mt.to(tl.float64) + shift.to(tl.float64)
+        m2b = tl.sum(d * d, axis=0).to(tl.float64)
         total = n + nb
         delta = mb - mean
         mean = mean + delta * (nb / total)
@@ -126,12 +132,12 @@ def _stats_partial_kernel(x_ptr, pn_ptr, pmean_ptr, pm2_ptr, count, inner, C, sp
 
 
 @triton.jit(do_not_specialize=["C", "parts"])
-def _stats_combine_kernel(pn_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, parts, COMPUTE: tl.constexpr):
+def _stats_combine_kernel(pn_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, parts):
     cols = tl.program_id(0).to(tl.int64) * COMBINE_COLS + tl.arange(0, COMBINE_COLS).to(tl.int64)
     cm = cols < C
-    n = tl.zeros([COMBINE_COLS], dtype=COMPUTE)
-    mean = tl.zeros([COMBINE_COLS], dtype=COMPUTE)
-    m2 = tl.zeros([COMBINE_COLS], dtype=COMPUTE)
+    n = tl.zeros([COMBINE_COLS], dtype=tl.float64)
+    mean = tl.zeros([COMBINE_COLS], dtype=tl.float64)
+    m2 = tl.zeros([COMBINE_COLS], dtype=tl.float64)
     for p in range(0, parts):
         idx = p * C + cols
         nb = tl.load(pn_ptr + idx, mask=cm, other=0.0)
@@ -143,21 +149,21 @@ def _stats_combine_kernel(pn_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, part
         mean = mean + tl.where(nb > 0, delta * (nb / safe), 0.0)
         m2 = m2 + tl.where(nb > 0, m2b + delta * delta * (n * nb / safe), 0.0)
         n = total
-    tl.store(mean_ptr + cols, mean, mask=cm)
-    tl.store(var_ptr + cols, m2 / tl.where(n > 0, n, 1.0), mask=cm)
+    tl.store(mean_ptr + cols, mean.to(mean_ptr.dtype.element_ty), mask=cm)
+    tl.store(var_ptr + cols, (m2 / tl.where(n > 0, n, 1.0)).to(var_ptr.dtype.element_ty), mask=cm)
 
 
 @triton.jit(do_not_specialize=["C", "parts"])
-def _sum_combine_kernel(p1_ptr, p2_ptr, s1_ptr, s2_ptr, C, parts, COMPUTE: tl.constexpr):
+def _sum_combine_kernel(p1_ptr, p2_ptr, s1_ptr, s2_ptr, C, parts):
     cols = tl.program_id(0).to(tl.int64) * COMBINE_COLS + tl.arange(0, COMBINE_COLS).to(tl.int64)
     cm = cols < C
-    s1 = tl.zeros([COMBINE_COLS], dtype=COMPUTE)
-    s2 = tl.zeros([COMBINE_COLS], dtype=COMPUTE)
+    s1 = tl.zeros([COMBINE_COLS], dtype=tl.float64)
+    s2 = tl.zeros([COMBINE_COLS], dtype=tl.float64)
     for p in range(0, parts):
         s1 += tl.load(p1_ptr + p * C + cols, mask=cm, other=0.0)
         s2 += tl.load(p2_ptr + p * C + cols, mask=cm, other=0.0)
-    tl.store(s1_ptr + cols, s1, mask=cm)
-    tl.store(s2_ptr + cols, s2, mask=cm)
+    tl.store(s1_ptr + cols, s1.to(s1_ptr.dtype.element_ty), mask=cm)
+    tl.store(s2_ptr + cols, s2.to(s2_ptr.dtype.element_ty), mask=cm)
 
 
 # ---- forward, elementwise ------------------------------------------------------------------------
@@ -210,13 +216,14 @@ def _bwd_reduce_partial_kernel(
     cen = tl.load(center_ptr + cols, mask=cm, other=0.0)
     lo = part * span
     hi = tl.minimum(lo + span, count)
-    s1 = tl.zeros([COLS], dtype=COMPUTE)
-    s2 = tl.zeros([COLS], dtype=COMPUTE)
+    s1 = tl.zeros([COLS], dtype=tl.float64)
+    s2 = tl.zeros([COLS], dtype=tl.float64)
     for start in range(lo, hi, ROWS):
         offs, mask = _tile(count, inner, C, start, hi, cols)
         dz, v = _dz_v(g_ptr, x_ptr, y_ptr, r_ptr, offs, mask, cen[None, :], act, p, from_output, has_r, COMPUTE)
-        s1 += tl.sum(tl.where(mask, dz, 0.0), axis=0)
-        s2 += tl.sum(tl.where(mask, dz * v, 0.0), axis=0)
+        # tile sums in the compute dtype, added up in float64
+        s1 += tl.sum(tl.where(mask, dz, 0.0), axis=0).to(tl.float64)
+        s2 += tl.sum(tl.where(mask, dz * v, 0.0), axis=0).to(tl.float64)
         tl.store(dr_ptr + offs, dz.to(dr_ptr.dtype.element_ty), mask=mask & (write_dr != 0))
     idx = part * C + cols
     tl.store(p1_ptr + idx, s1, mask=cm)
@@ -276,15 +283,13 @@ def _split(outer, inner):
 def stats(x, mean, var, outer, channels, inner):
     parts, span = _split(outer, inner)
     count = outer * inner
-    opts = {"dtype": mean.dtype, "device": x.device}
+    opts = {"dtype": torch.float64, "device": x.device}
     pn, pmean, pm2 = (torch.empty(parts * channels, **opts) for _ in range(3))
     compute = _compute(x)
     _stats_partial_kernel[(parts, triton.cdiv(channels, COLS.value))](
         x, pn, pmean, pm2, count, inner, channels, span, COMPUTE=compute
     )
-    _stats_combine_kernel[(triton.cdiv(channels, COMBINE_COLS.value),)](
-        pn, pmean, pm2, mean, var, channels, parts, COMPUTE=_compute(mean)
-    )
+    _stats_combine_kernel[(triton.cdiv(channels, COMBINE_COLS.value),)](pn, pmean, pm2, mean, var, channels, parts)
 
 
 def elemt(x, residual, out, center, scale, shift, outer, channels, inner, activation, param):
@@ -325,7 +330,7 @@ def bwd_reduce(
     from_output,
 ):
     parts, span = _split(outer, inner)
-    opts = {"dtype": sum_dz.dtype, "device": grad.device}
+    opts = {"dtype": torch.float64, "device": grad.device}
     p1, p2 = (torch.empty(parts * channels, **opts) for _ in range(2))
     hi, lo = f64_halves(param)
     _bwd_reduce_partial_kernel[(parts, triton.cdiv(channels, COLS.value))](
@@ -349,9 +354,7 @@ def bwd_reduce(
         int(grad_residual is not None),
         COMPUTE=_compute(grad),
     )
-    _sum_combine_kernel[(triton.cdiv(channels, COMBINE_COLS.value),)](
-        p1, p2, sum_dz, sum_dzv, channels, parts, COMPUTE=_compute(sum_dz)
-    )
+    _sum_combine_kernel[(triton.cdiv(channels, COMBINE_COLS.value),)](p1, p2, sum_dz, sum_dzv, channels, parts)
 
 
 def bwd_elemt(
@@ -405,10 +408,10 @@ def aot_variants():
         for count, inner, span in REDUCE_FORMS:
             sizes = {"count": count, "inner": inner, "C": "i32", "span": span}
             form = f"{count},{inner},{span}"
-            sig = {"x_ptr": f"*{ty}"} | {k: f"*{acc}" for k in ("pn_ptr", "pmean_ptr", "pm2_ptr")} | sizes
+            sig = {"x_ptr": f"*{ty}"} | {k: "*fp64" for k in ("pn_ptr", "pmean_ptr", "pm2_ptr")} | sizes
             variants.append((f"stats_partial[{ty},{form}]", _stats_partial_kernel, sig, {"COMPUTE": compute}))
             sig = {k: f"*{ty}" for k in ("g_ptr", "x_ptr", "y_ptr", "r_ptr", "dr_ptr")}
-            sig |= {k: f"*{acc}" for k in ("center_ptr", "p1_ptr", "p2_ptr")} | sizes
+            sig |= {"center_ptr": f"*{acc}", "p1_ptr": "*fp64", "p2_ptr": "*fp64"} | sizes
             sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "from_output", "has_r", "write_dr")}
             variants.append((f"bwd_reduce_partial[{ty},{form}]", _bwd_reduce_partial_kernel, sig, {"COMPUTE": compute}))
         for n, inner in ELEMENTWISE_FORMS:
@@ -421,12 +424,17 @@ def aot_variants():
             sig |= {k: f"*{acc}" for k in ("center_ptr", "a_ptr", "b_ptr", "c_ptr")} | sizes
             sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "from_output", "has_r", "training")}
             variants.append((f"bwd_elemt[{ty},{n},{inner}]", _bwd_elemt_kernel, sig, {"COMPUTE": compute}))
-    for acc, compute in (("fp32", tl.float32), ("fp64", tl.float64)):
-        sig = {k: f"*{acc}" for k in ("pn_ptr", "pmean_ptr", "pm2_ptr", "mean_ptr", "var_ptr")} | {
+    for acc in ("fp32", "fp64"):
+        sig = {k: "*fp64" for k in ("pn_ptr", "pmean_ptr", "pm2_ptr")}
+        sig |= {"mean_ptr": f"*{acc}", "var_ptr": f"*{acc}", "C": "i32", "parts": "i32"}
+        variants.append((f"stats_combine[{acc}]", _stats_combine_kernel, sig, {}))
+        sig = {
+            "p1_ptr": "*fp64",
+            "p2_ptr": "*fp64",
+            "s1_ptr": f"*{acc}",
+            "s2_ptr": f"*{acc}",
             "C": "i32",
             "parts": "i32",
         }
-        variants.append((f"stats_combine[{acc}]", _stats_combine_kernel, sig, {"COMPUTE": compute}))
-        sig = {k: f"*{acc}" for k in ("p1_ptr", "p2_ptr", "s1_ptr", "s2_ptr")} | {"C": "i32", "parts": "i32"}
-        variants.append((f"sum_combine[{acc}]", _sum_combine_kernel, sig, {"COMPUTE": compute}))
+        variants.append((f"sum_combine[{acc}]", _sum_combine_kernel, sig, {}))
     return variants

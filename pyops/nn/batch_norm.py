@@ -194,6 +194,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
         dist.all_gather(gathered, local, group=group)
         table = torch.stack(gathered)
         counts, means, vars_ = table[:, :1], table[:, 1 : 1 + c], table[:, 1 + c :]
+        # a rank with an empty batch has no statistics (NaN): it weighs nothing
+        means, vars_ = torch.where(counts > 0, means, 0), torch.where(counts > 0, vars_, 0)
         n = counts.sum()
         mean = (counts * means).sum(0) / n
         var = (counts * (vars_ + (means - mean) ** 2)).sum(0) / n
