@@ -29,6 +29,10 @@ TORCH_LIBRARY(pyops, m) {
   m.def("sigmoid(Tensor self) -> Tensor");
   m.def("tanh(Tensor self) -> Tensor");
   m.def("maxout(Tensor self, int pieces, int dim=1) -> Tensor");
+  m.def(
+      "batch_norm(Tensor input, Tensor? running_mean, Tensor? running_var, Tensor? weight=None, Tensor? bias=None, "
+      "bool training=False, float momentum=0.1, float eps=1e-05, *, str? activation=None, "
+      "float negative_slope=0.01, float alpha=1.0, Tensor? residual=None, bool memory_efficient=False) -> Tensor");
 }
 
 // ---- the extension module: importing it runs the registrations above; it carries the build facts,

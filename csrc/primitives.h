@@ -49,5 +49,27 @@
     "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "  \
     "Tensor(e!)[] momentum_buffers, Tensor(f!)[] steps, Tensor lr, float alpha, float eps, "         \
     "float weight_decay, float momentum, bool centered, bool maximize, Tensor? grad_scale, "         \
-    "Tensor? found_inf) -> ()")
+    "Tensor? found_inf) -> ()")                                                                      \
+  /* ---- batch_norm (csrc/batch_norm.h): statistics per channel (mean, biased variance; op-math       \
+     dtype); out = act((x - mean) * invstd * w + b + r); backward reduction: sum(dz), sum(dz * xhat) and \
+     dr = dz when grad_residual (else an empty tensor); backward elementwise: dx, with mean_dz and       \
+     mean_dz_xhat given in training (none in eval). input=None: the output is saved instead           \
+     (memory-efficient form). activation: none, relu, leaky_relu, elu; param: its slope or alpha. */    \
+  X("batch_norm_stats", "batch_norm_stats_triton", "(Tensor input) -> (Tensor, Tensor)")             \
+  X("batch_norm_elemt", "batch_norm_elemt_triton",                                                  \
+    "(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, "    \
+    "str activation, float param) -> Tensor")                                                        \
+  X("batch_norm_bwd_reduce", "batch_norm_bwd_reduce_triton",                                        \
+    "(Tensor grad_out, Tensor? input, Tensor? output, Tensor? residual, Tensor mean, Tensor invstd, " \
+    "Tensor? weight, Tensor? bias, str activation, float param, bool grad_residual) -> "              \
+    "(Tensor, Tensor, Tensor)")                                                                      \
+  X("batch_norm_bwd_elemt", "batch_norm_bwd_elemt_triton",                                          \
+    "(Tensor grad_out, Tensor? input, Tensor? output, Tensor? residual, Tensor mean, Tensor invstd, " \
+    "Tensor? weight, Tensor? bias, Tensor? mean_dz, Tensor? mean_dz_xhat, str activation, "          \
+    "float param) -> Tensor")                                                                        \
+  /* both backward passes in training: (dx, sum(dz), sum(dz * xhat), dr or empty) */                  \
+  X("batch_norm_bwd", "batch_norm_bwd_triton",                                                      \
+    "(Tensor grad_out, Tensor? input, Tensor? output, Tensor? residual, Tensor mean, Tensor invstd, " \
+    "Tensor? weight, Tensor? bias, str activation, float param, bool grad_residual) -> "              \
+    "(Tensor, Tensor, Tensor, Tensor)")
 // clang-format on

@@ -18,6 +18,22 @@ def _activation(m):
     }.get(type(m))
 
 
+def _batch_norm(m):
+    """A pyops BatchNorm1d/2d sharing m's parameters and buffers (built on the meta device, then given
+    m's tensors)."""
+    cls = {nn.BatchNorm1d: pnn.BatchNorm1d, nn.BatchNorm2d: pnn.BatchNorm2d}.get(type(m))
+    if cls is None:
+        return None
+
+    def make():
+        new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, device="meta")
+        new._parameters = dict(m._parameters)
+        new._buffers = dict(m._buffers)
+        return new
+
+    return make
+
+
 # What a replacement takes over from the module it replaces: its hooks and flags, as they are.
 _CARRIED = (
     "training",
@@ -40,7 +56,7 @@ def _replacement(m, done):
     """The pyops module standing for m (the same one for every place m is used), or None."""
     if id(m) in done:
         return done[id(m)]
-    make = _activation(m)
+    make = _activation(m) or _batch_norm(m)
     new = None
     if make is not None:
         new = make()

@@ -132,3 +132,63 @@ def maxout(input, pieces, dim=1):
             f"pyops.maxout: pieces must be an int in [1, 256] (indices are saved as uint8), got {pieces!r}"
         )
     return _maxout(input, pieces, dim) if _compiling() else _maxout_eager(input, pieces, dim)
+
+
+# ---- batch_norm ------------------------------------------------------------------------------------
+__all__ += ["batch_norm"]
+_batch_norm, _batch_norm_eager = _op("batch_norm")
+_BN_ACTIVATIONS = (None, "relu", "leaky_relu", "elu")
+
+
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-05,
+    *,
+    activation=None,
+    negative_slope=0.01,
+    alpha=1.0,
+    residual=None,
+    memory_efficient=False,
+):
+    """torch.nn.functional.batch_norm, optionally fused with a residual add and an activation:
+    y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), act in None, "relu", "leaky_relu"
+    (negative_slope), "elu" (alpha). Training normalizes with the batch's biased variance and updates
+    running_mean/running_var in place (the unbiased variance, momentum as torch); eval uses them.
+    Gradients: db = sum(dz), dw = sum(dz xhat), dr = dz, dx = w invstd (dz - mean(dz) - xhat mean(dz xhat))
+    with dz = g act'(z). memory_efficient=True (invertible act: None, leaky_relu with a positive slope, elu
+    with a positive alpha) saves the output instead of the input and recovers xhat from it; the weight
+    must then be non-zero."""
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected("batch_norm", input)
+    if activation not in _BN_ACTIVATIONS:
+        raise ValueError(f"pyops.batch_norm: activation must be one of {_BN_ACTIVATIONS}, got {activation!r}")
+    if input.dim() < 2:
+        raise ValueError(f"pyops.batch_norm: input must have at least 2 dimensions (N, C, ...), got {input.dim()}")
+    if training:
+        _TF._verify_batch_size(input.size())
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    op = _batch_norm if _compiling() else _batch_norm_eager
+    return op(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        activation=activation,
+        negative_slope=negative_slope,
+        alpha=alpha,
+        residual=residual,
+        memory_efficient=memory_efficient,
+    )

@@ -1,5 +1,8 @@
 """pyops modules: drop-ins for their torch.nn counterparts."""
 
 from .activation import ELU, LeakyReLU, Maxout, ReLU, Sigmoid, Tanh
+from .batch_norm import BatchNorm1d, BatchNorm2d, SyncBatchNorm
 
 __all__ = ["ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Maxout"]
+
+__all__ += ["BatchNorm1d", "BatchNorm2d", "SyncBatchNorm"]

@@ -1,0 +1,285 @@
+// The batch_norm family above the kernels: the public op pyops::batch_norm (picks the backend, computes
+// the statistics, updates the running ones, normalizes) and its derivative, written once as a C++
+// autograd function over the primitives of either backend. Math: pyops/ops/batch_norm.py's docstring.
+// The statistics enter the function as inputs; its backward is the full derivative through them
+// (one reduction pass, one elementwise pass), so they need no derivative of their own.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/batch_norm.h>
+#include <ATen/ops/elu.h>
+#include <ATen/ops/leaky_relu.h>
+#include <ATen/ops/relu.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <optional>
+#include <tuple>
+
+#include "batch_norm.h"
+#include "common/backend.h"
+#include "common/checks.h"
+
+namespace pyops {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Opt = std::optional<Tensor>;
+
+// The primitives of each backend, looked up once.
+template <class Sig>
+class Prim {
+ public:
+  Prim(const char* native, const char* triton) : names_{native, triton} {}
+  const c10::TypedOperatorHandle<Sig>& operator[](Backend b) const {
+    const int i = b == Backend::kTriton ? 1 : 0;
+    std::call_once(once_[i], [&] {
+      handles_[i].emplace(c10::Dispatcher::singleton().findSchemaOrThrow(names_[i], "").template typed<Sig>());
+    });
+    return *handles_[i];
+  }
+
+ private:
+  const char* names_[2];
+  mutable std::once_flag once_[2];
+  mutable std::optional<c10::TypedOperatorHandle<Sig>> handles_[2];
+};
+
+using Pair = std::tuple<Tensor, Tensor>;
+using Triple = std::tuple<Tensor, Tensor, Tensor>;
+const Prim<Pair(const Tensor&)> bn_stats("pyops::batch_norm_stats", "pyops::batch_norm_stats_triton");
+const Prim<Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&, const Opt&, const Opt&, c10::string_view,
+                  double)>
+    bn_elemt("pyops::batch_norm_elemt", "pyops::batch_norm_elemt_triton");
+const Prim<Triple(const Tensor&, const Opt&, const Opt&, const Opt&, const Tensor&, const Tensor&, const Opt&,
+                  const Opt&, c10::string_view, double, bool)>
+    bn_bwd_reduce("pyops::batch_norm_bwd_reduce", "pyops::batch_norm_bwd_reduce_triton");
+const Prim<Tensor(const Tensor&, const Opt&, const Opt&, const Opt&, const Tensor&, const Tensor&, const Opt&,
+                  const Opt&, const Opt&, const Opt&, c10::string_view, double)>
+    bn_bwd_elemt("pyops::batch_norm_bwd_elemt", "pyops::batch_norm_bwd_elemt_triton");
+using Quad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+const Prim<Quad(const Tensor&, const Opt&, const Opt&, const Opt&, const Tensor&, const Tensor&, const Opt&, const Opt&,
+                c10::string_view, double, bool)>
+    bn_bwd("pyops::batch_norm_bwd", "pyops::batch_norm_bwd_triton");
+
+Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : std::nullopt; }
+
+// t / (elements per channel of ref), symbolic sizes included (no guard on them).
+Tensor per_count(const Tensor& t, const Tensor& ref) {
+  const c10::SymInt count = ref.sym_numel() / ref.sym_size(1);
+  if (const auto n = count.maybe_as_int()) return t / double(*n);
+  return t / at::Scalar(c10::SymFloat(count));
+}
+
+// ---- the derivative ---------------------------------------------------------------------------------
+// out = act((x - mean) * invstd * w + b + r) with (mean, invstd) the batch's statistics (training) or
+// the running ones. Saves x (and the output when act is not the identity), or only the output (and r)
+// in the memory-efficient form.
+template <Backend B>
+struct BatchNormFn : torch::autograd::Function<BatchNormFn<B>> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Opt& weight_, const Opt& bias_,
+                        const Opt& residual_, const Tensor& mean, const Tensor& invstd, bool training,
+                        c10::string_view activation, double param, bool memory_efficient) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    const Tensor weight = weight_.value_or(Tensor()), bias = bias_.value_or(Tensor()),
+                 residual = residual_.value_or(Tensor());
+    Tensor out = bn_elemt[B].call(x, mean, invstd, weight_, bias_, residual_, activation, param);
+    ctx->saved_data["has_residual"] = residual.defined();
+    const BnAct act = parse_bn_act("batch_norm", activation);
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["activation"] = int64_t(act);
+    ctx->saved_data["param"] = param;
+    ctx->saved_data["memory_efficient"] = memory_efficient;
+    if (memory_efficient)
+      ctx->save_for_backward({Tensor(), out, residual, mean, invstd, weight, bias});
+    else
+      ctx->save_for_backward({x, act == BnAct::kNone ? Tensor() : out, Tensor(), mean, invstd, weight, bias});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Tensor &x = s[0], &out = s[1], &residual = s[2], &mean = s[3], &invstd = s[4], &weight = s[5], &bias = s[6];
+    const Tensor& g = grads[0];
+    TORCH_CHECK(!(at::GradMode::is_enabled() && g.requires_grad()), "pyops.batch_norm: double backward ",
+                "(create_graph=True) is not supported");
+    const bool training = ctx->saved_data["training"].toBool();
+    const auto act = BnAct(ctx->saved_data["activation"].toInt());
+    const double param = ctx->saved_data["param"].toDouble();
+    const c10::string_view name = bn_act_name(act);
+    // needs_input_grad counts the tensor inputs given (x, then weight, bias, residual where given)
+    const bool has_w = weight.defined(), has_b = bias.defined(), has_r = ctx->saved_data["has_residual"].toBool();
+    const bool need_x = ctx->needs_input_grad(0), need_w = has_w && ctx->needs_input_grad(1),
+               need_b = has_b && ctx->needs_input_grad(1 + has_w),
+               need_r = has_r && ctx->needs_input_grad(1 + has_w + has_b);
+    variable_list result(10);
+    // with the identity, dr = dz = g itself
+    const bool kernel_r = need_r && act != BnAct::kNone;
+    if (need_r && !kernel_r) result[3] = g;
+    if (!(need_w || need_b || kernel_r || (need_x && training))) {
+      if (need_x)
+        result[0] = bn_bwd_elemt[B].call(g, opt(x), opt(out), opt(residual), mean, invstd, opt(weight), opt(bias),
+                                         std::nullopt, std::nullopt, name, param);
+      return result;
+    }
+    if (training && need_x) {  // both passes in one primitive (a device may fuse them)
+      auto [gi, sum_dz, sum_dz_xhat, dr] = bn_bwd[B].call(g, opt(x), opt(out), opt(residual), mean, invstd, opt(weight),
+                                                          opt(bias), name, param, kernel_r);
+      result[0] = gi;
+      if (kernel_r) result[3] = dr;
+      if (need_w) result[1] = sum_dz_xhat.to(weight.scalar_type());
+      if (need_b) result[2] = sum_dz.to(bias.scalar_type());
+      return result;
+    }
+    auto [sum_dz, sum_dz_xhat, dr] = bn_bwd_reduce[B].call(g, opt(x), opt(out), opt(residual), mean, invstd,
+                                                           opt(weight), opt(bias), name, param, kernel_r);
+    if (kernel_r) result[3] = dr;
+    if (need_w) result[1] = sum_dz_xhat.to(weight.scalar_type());
+    if (need_b) result[2] = sum_dz.to(bias.scalar_type());
+    if (need_x) {
+      const Tensor& ref = x.defined() ? x : out;
+      result[0] = training
+                      ? bn_bwd_elemt[B].call(g, opt(x), opt(out), opt(residual), mean, invstd, opt(weight), opt(bias),
+                                             per_count(sum_dz, ref), per_count(sum_dz_xhat, ref), name, param)
+                      : bn_bwd_elemt[B].call(g, opt(x), opt(out), opt(residual), mean, invstd, opt(weight), opt(bias),
+                                             std::nullopt, std::nullopt, name, param);
+    }
+    return result;
+  }
+};
+
+// ---- the Autograd kernels of the primitives: none is differentiable on its own (the statistics and
+// the passes are differentiated together by BatchNormFn); they run below autograd ----------------------
+#define PYOPS_BN_BELOW(call)                    \
+  do {                                          \
+    at::AutoDispatchBelowADInplaceOrView below; \
+    return call;                                \
+  } while (0)
+
+template <Backend B>
+struct Kernels {
+  static Pair stats(const Tensor& x) { PYOPS_BN_BELOW(bn_stats[B].call(x)); }
+  static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& invstd, const Opt& w, const Opt& b,
+                      const Opt& r, c10::string_view act, double param) {
+    PYOPS_BN_BELOW(bn_elemt[B].call(x, mean, invstd, w, b, r, act, param));
+  }
+  static Triple bwd_reduce(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean,
+                           const Tensor& invstd, const Opt& w, const Opt& b, c10::string_view act, double param,
+                           bool grad_residual) {
+    PYOPS_BN_BELOW(bn_bwd_reduce[B].call(g, x, y, r, mean, invstd, w, b, act, param, grad_residual));
+  }
+  static Quad bwd(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean, const Tensor& invstd,
+                  const Opt& w, const Opt& b, c10::string_view act, double param, bool grad_residual) {
+    PYOPS_BN_BELOW(bn_bwd[B].call(g, x, y, r, mean, invstd, w, b, act, param, grad_residual));
+  }
+  static Tensor bwd_elemt(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean,
+                          const Tensor& invstd, const Opt& w, const Opt& b, const Opt& mdz, const Opt& mdx,
+                          c10::string_view act, double param) {
+    PYOPS_BN_BELOW(bn_bwd_elemt[B].call(g, x, y, r, mean, invstd, w, b, mdz, mdx, act, param));
+  }
+};
+
+#define PYOPS_REGISTER_BATCH_NORM_AUTOGRAD(m, B, SUFFIX)    \
+  do {                                                      \
+    using K = Kernels<B>;                                   \
+    m.impl("batch_norm_stats" SUFFIX, &K::stats);           \
+    m.impl("batch_norm_elemt" SUFFIX, &K::elemt);           \
+    m.impl("batch_norm_bwd_reduce" SUFFIX, &K::bwd_reduce); \
+    m.impl("batch_norm_bwd_elemt" SUFFIX, &K::bwd_elemt);   \
+    m.impl("batch_norm_bwd" SUFFIX, &K::bwd);               \
+  } while (0)
+
+// ---- the public op --------------------------------------------------------------------------------------
+bool wants_grad(const Opt& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+
+Tensor apply_activation(const Tensor& y, BnAct act, double param) {
+  switch (act) {
+    case BnAct::kRelu:
+      return at::relu(y);
+    case BnAct::kLeakyRelu:
+      return at::leaky_relu(y, param);
+    case BnAct::kElu:
+      return at::elu(y, param);
+    default:
+      return y;
+  }
+}
+
+Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& running_var, const Opt& weight,
+                  const Opt& bias, bool training, double momentum, double eps,
+                  std::optional<c10::string_view> activation, double negative_slope, double alpha, const Opt& residual,
+                  bool memory_efficient) {
+  const BnAct act = activation.has_value() ? parse_bn_act("batch_norm", *activation) : BnAct::kNone;
+  const double param = act == BnAct::kLeakyRelu ? negative_slope : act == BnAct::kElu ? alpha : 0.0;
+  TORCH_CHECK_VALUE(!memory_efficient || bn_act_invertible(act, param), "pyops.batch_norm: memory_efficient=True ",
+                    "needs an invertible activation (none, leaky_relu with negative_slope > 0, elu with alpha > 0), ",
+                    "got ", bn_act_name(act), act == BnAct::kNone || act == BnAct::kRelu ? "" : " with parameter ",
+                    act == BnAct::kRelu ? std::string(": relu's output cannot be inverted")
+                                        : (act == BnAct::kNone ? std::string() : std::to_string(param)));
+  TORCH_CHECK_VALUE(input.dim() >= 2, "pyops.batch_norm: input must have at least 2 dimensions (N, C, ...), got ",
+                    input.dim());
+  TORCH_CHECK_VALUE(!residual.has_value() || !residual->defined() || residual->sym_sizes() == input.sym_sizes(),
+                    "pyops.batch_norm: residual must have the input's shape ", input.sym_sizes(), ", got ",
+                    residual.has_value() && residual->defined() ? residual->sym_sizes() : input.sym_sizes());
+  TORCH_CHECK(!input._fw_grad(/*level=*/0).defined(),
+              "pyops.batch_norm: forward-mode AD (dual tensors, torch.func.jvp) is not supported");
+  const Backend b = resolve("batch_norm", input, auto_min_numel::batch_norm);
+  const Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
+  if (b == Backend::kTorch) {
+    Tensor y = at::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, true);
+    if (residual.has_value() && residual->defined()) y = y + *residual;
+    return apply_activation(y, act, param);
+  }
+  const c10::SymInt count = input.sym_numel() / input.sym_size(1);
+  const auto known = count.maybe_as_int();
+  if (training)
+    TORCH_CHECK_VALUE(!known || *known != 1, "pyops.batch_norm: expected more than 1 value per channel when ",
+                      "training, got input size ", input.sym_sizes());
+  Tensor mean, invstd;
+  if (training) {
+    Tensor var;
+    std::tie(mean, var) = bn_stats[b].call(input);
+    invstd = (var + eps).rsqrt();
+    if (rm.defined() && (!known || *known > 0)) {
+      at::NoGradGuard no_grad;
+      rm.mul_(1 - momentum).add_(mean.to(rm.scalar_type()), momentum);
+      // the unbiased variance: var * n / (n - 1)
+      const Tensor unbiased = known ? var * (double(*known) / double(*known - 1))
+                                    : var * at::Scalar(c10::SymFloat(count) / c10::SymFloat(count - 1));
+      rv.mul_(1 - momentum).add_(unbiased.to(rv.scalar_type()), momentum);
+    }
+  } else {
+    TORCH_CHECK(rm.defined() && rv.defined(), "pyops.batch_norm: running_mean and running_var must be defined in ",
+                "evaluation mode (training=False)");
+    const auto opmath = bn_opmath(input.scalar_type());
+    mean = rm.to(opmath);
+    invstd = (rv.to(opmath) + eps).rsqrt();
+  }
+  // act' is read from the output; where it cannot be, the activation follows as its own op
+  const bool fused = bn_act_from_output(act, param);
+  const c10::string_view kernel_act = bn_act_name(fused ? act : BnAct::kNone);
+  Tensor out;
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || wants_grad(weight) || wants_grad(bias) || wants_grad(residual))) {
+    out = b == Backend::kTriton ? BatchNormFn<Backend::kTriton>::apply(input, weight, bias, residual, mean, invstd,
+                                                                       training, kernel_act, param, memory_efficient)
+                                : BatchNormFn<Backend::kNative>::apply(input, weight, bias, residual, mean, invstd,
+                                                                       training, kernel_act, param, memory_efficient);
+  } else {
+    out = bn_elemt[b].call(input, mean, invstd, weight, bias, residual, kernel_act, param);
+  }
+  return fused ? out : apply_activation(out, act, param);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
+  PYOPS_REGISTER_BATCH_NORM_AUTOGRAD(m, Backend::kNative, "");
+  PYOPS_REGISTER_BATCH_NORM_AUTOGRAD(m, Backend::kTriton, "_triton");
+}
+
+TORCH_LIBRARY_IMPL(pyops, CompositeImplicitAutograd, m) { m.impl("batch_norm", &batch_norm); }
+
+}  // namespace pyops

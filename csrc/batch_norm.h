@@ -1,0 +1,315 @@
+// The batch_norm family's host side, written once for every device: argument checks, the working
+// layout, output allocation, and the per-channel coefficients (a few operations on C-element tensors)
+// that turn the four kernels into batch normalization. The math (pyops/ops/batch_norm.py):
+//   z = (x - mean) * invstd * w + b + r,   y = act(z)
+//   backward: dz = dy * act'(y) (act' read from the output y), xhat = (x - mean) * invstd,
+//   training: dx = w * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)); eval: dx = w * invstd * dz,
+//   dw = sum(dz * xhat), db = sum(dz), dr = dz.
+// Memory-efficient form: the output y is saved instead of x and xhat = (act^-1(y) - r - b) / w.
+//
+// Kernels see the input as [outer, C, inner], dense (element (o, c, i) at (o * C + c) * inner + i):
+// contiguous tensors as [N, C, H * W], channels_last ones as [N * H * W, C, 1]. Per-channel
+// coefficients are dense C-element tensors of the op-math dtype (float32 for float16/bfloat16 input).
+// A device D (csrc/cpu, csrc/cuda, csrc/triton) supplies:
+//   D::Guard(tensor)
+//   D::stats(x, layout, mean, var)             mean and biased variance per channel (split reduction)
+//   D::elemt(pass, out)                        out = act((x - center) * scale + shift [+ r])
+//   D::bwd_reduce(pass, sum_dz, sum_dzv, gr)   sum_dz = sum dz, sum_dzv = sum dz * v, gr = dz if defined
+//   D::bwd_elemt(pass, grad_input)             dx = A * dz [+ B * v + Cc]  (B, Cc defined in training)
+// where v = x - center (from the input) or act^-1(y) - r - center (from the output).
+// Kernels are called only for non-empty tensors.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/string_view.h>
+
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "common/checks.h"
+
+namespace pyops {
+
+enum class BnAct : int8_t { kNone = 0, kRelu = 1, kLeakyRelu = 2, kElu = 3 };
+
+inline const char* bn_act_name(BnAct a) {
+  static const char* names[] = {"none", "relu", "leaky_relu", "elu"};
+  return names[int(a)];
+}
+
+inline BnAct parse_bn_act(const char* op, c10::string_view name) {
+  for (BnAct a : {BnAct::kNone, BnAct::kRelu, BnAct::kLeakyRelu, BnAct::kElu})
+    if (name == bn_act_name(a)) return a;
+  TORCH_CHECK_VALUE(false, "pyops::", op, ": activation must be one of none, relu, leaky_relu, elu; got '",
+                    std::string(name), "'");
+}
+
+// Whether act' can be read from the output (the backward kernels do): relu always, leaky_relu for a
+// slope >= 0 and elu for alpha >= 0 (then the output's sign is the input's).
+inline bool bn_act_from_output(BnAct a, double param) { return a == BnAct::kNone || a == BnAct::kRelu || param >= 0; }
+
+// Whether the input of act can be recovered from its output (the memory-efficient form).
+inline bool bn_act_invertible(BnAct a, double param) {
+  return a == BnAct::kNone || ((a == BnAct::kLeakyRelu || a == BnAct::kElu) && param > 0);
+}
+
+struct BnLayout {
+  int64_t outer = 0, channels = 0, inner = 0;
+  int64_t count() const { return outer * inner; }  // elements per channel
+};
+
+// One pass's operands: tensors in the working layout (undefined where absent), per-channel
+// coefficients (dense, op-math dtype).
+struct BnPass {
+  BnLayout l;
+  BnAct act = BnAct::kNone;
+  double param = 0;
+  bool from_output = false;
+  at::Tensor grad, input, output, residual;
+  at::Tensor center, scale, shift;  // forward: out = act((x - center) * scale + shift + r)
+  at::Tensor a, b, c;               // backward elementwise: dx = a * dz + b * v + c
+};
+
+inline at::ScalarType bn_opmath(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The layout kernels walk: the input as torch lays its batch norm output out (channels_last kept,
+// every other layout made contiguous).
+struct BnInput {
+  at::Tensor x;
+  BnLayout l;
+};
+
+inline BnInput bn_input(const char* op, const at::Tensor& input) {
+  check_floating(op, "input", input);
+  TORCH_CHECK(input.dim() >= 2, "pyops::", op, ": input must have at least 2 dimensions (N, C, ...), got ",
+              input.dim());
+  const auto format = input.suggest_memory_format();
+  BnInput r{input.contiguous(format), {}};
+  r.l.channels = input.size(1);
+  const int64_t per_channel = r.l.channels == 0 ? 0 : input.numel() / r.l.channels;
+  if (format == at::MemoryFormat::Contiguous || r.l.channels == 1) {
+    r.l.outer = input.size(0);
+    r.l.inner = r.l.outer == 0 ? 0 : per_channel / r.l.outer;
+    if (format != at::MemoryFormat::Contiguous) r.x = r.x.contiguous();  // C = 1: both layouts agree
+  } else {
+    r.l.outer = per_channel;
+    r.l.inner = 1;
+  }
+  return r;
+}
+
+// t brought to the working input's strides (grad_out, output, residual).
+inline at::Tensor bn_like(const char* op, const char* name, const at::Tensor& t, const BnInput& in) {
+  check_like(op, "input", in.x, name, t);
+  check_same_shape(op, "input", in.x, name, t);
+  return as_layout_of(t, in.x);
+}
+
+// A per-channel tensor (C elements) as a dense op-math vector; undefined stays undefined.
+inline at::Tensor bn_channel(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  if (!t.defined()) return t;
+  TORCH_CHECK(t.device() == x.device(), "pyops::", op, ": ", name, " is on ", t.device(), " but input is on ",
+              x.device());
+  TORCH_CHECK(t.is_floating_point(), "pyops::", op, ": ", name, " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), "pyops::", op, ": ", name, " must have shape [", x.size(1),
+              "] (one value per channel), got ", t.sizes());
+  return t.to(bn_opmath(x.scalar_type())).contiguous();
+}
+
+template <class D>
+struct BatchNorm {
+  using Tensor = at::Tensor;
+
+  // ---- the statistics of the batch: mean and biased variance per channel (op-math dtype) ---------
+  static std::tuple<Tensor, Tensor> stats(const Tensor& input) {
+    const auto in = bn_input("batch_norm_stats", input);
+    typename D::Guard guard(input);
+    const auto opts = input.options().dtype(bn_opmath(input.scalar_type()));
+    if (in.l.count() == 0) {  // no values: undefined statistics, as torch's
+      const auto nan = std::numeric_limits<double>::quiet_NaN();
+      return {at::full({in.l.channels}, nan, opts), at::full({in.l.channels}, nan, opts)};
+    }
+    Tensor mean = at::empty({in.l.channels}, opts), var = at::empty({in.l.channels}, opts);
+    D::stats(in.x, in.l, mean, var);
+    return {mean, var};
+  }
+
+  static BnPass pass(const char* op, const BnInput& in, const Tensor& residual, const c10::string_view activation,
+                     double param) {
+    BnPass p;
+    p.l = in.l;
+    p.act = parse_bn_act(op, activation);
+    p.param = param;
+    if (residual.defined()) p.residual = bn_like(op, "residual", residual, in);
+    return p;
+  }
+
+  // ---- forward, elementwise: act((x - mean) * invstd * w + b + r) ---------------------------------
+  static Tensor elemt(const Tensor& input, const Tensor& mean, const Tensor& invstd,
+                      const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                      const std::optional<Tensor>& residual, c10::string_view activation, double param) {
+    const char* op = "batch_norm_elemt";
+    const auto in = bn_input(op, input);
+    typename D::Guard guard(input);
+    BnPass p = pass(op, in, residual.value_or(Tensor()), activation, param);
+    p.input = in.x;
+    p.center = bn_channel(op, "mean", mean, input);
+    const Tensor is = bn_channel(op, "invstd", invstd, input);
+    const Tensor w = bn_channel(op, "weight", weight.value_or(Tensor()), input);
+    const Tensor b = bn_channel(op, "bias", bias.value_or(Tensor()), input);
+    p.scale = w.defined() ? is * w : is;
+    p.shift = b.defined() ? b : at::zeros_like(is);
+    Tensor out = at::empty_like(in.x);
+    if (out.numel() > 0) D::elemt(p, out);
+    return out;
+  }
+
+  // The operands both backward passes share. From the input (input defined): v = x - mean; from the
+  // output (input undefined, memory-efficient): v = act^-1(y) - r - b.
+  static BnPass backward_pass(const char* op, const Tensor& grad_out, const std::optional<Tensor>& input,
+                              const std::optional<Tensor>& output, const std::optional<Tensor>& residual,
+                              const Tensor& mean, const Tensor& bias, c10::string_view activation, double param,
+                              BnInput* in_out) {
+    const bool from_output = !input.has_value() || !input->defined();
+    TORCH_CHECK(!from_output || (output.has_value() && output->defined()), "pyops::", op,
+                ": needs the input, or the output in the memory-efficient form");
+    const Tensor& ref = from_output ? *output : *input;
+    *in_out = bn_input(op, ref);
+    const BnInput& in = *in_out;
+    BnPass p = pass(op, in, residual.value_or(Tensor()), activation, param);
+    p.from_output = from_output;
+    TORCH_CHECK(!from_output || bn_act_invertible(p.act, param), "pyops::", op, ": activation ", bn_act_name(p.act),
+                " with parameter ", param, " cannot be inverted (memory-efficient form)");
+    TORCH_CHECK(bn_act_from_output(p.act, param), "pyops::", op, ": the derivative of ", bn_act_name(p.act),
+                " with parameter ", param, " cannot be read from its output");
+    p.grad = bn_like(op, "grad_out", grad_out, in);
+    if (from_output) {
+      p.output = in.x;
+      p.center =
+          bias.defined() ? bias : at::zeros({in.l.channels}, in.x.options().dtype(bn_opmath(in.x.scalar_type())));
+    } else {
+      p.input = in.x;
+      if (p.act != BnAct::kNone) {
+        TORCH_CHECK(output.has_value() && output->defined(), "pyops::", op, ": activation ", bn_act_name(p.act),
+                    " needs the output");
+        p.output = bn_like(op, "output", *output, in);
+      }
+      p.center = mean;
+    }
+    return p;
+  }
+
+  // ---- backward, reduction: sum(dz), sum(dz * xhat) and, when asked, dr = dz -------------------------
+  static std::tuple<Tensor, Tensor, Tensor> bwd_reduce(const Tensor& grad_out, const std::optional<Tensor>& input,
+                                                       const std::optional<Tensor>& output,
+                                                       const std::optional<Tensor>& residual, const Tensor& mean,
+                                                       const Tensor& invstd, const std::optional<Tensor>& weight,
+                                                       const std::optional<Tensor>& bias, c10::string_view activation,
+                                                       double param, bool grad_residual) {
+    const char* op = "batch_norm_bwd_reduce";
+    check_floating(op, "grad_out", grad_out);
+    typename D::Guard guard(grad_out);
+    const Tensor& x0 = input.has_value() && input->defined() ? *input : output.value_or(grad_out);
+    TORCH_CHECK(x0.dim() >= 2, "pyops::", op, ": input must have at least 2 dimensions (N, C, ...), got ", x0.dim());
+    const Tensor m = bn_channel(op, "mean", mean, x0), is = bn_channel(op, "invstd", invstd, x0);
+    const Tensor w = bn_channel(op, "weight", weight.value_or(Tensor()), x0);
+    const Tensor b = bn_channel(op, "bias", bias.value_or(Tensor()), x0);
+    BnInput in;
+    BnPass p = backward_pass(op, grad_out, input, output, residual, m, b, activation, param, &in);
+    const auto opts = in.x.options().dtype(bn_opmath(in.x.scalar_type()));
+    Tensor sum_dz = at::zeros({in.l.channels}, opts), sum_dzv = at::zeros({in.l.channels}, opts);
+    // not asked: an empty tensor (a schema's Tensor result is never undefined)
+    Tensor gr = grad_residual ? at::empty_like(in.x) : at::empty({0}, in.x.options());
+    if (in.x.numel() > 0) D::bwd_reduce(p, sum_dz, sum_dzv, grad_residual ? gr : Tensor());
+    // sum(dz * xhat): v = x - mean = xhat / invstd, or v = act^-1(y) - r - b = xhat * w
+    Tensor sum_dz_xhat = p.from_output ? (w.defined() ? sum_dzv / w : sum_dzv) : sum_dzv * is;
+    return {sum_dz, sum_dz_xhat, gr};
+  }
+
+  // ---- backward in training, both passes: (dx, sum(dz), sum(dz * xhat), dr or empty). A device may do
+  // them at once (D::bwd_fused returns whether it did); else the reduction, the coefficients, the
+  // elementwise pass.
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& grad_out, const std::optional<Tensor>& input,
+                                                        const std::optional<Tensor>& output,
+                                                        const std::optional<Tensor>& residual, const Tensor& mean,
+                                                        const Tensor& invstd, const std::optional<Tensor>& weight,
+                                                        const std::optional<Tensor>& bias, c10::string_view activation,
+                                                        double param, bool grad_residual) {
+    const char* op = "batch_norm_bwd";
+    check_floating(op, "grad_out", grad_out);
+    typename D::Guard guard(grad_out);
+    const Tensor& x0 = input.has_value() && input->defined() ? *input : output.value_or(grad_out);
+    TORCH_CHECK(x0.dim() >= 2, "pyops::", op, ": input must have at least 2 dimensions (N, C, ...), got ", x0.dim());
+    const Tensor m = bn_channel(op, "mean", mean, x0), is = bn_channel(op, "invstd", invstd, x0);
+    const Tensor w = bn_channel(op, "weight", weight.value_or(Tensor()), x0);
+    const Tensor b = bn_channel(op, "bias", bias.value_or(Tensor()), x0);
+    BnInput in;
+    BnPass p = backward_pass(op, grad_out, input, output, residual, m, b, activation, param, &in);
+    const auto opts = in.x.options().dtype(bn_opmath(in.x.scalar_type()));
+    Tensor sum_dz = at::zeros({in.l.channels}, opts), sum_dzv = at::zeros({in.l.channels}, opts);
+    Tensor gr = grad_residual ? at::empty_like(in.x) : at::empty({0}, in.x.options());
+    Tensor gi = at::empty_like(in.x);
+    p.a = w.defined() ? w * is : is;
+    const bool any = in.x.numel() > 0;
+    const Tensor gr_arg = grad_residual ? gr : Tensor();
+    if (any && !D::bwd_fused(p, is, w, sum_dz, sum_dzv, gr_arg, gi)) {
+      D::bwd_reduce(p, sum_dz, sum_dzv, gr_arg);
+      const Tensor sdx = p.from_output ? (w.defined() ? sum_dzv / w : sum_dzv) : sum_dzv * is;
+      const double count = double(in.l.count());
+      const Tensor mdz = sum_dz / count, mdx = sdx / count;
+      p.c = -p.a * mdz;
+      p.b = p.from_output ? -is * mdx : -p.a * is * mdx;
+      D::bwd_elemt(p, gi);
+    }
+    Tensor sum_dz_xhat = p.from_output ? (w.defined() ? sum_dzv / w : sum_dzv) : sum_dzv * is;
+    return {gi, sum_dz, sum_dz_xhat, gr};
+  }
+
+  // ---- backward, elementwise: dx; mean_dz and mean_dz_xhat (means over the batch) given in training ---
+  static Tensor bwd_elemt(const Tensor& grad_out, const std::optional<Tensor>& input,
+                          const std::optional<Tensor>& output, const std::optional<Tensor>& residual,
+                          const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+                          const std::optional<Tensor>& bias, const std::optional<Tensor>& mean_dz,
+                          const std::optional<Tensor>& mean_dz_xhat, c10::string_view activation, double param) {
+    const char* op = "batch_norm_bwd_elemt";
+    check_floating(op, "grad_out", grad_out);
+    typename D::Guard guard(grad_out);
+    const Tensor& x0 = input.has_value() && input->defined() ? *input : output.value_or(grad_out);
+    TORCH_CHECK(x0.dim() >= 2, "pyops::", op, ": input must have at least 2 dimensions (N, C, ...), got ", x0.dim());
+    const Tensor m = bn_channel(op, "mean", mean, x0), is = bn_channel(op, "invstd", invstd, x0);
+    const Tensor w = bn_channel(op, "weight", weight.value_or(Tensor()), x0);
+    const Tensor b = bn_channel(op, "bias", bias.value_or(Tensor()), x0);
+    const Tensor mdz = bn_channel(op, "mean_dz", mean_dz.value_or(Tensor()), x0);
+    const Tensor mdx = bn_channel(op, "mean_dz_xhat", mean_dz_xhat.value_or(Tensor()), x0);
+    TORCH_CHECK(mdz.defined() == mdx.defined(), "pyops::", op, ": give both mean_dz and mean_dz_xhat, or neither");
+    BnInput in;
+    BnPass p = backward_pass(op, grad_out, input, output, residual, m, b, activation, param, &in);
+    p.a = w.defined() ? w * is : is;
+    if (mdz.defined()) {  // training: the statistics depend on x
+      p.c = -p.a * mdz;
+      p.b = p.from_output ? -is * mdx : -p.a * is * mdx;
+    }
+    Tensor gi = at::empty_like(in.x);
+    if (gi.numel() > 0) D::bwd_elemt(p, gi);
+    return gi;
+  }
+};
+
+}  // namespace pyops
+
+// Every batch_norm primitive of device D (SUFFIX "" native, "_triton" the Triton twins).
+#define PYOPS_REGISTER_BATCH_NORM(m, D, SUFFIX)              \
+  do {                                                       \
+    using BN = ::pyops::BatchNorm<D>;                        \
+    m.impl("batch_norm_stats" SUFFIX, &BN::stats);           \
+    m.impl("batch_norm_elemt" SUFFIX, &BN::elemt);           \
+    m.impl("batch_norm_bwd_reduce" SUFFIX, &BN::bwd_reduce); \
+    m.impl("batch_norm_bwd_elemt" SUFFIX, &BN::bwd_elemt);   \
+    m.impl("batch_norm_bwd" SUFFIX, &BN::bwd);               \
+  } while (0)
