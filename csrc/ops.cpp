@@ -29,6 +29,13 @@ TORCH_LIBRARY(pyops, m) {
   m.def("sigmoid(Tensor self) -> Tensor");
   m.def("tanh(Tensor self) -> Tensor");
   m.def("maxout(Tensor self, int pieces, int dim=1) -> Tensor");
+  m.def("l1_loss(Tensor self, Tensor target, int reduction=1) -> Tensor");
+  m.def("mse_loss(Tensor self, Tensor target, int reduction=1) -> Tensor");
+  m.def("huber_loss(Tensor self, Tensor target, int reduction=1, float delta=1.0) -> Tensor");
+  m.def("rmse_loss(Tensor self, Tensor target, int reduction=1, float eps=0.0) -> Tensor");
+  m.def(
+      "cross_entropy(Tensor self, Tensor target, Tensor? weight=None, int reduction=1, int ignore_index=-100, "
+      "float label_smoothing=0.0) -> Tensor");
 }
 
 // ---- the extension module: importing it runs the registrations above; it carries the build facts,
