@@ -19,7 +19,9 @@ from .activation import DTYPES, INT_FORMS, _f64, _int_args, f64_halves
 # Elements per program of the elementwise kernels, and partials read per step of the final sum.
 BLOCK: tl.constexpr = tl.constexpr(1024)
 RBLOCK: tl.constexpr = tl.constexpr(1024)
-# Classes per step of a cross entropy row (rows loop over their classes in steps of this many).
+# Classes per step of a cross entropy row (rows loop over their classes in steps of this many): two
+# sizes, so that small rows do not run mostly masked lanes and the launch variants stay few.
+CBLOCK_SMALL = 128
 CBLOCK_MAX = 2048
 
 KIND_L1: tl.constexpr = tl.constexpr(0)
@@ -169,24 +171,20 @@ def partials_dtype(dtype):
 
 
 # ---- softmax cross entropy: one program per row of C classes ----------------------------------------
-@triton.jit(do_not_specialize=["scale_hi", "scale_lo", "eps_hi", "eps_lo", "ignore_index"])
+@triton.jit(do_not_specialize=["eps_hi", "eps_lo", "ignore_index"])
 def _cross_entropy_kernel(
     x_ptr,
     t_ptr,
     w_ptr,
-    inv_ptr,
+    scale_ptr,
     loss_ptr,
     grad_ptr,
     C,
-    scale_hi,
-    scale_lo,
     ignore_index,
     eps_hi,
     eps_lo,
     COMPUTE: tl.constexpr,
     PROBS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_INV: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     CBLOCK: tl.constexpr,
 ):
@@ -196,10 +194,7 @@ def _cross_entropy_kernel(
     eps = _f64(eps_hi, eps_lo).to(COMPUTE)
     eps_c = eps / C
     keep = 1.0 - eps
-    if HAS_INV:
-        gscale = tl.load(inv_ptr).to(COMPUTE)
-    else:
-        gscale = _f64(scale_hi, scale_lo).to(COMPUTE)
+    gscale = tl.load(scale_ptr).to(COMPUTE)
     # pass 1: the row's maximum
     mv = tl.full([CBLOCK], float("-inf"), COMPUTE)
     for c0 in range(0, C, CBLOCK):
@@ -217,10 +212,7 @@ def _cross_entropy_kernel(
         inb = c < C
         xv = tl.load(x_ptr + base + c, mask=inb, other=0.0).to(COMPUTE) - mx
         sv += tl.where(inb, tl.exp(xv), 0.0)
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + c, mask=inb, other=0.0).to(COMPUTE)
-        else:
-            w = tl.where(inb, 1.0, 0.0).to(COMPUTE)
+        w = tl.load(w_ptr + c, mask=inb, other=0.0).to(COMPUTE)
         wv += w
         if PROBS:
             q = tl.load(t_ptr + base + c, mask=inb, other=0.0).to(COMPUTE)
@@ -247,10 +239,7 @@ def _cross_entropy_kernel(
         bad = ((t < 0) | (t >= C)) & (t != ignore_index)
         tc = tl.where(ignored | bad, 0, t)
         live = tl.where(ignored, 0.0, tl.where(bad, float("nan"), 1.0)).to(COMPUTE)
-        if HAS_WEIGHT:
-            wt = tl.load(w_ptr + tc).to(COMPUTE)
-        else:
-            wt = 1.0
+        wt = tl.load(w_ptr + tc).to(COMPUTE)
         xt = tl.load(x_ptr + base + tc).to(COMPUTE) - mx
         wsum = tl.sum(wv, axis=0)
         loss = keep * wt * (logs - xt)
@@ -269,10 +258,7 @@ def _cross_entropy_kernel(
             c = c0 + cols
             inb = c < C
             xv = tl.load(x_ptr + base + c, mask=inb, other=0.0).to(COMPUTE) - mx
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + c, mask=inb, other=0.0).to(COMPUTE)
-            else:
-                w = tl.full([CBLOCK], 1.0, COMPUTE)
+            w = tl.load(w_ptr + c, mask=inb, other=0.0).to(COMPUTE)
             if PROBS:
                 q = tl.load(t_ptr + base + c, mask=inb, other=0.0).to(COMPUTE)
                 sub = (q * keep + eps_c) * w * fw
@@ -283,31 +269,28 @@ def _cross_entropy_kernel(
 
 
 def _cblock(classes):
-    return min(triton.next_power_of_2(max(classes, 1)), CBLOCK_MAX)
+    return CBLOCK_SMALL if classes <= CBLOCK_SMALL else CBLOCK_MAX
 
 
-def cross_entropy(x, target, weight, inv_total, loss_rows, grad, scale, ignore_index, label_smoothing):
+def cross_entropy(x, target, weight, scale, loss_rows, grad, ignore_index, label_smoothing):
     """Per row of x (M, C contiguous): loss_rows (M,) and, when grad is given, grad (M, C); target: class
-    indices (M,) int64 or probabilities (M, C); weight (C,) and inv_total (0-d) in the compute dtype or
-    None. The gradient is scaled by inv_total when given, else by scale (csrc/loss.h has the math)."""
+    indices (M,) int64 or probabilities (M, C); weight (C,) and the gradient's scale (0-d) in the compute
+    dtype (csrc/loss.h has the math)."""
     rows, classes = x.shape
     if rows == 0 or classes == 0:
         return
     _cross_entropy_kernel[(rows,)](
         x,
         target,
-        weight if weight is not None else x,
-        inv_total if inv_total is not None else x,
+        weight,
+        scale,
         loss_rows,
         grad if grad is not None else x,
         classes,
-        *f64_halves(scale),
         ignore_index,
         *f64_halves(label_smoothing),
         COMPUTE=_compute(x),
         PROBS=target.is_floating_point(),
-        HAS_WEIGHT=weight is not None,
-        HAS_INV=inv_total is not None,
         HAS_GRAD=grad is not None,
         CBLOCK=_cblock(classes),
     )
@@ -341,42 +324,28 @@ def aot_variants():
                     consts = {"KIND": kind, "COMPUTE": compute, "HAS_GRAD": has_grad}
                     label = f"reduce_blocks[{kind},{ty},{has_grad}{_int_args(sig, consts, n=n)}]"
                     variants.append((label, _reduce_blocks_kernel, sig, consts))
-        for count in ("i32", 1):
+        for count in ("i32", "i32:16", 1):
             sig = {"partials_ptr": f"*{pty}", "out_ptr": f"*{ty}", "scale_hi": "i32", "scale_lo": "i32"}
             consts = {}
-            if count == 1:
-                consts["count"] = 1
-            else:
-                sig["count"] = count
-            variants.append((f"sum_partials[{ty},{count}]", _sum_partials_kernel, sig, consts))
+            label = f"sum_partials[{ty}{_int_args(sig, consts, count=count)}]"
+            variants.append((label, _sum_partials_kernel, sig, consts))
+        wty = "fp64" if torch_dtype == torch.float64 else "fp32"
         for probs in (False, True):
-            for has_weight in (False, True):
-                for has_inv in (False, True) if not probs else (False,):
-                    for has_grad in (False, True):
-                        for cblock in (16, CBLOCK_MAX):
-                            wty = "fp64" if torch_dtype == torch.float64 else "fp32"
-                            sig = {
-                                "x_ptr": f"*{ty}",
-                                "t_ptr": f"*{ty}" if probs else "*i64",
-                                "w_ptr": f"*{wty}" if has_weight else f"*{ty}",
-                                "inv_ptr": f"*{wty}" if has_inv else f"*{ty}",
-                                "loss_ptr": f"*{wty}",
-                                "grad_ptr": f"*{ty}",
-                                "C": "i32",
-                                "scale_hi": "i32",
-                                "scale_lo": "i32",
-                                "ignore_index": "i32",
-                                "eps_hi": "i32",
-                                "eps_lo": "i32",
-                            }
-                            consts = {
-                                "COMPUTE": compute,
-                                "PROBS": probs,
-                                "HAS_WEIGHT": has_weight,
-                                "HAS_INV": has_inv,
-                                "HAS_GRAD": has_grad,
-                                "CBLOCK": cblock,
-                            }
-                            label = f"cross_entropy[{ty},{probs},{has_weight},{has_inv},{has_grad},{cblock}]"
-                            variants.append((label, _cross_entropy_kernel, sig, consts))
+            for has_grad in (False, True):
+                for cblock in (CBLOCK_SMALL, CBLOCK_MAX):
+                    for classes in ("i32", "i32:16", 1):
+                        sig = {
+                            "x_ptr": f"*{ty}",
+                            "t_ptr": f"*{ty}" if probs else "*i64",
+                            "w_ptr": f"*{wty}",
+                            "scale_ptr": f"*{wty}",
+                            "loss_ptr": f"*{wty}",
+                            "grad_ptr": f"*{ty}",
+                            "ignore_index": "i32",
+                            "eps_hi": "i32",
+                            "eps_lo": "i32",
+                        }
+                        consts = {"COMPUTE": compute, "PROBS": probs, "HAS_GRAD": has_grad, "CBLOCK": cblock}
+                        label = f"cross_entropy[{ty},{probs},{has_grad},{cblock}{_int_args(sig, consts, C=classes)}]"
+                        variants.append((label, _cross_entropy_kernel, sig, consts))
     return variants

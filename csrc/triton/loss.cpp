@@ -3,6 +3,8 @@
 // pyops::_triton_* ops that pyops/ops/loss.py defines. Registered for CPU (Triton's interpreter) and
 // CUDA tensors under the Triton twins' names.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -51,7 +53,11 @@ struct Triton {
                             double scale, int64_t ignore_index, double smoothing, const at::Tensor& loss_rows,
                             const at::Tensor& g) {
     static const TritonLaunch launch("pyops::_triton_cross_entropy");
-    launch(x, t, maybe(w), maybe(inv_total), loss_rows, maybe(g), scale, ignore_index, smoothing);
+    // the kernel always reads class weights and the gradient's scale (fewer launch variants)
+    const auto opmath = loss_rows.options();
+    const at::Tensor weights = w.defined() ? w : at::ones({x.size(1)}, opmath);
+    const at::Tensor scales = inv_total.defined() ? inv_total : at::full({}, scale, opmath);
+    launch(x, t, weights, scales, loss_rows, maybe(g), ignore_index, smoothing);
   }
 };
 

@@ -96,8 +96,8 @@ define_launch(
     lambda: _kernels().pointwise_reduce,
 )
 define_launch(
-    "_triton_cross_entropy(Tensor x, Tensor target, Tensor? weight, Tensor? inv_total, Tensor(a!) loss_rows, "
-    "Tensor(b!)? grad, float scale, int ignore_index, float label_smoothing) -> ()",
+    "_triton_cross_entropy(Tensor x, Tensor target, Tensor weight, Tensor scale, Tensor(a!) loss_rows, "
+    "Tensor(b!)? grad, int ignore_index, float label_smoothing) -> ()",
     lambda: _kernels().cross_entropy,
 )
 
