@@ -6,7 +6,9 @@
 //   D::pointwise_bwd(g, x, t, gi, kind, delta)               gi = g * loss'(x - t)
 //   D::pointwise_reduce(x, t, out, grad, kind, delta, scale) out (0-d) = scale * sum loss(x - t) and,
 //                                                            when grad is defined, grad = scale * loss'(x - t)
-//   D::check_targets(target, classes, ignore_index)          class indices in range (CPU; GPUs assert)
+//   D::scan_targets(target, classes, ignore_index, w, total, opmath)  class indices in range (CPU: raises; GPUs
+//                                                            make such rows NaN), and when `total` the
+//                                                            0-d weight of the rows not ignored
 //   D::cross_entropy(x, target, weight, inv_total, scale, ignore_index, smoothing, loss_rows, grad)
 //                                                            per row of x (M, C): the loss, and the
 //                                                            gradient when grad is defined (see below)
@@ -53,6 +55,15 @@ inline std::vector<int64_t> class_target_shape(const at::Tensor& x) {
   for (int64_t d = 0; d < x.dim(); ++d)
     if (d != 1) shape.push_back(x.size(d));
   return shape;
+}
+
+// The weight of the class-index targets not ignored (weight 1 each without class weights), as a 0-d
+// tensor of w's (opmath) dtype on t's device, from tensor ops (no host synchronisation).
+inline at::Tensor target_weight_total(const at::Tensor& t, int64_t ignore_index, const at::Tensor& w,
+                                      at::ScalarType opmath) {
+  const at::Tensor valid = t != ignore_index;
+  if (!w.defined()) return valid.sum().to(opmath);
+  return (w.index_select(0, t.masked_fill(~valid, 0)) * valid).sum();
 }
 
 template <class D>
@@ -168,17 +179,14 @@ struct Loss {
       t = (t3.dim() > 2 ? t3.movedim(1, -1) : t3).contiguous().view({rows, classes});
     } else {
       t = target.reshape({rows}).contiguous();
-      if (rows > 0) D::check_targets(t, classes, ignore_index);
     }
     const auto opmath = x.options().dtype(at::toOpMathType(input.scalar_type()));
     const bool mean = reduction == int64_t(Reduction::kMean);
     // mean over class indices: 1 / the weight of the rows not ignored, a 0-d tensor (no host sync)
     Tensor total, inv_total;
-    if (mean && !probs && rows > 0) {
-      const Tensor valid = t != ignore_index;
-      total =
-          w.defined() ? (w.index_select(0, t.masked_fill(~valid, 0)) * valid).sum() : valid.sum().to(opmath.dtype());
-      inv_total = total.reciprocal();
+    if (!probs && rows > 0) {
+      total = D::scan_targets(t, classes, ignore_index, w, mean, at::toOpMathType(input.scalar_type()));
+      if (mean) inv_total = total.reciprocal();
     }
     const double scale = mean && probs ? 1.0 / double(rows) : 1.0;
     Tensor loss_rows = at::empty({rows}, opmath);

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -436,14 +437,24 @@ struct Cpu {
     });
   }
 
-  static void check_targets(const at::Tensor& t, int64_t classes, int64_t ignore_index) {
+  // One pass over the targets: the range check and, for mean, their total weight (float64 sum).
+  static at::Tensor scan_targets(const at::Tensor& t, int64_t classes, int64_t ignore_index, const at::Tensor& w,
+                                 bool total, at::ScalarType opmath) {
     const int64_t* p = t.const_data_ptr<int64_t>();
     const int64_t n = t.numel();
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t v = p[i];
-      TORCH_CHECK_INDEX(v == ignore_index || (v >= 0 && v < classes), "pyops::cross_entropy_fwd: target ", v,
-                        " is out of bounds for ", classes, " classes (ignore_index=", ignore_index, ")");
-    }
+    double sum = 0;
+    PYOPS_DISPATCH_FLOATING(w.defined() ? w.scalar_type() : at::kFloat, [&] {
+      const scalar_t* pw = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = p[i];
+        if (v == ignore_index) continue;
+        TORCH_CHECK_INDEX(v >= 0 && v < classes, "pyops::cross_entropy_fwd: target ", v, " is out of bounds for ",
+                          classes, " classes (ignore_index=", ignore_index, ")");
+        sum += pw ? double(pw[v]) : 1.0;
+      }
+    });
+    if (!total) return at::Tensor();
+    return at::scalar_tensor(sum, t.options().dtype(opmath));
   }
 
   static void cross_entropy(const at::Tensor& x, const at::Tensor& t, const at::Tensor& w, const at::Tensor& inv_total,

@@ -225,7 +225,11 @@ struct Cuda {
     });
   }
 
-  static void check_targets(const at::Tensor&, int64_t, int64_t) {}  // the kernel makes such rows NaN
+  // Out-of-range targets are left to the kernel, which makes their rows NaN (raising would synchronise).
+  static at::Tensor scan_targets(const at::Tensor& t, int64_t, int64_t ignore_index, const at::Tensor& w, bool total,
+                                 at::ScalarType opmath) {
+    return total ? target_weight_total(t, ignore_index, w, opmath) : at::Tensor();
+  }
 
   static void cross_entropy(const at::Tensor& x, const at::Tensor& t, const at::Tensor& w, const at::Tensor& inv_total,
                             double scale, int64_t ignore_index, double smoothing, const at::Tensor& loss_rows,

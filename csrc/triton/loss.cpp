@@ -42,12 +42,15 @@ struct Triton {
     at::Tensor partials = at::empty({blocks}, x.options().dtype(dtype));
     launch(x, t, out, maybe(g), partials, kind, delta, scale);
   }
-  static void check_targets(const at::Tensor& t, int64_t classes, int64_t ignore_index) {
-    if (!t.is_cpu()) return;  // on a GPU the kernel cannot raise without a host synchronisation
-    const int64_t* p = t.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < t.numel(); ++i)
-      TORCH_CHECK_INDEX(p[i] == ignore_index || (p[i] >= 0 && p[i] < classes), "pyops::cross_entropy_fwd: target ",
-                        p[i], " is out of bounds for ", classes, " classes (ignore_index=", ignore_index, ")");
+  static at::Tensor scan_targets(const at::Tensor& t, int64_t classes, int64_t ignore_index, const at::Tensor& w,
+                                 bool total, at::ScalarType opmath) {
+    if (t.is_cpu()) {  // on a GPU the kernel makes such rows NaN (raising would synchronise)
+      const int64_t* p = t.const_data_ptr<int64_t>();
+      for (int64_t i = 0; i < t.numel(); ++i)
+        TORCH_CHECK_INDEX(p[i] == ignore_index || (p[i] >= 0 && p[i] < classes), "pyops::cross_entropy_fwd: target ",
+                          p[i], " is out of bounds for ", classes, " classes (ignore_index=", ignore_index, ")");
+    }
+    return total ? target_weight_total(t, ignore_index, w, opmath) : at::Tensor();
   }
   static void cross_entropy(const at::Tensor& x, const at::Tensor& t, const at::Tensor& w, const at::Tensor& inv_total,
                             double scale, int64_t ignore_index, double smoothing, const at::Tensor& loss_rows,
