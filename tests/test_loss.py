@@ -218,7 +218,7 @@ def test_pointwise_gradcheck(device, backend):
     x = torch.randn(4, 5, dtype=torch.float64, device=device)
     x = torch.where(x.abs() < 0.05, x + 0.2, x).requires_grad_()
     t = torch.zeros(4, 5, dtype=torch.float64, device=device).requires_grad_()
-    reductions = ["none", "sum"] if backend == "triton" else REDUCTIONS  # the interpreter is slow
+    reductions = ["sum"] if backend == "triton" else REDUCTIONS  # the interpreter is slow
     with pyops.backend(backend):
         for name, (fn, _, kw) in POINTWISE.items():
             for r in reductions:
@@ -260,6 +260,11 @@ CE_CONFIGS = {
 }
 
 
+# What the Triton interpreter runs (every kernel branch: weights, ignored rows, smoothing, dims,
+# probabilities, one class, an unbatched row).
+TRITON_CE_CONFIGS = ("all", "dims", "unbatched", "c1", "probs_weighted", "empty")
+
+
 def _ce_inputs(shape, kind, weighted, ignore_index, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, dtype=torch.float64, generator=gen) * 3).to(dtype).to(device)
@@ -294,6 +299,8 @@ def _ce_run(fn, x, t, w, kw, g=None):
 def test_cross_entropy_against_oracle(reduction, device, backend, dtype):
     skip_unreliable(device, backend, dtype)
     for label, (shape, kind, weighted, ignore_index, smoothing) in CE_CONFIGS.items():
+        if backend == "triton" and label not in TRITON_CE_CONFIGS:
+            continue  # the interpreter is slow
         x, t, w = _ce_inputs(shape, kind, weighted, ignore_index, dtype, device)
         kw = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
         with pyops.backend(backend):
@@ -359,6 +366,8 @@ def test_cross_entropy_gradcheck(device, backend):
     with pyops.backend(backend):
         for r in reductions:
             assert torch.autograd.gradcheck(lambda a, r=r: PF.cross_entropy(a, t, w, ignore_index=1, reduction=r), (x,))
+            if backend == "triton":
+                continue
             assert torch.autograd.gradcheck(
                 lambda a, r=r: PF.cross_entropy(a, q, label_smoothing=0.2, reduction=r), (x,)
             )
