@@ -587,3 +587,16 @@ def test_compile_fullgraph_no_graph_break():
         (ge,) = torch.autograd.grad(y_eager, x)
     assert_close(y, y_eager.detach(), torch.float64)
     assert_close(gx, ge, torch.float64)
+
+
+def test_autocast_computes_in_float32():
+    """Under autocast the losses compute in float32, as torch's do (float16/bfloat16 inputs upcast)."""
+    x = torch.randn(6, 4).bfloat16()
+    t = torch.randn(6, 4).bfloat16()
+    labels = torch.randint(0, 4, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pyops.backend("native"):
+        got = [fn(x, t, **kw) for fn, _, kw in POINTWISE.values()] + [PF.cross_entropy(x, labels)]
+        ref = [r(x, t, **kw) for _, r, kw in POINTWISE.values()] + [TF.cross_entropy(x, labels)]
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype == torch.float32
+        assert_close(a, b.double(), torch.float32)

@@ -4,6 +4,7 @@
 // only scales it by the incoming 0-d gradient, and hands it on as it is when that is 1 (on the CPU,
 // where reading it costs no synchronisation). Math: pyops/ops/loss.py's docstring.
 #include <ATen/TensorOperators.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/broadcast_tensors.h>
 #include <ATen/ops/cross_entropy_loss.h>
@@ -209,6 +210,14 @@ void check_reduction_value(const char* op, int64_t reduction) {
                     ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
+// Under autocast the losses compute in float32, as torch's (autocast's float32 list): float16 and
+// bfloat16 tensors are upcast first, on every backend.
+Tensor autocast_to_float(const Tensor& t) {
+  if (!t.defined() || (t.scalar_type() != at::kHalf && t.scalar_type() != at::kBFloat16)) return t;
+  if (!at::autocast::is_autocast_enabled(t.device().type())) return t;
+  return t.to(at::kFloat);
+}
+
 // Whether the kernels take (input, target): a kernel dtype shared by both, on one device.
 bool kernel_pair(const Tensor& x, const Tensor& t) {
   return is_kernel_dtype(x.scalar_type()) && x.scalar_type() == t.scalar_type() && x.device() == t.device();
@@ -220,10 +229,10 @@ Tensor pointwise_public(LossKind kind, const Tensor& x, const Tensor& t, int64_t
                         int64_t min_numel, const TorchFn& torch_fn) {
   const char* op = kKindNames[int64_t(kind)];
   check_reduction_value(op, reduction);
-  if (!kernel_pair(x, t)) return torch_fn(x, t);
-  Tensor xe = x, te = t;
-  if (!(x.sym_sizes() == t.sym_sizes())) {  // torch broadcasts (its Python function warns)
-    auto both = at::broadcast_tensors({x, t});
+  Tensor xe = autocast_to_float(x), te = autocast_to_float(t);
+  if (!kernel_pair(xe, te)) return torch_fn(xe, te);
+  if (!(xe.sym_sizes() == te.sym_sizes())) {  // torch broadcasts (its Python function warns)
+    auto both = at::broadcast_tensors({xe, te});
     xe = both[0];
     te = both[1];
   }
@@ -265,9 +274,12 @@ Tensor rmse_loss(const Tensor& x, const Tensor& t, int64_t reduction, double eps
   return safe_sqrt(pyops::mse_loss(x, t, reduction), eps);
 }
 
-Tensor cross_entropy(const Tensor& x, const Tensor& t, const std::optional<Tensor>& weight, int64_t reduction,
-                     int64_t ignore_index, double label_smoothing) {
+Tensor cross_entropy(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight_in,
+                     int64_t reduction, int64_t ignore_index, double label_smoothing) {
   check_reduction_value("cross_entropy", reduction);
+  const Tensor x = autocast_to_float(input), t = autocast_to_float(target);
+  const std::optional<Tensor> weight =
+      weight_in.has_value() ? std::optional<Tensor>(autocast_to_float(*weight_in)) : std::nullopt;
   auto torch_fn = [&] { return at::cross_entropy_loss(x, t, weight, reduction, ignore_index, label_smoothing); };
   const bool probs = t.is_floating_point();
   const bool w_defined = weight.has_value() && weight->defined();
