@@ -600,3 +600,21 @@ def test_autocast_computes_in_float32():
     for a, b in zip(got, ref):
         assert a.dtype == b.dtype == torch.float32
         assert_close(a, b.double(), torch.float32)
+
+
+@pytest.mark.parametrize("name", ["mse_loss", "cross_entropy"])
+def test_saved_gradient_survives_retain_graph(name):
+    """Handing the saved gradient on is safe: a kept graph gives the same gradient again (autograd copies
+    what it still holds), and changing .grad in place does not change what backward hands on next."""
+    x = torch.randn(64, 10, requires_grad=True)
+    t = torch.randn(64, 10) if name == "mse_loss" else torch.randint(0, 10, (64,))
+    fn = PF.mse_loss if name == "mse_loss" else PF.cross_entropy
+    with pyops.backend("native"):
+        y = fn(x, t)
+    y.backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad.mul_(0)
+    y.backward(retain_graph=True)
+    assert torch.equal(x.grad, first)
+    y.backward()
+    assert torch.equal(x.grad, 2 * first)
