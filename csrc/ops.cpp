@@ -33,6 +33,13 @@ TORCH_LIBRARY(pyops, m) {
       "batch_norm(Tensor input, Tensor? running_mean, Tensor? running_var, Tensor? weight=None, Tensor? bias=None, "
       "bool training=False, float momentum=0.1, float eps=1e-05, *, str? activation=None, "
       "float negative_slope=0.01, float alpha=1.0, Tensor? residual=None, bool memory_efficient=False) -> Tensor");
+  m.def("l1_loss(Tensor self, Tensor target, int reduction=1) -> Tensor");
+  m.def("mse_loss(Tensor self, Tensor target, int reduction=1) -> Tensor");
+  m.def("huber_loss(Tensor self, Tensor target, int reduction=1, float delta=1.0) -> Tensor");
+  m.def("rmse_loss(Tensor self, Tensor target, int reduction=1, float eps=0.0) -> Tensor");
+  m.def(
+      "cross_entropy(Tensor self, Tensor target, Tensor? weight=None, int reduction=1, int ignore_index=-100, "
+      "float label_smoothing=0.0) -> Tensor");
 }
 
 // ---- the extension module: importing it runs the registrations above; it carries the build facts,

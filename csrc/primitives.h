@@ -71,5 +71,15 @@
   X("batch_norm_bwd", "batch_norm_bwd_triton",                                                      \
     "(Tensor grad_out, Tensor? input, Tensor? output, Tensor? residual, Tensor mean, Tensor invstd, " \
     "Tensor? weight, Tensor? bias, str activation, float param, bool grad_residual) -> "              \
-    "(Tensor, Tensor, Tensor, Tensor)")
+    "(Tensor, Tensor, Tensor, Tensor)")                                                              \
+  /* ---- loss (csrc/loss.h): kind 0 l1, 1 mse, 2 huber; reduction 0 none, 1 mean, 2 sum (torch's).   \
+     *_fwd return (loss, grad): with grad and a reduction, grad = d loss / d input, computed in the   \
+     same pass (input's layout; cross_entropy: input's shape); else an empty tensor. */              \
+  X("pointwise_loss_fwd", "pointwise_loss_fwd_triton",                                              \
+    "(Tensor input, Tensor target, int kind, int reduction, float delta, bool grad) -> (Tensor, Tensor)") \
+  X("pointwise_loss_bwd", "pointwise_loss_bwd_triton",                                              \
+    "(Tensor grad_out, Tensor input, Tensor target, int kind, float delta) -> Tensor")               \
+  X("cross_entropy_fwd", "cross_entropy_fwd_triton",                                                \
+    "(Tensor input, Tensor target, Tensor? weight, int ignore_index, int reduction, "                \
+    "float label_smoothing, bool grad) -> (Tensor, Tensor)")
 // clang-format on

@@ -34,6 +34,22 @@ def _batch_norm(m):
     return make
 
 
+def _loss(m):
+    def cross_entropy():
+        new = pnn.CrossEntropyLoss(
+            None, ignore_index=m.ignore_index, reduction=m.reduction, label_smoothing=m.label_smoothing
+        )
+        new.weight = m.weight  # the buffer itself, shared
+        return new
+
+    return {
+        nn.L1Loss: lambda: pnn.L1Loss(reduction=m.reduction),
+        nn.MSELoss: lambda: pnn.MSELoss(reduction=m.reduction),
+        nn.HuberLoss: lambda: pnn.HuberLoss(reduction=m.reduction, delta=m.delta),
+        nn.CrossEntropyLoss: cross_entropy,
+    }.get(type(m))
+
+
 # What a replacement takes over from the module it replaces: its hooks and flags, as they are.
 _CARRIED = (
     "training",
@@ -56,7 +72,7 @@ def _replacement(m, done):
     """The pyops module standing for m (the same one for every place m is used), or None."""
     if id(m) in done:
         return done[id(m)]
-    make = _activation(m) or _batch_norm(m)
+    make = _activation(m) or _batch_norm(m) or _loss(m)
     new = None
     if make is not None:
         new = make()

@@ -192,3 +192,109 @@ def batch_norm(
         residual=residual,
         memory_efficient=memory_efficient,
     )
+# ---- loss -------------------------------------------------------------------------------------------
+__all__ += ["l1_loss", "mse_loss", "huber_loss", "rmse_loss", "cross_entropy"]
+
+_l1_loss, _l1_loss_eager = _op("l1_loss")
+_mse_loss, _mse_loss_eager = _op("mse_loss")
+_huber_loss, _huber_loss_eager = _op("huber_loss")
+_rmse_loss, _rmse_loss_eager = _op("rmse_loss")
+_cross_entropy, _cross_entropy_eager = _op("cross_entropy")
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _reduction(op, reduction, size_average=None, reduce=None):
+    """torch's reduction enum for a reduction string (or the deprecated size_average/reduce pair)."""
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction as legacy
+
+        reduction = legacy.legacy_get_string(size_average, reduce)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"pyops.{op}: {reduction} is not a valid value for reduction")
+    return _REDUCTIONS[reduction]
+
+
+def _pair(op, input, target):
+    """Both tensors; torch's warning where the target's size differs (the two then broadcast)."""
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected(op, input)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"pyops.{op}: target must be a Tensor, got {type(target).__name__}")
+    if target.size() != input.size():
+        import warnings
+
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+            "This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=3,
+        )
+
+
+def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    """mean/sum/none of |input - target|; gradient sign(input - target) (0 at zero error), scaled as the
+    reduction is. A per-element `weight` goes to torch."""
+    if weight is not None:
+        return _TF.l1_loss(input, target, size_average, reduce, reduction, weight=weight)
+    _pair("l1_loss", input, target)
+    r = _reduction("l1_loss", reduction, size_average, reduce)
+    return _l1_loss(input, target, r) if _compiling() else _l1_loss_eager(input, target, r)
+
+
+def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    """mean/sum/none of (input - target)^2; gradient 2 (input - target), scaled as the reduction is. A
+    per-element `weight` goes to torch."""
+    if weight is not None:
+        return _TF.mse_loss(input, target, size_average, reduce, reduction, weight=weight)
+    _pair("mse_loss", input, target)
+    r = _reduction("mse_loss", reduction, size_average, reduce)
+    return _mse_loss(input, target, r) if _compiling() else _mse_loss_eager(input, target, r)
+
+
+def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
+    """mean/sum/none of |d| < delta ? d^2 / 2 : delta (|d| - delta / 2), d = input - target; gradient
+    clamp(d, -delta, delta). A per-element `weight` goes to torch."""
+    if weight is not None:
+        return _TF.huber_loss(input, target, reduction, delta, weight=weight)
+    _pair("huber_loss", input, target)
+    r = _reduction("huber_loss", reduction)
+    delta = delta if type(delta) is float else _number("huber_loss", "delta", delta)
+    return _huber_loss(input, target, r, delta) if _compiling() else _huber_loss_eager(input, target, r, delta)
+
+
+def rmse_loss(input, target, reduction="mean", eps=0.0):
+    """sqrt(mse_loss(input, target, reduction) + eps) for mean and sum, |input - target| (sqrt(d^2 + eps))
+    for none; gradient d mse / d input / (2 rmse), and 0 (never NaN or inf) where the loss is 0."""
+    _pair("rmse_loss", input, target)
+    r = _reduction("rmse_loss", reduction)
+    eps = eps if type(eps) is float else _number("rmse_loss", "eps", eps)
+    return _rmse_loss(input, target, r, eps) if _compiling() else _rmse_loss_eager(input, target, r, eps)
+
+
+def cross_entropy(
+    input,
+    target,
+    weight=None,
+    size_average=None,
+    ignore_index=-100,
+    reduce=None,
+    reduction="mean",
+    label_smoothing=0.0,
+):
+    """Softmax cross entropy of logits `input` (C), (N, C) or (N, C, d1, ...) against class indices or
+    class probabilities, as torch.nn.functional.cross_entropy (class weights, ignore_index, label
+    smoothing). Per row: (1 - e) w_t (lse - x_t) + e / C sum_c w_c (lse - x_c); gradient
+    (1 - e) w_t (softmax - onehot(t)) + e / C (softmax sum w - w), computed with the loss."""
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected("cross_entropy", input)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"pyops.cross_entropy: target must be a Tensor, got {type(target).__name__}")
+    r = _reduction("cross_entropy", reduction, size_average, reduce)
+    smoothing = (
+        label_smoothing
+        if type(label_smoothing) is float
+        else _number("cross_entropy", "label_smoothing", label_smoothing)
+    )
+    if _compiling():
+        return _cross_entropy(input, target, weight, r, ignore_index, smoothing)
+    return _cross_entropy_eager(input, target, weight, r, ignore_index, smoothing)

@@ -2,7 +2,8 @@
 
 from .activation import ELU, LeakyReLU, Maxout, ReLU, Sigmoid, Tanh
 from .batch_norm import BatchNorm1d, BatchNorm2d, SyncBatchNorm
+from .loss import CrossEntropyLoss, HuberLoss, L1Loss, MSELoss, RMSELoss
 
 __all__ = ["ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Maxout"]
-
 __all__ += ["BatchNorm1d", "BatchNorm2d", "SyncBatchNorm"]
+__all__ += ["L1Loss", "MSELoss", "HuberLoss", "RMSELoss", "CrossEntropyLoss"]
