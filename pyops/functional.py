@@ -192,6 +192,8 @@ def batch_norm(
         residual=residual,
         memory_efficient=memory_efficient,
     )
+
+
 # ---- loss -------------------------------------------------------------------------------------------
 __all__ += ["l1_loss", "mse_loss", "huber_loss", "rmse_loss", "cross_entropy"]
 
