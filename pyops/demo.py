@@ -65,21 +65,49 @@ def init_distributed(device):
     return device
 
 
+class DistributedDataParallel(nn.parallel.DistributedDataParallel):
+    """torch's DistributedDataParallel, except that it lets pyops' SyncBatchNorm run on the CPU: torch's
+    refuses every SyncBatchNorm there (by type, since torch's own needs a GPU), while pyops' combines
+    the ranks' statistics through any process group, gloo included."""
+
+    def _passing_sync_batchnorm_handle(self, module):
+        from . import nn as pnn
+
+        for layer in module.modules():
+            if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, pnn.SyncBatchNorm):
+                super()._passing_sync_batchnorm_handle(layer)
+
+
 def _wrap(model, side, sync_bn):
     """model for this process: with --sync-bn its batch norms synchronised across ranks (pyops' or
-    torch's SyncBatchNorm), and under more than one rank inside DistributedDataParallel."""
+    torch's SyncBatchNorm; torch's needs a GPU, so on the CPU torch's side keeps per-rank batch norm),
+    and under more than one rank inside DistributedDataParallel."""
     _, size = world()
     if size == 1:
         return model
+    device = next(model.parameters()).device
     if sync_bn:
         if side == "pyops":
             from . import nn as pnn
 
             model = pnn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
+        elif device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device = next(model.parameters()).device
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _share(batch, y, weight):
+    """This rank's part of a global batch (index tensor), and the factor that makes the mean of the
+    ranks' losses the global batch's loss: a rank's mean cross-entropy is over its own targets'
+    weight (their count, or the sum of their class weights), so with shares of unequal weight (the
+    last batch of an epoch) each rank's loss is scaled by its share of the global weight, times the
+    number of ranks that DistributedDataParallel divides by."""
+    rank, size = world()
+    if size == 1:
+        return batch, 1.0
+    parts = batch.tensor_split(size)
+    w = [(float(len(p)) if weight is None else float(weight[y[p]].sum())) for p in parts]
+    return parts[rank], w[rank] * size / sum(w)
 
 
 def _mean_over_ranks(value, device):
@@ -128,12 +156,14 @@ def train(
 ):
     """Train `model` (built from `side`'s modules) on (x, y) with `side`'s Adam and cross-entropy (class
     weights `weight`), the batches drawn from `seed`; only `params` (default: all) are trained. Under
-    torchrun each rank takes its share of every batch. Returns a Run."""
+    torchrun each rank takes its share of every batch, and the ranks' losses and gradients combine to
+    the global batch's (see _share). Returns a Run."""
     device = x.device
     rank, size = world()
     net = _wrap(model, side, sync_bn)
     opt = _optimizer(side, params if params is not None else [p for p in net.parameters() if p.requires_grad], lr)
-    loss_fn = _loss(side, None if weight is None else weight.to(device))
+    weight = None if weight is None else weight.to(device)
+    loss_fn = _loss(side, weight)
     steps = [pdata.batches(len(y), batch_size, e, seed, device) for e in range(epochs)]
     bar = _progress(sum(map(len, steps)), desc or side, enabled=progress and rank == 0)
     if device.type == "cuda":
@@ -143,10 +173,12 @@ def train(
         net.train()
         _sync(device)
         start = time.perf_counter()
-        for idx in steps[epoch]:
-            idx = idx.tensor_split(size)[rank]
+        for batch in steps[epoch]:
+            idx, factor = _share(batch, y, weight)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(net(x[idx]), y[idx])
+            if factor != 1.0:
+                loss = loss * factor
             loss.backward()
             opt.step()
             losses.append(_mean_over_ranks(loss.item(), device))

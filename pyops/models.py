@@ -47,17 +47,23 @@ def _lib(lib):
     """The module classes a network is built from."""
     if lib == "torch":
         return types.SimpleNamespace(
-            Conv2d=nn.Conv2d, BatchNorm2d=nn.BatchNorm2d, ReLU=nn.ReLU, Maxout=TorchMaxout, Linear=nn.Linear
+            Conv2d=nn.Conv2d,
+            BatchNorm2d=nn.BatchNorm2d,
+            ReLU=nn.ReLU,
+            Maxout=TorchMaxout,
+            Linear=nn.Linear,
+            fuses_residual=False,
         )
     if lib == "pyops":
         from . import nn as pnn
 
         return types.SimpleNamespace(
-            Conv2d=getattr(pnn, "Conv2d", nn.Conv2d),  # DEVFALLBACK
-            BatchNorm2d=getattr(pnn, "BatchNorm2d", nn.BatchNorm2d),  # DEVFALLBACK
+            Conv2d=pnn.Conv2d,
+            BatchNorm2d=pnn.BatchNorm2d,
             ReLU=pnn.ReLU,
             Maxout=pnn.Maxout,
             Linear=nn.Linear,
+            fuses_residual=True,  # a batch norm adds the residual and applies its activation in one pass
         )
     raise ValueError(f"pyops.models: lib must be 'pyops' or 'torch', got {lib!r}")
 
@@ -120,7 +126,8 @@ class CNN(nn.Module):
 
 class Bottleneck(nn.Module):
     """ResNeXt's block: 1x1 conv -> BN -> ReLU -> grouped 3x3 conv -> BN -> ReLU -> 1x1 conv -> BN, plus
-    the shortcut (identity, or 1x1 conv -> BN where the shape changes), then ReLU."""
+    the shortcut (identity, or 1x1 conv -> BN where the shape changes), then ReLU. With pyops the last
+    batch norm adds the shortcut and applies the ReLU itself (relu(bn(h) + shortcut) in one pass)."""
 
     def __init__(self, L, cin, cout, width, cardinality, stride):
         super().__init__()
@@ -133,9 +140,16 @@ class Bottleneck(nn.Module):
             else nn.Identity()
         )
         self.relu = L.ReLU(inplace=True)
+        self.fused = L.fuses_residual
+        if self.fused:
+            self.expand[1].activation = "relu"
 
     def forward(self, x):
-        return self.relu(self.expand(self.grouped(self.reduce(x))) + self.shortcut(x))
+        h = self.grouped(self.reduce(x))
+        if self.fused:
+            conv, bn = self.expand
+            return bn(conv(h), residual=self.shortcut(x))
+        return self.relu(self.expand(h) + self.shortcut(x))
 
 
 class ResNeXt(nn.Module):
@@ -262,7 +276,7 @@ def loss_module(lib="pyops", **kwargs):
     if lib == "pyops":
         from . import nn as pnn
 
-        return getattr(pnn, "CrossEntropyLoss", nn.CrossEntropyLoss)(**kwargs)  # DEVFALLBACK
+        return pnn.CrossEntropyLoss(**kwargs)
     return nn.CrossEntropyLoss(**kwargs)
 
 
