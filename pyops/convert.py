@@ -19,14 +19,18 @@ def _activation(m):
 
 
 def _batch_norm(m):
-    """A pyops BatchNorm1d/2d sharing m's parameters and buffers (built on the meta device, then given
-    m's tensors)."""
-    cls = {nn.BatchNorm1d: pnn.BatchNorm1d, nn.BatchNorm2d: pnn.BatchNorm2d}.get(type(m))
+    """A pyops BatchNorm1d/2d or SyncBatchNorm sharing m's parameters and buffers (built on the meta
+    device, then given m's tensors; a SyncBatchNorm keeps its process group)."""
+    cls = {nn.BatchNorm1d: pnn.BatchNorm1d, nn.BatchNorm2d: pnn.BatchNorm2d, nn.SyncBatchNorm: pnn.SyncBatchNorm}
+    cls = cls.get(type(m))
     if cls is None:
         return None
 
     def make():
-        new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, device="meta")
+        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        if cls is pnn.SyncBatchNorm:
+            args += (m.process_group,)
+        new = cls(*args, device="meta")
         new._parameters = dict(m._parameters)
         new._buffers = dict(m._buffers)
         return new
@@ -160,4 +164,6 @@ def convert(model, inplace=False, fuse=True):
 
 
 # pyops modules that take an activation into their kernel (filled in as those families exist).
-_FUSES_ACTIVATION = tuple(getattr(pnn, name) for name in ("BatchNorm1d", "BatchNorm2d", "Conv2d") if hasattr(pnn, name))
+_FUSES_ACTIVATION = tuple(
+    getattr(pnn, name) for name in ("BatchNorm1d", "BatchNorm2d", "SyncBatchNorm", "Conv2d") if hasattr(pnn, name)
+)

@@ -160,6 +160,18 @@ def test_convert_fuses_only_what_it_may():
     torch.testing.assert_close(ours(x), model(x))
 
 
+def test_convert_maps_sync_batch_norm():
+    sync = nn.SyncBatchNorm(4, momentum=0.2)
+    ours = pyops.convert(nn.Sequential(nn.Conv2d(2, 4, 1), sync, nn.ReLU()))
+    bn = ours[1]
+    assert type(bn) is pnn.SyncBatchNorm and bn.activation == "relu" and bn.momentum == 0.2
+    assert bn.process_group is sync.process_group and isinstance(ours[2], nn.Identity)
+    assert ours.state_dict().keys() == {"0.weight", "0.bias"} | {f"1.{k}" for k in sync.state_dict()}
+    x = torch.randn(3, 2, 5, 5)
+    ref = torch.relu(nn.functional.batch_norm(ours[0](x), None, None, sync.weight, sync.bias, training=True))
+    torch.testing.assert_close(ours(x), ref)  # one process: SyncBatchNorm is a batch norm
+
+
 def test_optim_convert_keeps_the_state():
     torch.manual_seed(0)
     model = nn.Linear(6, 3).double()
