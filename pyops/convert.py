@@ -18,6 +18,23 @@ def _activation(m):
     }.get(type(m))
 
 
+def _conv(m):
+    """torch.nn.Conv2d -> pyops.nn.Conv2d holding the same parameters (no activation)."""
+    if type(m) is not nn.Conv2d:
+        return None
+
+    def make():
+        new = pnn.Conv2d.__new__(pnn.Conv2d)
+        new.__dict__.update(m.__dict__)
+        new._parameters = type(m._parameters)(m._parameters)  # the same Parameter objects
+        new._buffers = type(m._buffers)(m._buffers)
+        new._modules = type(m._modules)(m._modules)
+        new.activation = None
+        return new
+
+    return make
+
+
 # What a replacement takes over from the module it replaces: its hooks and flags, as they are.
 _CARRIED = (
     "training",
@@ -40,7 +57,7 @@ def _replacement(m, done):
     """The pyops module standing for m (the same one for every place m is used), or None."""
     if id(m) in done:
         return done[id(m)]
-    make = _activation(m)
+    make = _activation(m) or _conv(m)
     new = None
     if make is not None:
         new = make()

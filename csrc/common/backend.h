@@ -49,7 +49,8 @@ std::vector<Backend> usable_backends(Device device);
   X(elu, int64_t(1) << 12)        \
   X(sigmoid, int64_t(1) << 20)    \
   X(tanh, int64_t(1) << 16)       \
-  X(maxout, int64_t(1) << 12)
+  X(maxout, int64_t(1) << 12)     \
+  X(conv2d, int64_t(1) << 12)
 
 namespace auto_min_numel {
 #define PYOPS_AUTO_MIN_CONSTANT(op, n) constexpr int64_t op = n;

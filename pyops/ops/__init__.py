@@ -40,4 +40,8 @@ def define_launch(schema, launcher):
 
 
 # Every family registers its fake kernels and Triton launch ops on import.
-from . import activation, optim  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    activation,
+    conv,
+    optim,
+)
