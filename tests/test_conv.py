@@ -256,6 +256,7 @@ x = torch.randn(2, 4, 6, 6)
 w = torch.randn(4, 2, 3, 3)
 g = torch.randn(2, 4, 4, 4)
 geo = ([1, 1], [0, 0], [1, 1], 2)
+ws = [4, 2, 3, 3]
 public = {
     "groups not dividing the channels": lambda: PF.conv2d(x, torch.randn(4, 3, 3, 3), groups=3),
     "groups not dividing out_channels": lambda: PF.conv2d(x, torch.randn(5, 2, 3, 3), groups=2),
@@ -283,8 +284,8 @@ primitive = {
     "fwd: groups not dividing": lambda o: o["conv2d_fwd"](x, w, None, [1, 1], [0, 0], [1, 1], 3, 0, 0.0),
     "bwd_input: grad_out of the wrong size": lambda o: o["conv2d_bwd_input"](g[:, :3], w, [2, 4, 6, 6], *geo),
     "bwd_input: input_size not 4-d": lambda o: o["conv2d_bwd_input"](g, w, [2, 4, 6], *geo),
-    "bwd_weight: grad_out of a wrong size": lambda o: o["conv2d_bwd_weight"](g[:, :, 1:], x, [4, 2, 3, 3], *geo, 1),
-    "bwd_weight: dtype mismatch": lambda o: o["conv2d_bwd_weight"](g, x.double(), [4, 2, 3, 3], *geo, True),
+    "bwd_weight: grad_out of a wrong size": lambda o: o["conv2d_bwd_weight"](g[:, :, 1:], x, ws, *geo, True),
+    "bwd_weight: dtype mismatch": lambda o: o["conv2d_bwd_weight"](g, x.double(), ws, *geo, True),
     "bwd_weight: weight_size inconsistent": lambda o: o["conv2d_bwd_weight"](g, x, [4, 3, 3, 3], *geo, False),
 }
 for backend in BACKENDS:
