@@ -20,9 +20,8 @@ from pyops.ops.conv import conv2d_reference
 from pyops.testing import CONV_CASES, CONVS, check_conv_case
 
 SPEC = CONVS["conv2d"]
-# The Triton interpreter is slow: a few forms (grouped, depthwise with a multiplier and strides, fused
-# activations, same padding, channels_last, the larger reduction) in float32 and float64.
-TRITON_CASES = ("grouped", "multiplier", "same", "channels_last", "relu", "elu", "gemm", "empty")
+# The Triton interpreter is slow: the spec's interpreted forms, in float32 and float64.
+TRITON_CASES = SPEC.interpreted
 
 
 def _cases():

@@ -41,8 +41,10 @@ std::vector<Backend> usable_backends(Device device);
 // float32, 2 cores: relu, leaky_relu and sigmoid on a 2-core EPYC (AVX512) when a call cost ~20 us
 // more than torch's; elu and maxout re-measured at ~4K on a 2-core Xeon (AVX512) once it cost ~10 us
 // (elu 1.0x at 4K, 1.1x at 16K; maxout 1.3x at 4K). tanh: 64K on the EPYC; on the Xeon torch's own
-// vectorized tanh beats Sleef's at every size (0.4-0.8x). pyops._C.AUTO_MIN_NUMEL carries the same
-// table to Python.
+// vectorized tanh beats Sleef's at every size (0.4-0.8x). conv2d: none, its kernels win from a
+// 512-element depthwise convolution up (Xeon: 3.8x fwd+bwd, 11x no_grad; csrc/autograd/conv.cpp sends
+// convolutions of >= 16 channels per group to torch instead). pyops._C.AUTO_MIN_NUMEL carries the
+// same table to Python.
 #define PYOPS_AUTO_MIN_NUMEL(X)   \
   X(relu, int64_t(1) << 20)       \
   X(leaky_relu, int64_t(1) << 20) \
@@ -50,7 +52,7 @@ std::vector<Backend> usable_backends(Device device);
   X(sigmoid, int64_t(1) << 20)    \
   X(tanh, int64_t(1) << 16)       \
   X(maxout, int64_t(1) << 12)     \
-  X(conv2d, int64_t(1) << 12)
+  X(conv2d, 0)
 
 namespace auto_min_numel {
 #define PYOPS_AUTO_MIN_CONSTANT(op, n) constexpr int64_t op = n;
