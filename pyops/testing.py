@@ -498,6 +498,7 @@ class ConvCase:
     bias: bool = True
     view: Callable = _identity
     weight_view: Callable = _identity
+    grad_view: Callable = _identity  # the layout of the gradient flowing into the output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,7 +549,7 @@ def check_conv_case(spec, case, dtype, device, generator=None):
         return leaves, y
 
     leaves, y = run(spec.fn, dtype)
-    g = torch.randn(y.shape, dtype=torch.float64, generator=generator).to(dtype).to(device)
+    g = case.grad_view(torch.randn(y.shape, dtype=torch.float64, generator=generator).to(dtype).to(device))
     leaves64, y64 = run(spec.reference, torch.float64)
     leavest, yt = run(spec.reference, dtype)
     cin = case.weight[1] * case.weight[2] * case.weight[3]
@@ -594,7 +595,14 @@ CONV_CASES = {
     "same": ConvCase((1, 4, 6, 7), (4, 2, 2, 4), {"groups": 2, "padding": "same", "dilation": (1, 2)}),
     "valid": ConvCase((2, 3, 5, 6), (2, 3, 2, 3), {"padding": "valid"}),
     "unbatched": ConvCase((4, 6, 5), (4, 1, 3, 3), {"groups": 4, "padding": 1}, bias=False),
-    "channels_last": ConvCase((2, 8, 6, 5), (8, 1, 3, 3), {"groups": 8, "padding": 1}, view=_cl),
+    "channels_last": ConvCase((2, 8, 6, 5), (8, 1, 3, 3), {"groups": 8, "padding": 1}, view=_cl, grad_view=_cl),
+    "channels_last_strided": ConvCase(
+        (1, 20, 7, 9),
+        (20, 1, 3, 2),
+        {"groups": 20, "stride": 2, "padding": (1, 0), "dilation": (1, 2), "activation": "relu"},
+        view=_cl,
+        grad_view=_cl,
+    ),
     "weight_cl": ConvCase((2, 4, 5, 6), (6, 2, 3, 3), {"groups": 2, "padding": 1}, weight_view=_cl),
     "sliced": ConvCase((2, 4, 9, 12), (4, 1, 3, 3), {"groups": 4, "padding": 1}, view=lambda t: t[:, :, ::2, 1:]),
     "wide": ConvCase((1, 2, 4, 75), (2, 1, 3, 5), {"groups": 2, "padding": (1, 2)}),

@@ -7,6 +7,7 @@
 //   (gw, gb) = bwd_weight(g, x)         d/dg <- conv(x, ggw) + ggb, d/dx <- bwd_input(g, ggw)
 // The fused activation's derivative is the activation family's primitive (relu_bwd with the saved mask,
 // leaky_relu_bwd, elu_bwd with the saved output). Math: pyops/ops/conv.py.
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/conv2d.h>
@@ -344,7 +345,41 @@ Tensor conv2d_padding(const Tensor& input, const Tensor& weight, const std::opti
   return conv2d(x, weight, bias, stride, left, dilation, groups, activation);
 }
 
+// Under autocast a convolution runs in the lower precision dtype, as torch's does (float64 stays).
+template <c10::DeviceType DT, c10::DispatchKey KEY>
+struct Autocast {
+  static Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, IntArrayRef stride,
+                       IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                       std::optional<c10::string_view> activation) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(KEY);
+    const auto dt = at::autocast::get_autocast_dtype(DT);
+    return pyops::conv2d(at::autocast::cached_cast(dt, input, DT), at::autocast::cached_cast(dt, weight, DT),
+                         at::autocast::cached_cast(dt, bias, DT), stride, padding, dilation, groups, activation);
+  }
+  static Tensor conv2d_padding(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                               IntArrayRef stride, c10::string_view padding, IntArrayRef dilation, int64_t groups,
+                               std::optional<c10::string_view> activation) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(KEY);
+    const auto dt = at::autocast::get_autocast_dtype(DT);
+    return pyops::conv2d_padding(at::autocast::cached_cast(dt, input, DT), at::autocast::cached_cast(dt, weight, DT),
+                                 at::autocast::cached_cast(dt, bias, DT), stride, padding, dilation, groups,
+                                 activation);
+  }
+};
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) {
+  using A = Autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>;
+  m.impl("conv2d", &A::conv2d);
+  m.impl("conv2d.padding", &A::conv2d_padding);
+}
+
+TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) {
+  using A = Autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>;
+  m.impl("conv2d", &A::conv2d);
+  m.impl("conv2d.padding", &A::conv2d_padding);
+}
 
 TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
   PYOPS_REGISTER_CONV_AUTOGRAD(m, Backend::kNative, "");

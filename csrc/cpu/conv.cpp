@@ -1,6 +1,6 @@
 // CPU kernels of the conv family (host side: csrc/conv.h; math: pyops/ops/conv.py).
 //
-// Two engines, chosen by the input channels per group Cg:
+// Two engines, chosen by the input channels per group Cg (and a third for depthwise channels_last):
 // - Cg < kGemmChannels (depthwise, ResNeXt-like groups, a dense layer on a few channels): a direct
 //   kernel. One task is one (image, group): the group's input planes are copied once, zero-padded, into
 //   a thread-local opmath buffer (any input strides, float16/bfloat16 converted there), then each output
@@ -10,6 +10,9 @@
 //   flipped weight; at other strides a scatter into a padded buffer. The weight gradient is a split
 //   reduction: tasks of (group, fixed chunk of images) each sum their part into a partial buffer in a
 //   fixed order, and the partials are added in chunk order (deterministic, whatever the thread count).
+// - depthwise (one channel per group) on channels_last tensors, float32/float64: a direct kernel
+//   vectorized over channels, an output pixel a vector; its input gradient gathered, its weight
+//   gradient the same fixed-order split reduction.
 // - Cg >= kGemmChannels: per image and group, an im2col of the group's planes and a matrix product
 //   through ATen's BLAS (at::mm), in opmath.
 #include <ATen/OpMathType.h>
@@ -366,6 +369,146 @@ void direct_backward_weight(const ConvShape& s, const at::Tensor& g, const at::T
   }
 }
 
+// ---- depthwise in channels_last: vectorized over channels ---------------------------------------------
+// One input and one output channel per group, float32/float64, input and output with channel stride 1:
+// every output pixel is a vector over channels; weights are transposed to [KH * KW, C].
+template <typename T>
+bool depthwise_cl(const ConvShape& s, const at::Tensor& a, const at::Tensor& b) {
+  return std::is_same_v<T, at::opmath_type<T>> && s.Cg() == 1 && s.Kg() == 1 && s.C > 1 && a.stride(1) == 1 &&
+         b.stride(1) == 1;
+}
+
+template <typename T>
+at::Tensor taps_by_channel(const at::Tensor& w, const ConvShape& s) {  // [C, 1, KH, KW] -> [KH * KW, C]
+  return w.reshape({s.C, s.KH * s.KW}).t().contiguous();
+}
+
+template <typename T>
+void dw_cl_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                   const at::Tensor& out, int64_t act, double scalar) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  const at::Tensor wt = taps_by_channel<T>(w, s);
+  const T* wp = wt.const_data_ptr<T>();
+  const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  const View4<T> xv(x), ov(out);
+  const int64_t C = s.C;
+  const T sc = T(scalar);
+  at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.OH, oh = r % s.OH;
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t cnt = std::min(L, C - c0);
+        for (int64_t ow = 0; ow < s.OW; ++ow) {
+          Vec acc = bp ? Vec::loadu(bp + c0, cnt) : Vec(T(0));
+          for (int64_t kh = 0; kh < s.KH; ++kh) {
+            const int64_t ih = oh * s.sh - s.ph + kh * s.dh;
+            if (ih < 0 || ih >= s.H) continue;
+            const T* xrow = xv.p + n * xv.s0 + ih * xv.s2 + c0;
+            for (int64_t kw = 0; kw < s.KW; ++kw) {
+              const int64_t iw = ow * s.sw - s.pw + kw * s.dw;
+              if (iw < 0 || iw >= s.W) continue;
+              acc = at::vec::fmadd(Vec::loadu(wp + (kh * s.KW + kw) * C + c0, cnt), Vec::loadu(xrow + iw * xv.s3, cnt),
+                                   acc);
+            }
+          }
+          act_apply(acc, act, sc).store(ov.p + n * ov.s0 + oh * ov.s2 + ow * ov.s3 + c0, cnt);
+        }
+      }
+    }
+  });
+}
+
+// grad_in gathered: each input pixel sums the output pixels its taps reach (any stride).
+template <typename T>
+void dw_cl_backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  const at::Tensor wt = taps_by_channel<T>(w, s);
+  const T* wp = wt.const_data_ptr<T>();
+  const View4<T> gv(g), iv(gi);
+  const int64_t C = s.C;
+  at::parallel_for(0, s.N * s.H, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.H, ih = r % s.H;
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t cnt = std::min(L, C - c0);
+        for (int64_t iw = 0; iw < s.W; ++iw) {
+          Vec acc(T(0));
+          for (int64_t kh = 0; kh < s.KH; ++kh) {
+            const int64_t th = ih + s.ph - kh * s.dh;
+            if (th < 0 || th % s.sh != 0 || th / s.sh >= s.OH) continue;
+            const T* grow = gv.p + n * gv.s0 + (th / s.sh) * gv.s2 + c0;
+            for (int64_t kw = 0; kw < s.KW; ++kw) {
+              const int64_t tw = iw + s.pw - kw * s.dw;
+              if (tw < 0 || tw % s.sw != 0 || tw / s.sw >= s.OW) continue;
+              acc = at::vec::fmadd(Vec::loadu(wp + (kh * s.KW + kw) * C + c0, cnt),
+                                   Vec::loadu(grow + (tw / s.sw) * gv.s3, cnt), acc);
+            }
+          }
+          acc.store(iv.p + n * iv.s0 + ih * iv.s2 + iw * iv.s3 + c0, cnt);
+        }
+      }
+    }
+  });
+}
+
+// The weight and bias gradients: output rows (n, oh) split into chunks fixed by the shape, each chunk
+// summing into its own [KH * KW + 1, C] partial, the partials added in chunk order.
+template <typename T>
+void dw_cl_backward_weight(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
+                           const at::Tensor& gb) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  const View4<T> gv(g), xv(x);
+  const int64_t C = s.C, taps = s.KH * s.KW, rows = s.N * s.OH;
+  const int64_t NC = std::min<int64_t>(rows, 16), per = (rows + NC - 1) / NC, psize = (taps + 1) * C;
+  std::vector<T> parts(NC * psize, T(0));
+  at::parallel_for(0, NC, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t ci = t0; ci < t1; ++ci) {
+      T* P = parts.data() + ci * psize;
+      for (int64_t r = ci * per; r < std::min(rows, (ci + 1) * per); ++r) {
+        const int64_t n = r / s.OH, oh = r % s.OH;
+        for (int64_t c0 = 0; c0 < C; c0 += L) {
+          const int64_t cnt = std::min(L, C - c0);
+          Vec bsum = Vec::loadu(P + taps * C + c0, cnt);
+          for (int64_t ow = 0; ow < s.OW; ++ow) {
+            const Vec gval = Vec::loadu(gv.p + n * gv.s0 + oh * gv.s2 + ow * gv.s3 + c0, cnt);
+            bsum = bsum + gval;
+            for (int64_t kh = 0; kh < s.KH; ++kh) {
+              const int64_t ih = oh * s.sh - s.ph + kh * s.dh;
+              if (ih < 0 || ih >= s.H) continue;
+              const T* xrow = xv.p + n * xv.s0 + ih * xv.s2 + c0;
+              for (int64_t kw = 0; kw < s.KW; ++kw) {
+                const int64_t iw = ow * s.sw - s.pw + kw * s.dw;
+                if (iw < 0 || iw >= s.W) continue;
+                T* acc = P + (kh * s.KW + kw) * C + c0;
+                at::vec::fmadd(gval, Vec::loadu(xrow + iw * xv.s3, cnt), Vec::loadu(acc, cnt)).store(acc, cnt);
+              }
+            }
+          }
+          bsum.store(P + taps * C + c0, cnt);
+        }
+      }
+    }
+  });
+  T* gwp = gw.mutable_data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < taps; ++t) {
+      T v = 0;
+      for (int64_t ci = 0; ci < NC; ++ci) v += parts[ci * psize + t * C + c];
+      gwp[c * taps + t] = v;
+    }
+  if (gb.defined()) {
+    T* gbp = gb.mutable_data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      T v = 0;
+      for (int64_t ci = 0; ci < NC; ++ci) v += parts[ci * psize + taps * C + c];
+      gbp[c] = v;
+    }
+  }
+}
+
 // ---- im2col + BLAS ----------------------------------------------------------------------------------
 // cols[(c * KH + kh) * KW + kw, oh * OW + ow] = x[c, oh * sh - ph + kh * dh, ow * sw - pw + kw * dw]
 // (x: Cg contiguous planes).
@@ -515,6 +658,8 @@ struct Cpu {
                       const at::Tensor& out, int64_t act, double scalar) {
     PYOPS_DISPATCH_FLOATING(x.scalar_type(), [&] {
       if (s.Cg() >= kGemmChannels) return gemm_forward<scalar_t>(s, x, w, bias, out, act, scalar);
+      if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>)
+        if (depthwise_cl<scalar_t>(s, x, out)) return dw_cl_forward<scalar_t>(s, x, w, bias, out, act, scalar);
       using T = at::opmath_type<scalar_t>;
       const auto opmath = c10::CppTypeToScalarType<T>::value;
       const at::Tensor wf = w.to(opmath).contiguous();
@@ -533,6 +678,8 @@ struct Cpu {
   static void backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi) {
     PYOPS_DISPATCH_FLOATING(g.scalar_type(), [&] {
       if (s.Cg() >= kGemmChannels) return gemm_backward_input<scalar_t>(s, g, w, gi);
+      if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>)
+        if (depthwise_cl<scalar_t>(s, g, gi)) return dw_cl_backward_input<scalar_t>(s, g, w, gi);
       direct_backward_input<scalar_t>(s, g, w, gi);
     });
   }
@@ -541,6 +688,8 @@ struct Cpu {
                               const at::Tensor& gb) {
     PYOPS_DISPATCH_FLOATING(g.scalar_type(), [&] {
       if (s.Cg() >= kGemmChannels) return gemm_backward_weight<scalar_t>(s, g, x, gw, gb);
+      if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>)
+        if (depthwise_cl<scalar_t>(s, g, x)) return dw_cl_backward_weight<scalar_t>(s, g, x, gw, gb);
       direct_backward_weight<scalar_t>(s, g, x, gw, gb);
     });
   }

@@ -1,6 +1,8 @@
 """Convolution modules: subclasses of torch's (same constructor, parameters and state_dict) that run
 pyops, with an optional activation fused into the convolution's epilogue."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as TF
 from torch import nn
@@ -17,6 +19,8 @@ class Conv2d(nn.Conv2d):
     """torch.nn.Conv2d on pyops kernels. `activation` (None, "relu", "leaky_relu" or "elu") is applied
     to the output inside the convolution's epilogue. A padding_mode other than "zeros" pads the input
     first (as torch does), then convolves without padding."""
+
+    activation: Optional[str]
 
     def __init__(
         self,
@@ -43,7 +47,7 @@ class Conv2d(nn.Conv2d):
         )
         self.activation = activation
 
-    def _conv_forward(self, input, weight, bias):
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         if torch.jit.is_scripting():  # TorchScript calls the op itself (registered in C++)
             if self.padding_mode != "zeros":
                 padded = TF.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
