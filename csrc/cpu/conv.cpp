@@ -85,6 +85,16 @@ inline T act_apply(T v, int64_t act, T scalar) {
   }
 }
 
+// n elements from src to dst, converted (a plain copy when the types agree).
+template <typename S, typename D>
+inline void copy_convert(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, D>) {
+    std::memcpy(dst, src, n * sizeof(S));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
 // Padded planes of one (image, group) in opmath: plane c's row r, column j holds
 // src[c, r - pad_r, j - pad_c] (zero outside the source; pads may be negative: a crop).
 struct PlaneGeometry {
@@ -107,7 +117,7 @@ void copy_padded(const scalar_t* src, int64_t sc, int64_t sh, int64_t sw, int64_
       std::fill(d + j1, d + g.stride, T(0));
       const scalar_t* s = src + c * sc + ih * sh + (j0 - pad_c) * sw;
       if (sw == 1) {
-        at::vec::convert(s, d + j0, j1 - j0);
+        copy_convert(s, d + j0, j1 - j0);
       } else {
         for (int64_t j = j0; j < j1; ++j, s += sw) d[j] = T(*s);
       }
@@ -119,7 +129,7 @@ void copy_padded(const scalar_t* src, int64_t sc, int64_t sh, int64_t sw, int64_
 template <typename T, typename scalar_t>
 inline void store_row(const T* row, scalar_t* dst, int64_t ds, int64_t n) {
   if (ds == 1) {
-    at::vec::convert(row, dst, n);
+    copy_convert(row, dst, n);
   } else {
     for (int64_t j = 0; j < n; ++j) dst[j * ds] = scalar_t(row[j]);
   }
@@ -311,7 +321,7 @@ void direct_backward_weight(const ConvShape& s, const at::Tensor& g, const at::T
             T* d = gs.data() + (kl * s.OH + oh) * OWv;
             const scalar_t* sp = src + oh * gv.s2;
             if (gv.s3 == 1) {
-              at::vec::convert(sp, d, s.OW);
+              copy_convert(sp, d, s.OW);
             } else {
               for (int64_t j = 0; j < s.OW; ++j) d[j] = T(sp[j * gv.s3]);
             }
@@ -394,22 +404,32 @@ void dw_cl_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
   const View4<T> xv(x), ov(out);
   const int64_t C = s.C;
   const T sc = T(scalar);
+  const int64_t taps = s.KH * s.KW;
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<Vec> wv(taps);  // this channel block's weights, one vector a tap
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.OH, oh = r % s.OH;
       for (int64_t c0 = 0; c0 < C; c0 += L) {
         const int64_t cnt = std::min(L, C - c0);
+        for (int64_t t = 0; t < taps; ++t) wv[t] = Vec::loadu(wp + t * C + c0, cnt);
+        const Vec b0 = bp ? Vec::loadu(bp + c0, cnt) : Vec(T(0));
         for (int64_t ow = 0; ow < s.OW; ++ow) {
-          Vec acc = bp ? Vec::loadu(bp + c0, cnt) : Vec(T(0));
+          Vec acc = b0;
           for (int64_t kh = 0; kh < s.KH; ++kh) {
             const int64_t ih = oh * s.sh - s.ph + kh * s.dh;
             if (ih < 0 || ih >= s.H) continue;
             const T* xrow = xv.p + n * xv.s0 + ih * xv.s2 + c0;
+            const Vec* wrow = wv.data() + kh * s.KW;
+            const int64_t iw0 = ow * s.sw - s.pw;
+            if (iw0 >= 0 && iw0 + (s.KW - 1) * s.dw < s.W) {  // every tap of the row inside
+              for (int64_t kw = 0; kw < s.KW; ++kw)
+                acc = at::vec::fmadd(wrow[kw], Vec::loadu(xrow + (iw0 + kw * s.dw) * xv.s3, cnt), acc);
+              continue;
+            }
             for (int64_t kw = 0; kw < s.KW; ++kw) {
-              const int64_t iw = ow * s.sw - s.pw + kw * s.dw;
+              const int64_t iw = iw0 + kw * s.dw;
               if (iw < 0 || iw >= s.W) continue;
-              acc = at::vec::fmadd(Vec::loadu(wp + (kh * s.KW + kw) * C + c0, cnt), Vec::loadu(xrow + iw * xv.s3, cnt),
-                                   acc);
+              acc = at::vec::fmadd(wrow[kw], Vec::loadu(xrow + iw * xv.s3, cnt), acc);
             }
           }
           act_apply(acc, act, sc).store(ov.p + n * ov.s0 + oh * ov.s2 + ow * ov.s3 + c0, cnt);
