@@ -17,7 +17,8 @@ table cache), so one compiled kernel per dtype serves every shape.
 - _conv_bwd_weight_kernel: implicit GEMM over output channels x (c, kh, kw), each program reducing over
   all N * OH * OW in a fixed order (deterministic), the bias gradient beside it.
 - _conv_mask_kernel: the activation family's 1-bit mask, read from the output.
-Offsets are int64 (the table's sizes are); every global is a tl.constexpr.
+Offsets are int64 (the image count and the strides are); index math within an image is int32; every
+global is a tl.constexpr.
 """
 
 import struct
@@ -59,7 +60,7 @@ ACT_ELU: tl.constexpr = tl.constexpr(3)
 
 # Tile sizes: (BLOCK_M, BLOCK_N, BLOCK_K) for tl.dot (float32, float16, bfloat16) and for the float64
 # product-sum; the direct kernel's positions per program; mask bytes per program.
-DOT_BLOCKS = (64, 32, 32)
+DOT_BLOCKS = (32, 32, 32)
 F64_BLOCKS = (32, 16, 16)
 DW_BLOCK: tl.constexpr = tl.constexpr(256)
 MASK_BYTES: tl.constexpr = tl.constexpr(128)
@@ -113,29 +114,31 @@ def _epilogue(v, t, COMPUTE: tl.constexpr):
 
 @triton.jit
 def _shape(t):
+    """N (int64: products with it are offsets) and the sizes within an image (int32: index math stays
+    narrow, which keeps register pressure down)."""
     return (
         tl.load(t + T_N),
-        tl.load(t + T_C),
-        tl.load(t + T_H),
-        tl.load(t + T_W),
-        tl.load(t + T_K),
-        tl.load(t + T_KH),
-        tl.load(t + T_KW),
-        tl.load(t + T_OH),
-        tl.load(t + T_OW),
+        tl.load(t + T_C).to(tl.int32),
+        tl.load(t + T_H).to(tl.int32),
+        tl.load(t + T_W).to(tl.int32),
+        tl.load(t + T_K).to(tl.int32),
+        tl.load(t + T_KH).to(tl.int32),
+        tl.load(t + T_KW).to(tl.int32),
+        tl.load(t + T_OH).to(tl.int32),
+        tl.load(t + T_OW).to(tl.int32),
     )
 
 
 @triton.jit
 def _geometry(t):
     return (
-        tl.load(t + T_SH),
-        tl.load(t + T_SW),
-        tl.load(t + T_PH),
-        tl.load(t + T_PW),
-        tl.load(t + T_DH),
-        tl.load(t + T_DW),
-        tl.load(t + T_G),
+        tl.load(t + T_SH).to(tl.int32),
+        tl.load(t + T_SW).to(tl.int32),
+        tl.load(t + T_PH).to(tl.int32),
+        tl.load(t + T_PW).to(tl.int32),
+        tl.load(t + T_DH).to(tl.int32),
+        tl.load(t + T_DW).to(tl.int32),
+        tl.load(t + T_G).to(tl.int32),
     )
 
 
@@ -162,16 +165,16 @@ def _conv_fwd_kernel(
     sh, sw, ph, pw, dh, dw, G = _geometry(t)
     xs0, xs1, xs2, xs3 = _strides(t, T_A)
     os0, os1, os2, os3 = _strides(t, T_B)
-    grp = tl.program_id(2).to(tl.int64)
+    grp = tl.program_id(2)
     Cg = C // G
     Kg = K // G
     R = Cg * KH * KW
     M = N * OH * OW
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
+    oh = (offs_m // OW % OH).to(tl.int32)
+    ow = (offs_m % OW).to(tl.int32)
     k = grp * Kg + offs_n
     in_m = offs_m < M
     in_n = offs_n < Kg
@@ -187,7 +190,7 @@ def _conv_fwd_kernel(
         a = tl.load(
             x_ptr + n[:, None] * xs0 + (grp * Cg + c)[None, :] * xs1 + ih * xs2 + iw * xs3, mask=a_mask, other=0.0
         )
-        b = tl.load(w_ptr + k[None, :] * R + r[:, None], mask=(r < R)[:, None] & in_n[None, :], other=0.0)
+        b = tl.load(w_ptr + k.to(tl.int64)[None, :] * R + r[:, None], mask=(r < R)[:, None] & in_n[None, :], other=0.0)
         acc = _mma(acc, a, b, COMPUTE, MODE)
     has_bias = tl.load(t + T_HAS_BIAS)
     bias = tl.load(b_ptr + k, mask=in_n & (has_bias != 0), other=0.0).to(COMPUTE)
@@ -204,9 +207,9 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, t, COMPUTE: tl.constexpr, MODE:
     os0, os1, os2, os3 = _strides(t, T_B)
     plane = tl.program_id(0).to(tl.int64)
     n = plane // K
-    k = plane % K
+    k = (plane % K).to(tl.int32)
     ci = k // (K // G)  # one input channel per group
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     oh = offs // OW
     ow = offs % OW
     inside = offs < OH * OW
@@ -217,7 +220,7 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, t, COMPUTE: tl.constexpr, MODE:
             iw = ow * sw - pw + kw * dw
             m = inside & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             v = tl.load(x_ptr + n * xs0 + ci * xs1 + ih * xs2 + iw * xs3, mask=m, other=0.0).to(COMPUTE)
-            acc += v * tl.load(w_ptr + (k * KH + kh) * KW + kw).to(COMPUTE)
+            acc += v * tl.load(w_ptr + (k.to(tl.int64) * KH + kh) * KW + kw).to(COMPUTE)
     has_bias = tl.load(t + T_HAS_BIAS)
     acc += tl.load(b_ptr + k, mask=has_bias != 0, other=0.0).to(COMPUTE)
     v = _epilogue(acc, t, COMPUTE)
@@ -241,16 +244,16 @@ def _conv_bwd_input_kernel(
     sh, sw, ph, pw, dh, dw, G = _geometry(t)
     gs0, gs1, gs2, gs3 = _strides(t, T_A)
     is0, is1, is2, is3 = _strides(t, T_B)
-    grp = tl.program_id(2).to(tl.int64)
+    grp = tl.program_id(2)
     Cg = C // G
     Kg = K // G
     R = Kg * KH * KW
     M = N * H * W
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n = offs_m // (H * W)
-    ih = offs_m // W % H
-    iw = offs_m % W
+    ih = (offs_m // W % H).to(tl.int32)
+    iw = (offs_m % W).to(tl.int32)
     in_m = offs_m < M
     in_c = c < Cg
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
@@ -271,7 +274,7 @@ def _conv_bwd_input_kernel(
             g_ptr + n[:, None] * gs0 + (grp * Kg + kl)[None, :] * gs1 + oh * gs2 + ow * gs3, mask=a_mask, other=0.0
         )
         b = tl.load(
-            w_ptr + (((grp * Kg + kl)[:, None] * Cg + c[None, :]) * KH + kh[:, None]) * KW + kw[:, None],
+            w_ptr + (((grp * Kg + kl).to(tl.int64)[:, None] * Cg + c[None, :]) * KH + kh[:, None]) * KW + kw[:, None],
             mask=(r < R)[:, None] & in_c[None, :],
             other=0.0,
         )
@@ -298,14 +301,14 @@ def _conv_bwd_weight_kernel(
     sh, sw, ph, pw, dh, dw, G = _geometry(t)
     gs0, gs1, gs2, gs3 = _strides(t, T_A)
     xs0, xs1, xs2, xs3 = _strides(t, T_B)
-    grp = tl.program_id(2).to(tl.int64)
+    grp = tl.program_id(2)
     pid_n = tl.program_id(1)
     Cg = C // G
     Kg = K // G
     R = Cg * KH * KW
     M = N * OH * OW
-    kl = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kl = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c = r // (KH * KW)
     kh = r // KW % KH
     kw = r % KW
@@ -317,8 +320,8 @@ def _conv_bwd_weight_kernel(
     for m0 in range(0, M, BLOCK_K):
         m = m0 + tl.arange(0, BLOCK_K)
         n = m // (OH * OW)
-        oh = m // OW % OH
-        ow = m % OW
+        oh = (m // OW % OH).to(tl.int32)
+        ow = (m % OW).to(tl.int32)
         in_m = m < M
         a = tl.load(
             g_ptr + k[:, None] * gs1 + (n * gs0 + oh * gs2 + ow * gs3)[None, :],
@@ -333,7 +336,11 @@ def _conv_bwd_weight_kernel(
             x_ptr + n[:, None] * xs0 + (grp * Cg + c)[None, :] * xs1 + ih * xs2 + iw * xs3, mask=b_mask, other=0.0
         )
         acc = _mma(acc, a, b, COMPUTE, MODE)
-    tl.store(gw_ptr + k[:, None] * R + r[None, :], acc.to(gw_ptr.dtype.element_ty), mask=in_k[:, None] & in_r[None, :])
+    tl.store(
+        gw_ptr + k.to(tl.int64)[:, None] * R + r[None, :],
+        acc.to(gw_ptr.dtype.element_ty),
+        mask=in_k[:, None] & in_r[None, :],
+    )
     has_bias = tl.load(t + T_HAS_BIAS)
     tl.store(gb_ptr + k, bias.to(gb_ptr.dtype.element_ty), mask=in_k & (pid_n == 0) & (has_bias != 0))
 
