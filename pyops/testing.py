@@ -503,7 +503,8 @@ class ConvCase:
 
 @dataclasses.dataclass(frozen=True)
 class ConvSpec:
-    """A convolution op: its cases against the reference; `gradcheck` holds the float64 gradcheck forms."""
+    """A convolution op: its cases against the reference; in float64 also torch.autograd.gradcheck of
+    input, weight and bias on `gradcheck_case` (groups, strides, dilation and padding together)."""
 
     family: str
     name: str
@@ -512,17 +513,25 @@ class ConvSpec:
     cases: dict
     dtypes: tuple = DTYPES
     interpreted: tuple = ()  # the cases checked under the Triton interpreter (slow)
+    gradcheck_case: Optional["ConvCase"] = None
 
     def check(self, dtype, device, seed=0):
         """Every case on the current backend (under the Triton interpreter those of `interpreted`),
         against the oracle: output (values and strides) and the gradients of input, weight and bias."""
         slow = current_backend() == "triton" and torch.device(device).type == "cpu"
-        return [
+        results = [
             _labelled(label, c)
             for label, case in self.cases.items()
             if not slow or label in self.interpreted
             for c in check_conv_case(self, case, dtype, device, torch.Generator().manual_seed(seed))
         ]
+        if dtype == torch.float64 and self.gradcheck_case is not None:
+            case = self.gradcheck_case
+            leaves = [
+                t.requires_grad_() for t in _conv_tensors(case, dtype, device, torch.Generator().manual_seed(seed))
+            ]
+            results.append(gradcheck(lambda *t: self.fn(*t, **case.kwargs), tuple(leaves)))
+        return results
 
 
 def _conv_tensors(case, dtype, device, generator):
@@ -617,9 +626,24 @@ CONV_CASES = {
 # channels_last, the fused activations, a reduction over more than one tile, an empty batch.
 CONV_INTERPRETED = ("grouped", "multiplier", "same", "channels_last", "relu", "elu", "gemm", "empty")
 
+# Small enough for the interpreter: groups, strides, dilation and padding together, and the bias.
+CONV_GRADCHECK = ConvCase(
+    (1, 2, 5, 4), (4, 1, 2, 2), {"groups": 2, "stride": (2, 1), "padding": (1, 0), "dilation": (1, 2)}
+)
+
 CONVS = {
     spec.name: spec
-    for spec in (ConvSpec("conv", "conv2d", F.conv2d, conv2d_reference, CONV_CASES, interpreted=CONV_INTERPRETED),)
+    for spec in (
+        ConvSpec(
+            "conv",
+            "conv2d",
+            F.conv2d,
+            conv2d_reference,
+            CONV_CASES,
+            interpreted=CONV_INTERPRETED,
+            gradcheck_case=CONV_GRADCHECK,
+        ),
+    )
 }
 
 

@@ -215,7 +215,7 @@ def test_convert_maps_conv2d_sharing_parameters():
     x = torch.randn(2, 3, 8, 8)
     expected = model(x).detach()
     weights = [m.weight for m in model if isinstance(m, nn.Conv2d)]
-    ours = pyops.convert(model)
+    ours = pyops.convert(model, inplace=True)
     convs = [m for m in ours if isinstance(m, nn.Conv2d)]
     assert all(type(m) is pnn.Conv2d for m in convs)
     assert all(m.weight is w for m, w in zip(convs, weights))
