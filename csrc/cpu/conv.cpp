@@ -138,24 +138,31 @@ inline void store_row(const T* row, scalar_t* dst, int64_t ds, int64_t n) {
 // ---- direct forward -----------------------------------------------------------------------------
 // acc[0, V) of one output row segment at ow0 (stride 1 along the width): sum over c, kh, kw.
 template <int V, typename T>
-inline void row_block(const T* xs, const PlaneGeometry& g, const T* wk, int64_t Cg, int64_t KH, int64_t KW,
-                      int64_t row0, int64_t dh, int64_t dw, int64_t ow0, T bias, T* out) {
+inline void row_block(const T* base, const int64_t* offs, const T* wk, int64_t taps, int64_t ow0, T bias, int64_t act,
+                      T sc, T* out, int64_t valid) {
+  static_assert(V >= 1 && V <= 4, "row_block: 1 to 4 vectors");
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
-  Vec acc[V];
-  for (int j = 0; j < V; ++j) acc[j] = Vec(bias);
-  for (int64_t c = 0; c < Cg; ++c) {
-    for (int64_t kh = 0; kh < KH; ++kh) {
-      const T* srow = xs + c * g.plane + (row0 + kh * dh) * g.stride + ow0;
-      const T* wrow = wk + (c * KH + kh) * KW;
-      for (int64_t kw = 0; kw < KW; ++kw) {
-        const Vec wv(wrow[kw]);
-        const T* sp = srow + kw * dw;
-        for (int j = 0; j < V; ++j) acc[j] = at::vec::fmadd(wv, Vec::loadu(sp + j * L), acc[j]);
-      }
-    }
+  // one flat loop over the taps (channel, kh, kw): the accumulators stay in registers
+  Vec a0(bias), a1(bias), a2(bias), a3(bias);
+  const T* sp0 = base + ow0;
+  for (int64_t t = 0; t < taps; ++t) {
+    const Vec wv(wk[t]);
+    const T* sp = sp0 + offs[t];
+    a0 = at::vec::fmadd(wv, Vec::loadu(sp), a0);
+    if constexpr (V > 1) a1 = at::vec::fmadd(wv, Vec::loadu(sp + L), a1);
+    if constexpr (V > 2) a2 = at::vec::fmadd(wv, Vec::loadu(sp + 2 * L), a2);
+    if constexpr (V > 3) a3 = at::vec::fmadd(wv, Vec::loadu(sp + 3 * L), a3);
   }
-  for (int j = 0; j < V; ++j) acc[j].store(out + ow0 + j * L);
+  // the epilogue's activation in registers; out[0, valid) written (a partial last vector masked)
+  const auto emit = [&](Vec a, int64_t j) {
+    const int64_t n = std::min<int64_t>(L, valid - (ow0 + j * L));
+    if (n > 0) act_apply(a, act, sc).store(out + ow0 + j * L, n);
+  };
+  emit(a0, 0);
+  if constexpr (V > 1) emit(a1, 1);
+  if constexpr (V > 2) emit(a2, 2);
+  if constexpr (V > 3) emit(a3, 3);
 }
 
 // out[n, k] = act(bias[k] + sum_c conv(x[n, group c], w[k, c])) for every image and group; x may be any
@@ -177,6 +184,12 @@ void direct_forward(const ConvShape& s, const at::Tensor& x, const at::opmath_ty
   geo.plane = geo.rows * geo.stride;
   const T sc = T(scalar);
   const int64_t taps = Cg * s.KH * s.KW;
+  const bool direct_store = std::is_same_v<scalar_t, T> && ov.s3 == 1;
+  std::vector<int64_t> offs(taps);  // tap (c, kh, kw) -> its element's offset from the row's start
+  for (int64_t c = 0; c < Cg; ++c)
+    for (int64_t kh = 0; kh < s.KH; ++kh)
+      for (int64_t kw = 0; kw < s.KW; ++kw)
+        offs[(c * s.KH + kh) * s.KW + kw] = c * geo.plane + kh * s.dh * geo.stride + kw * s.dw;
   // grain: enough (image, group) pairs to amortise a task (~64K multiply-adds)
   const int64_t work = std::max<int64_t>(1, Kg * s.OH * s.OW * taps);
   at::parallel_for(0, s.N * G, std::max<int64_t>(1, (1 << 16) / work), [&](int64_t t0, int64_t t1) {
@@ -193,15 +206,18 @@ void direct_forward(const ConvShape& s, const at::Tensor& x, const at::opmath_ty
         for (int64_t oh = 0; oh < s.OH; ++oh) {
           const int64_t row0 = oh * s.sh;
           if (vector) {
+            // straight into the output row where it is a dense row of opmath values, else via `row`
+            T* target = direct_store ? reinterpret_cast<T*>(dst + oh * ov.s2) : row.data();
+            const T* rbase = xs.data() + row0 * geo.stride;
+            const int64_t valid = direct_store ? s.OW : OWv;
             int64_t ow0 = 0;
             for (; ow0 + 4 * L <= OWv; ow0 += 4 * L)
-              row_block<4>(xs.data(), geo, wk, Cg, s.KH, s.KW, row0, s.dh, s.dw, ow0, b, row.data());
+              row_block<4>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
             const int64_t rest = (OWv - ow0) / L;
-            if (rest == 3) row_block<3>(xs.data(), geo, wk, Cg, s.KH, s.KW, row0, s.dh, s.dw, ow0, b, row.data());
-            if (rest == 2) row_block<2>(xs.data(), geo, wk, Cg, s.KH, s.KW, row0, s.dh, s.dw, ow0, b, row.data());
-            if (rest == 1) row_block<1>(xs.data(), geo, wk, Cg, s.KH, s.KW, row0, s.dh, s.dw, ow0, b, row.data());
-            if (act != kConvActNone)
-              for (int64_t j = 0; j < OWv; j += L) act_apply(Vec::loadu(row.data() + j), act, sc).store(row.data() + j);
+            if (rest == 3) row_block<3>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
+            if (rest == 2) row_block<2>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
+            if (rest == 1) row_block<1>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
+            if (direct_store) continue;
           } else {
             for (int64_t ow = 0; ow < s.OW; ++ow) {
               T acc = b;
