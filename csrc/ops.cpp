@@ -40,6 +40,12 @@ TORCH_LIBRARY(pyops, m) {
   m.def(
       "cross_entropy(Tensor self, Tensor target, Tensor? weight=None, int reduction=1, int ignore_index=-100, "
       "float label_smoothing=0.0) -> Tensor");
+  m.def(
+      "conv2d(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1, *, str? activation=None) -> Tensor");
+  m.def(
+      "conv2d.padding(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, str padding=\"valid\", "
+      "int[2] dilation=1, int groups=1, *, str? activation=None) -> Tensor");
 }
 
 // ---- the extension module: importing it runs the registrations above; it carries the build facts,

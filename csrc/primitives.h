@@ -81,5 +81,19 @@
     "(Tensor grad_out, Tensor input, Tensor target, int kind, float delta) -> Tensor")               \
   X("cross_entropy_fwd", "cross_entropy_fwd_triton",                                                \
     "(Tensor input, Tensor target, Tensor? weight, int ignore_index, int reduction, "                \
-    "float label_smoothing, bool grad) -> (Tensor, Tensor)")
+    "float label_smoothing, bool grad) -> (Tensor, Tensor)")                                         \
+  /* ---- conv: 2-d convolution, any groups (csrc/conv.h). conv2d_fwd applies bias and the activation \
+     (0 none, 1 relu, 2 leaky_relu with negative_slope = scalar, 3 elu with alpha = scalar; scalar  \
+     >= 0) in its epilogue and returns (out, mask): for relu/leaky_relu the 1-bit mask of the       \
+     activation family (out's memory order), else an empty uint8 tensor. conv2d_bwd_weight returns  \
+     (grad_weight, grad_bias), grad_bias empty unless bias. */                                      \
+  X("conv2d_fwd", "conv2d_fwd_triton",                                                              \
+    "(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "  \
+    "int groups, int activation, float scalar) -> (Tensor, Tensor)")                                 \
+  X("conv2d_bwd_input", "conv2d_bwd_input_triton",                                                  \
+    "(Tensor grad_out, Tensor weight, SymInt[] input_size, int[2] stride, int[2] padding, "         \
+    "int[2] dilation, int groups) -> Tensor")                                                        \
+  X("conv2d_bwd_weight", "conv2d_bwd_weight_triton",                                                \
+    "(Tensor grad_out, Tensor input, SymInt[] weight_size, int[2] stride, int[2] padding, "         \
+    "int[2] dilation, int groups, bool bias) -> (Tensor, Tensor)")
 // clang-format on

@@ -38,6 +38,23 @@ def _batch_norm(m):
     return make
 
 
+def _conv(m):
+    """torch.nn.Conv2d -> pyops.nn.Conv2d holding the same parameters (no activation)."""
+    if type(m) is not nn.Conv2d:
+        return None
+
+    def make():
+        new = pnn.Conv2d.__new__(pnn.Conv2d)
+        new.__dict__.update(m.__dict__)
+        new._parameters = type(m._parameters)(m._parameters)  # the same Parameter objects
+        new._buffers = type(m._buffers)(m._buffers)
+        new._modules = type(m._modules)(m._modules)
+        new.activation = None
+        return new
+
+    return make
+
+
 def _loss(m):
     def cross_entropy():
         new = pnn.CrossEntropyLoss(
@@ -76,7 +93,7 @@ def _replacement(m, done):
     """The pyops module standing for m (the same one for every place m is used), or None."""
     if id(m) in done:
         return done[id(m)]
-    make = _activation(m) or _batch_norm(m) or _loss(m)
+    make = _activation(m) or _batch_norm(m) or _conv(m) or _loss(m)
     new = None
     if make is not None:
         new = make()

@@ -17,7 +17,7 @@ import torch.nn.functional as _TF
 from . import _C
 from . import ops as _ops  # noqa: F401  (registers fake kernels and the Triton launch ops)
 
-__all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout"]
+__all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "conv2d"]
 
 _P = torch.ops.pyops
 _compiling = torch.compiler.is_compiling
@@ -300,3 +300,24 @@ def cross_entropy(
     if _compiling():
         return _cross_entropy(input, target, weight, r, ignore_index, smoothing)
     return _cross_entropy_eager(input, target, weight, r, ignore_index, smoothing)
+
+
+# ---- conv ---------------------------------------------------------------------------------------------
+_conv2d, _conv2d_eager = _op("conv2d")
+_conv2d_padding = _P.conv2d.padding
+_conv2d_padding_eager = _conv2d_padding._op
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
+    """torch.nn.functional.conv2d, optionally followed by an activation fused into its epilogue:
+    out[n, k] = act(bias[k] + sum_{c in k's group} w[k, c] (*) input[n, c]), with `stride`, `padding`
+    (ints, pairs, "same" or "valid"), `dilation` and `groups` as in torch; input [N, C, H, W] or
+    unbatched [C, H, W]; weight [K, C / groups, kH, kW]. activation: None, "relu", "leaky_relu"
+    (negative_slope 0.01) or "elu" (alpha 1.0); relu and leaky_relu save a 1-bit mask for backward."""
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected("conv2d", input)
+    if isinstance(padding, str):
+        op = _conv2d_padding if _compiling() else _conv2d_padding_eager
+    else:
+        op = _conv2d if _compiling() else _conv2d_eager
+    return op(input, weight, bias, stride, padding, dilation, groups, activation=activation)

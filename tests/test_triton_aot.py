@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS_DIR = ROOT / "kernels"
-KERNEL_MODULES = ("activation", "optim", "batch_norm", "loss")
+KERNEL_MODULES = ("activation", "optim", "batch_norm", "conv", "loss")
 TARGETS = (("cuda", 90, 32), ("cuda", 80, 32))
 # The package name kernels/ is loaded under here (never `kernels`: a PyPI package has that name).
 PACKAGE = "_pyops_aot_kernels"

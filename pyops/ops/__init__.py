@@ -40,4 +40,4 @@ def define_launch(schema, launcher):
 
 
 # Every family registers its fake kernels and Triton launch ops on import.
-from . import activation, batch_norm, loss, optim  # noqa: E402,F401
+from . import activation, batch_norm, conv, loss, optim  # noqa: E402,F401

@@ -1,0 +1,140 @@
+"""Convolution benchmark cases: grouped and depthwise conv2d, forward and forward+backward (input,
+weight and bias gradients), pyops.functional.conv2d against torch.nn.functional.conv2d.
+
+CPU (float32): the ResNeXt grouped 3x3 (16, 128, 28, 28) with groups=32 and the depthwise 3x3
+(16, 64, 56, 56) and (32, 256, 14, 14), all padding 1; targets (native, median ratio against torch
+eager): forward+backward >= 2.0x, 1.5x and 1.2x, forward alone >= 1.0x on all three.
+GPU (float32 and bfloat16): ResNeXt-50 32x4d grouped 3x3 convolutions and MobileNet-v2 depthwise ones.
+Overhead: a tiny depthwise convolution (1, 8, 8, 8), fwd+bwd and no_grad, many calls an iteration, one
+thread on the CPU.
+GFLOP/s counts 2 * N * K * OH * OW * (C / groups) * KH * KW per convolution (three of them fwd+bwd);
+minimum bytes: forward reads input and weight and writes the output; backward reads grad_out (twice:
+input and weight gradients), the input and the weight and writes both gradients.
+"""
+
+import torch
+import torch.nn.functional as TF
+
+import pyops.functional as PF
+
+from .harness import Case
+from .harness import print_table as _print_table
+
+# (label, input shape, out_channels, groups, stride)
+CPU_SHAPES = [
+    ("resnext_grouped", (16, 128, 28, 28), 128, 32, 1),
+    ("depthwise", (16, 64, 56, 56), 64, 64, 1),
+    ("depthwise", (32, 256, 14, 14), 256, 256, 1),
+]
+GPU_SHAPES = [
+    ("resnext50_grouped", (32, 128, 56, 56), 128, 32, 1),
+    ("resnext50_grouped", (32, 256, 28, 28), 256, 32, 1),
+    ("resnext50_grouped", (32, 512, 14, 14), 512, 32, 1),
+    ("mobilenetv2_dw", (32, 96, 112, 112), 96, 96, 2),
+    ("mobilenetv2_dw", (32, 144, 56, 56), 144, 144, 1),
+    ("mobilenetv2_dw", (32, 384, 14, 14), 384, 384, 1),
+]
+OVERHEAD_SHAPE = (1, 8, 8, 8)
+OVERHEAD_CALLS = {True: 50, False: 200}
+
+
+def _sizes(shape, k, groups, stride):
+    n, c, h, w = shape
+    oh, ow = (h + 2 - 3) // stride + 1, (w + 2 - 3) // stride + 1
+    flops = 2 * n * k * oh * ow * (c // groups) * 9
+    return (n, k, oh, ow), flops
+
+
+def _case(label, shape, k, groups, stride, mode, dtype, device, calls=1, family="conv"):
+    out_shape, flops = _sizes(shape, k, groups, stride)
+    es = dtype.itemsize
+    n_in, n_w, n_out = torch.Size(shape).numel(), k * (shape[1] // groups) * 9, torch.Size(out_shape).numel()
+    fwd_bytes = (n_in + n_w + n_out) * es
+    min_bytes = fwd_bytes if mode != "fwd+bwd" else fwd_bytes + (2 * n_out + 2 * n_in + 2 * n_w) * es
+    kw = {"stride": stride, "padding": 1, "groups": groups}
+    compiled = {}
+
+    def fn(impl):
+        if impl == "pyops":
+            return lambda x, w, b: PF.conv2d(x, w, b, **kw)
+        if impl == "eager":
+            return lambda x, w, b: TF.conv2d(x, w, b, **kw)
+        if "fn" not in compiled:
+            torch._dynamo.reset()
+            compiled["fn"] = torch.compile(lambda x, w, b: TF.conv2d(x, w, b, **kw), dynamic=False)
+        return compiled["fn"]
+
+    def make_inputs():
+        grad = mode == "fwd+bwd"
+        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
+        w = torch.randn(k, shape[1] // groups, 3, 3, device=device, dtype=dtype, requires_grad=grad)
+        b = torch.randn(k, device=device, dtype=dtype, requires_grad=grad)
+        return x, w, b, torch.randn(out_shape, device=device, dtype=dtype)
+
+    def iteration(impl):
+        f = fn(impl)
+        if mode != "fwd+bwd":  # "fwd" and the overhead's "no_grad"
+
+            def run(x, w, b, g):
+                with torch.no_grad():
+                    for _ in range(calls):
+                        f(x, w, b)
+
+            return run
+
+        def run(x, w, b, g):
+            for _ in range(calls):
+                torch.autograd.grad(f(x, w, b), (x, w, b), g)
+
+        return run
+
+    def forward(impl):
+        return lambda x, w, b, g: fn(impl)(x, w, b)
+
+    overhead = family == "overhead"
+    return Case(
+        "conv",
+        f"{label}" + (f" g={groups}" if not overhead else ""),
+        mode,
+        shape,
+        dtype,
+        device,
+        0 if overhead else min_bytes,
+        make_inputs,
+        iteration,
+        forward=forward if mode == "fwd+bwd" and not overhead else None,
+        flops=None if overhead else flops * (3 if mode == "fwd+bwd" else 1),
+        compile_baseline=False,
+        references=[("torch eager", "eager")],
+        calls=calls,
+        threads=1 if overhead and device == "cpu" else None,
+        auto=True,
+    )
+
+
+def cases(device, quick=False):
+    if device == "cpu":
+        shapes, dtypes = CPU_SHAPES, [torch.float32]
+    else:
+        shapes, dtypes = GPU_SHAPES[:2] + GPU_SHAPES[3:5] if quick else GPU_SHAPES, [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        for label, shape, k, groups, stride in shapes:
+            for mode in ("fwd", "fwd+bwd"):
+                yield _case(label, shape, k, groups, stride, mode, dtype, device)
+    # the fixed cost of a call: a tiny depthwise convolution, many calls an iteration
+    for mode in ("fwd+bwd", "no_grad"):
+        c, calls = OVERHEAD_SHAPE[1], OVERHEAD_CALLS[quick]
+        yield _case("overhead", OVERHEAD_SHAPE, c, c, 1, mode, torch.float32, device, calls, family="overhead")
+
+
+def print_table(results, file=None):
+    """The harness's table, with GFLOP/s and microseconds per call where they apply."""
+    import io
+
+    buf = io.StringIO()
+    _print_table(results, file=buf)
+    lines = buf.getvalue().splitlines()
+    extra = [(r.row().get("GFLOP/s", ""), r.row().get("median_us", "")) for r in results]
+    print(f"{lines[0]}  {'GFLOP/s':>8}  {'us/call':>8}", file=file)
+    for line, (gflops, us) in zip(lines[1:], extra):
+        print(f"{line}  {gflops:>8}  {us:>8}", file=file)

@@ -1,0 +1,394 @@
+// The conv family above the kernels: the public ops (pyops::conv2d, pyops::conv2d.padding: argument
+// forms, backend choice) and the derivatives, written once as Autograd kernels of the three primitives
+// of both backends. Convolution is bilinear in (input, weight), so every derivative, of any order, is
+// again one of the three primitives:
+//   y = conv(x, w) + b                  dx = bwd_input(g, w), dw = bwd_weight(g, x), db = sum g
+//   gx = bwd_input(g, w)                d/dg <- conv(ggx, w),       d/dw <- bwd_weight(g, ggx)
+//   (gw, gb) = bwd_weight(g, x)         d/dg <- conv(x, ggw) + ggb, d/dx <- bwd_input(g, ggw)
+// The fused activation's derivative is the activation family's primitive (relu_bwd with the saved mask,
+// leaky_relu_bwd, elu_bwd with the saved output). Math: pyops/ops/conv.py.
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/elu.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/leaky_relu.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common/backend.h"
+#include "common/checks.h"
+#include "conv.h"
+
+namespace pyops {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ---- the primitives of each backend, looked up once ----------------------------------------------
+template <class Sig>
+class Prim {
+ public:
+  Prim(const char* native, const char* triton) : names_{native, triton} {}
+  const c10::TypedOperatorHandle<Sig>& operator[](Backend b) const {
+    const int i = b == Backend::kTriton ? 1 : 0;
+    std::call_once(once_[i], [&] {
+      handles_[i].emplace(c10::Dispatcher::singleton().findSchemaOrThrow(names_[i], "").template typed<Sig>());
+    });
+    return *handles_[i];
+  }
+
+ private:
+  const char* names_[2];
+  mutable std::once_flag once_[2];
+  mutable std::optional<c10::TypedOperatorHandle<Sig>> handles_[2];
+};
+
+using Pair = std::tuple<Tensor, Tensor>;
+const Prim<Pair(const Tensor&, const Tensor&, const std::optional<Tensor>&, IntArrayRef, IntArrayRef, IntArrayRef,
+                int64_t, int64_t, double)>
+    conv2d_fwd("pyops::conv2d_fwd", "pyops::conv2d_fwd_triton");
+const Prim<Tensor(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, int64_t)>
+    conv2d_bwd_input("pyops::conv2d_bwd_input", "pyops::conv2d_bwd_input_triton");
+const Prim<Pair(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, int64_t,
+                bool)>
+    conv2d_bwd_weight("pyops::conv2d_bwd_weight", "pyops::conv2d_bwd_weight_triton");
+// the activation family's backward primitives
+const Prim<Tensor(const Tensor&, const Tensor&)> relu_bwd("pyops::relu_bwd", "pyops::relu_bwd_triton");
+const Prim<Tensor(const Tensor&, const Tensor&, double)> leaky_relu_bwd("pyops::leaky_relu_bwd",
+                                                                        "pyops::leaky_relu_bwd_triton");
+const Prim<Tensor(const Tensor&, const Tensor&, double, bool)> elu_bwd("pyops::elu_bwd", "pyops::elu_bwd_triton");
+
+// stride, padding, dilation and groups, as saved between forward and backward
+struct Params {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+  }
+  static Params load(AutogradContext* ctx) {
+    return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+            ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["groups"].toInt()};
+  }
+};
+
+Tensor fwd(Backend b, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, const Params& p) {
+  return std::get<0>(conv2d_fwd[b].call(x, w, bias, p.stride, p.padding, p.dilation, p.groups, kConvActNone, 0.0));
+}
+Tensor bwd_input(Backend b, const Tensor& g, const Tensor& w, c10::SymIntArrayRef input_size, const Params& p) {
+  return conv2d_bwd_input[b].call(g, w, input_size, p.stride, p.padding, p.dilation, p.groups);
+}
+Pair bwd_weight(Backend b, const Tensor& g, const Tensor& x, c10::SymIntArrayRef weight_size, const Params& p,
+                bool bias) {
+  return conv2d_bwd_weight[b].call(g, x, weight_size, p.stride, p.padding, p.dilation, p.groups, bias);
+}
+
+// g brought to the strides the activation's backward walks (out's memory order).
+Tensor to_layout(const Tensor& g, const c10::SymIntArrayRef strides) {
+  if (g.sym_strides() == strides) return g;
+  return at::empty_strided_symint(g.sym_sizes(), strides, g.options()).copy_(g);
+}
+
+bool wants_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
+
+void refuse_forward_ad(const Tensor& t) {
+  TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(),
+              "pyops.conv2d: forward-mode AD (dual tensors, torch.func.jvp) is not supported");
+}
+
+// ---- conv2d_fwd -----------------------------------------------------------------------------------
+template <Backend B>
+struct ConvFwdFn : torch::autograd::Function<ConvFwdFn<B>> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
+                               const std::optional<Tensor>& bias, IntArrayRef stride, IntArrayRef padding,
+                               IntArrayRef dilation, int64_t groups, int64_t act, double scalar) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    const Params p{stride.vec(), padding.vec(), dilation.vec(), groups};
+    auto [out, mask] = conv2d_fwd[B].call(x, w, bias, stride, padding, dilation, groups, act, scalar);
+    p.save(ctx);
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["scalar"] = scalar;
+    ctx->saved_data["bias"] = bias.has_value();
+    ctx->saved_data["out_strides"] = out.sym_strides();
+    ctx->mark_non_differentiable({mask});
+    ctx->save_for_backward({x, w, act == kConvActElu ? out : mask});
+    return {out, mask};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &kept = saved[2];
+    const Params p = Params::load(ctx);
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const double scalar = ctx->saved_data["scalar"].toDouble();
+    const bool bias = ctx->saved_data["bias"].toBool();
+    Tensor g = grads[0];
+    if (act != kConvActNone) {
+      g = to_layout(g, ctx->saved_data["out_strides"].toSymIntVector());
+      g = act == kConvActRelu        ? relu_bwd[B].call(g, kept)
+          : act == kConvActLeakyRelu ? leaky_relu_bwd[B].call(g, kept, scalar)
+                                     : elu_bwd[B].call(g, kept, scalar, /*is_result=*/true);
+    }
+    Tensor gx, gw, gb;
+    if (ctx->needs_input_grad(0)) gx = bwd_input(B, g, w, x.sym_sizes(), p);
+    if (ctx->needs_input_grad(1) || (bias && ctx->needs_input_grad(2))) {
+      std::tie(gw, gb) = bwd_weight(B, g, x, w.sym_sizes(), p, bias && ctx->needs_input_grad(2));
+      if (!ctx->needs_input_grad(1)) gw = Tensor();
+      if (!bias || !ctx->needs_input_grad(2)) gb = Tensor();
+    }
+    return {gx, gw, gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// ---- conv2d_bwd_input: bilinear in (grad_out, weight) ---------------------------------------------
+template <Backend B>
+struct BwdInputFn : torch::autograd::Function<BwdInputFn<B>> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& w, c10::SymIntArrayRef input_size,
+                        IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    const Params p{stride.vec(), padding.vec(), dilation.vec(), groups};
+    p.save(ctx);
+    ctx->save_for_backward({g, w});
+    return bwd_input(B, g, w, input_size, p);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &g = saved[0], &w = saved[1], &gg = grads[0];
+    const Params p = Params::load(ctx);
+    Tensor dg, dw;
+    if (ctx->needs_input_grad(0)) dg = fwd(B, gg, w, std::nullopt, p);
+    if (ctx->needs_input_grad(1)) dw = std::get<0>(bwd_weight(B, g, gg, w.sym_sizes(), p, false));
+    return {dg, dw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// ---- conv2d_bwd_weight: bilinear in (grad_out, input) ---------------------------------------------
+template <Backend B>
+struct BwdWeightFn : torch::autograd::Function<BwdWeightFn<B>> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& g, const Tensor& x, c10::SymIntArrayRef weight_size,
+                               IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                               bool bias) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    const Params p{stride.vec(), padding.vec(), dilation.vec(), groups};
+    p.save(ctx);
+    ctx->saved_data["bias"] = bias;
+    ctx->saved_data["weight_size"] = weight_size;
+    ctx->save_for_backward({g, x});
+    auto [gw, gb] = bwd_weight(B, g, x, weight_size, p, bias);
+    return {gw, gb};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &g = saved[0], &x = saved[1];
+    const Params p = Params::load(ctx);
+    const bool bias = ctx->saved_data["bias"].toBool();
+    const Tensor &ggw = grads[0], &ggb = grads[1];
+    Tensor dg, dx;
+    if (ctx->needs_input_grad(0)) {
+      const std::optional<Tensor> b = bias ? std::optional<Tensor>(ggb) : std::nullopt;
+      dg = fwd(B, x, ggw, b, p);
+    }
+    if (ctx->needs_input_grad(1)) dx = bwd_input(B, g, ggw, x.sym_sizes(), p);
+    return {dg, dx, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// ---- the Autograd kernels of the primitives -------------------------------------------------------
+template <Backend B>
+struct Kernels {
+  static Pair conv2d_fwd_k(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, IntArrayRef stride,
+                           IntArrayRef padding, IntArrayRef dilation, int64_t groups, int64_t act, double scalar) {
+    const Tensor b = bias.has_value() ? *bias : Tensor();
+    refuse_forward_ad(x), refuse_forward_ad(w), refuse_forward_ad(b);
+    if (!at::GradMode::is_enabled() || !(wants_grad(x) || wants_grad(w) || wants_grad(b))) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return conv2d_fwd[B].call(x, w, bias, stride, padding, dilation, groups, act, scalar);
+    }
+    const std::optional<Tensor> bo = b.defined() ? std::optional<Tensor>(b) : std::nullopt;
+    auto r = ConvFwdFn<B>::apply(x, w, bo, stride, padding, dilation, groups, act, scalar);
+    return {r[0], r[1]};
+  }
+  static Tensor conv2d_bwd_input_k(const Tensor& g, const Tensor& w, c10::SymIntArrayRef input_size, IntArrayRef stride,
+                                   IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
+    refuse_forward_ad(g), refuse_forward_ad(w);
+    if (!at::GradMode::is_enabled() || !(wants_grad(g) || wants_grad(w))) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return conv2d_bwd_input[B].call(g, w, input_size, stride, padding, dilation, groups);
+    }
+    return BwdInputFn<B>::apply(g, w, input_size, stride, padding, dilation, groups);
+  }
+  static Pair conv2d_bwd_weight_k(const Tensor& g, const Tensor& x, c10::SymIntArrayRef weight_size, IntArrayRef stride,
+                                  IntArrayRef padding, IntArrayRef dilation, int64_t groups, bool bias) {
+    refuse_forward_ad(g), refuse_forward_ad(x);
+    if (!at::GradMode::is_enabled() || !(wants_grad(g) || wants_grad(x))) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return conv2d_bwd_weight[B].call(g, x, weight_size, stride, padding, dilation, groups, bias);
+    }
+    auto r = BwdWeightFn<B>::apply(g, x, weight_size, stride, padding, dilation, groups, bias);
+    return {r[0], r[1]};
+  }
+};
+
+#define PYOPS_REGISTER_CONV_AUTOGRAD(m, B, SUFFIX)               \
+  do {                                                           \
+    using K = Kernels<B>;                                        \
+    m.impl("conv2d_fwd" SUFFIX, &K::conv2d_fwd_k);               \
+    m.impl("conv2d_bwd_input" SUFFIX, &K::conv2d_bwd_input_k);   \
+    m.impl("conv2d_bwd_weight" SUFFIX, &K::conv2d_bwd_weight_k); \
+  } while (0)
+
+// ---- the public ops -------------------------------------------------------------------------------
+struct Activation {
+  int64_t code;
+  double scalar;
+};
+
+Activation parse_activation(const std::optional<c10::string_view>& activation) {
+  if (!activation.has_value()) return {kConvActNone, 0.0};
+  const std::string a(activation->data(), activation->size());
+  if (a == "relu") return {kConvActRelu, 0.0};
+  if (a == "leaky_relu") return {kConvActLeakyRelu, 0.01};  // torch's default negative_slope
+  if (a == "elu") return {kConvActElu, 1.0};                // torch's default alpha
+  TORCH_CHECK_VALUE(false, "pyops.conv2d: activation must be None, 'relu', 'leaky_relu' or 'elu', got '", a, "'");
+}
+
+// A one-element list stands for both dimensions, as in torch.
+std::vector<int64_t> pair(const char* name, IntArrayRef v) {
+  TORCH_CHECK(v.size() == 1 || v.size() == 2, "pyops.conv2d: ", name, " must be an int or a pair of ints, got ", v);
+  return v.size() == 1 ? std::vector<int64_t>{v[0], v[0]} : v.vec();
+}
+
+Tensor apply_activation(const Tensor& y, const Activation& a) {
+  switch (a.code) {
+    case kConvActRelu:
+      return at::relu(y);
+    case kConvActLeakyRelu:
+      return at::leaky_relu(y, a.scalar);
+    case kConvActElu:
+      return at::elu(y, a.scalar);
+    default:
+      return y;
+  }
+}
+
+Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, IntArrayRef stride,
+              IntArrayRef padding, IntArrayRef dilation, int64_t groups, std::optional<c10::string_view> activation) {
+  const Activation a = parse_activation(activation);
+  TORCH_CHECK(input.dim() == 3 || input.dim() == 4,
+              "pyops.conv2d: expected a 3-d (unbatched) or 4-d (batched) input, got a ", input.dim(),
+              "-d input of sizes ", input.sym_sizes());
+  TORCH_CHECK(weight.dim() == 4, "pyops.conv2d: weight must be 4-d [out_channels, in_channels / groups, kH, kW], got ",
+              "sizes ", weight.sym_sizes());
+  TORCH_CHECK(input.device() == weight.device(), "pyops.conv2d: weight is on ", weight.device(), " but input is on ",
+              input.device());
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
+              ") and weight type (", weight.scalar_type(), ") should be the same");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device() == input.device(), "pyops.conv2d: bias is on ", bias->device(), " but input is on ",
+                input.device());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
+                ") and bias type (", bias->scalar_type(), ") should be the same");
+  }
+  TORCH_CHECK(groups > 0, "pyops.conv2d: groups must be positive, got ", groups);
+  const auto s = pair("stride", stride), p = pair("padding", padding), d = pair("dilation", dilation);
+  const bool batched = input.dim() == 4;
+  const Tensor x = batched ? input : input.unsqueeze(0);
+  Backend b = resolve("conv2d", x, auto_min_numel::conv2d);
+  // `auto` keeps torch for convolutions of many channels per group: there the kernel is a matrix
+  // product as torch's, and torch's (oneDNN) is the faster one.
+  if (selected_backend() == Backend::kAuto && b == Backend::kNative && x.is_cpu() && weight.sym_size(1) >= 16)
+    b = Backend::kTorch;
+  Tensor y;
+  if (b == Backend::kTorch) {
+    y = apply_activation(at::conv2d(x, weight, bias, s, p, d, groups), a);
+  } else {
+    y = std::get<0>(conv2d_fwd[b].call(x, weight, bias, s, p, d, groups, a.code, a.scalar));
+  }
+  return batched ? y : y.squeeze(0);
+}
+
+Tensor conv2d_padding(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, IntArrayRef stride,
+                      c10::string_view padding, IntArrayRef dilation, int64_t groups,
+                      std::optional<c10::string_view> activation) {
+  const std::string mode(padding.data(), padding.size());
+  TORCH_CHECK(mode == "valid" || mode == "same", "pyops.conv2d: invalid padding string '", mode,
+              "' (expected 'valid', 'same', an int or a pair of ints)");
+  if (mode == "valid") return conv2d(input, weight, bias, stride, {0, 0}, dilation, groups, activation);
+  const auto s = pair("stride", stride), d = pair("dilation", dilation);
+  TORCH_CHECK(s[0] == 1 && s[1] == 1, "pyops.conv2d: padding='same' is not supported for strided convolutions");
+  TORCH_CHECK(weight.dim() == 4, "pyops.conv2d: weight must be 4-d [out_channels, in_channels / groups, kH, kW], got ",
+              "sizes ", weight.sym_sizes());
+  // as torch: total padding d * (k - 1) per dimension, the odd one past the end
+  std::vector<int64_t> left(2), extra(2);
+  for (int i = 0; i < 2; ++i) {
+    const int64_t total = d[i] * (weight.size(2 + i) - 1);
+    left[i] = total / 2;
+    extra[i] = total - 2 * left[i];
+  }
+  Tensor x = input;
+  if (extra[0] || extra[1]) x = at::constant_pad_nd(input, {0, extra[1], 0, extra[0]}, 0);
+  return conv2d(x, weight, bias, stride, left, dilation, groups, activation);
+}
+
+// Under autocast a convolution runs in the lower precision dtype, as torch's does (float64 stays).
+template <c10::DeviceType DT, c10::DispatchKey KEY>
+struct Autocast {
+  static Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, IntArrayRef stride,
+                       IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                       std::optional<c10::string_view> activation) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(KEY);
+    const auto dt = at::autocast::get_autocast_dtype(DT);
+    return pyops::conv2d(at::autocast::cached_cast(dt, input, DT), at::autocast::cached_cast(dt, weight, DT),
+                         at::autocast::cached_cast(dt, bias, DT), stride, padding, dilation, groups, activation);
+  }
+  static Tensor conv2d_padding(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                               IntArrayRef stride, c10::string_view padding, IntArrayRef dilation, int64_t groups,
+                               std::optional<c10::string_view> activation) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(KEY);
+    const auto dt = at::autocast::get_autocast_dtype(DT);
+    return pyops::conv2d_padding(at::autocast::cached_cast(dt, input, DT), at::autocast::cached_cast(dt, weight, DT),
+                                 at::autocast::cached_cast(dt, bias, DT), stride, padding, dilation, groups,
+                                 activation);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) {
+  using A = Autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>;
+  m.impl("conv2d", &A::conv2d);
+  m.impl("conv2d.padding", &A::conv2d_padding);
+}
+
+TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) {
+  using A = Autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>;
+  m.impl("conv2d", &A::conv2d);
+  m.impl("conv2d.padding", &A::conv2d_padding);
+}
+
+TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
+  PYOPS_REGISTER_CONV_AUTOGRAD(m, Backend::kNative, "");
+  PYOPS_REGISTER_CONV_AUTOGRAD(m, Backend::kTriton, "_triton");
+}
+
+TORCH_LIBRARY_IMPL(pyops, CompositeImplicitAutograd, m) {
+  m.impl("conv2d", &conv2d);
+  m.impl("conv2d.padding", &conv2d_padding);
+}
+
+}  // namespace pyops

@@ -1,0 +1,198 @@
+// The conv family's host side, written once for every device: argument checks, output allocation and
+// layout, and the list of ops each device registers. The math (pyops/ops/conv.py):
+//   out[n, k, oh, ow] = act(bias[k] + sum_{c, kh, kw} w[k, c, kh, kw] * x[n, g*Cg + c, oh*sh - ph + kh*dh,
+//                                                                        ow*sw - pw + kw*dw])
+// for k in group g = k / Kg (Cg = C / groups input and Kg = K / groups output channels per group),
+// x zero outside the input. A device D (csrc/cpu/conv.cpp, csrc/cuda/conv.cu, csrc/triton/conv.cpp)
+// supplies:
+//   D::Guard(tensor)                                       device guard (a no-op on CPU)
+//   D::forward(shape, x, w, bias, out, act, scalar)        out = act(conv(x, w) + bias); bias may be undefined
+//   D::mask(out, mask, act)                                the activation family's mask bits of out, read
+//                                                          from out (relu: !(y <= 0); leaky_relu: y > 0)
+//   D::backward_input(shape, grad_out, w, grad_in)         grad_in = conv's transpose applied to grad_out
+//   D::backward_weight(shape, grad_out, x, gw, gb)         gw = sum over n, oh, ow; gb = sum of grad_out per
+//                                                          channel (undefined: not wanted); fixed order
+// Tensors may have any strides (x, grad_out) except the outputs, which this file allocates (dense) and
+// the weight, which is contiguous. Kernels are called only when the result is non-empty.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/elu.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/leaky_relu.h>
+#include <ATen/ops/relu.h>
+#include <c10/core/SymIntArrayRef.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common/checks.h"
+
+namespace pyops {
+
+// Activation codes of conv2d_fwd's epilogue.
+enum ConvAct : int64_t { kConvActNone = 0, kConvActRelu = 1, kConvActLeakyRelu = 2, kConvActElu = 3 };
+
+// Every size of one convolution.
+struct ConvShape {
+  int64_t N = 0, C = 0, H = 0, W = 0;  // input
+  int64_t K = 0, KH = 0, KW = 0;       // weight [K, C / groups, KH, KW]
+  int64_t OH = 0, OW = 0;              // output
+  int64_t sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+  int64_t groups = 1;
+  int64_t Cg() const { return C / groups; }
+  int64_t Kg() const { return K / groups; }
+};
+
+inline void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t lowest) {
+  TORCH_CHECK(v.size() == 2, "pyops::", op, ": ", name, " must have 2 elements, got ", v);
+  TORCH_CHECK(v[0] >= lowest && v[1] >= lowest, "pyops::", op, ": ", name, " must be ",
+              lowest == 0 ? "non-negative" : "positive", ", got ", v);
+}
+
+// The checks every primitive makes, from the input's and the weight's sizes.
+inline ConvShape conv_shape(const char* op, at::IntArrayRef in, at::IntArrayRef wt, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(in.size() == 4, "pyops::", op, ": input must be 4-d [N, C, H, W], got sizes ", in);
+  TORCH_CHECK(wt.size() == 4, "pyops::", op, ": weight must be 4-d [K, C / groups, KH, KW], got sizes ", wt);
+  check_pair(op, "stride", stride, 1);
+  check_pair(op, "padding", padding, 0);
+  check_pair(op, "dilation", dilation, 1);
+  TORCH_CHECK(groups > 0, "pyops::", op, ": groups must be positive, got ", groups);
+  ConvShape s;
+  s.N = in[0], s.C = in[1], s.H = in[2], s.W = in[3];
+  s.K = wt[0], s.KH = wt[2], s.KW = wt[3];
+  s.sh = stride[0], s.sw = stride[1], s.ph = padding[0], s.pw = padding[1], s.dh = dilation[0], s.dw = dilation[1];
+  s.groups = groups;
+  TORCH_CHECK(s.K > 0 && s.K % groups == 0, "pyops::", op, ": groups=", groups,
+              " must divide the weight's output channels (", s.K, ")");
+  TORCH_CHECK(s.C % groups == 0 && wt[1] * groups == s.C, "pyops::", op, ": groups=", groups, ", weight of size ", wt,
+              " expects input[1] to be ", wt[1] * groups, " channels, but got ", s.C, " channels");
+  TORCH_CHECK(s.KH > 0 && s.KW > 0, "pyops::", op, ": weight has an empty kernel, sizes ", wt);
+  const int64_t eh = s.dh * (s.KH - 1) + 1, ew = s.dw * (s.KW - 1) + 1;
+  TORCH_CHECK(s.H + 2 * s.ph >= eh && s.W + 2 * s.pw >= ew, "pyops::", op, ": padded input size per channel (",
+              s.H + 2 * s.ph, " x ", s.W + 2 * s.pw, ") is smaller than the dilated kernel (", eh, " x ", ew, ")");
+  s.OH = (s.H + 2 * s.ph - eh) / s.sh + 1;
+  s.OW = (s.W + 2 * s.pw - ew) / s.sw + 1;
+  return s;
+}
+
+// Torch's layout for a convolution's output: channels_last when the input or the weight suggests it.
+inline at::MemoryFormat conv_format(const at::Tensor& a, const at::Tensor& b) {
+  return a.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                 b.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+inline std::vector<int64_t> concrete(const char* op, const char* name, c10::SymIntArrayRef sizes) {
+  std::vector<int64_t> v;
+  for (const auto& s : sizes) {
+    const auto i = s.maybe_as_int();
+    TORCH_CHECK(i.has_value(), "pyops::", op, ": ", name, " must be concrete");
+    v.push_back(*i);
+  }
+  return v;
+}
+
+// The epilogue's activation on a whole tensor, in place (for the bias-only result of an empty sum).
+inline void activate(at::Tensor& t, int64_t act, double scalar) {
+  if (act == kConvActRelu) at::relu_(t);
+  if (act == kConvActLeakyRelu) at::leaky_relu_(t, scalar);
+  if (act == kConvActElu) at::elu_(t, scalar);
+}
+
+template <class D>
+struct Conv {
+  using Tensor = at::Tensor;
+
+  static std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& input, const Tensor& weight,
+                                               const std::optional<Tensor>& bias_opt, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                               int64_t act, double scalar) {
+    const char* op = "conv2d_fwd";
+    check_floating(op, "input", input);
+    check_like(op, "input", input, "weight", weight);
+    const ConvShape s = conv_shape(op, input.sizes(), weight.sizes(), stride, padding, dilation, groups);
+    Tensor bias;
+    if (bias_opt.has_value() && bias_opt->defined()) {
+      bias = *bias_opt;
+      check_like(op, "input", input, "bias", bias);
+      TORCH_CHECK(bias.dim() == 1 && bias.size(0) == s.K, "pyops::", op, ": bias must be 1-d of ", s.K,
+                  " elements (the weight's output channels), got sizes ", bias.sizes());
+    }
+    TORCH_CHECK(act >= kConvActNone && act <= kConvActElu, "pyops::", op,
+                ": activation must be 0 (none), 1 (relu), 2 (leaky_relu) or 3 (elu), got ", act);
+    TORCH_CHECK(scalar >= 0, "pyops::", op, ": the activation's scalar must be non-negative, got ", scalar);
+    typename D::Guard guard(input);
+    Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().memory_format(conv_format(input, weight)));
+    const bool masked = act == kConvActRelu || act == kConvActLeakyRelu;
+    Tensor mask = at::empty({masked ? (out.numel() + 7) / 8 : 0}, input.options().dtype(at::kByte));
+    if (out.numel() == 0) return {out, mask};
+    if (s.C == 0) {  // an empty sum: the bias alone
+      out.zero_();
+      if (bias.defined()) out.add_(bias.view({1, s.K, 1, 1}));
+      activate(out, act, scalar);
+    } else {
+      D::forward(s, input, weight.contiguous(), bias.defined() ? bias.contiguous() : bias, out, act, scalar);
+    }
+    if (masked) D::mask(out, mask, act);
+    return {out, mask};
+  }
+
+  static Tensor conv2d_bwd_input(const Tensor& grad_out, const Tensor& weight, c10::SymIntArrayRef input_size,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
+    const char* op = "conv2d_bwd_input";
+    check_floating(op, "grad_out", grad_out);
+    check_like(op, "grad_out", grad_out, "weight", weight);
+    const auto in = concrete(op, "input_size", input_size);
+    const ConvShape s = conv_shape(op, in, weight.sizes(), stride, padding, dilation, groups);
+    TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == s.N && grad_out.size(1) == s.K && grad_out.size(2) == s.OH &&
+                    grad_out.size(3) == s.OW,
+                "pyops::", op, ": grad_out must have sizes [", s.N, ", ", s.K, ", ", s.OH, ", ", s.OW, "], got ",
+                grad_out.sizes());
+    typename D::Guard guard(grad_out);
+    Tensor gi = at::empty(in, grad_out.options().memory_format(grad_out.suggest_memory_format()));
+    if (gi.numel() == 0) return gi;
+    if (grad_out.numel() == 0) return gi.zero_();
+    D::backward_input(s, grad_out, weight.contiguous(), gi);
+    return gi;
+  }
+
+  static std::tuple<Tensor, Tensor> conv2d_bwd_weight(const Tensor& grad_out, const Tensor& input,
+                                                      c10::SymIntArrayRef weight_size, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                                      bool bias) {
+    const char* op = "conv2d_bwd_weight";
+    check_floating(op, "grad_out", grad_out);
+    check_like(op, "grad_out", grad_out, "input", input);
+    const auto wt = concrete(op, "weight_size", weight_size);
+    const ConvShape s = conv_shape(op, input.sizes(), wt, stride, padding, dilation, groups);
+    TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == s.N && grad_out.size(1) == s.K && grad_out.size(2) == s.OH &&
+                    grad_out.size(3) == s.OW,
+                "pyops::", op, ": grad_out must have sizes [", s.N, ", ", s.K, ", ", s.OH, ", ", s.OW, "], got ",
+                grad_out.sizes());
+    typename D::Guard guard(grad_out);
+    Tensor gw = at::empty(wt, grad_out.options());
+    Tensor gb = at::empty({bias ? s.K : 0}, grad_out.options());
+    if (grad_out.numel() == 0 || s.C == 0) {
+      gw.zero_();
+      gb.zero_();
+      return {gw, gb};
+    }
+    D::backward_weight(s, grad_out, input, gw, bias ? gb : Tensor());
+    return {gw, gb};
+  }
+};
+
+}  // namespace pyops
+
+// Every conv op of device D, registered inside TORCH_LIBRARY_IMPL(pyops, <key>, m) under the native
+// names (SUFFIX "") or the Triton twins' (SUFFIX "_triton").
+#define PYOPS_REGISTER_CONV(m, D, SUFFIX)                      \
+  do {                                                         \
+    using C = ::pyops::Conv<D>;                                \
+    m.impl("conv2d_fwd" SUFFIX, &C::conv2d_fwd);               \
+    m.impl("conv2d_bwd_input" SUFFIX, &C::conv2d_bwd_input);   \
+    m.impl("conv2d_bwd_weight" SUFFIX, &C::conv2d_bwd_weight); \
+  } while (0)

@@ -1,0 +1,348 @@
+"""The conv family against the float64 torch oracle on every backend that runs here: the argument forms
+of the spec table (pyops.testing.CONVS), float64 gradcheck with groups, strides, dilation and padding
+together, opcheck of each primitive, nn.Conv2d and convert, torch.compile, and bad input."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+import pyops
+import pyops.functional as PF
+import pyops.nn as pnn
+from oracle import DTYPES, assert_close, device_backends, skip_unreliable
+from pyops.ops import PRIMITIVES
+from pyops.ops.conv import FAKES as CONV_FAKES
+from pyops.ops.conv import conv2d_reference
+from pyops.testing import CONV_CASES, CONVS, check_conv_case
+
+SPEC = CONVS["conv2d"]
+# The Triton interpreter is slow: the spec's interpreted forms, in float32 and float64.
+TRITON_CASES = SPEC.interpreted
+
+
+def _cases():
+    for device, backend in [p if type(p) is tuple else p.values for p in device_backends()]:
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        for dtype in DTYPES:
+            for name in CONV_CASES:
+                if device == "cpu" and backend == "triton":
+                    if name not in TRITON_CASES or dtype not in (torch.float32, torch.float64):
+                        continue
+                yield pytest.param(name, device, backend, dtype, marks=marks, id=f"{name}-{device}-{backend}-{dtype}")
+
+
+@pytest.mark.parametrize("name,device,backend,dtype", list(_cases()))
+def test_against_oracle(name, device, backend, dtype):
+    """Output (values and torch's strides) and the input, weight and bias gradients."""
+    skip_unreliable(device, backend, dtype)
+    with pyops.backend(backend):
+        results = check_conv_case(SPEC, CONV_CASES[name], dtype, device, torch.Generator().manual_seed(0))
+    for r in results:
+        assert r.ok, r.message
+
+
+GRADCHECK = [
+    # groups, strides, dilation and padding together, a channel multiplier, every activation
+    ((1, 4, 7, 6), (6, 2, 3, 2), {"groups": 2, "stride": (2, 1), "padding": (1, 2), "dilation": (2, 1)}),
+    ((2, 3, 6, 6), (6, 1, 2, 3), {"groups": 3, "stride": 2, "padding": 1, "dilation": (1, 2), "activation": "elu"}),
+    ((1, 4, 5, 6), (4, 2, 3, 3), {"groups": 2, "padding": "same", "dilation": 2, "activation": "leaky_relu"}),
+]
+
+
+# Under the interpreter: the same forms on fewer elements, in gradcheck's fast mode (random projections).
+GRADCHECK_INTERPRETED = [
+    ((1, 4, 5, 4), (4, 2, 3, 2), {"groups": 2, "stride": (2, 1), "padding": (1, 2), "dilation": (2, 1)}),
+    ((1, 2, 4, 4), (4, 1, 2, 3), {"groups": 2, "stride": 2, "padding": 1, "dilation": (1, 2), "activation": "elu"}),
+    ((1, 2, 4, 4), (2, 1, 3, 3), {"groups": 2, "padding": "same", "dilation": 2, "activation": "leaky_relu"}),
+]
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("form", range(len(GRADCHECK)))
+def test_gradcheck(form, device, backend):
+    interpreted = device == "cpu" and backend == "triton"
+    xs, ws, kw = (GRADCHECK_INTERPRETED if interpreted else GRADCHECK)[form]
+    fast = backend != "native"  # the reference's plumbing and the interpreter: random projections
+    x = torch.randn(xs, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(ws, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(ws[0], dtype=torch.float64, device=device, requires_grad=True)
+    with pyops.backend(backend):
+        assert torch.autograd.gradcheck(lambda *t: PF.conv2d(*t, **kw), (x, w, b), fast_mode=fast)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends() if "native" in str(p)])
+def test_gradgradcheck(device, backend):
+    """Second derivatives: the primitives' own derivatives (conv is bilinear), the fused relu's mask."""
+    x = torch.randn(1, 4, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(4, 2, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    kw = {"groups": 2, "stride": (2, 1), "padding": 1, "dilation": (1, 2)}
+    with pyops.backend(backend):
+        assert torch.autograd.gradgradcheck(lambda *t: PF.conv2d(*t, **kw), (x, w, b))
+        assert torch.autograd.gradgradcheck(lambda *t: PF.conv2d(*t, **kw, activation="relu"), (x, w, b))
+
+
+# ---- opcheck of each primitive ----------------------------------------------------------------------
+def _primitive_samples(name, device):
+    f64 = {"dtype": torch.float64, "device": device}
+    x = torch.randn(2, 4, 6, 5, **f64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, **f64, requires_grad=True)
+    b = torch.randn(6, **f64, requires_grad=True)
+    xcl = torch.randn(1, 3, 5, 5, device=device).contiguous(memory_format=torch.channels_last)
+    wdw = torch.randn(3, 1, 3, 3, device=device)
+    geometry = ([2, 1], [1, 0], [1, 2], 2)  # stride, padding, dilation, groups
+    if name == "conv2d_fwd":
+        yield (x, w, b, *geometry, 1, 0.0)
+        yield (xcl, wdw, None, [1, 1], [1, 1], [1, 1], 3, 3, 1.0)
+    y = torch.nn.functional.conv2d(x.detach(), w.detach(), None, *geometry)
+    g = torch.randn_like(y, requires_grad=True)
+    if name == "conv2d_bwd_input":
+        yield (g, w, list(x.shape), *geometry)
+    if name == "conv2d_bwd_weight":
+        yield (g, x, list(w.shape), *geometry, True)
+        yield (g.detach(), x.detach(), list(w.shape), *geometry, False)
+
+
+CONV_PRIMITIVES = [name for name in PRIMITIVES["native"] if name in CONV_FAKES]
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends() if "torch" not in str(p)])
+@pytest.mark.parametrize("name", CONV_PRIMITIVES)
+def test_opcheck(name, device, backend):
+    op = PRIMITIVES[backend][name]
+    samples = list(_primitive_samples(name, device))
+    assert samples, f"no opcheck samples for the primitive {name}"
+    for args in samples:
+        torch.library.opcheck(op, args)
+
+
+# ---- layouts, saved memory, determinism, backend choice ---------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in pyops.available_backends("cpu") if b != "triton"])
+def test_channels_last_stays_channels_last(backend):
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 1, 3, 3)
+    with pyops.backend(backend):
+        y = PF.conv2d(x, w, padding=1, groups=8)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, TF.conv2d(x.double(), w.double(), padding=1, groups=8), torch.float32, reduced=9)
+
+
+def test_fused_relu_saves_a_bit_mask():
+    """conv + relu keeps input, weight and a 1-bit mask of the output (torch keeps the whole output)."""
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    with pyops.backend("native"):
+        got = pyops.saved_bytes(lambda t: PF.conv2d(t, w, padding=1, groups=4, activation="relu"), x)
+    out = 2 * 4 * 16 * 16
+    assert got == x.numel() * 4 + w.numel() * 4 + (out + 7) // 8
+    theirs = pyops.saved_bytes(lambda t: torch.relu(TF.conv2d(t, w, padding=1, groups=4)), x)
+    assert theirs == x.numel() * 4 + w.numel() * 4 + out * 4
+
+
+def test_weight_gradient_is_deterministic_across_thread_counts():
+    x = torch.randn(8, 16, 12, 12)
+    w = torch.randn(16, 2, 3, 3, requires_grad=True)
+    g = torch.randn(8, 16, 12, 12)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, threads, 1):
+            torch.set_num_threads(n)
+            with pyops.backend("native"):
+                (gw,) = torch.autograd.grad(PF.conv2d(x, w, padding=1, groups=8), w, g)
+            grads.append(gw)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], gw) for gw in grads[1:])
+
+
+def test_auto_picks_torch_for_many_channels_per_group():
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    dense = PF.conv2d(x, torch.randn(8, 32, 3, 3))
+    depthwise = PF.conv2d(x, torch.randn(32, 1, 3, 3), groups=32)
+    assert "Convolution" in type(dense.grad_fn).__name__
+    assert "ConvFwdFn" in depthwise.grad_fn.name()
+
+
+def test_argument_forms_match_torch():
+    """ints and pairs, one-element lists, padding strings, keyword and positional calls, unbatched."""
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    with pyops.backend("native"):
+        for args, kw in [
+            ((b, 2, 1, 1, 2), {}),
+            ((b,), {"stride": (2, 1), "padding": [1], "dilation": (1, 2), "groups": 2}),
+            ((), {"bias": None, "padding": "valid", "groups": 2}),
+            ((b, 1, "same", 2, 2), {}),
+        ]:
+            assert_close(PF.conv2d(x, w, *args, **kw), TF.conv2d(x, w, *args, **kw), torch.float64, reduced=18)
+        assert_close(PF.conv2d(x[0], w, b, groups=2), TF.conv2d(x[0], w, b, groups=2), torch.float64, reduced=18)
+
+
+# ---- modules --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_module_is_a_drop_in(padding_mode):
+    kw = {"stride": (1, 2), "padding": (2, 1), "groups": 2, "padding_mode": padding_mode}
+    torch.manual_seed(1)
+    ours = pnn.Conv2d(4, 6, (3, 2), **kw, dtype=torch.float64)
+    torch.manual_seed(1)
+    theirs = nn.Conv2d(4, 6, (3, 2), **kw, dtype=torch.float64)
+    assert isinstance(ours, nn.Conv2d) and repr(ours) == repr(theirs)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    with pyops.backend("native"):
+        assert_close(ours(x), theirs(x).detach(), torch.float64, reduced=12)
+
+
+def test_conv2d_module_activation():
+    m = pnn.Conv2d(4, 4, 3, padding=1, groups=4, activation="relu")
+    assert "activation='relu'" in repr(m)
+    x = torch.randn(2, 4, 6, 6)
+    with pyops.backend("native"):
+        assert_close(m(x), torch.relu(TF.conv2d(x, m.weight, m.bias, padding=1, groups=4)).double(), torch.float32)
+    with pytest.raises(ValueError, match="pyops.nn.Conv2d: activation"):
+        pnn.Conv2d(4, 4, 3, activation="gelu")
+
+
+def test_convert_maps_conv2d_sharing_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8, padding="same"))
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x).detach()
+    weights = [m.weight for m in model if isinstance(m, nn.Conv2d)]
+    ours = pyops.convert(model, inplace=True)
+    convs = [m for m in ours if isinstance(m, nn.Conv2d)]
+    assert all(type(m) is pnn.Conv2d for m in convs)
+    assert all(m.weight is w for m, w in zip(convs, weights))
+    with pyops.backend("native"):
+        assert_close(ours(x), expected.double(), torch.float32, reduced=72)
+
+
+@pytest.mark.parametrize("backend", ["native"])
+def test_torch_compile_fullgraph(backend):
+    """A model with pyops convolutions (depthwise, grouped with an activation) compiles with no graph
+    break and matches eager, gradients included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        pnn.Conv2d(4, 8, 3, padding=1, groups=2, activation="relu"),
+        pnn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+        pnn.Conv2d(8, 4, 1, activation="elu"),
+    )
+    x = torch.randn(2, 4, 10, 10)
+    with pyops.backend(backend):
+        eager = model(x)
+        eager.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = compiled(x)
+        out.sum().backward()
+    assert torch.allclose(out, eager, rtol=1e-6, atol=1e-6)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_module_scripts():
+    x = torch.randn(2, 4, 6, 6)
+    for m in (
+        pnn.Conv2d(4, 4, 3, padding=1, groups=4, activation="relu"),
+        pnn.Conv2d(4, 8, 3, padding="same", groups=2),
+    ):
+        scripted = torch.jit.script(m)
+        with pyops.backend("native"):
+            assert torch.allclose(scripted(x), m(x))
+
+
+def test_autocast_runs_in_the_lower_precision_dtype():
+    """As torch's convolution: under autocast inputs are cast to the autocast dtype."""
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(4, 1, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pyops.backend("native"):
+        y = PF.conv2d(x, w, padding=1, groups=4)
+        assert y.dtype == TF.conv2d(x, w, padding=1, groups=4).dtype == torch.bfloat16
+    xb, wb = x.bfloat16().double(), w.bfloat16().double()
+    assert_close(y, TF.conv2d(xb, wb, padding=1, groups=4), torch.bfloat16, reduced=9)
+
+
+def test_reference_is_torch():
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3)
+    assert torch.equal(conv2d_reference(x, w, groups=2, activation="relu"), torch.relu(TF.conv2d(x, w, groups=2)))
+
+
+# ---- bad input: an error naming the op, never a crash ------------------------------------------------
+_BAD_CALLS = """
+import torch
+import pyops
+import pyops.functional as PF
+from pyops.ops import PRIMITIVES
+x = torch.randn(2, 4, 6, 6)
+w = torch.randn(4, 2, 3, 3)
+g = torch.randn(2, 4, 4, 4)
+geo = ([1, 1], [0, 0], [1, 1], 2)
+ws = [4, 2, 3, 3]
+public = {
+    "groups not dividing the channels": lambda: PF.conv2d(x, torch.randn(4, 3, 3, 3), groups=3),
+    "groups not dividing out_channels": lambda: PF.conv2d(x, torch.randn(5, 2, 3, 3), groups=2),
+    "weight of the wrong channels": lambda: PF.conv2d(x, torch.randn(4, 3, 3, 3), groups=2),
+    "3-d weight": lambda: PF.conv2d(x, torch.randn(4, 4, 3)),
+    "5-d input": lambda: PF.conv2d(x[None], w, groups=2),
+    "kernel larger than the padded input": lambda: PF.conv2d(x, torch.randn(4, 2, 9, 9), groups=2, padding=1),
+    "dtype mismatch": lambda: PF.conv2d(x.double(), w, groups=2),
+    "bias dtype mismatch": lambda: PF.conv2d(x, w, torch.randn(4).double(), groups=2),
+    "bias of the wrong size": lambda: PF.conv2d(x, w, torch.randn(3), groups=2),
+    "device mismatch": lambda: PF.conv2d(x, w.to("meta"), groups=2),
+    "zero stride": lambda: PF.conv2d(x, w, stride=0, groups=2),
+    "negative padding": lambda: PF.conv2d(x, w, padding=-1, groups=2),
+    "zero dilation": lambda: PF.conv2d(x, w, dilation=0, groups=2),
+    "three strides": lambda: PF.conv2d(x, w, stride=(1, 1, 1), groups=2),
+    "zero groups": lambda: PF.conv2d(x, w, groups=0),
+    "bad padding string": lambda: PF.conv2d(x, w, padding="full", groups=2),
+    "same with strides": lambda: PF.conv2d(x, w, stride=2, padding="same", groups=2),
+    "bad activation": lambda: PF.conv2d(x, w, groups=2, activation="gelu"),
+}
+primitive = {
+    "fwd: integer input": lambda o: o["conv2d_fwd"](x.long(), w.long(), None, *geo, 0, 0.0),
+    "fwd: bad activation code": lambda o: o["conv2d_fwd"](x, w, None, *geo, 7, 0.0),
+    "fwd: negative scalar": lambda o: o["conv2d_fwd"](x, w, None, *geo, 2, -1.0),
+    "fwd: groups not dividing": lambda o: o["conv2d_fwd"](x, w, None, [1, 1], [0, 0], [1, 1], 3, 0, 0.0),
+    "bwd_input: grad_out of the wrong size": lambda o: o["conv2d_bwd_input"](g[:, :3], w, [2, 4, 6, 6], *geo),
+    "bwd_input: input_size not 4-d": lambda o: o["conv2d_bwd_input"](g, w, [2, 4, 6], *geo),
+    "bwd_weight: grad_out of a wrong size": lambda o: o["conv2d_bwd_weight"](g[:, :, 1:], x, ws, *geo, True),
+    "bwd_weight: dtype mismatch": lambda o: o["conv2d_bwd_weight"](g, x.double(), ws, *geo, True),
+    "bwd_weight: weight_size inconsistent": lambda o: o["conv2d_bwd_weight"](g, x, [4, 3, 3, 3], *geo, False),
+}
+for backend in BACKENDS:
+    for what, call in public.items():
+        try:
+            with pyops.backend(backend):
+                call()
+        except (RuntimeError, ValueError, TypeError) as e:
+            assert backend == "torch" or "pyops" in str(e), (backend, what, str(e)[:300])
+        else:
+            raise AssertionError(f"{backend}: {what}: no error")
+    if backend == "torch":
+        continue
+    for what, call in primitive.items():
+        try:
+            call(PRIMITIVES[backend])
+        except (RuntimeError, ValueError, TypeError) as e:
+            assert "pyops" in str(e), (backend, what, str(e)[:300])
+        else:
+            raise AssertionError(f"{backend}: {what}: no error")
+print("all refused")
+"""
+
+
+def test_bad_input_is_refused_without_crashing():
+    """Each bad argument, through the public function and each primitive of each backend, is an error
+    naming the op (torch's own on the torch backend), never a signal (run in a subprocess)."""
+    code = f"BACKENDS = {pyops.available_backends('cpu')!r}\n" + _BAD_CALLS
+    env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stdout[-2000:]} {r.stderr[-3000:]}"
+    assert "all refused" in r.stdout
