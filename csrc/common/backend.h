@@ -48,17 +48,17 @@ std::vector<Backend> usable_backends(Device device);
 // 512-element depthwise convolution up (Xeon: 3.8x fwd+bwd, 11x no_grad; csrc/autograd/conv.cpp sends
 // convolutions of >= 16 channels per group to torch instead). pyops._C.AUTO_MIN_NUMEL carries the
 // same table to Python.
-#define PYOPS_AUTO_MIN_NUMEL(X)   \
-  X(relu, int64_t(1) << 20)       \
-  X(leaky_relu, int64_t(1) << 20) \
-  X(elu, int64_t(1) << 12)        \
-  X(sigmoid, int64_t(1) << 20)    \
-  X(tanh, int64_t(1) << 16)       \
-  X(maxout, int64_t(1) << 12)     \
-  X(batch_norm, int64_t(1) << 15) \
-  X(l1_loss, 0)                   \
-  X(mse_loss, 0)                  \
-  X(huber_loss, 0)                \
+#define PYOPS_AUTO_MIN_NUMEL(X)      \
+  X(relu, int64_t(1) << 20)          \
+  X(leaky_relu, int64_t(1) << 20)    \
+  X(elu, int64_t(1) << 12)           \
+  X(sigmoid, int64_t(1) << 20)       \
+  X(tanh, int64_t(1) << 16)          \
+  X(maxout, int64_t(1) << 12)        \
+  X(batch_norm, int64_t(1) << 15)    \
+  X(l1_loss, 0)                      \
+  X(mse_loss, 0)                     \
+  X(huber_loss, 0)                   \
   X(cross_entropy, int64_t(1) << 14) \
   X(conv2d, 0)
 
