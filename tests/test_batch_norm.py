@@ -453,7 +453,7 @@ def test_convert_maps_batch_norms():
     )
     model(torch.randn(2, 3, 6, 6))
     weight = model[1].weight
-    converted = pyops.convert(model)
+    converted = pyops.convert(model, inplace=True)  # shares the parameters
     assert type(converted[1]) is pnn.BatchNorm2d and type(converted[5]) is pnn.BatchNorm1d
     assert converted[1].weight is weight
     x = torch.randn(4, 3, 6, 6)

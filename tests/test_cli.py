@@ -43,16 +43,16 @@ def _bench_modules():
 
 
 def test_check_passes():
-    """Every family, every entry of the spec table and every backend available here (Triton under the
-    interpreter included) is checked."""
-    out = _run("check")
+    """Every family, every entry of the spec table and every backend available to a user here is
+    checked (the Triton interpreter's rows are the family tests' business: they take minutes)."""
+    out = _run("check", interpret=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert " 0 failed" in out.stdout
     rows = [line.split() for line in out.stdout.splitlines()]
     for family, specs in SPECS.items():
         for name in specs:
             backends = {row[3] for row in rows if row[:2] == [family, name]}
-            assert backends == set(pyops.available_backends("cpu")), (family, name, backends)
+            assert backends == {"native", "torch"}, (family, name, backends)
 
 
 def test_tour_runs_on_digits():

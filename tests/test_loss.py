@@ -561,7 +561,7 @@ def test_convert_maps_losses():
             "ce": nn.CrossEntropyLoss(torch.rand(3), ignore_index=1, label_smoothing=0.1),
         }
     )
-    pyops.convert(model)
+    pyops.convert(model, inplace=True)
     assert type(model["l1"]) is pnn.L1Loss and type(model["mse"]) is pnn.MSELoss
     assert model["mse"].reduction == "sum" and model["huber"].delta == 2.0
     ce = model["ce"]

@@ -4,7 +4,7 @@ of the activation family and the scalar transport under the interpreter (or on t
 The interpreter accepts code that compiled Triton rejects (plain module globals, float64 literals,
 libdevice-free fallbacks), so each kernels module lists the launches its launchers make in
 `aot_variants()` -> [(label, jit function, {argument: Triton type}, {constexpr: value})], and every
-one is compiled down to a cubin for sm_90 and sm_80. The compile runs in a subprocess without
+one is compiled down to a cubin for sm_90 (and sm_80 with PYOPS_AOT_ARCHS=90,80). The compile runs in a subprocess without
 TRITON_INTERPRET (triton.jit reads it when it decorates, and conftest sets it on machines without a
 GPU), importing the kernel files by path: importing pyops would load its C++ extension.
 
@@ -30,7 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS_DIR = ROOT / "kernels"
 KERNEL_MODULES = ("activation", "optim", "batch_norm", "conv", "loss")
-TARGETS = (("cuda", 90, 32), ("cuda", 80, 32))
+# Hopper (sm_90) by default; PYOPS_AOT_ARCHS=90,80 adds Ampere (twice the compile time: ~4 min of CPU
+# for every family's variants on both).
+TARGETS = tuple(("cuda", int(a), 32) for a in os.environ.get("PYOPS_AOT_ARCHS", "90").split(","))
 # The package name kernels/ is loaded under here (never `kernels`: a PyPI package has that name).
 PACKAGE = "_pyops_aot_kernels"
 # Compiling activation's 180 variants for both targets takes ~75 s of CPU (~40 s on 2 cores); the
