@@ -57,7 +57,7 @@ def _case(name, device, batch=BATCH):
         make_inputs,
         iteration,
         forward=forward_only,
-        auto=False,
+        auto=True,
     )
 
 
