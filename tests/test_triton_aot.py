@@ -4,9 +4,10 @@ of the activation family and the scalar transport under the interpreter (or on t
 The interpreter accepts code that compiled Triton rejects (plain module globals, float64 literals,
 libdevice-free fallbacks), so each kernels module lists the launches its launchers make in
 `aot_variants()` -> [(label, jit function, {argument: Triton type}, {constexpr: value})], and every
-one is compiled down to a cubin for sm_90 (and sm_80 with PYOPS_AOT_ARCHS=90,80). The compile runs in a subprocess without
-TRITON_INTERPRET (triton.jit reads it when it decorates, and conftest sets it on machines without a
-GPU), importing the kernel files by path: importing pyops would load its C++ extension.
+one is compiled down to a cubin for sm_90 (and sm_80 with PYOPS_AOT_ARCHS=90,80). The compile runs in
+a subprocess without TRITON_INTERPRET (triton.jit reads it when it decorates, and conftest sets it on
+machines without a GPU), importing the kernel files by path: importing pyops would load its C++
+extension.
 
 Run as a script, this file is that subprocess: `python tests/test_triton_aot.py OUT.json`.
 """
