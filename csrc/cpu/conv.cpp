@@ -650,7 +650,7 @@ void gemm_backward_weight(const ConvShape& s, const at::Tensor& g, const at::Ten
       wf[grp].addmm_(gf[n][grp], cols.t());
     }
   gw.copy_(wf.view(gw.sizes()));
-  if (gb.defined()) gb.copy_(gf.view({s.N, s.K, M}).sum({0, 2}));
+  if (gb.defined()) gb.copy_(gf.view({s.N, s.K, M}).sum(at::IntArrayRef{0, 2}));
 }
 
 // ---- the mask of relu / leaky_relu, from the output ------------------------------------------------
