@@ -18,6 +18,7 @@
 
 #include "batch_norm.h"
 #include "common/backend.h"
+#include "common/prim.h"
 #include "common/checks.h"
 
 namespace pyops {
@@ -29,23 +30,6 @@ using torch::autograd::variable_list;
 using Opt = std::optional<Tensor>;
 
 // The primitives of each backend, looked up once.
-template <class Sig>
-class Prim {
- public:
-  Prim(const char* native, const char* triton) : names_{native, triton} {}
-  const c10::TypedOperatorHandle<Sig>& operator[](Backend b) const {
-    const int i = b == Backend::kTriton ? 1 : 0;
-    std::call_once(once_[i], [&] {
-      handles_[i].emplace(c10::Dispatcher::singleton().findSchemaOrThrow(names_[i], "").template typed<Sig>());
-    });
-    return *handles_[i];
-  }
-
- private:
-  const char* names_[2];
-  mutable std::once_flag once_[2];
-  mutable std::optional<c10::TypedOperatorHandle<Sig>> handles_[2];
-};
 
 using Pair = std::tuple<Tensor, Tensor>;
 using Triple = std::tuple<Tensor, Tensor, Tensor>;

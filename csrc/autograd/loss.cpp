@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "common/backend.h"
+#include "common/prim.h"
 #include "common/checks.h"
 #include "loss.h"
 
@@ -33,23 +34,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // ---- the primitives of each backend, looked up once ----------------------------------------------
-template <class Sig>
-class Prim {
- public:
-  Prim(const char* native, const char* triton) : names_{native, triton} {}
-  const c10::TypedOperatorHandle<Sig>& operator[](Backend b) const {
-    const int i = b == Backend::kTriton ? 1 : 0;
-    std::call_once(once_[i], [&] {
-      handles_[i].emplace(c10::Dispatcher::singleton().findSchemaOrThrow(names_[i], "").template typed<Sig>());
-    });
-    return *handles_[i];
-  }
-
- private:
-  const char* names_[2];
-  mutable std::once_flag once_[2];
-  mutable std::optional<c10::TypedOperatorHandle<Sig>> handles_[2];
-};
 
 using Pair = std::tuple<Tensor, Tensor>;
 const Prim<Pair(const Tensor&, const Tensor&, int64_t, int64_t, double, bool)> pointwise_loss_fwd(
