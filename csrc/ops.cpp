@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/backend.h"
+#include "functional.h"
 #include "primitives.h"
 
 TORCH_LIBRARY(pyops, m) {
@@ -116,6 +117,10 @@ struct PyModuleDef pyops_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, met
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&pyops_module);
   if (m == nullptr) return nullptr;
+  if (pyops::add_functional(m) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
   PyModule_AddIntConstant(m, "WITH_CUDA", PYOPS_WITH_CUDA);
 #define PYOPS_STR2(x) #x
 #define PYOPS_STR(x) PYOPS_STR2(x)

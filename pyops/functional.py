@@ -65,8 +65,8 @@ def _number(op, name, value):
     raise TypeError(f"pyops.{op}: {name} must be a number, got {type(value).__name__}")
 
 
-def relu(input, inplace=False):
-    """max(input, 0); gradient g * [input > 0]. Saves a 1-bit mask."""
+def _py_relu(input, inplace=False):
+    """The Python twin of relu."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("relu", input)
     if _compiling():
@@ -76,8 +76,8 @@ def relu(input, inplace=False):
     return _relu_eager_(input) if inplace else _relu_eager(input)
 
 
-def leaky_relu(input, negative_slope=0.01, inplace=False):
-    """input > 0 ? input : negative_slope * input; gradient g * (input > 0 ? 1 : negative_slope)."""
+def _py_leaky_relu(input, negative_slope=0.01, inplace=False):
+    """The Python twin of leaky_relu."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("leaky_relu", input)
     slope = negative_slope if type(negative_slope) is float else _number("leaky_relu", "negative_slope", negative_slope)
@@ -88,8 +88,8 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
     return _leaky_relu_eager_(input, slope) if inplace else _leaky_relu_eager(input, slope)
 
 
-def elu(input, alpha=1.0, inplace=False):
-    """input > 0 ? input : alpha * (exp(input) - 1); gradient g * (input <= 0 ? alpha * exp(input) : 1)."""
+def _py_elu(input, alpha=1.0, inplace=False):
+    """The Python twin of elu."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("elu", input)
     alpha = alpha if type(alpha) is float else _number("elu", "alpha", alpha)
@@ -100,8 +100,8 @@ def elu(input, alpha=1.0, inplace=False):
     return _elu_eager_(input, alpha) if inplace else _elu_eager(input, alpha)
 
 
-def sigmoid(input):
-    """1 / (1 + exp(-input)); gradient g * y * (1 - y)."""
+def _py_sigmoid(input):
+    """The Python twin of sigmoid."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("sigmoid", input)
     if _compiling():
@@ -111,8 +111,8 @@ def sigmoid(input):
     return _sigmoid_eager(input)
 
 
-def tanh(input):
-    """tanh(input); gradient g * (1 - y^2)."""
+def _py_tanh(input):
+    """The Python twin of tanh."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("tanh", input)
     if _compiling():
@@ -122,16 +122,27 @@ def tanh(input):
     return _tanh_eager(input)
 
 
-def maxout(input, pieces, dim=1):
-    """output[..., j, ...] = max_k input[..., j * pieces + k, ...]; the gradient goes to the first
-    maximal piece. `pieces` (1 to 256) must divide input.size(dim)."""
+def _py_maxout(input, pieces, dim=1):
+    """The Python twin of maxout."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("maxout", input)
-    if isinstance(pieces, bool) or not isinstance(pieces, int):
+    if isinstance(pieces, bool) or not isinstance(pieces, int) or not 1 <= pieces <= 256:
         raise ValueError(
             f"pyops.maxout: pieces must be an int in [1, 256] (indices are saved as uint8), got {pieces!r}"
         )
     return _maxout(input, pieces, dim) if _compiling() else _maxout_eager(input, pieces, dim)
+
+
+# The public functions are C functions (csrc/functional.cpp, where their docstrings state the math):
+# a plain call goes straight to the public op, as cheap as torch's own binding. Every other call
+# (tensor subclasses, __torch_function__ modes, other argument types, bad input) goes to the Python
+# twin above, which torch.compile also traces in the C function's place.
+_TWINS = {"relu": _py_relu, "leaky_relu": _py_leaky_relu, "elu": _py_elu, "sigmoid": _py_sigmoid, "tanh": _py_tanh}
+_TWINS["maxout"] = _py_maxout
+_C._set_twins(_TWINS)
+relu, leaky_relu, elu, sigmoid, tanh, maxout = (getattr(_C, name) for name in _TWINS)
+for _name, _twin in _TWINS.items():
+    torch.compiler.substitute_in_graph(getattr(_C, _name))(_twin)
 
 
 # ---- batch_norm ------------------------------------------------------------------------------------

@@ -284,3 +284,105 @@ def test_vmap_runs_the_ops_batched():
             assert_close(torch.vmap(f, in_dims=1)(x), ref(x).movedim(1, 0), torch.float64)
         y = torch.vmap(lambda t: PF.maxout(t, 3, -1), in_dims=1)(x)
         assert_close(y, torch.stack([PF.maxout(x[:, i], 3, -1) for i in range(4)]), torch.float64)
+
+
+# ---- the C entry points of pyops.functional -----------------------------------------------------
+C_FUNCTIONS = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout"]
+
+
+@pytest.mark.parametrize("name", C_FUNCTIONS)
+def test_c_functions_carry_the_twins_signature_and_the_math(name):
+    import inspect
+    import types
+
+    f = getattr(PF, name)
+    assert isinstance(f, types.BuiltinFunctionType)
+    assert inspect.signature(f) == inspect.signature(getattr(PF, "_py_" + name))
+    assert "gradient" in f.__doc__ or "maximal" in f.__doc__
+
+
+_CALL_FORMS = [
+    ("relu", (), {}),
+    ("relu", (False,), {}),
+    ("relu", (), {"inplace": False}),
+    ("leaky_relu", (0.2,), {}),
+    ("leaky_relu", (), {"negative_slope": 0.3, "inplace": False}),
+    ("leaky_relu", (0.2, False), {}),
+    ("elu", (), {"alpha": 0.5}),
+    ("elu", (1.5, False), {}),
+    ("maxout", (3,), {}),
+    ("maxout", (2,), {"dim": -1}),
+    ("maxout", (), {"pieces": 2, "dim": 0}),
+    ("sigmoid", (), {}),
+    ("tanh", (), {}),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto"] + CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("name,args,kwargs", _CALL_FORMS)
+def test_c_functions_equal_their_twins_in_every_call_form(backend, name, args, kwargs):
+    """Positional and keyword arguments, defaults: the same values and gradients as the Python twin."""
+    x = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(getattr(PF, "_py_" + name)(x, *args, **kwargs))
+    with pyops.backend(backend):
+        y = getattr(PF, name)(x, *args, **kwargs)
+        yt = getattr(PF, "_py_" + name)(x, *args, **kwargs)
+        (gx,) = torch.autograd.grad(y, x, g)
+        (gt,) = torch.autograd.grad(yt, x, g)
+    assert torch.equal(y, yt) and torch.equal(gx, gt)
+
+
+def test_c_functions_in_place_return_the_input_object():
+    x = torch.randn(5, 5)
+    for f, kw in [(PF.relu, {}), (PF.leaky_relu, {"negative_slope": 0.1}), (PF.elu, {"alpha": 0.5})]:
+        with pyops.backend("native"):
+            assert f(x, inplace=True, **kw) is x
+            assert f(x, *kw.values(), True) is x
+
+
+@pytest.mark.parametrize(
+    "call,error",
+    [
+        (lambda: PF.relu(3), "pyops.relu: input must be a Tensor"),
+        (lambda: PF.sigmoid([1.0]), "pyops.sigmoid: input must be a Tensor"),
+        (lambda: PF.relu(), "missing"),
+        (lambda: PF.relu(torch.ones(2), bogus=1), "unexpected keyword"),
+        (lambda: PF.tanh(torch.ones(2), torch.ones(2)), "positional"),
+        (lambda: PF.maxout(torch.ones(4), 2.0), "pieces must be an int"),
+        (lambda: PF.leaky_relu(torch.ones(2), "a"), "negative_slope must be a number"),
+        (lambda: PF.leaky_relu(torch.ones(2, dtype=torch.int32)), "dtype"),
+        (lambda: PF.maxout(torch.ones(4), 3, 0), "does not divide"),
+        (lambda: PF.maxout(torch.ones(4), 2**70), "pieces must be an int in"),
+    ],
+)
+def test_c_functions_report_bad_input_as_the_twins(call, error):
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=error):
+        call()
+
+
+def test_torch_function_modes_and_subclasses_see_the_calls():
+    """A __torch_function__ mode sees each call, and a tensor subclass keeps its type, as with torch's
+    own functions (the C functions hand such calls to the twins)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Log(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Sub(torch.Tensor):
+        pass
+
+    x = torch.randn(3, 4)
+    for backend in ["auto"] + CPU_KERNEL_BACKENDS:
+        with pyops.backend(backend):
+            with Log() as log:
+                y = PF.relu(x)
+            assert log.seen and torch.equal(y, TF.relu(x))
+            s = x.as_subclass(Sub)
+            for f in (PF.relu, PF.sigmoid, lambda t: PF.maxout(t, 2)):
+                assert type(f(s)) is Sub
