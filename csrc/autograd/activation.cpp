@@ -14,7 +14,7 @@
 #include <ATen/ops/sigmoid.h>
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/where.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -23,8 +23,9 @@
 #include <tuple>
 
 #include "common/backend.h"
-#include "common/prim.h"
 #include "common/checks.h"
+#include "common/node.h"
+#include "common/prim.h"
 
 namespace pyops {
 namespace {
@@ -62,86 +63,68 @@ bool records(const char* op, const Tensor& t) {
   return at::GradMode::is_enabled() && t.requires_grad();
 }
 
+// Whether a backward must record its own graph (create_graph=True) for any of these.
+template <class... T>
+bool graph_of(const T&... t) {
+  return at::GradMode::is_enabled() && (t.requires_grad() || ...);
+}
+
 // g brought to the strides a kernel walks (a mask or a saved tensor's memory order).
 Tensor to_layout(const Tensor& g, const c10::SymIntArrayRef strides) {
   if (g.sym_strides() == strides) return g;
   return at::empty_strided_symint(g.sym_sizes(), strides, g.options()).copy_(g);
 }
 
-// Masked backward from a mask alone gives a gradient that does not depend on x, so a second
-// backward would find no path to x, where torch's (which saves the output) returns zeros. A zero-size
-// output of the forward, saved, links the gradient back to the forward's node when a graph is
-// recorded (gi - 0 changes no value, -0.0 included).
-Tensor link_to_forward(const Tensor& gi, const Tensor& anchor) {
-  return at::GradMode::is_enabled() ? gi - anchor.sum() : gi;
+#define PYOPS_BELOW_AUTOGRAD(call)              \
+  do {                                          \
+    at::AutoDispatchBelowADInplaceOrView below; \
+    return call;                                \
+  } while (0)
+
+template <class F>
+auto below_autograd(F&& f) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return f();
 }
 
 // ---- relu / leaky_relu: save a 1-bit mask --------------------------------------------------------
-// slope: leaky_relu's negative_slope; none for relu.
+// slope: leaky_relu's negative_slope; none for relu. The gradient masked(g) is linear in g and does
+// not depend on x; MaskedBackward differentiates both y = act(x) (one edge: x) and gi = masked(g)
+// (two edges: g, then x, whose derivative is zero), so that every order of derivative reaches x as
+// torch's does (zeros), though only the mask is saved.
 template <Backend B>
-struct MaskedBwdFn : torch::autograd::Function<MaskedBwdFn<B>> {
-  static Tensor call(const Tensor& g, const Tensor& mask, std::optional<double> slope) {
-    return slope ? leaky_relu_bwd[B].call(g, mask, *slope) : relu_bwd[B].call(g, mask);
-  }
-  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& mask, std::optional<double> slope) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    Tensor gi = call(g, mask, slope);
-    ctx->save_for_backward({mask});
-    ctx->saved_data["slope"] = slope;
-    ctx->saved_data["strides"] = gi.sym_strides();
+struct MaskedBackward : Node {
+  SavedVariable mask_;
+  std::optional<double> slope_;
+  c10::SymDimVector strides_;  // the memory order of the mask's bits
+
+  MaskedBackward(const Tensor& mask, std::optional<double> slope, c10::SymIntArrayRef strides)
+      : mask_(mask, /*is_output=*/false), slope_(slope), strides_(strides.begin(), strides.end()) {}
+
+  // gi = masked(g), recorded (with x_edge as its second edge) when a graph is being built.
+  static Tensor grad(const Tensor& g, const Tensor& mask, std::optional<double> slope, c10::SymIntArrayRef strides,
+                     const Edge& x_edge) {
+    const Tensor gl = to_layout(g, strides);
+    Tensor gi =
+        below_autograd([&] { return slope ? leaky_relu_bwd[B].call(gl, mask, *slope) : relu_bwd[B].call(gl, mask); });
+    if (at::GradMode::is_enabled() && (gl.requires_grad() || x_edge.is_valid())) {
+      auto node = make_node<MaskedBackward>(mask, slope, gi.sym_strides());
+      node->set_next_edges({gl.requires_grad() ? torch::autograd::impl::gradient_edge(gl) : Edge(), x_edge});
+      torch::autograd::set_history(gi, NodePtr(node));
+    }
     return gi;
   }
-  // Linear in g; the mask has no gradient.
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor mask = ctx->get_saved_variables()[0];
-    const auto slope = ctx->saved_data["slope"].toOptional<double>();
-    const Tensor gg = to_layout(grads[0], ctx->saved_data["strides"].toSymIntVector());
-    return {call(gg, mask, slope), Tensor(), Tensor()};
-  }
-};
 
-template <Backend B>
-struct MaskedFwdFn : torch::autograd::Function<MaskedFwdFn<B>> {
-  // In place, the mask (the primitive's result) goes to *mask_out.
-  static variable_list forward(AutogradContext* ctx, Tensor x, std::optional<double> slope, bool inplace,
-                               Tensor* mask_out) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    if (slope) ctx->saved_data["slope"] = *slope;
-    if (inplace) {  // one output: autograd cannot rebase a view's history onto several
-      const Tensor mask = slope ? leaky_relu_fwd_[B].call(x, *slope) : relu_fwd_[B].call(x);
-      ctx->mark_dirty({x});
-      ctx->save_for_backward({mask});
-      *mask_out = mask;
-      ctx->saved_data["strides"] = x.sym_strides();
-      return {x};
-    }
-    auto [out, mask] = slope ? leaky_relu_fwd[B].call(x, *slope) : relu_fwd[B].call(x);
-    // The anchor (see link_to_forward) has no elements but out's sizes and strides after a leading
-    // 0, so it also carries the layout backward needs.
-    auto sizes = out.sym_sizes().vec(), strides = out.sym_strides().vec();
-    sizes.insert(sizes.begin(), 0);
-    strides.insert(strides.begin(), 1);
-    Tensor anchor = at::empty_strided_symint(sizes, strides, x.options());
-    ctx->mark_non_differentiable({mask});
-    ctx->set_materialize_grads(false);  // the mask and the anchor get no gradients to fill
-    ctx->save_for_backward({mask, anchor});
-    return {out, mask, anchor};
+  variable_list apply(variable_list&& grads) override {
+    const Tensor mask = mask_.unpack();
+    variable_list out(num_outputs());
+    if (!grads[0].defined()) return out;
+    out[0] = grad(grads[0], mask, slope_, strides_, next_edge(num_outputs() - 1));
+    if (num_outputs() == 2 && should_compute_output(1)) out[1] = at::zeros_like(out[0], at::MemoryFormat::Preserve);
+    return out;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto found = ctx->saved_data.find("slope");
-    const auto slope = found == ctx->saved_data.end() ? std::nullopt : std::optional<double>(found->second.toDouble());
-    const bool inplace = saved.size() == 1;
-    const Tensor* anchor = inplace ? nullptr : &saved[1];
-    const auto strides_saved = inplace ? ctx->saved_data["strides"].toSymIntVector() : std::vector<c10::SymInt>();
-    const c10::SymIntArrayRef strides = inplace ? c10::SymIntArrayRef(strides_saved) : anchor->sym_strides().slice(1);
-    // Only the anchor's gradient arrives on a second backward: the output's is zero then.
-    const Tensor g = grads[0].defined() ? to_layout(grads[0], strides)
-                                        : at::zeros_symint(anchor->sym_sizes().slice(1), anchor->options());
-    Tensor gi = at::GradMode::is_enabled() && g.requires_grad() ? MaskedBwdFn<B>::apply(g, saved[0], slope)
-                                                                : MaskedBwdFn<B>::call(g, saved[0], slope);
-    return {inplace ? gi : link_to_forward(gi, *anchor), Tensor(), Tensor(), Tensor()};
-  }
+  std::string name() const override { return slope_ ? "pyops::LeakyReluBackward" : "pyops::ReluBackward"; }
+  void release_variables() override { mask_.reset_data(); }
 };
 
 // ---- elu: saves its input (out of place) or output (in place), as torch ----------------------------
@@ -166,43 +149,42 @@ struct EluBwdFn : torch::autograd::Function<EluBwdFn<B>> {
 };
 
 template <Backend B>
-struct EluFwdFn : torch::autograd::Function<EluFwdFn<B>> {
-  static Tensor forward(AutogradContext* ctx, Tensor x, double alpha, bool inplace) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["is_result"] = inplace;
-    if (inplace) {
-      elu_fwd_[B].call(x, alpha);
-      ctx->mark_dirty({x});
-      ctx->save_for_backward({x});
-      return x;
-    }
-    ctx->save_for_backward({x});
-    return elu_fwd[B].call(x, alpha);
+Tensor elu_grad(const Tensor& g, const Tensor& saved, double alpha, bool is_result) {
+  return graph_of(g, saved) ? EluBwdFn<B>::apply(g, saved, alpha, is_result)
+                            : below_autograd([&] { return elu_bwd[B].call(g, saved, alpha, is_result); });
+}
+
+template <Backend B>
+struct EluBackward : Node {
+  SavedVariable saved_;  // the input, or the output when in place (is_result)
+  double alpha_;
+  bool is_result_;
+
+  EluBackward(const Tensor& saved, double alpha, bool is_result)
+      : saved_(saved, /*is_output=*/is_result), alpha_(alpha), is_result_(is_result) {}
+
+  variable_list apply(variable_list&& grads) override {
+    TORCH_CHECK(!is_result_ || alpha_ >= 0, "pyops.elu: in-place elu backward calculation is triggered with a ",
+                "negative alpha (", alpha_, "), which is not supported (the input cannot be recovered from the ",
+                "output); call the out-of-place version instead.");
+    if (!grads[0].defined()) return {Tensor()};
+    return {elu_grad<B>(grads[0], saved_.unpack(getptr()), alpha_, is_result_)};
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const double alpha = ctx->saved_data["alpha"].toDouble();
-    const bool is_result = ctx->saved_data["is_result"].toBool();
-    TORCH_CHECK(!is_result || alpha >= 0, "pyops.elu: in-place elu backward calculation is triggered with a negative ",
-                "alpha (", alpha, "), which is not supported (the input cannot be recovered from the output); call ",
-                "the out-of-place version instead.");
-    const Tensor saved = ctx->get_saved_variables()[0];
-    const Tensor& g = grads[0];
-    const bool graph = at::GradMode::is_enabled() && (g.requires_grad() || saved.requires_grad());
-    return {graph ? EluBwdFn<B>::apply(g, saved, alpha, is_result) : elu_bwd[B].call(g, saved, alpha, is_result),
-            Tensor(), Tensor()};
-  }
+  std::string name() const override { return "pyops::EluBackward"; }
+  void release_variables() override { saved_.reset_data(); }
 };
 
 // ---- sigmoid, tanh: save their output y --------------------------------------------------------------
 struct SigmoidOps {
   static constexpr const char* name = "sigmoid";
+  static constexpr const char* node = "pyops::SigmoidBackward";
   static const auto& fwd(Backend b) { return sigmoid_fwd[b]; }
   static const auto& bwd(Backend b) { return sigmoid_bwd[b]; }
   static Tensor d_saved(const Tensor& gg, const Tensor& g, const Tensor& y) { return gg * g * (1 - 2 * y); }
 };
 struct TanhOps {
   static constexpr const char* name = "tanh";
+  static constexpr const char* node = "pyops::TanhBackward";
   static const auto& fwd(Backend b) { return tanh_fwd[b]; }
   static const auto& bwd(Backend b) { return tanh_bwd[b]; }
   static Tensor d_saved(const Tensor& gg, const Tensor& g, const Tensor& y) { return -2 * gg * g * y; }
@@ -222,19 +204,21 @@ struct SavesOutputBwdFn : torch::autograd::Function<SavesOutputBwdFn<B, Ops>> {
 };
 
 template <Backend B, class Ops>
-struct SavesOutputFn : torch::autograd::Function<SavesOutputFn<B, Ops>> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    Tensor y = Ops::fwd(B).call(x);
-    ctx->save_for_backward({y});
-    return y;
+Tensor saves_output_grad(const Tensor& g, const Tensor& y) {
+  return graph_of(g, y) ? SavesOutputBwdFn<B, Ops>::apply(g, y)
+                        : below_autograd([&] { return Ops::bwd(B).call(g, y); });
+}
+
+template <Backend B, class Ops>
+struct SavesOutputBackward : Node {
+  SavedVariable y_;
+  explicit SavesOutputBackward(const Tensor& y) : y_(y, /*is_output=*/true) {}
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return {Tensor()};
+    return {saves_output_grad<B, Ops>(grads[0], y_.unpack(getptr()))};
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor y = ctx->get_saved_variables()[0];
-    const Tensor& g = grads[0];
-    const bool graph = at::GradMode::is_enabled() && (g.requires_grad() || y.requires_grad());
-    return {graph ? SavesOutputBwdFn<B, Ops>::apply(g, y) : Ops::bwd(B).call(g, y)};
-  }
+  std::string name() const override { return Ops::node; }
+  void release_variables() override { y_.reset_data(); }
 };
 
 // ---- maxout: saves uint8 indices ---------------------------------------------------------------------
@@ -261,112 +245,113 @@ struct MaxoutBwdFn : torch::autograd::Function<MaxoutBwdFn<B>> {
 };
 
 template <Backend B>
-struct MaxoutFwdFn : torch::autograd::Function<MaxoutFwdFn<B>> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t pieces, int64_t dim) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, idx] = maxout_fwd[B].call(x, pieces, dim);
-    ctx->mark_non_differentiable({idx});
-    ctx->save_for_backward({idx});
-    ctx->saved_data["pieces"] = pieces;
-    ctx->saved_data["dim"] = dim;
-    return {out, idx};
+Tensor maxout_grad(const Tensor& g, const Tensor& idx, int64_t pieces, int64_t dim) {
+  return graph_of(g) ? MaxoutBwdFn<B>::apply(g, idx, pieces, dim)
+                     : below_autograd([&] { return maxout_bwd[B].call(g, idx, pieces, dim); });
+}
+
+template <Backend B>
+struct MaxoutBackward : Node {
+  SavedVariable idx_;
+  int64_t pieces_, dim_;
+  MaxoutBackward(const Tensor& idx, int64_t pieces, int64_t dim)
+      : idx_(idx, /*is_output=*/false), pieces_(pieces), dim_(dim) {}
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return {Tensor()};
+    return {maxout_grad<B>(grads[0], idx_.unpack(), pieces_, dim_)};
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor idx = ctx->get_saved_variables()[0];
-    const int64_t pieces = ctx->saved_data["pieces"].toInt(), dim = ctx->saved_data["dim"].toInt();
-    const Tensor& g = grads[0];
-    const bool graph = at::GradMode::is_enabled() && g.requires_grad();
-    return {graph ? MaxoutBwdFn<B>::apply(g, idx, pieces, dim) : maxout_bwd[B].call(g, idx, pieces, dim), Tensor(),
-            Tensor()};
-  }
+  std::string name() const override { return "pyops::MaxoutBackward"; }
+  void release_variables() override { idx_.reset_data(); }
 };
 
-// ---- the Autograd kernels of the primitives: record through the functions above when a graph is
-// built, else go straight to the kernel ----------------------------------------------------------------
-#define PYOPS_BELOW_AUTOGRAD(call)              \
-  do {                                          \
-    at::AutoDispatchBelowADInplaceOrView below; \
-    return call;                                \
-  } while (0)
-
+// ---- the Autograd kernels of the primitives: record a node when a graph is built, else go straight
+// to the kernel ------------------------------------------------------------------------------------------
 // In place without recording: bump the version counter, as torch's in-place ops do.
-#define PYOPS_BELOW_AUTOGRAD_INPLACE(x, call)     \
-  do {                                            \
-    auto result = [&] {                           \
-      at::AutoDispatchBelowADInplaceOrView below; \
-      return call;                                \
-    }();                                          \
-    torch::autograd::impl::bump_version(x);       \
-    return result;                                \
+#define PYOPS_BELOW_AUTOGRAD_INPLACE(x, call)           \
+  do {                                                  \
+    auto result = below_autograd([&] { return call; }); \
+    torch::autograd::impl::bump_version(x);             \
+    return result;                                      \
   } while (0)
 
 template <Backend B>
 struct Kernels {
+  static MaskedPair masked_fwd(const char* op, const Tensor& x, std::optional<double> slope) {
+    auto [out, mask] = below_autograd([&] { return slope ? leaky_relu_fwd[B].call(x, *slope) : relu_fwd[B].call(x); });
+    record(make_node<MaskedBackward<B>>(mask, slope, out.sym_strides()), out, x);
+    return {out, mask};
+  }
+  static Tensor masked_fwd_(Tensor& x, std::optional<double> slope) {
+    check_inplace(x);
+    Tensor mask = below_autograd([&] { return slope ? leaky_relu_fwd_[B].call(x, *slope) : relu_fwd_[B].call(x); });
+    record_inplace(make_node<MaskedBackward<B>>(mask, slope, x.sym_strides()), x);
+    return mask;
+  }
   static MaskedPair relu_fwd_k(const Tensor& x) {
     if (!records("relu", x)) PYOPS_BELOW_AUTOGRAD(relu_fwd[B].call(x));
-    auto r = MaskedFwdFn<B>::apply(x, std::nullopt, false, nullptr);
-    return {r[0], r[1]};
+    return masked_fwd("relu", x, std::nullopt);
   }
   static Tensor relu_fwd_k_(Tensor& x) {
     if (!records("relu_", x)) PYOPS_BELOW_AUTOGRAD_INPLACE(x, relu_fwd_[B].call(x));
-    Tensor mask;
-    MaskedFwdFn<B>::apply(x, std::nullopt, true, &mask);
-    return mask;
+    return masked_fwd_(x, std::nullopt);
   }
   static MaskedPair leaky_relu_fwd_k(const Tensor& x, double slope) {
     if (!records("leaky_relu", x)) PYOPS_BELOW_AUTOGRAD(leaky_relu_fwd[B].call(x, slope));
-    auto r = MaskedFwdFn<B>::apply(x, slope, false, nullptr);
-    return {r[0], r[1]};
+    return masked_fwd("leaky_relu", x, slope);
   }
   static Tensor leaky_relu_fwd_k_(Tensor& x, double slope) {
     if (!records("leaky_relu_", x)) PYOPS_BELOW_AUTOGRAD_INPLACE(x, leaky_relu_fwd_[B].call(x, slope));
-    Tensor mask;
-    MaskedFwdFn<B>::apply(x, slope, true, &mask);
-    return mask;
+    return masked_fwd_(x, slope);
   }
   static Tensor relu_bwd_k(const Tensor& g, const Tensor& mask) {
     if (!records("relu_bwd", g)) PYOPS_BELOW_AUTOGRAD(relu_bwd[B].call(g, mask));
-    return MaskedBwdFn<B>::apply(g, mask, std::nullopt);
+    return MaskedBackward<B>::grad(g, mask, std::nullopt, g.sym_strides(), Edge());
   }
   static Tensor leaky_relu_bwd_k(const Tensor& g, const Tensor& mask, double slope) {
     if (!records("leaky_relu_bwd", g)) PYOPS_BELOW_AUTOGRAD(leaky_relu_bwd[B].call(g, mask, slope));
-    return MaskedBwdFn<B>::apply(g, mask, slope);
+    return MaskedBackward<B>::grad(g, mask, slope, g.sym_strides(), Edge());
   }
   static Tensor elu_fwd_k(const Tensor& x, double alpha) {
     if (!records("elu", x)) PYOPS_BELOW_AUTOGRAD(elu_fwd[B].call(x, alpha));
-    return EluFwdFn<B>::apply(x, alpha, false);
+    Tensor out = below_autograd([&] { return elu_fwd[B].call(x, alpha); });
+    record(make_node<EluBackward<B>>(x, alpha, false), out, x);
+    return out;
   }
   static void elu_fwd_k_(Tensor& x, double alpha) {
-    if (!records("elu_", x)) {
-      {
-        at::AutoDispatchBelowADInplaceOrView below;
-        elu_fwd_[B].call(x, alpha);
-      }
-      torch::autograd::impl::bump_version(x);
-      return;
-    }
-    EluFwdFn<B>::apply(x, alpha, true);
+    const bool recorded = records("elu_", x);
+    if (recorded) check_inplace(x);
+    below_autograd([&] {
+      elu_fwd_[B].call(x, alpha);
+      return 0;
+    });
+    if (!recorded) return torch::autograd::impl::bump_version(x);
+    auto node = make_node<EluBackward<B>>(Tensor(), alpha, true);
+    record_inplace(node, x);
+    node->saved_ = SavedVariable(x, /*is_output=*/true);  // the output, with its new history
   }
   static Tensor elu_bwd_k(const Tensor& g, const Tensor& saved, double alpha, bool is_result) {
-    if (!records("elu_bwd", g) && !(at::GradMode::is_enabled() && saved.requires_grad()))
-      PYOPS_BELOW_AUTOGRAD(elu_bwd[B].call(g, saved, alpha, is_result));
+    if (!records("elu_bwd", g) && !graph_of(saved)) PYOPS_BELOW_AUTOGRAD(elu_bwd[B].call(g, saved, alpha, is_result));
     return EluBwdFn<B>::apply(g, saved, alpha, is_result);
   }
   template <class Ops>
   static Tensor saves_output_fwd(const Tensor& x) {
     if (!records(Ops::name, x)) PYOPS_BELOW_AUTOGRAD(Ops::fwd(B).call(x));
-    return SavesOutputFn<B, Ops>::apply(x);
+    Tensor y = below_autograd([&] { return Ops::fwd(B).call(x); });
+    auto node = make_node<SavesOutputBackward<B, Ops>>(Tensor());
+    record(node, y, x);
+    node->y_ = SavedVariable(y, /*is_output=*/true);
+    return y;
   }
   template <class Ops>
   static Tensor saves_output_bwd(const Tensor& g, const Tensor& y) {
-    if (!records(Ops::name, g) && !(at::GradMode::is_enabled() && y.requires_grad()))
-      PYOPS_BELOW_AUTOGRAD(Ops::bwd(B).call(g, y));
+    if (!records(Ops::name, g) && !graph_of(y)) PYOPS_BELOW_AUTOGRAD(Ops::bwd(B).call(g, y));
     return SavesOutputBwdFn<B, Ops>::apply(g, y);
   }
   static MaskedPair maxout_fwd_k(const Tensor& x, int64_t pieces, int64_t dim) {
     if (!records("maxout", x)) PYOPS_BELOW_AUTOGRAD(maxout_fwd[B].call(x, pieces, dim));
-    auto r = MaxoutFwdFn<B>::apply(x, pieces, dim);
-    return {r[0], r[1]};
+    auto [out, idx] = below_autograd([&] { return maxout_fwd[B].call(x, pieces, dim); });
+    record(make_node<MaxoutBackward<B>>(idx, pieces, c10::maybe_wrap_dim(dim, x.dim())), out, x);
+    return {out, idx};
   }
   static Tensor maxout_bwd_k(const Tensor& g, const Tensor& idx, int64_t pieces, int64_t dim) {
     if (!records("maxout_bwd", g)) PYOPS_BELOW_AUTOGRAD(maxout_bwd[B].call(g, idx, pieces, dim));
