@@ -1,6 +1,6 @@
 // The batch_norm family above the kernels: the public op pyops::batch_norm (picks the backend, computes
 // the statistics, updates the running ones, normalizes) and its derivative, written once as a C++
-// autograd function over the primitives of either backend. Math: pyops/ops/batch_norm.py's docstring.
+// autograd node over the primitives of either backend. Math: pyops/ops/batch_norm.py's docstring.
 // The statistics enter the function as inputs; its backward is the full derivative through them
 // (one reduction pass, one elementwise pass), so they need no derivative of their own.
 #include <ATen/TensorOperators.h>
@@ -9,7 +9,6 @@
 #include <ATen/ops/elu.h>
 #include <ATen/ops/leaky_relu.h>
 #include <ATen/ops/relu.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -18,15 +17,14 @@
 
 #include "batch_norm.h"
 #include "common/backend.h"
-#include "common/prim.h"
 #include "common/checks.h"
+#include "common/node.h"
+#include "common/prim.h"
 
 namespace pyops {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using Opt = std::optional<Tensor>;
 
 // The primitives of each backend, looked up once.
@@ -60,57 +58,39 @@ Tensor per_count(const Tensor& t, const Tensor& ref) {
 // ---- the derivative ---------------------------------------------------------------------------------
 // out = act((x - mean) * invstd * w + b + r) with (mean, invstd) the batch's statistics (training) or
 // the running ones. Saves x (and the output when act is not the identity), or only the output (and r)
-// in the memory-efficient form.
+// in the memory-efficient form. A hand-written node (csrc/common/node.h); its edges are x, weight,
+// bias, residual (an absent one has none).
 template <Backend B>
-struct BatchNormFn : torch::autograd::Function<BatchNormFn<B>> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Opt& weight_, const Opt& bias_,
-                        const Opt& residual_, const Tensor& mean, const Tensor& invstd, bool training,
-                        c10::string_view activation, double param, bool memory_efficient) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    const Tensor weight = weight_.value_or(Tensor()), bias = bias_.value_or(Tensor()),
-                 residual = residual_.value_or(Tensor());
-    Tensor out = bn_elemt[B].call(x, mean, invstd, weight_, bias_, residual_, activation, param);
-    ctx->saved_data["has_residual"] = residual.defined();
-    const BnAct act = parse_bn_act("batch_norm", activation);
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["activation"] = int64_t(act);
-    ctx->saved_data["param"] = param;
-    ctx->saved_data["memory_efficient"] = memory_efficient;
-    if (memory_efficient)
-      ctx->save_for_backward({Tensor(), out, residual, mean, invstd, weight, bias});
-    else
-      ctx->save_for_backward({x, act == BnAct::kNone ? Tensor() : out, Tensor(), mean, invstd, weight, bias});
-    return out;
-  }
+struct BatchNormBackward : Node {
+  SavedVariable x_, out_, residual_, mean_, invstd_, weight_, bias_;
+  bool training_ = false;
+  BnAct act_ = BnAct::kNone;
+  double param_ = 0;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
-    const Tensor &x = s[0], &out = s[1], &residual = s[2], &mean = s[3], &invstd = s[4], &weight = s[5], &bias = s[6];
+  variable_list apply(variable_list&& grads) override {
+    const Tensor x = x_.unpack(), out = out_.unpack(getptr()), residual = residual_.unpack(), mean = mean_.unpack(),
+                 invstd = invstd_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
     const Tensor& g = grads[0];
+    variable_list result(4);
+    if (!g.defined()) return result;
     TORCH_CHECK(!(at::GradMode::is_enabled() && g.requires_grad()), "pyops.batch_norm: double backward ",
                 "(create_graph=True) is not supported");
-    const bool training = ctx->saved_data["training"].toBool();
-    const auto act = BnAct(ctx->saved_data["activation"].toInt());
-    const double param = ctx->saved_data["param"].toDouble();
-    const c10::string_view name = bn_act_name(act);
-    // needs_input_grad counts the tensor inputs given (x, then weight, bias, residual where given)
-    const bool has_w = weight.defined(), has_b = bias.defined(), has_r = ctx->saved_data["has_residual"].toBool();
-    const bool need_x = ctx->needs_input_grad(0), need_w = has_w && ctx->needs_input_grad(1),
-               need_b = has_b && ctx->needs_input_grad(1 + has_w),
-               need_r = has_r && ctx->needs_input_grad(1 + has_w + has_b);
-    variable_list result(10);
+    const c10::string_view name = bn_act_name(act_);
+    const bool need_x = should_compute_output(0), need_w = should_compute_output(1), need_b = should_compute_output(2),
+               need_r = should_compute_output(3);
+    at::AutoDispatchBelowADInplaceOrView below;
     // with the identity, dr = dz = g itself
-    const bool kernel_r = need_r && act != BnAct::kNone;
+    const bool kernel_r = need_r && act_ != BnAct::kNone;
     if (need_r && !kernel_r) result[3] = g;
-    if (!(need_w || need_b || kernel_r || (need_x && training))) {
+    if (!(need_w || need_b || kernel_r || (need_x && training_))) {
       if (need_x)
         result[0] = bn_bwd_elemt[B].call(g, opt(x), opt(out), opt(residual), mean, invstd, opt(weight), opt(bias),
-                                         std::nullopt, std::nullopt, name, param);
+                                         std::nullopt, std::nullopt, name, param_);
       return result;
     }
-    if (training && need_x) {  // both passes in one primitive (a device may fuse them)
+    if (training_ && need_x) {  // both passes in one primitive (a device may fuse them)
       auto [gi, sum_dz, sum_dz_xhat, dr] = bn_bwd[B].call(g, opt(x), opt(out), opt(residual), mean, invstd, opt(weight),
-                                                          opt(bias), name, param, kernel_r);
+                                                          opt(bias), name, param_, kernel_r);
       result[0] = gi;
       if (kernel_r) result[3] = dr;
       if (need_w) result[1] = sum_dz_xhat.to(weight.scalar_type());
@@ -118,24 +98,61 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn<B>> {
       return result;
     }
     auto [sum_dz, sum_dz_xhat, dr] = bn_bwd_reduce[B].call(g, opt(x), opt(out), opt(residual), mean, invstd,
-                                                           opt(weight), opt(bias), name, param, kernel_r);
+                                                           opt(weight), opt(bias), name, param_, kernel_r);
     if (kernel_r) result[3] = dr;
     if (need_w) result[1] = sum_dz_xhat.to(weight.scalar_type());
     if (need_b) result[2] = sum_dz.to(bias.scalar_type());
     if (need_x) {
       const Tensor& ref = x.defined() ? x : out;
-      result[0] = training
+      result[0] = training_
                       ? bn_bwd_elemt[B].call(g, opt(x), opt(out), opt(residual), mean, invstd, opt(weight), opt(bias),
-                                             per_count(sum_dz, ref), per_count(sum_dz_xhat, ref), name, param)
+                                             per_count(sum_dz, ref), per_count(sum_dz_xhat, ref), name, param_)
                       : bn_bwd_elemt[B].call(g, opt(x), opt(out), opt(residual), mean, invstd, opt(weight), opt(bias),
-                                             std::nullopt, std::nullopt, name, param);
+                                             std::nullopt, std::nullopt, name, param_);
     }
     return result;
   }
+  std::string name() const override { return "pyops::BatchNormBackward"; }
+  void release_variables() override {
+    for (SavedVariable* v : {&x_, &out_, &residual_, &mean_, &invstd_, &weight_, &bias_}) v->reset_data();
+  }
 };
 
+// The forward, recorded: out gets a BatchNormBackward node.
+template <Backend B>
+Tensor batch_norm_recorded(const Tensor& x, const Opt& weight, const Opt& bias, const Opt& residual, const Tensor& mean,
+                           const Tensor& invstd, bool training, c10::string_view activation, double param,
+                           bool memory_efficient) {
+  Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = bn_elemt[B].call(x, mean, invstd, weight, bias, residual, activation, param);
+  }
+  auto node = make_node<BatchNormBackward<B>>();
+  record(node, out, x, weight, bias, residual);
+  const BnAct act = parse_bn_act("batch_norm", activation);
+  node->training_ = training;
+  node->act_ = act;
+  node->param_ = param;
+  const auto save = [](SavedVariable& slot, const Opt& t) {
+    if (t.has_value() && t->defined()) slot = SavedVariable(*t, /*is_output=*/false);
+  };
+  if (memory_efficient) {
+    node->out_ = SavedVariable(out, /*is_output=*/true);
+    save(node->residual_, residual);
+  } else {
+    node->x_ = SavedVariable(x, /*is_output=*/false);
+    if (act != BnAct::kNone) node->out_ = SavedVariable(out, /*is_output=*/true);
+  }
+  node->mean_ = SavedVariable(mean, /*is_output=*/false);
+  node->invstd_ = SavedVariable(invstd, /*is_output=*/false);
+  save(node->weight_, weight);
+  save(node->bias_, bias);
+  return out;
+}
+
 // ---- the Autograd kernels of the primitives: none is differentiable on its own (the statistics and
-// the passes are differentiated together by BatchNormFn); they run below autograd ----------------------
+// the passes are differentiated together by BatchNormBackward); they run below autograd ----------------------
 #define PYOPS_BN_BELOW(call)                    \
   do {                                          \
     at::AutoDispatchBelowADInplaceOrView below; \
@@ -247,10 +264,10 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
   Tensor out;
   if (at::GradMode::is_enabled() &&
       (input.requires_grad() || wants_grad(weight) || wants_grad(bias) || wants_grad(residual))) {
-    out = b == Backend::kTriton ? BatchNormFn<Backend::kTriton>::apply(input, weight, bias, residual, mean, invstd,
-                                                                       training, kernel_act, param, memory_efficient)
-                                : BatchNormFn<Backend::kNative>::apply(input, weight, bias, residual, mean, invstd,
-                                                                       training, kernel_act, param, memory_efficient);
+    out = b == Backend::kTriton ? batch_norm_recorded<Backend::kTriton>(input, weight, bias, residual, mean, invstd,
+                                                                        training, kernel_act, param, memory_efficient)
+                                : batch_norm_recorded<Backend::kNative>(input, weight, bias, residual, mean, invstd,
+                                                                        training, kernel_act, param, memory_efficient);
   } else {
     out = bn_elemt[b].call(input, mean, invstd, weight, bias, residual, kernel_act, param);
   }
