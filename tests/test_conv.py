@@ -160,12 +160,27 @@ def test_weight_gradient_is_deterministic_across_thread_counts():
     assert all(torch.equal(grads[0], gw) for gw in grads[1:])
 
 
-def test_auto_picks_torch_for_many_channels_per_group():
-    x = torch.randn(2, 32, 8, 8, requires_grad=True)
-    dense = PF.conv2d(x, torch.randn(8, 32, 3, 3))
-    depthwise = PF.conv2d(x, torch.randn(32, 1, 3, 3), groups=32)
-    assert "Convolution" in type(dense.grad_fn).__name__
-    assert "ConvFwdFn" in depthwise.grad_fn.name()
+def test_auto_picks_the_measured_faster_convolution():
+    """auto keeps pyops' CPU kernels only where they were measured faster than torch's (see
+    csrc/autograd/conv.cpp): dense, 8+ channels per group and channels_last go to torch; 2 per group,
+    small inputs and large planes stay."""
+
+    def picks(shape, out_channels, groups, channels_last=False):
+        x = torch.randn(shape, requires_grad=True)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        y = PF.conv2d(x, torch.randn(out_channels, shape[1] // groups, 3, 3), padding=1, groups=groups)
+        return "pyops" if "pyops::" in y.grad_fn.name() else "torch"
+
+    assert picks((2, 32, 8, 8), 8, 1) == "torch"  # dense
+    assert picks((2, 64, 8, 8), 64, 8) == "torch"  # 8 channels per group
+    assert picks((64, 64, 8, 8), 64, 64) == "torch"  # depthwise, a batch of small planes
+    assert picks((2, 64, 28, 28), 64, 64, channels_last=True) == "torch"
+    assert picks((64, 64, 8, 8), 64, 32) == "pyops"  # 2 channels per group
+    assert picks((2, 32, 8, 8), 32, 32) == "pyops"  # depthwise, small
+    assert picks((4, 64, 28, 28), 64, 16) == "pyops"  # 4 channels per group, 28x28 planes
+    with pyops.backend("native"):
+        assert picks((2, 32, 8, 8), 8, 1) == "pyops"
 
 
 def test_argument_forms_match_torch():

@@ -270,6 +270,29 @@ Tensor apply_activation(const Tensor& y, const Activation& a) {
   }
 }
 
+// Where `auto` keeps pyops' CPU kernels rather than torch's (oneDNN), as measured forward+backward on a
+// 2-core Xeon (AVX512), float32 and float64, 3x3 kernels (ratios: torch's time over ours). Dense
+// convolutions (groups == 1: 0.4-0.5x) and 8 or more input channels per group (0.1-0.7x) lose at every
+// size measured, as do channels_last inputs (0.1-0.7x). Two channels per group win everywhere (1.6-5.5x).
+// Depthwise and 3-4 channels per group win on small inputs (below 16K elements: 1.2-4.2x, torch's fixed
+// cost) and on output planes of 28x28 and up (1.2-4.2x), and lose on batches of small planes (8x8 and
+// 14x14 at 64K-260K elements: 0.3-0.9x). Unknown (symbolic) sizes count as large.
+bool cpu_kernel_wins(const Tensor& x, const Tensor& weight, int64_t groups, const std::vector<int64_t>& s,
+                     const std::vector<int64_t>& p, const std::vector<int64_t>& d) {
+  const auto per_group = weight.sym_size(1).maybe_as_int();
+  if (groups == 1 || !per_group || *per_group > 4 || x.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
+    return false;
+  if (*per_group == 2) return true;
+  const auto numel = x.sym_numel().maybe_as_int();
+  if (numel && *numel < (int64_t(1) << 14)) return true;
+  const auto h = x.sym_size(2).maybe_as_int(), w = x.sym_size(3).maybe_as_int();
+  const auto kh = weight.sym_size(2).maybe_as_int(), kw = weight.sym_size(3).maybe_as_int();
+  if (!h || !w || !kh || !kw) return true;
+  const int64_t oh = (*h + 2 * p[0] - d[0] * (*kh - 1) - 1) / s[0] + 1;
+  const int64_t ow = (*w + 2 * p[1] - d[1] * (*kw - 1) - 1) / s[1] + 1;
+  return oh * ow >= 28 * 28;
+}
+
 Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, IntArrayRef stride,
               IntArrayRef padding, IntArrayRef dilation, int64_t groups, std::optional<c10::string_view> activation) {
   const Activation a = parse_activation(activation);
@@ -293,9 +316,8 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Ten
   const bool batched = input.dim() == 4;
   const Tensor x = batched ? input : input.unsqueeze(0);
   Backend b = resolve("conv2d", x, auto_min_numel::conv2d);
-  // `auto` keeps torch for convolutions of many channels per group: there the kernel is a matrix
-  // product as torch's, and torch's (oneDNN) is the faster one.
-  if (selected_backend() == Backend::kAuto && b == Backend::kNative && x.is_cpu() && weight.sym_size(1) >= 16)
+  if (selected_backend() == Backend::kAuto && b == Backend::kNative && x.is_cpu() &&
+      !cpu_kernel_wins(x, weight, groups, s, p, d))
     b = Backend::kTorch;
   Tensor y;
   if (b == Backend::kTorch) {
