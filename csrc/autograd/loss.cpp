@@ -14,7 +14,6 @@
 #include <ATen/ops/mse_loss.h>
 #include <ATen/ops/sqrt.h>
 #include <ATen/ops/where.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -22,16 +21,15 @@
 #include <tuple>
 
 #include "common/backend.h"
-#include "common/prim.h"
 #include "common/checks.h"
+#include "common/node.h"
+#include "common/prim.h"
 #include "loss.h"
 
 namespace pyops {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 // ---- the primitives of each backend, looked up once ----------------------------------------------
 
@@ -76,81 +74,59 @@ Tensor scale_saved(const Tensor& saved, const Tensor& g) {
   return saved * g;
 }
 
-// ---- L1 / MSE / Huber -----------------------------------------------------------------------------
+// ---- L1 / MSE / Huber: hand-written nodes (csrc/common/node.h), edges x and t -----------------------
 template <Backend B>
-struct PointwiseFn : torch::autograd::Function<PointwiseFn<B>> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& t, int64_t kind, int64_t reduction,
-                               double delta, bool grad) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->saved_data["kind"] = kind;
-    ctx->saved_data["delta"] = delta;
-    ctx->saved_data["none"] = reduction == int64_t(Reduction::kNone);
-    if (reduction == int64_t(Reduction::kNone)) {  // elementwise: backward needs x and t, as torch's
-      auto [out, none] = pointwise_loss_fwd[B].call(x, t, kind, reduction, delta, false);
-      ctx->save_for_backward({x, t});
-      ctx->mark_non_differentiable({none});
-      return {out, none};
-    }
-    auto [out, g] = pointwise_loss_fwd[B].call(x, t, kind, reduction, delta, true);
-    ctx->save_for_backward({g});
-    Tensor second = grad ? g.detach() : at::empty({0}, x.options());
-    ctx->mark_non_differentiable({second});
-    return {out, second};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t kind = ctx->saved_data["kind"].toInt();
-    refuse_double_backward(kKindNames[kind]);
-    const auto saved = ctx->get_saved_variables();
-    Tensor gi;
-    if (ctx->saved_data["none"].toBool()) {
-      gi = pointwise_loss_bwd[B].call(grads[0], saved[0], saved[1], kind, ctx->saved_data["delta"].toDouble());
-    } else {
-      gi = scale_saved(saved[0], grads[0]);
-    }
+struct PointwiseLossBackward : Node {
+  SavedVariable a_, b_;  // x and t (reduction none: backward needs both, as torch's), or the gradient
+  int64_t kind_ = 0;
+  double delta_ = 1.0;
+  bool none_ = false;
+
+  variable_list apply(variable_list&& grads) override {
+    refuse_double_backward(kKindNames[kind_]);
+    if (!grads[0].defined()) return {Tensor(), Tensor()};
+    const Tensor gi = none_ ? pointwise_loss_bwd[B].call(grads[0], a_.unpack(), b_.unpack(), kind_, delta_)
+                            : scale_saved(a_.unpack(), grads[0]);
     // loss(x - t): the target's gradient is the input's, negated
-    return {ctx->needs_input_grad(0) ? gi : Tensor(),
-            ctx->needs_input_grad(1) ? -gi : Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor()};
+    return {should_compute_output(0) ? gi : Tensor(), should_compute_output(1) ? -gi : Tensor()};
+  }
+  std::string name() const override { return "pyops::PointwiseLossBackward"; }
+  void release_variables() override {
+    a_.reset_data();
+    b_.reset_data();
   }
 };
 
 // ---- softmax cross entropy: saves the gradient (input's dtype), nothing else of the input's size --
 template <Backend B>
-struct CrossEntropyFn : torch::autograd::Function<CrossEntropyFn<B>> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& t, const std::optional<Tensor>& w,
-                               int64_t ignore_index, int64_t reduction, double smoothing, bool grad) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, g] = cross_entropy_fwd[B].call(x, t, w, ignore_index, reduction, smoothing, true);
-    ctx->save_for_backward({g});
-    ctx->saved_data["none"] = reduction == int64_t(Reduction::kNone);
-    ctx->saved_data["batched"] = x.dim() > 1;
-    Tensor second = grad ? g.detach() : at::empty({0}, x.options());
-    ctx->mark_non_differentiable({second});
-    return {loss, second};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+struct CrossEntropyBackward : Node {
+  SavedVariable g_;
+  bool none_ = false, batched_ = false;
+
+  variable_list apply(variable_list&& grads) override {
     refuse_double_backward("cross_entropy");
-    const Tensor saved = ctx->get_saved_variables()[0];
     const Tensor& g = grads[0];
-    Tensor gi;
-    if (!ctx->saved_data["none"].toBool())
-      gi = scale_saved(saved, g);
-    else  // one gradient a row: broadcast over the classes (dim 1)
-      gi = saved * (ctx->saved_data["batched"].toBool() ? g.unsqueeze(1) : g);
-    return {gi, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    if (!g.defined()) return {Tensor()};
+    const Tensor saved = g_.unpack();
+    if (!none_) return {scale_saved(saved, g)};
+    return {saved * (batched_ ? g.unsqueeze(1) : g)};  // one gradient a row: broadcast over the classes
   }
+  std::string name() const override { return "pyops::CrossEntropyBackward"; }
+  void release_variables() override { g_.reset_data(); }
 };
 
-// ---- the Autograd kernels of the primitives: record through the functions above when a graph is
-// built, else go straight to the kernel ----------------------------------------------------------------
+// ---- the Autograd kernels of the primitives: record a node when a graph is built, else go straight
+// to the kernel ------------------------------------------------------------------------------------------
 #define PYOPS_BELOW_AUTOGRAD(call)              \
   do {                                          \
     at::AutoDispatchBelowADInplaceOrView below; \
     return call;                                \
   } while (0)
+
+// The reduced forms' second result: the saved gradient, detached, when asked for; else empty.
+Tensor second_result(const Tensor& g, const Tensor& x, bool grad) {
+  return grad ? g.detach() : at::empty({0}, x.options());
+}
 
 template <Backend B>
 struct Kernels {
@@ -160,8 +136,24 @@ struct Kernels {
     refuse_forward_ad("pointwise_loss_fwd", t);
     if (!grad_recorded(x) && !grad_recorded(t))
       PYOPS_BELOW_AUTOGRAD(pointwise_loss_fwd[B].call(x, t, kind, reduction, delta, grad));
-    auto r = PointwiseFn<B>::apply(x, t, kind, reduction, delta, grad);
-    return {r[0], r[1]};
+    const bool none = reduction == int64_t(Reduction::kNone);
+    Tensor out, second;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, second) = pointwise_loss_fwd[B].call(x, t, kind, reduction, delta, !none);
+    }
+    auto node = make_node<PointwiseLossBackward<B>>();
+    record(node, out, x, t);
+    node->kind_ = kind;
+    node->delta_ = delta;
+    node->none_ = none;
+    if (none) {  // elementwise: backward needs x and t, as torch's
+      node->a_ = SavedVariable(x, /*is_output=*/false);
+      node->b_ = SavedVariable(t, /*is_output=*/false);
+      return {out, second};
+    }
+    node->a_ = SavedVariable(second, /*is_output=*/false);
+    return {out, second_result(second, x, grad)};
   }
   static Tensor pointwise_loss_bwd_k(const Tensor& g, const Tensor& x, const Tensor& t, int64_t kind, double delta) {
     TORCH_CHECK(!grad_recorded(g) && !grad_recorded(x) && !grad_recorded(t),
@@ -175,8 +167,17 @@ struct Kernels {
                 "for target and weight are not supported (pyops.functional.cross_entropy hands such calls to torch)");
     if (!grad_recorded(x))
       PYOPS_BELOW_AUTOGRAD(cross_entropy_fwd[B].call(x, t, w, ignore_index, reduction, smoothing, grad));
-    auto r = CrossEntropyFn<B>::apply(x, t, w, ignore_index, reduction, smoothing, grad);
-    return {r[0], r[1]};
+    Tensor loss, g;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(loss, g) = cross_entropy_fwd[B].call(x, t, w, ignore_index, reduction, smoothing, true);
+    }
+    auto node = make_node<CrossEntropyBackward<B>>();
+    record(node, loss, x);
+    node->g_ = SavedVariable(g, /*is_output=*/false);
+    node->none_ = reduction == int64_t(Reduction::kNone);
+    node->batched_ = x.dim() > 1;
+    return {loss, second_result(g, x, grad)};
   }
 };
 
