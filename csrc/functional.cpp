@@ -1,4 +1,4 @@
-// pyops.functional's activations as C functions, so that a call costs what torch's own binding does.
+// pyops.functional's activations and batch_norm as C functions, so that a call costs what torch's own binding does.
 // A call with a plain tensor (torch.Tensor or Parameter), arguments of the plain Python types and
 // no __torch_function__ mode active takes the short route: bind the arguments, call the public op
 // (csrc/autograd/activation.cpp) through its typed dispatcher handle with the GIL released, wrap the
@@ -21,8 +21,8 @@ namespace {
 using at::Tensor;
 
 // ---- the Python twins ----------------------------------------------------------------------------
-enum Fn { kRelu, kLeakyRelu, kElu, kSigmoid, kTanh, kMaxout, kFnCount };
-constexpr const char* kFnNames[kFnCount] = {"relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout"};
+enum Fn { kRelu, kLeakyRelu, kElu, kSigmoid, kTanh, kMaxout, kBatchNorm, kFnCount };
+constexpr const char* kFnNames[kFnCount] = {"relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "batch_norm"};
 PyObject* twins[kFnCount] = {};
 
 PyObject* twin(Fn fn, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
@@ -34,10 +34,11 @@ PyObject* twin(Fn fn, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames
 }
 
 // ---- argument binding: false (no error set) where the call does not fit the short route ---------
+// The first `positional` parameters may come by position (all of them by default), any by keyword.
 template <int N>
 bool bind(const char* const (&params)[N], int required, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames,
-          PyObject* (&slots)[N]) {
-  if (nargs > N) return false;
+          PyObject* (&slots)[N], int positional = N) {
+  if (nargs > positional) return false;
   for (int i = 0; i < N; ++i) slots[i] = i < nargs ? args[i] : nullptr;
   const Py_ssize_t nkw = kwnames == nullptr ? 0 : PyTuple_GET_SIZE(kwnames);
   for (Py_ssize_t k = 0; k < nkw; ++k) {
@@ -62,6 +63,8 @@ bool plain_int(PyObject* o) {
   return PyLong_CheckExact(o) && (PyLong_AsLongLongAndOverflow(o, &overflow), overflow == 0);
 }
 
+bool plain_optional_tensor(PyObject* o) { return o == nullptr || o == Py_None || THPVariable_CheckExact(o); }
+
 double as_double(PyObject* o, double absent) { return o == nullptr ? absent : PyFloat_AS_DOUBLE(o); }
 int64_t as_int(PyObject* o, int64_t absent) { return o == nullptr ? absent : PyLong_AsLongLong(o); }
 
@@ -79,6 +82,10 @@ PYOPS_PUBLIC_OP(elu_op_, "elu_", Tensor&(Tensor&, const at::Scalar&))
 PYOPS_PUBLIC_OP(sigmoid_op, "sigmoid", Tensor(const Tensor&))
 PYOPS_PUBLIC_OP(tanh_op, "tanh", Tensor(const Tensor&))
 PYOPS_PUBLIC_OP(maxout_op, "maxout", Tensor(const Tensor&, int64_t, int64_t))
+using OptTensor = std::optional<Tensor>;
+PYOPS_PUBLIC_OP(batch_norm_op, "batch_norm",
+                Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
+                       double, double, std::optional<c10::string_view>, double, double, const OptTensor&, bool))
 #undef PYOPS_PUBLIC_OP
 
 struct ReleaseGil {
@@ -171,6 +178,54 @@ PyObject* py_maxout(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject
   return out_of_place([&] { return maxout_op().call(x, pieces, dim); });
 }
 
+OptTensor as_optional_tensor(PyObject* o) {
+  if (o == nullptr || o == Py_None) return std::nullopt;
+  return THPVariable_Unpack(o);
+}
+
+// batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+// eps=1e-05, *, activation=None, negative_slope=0.01, alpha=1.0, residual=None, memory_efficient=False).
+// The twin raises what torch's functional raises (eps, one value per channel); such calls go there.
+PyObject* py_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const params[] = {
+      "input", "running_mean", "running_var",    "weight", "bias",     "training",        "momentum",
+      "eps",   "activation",   "negative_slope", "alpha",  "residual", "memory_efficient"};
+  PyObject* a[13];
+  const auto fallback = [&] { return twin(kBatchNorm, args, nargs, kwnames); };
+  if (!bind(params, 3, args, nargs, kwnames, a, /*positional=*/8) || !plain_tensor(a[0])) return fallback();
+  for (int i : {1, 2, 3, 4, 11})
+    if (!plain_optional_tensor(a[i])) return fallback();
+  for (int i : {6, 7, 9, 10})
+    if (!plain_float(a[i])) return fallback();
+  if (!plain_bool(a[5]) || !plain_bool(a[12])) return fallback();
+  std::optional<c10::string_view> activation;
+  if (a[8] != nullptr && a[8] != Py_None) {
+    if (!PyUnicode_CheckExact(a[8])) return fallback();
+    Py_ssize_t size = 0;
+    const char* name = PyUnicode_AsUTF8AndSize(a[8], &size);
+    if (name == nullptr) {
+      PyErr_Clear();
+      return fallback();
+    }
+    const c10::string_view act(name, size_t(size));
+    if (act != "relu" && act != "leaky_relu" && act != "elu") return fallback();
+    activation = act;
+  }
+  const Tensor& x = THPVariable_Unpack(a[0]);
+  const bool training = a[5] == Py_True;
+  const double eps = as_double(a[7], 1e-5);
+  if (x.dim() < 2 || eps < 0 || (training && eps <= 0)) return fallback();
+  if (training && x.sym_numel().maybe_as_int() && x.numel() == x.size(1)) return fallback();  // one value a channel
+  const OptTensor rm = as_optional_tensor(a[1]), rv = as_optional_tensor(a[2]), w = as_optional_tensor(a[3]),
+                  b = as_optional_tensor(a[4]), r = as_optional_tensor(a[11]);
+  const double momentum = as_double(a[6], 0.1), slope = as_double(a[9], 0.01), alpha = as_double(a[10], 1.0);
+  const bool memory_efficient = a[12] == Py_True;
+  return out_of_place([&] {
+    return batch_norm_op().call(x, rm, rv, w, b, training, momentum, eps, activation, slope, alpha, r,
+                                memory_efficient);
+  });
+}
+
 // _set_twins({name: function}): the Python twins, registered once by pyops.functional.
 PyObject* py_set_twins(PyObject*, PyObject* mapping) {
   for (int i = 0; i < kFnCount; ++i) {
@@ -201,6 +256,18 @@ PyMethodDef functional_methods[] = {
                "maxout($module, /, input, pieces, dim=1)\n--\n\n"
                "output[..., j, ...] = max_k input[..., j * pieces + k, ...]; the gradient goes to the first\n"
                "maximal piece. `pieces` (1 to 256) must divide input.size(dim)."),
+    PYOPS_FAST("batch_norm", py_batch_norm,
+               "batch_norm($module, /, input, running_mean, running_var, weight=None, bias=None, training=False, "
+               "momentum=0.1, eps=1e-05, *, activation=None, negative_slope=0.01, alpha=1.0, residual=None, "
+               "memory_efficient=False)\n--\n\n"
+               "torch.nn.functional.batch_norm, optionally fused with a residual add and an activation:\n"
+               "y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), act in None, \"relu\", "
+               "\"leaky_relu\"\n(negative_slope), \"elu\" (alpha). Training normalizes with the batch's biased "
+               "variance and updates\nrunning_mean/running_var in place (the unbiased variance, momentum as torch); "
+               "eval uses them.\nGradients: db = sum(dz), dw = sum(dz xhat), dr = dz, dx = w invstd (dz - mean(dz) - "
+               "xhat mean(dz xhat))\nwith dz = g act'(z). memory_efficient=True (invertible act: None, leaky_relu "
+               "with a positive slope, elu\nwith a positive alpha) saves the output instead of the input and "
+               "recovers xhat from it; the weight\nmust then be non-zero."),
     {"_set_twins", py_set_twins, METH_O, "Register the Python twins of the C functions of pyops.functional."},
 };
 

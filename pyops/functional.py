@@ -133,25 +133,13 @@ def _py_maxout(input, pieces, dim=1):
     return _maxout(input, pieces, dim) if _compiling() else _maxout_eager(input, pieces, dim)
 
 
-# The public functions are C functions (csrc/functional.cpp, where their docstrings state the math):
-# a plain call goes straight to the public op, as cheap as torch's own binding. Every other call
-# (tensor subclasses, __torch_function__ modes, other argument types, bad input) goes to the Python
-# twin above, which torch.compile also traces in the C function's place.
-_TWINS = {"relu": _py_relu, "leaky_relu": _py_leaky_relu, "elu": _py_elu, "sigmoid": _py_sigmoid, "tanh": _py_tanh}
-_TWINS["maxout"] = _py_maxout
-_C._set_twins(_TWINS)
-relu, leaky_relu, elu, sigmoid, tanh, maxout = (getattr(_C, name) for name in _TWINS)
-for _name, _twin in _TWINS.items():
-    torch.compiler.substitute_in_graph(getattr(_C, _name))(_twin)
-
-
 # ---- batch_norm ------------------------------------------------------------------------------------
 __all__ += ["batch_norm"]
 _batch_norm, _batch_norm_eager = _op("batch_norm")
 _BN_ACTIVATIONS = (None, "relu", "leaky_relu", "elu")
 
 
-def batch_norm(
+def _py_batch_norm(
     input,
     running_mean,
     running_var,
@@ -167,14 +155,7 @@ def batch_norm(
     residual=None,
     memory_efficient=False,
 ):
-    """torch.nn.functional.batch_norm, optionally fused with a residual add and an activation:
-    y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), act in None, "relu", "leaky_relu"
-    (negative_slope), "elu" (alpha). Training normalizes with the batch's biased variance and updates
-    running_mean/running_var in place (the unbiased variance, momentum as torch); eval uses them.
-    Gradients: db = sum(dz), dw = sum(dz xhat), dr = dz, dx = w invstd (dz - mean(dz) - xhat mean(dz xhat))
-    with dz = g act'(z). memory_efficient=True (invertible act: None, leaky_relu with a positive slope, elu
-    with a positive alpha) saves the output instead of the input and recovers xhat from it; the weight
-    must then be non-zero."""
+    """The Python twin of batch_norm."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("batch_norm", input)
     if activation not in _BN_ACTIVATIONS:
@@ -203,6 +184,18 @@ def batch_norm(
         residual=residual,
         memory_efficient=memory_efficient,
     )
+
+
+# The public functions above are C functions (csrc/functional.cpp, where their docstrings state the
+# math): a plain call goes straight to the public op, as cheap as torch's own binding. Every other call
+# (tensor subclasses, __torch_function__ modes, other argument types, bad input) goes to the Python
+# twin, which torch.compile also traces in the C function's place.
+_TWINS = {"relu": _py_relu, "leaky_relu": _py_leaky_relu, "elu": _py_elu, "sigmoid": _py_sigmoid, "tanh": _py_tanh}
+_TWINS.update(maxout=_py_maxout, batch_norm=_py_batch_norm)
+_C._set_twins(_TWINS)
+relu, leaky_relu, elu, sigmoid, tanh, maxout, batch_norm = (getattr(_C, name) for name in _TWINS)
+for _name, _twin in _TWINS.items():
+    torch.compiler.substitute_in_graph(getattr(_C, _name))(_twin)
 
 
 # ---- loss -------------------------------------------------------------------------------------------
