@@ -119,7 +119,9 @@ inline at::Tensor bn_channel(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK(t.is_floating_point(), "pyops::", op, ": ", name, " must be a floating tensor, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), "pyops::", op, ": ", name, " must have shape [", x.size(1),
               "] (one value per channel), got ", t.sizes());
-  return t.to(bn_opmath(x.scalar_type())).contiguous();
+  const auto opmath = bn_opmath(x.scalar_type());
+  if (t.scalar_type() == opmath && t.is_contiguous()) return t;  // (no dispatcher round trip)
+  return t.to(opmath).contiguous();
 }
 
 template <class D>

@@ -48,6 +48,9 @@ const Prim<Quad(const Tensor&, const Opt&, const Opt&, const Opt&, const Tensor&
 
 Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : std::nullopt; }
 
+// t in dtype `type`: t itself when it already is (no dispatcher round trip on the per-call path).
+Tensor as_type(const Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); }
+
 // t / (elements per channel of ref), symbolic sizes included (no guard on them).
 Tensor per_count(const Tensor& t, const Tensor& ref) {
   const c10::SymInt count = ref.sym_numel() / ref.sym_size(1);
@@ -93,15 +96,15 @@ struct BatchNormBackward : Node {
                                                           opt(bias), name, param_, kernel_r);
       result[0] = gi;
       if (kernel_r) result[3] = dr;
-      if (need_w) result[1] = sum_dz_xhat.to(weight.scalar_type());
-      if (need_b) result[2] = sum_dz.to(bias.scalar_type());
+      if (need_w) result[1] = as_type(sum_dz_xhat, weight.scalar_type());
+      if (need_b) result[2] = as_type(sum_dz, bias.scalar_type());
       return result;
     }
     auto [sum_dz, sum_dz_xhat, dr] = bn_bwd_reduce[B].call(g, opt(x), opt(out), opt(residual), mean, invstd,
                                                            opt(weight), opt(bias), name, param_, kernel_r);
     if (kernel_r) result[3] = dr;
-    if (need_w) result[1] = sum_dz_xhat.to(weight.scalar_type());
-    if (need_b) result[2] = sum_dz.to(bias.scalar_type());
+    if (need_w) result[1] = as_type(sum_dz_xhat, weight.scalar_type());
+    if (need_b) result[2] = as_type(sum_dz, bias.scalar_type());
     if (need_x) {
       const Tensor& ref = x.defined() ? x : out;
       result[0] = training_
@@ -245,18 +248,23 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
     invstd = (var + eps).rsqrt();
     if (rm.defined() && (!known || *known > 0)) {
       at::NoGradGuard no_grad;
-      rm.mul_(1 - momentum).add_(mean.to(rm.scalar_type()), momentum);
-      // the unbiased variance: var * n / (n - 1)
-      const Tensor unbiased = known ? var * (double(*known) / double(*known - 1))
-                                    : var * at::Scalar(c10::SymFloat(count) / c10::SymFloat(count - 1));
-      rv.mul_(1 - momentum).add_(unbiased.to(rv.scalar_type()), momentum);
+      // r = (1 - momentum) r + momentum * s, as r += -momentum r, then r += momentum s: add_ takes its
+      // factor as is, where mul_(scalar) first wraps it in a tensor and converts that (four dispatcher
+      // calls, not one, on this per-call path). The variance enters unbiased: var * n / (n - 1).
+      rm.add_(rm, -momentum).add_(mean, momentum);
+      if (known) {
+        rv.add_(rv, -momentum).add_(var, momentum * double(*known) / double(*known - 1));
+      } else {
+        const Tensor unbiased = var * at::Scalar(c10::SymFloat(count) / c10::SymFloat(count - 1));
+        rv.add_(rv, -momentum).add_(unbiased, momentum);
+      }
     }
   } else {
     TORCH_CHECK(rm.defined() && rv.defined(), "pyops.batch_norm: running_mean and running_var must be defined in ",
                 "evaluation mode (training=False)");
     const auto opmath = bn_opmath(input.scalar_type());
-    mean = rm.to(opmath);
-    invstd = (rv.to(opmath) + eps).rsqrt();
+    mean = as_type(rm, opmath);
+    invstd = (as_type(rv, opmath) + eps).rsqrt();
   }
   // act' is read from the output; where it cannot be, the activation follows as its own op
   const bool fused = bn_act_from_output(act, param);
