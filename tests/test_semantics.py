@@ -287,7 +287,7 @@ def test_vmap_runs_the_ops_batched():
 
 
 # ---- the C entry points of pyops.functional -----------------------------------------------------
-C_FUNCTIONS = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout"]
+C_FUNCTIONS = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "batch_norm"]
 
 
 @pytest.mark.parametrize("name", C_FUNCTIONS)
@@ -298,7 +298,7 @@ def test_c_functions_carry_the_twins_signature_and_the_math(name):
     f = getattr(PF, name)
     assert isinstance(f, types.BuiltinFunctionType)
     assert inspect.signature(f) == inspect.signature(getattr(PF, "_py_" + name))
-    assert "gradient" in f.__doc__ or "maximal" in f.__doc__
+    assert "gradient" in f.__doc__.lower() or "maximal" in f.__doc__
 
 
 _CALL_FORMS = [
@@ -386,3 +386,50 @@ def test_torch_function_modes_and_subclasses_see_the_calls():
             s = x.as_subclass(Sub)
             for f in (PF.relu, PF.sigmoid, lambda t: PF.maxout(t, 2)):
                 assert type(f(s)) is Sub
+
+
+_BN_FORMS = [
+    ((False,), {}),
+    ((True, 0.2, 1e-3), {}),
+    ((True,), {"activation": "relu"}),
+    ((True,), {"activation": "leaky_relu", "negative_slope": 0.2, "residual": "r"}),
+    ((), {"training": True, "momentum": 0.3, "activation": "elu", "alpha": 0.5, "memory_efficient": True}),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto"] + CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("args,kwargs", _BN_FORMS)
+def test_c_batch_norm_equals_its_twin(backend, args, kwargs):
+    """Values, gradients and running statistics as the Python twin's, in every call form."""
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    kwargs = {k: (torch.randn_like(x) if v == "r" else v) for k, v in kwargs.items()}
+    results = []
+    for f in (PF.batch_norm, PF._py_batch_norm):
+        rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        with pyops.backend(backend):
+            y = f(x, rm, rv, w, b, *args, **kwargs)
+            grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+        results.append((y, *grads, rm, rv))
+    for a, t in zip(*results):
+        assert torch.equal(a, t)
+
+
+@pytest.mark.parametrize(
+    "call,error",
+    [
+        (lambda x, s: PF.batch_norm(x, *s, training=True, eps=0.0), "eps must be positive"),
+        (lambda x, s: PF.batch_norm(x, *s, eps=-1.0), "eps must be non-negative"),
+        (lambda x, s: PF.batch_norm(x, *s, activation="gelu"), "activation must be one of"),
+        (lambda x, s: PF.batch_norm(x[:1, :, :1, :1], *s, training=True), "more than 1 value per channel"),
+        (lambda x, s: PF.batch_norm(x[0, 0, 0], *s), "at least 2 dimensions"),
+        (lambda x, s: PF.batch_norm(x, *s, None, None, False, 0.1, 1e-5, None), "positional"),
+        (lambda x, s: PF.batch_norm(x, *s, weight="w"), "weight"),
+    ],
+)
+def test_c_batch_norm_reports_bad_input_as_torch(call, error):
+    x = torch.randn(2, 3, 4, 4)
+    stats = (torch.zeros(3), torch.ones(3))
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=error):
+        call(x, stats)
