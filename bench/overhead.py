@@ -1,8 +1,10 @@
 """The fixed cost of a call: each activation of the spec table (pyops.testing.ACTIVATIONS) on a tiny
-tensor, as users call it (pyops.functional against torch's own function), per backend.
+tensor, and batch_norm, mse_loss and cross_entropy on 64 elements, as users call them
+(pyops.functional against torch's own function), per backend. (conv2d's is in the conv family.)
 
-Cases: float32 tensors of 64 elements and of 1 element; forward+backward (`op(x).sum().backward()`),
-and the forward alone under torch.no_grad() and under torch.inference_mode(). On the CPU one thread.
+Cases: float32 tensors of 64 elements and of 1 element (activations); forward+backward
+(`op(x).sum().backward()`), and the forward alone under torch.no_grad() and under
+torch.inference_mode(). On the CPU one thread.
 An iteration makes CALLS calls (the backend is switched and the timer read once around them); the
 figure is the median over iterations, per call. On CUDA the same cases, timed with CUDA events.
 Targets: native forward+backward within 1.2x torch's, forward under no_grad/inference_mode within
@@ -12,7 +14,9 @@ Targets: native forward+backward within 1.2x torch's, forward under no_grad/infe
 import math
 
 import torch
+import torch.nn.functional as TF
 
+import pyops.functional as PF
 from pyops.testing import ACTIVATIONS
 
 from .harness import Case
@@ -67,11 +71,76 @@ def _case(op, mode, n, device, calls):
     )
 
 
+# The other families at 64 elements: op -> (shape, inputs(device, grad) -> tuple, call(functional, *inputs)).
+def _bn_inputs(device, grad):
+    c = 4
+    x = torch.randn(1, c, 4, 4, device=device, requires_grad=grad)
+    w, b = (torch.rand(c, device=device, requires_grad=grad), torch.randn(c, device=device, requires_grad=grad))
+    return x, torch.zeros(c, device=device), torch.ones(c, device=device), w, b
+
+
+def _pair_inputs(device, grad):
+    return torch.randn(1, 64, device=device, requires_grad=grad), torch.randn(1, 64, device=device)
+
+
+def _ce_inputs(device, grad):
+    return torch.randn(8, 8, device=device, requires_grad=grad), torch.randint(0, 8, (8,), device=device)
+
+
+FAMILY_OPS = {
+    "batch_norm": ((1, 4, 4, 4), _bn_inputs, lambda F, x, rm, rv, w, b: F.batch_norm(x, rm, rv, w, b, True)),
+    "mse_loss": ((1, 64), _pair_inputs, lambda F, x, t: F.mse_loss(x, t)),
+    "cross_entropy": ((8, 8), _ce_inputs, lambda F, x, t: F.cross_entropy(x, t)),
+}
+
+
+def _family_case(op, mode, device, calls):
+    shape, inputs, call = FAMILY_OPS[op]
+
+    def iteration(impl):
+        F = PF if impl == "pyops" else TF
+        if mode == "fwd+bwd":
+
+            def run(*args):
+                for _ in range(calls):
+                    call(F, *args).sum().backward()
+
+            return run
+        grad_mode = torch.no_grad if mode == "no_grad" else torch.inference_mode
+
+        def run(*args):
+            with grad_mode():
+                for _ in range(calls):
+                    call(F, *args)
+
+        return run
+
+    return Case(
+        "overhead",
+        op,
+        mode,
+        shape,
+        torch.float32,
+        device,
+        0,
+        lambda: inputs(device, mode == "fwd+bwd"),
+        iteration,
+        compile_baseline=False,
+        references=[(REFERENCE, "eager")],
+        calls=calls,
+        threads=1 if device == "cpu" else None,
+        auto=True,
+    )
+
+
 def cases(device, quick=False):
     for n in SIZES:
         for mode in MODES:
             for op in ACTIVATIONS:
                 yield _case(op, mode, n, device, CALLS[quick])
+    for mode in MODES:
+        for op in FAMILY_OPS:
+            yield _family_case(op, mode, device, CALLS[quick])
 
 
 def print_table(results, file=None):
@@ -85,13 +154,13 @@ def print_table(results, file=None):
     backends = list(dict.fromkeys(r.backend for r in results if r.backend != REFERENCE))
     threads = "one thread, " if cases and cases[0].threads == 1 else ""
     print(f"# {threads}median us per call (x torch: the backend's time over torch's, lower is better)", file=file)
-    head = f"{'op':<11} {'elements':>8}  {'mode':<15} {'torch us':>9}"
+    head = f"{'op':<13} {'elements':>8}  {'mode':<15} {'torch us':>9}"
     head += "".join(f"  {b + ' us':>10} {'x torch':>7}" for b in backends)
     print(head, file=file)
     for case in cases:
         by_backend = rows[id(case)]
         torch_us = by_backend[REFERENCE].ms * 1e3
-        line = f"{case.op:<11} {math.prod(case.shape):>8}  {case.mode:<15} {torch_us:9.2f}"
+        line = f"{case.op:<13} {math.prod(case.shape):>8}  {case.mode:<15} {torch_us:9.2f}"
         for b in backends:
             r = by_backend.get(b)
             line += f"  {r.ms * 1e3:10.2f} {r.ms * 1e3 / torch_us:7.2f}" if r else f"  {'':>10} {'':>7}"

@@ -1,6 +1,6 @@
-// pyops.functional's activations and batch_norm as C functions, so that a call costs what torch's own binding does.
-// A call with a plain tensor (torch.Tensor or Parameter), arguments of the plain Python types and
-// no __torch_function__ mode active takes the short route: bind the arguments, call the public op
+// pyops.functional's activations, batch_norm and cross_entropy as C functions, so that a call costs what torch's own
+// binding does. A call with a plain tensor (torch.Tensor or Parameter), arguments of the plain Python types and no
+// __torch_function__ mode active takes the short route: bind the arguments, call the public op
 // (csrc/autograd/activation.cpp) through its typed dispatcher handle with the GIL released, wrap the
 // result. Every other call (tensor subclasses, modes, numpy or tensor scalars, wrong arguments) goes
 // to the function's Python twin in pyops/functional.py, which also reports bad input, and which
@@ -21,8 +21,9 @@ namespace {
 using at::Tensor;
 
 // ---- the Python twins ----------------------------------------------------------------------------
-enum Fn { kRelu, kLeakyRelu, kElu, kSigmoid, kTanh, kMaxout, kBatchNorm, kFnCount };
-constexpr const char* kFnNames[kFnCount] = {"relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "batch_norm"};
+enum Fn { kRelu, kLeakyRelu, kElu, kSigmoid, kTanh, kMaxout, kBatchNorm, kCrossEntropy, kFnCount };
+constexpr const char* kFnNames[kFnCount] = {"relu", "leaky_relu", "elu",        "sigmoid",
+                                            "tanh", "maxout",     "batch_norm", "cross_entropy"};
 PyObject* twins[kFnCount] = {};
 
 PyObject* twin(Fn fn, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
@@ -83,6 +84,8 @@ PYOPS_PUBLIC_OP(sigmoid_op, "sigmoid", Tensor(const Tensor&))
 PYOPS_PUBLIC_OP(tanh_op, "tanh", Tensor(const Tensor&))
 PYOPS_PUBLIC_OP(maxout_op, "maxout", Tensor(const Tensor&, int64_t, int64_t))
 using OptTensor = std::optional<Tensor>;
+PYOPS_PUBLIC_OP(cross_entropy_op, "cross_entropy",
+                Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t, double))
 PYOPS_PUBLIC_OP(batch_norm_op, "batch_norm",
                 Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
                        double, double, std::optional<c10::string_view>, double, double, const OptTensor&, bool))
@@ -226,6 +229,38 @@ PyObject* py_batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyOb
   });
 }
 
+// cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+// reduction="mean", label_smoothing=0.0). The deprecated size_average/reduce go to the twin.
+PyObject* py_cross_entropy(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const params[] = {"input",        "target", "weight",    "size_average",
+                                       "ignore_index", "reduce", "reduction", "label_smoothing"};
+  PyObject* a[8];
+  const auto fallback = [&] { return twin(kCrossEntropy, args, nargs, kwnames); };
+  if (!bind(params, 2, args, nargs, kwnames, a) || !plain_tensor(a[0]) || !THPVariable_CheckExact(a[1]) ||
+      !plain_optional_tensor(a[2]) || !plain_int(a[4]) || !plain_float(a[7]))
+    return fallback();
+  for (int i : {3, 5})
+    if (a[i] != nullptr && a[i] != Py_None) return fallback();
+  int64_t reduction = 1;  // mean
+  if (a[6] != nullptr) {
+    if (!PyUnicode_CheckExact(a[6])) return fallback();
+    if (PyUnicode_CompareWithASCIIString(a[6], "mean") == 0)
+      reduction = 1;
+    else if (PyUnicode_CompareWithASCIIString(a[6], "sum") == 0)
+      reduction = 2;
+    else if (PyUnicode_CompareWithASCIIString(a[6], "none") == 0)
+      reduction = 0;
+    else
+      return fallback();
+  }
+  const Tensor& x = THPVariable_Unpack(a[0]);
+  const Tensor& t = THPVariable_Unpack(a[1]);
+  const OptTensor w = as_optional_tensor(a[2]);
+  const int64_t ignore_index = as_int(a[4], -100);
+  const double smoothing = as_double(a[7], 0.0);
+  return out_of_place([&] { return cross_entropy_op().call(x, t, w, reduction, ignore_index, smoothing); });
+}
+
 // _set_twins({name: function}): the Python twins, registered once by pyops.functional.
 PyObject* py_set_twins(PyObject*, PyObject* mapping) {
   for (int i = 0; i < kFnCount; ++i) {
@@ -268,6 +303,13 @@ PyMethodDef functional_methods[] = {
                "xhat mean(dz xhat))\nwith dz = g act'(z). memory_efficient=True (invertible act: None, leaky_relu "
                "with a positive slope, elu\nwith a positive alpha) saves the output instead of the input and "
                "recovers xhat from it; the weight\nmust then be non-zero."),
+    PYOPS_FAST("cross_entropy", py_cross_entropy,
+               "cross_entropy($module, /, input, target, weight=None, size_average=None, ignore_index=-100, "
+               "reduce=None, reduction='mean', label_smoothing=0.0)\n--\n\n"
+               "Softmax cross entropy of logits `input` (C), (N, C) or (N, C, d1, ...) against class indices or\n"
+               "class probabilities, as torch.nn.functional.cross_entropy (class weights, ignore_index, label\n"
+               "smoothing). Per row: (1 - e) w_t (lse - x_t) + e / C sum_c w_c (lse - x_c); gradient\n"
+               "(1 - e) w_t (softmax - onehot(t)) + e / C (softmax sum w - w), computed with the loss."),
     {"_set_twins", py_set_twins, METH_O, "Register the Python twins of the C functions of pyops.functional."},
 };
 

@@ -186,18 +186,6 @@ def _py_batch_norm(
     )
 
 
-# The public functions above are C functions (csrc/functional.cpp, where their docstrings state the
-# math): a plain call goes straight to the public op, as cheap as torch's own binding. Every other call
-# (tensor subclasses, __torch_function__ modes, other argument types, bad input) goes to the Python
-# twin, which torch.compile also traces in the C function's place.
-_TWINS = {"relu": _py_relu, "leaky_relu": _py_leaky_relu, "elu": _py_elu, "sigmoid": _py_sigmoid, "tanh": _py_tanh}
-_TWINS.update(maxout=_py_maxout, batch_norm=_py_batch_norm)
-_C._set_twins(_TWINS)
-relu, leaky_relu, elu, sigmoid, tanh, maxout, batch_norm = (getattr(_C, name) for name in _TWINS)
-for _name, _twin in _TWINS.items():
-    torch.compiler.substitute_in_graph(getattr(_C, _name))(_twin)
-
-
 # ---- loss -------------------------------------------------------------------------------------------
 __all__ += ["l1_loss", "mse_loss", "huber_loss", "rmse_loss", "cross_entropy"]
 
@@ -277,7 +265,7 @@ def rmse_loss(input, target, reduction="mean", eps=0.0):
     return _rmse_loss(input, target, r, eps) if _compiling() else _rmse_loss_eager(input, target, r, eps)
 
 
-def cross_entropy(
+def _py_cross_entropy(
     input,
     target,
     weight=None,
@@ -287,10 +275,7 @@ def cross_entropy(
     reduction="mean",
     label_smoothing=0.0,
 ):
-    """Softmax cross entropy of logits `input` (C), (N, C) or (N, C, d1, ...) against class indices or
-    class probabilities, as torch.nn.functional.cross_entropy (class weights, ignore_index, label
-    smoothing). Per row: (1 - e) w_t (lse - x_t) + e / C sum_c w_c (lse - x_c); gradient
-    (1 - e) w_t (softmax - onehot(t)) + e / C (softmax sum w - w), computed with the loss."""
+    """The Python twin of cross_entropy."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("cross_entropy", input)
     if not isinstance(target, torch.Tensor):
@@ -304,6 +289,18 @@ def cross_entropy(
     if _compiling():
         return _cross_entropy(input, target, weight, r, ignore_index, smoothing)
     return _cross_entropy_eager(input, target, weight, r, ignore_index, smoothing)
+
+
+# The public functions above are C functions (csrc/functional.cpp, where their docstrings state the
+# math): a plain call goes straight to the public op, as cheap as torch's own binding. Every other call
+# (tensor subclasses, __torch_function__ modes, other argument types, bad input) goes to the Python
+# twin, which torch.compile also traces in the C function's place.
+_TWINS = {"relu": _py_relu, "leaky_relu": _py_leaky_relu, "elu": _py_elu, "sigmoid": _py_sigmoid, "tanh": _py_tanh}
+_TWINS.update(maxout=_py_maxout, batch_norm=_py_batch_norm, cross_entropy=_py_cross_entropy)
+_C._set_twins(_TWINS)
+relu, leaky_relu, elu, sigmoid, tanh, maxout, batch_norm, cross_entropy = (getattr(_C, name) for name in _TWINS)
+for _name, _twin in _TWINS.items():
+    torch.compiler.substitute_in_graph(getattr(_C, _name))(_twin)
 
 
 # ---- conv ---------------------------------------------------------------------------------------------

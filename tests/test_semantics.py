@@ -287,7 +287,7 @@ def test_vmap_runs_the_ops_batched():
 
 
 # ---- the C entry points of pyops.functional -----------------------------------------------------
-C_FUNCTIONS = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "batch_norm"]
+C_FUNCTIONS = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "batch_norm", "cross_entropy"]
 
 
 @pytest.mark.parametrize("name", C_FUNCTIONS)
@@ -433,3 +433,22 @@ def test_c_batch_norm_reports_bad_input_as_torch(call, error):
     stats = (torch.zeros(3), torch.ones(3))
     with pytest.raises((TypeError, ValueError, RuntimeError), match=error):
         call(x, stats)
+
+
+@pytest.mark.parametrize("backend", ["auto"] + CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"reduction": "sum"}, {"reduction": "none", "ignore_index": 2}, {"label_smoothing": 0.1, "weight": "w"},
+     {"size_average": False}, {"reduction": "mean", "label_smoothing": 1}],
+)  # fmt: skip
+def test_c_cross_entropy_equals_its_twin(backend, kwargs):
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (6,))
+    kwargs = {k: (torch.rand(5, dtype=torch.float64) if v == "w" else v) for k, v in kwargs.items()}
+    with pyops.backend(backend):
+        y, yt = PF.cross_entropy(x, t, **kwargs), PF._py_cross_entropy(x, t, **kwargs)
+        g = torch.ones_like(y)
+        assert torch.equal(y, yt)
+        assert torch.equal(*(torch.autograd.grad(v, x, g)[0] for v in (y, yt)))
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        PF.cross_entropy(x, t, reduction="avg")
