@@ -45,8 +45,8 @@ std::vector<Backend> usable_backends(Device device);
 // 2-core Xeon): 0.85x torch at 16K elements, 1.22x at 64K. Losses (Xeon, fwd+bwd, mean): l1, mse and
 // huber are ahead of torch from 64 elements on (1.1x, 1.5x, 1.1x); cross entropy crosses at ~16K
 // logits (0.9x at 64x64, 1.0x at 64x256, 1.2x at 256x256). conv2d: no size alone decides;
-// csrc/autograd/conv.cpp (cpu_kernel_wins) weighs channels per group, layout and plane size. pyops._C.AUTO_MIN_NUMEL carries the
-// same table to Python.
+// csrc/autograd/conv.cpp (cpu_kernel_wins) weighs channels per group, layout and plane size. pyops._C.AUTO_MIN_NUMEL
+// carries the same table to Python.
 #define PYOPS_AUTO_MIN_NUMEL(X)      \
   X(relu, int64_t(1) << 20)          \
   X(leaky_relu, int64_t(1) << 20)    \
