@@ -275,8 +275,9 @@ Tensor apply_activation(const Tensor& y, const Activation& a) {
 // convolutions (groups == 1: 0.4-0.5x) and 8 or more input channels per group (0.1-0.7x) lose at every
 // size measured, as do channels_last inputs (0.1-0.7x). Two channels per group win everywhere (1.6-5.5x).
 // Depthwise and 3-4 channels per group win on small inputs (below 16K elements: 1.2-4.2x, torch's fixed
-// cost) and on output planes of 28x28 and up (1.2-4.2x), and lose on batches of small planes (8x8 and
-// 14x14 at 64K-260K elements: 0.3-0.9x). Unknown (symbolic) sizes count as large.
+// cost) and are near parity or ahead on output planes of 28x28 and up (0.9-2.5x, swinging with torch's
+// own time), and lose on batches of small planes (8x8 and 14x14 at 64K-260K elements: 0.3-0.9x).
+// Unknown (symbolic) sizes count as large.
 bool cpu_kernel_wins(const Tensor& x, const Tensor& weight, int64_t groups, const std::vector<int64_t>& s,
                      const std::vector<int64_t>& p, const std::vector<int64_t>& d) {
   const auto per_group = weight.sym_size(1).maybe_as_int();
