@@ -26,8 +26,9 @@
 #include <vector>
 
 #include "common/backend.h"
-#include "common/prim.h"
 #include "common/checks.h"
+#include "common/node.h"
+#include "common/prim.h"
 #include "conv.h"
 
 namespace pyops {
@@ -95,47 +96,42 @@ void refuse_forward_ad(const Tensor& t) {
               "pyops.conv2d: forward-mode AD (dual tensors, torch.func.jvp) is not supported");
 }
 
-// ---- conv2d_fwd -----------------------------------------------------------------------------------
+// ---- conv2d_fwd: a hand-written node (csrc/common/node.h), edges x, w, bias ------------------------
 template <Backend B>
-struct ConvFwdFn : torch::autograd::Function<ConvFwdFn<B>> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
-                               const std::optional<Tensor>& bias, IntArrayRef stride, IntArrayRef padding,
-                               IntArrayRef dilation, int64_t groups, int64_t act, double scalar) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    const Params p{stride.vec(), padding.vec(), dilation.vec(), groups};
-    auto [out, mask] = conv2d_fwd[B].call(x, w, bias, stride, padding, dilation, groups, act, scalar);
-    p.save(ctx);
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["scalar"] = scalar;
-    ctx->saved_data["bias"] = bias.has_value();
-    ctx->saved_data["out_strides"] = out.sym_strides();
-    ctx->mark_non_differentiable({mask});
-    ctx->save_for_backward({x, w, act == kConvActElu ? out : mask});
-    return {out, mask};
-  }
+struct ConvBackward : Node {
+  SavedVariable x_, w_, kept_;  // kept: the activation's mask, or the output (elu)
+  Params p_;
+  int64_t act_ = kConvActNone;
+  double scalar_ = 0;
+  bool bias_ = false;
+  c10::SymDimVector out_strides_;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &w = saved[1], &kept = saved[2];
-    const Params p = Params::load(ctx);
-    const int64_t act = ctx->saved_data["act"].toInt();
-    const double scalar = ctx->saved_data["scalar"].toDouble();
-    const bool bias = ctx->saved_data["bias"].toBool();
+  variable_list apply(variable_list&& grads) override {
+    variable_list result(3);
+    if (!grads[0].defined()) return result;
+    const Tensor x = x_.unpack(), w = w_.unpack(), kept = kept_.unpack(getptr());
     Tensor g = grads[0];
-    if (act != kConvActNone) {
-      g = to_layout(g, ctx->saved_data["out_strides"].toSymIntVector());
-      g = act == kConvActRelu        ? relu_bwd[B].call(g, kept)
-          : act == kConvActLeakyRelu ? leaky_relu_bwd[B].call(g, kept, scalar)
-                                     : elu_bwd[B].call(g, kept, scalar, /*is_result=*/true);
+    if (act_ != kConvActNone) {
+      g = to_layout(g, out_strides_);
+      g = act_ == kConvActRelu        ? relu_bwd[B].call(g, kept)
+          : act_ == kConvActLeakyRelu ? leaky_relu_bwd[B].call(g, kept, scalar_)
+                                      : elu_bwd[B].call(g, kept, scalar_, /*is_result=*/true);
     }
-    Tensor gx, gw, gb;
-    if (ctx->needs_input_grad(0)) gx = bwd_input(B, g, w, x.sym_sizes(), p);
-    if (ctx->needs_input_grad(1) || (bias && ctx->needs_input_grad(2))) {
-      std::tie(gw, gb) = bwd_weight(B, g, x, w.sym_sizes(), p, bias && ctx->needs_input_grad(2));
-      if (!ctx->needs_input_grad(1)) gw = Tensor();
-      if (!bias || !ctx->needs_input_grad(2)) gb = Tensor();
+    const bool need_x = should_compute_output(0), need_w = should_compute_output(1),
+               need_b = bias_ && should_compute_output(2);
+    if (need_x) result[0] = bwd_input(B, g, w, x.sym_sizes(), p_);
+    if (need_w || need_b) {
+      auto [gw, gb] = bwd_weight(B, g, x, w.sym_sizes(), p_, need_b);
+      if (need_w) result[1] = gw;
+      if (need_b) result[2] = gb;
     }
-    return {gx, gw, gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return result;
+  }
+  std::string name() const override { return "pyops::ConvolutionBackward"; }
+  void release_variables() override {
+    x_.reset_data();
+    w_.reset_data();
+    kept_.reset_data();
   }
 };
 
@@ -192,7 +188,8 @@ struct BwdWeightFn : torch::autograd::Function<BwdWeightFn<B>> {
   }
 };
 
-// ---- the Autograd kernels of the primitives -------------------------------------------------------
+// ---- the Autograd kernels of the primitives: the forward records a ConvBackward node; the two
+// backward primitives (differentiated only under create_graph) record the functions above ----------
 template <Backend B>
 struct Kernels {
   static Pair conv2d_fwd_k(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, IntArrayRef stride,
@@ -203,9 +200,23 @@ struct Kernels {
       at::AutoDispatchBelowADInplaceOrView below;
       return conv2d_fwd[B].call(x, w, bias, stride, padding, dilation, groups, act, scalar);
     }
-    const std::optional<Tensor> bo = b.defined() ? std::optional<Tensor>(b) : std::nullopt;
-    auto r = ConvFwdFn<B>::apply(x, w, bo, stride, padding, dilation, groups, act, scalar);
-    return {r[0], r[1]};
+    Tensor out, mask;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, mask) = conv2d_fwd[B].call(x, w, bias, stride, padding, dilation, groups, act, scalar);
+    }
+    auto node = make_node<ConvBackward<B>>();
+    record(node, out, x, w, b);
+    node->x_ = SavedVariable(x, /*is_output=*/false);
+    node->w_ = SavedVariable(w, /*is_output=*/false);
+    node->kept_ =
+        act == kConvActElu ? SavedVariable(out, /*is_output=*/true) : SavedVariable(mask, /*is_output=*/false);
+    node->p_ = Params{stride.vec(), padding.vec(), dilation.vec(), groups};
+    node->act_ = act;
+    node->scalar_ = scalar;
+    node->bias_ = b.defined();
+    node->out_strides_ = c10::SymDimVector(out.sym_strides().begin(), out.sym_strides().end());
+    return {out, mask};  // the mask has no gradient
   }
   static Tensor conv2d_bwd_input_k(const Tensor& g, const Tensor& w, c10::SymIntArrayRef input_size, IntArrayRef stride,
                                    IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
