@@ -27,29 +27,25 @@ CALLS = {True: 100, False: 400}  # calls per iteration, by --quick
 REFERENCE = "torch"
 
 
-def _case(op, mode, n, device, calls):
-    spec = ACTIVATIONS[op]
-    shape = (1, n)  # ops with a dim act along dim 1
-    kw = spec.kwargs_for(shape)
-
-    def make_inputs():
-        return (torch.randn(shape, device=device, requires_grad=mode == "fwd+bwd"),)
+def _timed_case(op, mode, shape, device, calls, make_inputs, function):
+    """A case that calls f(*inputs, *extra, **kw) `calls` times an iteration, where
+    function(impl) -> (f, extra, kw) for impl "pyops" (pyops.functional) or torch's."""
 
     def iteration(impl):
-        f = spec.fn if impl == "pyops" else spec.reference
+        f, extra, kw = function(impl)
         if mode == "fwd+bwd":
 
-            def run(x):
+            def run(*args):
                 for _ in range(calls):
-                    f(x, **kw).sum().backward()
+                    f(*args, *extra, **kw).sum().backward()
 
             return run
         grad_mode = torch.no_grad if mode == "no_grad" else torch.inference_mode
 
-        def run(x):
+        def run(*args):
             with grad_mode():
                 for _ in range(calls):
-                    f(x, **kw)
+                    f(*args, *extra, **kw)
 
         return run
 
@@ -71,7 +67,27 @@ def _case(op, mode, n, device, calls):
     )
 
 
-# The other families at 64 elements: op -> (shape, inputs(device, grad) -> tuple, call(functional, *inputs)).
+def _case(op, mode, n, device, calls):
+    spec = ACTIVATIONS[op]
+    shape = (1, n)  # ops with a dim act along dim 1
+    kw = spec.kwargs_for(shape)
+
+    def make_inputs():
+        return (torch.randn(shape, device=device, requires_grad=mode == "fwd+bwd"),)
+
+    return _timed_case(
+        op,
+        mode,
+        shape,
+        device,
+        calls,
+        make_inputs,
+        lambda impl: (spec.fn if impl == "pyops" else spec.reference, (), kw),
+    )
+
+
+# The other families at 64 elements: op -> (shape, inputs(device, grad) -> tuple, the function's name,
+# extra positional arguments after the inputs).
 def _bn_inputs(device, grad):
     c = 4
     x = torch.randn(1, c, 4, 4, device=device, requires_grad=grad)
@@ -88,48 +104,22 @@ def _ce_inputs(device, grad):
 
 
 FAMILY_OPS = {
-    "batch_norm": ((1, 4, 4, 4), _bn_inputs, lambda F, x, rm, rv, w, b: F.batch_norm(x, rm, rv, w, b, True)),
-    "mse_loss": ((1, 64), _pair_inputs, lambda F, x, t: F.mse_loss(x, t)),
-    "cross_entropy": ((8, 8), _ce_inputs, lambda F, x, t: F.cross_entropy(x, t)),
+    "batch_norm": ((1, 4, 4, 4), _bn_inputs, "batch_norm", (True,)),  # training
+    "mse_loss": ((1, 64), _pair_inputs, "mse_loss", ()),
+    "cross_entropy": ((8, 8), _ce_inputs, "cross_entropy", ()),
 }
 
 
 def _family_case(op, mode, device, calls):
-    shape, inputs, call = FAMILY_OPS[op]
-
-    def iteration(impl):
-        F = PF if impl == "pyops" else TF
-        if mode == "fwd+bwd":
-
-            def run(*args):
-                for _ in range(calls):
-                    call(F, *args).sum().backward()
-
-            return run
-        grad_mode = torch.no_grad if mode == "no_grad" else torch.inference_mode
-
-        def run(*args):
-            with grad_mode():
-                for _ in range(calls):
-                    call(F, *args)
-
-        return run
-
-    return Case(
-        "overhead",
+    shape, inputs, name, extra = FAMILY_OPS[op]
+    return _timed_case(
         op,
         mode,
         shape,
-        torch.float32,
         device,
-        0,
+        calls,
         lambda: inputs(device, mode == "fwd+bwd"),
-        iteration,
-        compile_baseline=False,
-        references=[(REFERENCE, "eager")],
-        calls=calls,
-        threads=1 if device == "cpu" else None,
-        auto=True,
+        lambda impl: (getattr(PF if impl == "pyops" else TF, name), extra, {}),
     )
 
 

@@ -155,21 +155,17 @@ PyObject* py_elu(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* k
   return out_of_place([&] { return elu_op().call(x, alpha); });
 }
 
-PyObject* py_sigmoid(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+// sigmoid(input), tanh(input): one tensor in, one out.
+template <Fn F, const c10::TypedOperatorHandle<Tensor(const Tensor&)>& (*Op)()>
+PyObject* py_unary(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static const char* const params[] = {"input"};
   PyObject* a[1];
-  if (!bind(params, 1, args, nargs, kwnames, a) || !plain_tensor(a[0])) return twin(kSigmoid, args, nargs, kwnames);
+  if (!bind(params, 1, args, nargs, kwnames, a) || !plain_tensor(a[0])) return twin(F, args, nargs, kwnames);
   const Tensor& x = THPVariable_Unpack(a[0]);
-  return out_of_place([&] { return sigmoid_op().call(x); });
+  return out_of_place([&] { return Op().call(x); });
 }
-
-PyObject* py_tanh(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
-  static const char* const params[] = {"input"};
-  PyObject* a[1];
-  if (!bind(params, 1, args, nargs, kwnames, a) || !plain_tensor(a[0])) return twin(kTanh, args, nargs, kwnames);
-  const Tensor& x = THPVariable_Unpack(a[0]);
-  return out_of_place([&] { return tanh_op().call(x); });
-}
+constexpr auto py_sigmoid = &py_unary<kSigmoid, sigmoid_op>;
+constexpr auto py_tanh = &py_unary<kTanh, tanh_op>;
 
 PyObject* py_maxout(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static const char* const params[] = {"input", "pieces", "dim"};

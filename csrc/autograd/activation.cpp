@@ -75,18 +75,6 @@ Tensor to_layout(const Tensor& g, const c10::SymIntArrayRef strides) {
   return at::empty_strided_symint(g.sym_sizes(), strides, g.options()).copy_(g);
 }
 
-#define PYOPS_BELOW_AUTOGRAD(call)              \
-  do {                                          \
-    at::AutoDispatchBelowADInplaceOrView below; \
-    return call;                                \
-  } while (0)
-
-template <class F>
-auto below_autograd(F&& f) {
-  at::AutoDispatchBelowADInplaceOrView below;
-  return f();
-}
-
 // ---- relu / leaky_relu: save a 1-bit mask --------------------------------------------------------
 // slope: leaky_relu's negative_slope; none for relu. The gradient masked(g) is linear in g and does
 // not depend on x; MaskedBackward differentiates both y = act(x) (one edge: x) and gi = masked(g)

@@ -156,32 +156,26 @@ Tensor batch_norm_recorded(const Tensor& x, const Opt& weight, const Opt& bias, 
 
 // ---- the Autograd kernels of the primitives: none is differentiable on its own (the statistics and
 // the passes are differentiated together by BatchNormBackward); they run below autograd ----------------------
-#define PYOPS_BN_BELOW(call)                    \
-  do {                                          \
-    at::AutoDispatchBelowADInplaceOrView below; \
-    return call;                                \
-  } while (0)
-
 template <Backend B>
 struct Kernels {
-  static Pair stats(const Tensor& x) { PYOPS_BN_BELOW(bn_stats[B].call(x)); }
+  static Pair stats(const Tensor& x) { PYOPS_BELOW_AUTOGRAD(bn_stats[B].call(x)); }
   static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& invstd, const Opt& w, const Opt& b,
                       const Opt& r, c10::string_view act, double param) {
-    PYOPS_BN_BELOW(bn_elemt[B].call(x, mean, invstd, w, b, r, act, param));
+    PYOPS_BELOW_AUTOGRAD(bn_elemt[B].call(x, mean, invstd, w, b, r, act, param));
   }
   static Triple bwd_reduce(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean,
                            const Tensor& invstd, const Opt& w, const Opt& b, c10::string_view act, double param,
                            bool grad_residual) {
-    PYOPS_BN_BELOW(bn_bwd_reduce[B].call(g, x, y, r, mean, invstd, w, b, act, param, grad_residual));
+    PYOPS_BELOW_AUTOGRAD(bn_bwd_reduce[B].call(g, x, y, r, mean, invstd, w, b, act, param, grad_residual));
   }
   static Quad bwd(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean, const Tensor& invstd,
                   const Opt& w, const Opt& b, c10::string_view act, double param, bool grad_residual) {
-    PYOPS_BN_BELOW(bn_bwd[B].call(g, x, y, r, mean, invstd, w, b, act, param, grad_residual));
+    PYOPS_BELOW_AUTOGRAD(bn_bwd[B].call(g, x, y, r, mean, invstd, w, b, act, param, grad_residual));
   }
   static Tensor bwd_elemt(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean,
                           const Tensor& invstd, const Opt& w, const Opt& b, const Opt& mdz, const Opt& mdx,
                           c10::string_view act, double param) {
-    PYOPS_BN_BELOW(bn_bwd_elemt[B].call(g, x, y, r, mean, invstd, w, b, mdz, mdx, act, param));
+    PYOPS_BELOW_AUTOGRAD(bn_bwd_elemt[B].call(g, x, y, r, mean, invstd, w, b, mdz, mdx, act, param));
   }
 };
 

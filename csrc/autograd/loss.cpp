@@ -117,12 +117,6 @@ struct CrossEntropyBackward : Node {
 
 // ---- the Autograd kernels of the primitives: record a node when a graph is built, else go straight
 // to the kernel ------------------------------------------------------------------------------------------
-#define PYOPS_BELOW_AUTOGRAD(call)              \
-  do {                                          \
-    at::AutoDispatchBelowADInplaceOrView below; \
-    return call;                                \
-  } while (0)
-
 // The reduced forms' second result: the saved gradient, detached, when asked for; else empty.
 Tensor second_result(const Tensor& g, const Tensor& x, bool grad) {
   return grad ? g.detach() : at::empty({0}, x.options());

@@ -23,6 +23,19 @@ using torch::autograd::variable_list;
 
 using NodePtr = decltype(std::declval<Node&>().getptr());
 
+// f() below autograd: what a recorded forward calls the primitive under, and what an Autograd kernel
+// does when nothing is recorded (PYOPS_BELOW_AUTOGRAD returns from the kernel).
+template <class F>
+auto below_autograd(F&& f) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return f();
+}
+#define PYOPS_BELOW_AUTOGRAD(call)              \
+  do {                                          \
+    at::AutoDispatchBelowADInplaceOrView below; \
+    return call;                                \
+  } while (0)
+
 template <class T, class... Args>
 auto make_node(Args&&... args) {
   if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>) {
