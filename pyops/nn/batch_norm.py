@@ -95,6 +95,27 @@ class _FusedBatchNorm:
 
 
 class _BatchNormMixin(_FusedBatchNorm):
+    """BatchNorm1d/2d: torch's constructor (the next class in the MRO) and forward, fused."""
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
+        *,
+        activation=None,
+        negative_slope=0.01,
+        alpha=1.0,
+        memory_efficient=False,
+        **kwargs,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self._init_fused(activation, negative_slope, alpha, memory_efficient)
+
     def forward(self, input, residual=None):
         """act(batch_norm(input) + residual) (see pyops.functional.batch_norm)."""
         self._check_input_dim(input)
@@ -123,48 +144,10 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on pyops kernels, (N, C) or (N, C, L) input; optionally fused with a residual add
     and an activation."""
 
-    def __init__(
-        self,
-        num_features,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        device=None,
-        dtype=None,
-        *,
-        activation=None,
-        negative_slope=0.01,
-        alpha=1.0,
-        memory_efficient=False,
-        **kwargs,
-    ):
-        nn.BatchNorm1d.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-        self._init_fused(activation, negative_slope, alpha, memory_efficient)
-
 
 class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
     """torch.nn.BatchNorm2d on pyops kernels, (N, C, H, W) input (channels_last kept); optionally fused
     with a residual add and an activation."""
-
-    def __init__(
-        self,
-        num_features,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        device=None,
-        dtype=None,
-        *,
-        activation=None,
-        negative_slope=0.01,
-        alpha=1.0,
-        memory_efficient=False,
-        **kwargs,
-    ):
-        nn.BatchNorm2d.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-        self._init_fused(activation, negative_slope, alpha, memory_efficient)
 
 
 # ---- SyncBatchNorm ---------------------------------------------------------------------------------
