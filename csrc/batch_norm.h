@@ -207,6 +207,58 @@ struct BatchNorm {
     return p;
   }
 
+  // What every backward primitive starts from: the per-channel operands and both passes' operands
+  // (the caller holds the device guard).
+  struct BwdOperands {
+    Tensor is, w, mean_dz, mean_dz_xhat;
+    BnInput in;
+    BnPass p;
+  };
+  static BwdOperands bwd_operands(const char* op, const Tensor& grad_out, const std::optional<Tensor>& input,
+                                  const std::optional<Tensor>& output, const std::optional<Tensor>& residual,
+                                  const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+                                  const std::optional<Tensor>& bias, c10::string_view activation, double param,
+                                  const std::optional<Tensor>& mean_dz = std::nullopt,
+                                  const std::optional<Tensor>& mean_dz_xhat = std::nullopt) {
+    check_floating(op, "grad_out", grad_out);
+    const Tensor& x0 = input.has_value() && input->defined() ? *input : output.value_or(grad_out);
+    TORCH_CHECK(x0.dim() >= 2, "pyops::", op, ": input must have at least 2 dimensions (N, C, ...), got ", x0.dim());
+    BwdOperands o;
+    const Tensor m = bn_channel(op, "mean", mean, x0);
+    o.is = bn_channel(op, "invstd", invstd, x0);
+    o.w = bn_channel(op, "weight", weight.value_or(Tensor()), x0);
+    const Tensor b = bn_channel(op, "bias", bias.value_or(Tensor()), x0);
+    o.mean_dz = bn_channel(op, "mean_dz", mean_dz.value_or(Tensor()), x0);
+    o.mean_dz_xhat = bn_channel(op, "mean_dz_xhat", mean_dz_xhat.value_or(Tensor()), x0);
+    TORCH_CHECK(o.mean_dz.defined() == o.mean_dz_xhat.defined(), "pyops::", op,
+                ": give both mean_dz and mean_dz_xhat, or neither");
+    o.p = backward_pass(op, grad_out, input, output, residual, m, b, activation, param, &o.in);
+    return o;
+  }
+
+  // sum(dz * xhat) from sum(dz * v): v = x - mean = xhat / invstd, or v = act^-1(y) - r - b = xhat * w.
+  static Tensor sum_dz_xhat(const BwdOperands& o, const Tensor& sum_dzv) {
+    return o.p.from_output ? (o.w.defined() ? sum_dzv / o.w : sum_dzv) : sum_dzv * o.is;
+  }
+
+  // dx = a * dz + b * v + c: a = w * invstd; in training (the batch means of dz and dz * xhat given)
+  // also the terms through the statistics.
+  static void set_coefficients(BwdOperands& o, const Tensor& mdz, const Tensor& mdx) {
+    BnPass& p = o.p;
+    p.a = o.w.defined() ? o.w * o.is : o.is;
+    if (!mdz.defined()) return;
+    p.c = -p.a * mdz;
+    p.b = p.from_output ? -o.is * mdx : -p.a * o.is * mdx;
+  }
+
+  // Per-channel sums, zeroed, and the residual's gradient (an empty tensor when not asked: a schema's
+  // Tensor result is never undefined).
+  static std::tuple<Tensor, Tensor, Tensor> bwd_sums(const BnInput& in, bool grad_residual) {
+    const auto opts = in.x.options().dtype(bn_opmath(in.x.scalar_type()));
+    return {at::zeros({in.l.channels}, opts), at::zeros({in.l.channels}, opts),
+            grad_residual ? at::empty_like(in.x) : at::empty({0}, in.x.options())};
+  }
+
   // ---- backward, reduction: sum(dz), sum(dz * xhat) and, when asked, dr = dz -------------------------
   static std::tuple<Tensor, Tensor, Tensor> bwd_reduce(const Tensor& grad_out, const std::optional<Tensor>& input,
                                                        const std::optional<Tensor>& output,
@@ -214,24 +266,12 @@ struct BatchNorm {
                                                        const Tensor& invstd, const std::optional<Tensor>& weight,
                                                        const std::optional<Tensor>& bias, c10::string_view activation,
                                                        double param, bool grad_residual) {
-    const char* op = "batch_norm_bwd_reduce";
-    check_floating(op, "grad_out", grad_out);
     typename D::Guard guard(grad_out);
-    const Tensor& x0 = input.has_value() && input->defined() ? *input : output.value_or(grad_out);
-    TORCH_CHECK(x0.dim() >= 2, "pyops::", op, ": input must have at least 2 dimensions (N, C, ...), got ", x0.dim());
-    const Tensor m = bn_channel(op, "mean", mean, x0), is = bn_channel(op, "invstd", invstd, x0);
-    const Tensor w = bn_channel(op, "weight", weight.value_or(Tensor()), x0);
-    const Tensor b = bn_channel(op, "bias", bias.value_or(Tensor()), x0);
-    BnInput in;
-    BnPass p = backward_pass(op, grad_out, input, output, residual, m, b, activation, param, &in);
-    const auto opts = in.x.options().dtype(bn_opmath(in.x.scalar_type()));
-    Tensor sum_dz = at::zeros({in.l.channels}, opts), sum_dzv = at::zeros({in.l.channels}, opts);
-    // not asked: an empty tensor (a schema's Tensor result is never undefined)
-    Tensor gr = grad_residual ? at::empty_like(in.x) : at::empty({0}, in.x.options());
-    if (in.x.numel() > 0) D::bwd_reduce(p, sum_dz, sum_dzv, grad_residual ? gr : Tensor());
-    // sum(dz * xhat): v = x - mean = xhat / invstd, or v = act^-1(y) - r - b = xhat * w
-    Tensor sum_dz_xhat = p.from_output ? (w.defined() ? sum_dzv / w : sum_dzv) : sum_dzv * is;
-    return {sum_dz, sum_dz_xhat, gr};
+    BwdOperands o = bwd_operands("batch_norm_bwd_reduce", grad_out, input, output, residual, mean, invstd, weight, bias,
+                                 activation, param);
+    auto [sum_dz, sum_dzv, gr] = bwd_sums(o.in, grad_residual);
+    if (o.in.x.numel() > 0) D::bwd_reduce(o.p, sum_dz, sum_dzv, grad_residual ? gr : Tensor());
+    return {sum_dz, sum_dz_xhat(o, sum_dzv), gr};
   }
 
   // ---- backward in training, both passes: (dx, sum(dz), sum(dz * xhat), dr or empty). A device may do
@@ -243,34 +283,20 @@ struct BatchNorm {
                                                         const Tensor& invstd, const std::optional<Tensor>& weight,
                                                         const std::optional<Tensor>& bias, c10::string_view activation,
                                                         double param, bool grad_residual) {
-    const char* op = "batch_norm_bwd";
-    check_floating(op, "grad_out", grad_out);
     typename D::Guard guard(grad_out);
-    const Tensor& x0 = input.has_value() && input->defined() ? *input : output.value_or(grad_out);
-    TORCH_CHECK(x0.dim() >= 2, "pyops::", op, ": input must have at least 2 dimensions (N, C, ...), got ", x0.dim());
-    const Tensor m = bn_channel(op, "mean", mean, x0), is = bn_channel(op, "invstd", invstd, x0);
-    const Tensor w = bn_channel(op, "weight", weight.value_or(Tensor()), x0);
-    const Tensor b = bn_channel(op, "bias", bias.value_or(Tensor()), x0);
-    BnInput in;
-    BnPass p = backward_pass(op, grad_out, input, output, residual, m, b, activation, param, &in);
-    const auto opts = in.x.options().dtype(bn_opmath(in.x.scalar_type()));
-    Tensor sum_dz = at::zeros({in.l.channels}, opts), sum_dzv = at::zeros({in.l.channels}, opts);
-    Tensor gr = grad_residual ? at::empty_like(in.x) : at::empty({0}, in.x.options());
-    Tensor gi = at::empty_like(in.x);
-    p.a = w.defined() ? w * is : is;
-    const bool any = in.x.numel() > 0;
+    BwdOperands o = bwd_operands("batch_norm_bwd", grad_out, input, output, residual, mean, invstd, weight, bias,
+                                 activation, param);
+    auto [sum_dz, sum_dzv, gr] = bwd_sums(o.in, grad_residual);
+    Tensor gi = at::empty_like(o.in.x);
+    set_coefficients(o, Tensor(), Tensor());
     const Tensor gr_arg = grad_residual ? gr : Tensor();
-    if (any && !D::bwd_fused(p, is, w, sum_dz, sum_dzv, gr_arg, gi)) {
-      D::bwd_reduce(p, sum_dz, sum_dzv, gr_arg);
-      const Tensor sdx = p.from_output ? (w.defined() ? sum_dzv / w : sum_dzv) : sum_dzv * is;
-      const double count = double(in.l.count());
-      const Tensor mdz = sum_dz / count, mdx = sdx / count;
-      p.c = -p.a * mdz;
-      p.b = p.from_output ? -is * mdx : -p.a * is * mdx;
-      D::bwd_elemt(p, gi);
+    if (o.in.x.numel() > 0 && !D::bwd_fused(o.p, o.is, o.w, sum_dz, sum_dzv, gr_arg, gi)) {
+      D::bwd_reduce(o.p, sum_dz, sum_dzv, gr_arg);
+      const double count = double(o.in.l.count());
+      set_coefficients(o, sum_dz / count, sum_dz_xhat(o, sum_dzv) / count);
+      D::bwd_elemt(o.p, gi);
     }
-    Tensor sum_dz_xhat = p.from_output ? (w.defined() ? sum_dzv / w : sum_dzv) : sum_dzv * is;
-    return {gi, sum_dz, sum_dz_xhat, gr};
+    return {gi, sum_dz, sum_dz_xhat(o, sum_dzv), gr};
   }
 
   // ---- backward, elementwise: dx; mean_dz and mean_dz_xhat (means over the batch) given in training ---
@@ -279,26 +305,12 @@ struct BatchNorm {
                           const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
                           const std::optional<Tensor>& bias, const std::optional<Tensor>& mean_dz,
                           const std::optional<Tensor>& mean_dz_xhat, c10::string_view activation, double param) {
-    const char* op = "batch_norm_bwd_elemt";
-    check_floating(op, "grad_out", grad_out);
     typename D::Guard guard(grad_out);
-    const Tensor& x0 = input.has_value() && input->defined() ? *input : output.value_or(grad_out);
-    TORCH_CHECK(x0.dim() >= 2, "pyops::", op, ": input must have at least 2 dimensions (N, C, ...), got ", x0.dim());
-    const Tensor m = bn_channel(op, "mean", mean, x0), is = bn_channel(op, "invstd", invstd, x0);
-    const Tensor w = bn_channel(op, "weight", weight.value_or(Tensor()), x0);
-    const Tensor b = bn_channel(op, "bias", bias.value_or(Tensor()), x0);
-    const Tensor mdz = bn_channel(op, "mean_dz", mean_dz.value_or(Tensor()), x0);
-    const Tensor mdx = bn_channel(op, "mean_dz_xhat", mean_dz_xhat.value_or(Tensor()), x0);
-    TORCH_CHECK(mdz.defined() == mdx.defined(), "pyops::", op, ": give both mean_dz and mean_dz_xhat, or neither");
-    BnInput in;
-    BnPass p = backward_pass(op, grad_out, input, output, residual, m, b, activation, param, &in);
-    p.a = w.defined() ? w * is : is;
-    if (mdz.defined()) {  // training: the statistics depend on x
-      p.c = -p.a * mdz;
-      p.b = p.from_output ? -is * mdx : -p.a * is * mdx;
-    }
-    Tensor gi = at::empty_like(in.x);
-    if (gi.numel() > 0) D::bwd_elemt(p, gi);
+    BwdOperands o = bwd_operands("batch_norm_bwd_elemt", grad_out, input, output, residual, mean, invstd, weight, bias,
+                                 activation, param, mean_dz, mean_dz_xhat);
+    set_coefficients(o, o.mean_dz, o.mean_dz_xhat);  // training when given: the statistics depend on x
+    Tensor gi = at::empty_like(o.in.x);
+    if (gi.numel() > 0) D::bwd_elemt(o.p, gi);
     return gi;
   }
 };
