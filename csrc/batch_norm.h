@@ -290,13 +290,15 @@ struct BatchNorm {
     Tensor gi = at::empty_like(o.in.x);
     set_coefficients(o, Tensor(), Tensor());
     const Tensor gr_arg = grad_residual ? gr : Tensor();
+    Tensor sdx;
     if (o.in.x.numel() > 0 && !D::bwd_fused(o.p, o.is, o.w, sum_dz, sum_dzv, gr_arg, gi)) {
       D::bwd_reduce(o.p, sum_dz, sum_dzv, gr_arg);
+      sdx = sum_dz_xhat(o, sum_dzv);
       const double count = double(o.in.l.count());
-      set_coefficients(o, sum_dz / count, sum_dz_xhat(o, sum_dzv) / count);
+      set_coefficients(o, sum_dz / count, sdx / count);
       D::bwd_elemt(o.p, gi);
     }
-    return {gi, sum_dz, sum_dz_xhat(o, sum_dzv), gr};
+    return {gi, sum_dz, sdx.defined() ? sdx : sum_dz_xhat(o, sum_dzv), gr};
   }
 
   // ---- backward, elementwise: dx; mean_dz and mean_dz_xhat (means over the batch) given in training ---
