@@ -20,6 +20,22 @@ def device_backends():
     return pairs
 
 
+def kernel_device_backends():
+    """device_backends() without torch: the backends that have primitives."""
+    return [p for p in device_backends() if "torch" not in str(p)]
+
+
+def opcheck_primitive(backend, name, samples, limit=None):
+    """torch.library.opcheck of the primitive `name` of `backend` on each sample (at least one; the
+    first `limit` only when given)."""
+    from pyops.ops import PRIMITIVES
+
+    samples = list(samples)
+    assert samples, f"no opcheck samples for the primitive {name}"
+    for args in samples[:limit]:
+        torch.library.opcheck(PRIMITIVES[backend][name], args)
+
+
 def skip_unreliable(device, backend, dtype):
     """Skip what pyops.testing.unreliable names (Triton bfloat16 under the interpreter: GPU only)."""
     import pytest

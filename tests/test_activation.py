@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 import pyops
 import pyops.functional as PF
-from oracle import DTYPES, assert_close, device_backends, skip_unreliable
+from oracle import DTYPES, assert_close, device_backends, kernel_device_backends, opcheck_primitive, skip_unreliable
 from pyops.ops import PRIMITIVES
 from pyops.ops.activation import FAKES as ACTIVATION_FAKES
 from pyops.testing import ACTIVATIONS, compare_op
@@ -226,14 +226,10 @@ def _primitive_samples(name, device):
 ACTIVATION_PRIMITIVES = [name for name in PRIMITIVES["native"] if name in ACTIVATION_FAKES]
 
 
-@pytest.mark.parametrize("device,backend", [p for p in device_backends() if "torch" not in str(p)])
+@pytest.mark.parametrize("device,backend", kernel_device_backends())
 @pytest.mark.parametrize("name", ACTIVATION_PRIMITIVES)
 def test_opcheck(name, device, backend):
-    op = PRIMITIVES[backend][name]
-    samples = list(_primitive_samples(name, device))
-    assert samples, f"no opcheck samples for the primitive {name}"
-    for args in samples:
-        torch.library.opcheck(op, args)
+    opcheck_primitive(backend, name, _primitive_samples(name, device))
 
 
 # ---- memory saved for backward --------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import nn
 import pyops
 import pyops.functional as PF
 import pyops.nn as pnn
-from oracle import DTYPES, device_backends, skip_unreliable
+from oracle import DTYPES, device_backends, kernel_device_backends, opcheck_primitive, skip_unreliable
 from pyops.ops import PRIMITIVES
 from pyops.ops.batch_norm import FAKES as BATCH_NORM_FAKES
 from pyops.ops.batch_norm import batch_norm_reference
@@ -200,16 +200,10 @@ def _primitive_samples(name, device):
 BATCH_NORM_PRIMITIVES = [name for name in PRIMITIVES["native"] if name in BATCH_NORM_FAKES]
 
 
-@pytest.mark.parametrize("device,backend", [p for p in device_backends() if "torch" not in str(p)])
+@pytest.mark.parametrize("device,backend", kernel_device_backends())
 @pytest.mark.parametrize("name", BATCH_NORM_PRIMITIVES)
 def test_opcheck(name, device, backend):
-    op = PRIMITIVES[backend][name]
-    samples = list(_primitive_samples(name, device))
-    assert samples
-    if backend == "triton":
-        samples = samples[:2]
-    for args in samples:
-        torch.library.opcheck(op, args)
+    opcheck_primitive(backend, name, _primitive_samples(name, device), limit=2 if backend == "triton" else None)
 
 
 def test_public_op_opcheck():

@@ -13,7 +13,7 @@ from torch import nn
 import pyops
 import pyops.functional as PF
 import pyops.nn as pnn
-from oracle import DTYPES, assert_close, device_backends, skip_unreliable
+from oracle import DTYPES, assert_close, device_backends, kernel_device_backends, opcheck_primitive, skip_unreliable
 from pyops.ops import PRIMITIVES
 from pyops.ops.conv import FAKES as CONV_FAKES
 from pyops.ops.conv import conv2d_reference
@@ -110,14 +110,10 @@ def _primitive_samples(name, device):
 CONV_PRIMITIVES = [name for name in PRIMITIVES["native"] if name in CONV_FAKES]
 
 
-@pytest.mark.parametrize("device,backend", [p for p in device_backends() if "torch" not in str(p)])
+@pytest.mark.parametrize("device,backend", kernel_device_backends())
 @pytest.mark.parametrize("name", CONV_PRIMITIVES)
 def test_opcheck(name, device, backend):
-    op = PRIMITIVES[backend][name]
-    samples = list(_primitive_samples(name, device))
-    assert samples, f"no opcheck samples for the primitive {name}"
-    for args in samples:
-        torch.library.opcheck(op, args)
+    opcheck_primitive(backend, name, _primitive_samples(name, device))
 
 
 # ---- layouts, saved memory, determinism, backend choice ---------------------------------------------

@@ -15,7 +15,7 @@ from torch import nn
 import pyops
 import pyops.functional as PF
 import pyops.nn as pnn
-from oracle import DTYPES, assert_close, device_backends, skip_unreliable
+from oracle import DTYPES, assert_close, device_backends, kernel_device_backends, opcheck_primitive, skip_unreliable
 from pyops.ops import PRIMITIVES
 from pyops.ops.loss import FAKES as LOSS_FAKES
 from pyops.ops.loss import rmse_reference
@@ -228,7 +228,7 @@ def test_pointwise_gradcheck(device, backend):
                 )
 
 
-@pytest.mark.parametrize("device,backend", [p for p in device_backends() if "torch" not in str(p)])
+@pytest.mark.parametrize("device,backend", kernel_device_backends())
 def test_double_backward_refused(device, backend):
     x = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
     t = torch.randn(6, dtype=torch.float64, device=device)
@@ -513,14 +513,10 @@ def _primitive_samples(name, device):
 LOSS_PRIMITIVES = [name for name in PRIMITIVES["native"] if name in LOSS_FAKES]
 
 
-@pytest.mark.parametrize("device,backend", [p for p in device_backends() if "torch" not in str(p)])
+@pytest.mark.parametrize("device,backend", kernel_device_backends())
 @pytest.mark.parametrize("name", LOSS_PRIMITIVES)
 def test_opcheck(name, device, backend):
-    op = PRIMITIVES[backend][name]
-    samples = list(_primitive_samples(name, device))
-    assert samples, f"no opcheck samples for the primitive {name}"
-    for args in samples:
-        torch.library.opcheck(op, args)
+    opcheck_primitive(backend, name, _primitive_samples(name, device))
 
 
 # ---- modules, convert, compile -------------------------------------------------------------------------
