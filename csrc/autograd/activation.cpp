@@ -69,12 +69,6 @@ bool graph_of(const T&... t) {
   return at::GradMode::is_enabled() && (t.requires_grad() || ...);
 }
 
-// g brought to the strides a kernel walks (a mask or a saved tensor's memory order).
-Tensor to_layout(const Tensor& g, const c10::SymIntArrayRef strides) {
-  if (g.sym_strides() == strides) return g;
-  return at::empty_strided_symint(g.sym_sizes(), strides, g.options()).copy_(g);
-}
-
 // ---- relu / leaky_relu: save a 1-bit mask --------------------------------------------------------
 // slope: leaky_relu's negative_slope; none for relu. The gradient masked(g) is linear in g and does
 // not depend on x; MaskedBackward differentiates both y = act(x) (one edge: x) and gi = masked(g)

@@ -83,12 +83,6 @@ Pair bwd_weight(Backend b, const Tensor& g, const Tensor& x, c10::SymIntArrayRef
   return conv2d_bwd_weight[b].call(g, x, weight_size, p.stride, p.padding, p.dilation, p.groups, bias);
 }
 
-// g brought to the strides the activation's backward walks (out's memory order).
-Tensor to_layout(const Tensor& g, const c10::SymIntArrayRef strides) {
-  if (g.sym_strides() == strides) return g;
-  return at::empty_strided_symint(g.sym_sizes(), strides, g.options()).copy_(g);
-}
-
 bool wants_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
 
 void refuse_forward_ad(const Tensor& t) {

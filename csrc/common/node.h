@@ -5,6 +5,7 @@
 // the kernels; the nodes built here cost what torch's own do. Works with both node handle types
 // (std::shared_ptr up to torch 2.11, c10::intrusive_ptr later).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_strided.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -30,6 +31,13 @@ auto below_autograd(F&& f) {
   at::AutoDispatchBelowADInplaceOrView below;
   return f();
 }
+// An incoming gradient g brought to the strides a backward kernel walks (the memory order a mask's bits
+// or a saved tensor were recorded in).
+inline at::Tensor to_layout(const at::Tensor& g, c10::SymIntArrayRef strides) {
+  if (g.sym_strides() == strides) return g;
+  return at::empty_strided_symint(g.sym_sizes(), strides, g.options()).copy_(g);
+}
+
 #define PYOPS_BELOW_AUTOGRAD(call)              \
   do {                                          \
     at::AutoDispatchBelowADInplaceOrView below; \
