@@ -142,16 +142,35 @@ def _fuse_into(m, act, kwargs):
 _FIXED_PARAMETERS = {"negative_slope": 0.01, "alpha": 1.0}
 
 
+def _uses(model):
+    """How many places (child slots, the root included) hold each module of model, by id."""
+    uses = {id(model): 1}
+    for module in model.modules():  # each module once, its slots all counted
+        for child in module._modules.values():
+            if child is not None:
+                uses[id(child)] = uses.get(id(child), 0) + 1
+    return uses
+
+
 def fuse_activations(model):
-    """In every nn.Sequential of model, a pyops batch norm or convolution directly followed by a
-    ReLU/LeakyReLU/ELU takes the activation into its kernel (`activation=...`) and the activation's
-    place becomes nn.Identity, so indices and state_dict keys stay the same. A convolution followed by
-    a batch norm is left as it is (the batch norm takes the activation). Returns model."""
+    """In every nn.Sequential of model whose forward is nn.Sequential's own (its children chained in
+    order), a pyops batch norm or convolution directly followed by a ReLU/LeakyReLU/ELU takes the
+    activation into its kernel (`activation=...`) and the activation's place becomes nn.Identity, so
+    indices and state_dict keys stay the same. A module used at more than one place is left alone (the
+    activation would apply at every place), and so is a Sequential subclass with a forward of its own
+    (its children need not run in order). A convolution followed by a batch norm is left as it is (the
+    batch norm takes the activation). Returns model."""
+    uses = _uses(model)
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        if type(seq).forward is not nn.Sequential.forward:
+            continue
         names = list(seq._modules)
         for first, second in zip(names, names[1:]):
+            m = seq._modules[first]
+            if m is None or uses.get(id(m), 0) != 1:
+                continue
             act = _fusable(seq._modules[second]) if seq._modules[second] is not None else None
-            if act is not None and _fuse_into(seq._modules[first], *act):
+            if act is not None and _fuse_into(m, *act):
                 seq._modules[second] = nn.Identity()
     return model
 

@@ -160,6 +160,31 @@ def test_convert_fuses_only_what_it_may():
     torch.testing.assert_close(ours(x), model(x))
 
 
+def test_convert_fuses_only_modules_used_once_in_chained_sequentials():
+    """A batch norm or convolution used at two places keeps its activation out of the kernel (it would
+    apply at both), and a Sequential subclass with a forward of its own is not fused (its children
+    need not run in order)."""
+    bn, conv = nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1)
+    shared = nn.Sequential(bn, nn.ReLU(), bn, conv, nn.ReLU(), conv)
+    x = torch.randn(3, 2, 4, 4)
+    ours = pyops.convert(shared)
+    assert ours[0].activation is None and ours[3].activation is None and isinstance(ours[1], pnn.ReLU)
+    torch.testing.assert_close(ours(x), shared(x))
+
+    class Skip(nn.Sequential):  # runs its last child only
+        def forward(self, x):
+            return self[-1](x)
+
+    class Plain(nn.Sequential):  # a subclass that keeps Sequential's forward may be fused
+        pass
+
+    skip = Skip(nn.BatchNorm2d(2), nn.ReLU(), nn.BatchNorm2d(2))
+    fused = pyops.convert(Plain(nn.BatchNorm2d(2), nn.ReLU()))
+    assert pyops.convert(skip)[0].activation is None and fused[0].activation == "relu"
+    x = torch.randn(3, 2, 4, 4)
+    torch.testing.assert_close(pyops.convert(skip)(x), skip(x))
+
+
 def test_convert_maps_sync_batch_norm():
     sync = nn.SyncBatchNorm(4, momentum=0.2)
     ours = pyops.convert(nn.Sequential(nn.Conv2d(2, 4, 1), sync, nn.ReLU()))
