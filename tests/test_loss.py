@@ -133,6 +133,38 @@ def test_zero_error_gradient_is_zero(name, device, backend):
             assert torch.equal(gx, torch.zeros_like(gx)) and torch.equal(gt, torch.zeros_like(gt))
 
 
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_rmse_propagates_nan_and_inf(device, backend):
+    """sqrt(mse + eps) for mean and sum: a NaN error gives NaN (value and gradient), an infinite one inf, an
+    empty mean NaN, as torch.sqrt(mse_loss) does; only an exact zero takes the zero gradient."""
+    nan, inf = float("nan"), float("inf")
+    for reduction in ("mean", "sum"):
+        for xs in ([1.0, nan, 2.0], [1.0, inf, 2.0], [1.0, -2.0, 0.5]):
+            x = torch.tensor(xs, dtype=torch.float64, device=device, requires_grad=True)
+            t = torch.zeros(3, dtype=torch.float64, device=device)
+            with pyops.backend(backend):
+                y = PF.rmse_loss(x, t, reduction=reduction)
+                (gx,) = torch.autograd.grad(y, x)
+            xr = x.detach().clone().requires_grad_()
+            yr = torch.sqrt(TF.mse_loss(xr, t, reduction=reduction))
+            (gr,) = torch.autograd.grad(yr, xr)
+            torch.testing.assert_close(y, yr, equal_nan=True)
+            torch.testing.assert_close(gx, gr, equal_nan=True)
+        e = torch.zeros(0, dtype=torch.float64, device=device)
+        with pyops.backend(backend):
+            y = PF.rmse_loss(e, e, reduction=reduction)
+        torch.testing.assert_close(y, torch.sqrt(TF.mse_loss(e, e, reduction=reduction)), equal_nan=True)
+
+
+def test_huber_non_positive_delta_is_a_runtime_error_as_torch():
+    x = torch.randn(3)
+    for delta in (0.0, -1.0):
+        with pytest.raises(RuntimeError, match="huber_loss does not support non-positive values for delta"):
+            PF.huber_loss(x, x, delta=delta)
+        with pytest.raises(RuntimeError, match="huber_loss does not support non-positive values for delta"):
+            TF.huber_loss(x, x, delta=delta)
+
+
 def test_broadcast_warns_as_torch():
     x, t = torch.randn(4, 3), torch.randn(3)
     for fn, _, kw in POINTWISE.values():

@@ -229,18 +229,20 @@ Tensor mse_loss(const Tensor& x, const Tensor& t, int64_t reduction) {
                           [&](const Tensor& a, const Tensor& b) { return at::mse_loss(a, b, reduction); });
 }
 Tensor huber_loss(const Tensor& x, const Tensor& t, int64_t reduction, double delta) {
-  TORCH_CHECK_VALUE(delta > 0, "pyops.huber_loss: huber_loss does not support non-positive values for delta, got ",
-                    delta);
+  // RuntimeError with torch's words, as torch's huber_loss raises
+  TORCH_CHECK(delta > 0, "pyops.huber_loss: huber_loss does not support non-positive values for delta. (got ", delta,
+              ")");
   return pointwise_public(LossKind::kHuber, x, t, reduction, delta, auto_min_numel::huber_loss,
                           [&](const Tensor& a, const Tensor& b) { return at::huber_loss(a, b, reduction, delta); });
 }
 
 // sqrt(m + eps) with a zero gradient where m + eps = 0 (sqrt's own derivative is infinite there): the
-// square root only ever sees a positive argument.
+// square root sees 1 in place of an exact zero, and every other value as it is, so NaN (an empty mean,
+// a NaN error) stays NaN with a NaN gradient, as torch.sqrt(mse_loss) gives.
 Tensor safe_sqrt(const Tensor& m, double eps) {
   const Tensor v = m + eps;
-  const Tensor positive = v > 0;
-  return at::where(positive, at::sqrt(at::where(positive, v, at::ones_like(v))), at::zeros_like(v));
+  const Tensor zero = v == 0;
+  return at::where(zero, at::zeros_like(v), at::sqrt(at::where(zero, at::ones_like(v), v)));
 }
 
 Tensor rmse_loss(const Tensor& x, const Tensor& t, int64_t reduction, double eps) {
