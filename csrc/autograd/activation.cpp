@@ -373,9 +373,14 @@ Tensor relu(const Tensor& x) {
   const Backend b = resolve("relu", x, auto_min_numel::relu);
   return b == Backend::kTorch ? at::relu(x) : std::get<0>(relu_fwd[b].call(x));
 }
+// A tensor whose negative or conjugate bit is set (a lazily negated view, x.conj().imag) goes to torch's
+// in-place op, which resolves the bit: the dispatcher's math-bit fallback expects an in-place op to
+// return its input, and the in-place primitives return the mask.
+bool math_bits(const Tensor& x) { return x.is_neg() || x.is_conj(); }
+
 Tensor& relu_(Tensor& x) {
   const Backend b = resolve("relu_", x, auto_min_numel::relu);
-  if (b == Backend::kTorch) return at::relu_(x);
+  if (b == Backend::kTorch || math_bits(x)) return at::relu_(x);
   relu_fwd_[b].call(x);
   return x;
 }
@@ -387,7 +392,7 @@ Tensor leaky_relu(const Tensor& x, const at::Scalar& slope) {
 Tensor& leaky_relu_(Tensor& x, const at::Scalar& slope) {
   check_kernel_dtype("leaky_relu_", x);
   const Backend b = resolve("leaky_relu_", x, auto_min_numel::leaky_relu);
-  if (b == Backend::kTorch) return at::leaky_relu_(x, slope);
+  if (b == Backend::kTorch || math_bits(x)) return at::leaky_relu_(x, slope);
   leaky_relu_fwd_[b].call(x, slope.toDouble());
   return x;
 }
@@ -399,7 +404,7 @@ Tensor elu(const Tensor& x, const at::Scalar& alpha) {
 Tensor& elu_(Tensor& x, const at::Scalar& alpha) {
   check_kernel_dtype("elu_", x);
   const Backend b = resolve("elu_", x, auto_min_numel::elu);
-  if (b == Backend::kTorch) return at::elu_(x, alpha);
+  if (b == Backend::kTorch || math_bits(x)) return at::elu_(x, alpha);
   elu_fwd_[b].call(x, alpha.toDouble());
   return x;
 }
