@@ -10,6 +10,7 @@ backend (pyops.backend) and differentiates in C++: a pyops call costs what a tor
 """
 
 import numbers
+import operator
 
 import torch
 import torch.nn.functional as _TF
@@ -160,8 +161,6 @@ def _py_batch_norm(
         raise _tensor_expected("batch_norm", input)
     if activation not in _BN_ACTIVATIONS:
         raise ValueError(f"pyops.batch_norm: activation must be one of {_BN_ACTIVATIONS}, got {activation!r}")
-    if input.dim() < 2:
-        raise ValueError(f"pyops.batch_norm: input must have at least 2 dimensions (N, C, ...), got {input.dim()}")
     if training:
         _TF._verify_batch_size(input.size())
     if training and eps <= 0.0:
@@ -309,6 +308,19 @@ _conv2d_padding = _P.conv2d.padding
 _conv2d_padding_eager = _conv2d_padding._op
 
 
+def _ints(value):
+    """An int argument, or a sequence of them, with every integer form torch's own conv2d takes (numpy
+    integers, 0-d integer tensors) as a Python int; anything else as it is (the op then names it)."""
+    if type(value) is int or isinstance(value, str):
+        return value
+    try:
+        if isinstance(value, (tuple, list)):
+            return [v if type(v) is int else operator.index(v) for v in value]
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
     """torch.nn.functional.conv2d, optionally followed by an activation fused into its epilogue:
     out[n, k] = act(bias[k] + sum_{c in k's group} w[k, c] (*) input[n, c]), with `stride`, `padding`
@@ -317,6 +329,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     (negative_slope 0.01) or "elu" (alpha 1.0); relu and leaky_relu save a 1-bit mask for backward."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("conv2d", input)
+    stride, padding, dilation, groups = _ints(stride), _ints(padding), _ints(dilation), _ints(groups)
     if isinstance(padding, str):
         op = _conv2d_padding if _compiling() else _conv2d_padding_eager
     else:

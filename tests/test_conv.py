@@ -195,6 +195,23 @@ def test_argument_forms_match_torch():
         assert_close(PF.conv2d(x[0], w, b, groups=2), TF.conv2d(x[0], w, b, groups=2), torch.float64, reduced=18)
 
 
+def test_numpy_and_tensor_integer_arguments_as_torch():
+    """stride, padding, dilation and groups as numpy integers or 0-d integer tensors, as torch's conv2d
+    takes them; a float is refused."""
+    import numpy as np
+
+    x, w = torch.randn(2, 4, 9, 8, dtype=torch.float64), torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    with pyops.backend("native"):
+        for kw in [
+            {"stride": np.int64(2), "padding": np.int32(1), "dilation": np.int64(1), "groups": np.int64(2)},
+            {"stride": (np.int64(2), 1), "padding": [np.int16(1), 0], "groups": torch.tensor(2)},
+        ]:
+            plain = {k: (2 if k == "groups" else v) for k, v in kw.items()}
+            assert_close(PF.conv2d(x, w, **kw), TF.conv2d(x, w, **plain), torch.float64, reduced=18)
+        with pytest.raises((TypeError, RuntimeError)):
+            PF.conv2d(x, w, stride=1.5, groups=2)
+
+
 # ---- modules --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
 def test_conv2d_module_is_a_drop_in(padding_mode):

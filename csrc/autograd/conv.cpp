@@ -104,7 +104,9 @@ struct ConvBackward : Node {
     variable_list result(3);
     if (!grads[0].defined()) return result;
     const Tensor x = x_.unpack(), w = w_.unpack(), kept = kept_.unpack(getptr());
-    Tensor g = grads[0];
+    // the incoming gradient in the output's layout (torch's: channels_last when the input or the weight
+    // is), so that the input gradient, laid out as it, is in torch's layout too
+    Tensor g = grads[0].contiguous(conv_format(x, w));
     if (act_ != kConvActNone) {
       g = to_layout(g, out_strides_);
       g = act_ == kConvActRelu        ? relu_bwd[B].call(g, kept)
@@ -116,7 +118,8 @@ struct ConvBackward : Node {
     if (need_x) result[0] = bwd_input(B, g, w, x.sym_sizes(), p_);
     if (need_w || need_b) {
       auto [gw, gb] = bwd_weight(B, g, x, w.sym_sizes(), p_, need_b);
-      if (need_w) result[1] = gw;
+      // in torch's layout: channels_last when the input or the weight is (as the output)
+      if (need_w) result[1] = gw.contiguous(conv_format(x, w));
       if (need_b) result[2] = gb;
     }
     return result;
