@@ -59,6 +59,14 @@ inline bool bn_act_invertible(BnAct a, double param) {
   return a == BnAct::kNone || ((a == BnAct::kLeakyRelu || a == BnAct::kElu) && param > 0);
 }
 
+// Elements per channel: the product of every size but the channel dimension's (no division, so that
+// zero channels are no special case; symbolic sizes stay unguarded).
+inline c10::SymInt bn_count(const at::Tensor& t) {
+  c10::SymInt n = t.sym_size(0);
+  for (int64_t d = 2; d < t.dim(); ++d) n = n * t.sym_size(d);
+  return n;
+}
+
 struct BnLayout {
   int64_t outer = 0, channels = 0, inner = 0;
   int64_t count() const { return outer * inner; }  // elements per channel
@@ -237,7 +245,9 @@ struct BatchNorm {
   }
 
   // sum(dz * xhat) from sum(dz * v): v = x - mean = xhat / invstd, or v = act^-1(y) - r - b = xhat * w.
+  // An empty batch sums to zero (its NaN statistics are never used), as torch's weight gradient does.
   static Tensor sum_dz_xhat(const BwdOperands& o, const Tensor& sum_dzv) {
+    if (o.in.l.count() == 0) return sum_dzv;
     return o.p.from_output ? (o.w.defined() ? sum_dzv / o.w : sum_dzv) : sum_dzv * o.is;
   }
 

@@ -58,7 +58,7 @@ def _act_grad(g, y, act, p):
     """g * act'(z), read from y = act(z)."""
     relu = tl.where(y <= 0, 0.0, g)
     leaky = tl.where(y > 0, g, g * p)
-    elu = tl.where(y <= 0, g * (y + p), g)
+    elu = tl.where(y > 0, g, g * (y + p))  # NaN y: NaN, as torch's CPU kernel
     return tl.where(act == 1, relu, tl.where(act == 2, leaky, tl.where(act == 3, elu, g)))
 
 
@@ -109,6 +109,7 @@ def _stats_partial_kernel(x_ptr, pn_ptr, pmean_ptr, pm2_ptr, count, inner, C, sp
     m2 = tl.zeros([COLS], dtype=tl.float64)
     # each channel's first value as a shift: the tiles sum x - shift, small where the mean is far from 0
     shift = tl.load(x_ptr + cols * inner, mask=cols < C, other=0.0).to(COMPUTE)
+    shift = tl.where((shift - shift) == 0, shift, 0.0)  # an infinite or NaN first value: no shift
     for start in range(lo, hi, ROWS):
         offs, mask = _tile(count, inner, C, start, hi, cols)
         x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - shift[None, :], 0.0)
@@ -121,7 +122,9 @@ def _stats_partial_kernel(x_ptr, pn_ptr, pmean_ptr, pm2_ptr, count, inner, C, sp
         m2b = tl.sum(d * d, axis=0).to(tl.float64)
         total = n + nb
         delta = mb - mean
-        mean = mean + delta * (nb / total)
+        # the mean as a weighted average: an infinite value keeps it infinite (as torch's), where
+        # mean + delta * nb / total would turn inf - inf into NaN
+        mean = mean * (n / total) + mb * (nb / total)
         m2 = m2 + m2b + delta * delta * (n * nb / total)
         n = total
     idx = part * C + cols
@@ -146,7 +149,7 @@ def _stats_combine_kernel(pn_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, part
         total = n + nb
         safe = tl.where(total > 0, total, 1.0)
         delta = mb - mean
-        mean = mean + tl.where(nb > 0, delta * (nb / safe), 0.0)
+        mean = tl.where(nb > 0, mean * (n / safe) + mb * (nb / safe), mean)  # weighted, as above
         m2 = m2 + tl.where(nb > 0, m2b + delta * delta * (n * nb / safe), 0.0)
         n = total
     tl.store(mean_ptr + cols, mean.to(mean_ptr.dtype.element_ty), mask=cm)

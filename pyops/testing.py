@@ -617,9 +617,20 @@ LOSSES = {
 
 
 # ---- batch_norm -------------------------------------------------------------------------------------
+def _nonfinite_channels(t):
+    """Channel 0 starts with +inf, channel 1 holds a NaN and channel 2 a -inf inside; the others are finite
+    (a channel's statistics then are inf/NaN as torch's, its neighbours' untouched)."""
+    t = t.clone()
+    t[0, 0].view(-1)[0] = math.inf
+    t[1, 1].view(-1)[-1] = math.nan
+    t[-1, 2].view(-1)[1] = -math.inf
+    return t
+
+
 # Inputs of the batch_norm family: (N, C), (N, C, L), (N, C, H, W) contiguous, channels_last, sliced and
 # transposed; sizes off the vector width; N*H*W = 2; C = 1; a constant channel (zero variance); a mean
-# far from zero; several reduction tasks per channel (more than 32K values); empty.
+# far from zero; several reduction tasks per channel (more than 32K values); empty batches and zero
+# channels; infinite and NaN values, first in a channel and inside it, in both layouts.
 BATCH_NORM_SAMPLES = {
     "nchw": Sample((4, 3, 5, 7)),
     "channels_last": Sample((3, 5, 4, 6), _channels_last),
@@ -634,9 +645,15 @@ BATCH_NORM_SAMPLES = {
     "offset": Sample((8, 2, 33), lambda t: t / 3 + 100),
     "split": Sample((2, 2, 130, 130)),
     "empty": Sample((0, 3, 4)),
+    "empty_channels_last": Sample((0, 3, 2, 2), _channels_last),
+    "nonfinite": Sample((3, 4, 5), _nonfinite_channels),
+    "nonfinite_channels_last": Sample((3, 4, 2, 3), lambda t: _channels_last(_nonfinite_channels(t))),
 }
 # What the Triton interpreter runs (tiny; the kernels are the same for every shape).
-BATCH_NORM_TRITON_SAMPLES = ("channels_last_grad", "ncl_transposed", "2d")
+BATCH_NORM_TRITON_SAMPLES = ("channels_last_grad", "ncl_transposed", "2d", "empty", "nonfinite")
+# Zero channels: for the forms without weight and bias only, where torch's batch_norm takes them (with a
+# weight of zero elements it fails indexing it); tests/test_batch_norm.py checks pyops' affine forms.
+BATCH_NORM_ZERO_CHANNELS = {"zero_channels": Sample((3, 0, 4))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -712,7 +729,7 @@ def check_batch_norm(spec, sample, dtype, device, generator=None):
         rms, rvs = (None, None) if rm is None else (cast(rm).clone(), cast(rv).clone())
         y = fn(xs, rms, rvs, ws, bs, residual=rs, **spec.kwargs)
         wanted = [t for t in leaves if t is not None]
-        grads = torch.autograd.grad(y, wanted, cast(g)) if y.numel() else [torch.zeros_like(t) for t in wanted]
+        grads = torch.autograd.grad(y, wanted, cast(g))  # empty batches too: their weight gradient is 0
         it = iter(grads)
         return y, rms, rvs, [next(it) if t is not None else None for t in leaves]
 
@@ -818,6 +835,12 @@ def _bn(name, residual=False, affine=True, running=True, dtypes=DTYPES, **kwargs
     samples = BATCH_NORM_SAMPLES
     if name not in BATCH_NORM_FULL:
         samples = {k: v for k, v in BATCH_NORM_SAMPLES.items() if k in BATCH_NORM_CORE_SAMPLES}
+    if not affine:
+        samples = {**samples, **BATCH_NORM_ZERO_CHANNELS}
+    if kwargs.get("activation") == "elu":
+        # torch's own elu gradient at a NaN input is NaN in its vectorized loop (contiguous tensors) and g
+        # in its strided one: no oracle for the non-finite samples (pyops' is NaN in every layout)
+        samples = {k: v for k, v in samples.items() if not k.startswith("nonfinite")}
     return BatchNormSpec("batch_norm", name, kwargs, residual, affine, running, samples, dtypes)
 
 
@@ -929,13 +952,11 @@ def check_conv_case(spec, case, dtype, device, generator=None):
         results[0] = Comparison(
             "output", math.inf, 0.0, f"output: layout {y.stride()} differs from torch's {yt.stride()}"
         )
-    if not y.numel():
-        return results
     wanted = [i for i, t in enumerate(leaves) if t is not None]
-    ours = torch.autograd.grad(y, [leaves[i] for i in wanted], g)
+    ours = torch.autograd.grad(y, [leaves[i] for i in wanted], g)  # an empty batch too: zero weight gradient
     oracle = torch.autograd.grad(y64, [leaves64[i] for i in wanted], g.to(torch.float64))
     theirs = torch.autograd.grad(yt, [leavest[i] for i in wanted], g)
-    spatial = y.shape[-1] * y.shape[-2] * (y.shape[0] if y.dim() == 4 else 1)
+    spatial = max(1, y.shape[-1] * y.shape[-2] * (y.shape[0] if y.dim() == 4 else 1))
     reduced = {
         0: case.weight[0] // max(1, kwargs.get("groups", 1)) * case.weight[2] * case.weight[3],
         1: spatial,
@@ -943,7 +964,11 @@ def check_conv_case(spec, case, dtype, device, generator=None):
     }
     for i, a, e, t in zip(wanted, ours, oracle, theirs):
         what = ("input", "weight", "bias")[i] + " gradient"
-        results.append(compare(a, e, dtype, t, what=what, reduced=reduced[i]))
+        result = compare(a, e, dtype, t, what=what, reduced=reduced[i])
+        cl = torch.channels_last
+        if result.ok and a.dim() == 4 and a.is_contiguous(memory_format=cl) != t.is_contiguous(memory_format=cl):
+            result = Comparison(what, math.inf, 0.0, f"{what}: layout {a.stride()} differs from torch's {t.stride()}")
+        results.append(result)
     return results
 
 
@@ -951,10 +976,17 @@ def _cl(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def _conv_nonfinite(t):
+    """+inf in a corner (reached by the fewest taps), NaN and -inf inside."""
+    t = t.clone()
+    t[0, 0, 0, 0], t[1, 2, 3, 3], t[1, 1, 2, 4] = math.inf, math.nan, -math.inf
+    return t
+
+
 # Argument forms: dense, grouped, depthwise (with a channel multiplier), dilation, non-square kernels and
 # strides, "same"/"valid", unbatched input, channels_last (input or weight), a strided view, rows wider than
-# several vectors, the fused activations, no bias, an empty batch, and the im2col engine (>= 16 channels
-# per group).
+# several vectors, the fused activations, no bias, an empty batch, infinite and NaN inputs, and the im2col
+# engine (>= 16 channels per group).
 CONV_CASES = {
     "dense": ConvCase((2, 3, 7, 9), (4, 3, 3, 3), {"padding": 1}),
     "grouped": ConvCase((2, 8, 6, 7), (8, 2, 3, 3), {"groups": 4, "stride": 2, "padding": 1}),
@@ -981,12 +1013,14 @@ CONV_CASES = {
     "leaky_relu": ConvCase((2, 4, 5, 6), (8, 2, 3, 3), {"groups": 2, "activation": "leaky_relu", "padding": 1}),
     "elu": ConvCase((1, 4, 6, 5), (4, 4, 3, 3), {"stride": 2, "activation": "elu"}),
     "empty": ConvCase((0, 4, 5, 5), (4, 1, 3, 3), {"groups": 4}),
+    "grouped_channels_last": ConvCase((2, 8, 5, 6), (8, 4, 3, 3), {"groups": 2, "padding": 1}, view=_cl),
+    "nonfinite": ConvCase((2, 4, 6, 6), (4, 2, 3, 3), {"groups": 2, "padding": 1}, view=_conv_nonfinite),
     "gemm": ConvCase((2, 32, 6, 5), (8, 16, 3, 3), {"groups": 2, "padding": 1, "stride": (1, 2), "activation": "relu"}),
 }
 
 # Those the Triton interpreter runs: grouped, a channel multiplier with strides and dilation, "same",
-# channels_last, the fused activations, a reduction over more than one tile, an empty batch.
-CONV_INTERPRETED = ("grouped", "multiplier", "same", "channels_last", "relu", "elu", "gemm", "empty")
+# channels_last, the fused activations, a reduction over more than one tile, an empty batch, non-finite values.
+CONV_INTERPRETED = ("grouped", "multiplier", "same", "channels_last", "relu", "elu", "gemm", "empty", "nonfinite")
 
 # Small enough for the interpreter: groups, strides, dilation and padding together, and the bias.
 CONV_GRADCHECK = ConvCase(

@@ -4,6 +4,7 @@ gradcheck of every form, opcheck of every primitive, the modules (state_dict, ru
 conversion), the memory-efficient form, torch.compile, SyncBatchNorm over two gloo processes, and bad
 input refused in a subprocess."""
 
+import math
 import os
 import subprocess
 import sys
@@ -302,6 +303,109 @@ def test_nan_propagates():
     assert torch.equal(y.isnan(), t.isnan())
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_nan_channel_gives_nan_gradients_through_elu(layout, memory_efficient):
+    """A channel holding NaN has NaN statistics: its output, and its gradients through the fused elu, are
+    NaN in every layout (torch's own elu gradient at NaN is NaN in its vectorized loop only)."""
+    x = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    x[1, 0, 1, 1] = float("nan")
+    x = x.contiguous(memory_format=layout).requires_grad_()
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    y = PF.batch_norm(x, None, None, w, b, training=True, activation="elu", memory_efficient=memory_efficient)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    assert y[:, 0].isnan().all() and not y[:, 1].isnan().any()
+    assert gx[:, 0].isnan().all() and not gx[:, 1].isnan().any()
+    assert gw[0].isnan() and gb[0].isnan() and not (gw[1].isnan() or gb[1].isnan())
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "torch"])
+def test_empty_batch_gradients_are_zero(backend):
+    """An empty batch in training: empty output, zero weight and bias gradients (its statistics are NaN and
+    never reach them), running statistics untouched, as torch's."""
+    for shape in ((0, 3, 4), (0, 3, 2, 2)):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        with pyops.backend(backend):
+            y = PF.batch_norm(x, rm, rv, w, b, training=True, activation="relu")
+            gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+        assert y.shape == x.shape and gx.shape == x.shape
+        assert torch.equal(gw, torch.zeros(3, dtype=torch.float64)) and torch.equal(gb, torch.zeros_like(gb))
+        assert torch.equal(rm, torch.zeros(3, dtype=torch.float64)) and torch.equal(rv, torch.ones_like(rv))
+
+
+def _zero_channels_as_torch():
+    for backend in ("native", "triton", "torch"):
+        for training in (True, False):
+            x = torch.randn(4, 0, 3, requires_grad=True)
+            w, b = torch.ones(0, requires_grad=True), torch.zeros(0, requires_grad=True)
+            if backend == "torch":  # torch's batch_norm fails indexing a weight of zero elements
+                w = b = None
+            rm, rv, r = torch.zeros(0), torch.ones(0), torch.zeros(4, 0, 3)
+            with pyops.backend(backend):
+                y = PF.batch_norm(x, rm, rv, w, b, training=training, activation="relu", residual=r)
+                leaves = [t for t in (x, w, b) if t is not None]
+                grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+            ref = TF.batch_norm(x, rm, rv, training=training)
+            assert y.shape == ref.shape == (4, 0, 3), (backend, y.shape)
+            assert [g.shape for g in grads] == [t.shape for t in leaves]
+    print("zero channels ok")
+
+
+def test_zero_channels_as_torch():
+    """Zero channels (once a division by zero: SIGFPE) give empty results as torch's, in a subprocess so
+    that a signal fails the test instead of ending the run."""
+    env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = "from test_batch_norm import _zero_channels_as_torch; _zero_channels_as_torch()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert "zero channels ok" in r.stdout
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_infinite_values_keep_the_running_mean_infinite(backend, layout):
+    """A channel holding +inf (first, or after finite values) or -inf: its running mean is +-inf and its
+    variance NaN, as torch's; the other channels' statistics are untouched by it."""
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+    x[0, 0, 0, 0] = math.inf  # first value of channel 0 (the Triton kernels shift by it)
+    x[2, 1, 1, 2] = math.inf  # after finite values
+    x[1, 2, 0, 1] = -math.inf
+    x = x.contiguous(memory_format=layout)
+    stats = [(torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)) for _ in range(2)]
+    with pyops.backend(backend):
+        y = PF.batch_norm(x, *stats[0], training=True)
+    t = TF.batch_norm(x, *stats[1], training=True)
+    assert torch.equal(stats[0][0][:3], torch.tensor([math.inf, math.inf, -math.inf], dtype=torch.float64))
+    torch.testing.assert_close(stats[0][0], stats[1][0], equal_nan=True)
+    torch.testing.assert_close(stats[0][1], stats[1][1], equal_nan=True)
+    torch.testing.assert_close(y, t, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "torch", "auto"])
+@pytest.mark.parametrize("operand", ["running_mean", "running_var", "weight", "bias", "residual"])
+def test_operand_on_another_device_is_an_error(operand, backend):
+    """A meta (or other-device) operand beside a CPU input is refused as torch refuses it, never read: the
+    dispatcher would otherwise run the meta kernel and return uninitialized memory."""
+    x = torch.randn(4, 3, 5)
+    args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "weight": torch.ones(3), "bias": None}
+    args[operand] = torch.empty_like(x if operand == "residual" else torch.zeros(3), device="meta")
+    rm, rv = args.pop("running_mean"), args.pop("running_var")
+    for training in (True, False):
+        with pyops.backend(backend), pytest.raises(RuntimeError, match="is not on the expected device cpu"):
+            PF.batch_norm(x, rm, rv, training=training, **args)
+
+
+def test_empty_one_dimensional_input_as_torch():
+    """torch's batch_norm takes an empty 1-d input (no channel dimension); so does pyops'."""
+    for training in (False, True):
+        y = PF.batch_norm(torch.zeros(0), torch.zeros(0), torch.ones(0), training=training)
+        assert y.shape == (0,)
+
+
 def test_residual_shape_and_dtype_are_checked():
     x = torch.randn(4, 3, 2)
     with pytest.raises(ValueError, match="residual"):
@@ -488,6 +592,26 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled_model.conv.weight.grad, eager.conv.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled_model.bn.running_var, eager.bn.running_var)
     torch.testing.assert_close(compiled_model.bn2.num_batches_tracked, eager.bn2.num_batches_tracked)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native"])
+def test_compile_converted_cumulative_average_with_relu(backend):
+    """torch.compile(fullgraph=True) of a converted BatchNorm2d(momentum=None) + ReLU in training, under auto
+    (small inputs: torch's batch norm, which saves the running statistics for backward) and native: trains,
+    and the buffers follow torch's cumulative average."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.BatchNorm2d(4, momentum=None), nn.ReLU())
+    ours = pyops.convert(ref)
+    assert ours[0].activation == "relu"
+    f = torch.compile(ours, fullgraph=True)
+    with pyops.backend(backend):
+        for step in range(3):
+            x = torch.randn(2, 4, 3, 3) + step
+            f(x).sum().backward()
+            ref(x).sum().backward()
+    torch.testing.assert_close(ours[0].running_mean, ref[0].running_mean)
+    torch.testing.assert_close(ours[0].running_var, ref[0].running_var)
+    torch.testing.assert_close(ours[0].weight.grad, ref[0].weight.grad)
 
 
 def test_compile_dynamic_shapes_and_cumulative_average():

@@ -53,7 +53,7 @@ Tensor as_type(const Tensor& t, at::ScalarType type) { return t.scalar_type() ==
 
 // t / (elements per channel of ref), symbolic sizes included (no guard on them).
 Tensor per_count(const Tensor& t, const Tensor& ref) {
-  const c10::SymInt count = ref.sym_numel() / ref.sym_size(1);
+  const c10::SymInt count = bn_count(ref);
   if (const auto n = count.maybe_as_int()) return t / double(*n);
   return t / at::Scalar(c10::SymFloat(count));
 }
@@ -216,21 +216,26 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
                     "got ", bn_act_name(act), act == BnAct::kNone || act == BnAct::kRelu ? "" : " with parameter ",
                     act == BnAct::kRelu ? std::string(": relu's output cannot be inverted")
                                         : (act == BnAct::kNone ? std::string() : std::to_string(param)));
-  TORCH_CHECK_VALUE(input.dim() >= 2, "pyops.batch_norm: input must have at least 2 dimensions (N, C, ...), got ",
-                    input.dim());
+  for (const auto& [name, t] : {std::pair<const char*, const Opt&>{"running_mean", running_mean},
+                                {"running_var", running_var},
+                                {"weight", weight},
+                                {"bias", bias},
+                                {"residual", residual}})
+    check_operand_device("batch_norm", name, t, input);
   TORCH_CHECK_VALUE(!residual.has_value() || !residual->defined() || residual->sym_sizes() == input.sym_sizes(),
                     "pyops.batch_norm: residual must have the input's shape ", input.sym_sizes(), ", got ",
                     residual.has_value() && residual->defined() ? residual->sym_sizes() : input.sym_sizes());
   TORCH_CHECK(!input._fw_grad(/*level=*/0).defined(),
               "pyops.batch_norm: forward-mode AD (dual tensors, torch.func.jvp) is not supported");
-  const Backend b = resolve("batch_norm", input, auto_min_numel::batch_norm);
+  // fewer than 2 dimensions (no channel dimension): torch's batch norm decides (it takes an empty 1-d input)
+  const Backend b = input.dim() < 2 ? Backend::kTorch : resolve("batch_norm", input, auto_min_numel::batch_norm);
   const Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
   if (b == Backend::kTorch) {
     Tensor y = at::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, true);
     if (residual.has_value() && residual->defined()) y = y + *residual;
     return apply_activation(y, act, param);
   }
-  const c10::SymInt count = input.sym_numel() / input.sym_size(1);
+  const c10::SymInt count = bn_count(input);
   const auto known = count.maybe_as_int();
   if (training)
     TORCH_CHECK_VALUE(!known || *known != 1, "pyops.batch_norm: expected more than 1 value per channel when ",

@@ -5,6 +5,8 @@
 #include <c10/core/WrapDimMinimal.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 namespace pyops {
 
 // The four dtypes every pyops kernel takes.
@@ -24,6 +26,14 @@ inline void check_like(const char* op, const char* a_name, const at::Tensor& a, 
               a.device());
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "pyops::", op, ": ", b_name, " has dtype ", b.scalar_type(), " but ",
               a_name, " has dtype ", a.scalar_type());
+}
+
+// An optional operand of a public op on the input's device, checked before anything reads it (torch's
+// own words after the op's name: a meta or other-device tensor is an error, never read).
+inline void check_operand_device(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                 const at::Tensor& input) {
+  TORCH_CHECK(!t.has_value() || !t->defined() || t->device() == input.device(), "pyops.", op, ": ", name,
+              ": Tensor on device ", t->device(), " is not on the expected device ", input.device(), "!");
 }
 
 inline void check_same_shape(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,

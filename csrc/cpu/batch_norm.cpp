@@ -49,10 +49,12 @@ struct Act {
     if constexpr (A == BnAct::kElu) return V::blendv(V(p) * z.expm1(), z, z > V(T(0)));
     return z;
   }
-  V d(const V& g, const V& y) const {  // g * act'(z), read from y = act(z) (torch's rules at 0 and NaN)
+  // g * act'(z), read from y = act(z), with torch's CPU kernels' rules at 0 and NaN (elu's NaN output
+  // gives a NaN gradient)
+  V d(const V& g, const V& y) const {
     if constexpr (A == BnAct::kRelu) return V::blendv(g, V(T(0)), y <= V(T(0)));
     if constexpr (A == BnAct::kLeakyRelu) return V::blendv(g * V(p), g, y > V(T(0)));
-    if constexpr (A == BnAct::kElu) return V::blendv(g, g * (y + V(p)), y <= V(T(0)));
+    if constexpr (A == BnAct::kElu) return V::blendv(g * (y + V(p)), g, y > V(T(0)));
     return g;
   }
   V inv(const V& y) const {  // z from y (invertible forms only); a saturated elu maps to a finite z
@@ -196,11 +198,13 @@ void for_each_task_chunk(const BnLayout& l, const Split& s, int64_t t, const Bod
   }
 }
 
-// Chan's merge of (nb, mean_b, m2_b) into (n, mean, m2).
+// Chan's merge of (nb, mean_b, m2_b) into (n, mean, m2). The mean is the weighted average of the two,
+// not mean + delta * nb / total: an infinite value keeps the mean infinite, as torch's is, where the
+// difference of two infinite means would make it NaN.
 inline void merge(double& n, double& mean, double& m2, double nb, double mean_b, double m2_b) {
   if (nb == 0) return;
   const double total = n + nb, delta = mean_b - mean;
-  mean += delta * (nb / total);
+  mean = mean * (n / total) + mean_b * (nb / total);
   m2 += m2_b + delta * delta * (n * nb / total);
   n = total;
 }
@@ -271,11 +275,11 @@ void stats_kernel(const at::Tensor& x, const BnLayout& l, const at::Tensor& mean
         T* tmean = task_mean.data() + c;
         T* tm2 = task_m2.data() + c;
         const T n0 = task_n[c], total = n0 + T(rows);
-        const V wb(T(rows) / total), wd(n0 * T(rows) / total);
+        const V wa(n0 / total), wb(T(rows) / total), wd(n0 * T(rows) / total);
         for (int64_t j = 0; j < len; j += V::size()) {
           const int64_t m = std::min<int64_t>(V::size(), len - j);
-          const V mean0 = load(tmean, j, m), delta = load(sum.data(), j, m) - mean0;
-          store(mean0 + delta * wb, tmean, j, m);
+          const V mean0 = load(tmean, j, m), mean_b = load(sum.data(), j, m), delta = mean_b - mean0;
+          store(mean0 * wa + mean_b * wb, tmean, j, m);  // as merge(): an infinite mean stays infinite
           store(load(tm2, j, m) + load(dev.data(), j, m) + delta * delta * wd, tm2, j, m);
         }
         std::fill(task_n.begin() + c, task_n.begin() + c + len, total);

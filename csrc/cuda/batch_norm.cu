@@ -62,7 +62,7 @@ __device__ __forceinline__ T act_grad(T g, T y, int act, T p) {
     case 2:
       return y > T(0) ? g : g * p;
     case 3:
-      return y <= T(0) ? g * (y + p) : g;
+      return y > T(0) ? g : g * (y + p);  // NaN y: NaN, as torch's CPU kernel
     default:
       return g;
   }
@@ -117,10 +117,12 @@ __device__ __forceinline__ Walk walk_of(int64_t C, int64_t inner, int64_t lo) {
   return w;
 }
 
+// Chan's merge; the mean as a weighted average, so that an infinite value keeps it infinite (as torch's)
+// where the difference of two infinite means would make it NaN.
 __device__ __forceinline__ void chan(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
   if (nb == 0) return;
   const double total = n + nb, delta = mb - mean;
-  mean += delta * (nb / total);
+  mean = mean * (n / total) + mb * (nb / total);
   m2 += m2b + delta * delta * (n * nb / total);
   n = total;
 }
@@ -138,7 +140,9 @@ __global__ void stats_partial_kernel(const scalar_t* x, double* pn, double* pmea
       const T v = T(x[offset(q, w.c, C, inner)]);
       n += T(1);
       const T d = v - mean;
-      mean += d / n;
+      // Welford's step; past an infinite value (d not finite) the weighted average keeps the mean
+      // infinite where mean + d / n would turn inf - inf into NaN
+      mean = ::isfinite(d) ? mean + d / n : mean * ((n - T(1)) / n) + v / n;
       m2 += d * (v - mean);
     }
   __shared__ double sn[kThreads], smean[kThreads], sm2[kThreads];

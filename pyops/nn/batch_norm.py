@@ -83,14 +83,16 @@ class _FusedBatchNorm:
         return text
 
     def _cumulative(self, call, running_mean, running_var):
-        """call(momentum) with the running statistics moved by 1 / num_batches_tracked, a tensor: the op
-        sets them to the batch's (momentum 1), then they are blended back (no host synchronisation)."""
-        old_mean, old_var = running_mean.clone(), running_var.clone()
-        out = call(1.0)
+        """call(momentum, mean, var) with the running statistics moved by 1 / num_batches_tracked, a tensor:
+        the op sets copies of them to the batch's (momentum 1), then the buffers move toward those (no host
+        synchronisation). The op gets the copies, so that what it saves for backward (torch's batch norm
+        saves the running statistics) is not changed in place afterwards."""
+        batch_mean, batch_var = running_mean.clone(), running_var.clone()
+        out = call(1.0, batch_mean, batch_var)
         with torch.no_grad():
             weight = 1.0 / self.num_batches_tracked.to(running_mean.dtype)
-            running_mean.copy_(torch.lerp(old_mean, running_mean, weight))
-            running_var.copy_(torch.lerp(old_var, running_var, weight))
+            running_mean.lerp_(batch_mean, weight)
+            running_var.lerp_(batch_var, weight)
         return out
 
 
@@ -121,7 +123,7 @@ class _BatchNormMixin(_FusedBatchNorm):
         self._check_input_dim(input)
         factor, bn_training, running_mean, running_var = self._factor_and_mode()
 
-        def call(momentum):
+        def call(momentum, running_mean=running_mean, running_var=running_var):
             return F.batch_norm(
                 input,
                 running_mean,
@@ -255,7 +257,7 @@ class SyncBatchNorm(_FusedBatchNorm, nn.SyncBatchNorm):
         world = dist.get_world_size(group) if bn_training and self.training and group is not None else 1
         if world <= 1:
 
-            def call(momentum):
+            def call(momentum, running_mean=running_mean, running_var=running_var):
                 return F.batch_norm(
                     input,
                     running_mean,
