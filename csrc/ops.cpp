@@ -34,6 +34,11 @@ TORCH_LIBRARY(pyops, m) {
       "batch_norm(Tensor input, Tensor? running_mean, Tensor? running_var, Tensor? weight=None, Tensor? bias=None, "
       "bool training=False, float momentum=0.1, float eps=1e-05, *, str? activation=None, "
       "float negative_slope=0.01, float alpha=1.0, Tensor? residual=None, bool memory_efficient=False) -> Tensor");
+  // batch_norm's running-average step, one op as torch's batch norm kernels do it (a composite's in-place
+  // update of plain buffers from a tensor subclass's statistics is what subclasses cannot follow)
+  m.def(
+      "batch_norm_running_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+      "float momentum, float var_factor) -> ()");
   m.def("l1_loss(Tensor self, Tensor target, int reduction=1) -> Tensor");
   m.def("mse_loss(Tensor self, Tensor target, int reduction=1) -> Tensor");
   m.def("huber_loss(Tensor self, Tensor target, int reduction=1, float delta=1.0) -> Tensor");

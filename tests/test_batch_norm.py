@@ -219,6 +219,26 @@ def test_public_op_opcheck():
     )
 
 
+def test_running_update_opcheck_and_composite_compliance():
+    """The running-average step is one op (as in torch's batch norm kernels), so a tensor subclass's
+    statistics never update plain buffers through a composite's in-place calls (torch's composite
+    compliance check, which the op's callers pass)."""
+    from torch.testing._internal.composite_compliance import check_all_permutations
+
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    mean, var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pyops.batch_norm_running_update.default, (rm, rv, mean, var, 0.3, 1.5))
+    torch.ops.pyops.batch_norm_running_update(rm, rv, mean, var, 0.3, 1.5)
+    torch.testing.assert_close(rm, 0.3 * mean)
+    torch.testing.assert_close(rv, 0.7 + 0.3 * 1.5 * var)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    stats = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    # every mix of plain tensors and subclass instances among the arguments, running statistics included
+    check_all_permutations(
+        PF._py_batch_norm, (x, *stats), {"training": True}, lambda a, b: torch.testing.assert_close(a, b)
+    )
+
+
 # ---- edge cases and semantics --------------------------------------------------------------------------
 def test_one_value_per_channel_in_training_raises_like_torch():
     x = torch.randn(1, 3)

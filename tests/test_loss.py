@@ -350,6 +350,27 @@ def test_cross_entropy_against_oracle(reduction, device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_nonfinite_logits(reduction, device, backend):
+    """-inf logits (a class of probability 0, the target's or another's), +inf and NaN: losses and
+    gradients as torch's, NaN where torch's are NaN."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.randn(6, 4, dtype=torch.float64, device=device)
+    t = torch.tensor([0, 1, 2, 3, 0, 1], device=device)
+    x[0, 2], x[1, 1], x[2, 0], x[3, 3], x[4, 1] = -inf, -inf, inf, inf, nan
+    for kw in ({}, {"label_smoothing": 0.2}, {"ignore_index": 1}):
+        kw = {"reduction": reduction, **kw}
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with pyops.backend(backend):
+            y = PF.cross_entropy(xo, t, **kw)
+            (gx,) = torch.autograd.grad(y, xo, torch.ones_like(y))
+        yr = TF.cross_entropy(xr, t, **kw)
+        (gr,) = torch.autograd.grad(yr, xr, torch.ones_like(yr))
+        torch.testing.assert_close(y, yr, equal_nan=True, msg=lambda m, kw=kw: f"{kw}: {m}")
+        torch.testing.assert_close(gx, gr, equal_nan=True, msg=lambda m, kw=kw: f"{kw} gradient: {m}")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
 def test_cross_entropy_layouts(device, backend):
     """Non-contiguous and channels_last logits, large logits (max-shifted), float16 rows of +-60."""
     x = torch.randn(8, 6, dtype=torch.float64, device=device)

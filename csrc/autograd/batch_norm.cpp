@@ -189,6 +189,23 @@ struct Kernels {
     m.impl("batch_norm_bwd" SUFFIX, &K::bwd);               \
   } while (0)
 
+// ---- the running-average step: r = (1 - momentum) r + momentum s, for the mean and the (unbiased) variance,
+// one op (pyops::batch_norm_running_update) of ATen calls, as torch's batch norm kernels update them ---------
+// r += -momentum r, then r += momentum s: add_ takes its factor as is, where mul_(scalar) first wraps it in
+// a tensor and converts that (four dispatcher calls, not one, on this per-call path).
+void running_update(Tensor& rm, Tensor& rv, const Tensor& mean, const Tensor& var, double momentum, double var_factor) {
+  rm.add_(rm, -momentum).add_(mean, momentum);
+  rv.add_(rv, -momentum).add_(var, momentum * var_factor);
+}
+
+const c10::TypedOperatorHandle<void(Tensor&, Tensor&, const Tensor&, const Tensor&, double, double)>&
+running_update_op() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("pyops::batch_norm_running_update", "")
+                                 .typed<void(Tensor&, Tensor&, const Tensor&, const Tensor&, double, double)>();
+  return handle;
+}
+
 // ---- the public op --------------------------------------------------------------------------------------
 bool wants_grad(const Opt& t) { return t.has_value() && t->defined() && t->requires_grad(); }
 
@@ -247,15 +264,13 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
     invstd = (var + eps).rsqrt();
     if (rm.defined() && (!known || *known > 0)) {
       at::NoGradGuard no_grad;
-      // r = (1 - momentum) r + momentum * s, as r += -momentum r, then r += momentum s: add_ takes its
-      // factor as is, where mul_(scalar) first wraps it in a tensor and converts that (four dispatcher
-      // calls, not one, on this per-call path). The variance enters unbiased: var * n / (n - 1).
-      rm.add_(rm, -momentum).add_(mean, momentum);
+      Tensor m = rm, v = rv;  // (the buffers themselves, written in place)
+      // the variance enters unbiased: var * n / (n - 1)
       if (known) {
-        rv.add_(rv, -momentum).add_(var, momentum * double(*known) / double(*known - 1));
+        running_update_op().call(m, v, mean, var, momentum, double(*known) / double(*known - 1));
       } else {
         const Tensor unbiased = var * at::Scalar(c10::SymFloat(count) / c10::SymFloat(count - 1));
-        rv.add_(rv, -momentum).add_(unbiased, momentum);
+        running_update_op().call(m, v, mean, unbiased, momentum, 1.0);
       }
     }
   } else {
@@ -289,5 +304,7 @@ TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(pyops, CompositeImplicitAutograd, m) { m.impl("batch_norm", &batch_norm); }
+
+TORCH_LIBRARY_IMPL(pyops, CompositeExplicitAutograd, m) { m.impl("batch_norm_running_update", &running_update); }
 
 }  // namespace pyops

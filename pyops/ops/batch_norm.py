@@ -96,6 +96,11 @@ for _name, _fake in FAKES.items():
     register_fake(_name, _fake)
 
 
+@torch.library.register_fake("pyops::batch_norm_running_update")
+def _fake_running_update(running_mean, running_var, mean, var, momentum, var_factor):
+    """The running-average step writes its two buffers in place and returns nothing."""
+
+
 # ---- the Triton launch ops (csrc/triton/batch_norm.cpp calls them) --------------------------------
 
 
