@@ -360,6 +360,14 @@ struct Backward {
   }
 };
 
+// dx = a dz + b v + c with explicit fused multiply-adds: a * dz + b * v + c leaves the contraction to the
+// compiler, which may fuse differently where the coefficients are constants (the fused kernel) and where
+// they are loaded (the elementwise kernel), and the two paths must give the same bits.
+template <typename V>
+inline V dx_of(const V& a, const V& dz, const V& b, const V& v, const V& c) {
+  return at::vec::fmadd(a, dz, at::vec::fmadd(b, v, c));
+}
+
 // ---- backward, reduction ----------------------------------------------------------------------------
 // One run of a channel (inner > 1): its sums of dz and dz * v added to s1, s2 (float64), dz written to
 // the residual's gradient where asked.
@@ -485,7 +493,7 @@ void bwd_elemt_kernel(const BnPass& p, const at::Tensor& grad_input) {
       }
       V dz, v;
       bw.at(g, x, y, r, j, m, cen, dz, v);
-      store(a.at(j, m) * dz + b.at(j, m) * v + c.at(j, m), dx, j, m);
+      store(dx_of(a.at(j, m), dz, b.at(j, m), v, c.at(j, m)), dx, j, m);
     }
   };
   const T zero = 0;
@@ -571,7 +579,7 @@ void bwd_fused_kernel(const BnPass& p, const at::Tensor& invstd, const at::Tenso
             const int64_t m = std::min<int64_t>(V::size(), len - j);
             V dz, v;
             bw.at(g, x, y, r, j, m, cen, dz, v);
-            store(va * dz + vb * v + vc, dx, j, m);
+            store(dx_of(va, dz, vb, v, vc), dx, j, m);
           }
           st.flush(kResult2, off, len);
         }
