@@ -212,6 +212,32 @@ def test_numpy_and_tensor_integer_arguments_as_torch():
             PF.conv2d(x, w, stride=1.5, groups=2)
 
 
+@pytest.mark.parametrize("backend", ["auto", "native", "torch"])
+def test_bad_arguments_raise_with_torchs_words(backend):
+    """The public op's checks run before any backend, with torch's words after the op's name (torch's own
+    tests match them): the same error on every backend."""
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 2, 3, 3)
+    cases = [
+        ((x, w), {"groups": 2, "stride": -1}, "non-positive stride is not supported"),
+        ((x, w), {"groups": 2, "padding": -1}, "negative padding is not supported"),
+        ((x, w), {"groups": 2, "dilation": -1}, "dilation should be greater than zero"),
+        ((x, w), {"groups": 2, "dilation": 0}, "non-positive dilation is not supported"),
+        ((x, w), {"groups": 0}, "non-positive groups is not supported"),
+        ((x, torch.randn(2, 1, 3, 3)), {"groups": 4}, "expected weight to be at least 4 at dimension 0"),
+        ((x, torch.randn(6, 1, 3, 3)), {"groups": 4}, "expected weight to be divisible by 4 at dimension 0"),
+        ((x, w), {}, r"expected input\[1, 4, 6, 6\] to have 2 channels, but got 4 channels instead"),
+        ((torch.randn(6, 6), w), {}, "Expected 3D \\(unbatched\\) or 4D \\(batched\\) input to conv2d"),
+    ]
+    for args, kwargs, words in cases:
+        with pyops.backend(backend), pytest.raises(RuntimeError, match="pyops.conv2d: .*" + words):
+            PF.conv2d(*args, **kwargs)
+        with pytest.raises(RuntimeError, match=words):
+            TF.conv2d(*args, **kwargs)
+    # a 3-d weight: the words torch's OpInfo expects (torch's conv2d itself first objects to the pairs)
+    with pyops.backend(backend), pytest.raises(RuntimeError, match="Expected 3-dimensional input for 3-dimensional"):
+        PF.conv2d(x, torch.randn(4, 2, 3), groups=2)
+
+
 # ---- modules --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
 def test_conv2d_module_is_a_drop_in(padding_mode):

@@ -265,6 +265,29 @@ std::vector<int64_t> pair(const char* name, IntArrayRef v) {
   return v.size() == 1 ? std::vector<int64_t>{v[0], v[0]} : v.vec();
 }
 
+// torch's argument checks, in torch's words after the op's name (torch's tests match them), in torch's
+// order, before any backend runs: x the batched input (4-d), s, p, d the pairs.
+void check_conv_args(const Tensor& input, const Tensor& x, const Tensor& weight, const std::vector<int64_t>& s,
+                     const std::vector<int64_t>& p, const std::vector<int64_t>& d, int64_t groups) {
+  TORCH_CHECK(weight.dim() == 4, "pyops.conv2d: Expected ", weight.dim(), "-dimensional input for ", weight.dim(),
+              "-dimensional weight ", weight.sym_sizes(), ", but got ", x.dim(), "-dimensional input of size ",
+              input.sym_sizes(), " instead (conv2d's weight is 4-d: [out_channels, in_channels / groups, kH, kW])");
+  TORCH_CHECK(p[0] >= 0 && p[1] >= 0, "pyops.conv2d: negative padding is not supported, got ", IntArrayRef(p));
+  TORCH_CHECK(s[0] > 0 && s[1] > 0, "pyops.conv2d: non-positive stride is not supported, got ", IntArrayRef(s));
+  TORCH_CHECK(d[0] >= 0 && d[1] >= 0, "pyops.conv2d: dilation should be greater than zero, got ", IntArrayRef(d));
+  TORCH_CHECK(d[0] > 0 && d[1] > 0, "pyops.conv2d: non-positive dilation is not supported, got ", IntArrayRef(d));
+  TORCH_CHECK(groups > 0, "pyops.conv2d: non-positive groups is not supported, got ", groups);
+  const c10::SymInt k = weight.sym_size(0);
+  TORCH_SYM_CHECK(k.sym_ge(groups), "pyops.conv2d: Given groups=", groups, ", expected weight to be at least ", groups,
+                  " at dimension 0, but got weight of size ", weight.sym_sizes(), " instead");
+  TORCH_SYM_CHECK((k % groups).sym_eq(0), "pyops.conv2d: Given groups=", groups,
+                  ", expected weight to be divisible by ", groups, " at dimension 0, but got weight of size ",
+                  weight.sym_sizes(), " instead");
+  TORCH_SYM_CHECK(x.sym_size(1).sym_eq(weight.sym_size(1) * groups), "pyops.conv2d: Given groups=", groups,
+                  ", weight of size ", weight.sym_sizes(), ", expected input", x.sym_sizes(), " to have ",
+                  weight.sym_size(1) * groups, " channels, but got ", x.sym_size(1), " channels instead");
+}
+
 Tensor apply_activation(const Tensor& y, const Activation& a) {
   switch (a.code) {
     case kConvActRelu:
@@ -306,10 +329,8 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Ten
               IntArrayRef padding, IntArrayRef dilation, int64_t groups, std::optional<c10::string_view> activation) {
   const Activation a = parse_activation(activation);
   TORCH_CHECK(input.dim() == 3 || input.dim() == 4,
-              "pyops.conv2d: expected a 3-d (unbatched) or 4-d (batched) input, got a ", input.dim(),
-              "-d input of sizes ", input.sym_sizes());
-  TORCH_CHECK(weight.dim() == 4, "pyops.conv2d: weight must be 4-d [out_channels, in_channels / groups, kH, kW], got ",
-              "sizes ", weight.sym_sizes());
+              "pyops.conv2d: Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: ",
+              input.sym_sizes());
   TORCH_CHECK(input.device() == weight.device(), "pyops.conv2d: weight is on ", weight.device(), " but input is on ",
               input.device());
   TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
@@ -320,10 +341,10 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Ten
     TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
                 ") and bias type (", bias->scalar_type(), ") should be the same");
   }
-  TORCH_CHECK(groups > 0, "pyops.conv2d: groups must be positive, got ", groups);
   const auto s = pair("stride", stride), p = pair("padding", padding), d = pair("dilation", dilation);
   const bool batched = input.dim() == 4;
   const Tensor x = batched ? input : input.unsqueeze(0);
+  check_conv_args(input, x, weight, s, p, d, groups);
   Backend b = resolve("conv2d", x, auto_min_numel::conv2d);
   if (selected_backend() == Backend::kAuto && b == Backend::kNative && x.is_cpu() &&
       !cpu_kernel_wins(x, weight, groups, s, p, d))
@@ -346,8 +367,9 @@ Tensor conv2d_padding(const Tensor& input, const Tensor& weight, const std::opti
   if (mode == "valid") return conv2d(input, weight, bias, stride, {0, 0}, dilation, groups, activation);
   const auto s = pair("stride", stride), d = pair("dilation", dilation);
   TORCH_CHECK(s[0] == 1 && s[1] == 1, "pyops.conv2d: padding='same' is not supported for strided convolutions");
-  TORCH_CHECK(weight.dim() == 4, "pyops.conv2d: weight must be 4-d [out_channels, in_channels / groups, kH, kW], got ",
-              "sizes ", weight.sym_sizes());
+  TORCH_CHECK(weight.dim() == 4, "pyops.conv2d: Expected ", weight.dim(), "-dimensional input for ", weight.dim(),
+              "-dimensional weight ", weight.sym_sizes(), ", but got ", input.dim(), "-dimensional input of size ",
+              input.sym_sizes(), " instead (conv2d's weight is 4-d: [out_channels, in_channels / groups, kH, kW])");
   // as torch: total padding d * (k - 1) per dimension, the odd one past the end
   std::vector<int64_t> left(2), extra(2);
   for (int i = 0; i < 2; ++i) {

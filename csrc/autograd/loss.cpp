@@ -255,9 +255,44 @@ Tensor rmse_loss(const Tensor& x, const Tensor& t, int64_t reduction, double eps
   return safe_sqrt(pyops::mse_loss(x, t, reduction), eps);
 }
 
+// torch's argument checks, in torch's words after the op's name (torch's tests match them), before any
+// backend runs. As torch, a target of the input's shape holds class probabilities, any other class indices.
+void check_cross_entropy_args(const Tensor& x, const Tensor& t, const std::optional<Tensor>& w, int64_t ignore_index) {
+  if (x.dim() < 1) return;  // (the primitive names it)
+  const c10::SymInt classes = x.sym_size(x.dim() == 1 ? 0 : 1);
+  if (w.has_value() && w->defined())
+    TORCH_SYM_CHECK(w->sym_numel().sym_eq(classes), "pyops.cross_entropy: weight tensor should be defined either for ",
+                    "all ", classes, " classes or no classes but got weight tensor of shape: ", w->sym_sizes());
+  if (x.sym_sizes() == t.sym_sizes()) {
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "pyops.cross_entropy: Expected floating point type for target ",
+                "with class probabilities, got ", t.scalar_type());
+    TORCH_CHECK(ignore_index < 0, "pyops.cross_entropy: ignore_index is not supported for floating point target");
+    return;
+  }
+  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kByte,
+              "pyops.cross_entropy: expected target dtype to be Long or Byte, but got ", t.scalar_type());
+  if (x.dim() == 1) {
+    TORCH_CHECK_VALUE(t.dim() == 0 || (t.dim() == 1 && t.sym_size(0) == 1), "pyops.cross_entropy: For 1D input, 1D ",
+                      "target must have size 1, but got target size: ", t.sym_sizes());
+    return;
+  }
+  const c10::SymInt batch = t.dim() == 0 ? c10::SymInt(0) : t.sym_size(0);
+  TORCH_CHECK_VALUE(batch == x.sym_size(0), "pyops.cross_entropy: Expected input batch_size (", x.sym_size(0),
+                    ") to match target batch_size (", batch, ").");
+  if (x.dim() == 2) {
+    TORCH_CHECK(t.dim() == 1, "pyops.cross_entropy: 0D or 1D target tensor expected, multi-target not supported");
+    return;
+  }
+  c10::SymDimVector expected{x.sym_size(0)};
+  for (int64_t d = 2; d < x.dim(); ++d) expected.push_back(x.sym_size(d));
+  TORCH_CHECK(t.sym_sizes() == c10::SymIntArrayRef(expected), "pyops.cross_entropy: Expected target size ",
+              c10::SymIntArrayRef(expected), ", got ", t.sym_sizes());
+}
+
 Tensor cross_entropy(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight_in,
                      int64_t reduction, int64_t ignore_index, double label_smoothing) {
   check_reduction_value("cross_entropy", reduction);
+  check_cross_entropy_args(input, target, weight_in, ignore_index);
   const Tensor x = autocast_to_float(input), t = autocast_to_float(target);
   const std::optional<Tensor> weight =
       weight_in.has_value() ? std::optional<Tensor>(autocast_to_float(*weight_in)) : std::nullopt;
@@ -267,6 +302,8 @@ Tensor cross_entropy(const Tensor& input, const Tensor& target, const std::optio
   // what the kernels do not take goes to torch: other dtypes, mixed devices, and gradients for
   // probability targets or class weights
   if (!is_kernel_dtype(x.scalar_type()) || x.dim() < 1 || t.device() != x.device()) return torch_fn();
+  // uint8 class indices, and an unbatched input's one-element target, are torch's forms alone
+  if (!probs && (t.scalar_type() != at::kLong || (x.dim() == 1 && t.dim() == 1))) return torch_fn();
   if (probs && (t.scalar_type() != x.scalar_type() || grad_recorded(t))) return torch_fn();
   if (w_defined &&
       (weight->scalar_type() != x.scalar_type() || weight->device() != x.device() || grad_recorded(*weight)))

@@ -104,11 +104,11 @@ define_launch(
 
 def rmse_reference(input, target, reduction="mean", eps=0.0):
     """The torch composite of rmse_loss: sqrt(mse_loss + eps), |input - target| per element; its
-    gradient is 0 where the loss is 0 (the square root only sees a positive argument)."""
+    gradient is 0 where the loss is exactly 0 (the square root sees 1 there), and NaN stays NaN."""
     if reduction == "none":
         if eps == 0:
             return torch.nn.functional.l1_loss(input, target, reduction="none")
         return torch.sqrt(torch.nn.functional.mse_loss(input, target, reduction="none") + eps)
     v = torch.nn.functional.mse_loss(input, target, reduction=reduction) + eps
-    positive = v > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, v, torch.ones_like(v))), torch.zeros_like(v))
+    zero = v == 0
+    return torch.where(zero, torch.zeros_like(v), torch.sqrt(torch.where(zero, torch.ones_like(v), v)))
