@@ -6,6 +6,8 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -818,6 +820,61 @@ def test_master_weights_survive_copies_and_reloads(name, backend):
                 assert torch.equal(value, opt.state[q][key]), key
 
 
+class _SlowToWalk(dict):
+    """A cache whose walks yield the interpreter to other threads midway, as a thread switch can: what
+    another thread does to the cache meanwhile shows (in every run instead of some)."""
+
+    def items(self):
+        for i, item in enumerate(super().items()):
+            if i == 1:
+                time.sleep(1e-4)
+            yield item
+
+
+def test_threads_step_their_own_optimizers_with_float_lr_schedules(monkeypatch):
+    """Threads stepping their own optimizers with float lr schedules (more distinct values than the
+    shared lr cache holds, so that it evicts while other threads use it) raise nothing and give torch's
+    results."""
+    from pyops.optim import fused
+
+    monkeypatch.setattr(fused, "_LRS", _SlowToWalk())
+    steps = 4 * fused.MAX_CACHED_LRS
+    names = list(CONFIGS)
+
+    def schedule(t, k):
+        return 1e-3 * (t + 1) / (1 + k / 50), torch.linspace(-1, 1, 3, dtype=torch.float64) * ((k % 5) - 2)
+
+    def run(module, t, params, errors):
+        try:
+            opt = getattr(module, names[t])(params, **dict(CONFIGS[names[t]][1], foreach=False))
+            with pyops.backend("native"):
+                for k in range(steps):
+                    opt.param_groups[0]["lr"], params[0].grad = schedule(t, k)
+                    opt.step()
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    ours = [[torch.ones(3, dtype=torch.float64, requires_grad=True)] for _ in names]
+    errors = []
+    threads = [threading.Thread(target=run, args=(popt, t, ours[t], errors)) for t in range(len(names))]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    rtol, atol = TOL[torch.float64]
+    for t in range(len(names)):
+        ref = [torch.ones(3, dtype=torch.float64, requires_grad=True)]
+        run(torch.optim, t, ref, errors)
+        assert not errors, errors
+        torch.testing.assert_close(ours[t][0], ref[0], rtol=rtol, atol=atol)
+
+
 # ---- the primitives: checks, flags, launches -------------------------------------------------------
 
 _BAD_PRIMITIVE_CALLS = r"""
@@ -997,3 +1054,31 @@ def test_triton_launches_are_the_aot_variants(monkeypatch):
         sig = {n: types[a.dtype] for n, a in zip(names, args)}
         consts = {k: v for k, v in kwargs.items() if k in names}
         assert (id(kernel), repr(sorted(sig.items())), repr(sorted(consts.items()))) in variants, (kernel, sig, consts)
+
+
+def test_triton_tables_from_threads(monkeypatch):
+    """The Triton launchers' table cache, used by threads that each upload more distinct tables than
+    it holds (so that it evicts while the others use it): every call returns its own values."""
+    K = _kernels_module()
+    monkeypatch.setattr(K, "_TABLES", _SlowToWalk())
+    errors = []
+
+    def run(t):
+        try:
+            for k in range(4 * K.MAX_CACHED_TABLES):
+                values = [t, k, 7]
+                assert K._device_table(values, torch.int64, torch.device("cpu")).tolist() == values
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors

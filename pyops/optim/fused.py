@@ -35,6 +35,7 @@ state survives deepcopy, pickling and state_dict()/load_state_dict().
 """
 
 import logging
+import threading
 from collections import Counter
 
 import torch
@@ -86,6 +87,10 @@ def _scalar(v):
 
 
 _LRS = {}  # (value, device, stream) -> [host tensor, device tensor, used by a CUDA graph]
+# Guards _LRS's misses, evictions and capture marks: threads stepping their own optimizers share the
+# cache. A hit is one dict lookup and takes no lock; an entry evicted after it was looked up stays valid
+# for that step (its tensors are referenced, and a step not captured only uses them on its own stream).
+_LRS_LOCK = threading.Lock()
 
 
 def _lr_tensor(lr, device):
@@ -97,18 +102,21 @@ def _lr_tensor(lr, device):
     is_cuda = device.type == "cuda"
     key = (float(lr), device, torch.cuda.current_stream(device).cuda_stream if is_cuda else 0)
     entry = _LRS.get(key)
-    if entry is None:
-        if len(_LRS) >= MAX_CACHED_LRS:  # a schedule with float lrs: drop what no graph uses
-            for k in [k for k, e in _LRS.items() if not e[2]]:
-                del _LRS[k]
-        host = value = torch.tensor(float(lr), dtype=torch.float64)
-        if is_cuda:
-            host = host.pin_memory()
-            value = torch.empty_like(host, device=device)
-            value.copy_(host, non_blocking=True)
-        entry = _LRS[key] = [host, value, False]
-    if is_cuda and torch.cuda.is_current_stream_capturing():
-        entry[2] = True
+    if entry is None or (is_cuda and torch.cuda.is_current_stream_capturing()):
+        with _LRS_LOCK:  # looked up again: no other thread evicts between the lookup and the capture mark
+            entry = _LRS.get(key)
+            if entry is None:
+                if len(_LRS) >= MAX_CACHED_LRS:  # a schedule with float lrs: drop what no graph uses
+                    for k in [k for k, e in _LRS.items() if not e[2]]:
+                        del _LRS[k]
+                host = value = torch.tensor(float(lr), dtype=torch.float64)
+                if is_cuda:
+                    host = host.pin_memory()
+                    value = torch.empty_like(host, device=device)
+                    value.copy_(host, non_blocking=True)
+                entry = _LRS[key] = [host, value, False]
+            if is_cuda and torch.cuda.is_current_stream_capturing():
+                entry[2] = True
     return entry[1]
 
 
