@@ -820,6 +820,87 @@ def test_master_weights_survive_copies_and_reloads(name, backend):
                 assert torch.equal(value, opt.state[q][key]), key
 
 
+# torch warns at a parameter group with a parameter listed twice, and steps it once per listing
+_LISTED_TWICE = pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+
+
+@_LISTED_TWICE
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name,i", CASES)
+def test_parameter_listed_twice_steps_twice(name, i, backend):
+    """A parameter listed twice in a group steps twice, its step count advancing in between, as
+    torch's for-loop steps it."""
+
+    def params():
+        torch.manual_seed(0)
+        a = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        return [a, torch.randn(3, dtype=torch.float64, requires_grad=True), a]
+
+    def grad(k, j, p):
+        torch.manual_seed(10 * k + p.numel())
+        return torch.randn(p.shape, dtype=p.dtype)
+
+    _compare_with_torch(name, CONFIGS[name][i], params, grad, 3, backend)
+
+
+@_LISTED_TWICE
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parameter_listed_twice_with_state_in_the_old_memory_format(name, backend):
+    """The state of a parameter listed twice, brought to the parameter's layout: one copy, stepped
+    twice."""
+
+    def params():
+        torch.manual_seed(0)
+        a = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+        return [a, torch.randn(4, dtype=torch.float64, requires_grad=True), a]
+
+    def grad(k, j, p):
+        torch.manual_seed(10 * k + p.numel())
+        return torch.empty_like(p).copy_(torch.randn(p.shape, dtype=torch.float64))
+
+    def to_channels_last(k, ps):
+        if k == 2:
+            ps[0].data = ps[0].data.contiguous(memory_format=torch.channels_last)
+
+    cfg = {k: v for k, v in CONFIGS[name][1].items() if k != "lr"}
+    _compare_with_torch(name, cfg, params, grad, 4, backend, between=to_channels_last)
+
+
+@_LISTED_TWICE
+@pytest.mark.parametrize("path", ["kernel", "layout", "fallback", "master"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parameter_listed_twice_under_a_grad_scaler(name, backend, path):
+    """Under a grad scaler, a parameter listed twice steps as without one from the unscaled gradient
+    (unscaled once, not once per listing), on every path: the kernel, a gradient in another layout
+    than its parameter (stepped from a copy), torch's step (a non-dense parameter), master weights."""
+    torch.manual_seed(0)
+    if path == "layout":
+        shape, grad_layout = (3, 2, 2, 2), torch.channels_last
+    else:
+        shape, grad_layout = (3, 4), torch.contiguous_format
+    dtype = torch.bfloat16 if path == "master" else torch.float64
+    base = torch.randn(shape[0], 2 * shape[1], *shape[2:]).to(dtype)
+    value = base[:, ::2] if path == "fallback" else base[:, : shape[1]].contiguous()
+    grads = [torch.randn(shape).to(dtype).contiguous(memory_format=grad_layout) for _ in range(2)]
+    cfg = dict(_one_config(name), **({"master_weights": True} if path == "master" else {}))
+    runs = []
+    for scale in (None, 8.0):
+        p = value.clone() if path != "fallback" else base.clone()[:, ::2]
+        p.requires_grad_()
+        opt = getattr(popt, name)([p, p], **cfg)
+        if scale is not None:
+            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        for g in grads:
+            p.grad = g * (scale or 1)
+            with pyops.backend(backend):
+                opt.step()
+            assert torch.equal(p.grad, g)
+        runs.append(p.detach())
+    assert torch.equal(runs[0], runs[1])
+
+
 class _SlowToWalk(dict):
     """A cache whose walks yield the interpreter to other threads midway, as a thread switch can: what
     another thread does to the cache meanwhile shows (in every run instead of some)."""
