@@ -13,6 +13,8 @@ C++ one every backend shares (csrc/optim.h); these launchers get checked tensors
 pyops/optim/fused.py.
 """
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -306,6 +308,9 @@ def aot_variants():
 
 MAX_CACHED_TABLES = 64
 _TABLES = {}  # key -> [host tensor, device tensor, used by a CUDA graph]
+# Guards _TABLES's misses, evictions and capture marks (threads stepping their own optimizers share the
+# cache); a hit takes no lock, as pyops/optim/fused.py's lr cache.
+_TABLES_LOCK = threading.Lock()
 
 
 def _device_table(values, dtype, device):
@@ -318,19 +323,22 @@ def _device_table(values, dtype, device):
     stream = torch.cuda.current_stream(device).cuda_stream if is_cuda else 0
     key = (device, stream, dtype, tuple(values))
     entry = _TABLES.get(key)
-    if entry is None:
-        if len(_TABLES) >= MAX_CACHED_TABLES:  # tensor lists and hyper-parameters change rarely
-            for k in [k for k, e in _TABLES.items() if not e[2]]:
-                del _TABLES[k]
-        host = torch.tensor(values, dtype=dtype)
-        table = host
-        if is_cuda:
-            host = host.pin_memory()
-            table = torch.empty_like(host, device=device)
-            table.copy_(host, non_blocking=True)
-        entry = _TABLES[key] = [host, table, False]
-    if is_cuda and torch.cuda.is_current_stream_capturing():
-        entry[2] = True
+    if entry is None or (is_cuda and torch.cuda.is_current_stream_capturing()):
+        with _TABLES_LOCK:  # looked up again: no other thread evicts between the lookup and the capture mark
+            entry = _TABLES.get(key)
+            if entry is None:
+                if len(_TABLES) >= MAX_CACHED_TABLES:  # tensor lists and hyper-parameters change rarely
+                    for k in [k for k, e in _TABLES.items() if not e[2]]:
+                        del _TABLES[k]
+                host = torch.tensor(values, dtype=dtype)
+                table = host
+                if is_cuda:
+                    host = host.pin_memory()
+                    table = torch.empty_like(host, device=device)
+                    table.copy_(host, non_blocking=True)
+                entry = _TABLES[key] = [host, table, False]
+            if is_cuda and torch.cuda.is_current_stream_capturing():
+                entry[2] = True
     return entry[1]
 
 

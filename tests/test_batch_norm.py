@@ -735,6 +735,76 @@ def test_sync_batch_norm_two_gloo_processes(tmp_path):
         assert p["n"].item() == 2
 
 
+_SYNC_ROUNDS = r"""
+import os, sys, weakref, torch, torch.distributed as dist
+import pyops.nn as pnn
+rank, ports = int(sys.argv[1]), sys.argv[2].split(",")
+
+
+def threads():  # the process's threads, C++ ones included (Linux)
+    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
+
+
+torch.manual_seed(0)
+x = torch.randn(4, 2, 2, 2, dtype=torch.float64)[2 * rank : 2 * rank + 2]
+g = torch.randn_like(x)
+model = pnn.SyncBatchNorm(2, activation="relu").double()
+graphs = []  # every round's output and its graph live on past the round's group, up to the exit
+for port in ports:
+    before = threads()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    y = model(x.clone().requires_grad_())
+    y.backward(g, retain_graph=True)
+    grad = model.weight.grad.clone()
+    dist.all_reduce(grad)
+    group = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    graphs.append(y)
+    assert group() is None, "the process group outlived destroy_process_group()"
+    assert threads() == before, f"{threads()} threads after destroy_process_group(), {before} before init"
+try:
+    graphs[0].backward(g)
+except RuntimeError as e:
+    assert "pyops.nn.SyncBatchNorm: backward needs the process group" in str(e), e
+else:
+    raise AssertionError("a backward after destroy_process_group() ran")
+print("rounds", len(graphs))
+"""
+
+
+def test_sync_batch_norm_frees_its_process_group(tmp_path):
+    """Ten rounds of init, forward, backward, all_reduce and destroy_process_group() in each of two gloo
+    processes whose outputs outlive their groups: the graph holds no process group (the group and its
+    threads go at destroy_process_group(), not at interpreter shutdown, where gloo's worker threads used
+    to abort the process with "terminate called without an active exception"), and both exit cleanly."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(10)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = ",".join(str(s.getsockname()[1]) for s in sockets)
+    for s in sockets:
+        s.close()
+    script = tmp_path / "rounds.py"
+    script.write_text(_SYNC_ROUNDS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), ports],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        assert "terminate called" not in err, err[-3000:]
+        assert out.split() == ["rounds", "10"], out
+
+
 def test_sync_batch_norm_without_process_group_is_batch_norm():
     m = pnn.SyncBatchNorm(3, activation="relu")
     x = torch.randn(4, 3, 2, 2)

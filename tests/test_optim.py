@@ -6,6 +6,8 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -818,6 +820,142 @@ def test_master_weights_survive_copies_and_reloads(name, backend):
                 assert torch.equal(value, opt.state[q][key]), key
 
 
+# torch warns at a parameter group with a parameter listed twice, and steps it once per listing
+_LISTED_TWICE = pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+
+
+@_LISTED_TWICE
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name,i", CASES)
+def test_parameter_listed_twice_steps_twice(name, i, backend):
+    """A parameter listed twice in a group steps twice, its step count advancing in between, as
+    torch's for-loop steps it."""
+
+    def params():
+        torch.manual_seed(0)
+        a = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        return [a, torch.randn(3, dtype=torch.float64, requires_grad=True), a]
+
+    def grad(k, j, p):
+        torch.manual_seed(10 * k + p.numel())
+        return torch.randn(p.shape, dtype=p.dtype)
+
+    _compare_with_torch(name, CONFIGS[name][i], params, grad, 3, backend)
+
+
+@_LISTED_TWICE
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parameter_listed_twice_with_state_in_the_old_memory_format(name, backend):
+    """The state of a parameter listed twice, brought to the parameter's layout: one copy, stepped
+    twice."""
+
+    def params():
+        torch.manual_seed(0)
+        a = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+        return [a, torch.randn(4, dtype=torch.float64, requires_grad=True), a]
+
+    def grad(k, j, p):
+        torch.manual_seed(10 * k + p.numel())
+        return torch.empty_like(p).copy_(torch.randn(p.shape, dtype=torch.float64))
+
+    def to_channels_last(k, ps):
+        if k == 2:
+            ps[0].data = ps[0].data.contiguous(memory_format=torch.channels_last)
+
+    cfg = {k: v for k, v in CONFIGS[name][1].items() if k != "lr"}
+    _compare_with_torch(name, cfg, params, grad, 4, backend, between=to_channels_last)
+
+
+@_LISTED_TWICE
+@pytest.mark.parametrize("path", ["kernel", "layout", "fallback", "master"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parameter_listed_twice_under_a_grad_scaler(name, backend, path):
+    """Under a grad scaler, a parameter listed twice steps as without one from the unscaled gradient
+    (unscaled once, not once per listing), on every path: the kernel, a gradient in another layout
+    than its parameter (stepped from a copy), torch's step (a non-dense parameter), master weights."""
+    torch.manual_seed(0)
+    if path == "layout":
+        shape, grad_layout = (3, 2, 2, 2), torch.channels_last
+    else:
+        shape, grad_layout = (3, 4), torch.contiguous_format
+    dtype = torch.bfloat16 if path == "master" else torch.float64
+    base = torch.randn(shape[0], 2 * shape[1], *shape[2:]).to(dtype)
+    value = base[:, ::2] if path == "fallback" else base[:, : shape[1]].contiguous()
+    grads = [torch.randn(shape).to(dtype).contiguous(memory_format=grad_layout) for _ in range(2)]
+    cfg = dict(_one_config(name), **({"master_weights": True} if path == "master" else {}))
+    runs = []
+    for scale in (None, 8.0):
+        p = value.clone() if path != "fallback" else base.clone()[:, ::2]
+        p.requires_grad_()
+        opt = getattr(popt, name)([p, p], **cfg)
+        if scale is not None:
+            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        for g in grads:
+            p.grad = g * (scale or 1)
+            with pyops.backend(backend):
+                opt.step()
+            assert torch.equal(p.grad, g)
+        runs.append(p.detach())
+    assert torch.equal(runs[0], runs[1])
+
+
+class _SlowToWalk(dict):
+    """A cache whose walks yield the interpreter to other threads midway, as a thread switch can: what
+    another thread does to the cache meanwhile shows (in every run instead of some)."""
+
+    def items(self):
+        for i, item in enumerate(super().items()):
+            if i == 1:
+                time.sleep(1e-4)
+            yield item
+
+
+def test_threads_step_their_own_optimizers_with_float_lr_schedules(monkeypatch):
+    """Threads stepping their own optimizers with float lr schedules (more distinct values than the
+    shared lr cache holds, so that it evicts while other threads use it) raise nothing and give torch's
+    results."""
+    from pyops.optim import fused
+
+    monkeypatch.setattr(fused, "_LRS", _SlowToWalk())
+    steps = 4 * fused.MAX_CACHED_LRS
+    names = list(CONFIGS)
+
+    def schedule(t, k):
+        return 1e-3 * (t + 1) / (1 + k / 50), torch.linspace(-1, 1, 3, dtype=torch.float64) * ((k % 5) - 2)
+
+    def run(module, t, params, errors):
+        try:
+            opt = getattr(module, names[t])(params, **dict(CONFIGS[names[t]][1], foreach=False))
+            with pyops.backend("native"):
+                for k in range(steps):
+                    opt.param_groups[0]["lr"], params[0].grad = schedule(t, k)
+                    opt.step()
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    ours = [[torch.ones(3, dtype=torch.float64, requires_grad=True)] for _ in names]
+    errors = []
+    threads = [threading.Thread(target=run, args=(popt, t, ours[t], errors)) for t in range(len(names))]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    rtol, atol = TOL[torch.float64]
+    for t in range(len(names)):
+        ref = [torch.ones(3, dtype=torch.float64, requires_grad=True)]
+        run(torch.optim, t, ref, errors)
+        assert not errors, errors
+        torch.testing.assert_close(ours[t][0], ref[0], rtol=rtol, atol=atol)
+
+
 # ---- the primitives: checks, flags, launches -------------------------------------------------------
 
 _BAD_PRIMITIVE_CALLS = r"""
@@ -997,3 +1135,31 @@ def test_triton_launches_are_the_aot_variants(monkeypatch):
         sig = {n: types[a.dtype] for n, a in zip(names, args)}
         consts = {k: v for k, v in kwargs.items() if k in names}
         assert (id(kernel), repr(sorted(sig.items())), repr(sorted(consts.items()))) in variants, (kernel, sig, consts)
+
+
+def test_triton_tables_from_threads(monkeypatch):
+    """The Triton launchers' table cache, used by threads that each upload more distinct tables than
+    it holds (so that it evicts while the others use it): every call returns its own values."""
+    K = _kernels_module()
+    monkeypatch.setattr(K, "_TABLES", _SlowToWalk())
+    errors = []
+
+    def run(t):
+        try:
+            for k in range(4 * K.MAX_CACHED_TABLES):
+                values = [t, k, 7]
+                assert K._device_table(values, torch.int64, torch.device("cpu")).tolist() == values
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors

@@ -4,6 +4,8 @@ keywords: `activation` (None, "relu", "leaky_relu" with `negative_slope`, "elu" 
 after the normalization (and after `residual`, which forward also takes), and `memory_efficient` (save
 the output instead of the input; invertible activations only)."""
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -194,7 +196,10 @@ class _SyncBatchNormFn(torch.autograd.Function):
         saved_output = out if (memory_efficient or act != "none") else None
         saved_residual = residual if memory_efficient else None
         ctx.save_for_backward(saved_input, saved_output, saved_residual, mean, invstd, weight, bias, n)
-        ctx.group, ctx.kw = group, kw
+        # The group by weak reference: the graph lives as long as its outputs, and a strong reference
+        # would keep the group, its gloo worker threads and its store alive past destroy_process_group()
+        # into interpreter shutdown, where they abort the process.
+        ctx.group, ctx.kw = weakref.ref(group), kw
         return out
 
     @staticmethod
@@ -212,8 +217,14 @@ class _SyncBatchNormFn(torch.autograd.Function):
         gr = (dr if kernel_r else grad) if need_r else None
         gx = None
         if need_x:
+            group = ctx.group()
+            if group is None:
+                raise RuntimeError(
+                    "pyops.nn.SyncBatchNorm: backward needs the process group its forward used, which was "
+                    "destroyed since (destroy_process_group() before backward)"
+                )
             both = torch.cat([sum_dz, sum_dz_xhat])
-            dist.all_reduce(both, group=ctx.group)
+            dist.all_reduce(both, group=group)
             c = sum_dz.numel()
             gx = P["batch_norm_bwd_elemt"](
                 grad, x, y, r, mean, invstd, weight, bias, both[:c] / n, both[c:] / n, act, param

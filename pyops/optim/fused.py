@@ -14,7 +14,8 @@ negated when maximize; wd the weight decay):
 With a float32 lr tensor, lr / (1 - b1^t), 1 - lr wd and Adagrad's lr / (1 + (t - 1) lr_decay) round to
 float32, as torch's tensor arithmetic does. Grad scaler (torch.amp.GradScaler): `grad_scale` divides
 the gradients, which are written back unscaled; `found_inf` set leaves parameters, gradients and all
-state untouched. Steps bump the version counters of what they write, as torch's in-place ops do.
+state untouched. Steps bump the version counters of what they write, as torch's in-place ops do. A
+parameter listed twice in a group steps twice, as torch's (from the gradient unscaled once).
 
 Which path a tensor takes (`pyops.optim.fallback_counts()` counts the tensor-steps that take torch's,
 and the "pyops" logger says so once per optimizer and reason at debug level):
@@ -35,6 +36,7 @@ state survives deepcopy, pickling and state_dict()/load_state_dict().
 """
 
 import logging
+import threading
 from collections import Counter
 
 import torch
@@ -86,6 +88,10 @@ def _scalar(v):
 
 
 _LRS = {}  # (value, device, stream) -> [host tensor, device tensor, used by a CUDA graph]
+# Guards _LRS's misses, evictions and capture marks: threads stepping their own optimizers share the
+# cache. A hit is one dict lookup and takes no lock; an entry evicted after it was looked up stays valid
+# for that step (its tensors are referenced, and a step not captured only uses them on its own stream).
+_LRS_LOCK = threading.Lock()
 
 
 def _lr_tensor(lr, device):
@@ -97,18 +103,21 @@ def _lr_tensor(lr, device):
     is_cuda = device.type == "cuda"
     key = (float(lr), device, torch.cuda.current_stream(device).cuda_stream if is_cuda else 0)
     entry = _LRS.get(key)
-    if entry is None:
-        if len(_LRS) >= MAX_CACHED_LRS:  # a schedule with float lrs: drop what no graph uses
-            for k in [k for k, e in _LRS.items() if not e[2]]:
-                del _LRS[k]
-        host = value = torch.tensor(float(lr), dtype=torch.float64)
-        if is_cuda:
-            host = host.pin_memory()
-            value = torch.empty_like(host, device=device)
-            value.copy_(host, non_blocking=True)
-        entry = _LRS[key] = [host, value, False]
-    if is_cuda and torch.cuda.is_current_stream_capturing():
-        entry[2] = True
+    if entry is None or (is_cuda and torch.cuda.is_current_stream_capturing()):
+        with _LRS_LOCK:  # looked up again: no other thread evicts between the lookup and the capture mark
+            entry = _LRS.get(key)
+            if entry is None:
+                if len(_LRS) >= MAX_CACHED_LRS:  # a schedule with float lrs: drop what no graph uses
+                    for k in [k for k, e in _LRS.items() if not e[2]]:
+                        del _LRS[k]
+                host = value = torch.tensor(float(lr), dtype=torch.float64)
+                if is_cuda:
+                    host = host.pin_memory()
+                    value = torch.empty_like(host, device=device)
+                    value.copy_(host, non_blocking=True)
+                entry = _LRS[key] = [host, value, False]
+            if is_cuda and torch.cuda.is_current_stream_capturing():
+                entry[2] = True
     return entry[1]
 
 
@@ -204,15 +213,38 @@ class _Fused:
         if backend not in KERNEL_BACKENDS:
             return False
         try:
-            self._run(backend, group, lists, device, _on(grad_scale, device), _on(found_inf, device))
+            self._run_once_each(backend, group, lists, device, _on(grad_scale, device), _on(found_inf, device))
         except RuntimeError as e:
             if str(e).startswith(f"pyops::{self._primitive}:"):
                 return False
             raise
         return True
 
+    def _run_once_each(self, backend, group, lists, device, grad_scale, found_inf):
+        """_run over lists, in rounds where a parameter is listed more than once (torch steps it once per
+        listing, in order). A primitive updates all its tensors at once (in parallel on a GPU, and on
+        the CPU for large groups), reading each step count before any is advanced: a tensor listed twice
+        in one call would be stepped once, or raced. Round k steps the k-th listing of each parameter;
+        the first round unscales the gradients in place, so the later ones take them as they are (each
+        listing steps with the unscaled gradient, as after torch's GradScaler.unscale_)."""
+        params = lists[0]
+        distinct = {id(self._owner(p)) for p in params} if self._stand_ins else set(map(id, params))
+        if len(distinct) == len(params):
+            self._run(backend, group, lists, device, grad_scale, found_inf)
+            return
+        owners = [id(self._owner(p)) for p in params]
+        listed, rounds = {}, []
+        for i, owner in enumerate(owners):
+            k = listed[owner] = listed.get(owner, -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(i)
+        for k, idx in enumerate(rounds):
+            sub = [_pick(lst, idx) for lst in lists]
+            self._run(backend, group, sub, device, grad_scale if k == 0 else None, found_inf)
+
     def _run(self, backend, group, lists, device, grad_scale, found_inf):
-        """One primitive call over lists (one device and dtype)."""
+        """One primitive call over lists (one device and dtype; each parameter listed once)."""
         lr = _lr_tensor(group["lr"], device)
         PRIMITIVES[backend][self._primitive](*self._arguments(group, lists, lr, grad_scale, found_inf))
 
@@ -250,7 +282,7 @@ class _Fused:
             self._to_param_layouts(sub, unscaled_copies)
             if sub[0][0].is_complex():
                 self._as_real_pairs(sub)
-            self._run(backend, group, sub, device, _on(grad_scale, device), _on(found_inf, device))
+            self._run_once_each(backend, group, sub, device, _on(grad_scale, device), _on(found_inf, device))
         if grad_scale is not None:  # gradients stepped from a copy in their parameter's layout
             for g, copy in unscaled_copies:
                 g.copy_(copy)
@@ -263,16 +295,21 @@ class _Fused:
         """State in another layout than its parameter (kept from the parameter's old memory format)
         is replaced by a copy in the parameter's, for good; a gradient is stepped from such a copy."""
         params = sub[0]
+        copies = {}  # id(tensor) -> its copy: a parameter listed twice steps one copy twice
         for i, p in enumerate(params):
             g = sub[1][i]
             if not _same_layout(g, p):
-                sub[1][i] = torch.empty_like(p).copy_(g)
-                unscaled_copies.append((g, sub[1][i]))
+                if id(g) not in copies:
+                    copies[id(g)] = torch.empty_like(p).copy_(g)
+                    unscaled_copies.append((g, copies[id(g)]))
+                sub[1][i] = copies[id(g)]
             for k, key in enumerate(self._state_keys):
                 s = sub[k][i] if key is not None and sub[k] else None
                 if s is not None and not _same_layout(s, p):
-                    sub[k][i] = torch.empty_like(p, dtype=s.dtype).copy_(s)
-                    self.state[self._owner(p)][key] = _as_state_of(self._owner(p), sub[k][i])
+                    if id(s) not in copies:
+                        copies[id(s)] = torch.empty_like(p, dtype=s.dtype).copy_(s)
+                        self.state[self._owner(p)][key] = _as_state_of(self._owner(p), copies[id(s)])
+                    sub[k][i] = copies[id(s)]
 
     def _local_shards(self, lists):
         """DTensor parameters (FSDP2's sharded ones), their gradients and state as this rank's local
@@ -323,7 +360,7 @@ class _Fused:
                 skip = found_inf != 0
         if grad_scale is not None:
             inv = grad_scale.double().reciprocal()
-            for g in sub[1]:
+            for g in {id(g): g for g in sub[1]}.values():  # once each, were a parameter listed twice
                 factor = inv.to(g.device, g.real.dtype if g.is_complex() else g.dtype)
                 if skip is not None:
                     factor = torch.where(skip.to(g.device), torch.ones_like(factor), factor)
@@ -376,10 +413,13 @@ class _Fused:
         if converted:
             lists = self._collect(group)[0]  # again: now with the float32 state
         new_params, new_grads = list(lists[0]), list(lists[1])
+        float_grads = {}  # id(gradient) -> its float32 copy: one for a parameter listed twice
         for i in half:
             master = self.state[params[i]]["master_param"]
             self._stand_ins[id(master)] = params[i]
-            new_params[i], new_grads[i] = master, grads[i].float()
+            if id(grads[i]) not in float_grads:
+                float_grads[id(grads[i])] = grads[i].float()
+            new_params[i], new_grads[i] = master, float_grads[id(grads[i])]
 
         def writeback(unscaled):
             for i in half:
