@@ -427,8 +427,10 @@ OPTIMIZERS = {
         ),
     )
 }
-# Parameter shapes of an optimizer check: several tensors, a 0-d and an empty one.
-OPTIM_SHAPES = ((5, 3), (7,), (), (0, 4), (3, 2, 2), (1,))
+# Parameter shapes of an optimizer check: several tensors, a 0-d and an empty one, and one whose gradient
+# turns infinite and NaN at one step (OPTIM_NONFINITE).
+OPTIM_SHAPES = ((5, 3), (7,), (), (0, 4), (3, 2, 2), (1,), (4,))
+OPTIM_NONFINITE = (2, len(OPTIM_SHAPES) - 1, (math.inf, -math.inf, math.nan, 1.0))  # (step, parameter, gradient)
 
 
 def run_optimizer(cls, params, config, grads):
@@ -455,6 +457,8 @@ def check_optimizer(spec, config, dtype, device, generator=None):
         [torch.randn(s, dtype=torch.float64, generator=generator).to(dtype) for s in OPTIM_SHAPES]
         for _ in range(spec.steps)
     ]
+    step, index, values = OPTIM_NONFINITE
+    grads[step][index] = torch.tensor(values, dtype=dtype)
 
     def run(cls, run_dtype, config, reference):
         params = [p.to(device, run_dtype, copy=True).requires_grad_() for p in start]

@@ -17,7 +17,7 @@ import pyops.optim as popt
 from oracle import TOL
 from pyops.ops import PRIMITIVES
 from pyops.ops.optim import LAUNCHES
-from pyops.testing import OPTIMIZERS
+from pyops.testing import OPTIM_NONFINITE, OPTIM_SHAPES, OPTIMIZERS
 
 KERNEL_BACKENDS = [b for b in pyops.available_backends("cpu") if b != "torch"]
 # (device, backend) pairs with a pyops kernel: the CPU ones here, the CUDA ones marked (skipped without a GPU)
@@ -31,9 +31,16 @@ CASES = [(name, i) for name, cfgs in CONFIGS.items() for i in range(len(cfgs))]
 
 
 def _params(dtype, device="cpu"):
+    """The spec table's parameter shapes: several tensors, a 0-d and an empty one, and one whose gradient
+    turns inf and NaN at one step (_with_nonfinite)."""
     torch.manual_seed(0)
-    shapes = [(5, 3), (7,), (), (0, 4), (3, 2, 2), (1,)]
-    return [torch.randn(s, dtype=dtype).to(device).requires_grad_() for s in shapes]
+    return [torch.randn(s, dtype=dtype).to(device).requires_grad_() for s in OPTIM_SHAPES]
+
+
+def _with_nonfinite(grads):
+    step, index, values = OPTIM_NONFINITE
+    grads[step][index] = torch.tensor(values, dtype=grads[step][index].dtype, device=grads[step][index].device)
+    return grads
 
 
 def _run(cls, params, cfg, steps, grads):
@@ -56,19 +63,19 @@ def test_matches_torch_for_loop(name, i, dtype, backend):
     cfg = CONFIGS[name][i]
     ref_params, our_params = _params(dtype), _params(dtype)
     torch.manual_seed(1)
-    grads = [[torch.randn_like(p) for p in ref_params] for _ in range(12)]
+    grads = _with_nonfinite([[torch.randn_like(p) for p in ref_params] for _ in range(12)])
     ref = _run(getattr(torch.optim, name), ref_params, dict(cfg, foreach=False), 12, grads)
     with pyops.backend(backend):
         ours = _run(getattr(popt, name), our_params, cfg, 12, grads)
     rtol, atol = TOL[dtype]
     scale = 20  # 12 steps of rounding
     for a, b in zip(our_params, ref_params):
-        torch.testing.assert_close(a, b, rtol=rtol * scale, atol=atol * scale)
+        torch.testing.assert_close(a, b, rtol=rtol * scale, atol=atol * scale, equal_nan=True)
     for p_ours, p_ref in zip(our_params, ref_params):
         s_ours, s_ref = ours.state[p_ours], ref.state[p_ref]
         assert s_ours.keys() == s_ref.keys()
         for k in s_ref:
-            torch.testing.assert_close(s_ours[k], s_ref[k], rtol=rtol * scale, atol=atol * scale)
+            torch.testing.assert_close(s_ours[k], s_ref[k], rtol=rtol * scale, atol=atol * scale, equal_nan=True)
 
     def groups(o):  # the reference ran with foreach=False; every other key must agree
         return [{k: v for k, v in g.items() if k not in ("foreach", "lr")} for g in o.state_dict()["param_groups"]]
