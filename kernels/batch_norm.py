@@ -58,7 +58,7 @@ def _act_grad(g, y, act, p):
     """g * act'(z), read from y = act(z)."""
     relu = tl.where(y <= 0, 0.0, g)
     leaky = tl.where(y > 0, g, g * p)
-    elu = tl.where(y > 0, g, g * (y + p))  # NaN y: NaN, as torch's CPU kernel
+    elu = tl.where(y <= 0, g * (y + p), g)
     return tl.where(act == 1, relu, tl.where(act == 2, leaky, tl.where(act == 3, elu, g)))
 
 

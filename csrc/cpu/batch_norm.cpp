@@ -49,12 +49,12 @@ struct Act {
     if constexpr (A == BnAct::kElu) return V::blendv(V(p) * z.expm1(), z, z > V(T(0)));
     return z;
   }
-  // g * act'(z), read from y = act(z), with torch's CPU kernels' rules at 0 and NaN (elu's NaN output
-  // gives a NaN gradient)
+  // g * act'(z), read from y = act(z), with torch's rules at 0 and NaN (its scalar loops' and CUDA
+  // kernels': a NaN takes the positive branch, as the activation family's kernels do)
   V d(const V& g, const V& y) const {
     if constexpr (A == BnAct::kRelu) return V::blendv(g, V(T(0)), y <= V(T(0)));
     if constexpr (A == BnAct::kLeakyRelu) return V::blendv(g * V(p), g, y > V(T(0)));
-    if constexpr (A == BnAct::kElu) return V::blendv(g * (y + V(p)), g, y > V(T(0)));
+    if constexpr (A == BnAct::kElu) return V::blendv(g, g * (y + V(p)), y <= V(T(0)));
     return g;
   }
   V inv(const V& y) const {  // z from y (invertible forms only); a saturated elu maps to a finite z

@@ -62,7 +62,7 @@ __device__ __forceinline__ T act_grad(T g, T y, int act, T p) {
     case 2:
       return y > T(0) ? g : g * p;
     case 3:
-      return y > T(0) ? g : g * (y + p);  // NaN y: NaN, as torch's CPU kernel
+      return y <= T(0) ? g * (y + p) : g;
     default:
       return g;
   }
