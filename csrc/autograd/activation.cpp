@@ -1,7 +1,10 @@
 // The activation family above the kernels: the public ops (pyops::relu, ...: pick the backend, call
 // its primitive) and the derivatives, written once here as Autograd kernels of the primitives of
-// both backends, so that every primitive is differentiable on its own (opcheck, double backward)
-// and torch.compile traces through them. Math: pyops/ops/activation.py's docstring.
+// both backends, so that every primitive is differentiable on its own, in every mode (double backward
+// and higher, forward-mode AD, every torch.func transform at any nesting: each functorch level runs the
+// Autograd kernels with its own tensors) and torch.compile traces through them. The derivative of a
+// backward primitive is a hand-written node too: functorch refuses torch::autograd::Function outright.
+// Math: pyops/ops/activation.py's docstring.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/elu.h>
@@ -15,7 +18,6 @@
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -31,7 +33,6 @@ namespace pyops {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // ---- the primitives of each backend, looked up once ----------------------------------------------
@@ -56,24 +57,15 @@ const Prim<Tensor(const Tensor&, const Tensor&, int64_t, int64_t)> maxout_bwd("p
                                                                               "pyops::maxout_bwd_triton");
 
 // ---- helpers ----------------------------------------------------------------------------------------
-// Whether autograd must record this call; forward-mode AD (dual tensors) is refused clearly.
-bool records(const char* op, const Tensor& t) {
-  TORCH_CHECK(!t._fw_grad(/*level=*/0).defined(), "pyops.", op,
-              ": forward-mode AD (dual tensors, torch.func.jvp) is not supported");
-  return at::GradMode::is_enabled() && t.requires_grad();
-}
-
-// Whether a backward must record its own graph (create_graph=True) for any of these.
-template <class... T>
-bool graph_of(const T&... t) {
-  return at::GradMode::is_enabled() && (t.requires_grad() || ...);
-}
+// Whether autograd must record this call.
+bool records(const Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
 
 // ---- relu / leaky_relu: save a 1-bit mask --------------------------------------------------------
 // slope: leaky_relu's negative_slope; none for relu. The gradient masked(g) is linear in g and does
 // not depend on x; MaskedBackward differentiates both y = act(x) (one edge: x) and gi = masked(g)
 // (two edges: g, then x, whose derivative is zero), so that every order of derivative reaches x as
-// torch's does (zeros), though only the mask is saved.
+// torch's does (zeros), though only the mask is saved. The tangent of either is the same map applied
+// to the operand's tangent, as torch's (threshold_backward(self_t, result, 0)).
 template <Backend B>
 struct MaskedBackward : Node {
   SavedVariable mask_;
@@ -83,7 +75,8 @@ struct MaskedBackward : Node {
   MaskedBackward(const Tensor& mask, std::optional<double> slope, c10::SymIntArrayRef strides)
       : mask_(mask, /*is_output=*/false), slope_(slope), strides_(strides.begin(), strides.end()) {}
 
-  // gi = masked(g), recorded (with x_edge as its second edge) when a graph is being built.
+  // gi = masked(g), recorded (with x_edge as its second edge) when a graph is being built, and with
+  // the tangent masked(tangent of g) when g has one.
   static Tensor grad(const Tensor& g, const Tensor& mask, std::optional<double> slope, c10::SymIntArrayRef strides,
                      const Edge& x_edge) {
     const Tensor gl = to_layout(g, strides);
@@ -94,6 +87,7 @@ struct MaskedBackward : Node {
       node->set_next_edges({gl.requires_grad() ? torch::autograd::impl::gradient_edge(gl) : Edge(), x_edge});
       torch::autograd::set_history(gi, NodePtr(node));
     }
+    if (has_tangent(gl)) set_tangent(gi, grad(tangent(gl), mask, slope, strides, Edge()));
     return gi;
   }
 
@@ -110,31 +104,45 @@ struct MaskedBackward : Node {
 };
 
 // ---- elu: saves its input (out of place) or output (in place), as torch ----------------------------
-template <Backend B>
-struct EluBwdFn : torch::autograd::Function<EluBwdFn<B>> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& saved, double alpha, bool is_result) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({g, saved});
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["is_result"] = is_result;
-    return elu_bwd[B].call(g, saved, alpha, is_result);
-  }
-  // d/dg: elu_bwd itself (linear in g); d/dsaved: g * d2y/dx2 expressed in saved, where saved <= 0.
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto v = ctx->get_saved_variables();
-    const Tensor &g = v[0], &s = v[1], &gg = grads[0];
-    const double alpha = ctx->saved_data["alpha"].toDouble();
-    const bool is_result = ctx->saved_data["is_result"].toBool();
-    const Tensor d_s = is_result ? gg * g : gg * g * alpha * at::exp(s);
-    return {elu_bwd[B].call(gg, s, alpha, is_result), at::where(s <= 0, d_s, 0), Tensor(), Tensor()};
-  }
-};
-
+// elu_bwd(g, saved), through its primitive's Autograd kernel where it must be differentiable itself (a
+// graph, or a tangent: EluBwdBackward, Kernels::elu_bwd_k), else straight to the kernel.
 template <Backend B>
 Tensor elu_grad(const Tensor& g, const Tensor& saved, double alpha, bool is_result) {
-  return graph_of(g, saved) ? EluBwdFn<B>::apply(g, saved, alpha, is_result)
-                            : below_autograd([&] { return elu_bwd[B].call(g, saved, alpha, is_result); });
+  if (differentiable(g, saved)) return elu_bwd[B].call(g, saved, alpha, is_result);
+  return below_autograd([&] { return elu_bwd[B].call(g, saved, alpha, is_result); });
 }
+
+// d elu_bwd(g, s) / ds applied to ds: zero where s > 0; where s <= 0 the derivative of g * alpha e^s
+// (s the input) or of g * (s + alpha) (s the output).
+Tensor elu_bwd_d_saved(const Tensor& ds, const Tensor& g, const Tensor& s, double alpha, bool is_result) {
+  return at::where(s <= 0, is_result ? ds * g : ds * g * alpha * at::exp(s), 0);
+}
+
+// The derivative of elu_bwd (double backward), edges g and saved: d/dg is elu_bwd itself (linear in g),
+// d/dsaved elu_bwd_d_saved.
+template <Backend B>
+struct EluBwdBackward : Node {
+  SavedVariable g_, saved_;
+  double alpha_;
+  bool is_result_;
+
+  EluBwdBackward(const Tensor& g, const Tensor& saved, double alpha, bool is_result)
+      : g_(g, /*is_output=*/false), saved_(saved, /*is_output=*/false), alpha_(alpha), is_result_(is_result) {}
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(2);
+    if (!grads[0].defined()) return out;
+    const Tensor g = g_.unpack(), s = saved_.unpack();
+    if (should_compute_output(0)) out[0] = elu_grad<B>(grads[0], s, alpha_, is_result_);
+    if (should_compute_output(1)) out[1] = elu_bwd_d_saved(grads[0], g, s, alpha_, is_result_);
+    return out;
+  }
+  std::string name() const override { return "pyops::EluBackwardBackward"; }
+  void release_variables() override {
+    g_.reset_data();
+    saved_.reset_data();
+  }
+};
 
 template <Backend B>
 struct EluBackward : Node {
@@ -157,9 +165,11 @@ struct EluBackward : Node {
 };
 
 // ---- sigmoid, tanh: save their output y --------------------------------------------------------------
+// d_saved(gg, g, y): the derivative of bwd(g, y) in y, applied to gg (symmetric in gg and g).
 struct SigmoidOps {
   static constexpr const char* name = "sigmoid";
   static constexpr const char* node = "pyops::SigmoidBackward";
+  static constexpr const char* bwd_node = "pyops::SigmoidBackwardBackward";
   static const auto& fwd(Backend b) { return sigmoid_fwd[b]; }
   static const auto& bwd(Backend b) { return sigmoid_bwd[b]; }
   static Tensor d_saved(const Tensor& gg, const Tensor& g, const Tensor& y) { return gg * g * (1 - 2 * y); }
@@ -167,29 +177,37 @@ struct SigmoidOps {
 struct TanhOps {
   static constexpr const char* name = "tanh";
   static constexpr const char* node = "pyops::TanhBackward";
+  static constexpr const char* bwd_node = "pyops::TanhBackwardBackward";
   static const auto& fwd(Backend b) { return tanh_fwd[b]; }
   static const auto& bwd(Backend b) { return tanh_bwd[b]; }
   static Tensor d_saved(const Tensor& gg, const Tensor& g, const Tensor& y) { return -2 * gg * g * y; }
 };
 
 template <Backend B, class Ops>
-struct SavesOutputBwdFn : torch::autograd::Function<SavesOutputBwdFn<B, Ops>> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& y) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({g, y});
-    return Ops::bwd(B).call(g, y);
+Tensor saves_output_grad(const Tensor& g, const Tensor& y) {
+  if (differentiable(g, y)) return Ops::bwd(B).call(g, y);
+  return below_autograd([&] { return Ops::bwd(B).call(g, y); });
+}
+
+// The derivative of bwd(g, y) (double backward), edges g and y.
+template <Backend B, class Ops>
+struct SavesOutputBwdBackward : Node {
+  SavedVariable g_, y_;
+  SavesOutputBwdBackward(const Tensor& g, const Tensor& y) : g_(g, /*is_output=*/false), y_(y, /*is_output=*/false) {}
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(2);
+    if (!grads[0].defined()) return out;
+    const Tensor g = g_.unpack(), y = y_.unpack();
+    if (should_compute_output(0)) out[0] = saves_output_grad<B, Ops>(grads[0], y);
+    if (should_compute_output(1)) out[1] = Ops::d_saved(grads[0], g, y);
+    return out;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto v = ctx->get_saved_variables();
-    return {Ops::bwd(B).call(grads[0], v[1]), Ops::d_saved(grads[0], v[0], v[1])};
+  std::string name() const override { return Ops::bwd_node; }
+  void release_variables() override {
+    g_.reset_data();
+    y_.reset_data();
   }
 };
-
-template <Backend B, class Ops>
-Tensor saves_output_grad(const Tensor& g, const Tensor& y) {
-  return graph_of(g, y) ? SavesOutputBwdFn<B, Ops>::apply(g, y)
-                        : below_autograd([&] { return Ops::bwd(B).call(g, y); });
-}
 
 template <Backend B, class Ops>
 struct SavesOutputBackward : Node {
@@ -204,33 +222,32 @@ struct SavesOutputBackward : Node {
 };
 
 // ---- maxout: saves uint8 indices ---------------------------------------------------------------------
-// The derivative of maxout_bwd in its gradient: each group's chosen piece.
+// The derivative of maxout_bwd in its gradient, and maxout's tangent: each group's chosen piece.
 Tensor maxout_gather(const Tensor& gg, const Tensor& idx, int64_t pieces, int64_t dim) {
   const Tensor groups = gg.unflatten_symint(dim, {gg.sym_size(dim) / pieces, pieces});
   return groups.gather(dim + 1, idx.to(at::kLong).unsqueeze(dim + 1)).squeeze(dim + 1);
 }
 
 template <Backend B>
-struct MaxoutBwdFn : torch::autograd::Function<MaxoutBwdFn<B>> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& idx, int64_t pieces, int64_t dim) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({idx});
-    ctx->saved_data["pieces"] = pieces;
-    ctx->saved_data["dim"] = c10::maybe_wrap_dim(dim, g.dim());
-    return maxout_bwd[B].call(g, idx, pieces, dim);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {maxout_gather(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["pieces"].toInt(),
-                          ctx->saved_data["dim"].toInt()),
-            Tensor(), Tensor(), Tensor()};
-  }
-};
-
-template <Backend B>
 Tensor maxout_grad(const Tensor& g, const Tensor& idx, int64_t pieces, int64_t dim) {
-  return graph_of(g) ? MaxoutBwdFn<B>::apply(g, idx, pieces, dim)
-                     : below_autograd([&] { return maxout_bwd[B].call(g, idx, pieces, dim); });
+  if (differentiable(g)) return maxout_bwd[B].call(g, idx, pieces, dim);
+  return below_autograd([&] { return maxout_bwd[B].call(g, idx, pieces, dim); });
 }
+
+// The derivative of maxout_bwd (linear in g), edge g.
+template <Backend B>
+struct MaxoutBwdBackward : Node {
+  SavedVariable idx_;
+  int64_t pieces_, dim_;
+  MaxoutBwdBackward(const Tensor& idx, int64_t pieces, int64_t dim)
+      : idx_(idx, /*is_output=*/false), pieces_(pieces), dim_(dim) {}
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return {Tensor()};
+    return {maxout_gather(grads[0], idx_.unpack(), pieces_, dim_)};
+  }
+  std::string name() const override { return "pyops::MaxoutBackwardBackward"; }
+  void release_variables() override { idx_.reset_data(); }
+};
 
 template <Backend B>
 struct MaxoutBackward : Node {
@@ -246,8 +263,8 @@ struct MaxoutBackward : Node {
   void release_variables() override { idx_.reset_data(); }
 };
 
-// ---- the Autograd kernels of the primitives: record a node when a graph is built, else go straight
-// to the kernel ------------------------------------------------------------------------------------------
+// ---- the Autograd kernels of the primitives: record a node when a graph is built and set the
+// results' tangents when an operand has one, else go straight to the kernel -----------------------------
 // In place without recording: bump the version counter, as torch's in-place ops do.
 #define PYOPS_BELOW_AUTOGRAD_INPLACE(x, call)           \
   do {                                                  \
@@ -258,86 +275,123 @@ struct MaxoutBackward : Node {
 
 template <Backend B>
 struct Kernels {
-  static MaskedPair masked_fwd(const char* op, const Tensor& x, std::optional<double> slope) {
+  static MaskedPair masked_fwd(const Tensor& x, std::optional<double> slope) {
+    const bool rec = records(x), fw = has_tangent(x);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(slope ? leaky_relu_fwd[B].call(x, *slope) : relu_fwd[B].call(x));
     auto [out, mask] = below_autograd([&] { return slope ? leaky_relu_fwd[B].call(x, *slope) : relu_fwd[B].call(x); });
-    record(make_node<MaskedBackward<B>>(mask, slope, out.sym_strides()), out, x);
+    if (rec) record(make_node<MaskedBackward<B>>(mask, slope, out.sym_strides()), out, x);
+    if (fw) set_tangent(out, MaskedBackward<B>::grad(tangent(x), mask, slope, out.sym_strides(), Edge()));
     return {out, mask};
   }
   static Tensor masked_fwd_(Tensor& x, std::optional<double> slope) {
-    check_inplace(x);
+    const bool rec = records(x), fw = has_tangent(x);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD_INPLACE(x, slope ? leaky_relu_fwd_[B].call(x, *slope) : relu_fwd_[B].call(x));
+    if (rec) check_inplace(x);
     Tensor mask = below_autograd([&] { return slope ? leaky_relu_fwd_[B].call(x, *slope) : relu_fwd_[B].call(x); });
-    record_inplace(make_node<MaskedBackward<B>>(mask, slope, x.sym_strides()), x);
+    if (rec) {
+      record_inplace(make_node<MaskedBackward<B>>(mask, slope, x.sym_strides()), x);
+    } else {
+      torch::autograd::impl::bump_version(x);
+    }
+    if (fw) set_tangent_inplace(x, MaskedBackward<B>::grad(tangent(x), mask, slope, x.sym_strides(), Edge()));
     return mask;
   }
-  static MaskedPair relu_fwd_k(const Tensor& x) {
-    if (!records("relu", x)) PYOPS_BELOW_AUTOGRAD(relu_fwd[B].call(x));
-    return masked_fwd("relu", x, std::nullopt);
-  }
-  static Tensor relu_fwd_k_(Tensor& x) {
-    if (!records("relu_", x)) PYOPS_BELOW_AUTOGRAD_INPLACE(x, relu_fwd_[B].call(x));
-    return masked_fwd_(x, std::nullopt);
-  }
-  static MaskedPair leaky_relu_fwd_k(const Tensor& x, double slope) {
-    if (!records("leaky_relu", x)) PYOPS_BELOW_AUTOGRAD(leaky_relu_fwd[B].call(x, slope));
-    return masked_fwd("leaky_relu", x, slope);
-  }
-  static Tensor leaky_relu_fwd_k_(Tensor& x, double slope) {
-    if (!records("leaky_relu_", x)) PYOPS_BELOW_AUTOGRAD_INPLACE(x, leaky_relu_fwd_[B].call(x, slope));
-    return masked_fwd_(x, slope);
-  }
+  static MaskedPair relu_fwd_k(const Tensor& x) { return masked_fwd(x, std::nullopt); }
+  static Tensor relu_fwd_k_(Tensor& x) { return masked_fwd_(x, std::nullopt); }
+  static MaskedPair leaky_relu_fwd_k(const Tensor& x, double slope) { return masked_fwd(x, slope); }
+  static Tensor leaky_relu_fwd_k_(Tensor& x, double slope) { return masked_fwd_(x, slope); }
   static Tensor relu_bwd_k(const Tensor& g, const Tensor& mask) {
-    if (!records("relu_bwd", g)) PYOPS_BELOW_AUTOGRAD(relu_bwd[B].call(g, mask));
+    if (!differentiable(g)) PYOPS_BELOW_AUTOGRAD(relu_bwd[B].call(g, mask));
     return MaskedBackward<B>::grad(g, mask, std::nullopt, g.sym_strides(), Edge());
   }
   static Tensor leaky_relu_bwd_k(const Tensor& g, const Tensor& mask, double slope) {
-    if (!records("leaky_relu_bwd", g)) PYOPS_BELOW_AUTOGRAD(leaky_relu_bwd[B].call(g, mask, slope));
+    if (!differentiable(g)) PYOPS_BELOW_AUTOGRAD(leaky_relu_bwd[B].call(g, mask, slope));
     return MaskedBackward<B>::grad(g, mask, slope, g.sym_strides(), Edge());
   }
   static Tensor elu_fwd_k(const Tensor& x, double alpha) {
-    if (!records("elu", x)) PYOPS_BELOW_AUTOGRAD(elu_fwd[B].call(x, alpha));
+    const bool rec = records(x), fw = has_tangent(x);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(elu_fwd[B].call(x, alpha));
     Tensor out = below_autograd([&] { return elu_fwd[B].call(x, alpha); });
-    record(make_node<EluBackward<B>>(x, alpha, false), out, x);
+    if (rec) record(make_node<EluBackward<B>>(x, alpha, false), out, x);
+    if (fw) set_tangent(out, elu_grad<B>(tangent(x), primal(x), alpha, false));
     return out;
   }
+  // The tangent as torch's, from the output, for alpha >= 0; from the input, before it is overwritten,
+  // for a negative alpha (whose output does not determine the input).
   static void elu_fwd_k_(Tensor& x, double alpha) {
-    const bool recorded = records("elu_", x);
-    if (recorded) check_inplace(x);
+    const bool rec = records(x), fw = has_tangent(x);
+    if (rec) check_inplace(x);
+    const Tensor early = fw && alpha < 0 ? elu_grad<B>(tangent(x), primal(x), alpha, false) : Tensor();
     below_autograd([&] {
       elu_fwd_[B].call(x, alpha);
       return 0;
     });
-    if (!recorded) return torch::autograd::impl::bump_version(x);
-    auto node = make_node<EluBackward<B>>(Tensor(), alpha, true);
-    record_inplace(node, x);
-    node->saved_ = SavedVariable(x, /*is_output=*/true);  // the output, with its new history
+    decltype(make_node<EluBackward<B>>(Tensor(), alpha, true)) node;
+    if (rec) {
+      node = make_node<EluBackward<B>>(Tensor(), alpha, true);
+      record_inplace(node, x);
+    } else {
+      torch::autograd::impl::bump_version(x);
+    }
+    if (fw) set_tangent_inplace(x, early.defined() ? early : elu_grad<B>(tangent(x), primal(x), alpha, true));
+    if (rec) node->saved_ = SavedVariable(x, /*is_output=*/true);  // the output, with its new history
   }
   static Tensor elu_bwd_k(const Tensor& g, const Tensor& saved, double alpha, bool is_result) {
-    if (!records("elu_bwd", g) && !graph_of(saved)) PYOPS_BELOW_AUTOGRAD(elu_bwd[B].call(g, saved, alpha, is_result));
-    return EluBwdFn<B>::apply(g, saved, alpha, is_result);
+    const bool rec = graph_of(g, saved), fw = has_tangent(g, saved);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(elu_bwd[B].call(g, saved, alpha, is_result));
+    Tensor gi = below_autograd([&] { return elu_bwd[B].call(g, saved, alpha, is_result); });
+    if (rec) record(make_node<EluBwdBackward<B>>(g, saved, alpha, is_result), gi, g, saved);
+    if (fw) {
+      const Tensor dg = tangent(g), ds = tangent(saved), gp = primal(g), sp = primal(saved);
+      set_tangent(gi, add_tangents(dg.defined() ? elu_grad<B>(dg, sp, alpha, is_result) : Tensor(),
+                                   ds.defined() ? elu_bwd_d_saved(ds, gp, sp, alpha, is_result) : Tensor()));
+    }
+    return gi;
   }
   template <class Ops>
   static Tensor saves_output_fwd(const Tensor& x) {
-    if (!records(Ops::name, x)) PYOPS_BELOW_AUTOGRAD(Ops::fwd(B).call(x));
+    const bool rec = records(x), fw = has_tangent(x);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(Ops::fwd(B).call(x));
     Tensor y = below_autograd([&] { return Ops::fwd(B).call(x); });
-    auto node = make_node<SavesOutputBackward<B, Ops>>(Tensor());
-    record(node, y, x);
-    node->y_ = SavedVariable(y, /*is_output=*/true);
+    decltype(make_node<SavesOutputBackward<B, Ops>>(Tensor())) node;
+    if (rec) {
+      node = make_node<SavesOutputBackward<B, Ops>>(Tensor());
+      record(node, y, x);
+    }
+    if (fw) set_tangent(y, saves_output_grad<B, Ops>(tangent(x), y));  // before y is saved with its tangent
+    if (rec) node->y_ = SavedVariable(y, /*is_output=*/true);
     return y;
   }
   template <class Ops>
   static Tensor saves_output_bwd(const Tensor& g, const Tensor& y) {
-    if (!records(Ops::name, g) && !graph_of(y)) PYOPS_BELOW_AUTOGRAD(Ops::bwd(B).call(g, y));
-    return SavesOutputBwdFn<B, Ops>::apply(g, y);
+    const bool rec = graph_of(g, y), fw = has_tangent(g, y);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(Ops::bwd(B).call(g, y));
+    Tensor gi = below_autograd([&] { return Ops::bwd(B).call(g, y); });
+    if (rec) record(make_node<SavesOutputBwdBackward<B, Ops>>(g, y), gi, g, y);
+    if (fw) {
+      const Tensor dg = tangent(g), dy = tangent(y), gp = primal(g), yp = primal(y);
+      set_tangent(gi, add_tangents(dg.defined() ? saves_output_grad<B, Ops>(dg, yp) : Tensor(),
+                                   dy.defined() ? Ops::d_saved(dy, gp, yp) : Tensor()));
+    }
+    return gi;
   }
   static MaskedPair maxout_fwd_k(const Tensor& x, int64_t pieces, int64_t dim) {
-    if (!records("maxout", x)) PYOPS_BELOW_AUTOGRAD(maxout_fwd[B].call(x, pieces, dim));
+    const bool rec = records(x), fw = has_tangent(x);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(maxout_fwd[B].call(x, pieces, dim));
     auto [out, idx] = below_autograd([&] { return maxout_fwd[B].call(x, pieces, dim); });
-    record(make_node<MaxoutBackward<B>>(idx, pieces, c10::maybe_wrap_dim(dim, x.dim())), out, x);
+    const int64_t d = c10::maybe_wrap_dim(dim, x.dim());
+    if (rec) record(make_node<MaxoutBackward<B>>(idx, pieces, d), out, x);
+    if (fw) set_tangent(out, maxout_gather(tangent(x), idx, pieces, d));
     return {out, idx};
   }
   static Tensor maxout_bwd_k(const Tensor& g, const Tensor& idx, int64_t pieces, int64_t dim) {
-    if (!records("maxout_bwd", g)) PYOPS_BELOW_AUTOGRAD(maxout_bwd[B].call(g, idx, pieces, dim));
-    return MaxoutBwdFn<B>::apply(g, idx, pieces, dim);
+    const bool rec = graph_of(g), fw = has_tangent(g);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(maxout_bwd[B].call(g, idx, pieces, dim));
+    Tensor gi = below_autograd([&] { return maxout_bwd[B].call(g, idx, pieces, dim); });
+    const int64_t d = c10::maybe_wrap_dim(dim, g.dim());
+    if (rec) record(make_node<MaxoutBwdBackward<B>>(idx, pieces, d), gi, g);
+    if (fw) set_tangent(gi, maxout_grad<B>(tangent(g), idx, pieces, d));
+    return gi;
   }
 };
 
