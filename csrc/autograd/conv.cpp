@@ -6,7 +6,8 @@
 //   gx = bwd_input(g, w)                d/dg <- conv(ggx, w),       d/dw <- bwd_weight(g, ggx)
 //   (gw, gb) = bwd_weight(g, x)         d/dg <- conv(x, ggw) + ggb, d/dx <- bwd_input(g, ggw)
 // The fused activation's derivative is the activation family's primitive (relu_bwd with the saved mask,
-// leaky_relu_bwd, elu_bwd with the saved output). Math: pyops/ops/conv.py.
+// leaky_relu_bwd, elu_bwd with the saved output). A tangent (forward mode) is the same bilinear map, one
+// term per operand that carries one: d conv(x, w) = conv(dx, w) + conv(x, dw). Math: pyops/ops/conv.py.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/constant_pad_nd.h>
@@ -16,7 +17,6 @@
 #include <ATen/ops/leaky_relu.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/zeros.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -36,7 +36,6 @@ namespace {
 
 using at::IntArrayRef;
 using at::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // ---- the primitives of each backend, looked up once ----------------------------------------------
@@ -60,16 +59,6 @@ const Prim<Tensor(const Tensor&, const Tensor&, double, bool)> elu_bwd("pyops::e
 struct Params {
   std::vector<int64_t> stride, padding, dilation;
   int64_t groups;
-  void save(AutogradContext* ctx) const {
-    ctx->saved_data["stride"] = stride;
-    ctx->saved_data["padding"] = padding;
-    ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["groups"] = groups;
-  }
-  static Params load(AutogradContext* ctx) {
-    return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-            ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["groups"].toInt()};
-  }
 };
 
 Tensor fwd(Backend b, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, const Params& p) {
@@ -83,14 +72,34 @@ Pair bwd_weight(Backend b, const Tensor& g, const Tensor& x, c10::SymIntArrayRef
   return conv2d_bwd_weight[b].call(g, x, weight_size, p.stride, p.padding, p.dilation, p.groups, bias);
 }
 
-bool wants_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
-
-void refuse_forward_ad(const Tensor& t) {
-  TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(),
-              "pyops.conv2d: forward-mode AD (dual tensors, torch.func.jvp) is not supported");
+// The tangent of conv2d_fwd's result (forward mode): act'(z) * (conv(dx, w) + conv(x, dw) + db), each
+// term present where its operand has a tangent; act' as in backward (the mask, or the output for elu).
+template <Backend B>
+Tensor conv_tangent(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& out, const Tensor& mask,
+                    const Params& p, int64_t act, double scalar) {
+  const Tensor dx = tangent(x), dw = tangent(w), db = tangent(bias);
+  Tensor dz;
+  if (dx.defined()) dz = fwd(B, dx, primal(w), std::nullopt, p);
+  if (dw.defined()) dz = add_tangents(dz, fwd(B, primal(x), dw, std::nullopt, p));
+  if (db.defined()) {
+    const Tensor db4 = db.view({1, db.size(0), 1, 1});
+    dz = dz.defined() ? dz + db4 : db4.expand_symint(out.sym_sizes());
+  }
+  switch (act) {
+    case kConvActRelu:
+      return relu_bwd[B].call(to_layout(dz, out.sym_strides()), mask);
+    case kConvActLeakyRelu:
+      return leaky_relu_bwd[B].call(to_layout(dz, out.sym_strides()), mask, scalar);
+    case kConvActElu:
+      return elu_bwd[B].call(dz, out, scalar, /*is_result=*/true);
+    default:
+      return dz;
+  }
 }
 
 // ---- conv2d_fwd: a hand-written node (csrc/common/node.h), edges x, w, bias ------------------------
+// Its backward calls the primitives through their Autograd kernels, which record the next order's
+// derivative where a graph is built and set tangents where an operand has one.
 template <Backend B>
 struct ConvBackward : Node {
   SavedVariable x_, w_, kept_;  // kept: the activation's mask, or the output (elu)
@@ -132,107 +141,135 @@ struct ConvBackward : Node {
   }
 };
 
-// ---- conv2d_bwd_input: bilinear in (grad_out, weight) ---------------------------------------------
+// ---- conv2d_bwd_input: bilinear in (grad_out, weight), edges g, w ---------------------------------
 template <Backend B>
-struct BwdInputFn : torch::autograd::Function<BwdInputFn<B>> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& w, c10::SymIntArrayRef input_size,
-                        IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    const Params p{stride.vec(), padding.vec(), dilation.vec(), groups};
-    p.save(ctx);
-    ctx->save_for_backward({g, w});
-    return bwd_input(B, g, w, input_size, p);
+struct ConvBwdInputBackward : Node {
+  SavedVariable g_, w_;
+  Params p_;
+  ConvBwdInputBackward(const Tensor& g, const Tensor& w, Params p)
+      : g_(g, /*is_output=*/false), w_(w, /*is_output=*/false), p_(std::move(p)) {}
+  variable_list apply(variable_list&& grads) override {
+    variable_list result(2);
+    const Tensor& gg = grads[0];
+    if (!gg.defined()) return result;
+    const Tensor g = g_.unpack(), w = w_.unpack();
+    if (should_compute_output(0)) result[0] = fwd(B, gg, w, std::nullopt, p_);
+    if (should_compute_output(1)) result[1] = std::get<0>(bwd_weight(B, g, gg, w.sym_sizes(), p_, false));
+    return result;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &g = saved[0], &w = saved[1], &gg = grads[0];
-    const Params p = Params::load(ctx);
-    Tensor dg, dw;
-    if (ctx->needs_input_grad(0)) dg = fwd(B, gg, w, std::nullopt, p);
-    if (ctx->needs_input_grad(1)) dw = std::get<0>(bwd_weight(B, g, gg, w.sym_sizes(), p, false));
-    return {dg, dw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  std::string name() const override { return "pyops::ConvolutionBackwardInputBackward"; }
+  void release_variables() override {
+    g_.reset_data();
+    w_.reset_data();
   }
 };
 
-// ---- conv2d_bwd_weight: bilinear in (grad_out, input) ---------------------------------------------
+// ---- conv2d_bwd_weight: bilinear in (grad_out, input), edges g, x; inputs grad_weight and, with a
+// bias, grad_bias -----------------------------------------------------------------------------------------
 template <Backend B>
-struct BwdWeightFn : torch::autograd::Function<BwdWeightFn<B>> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& g, const Tensor& x, c10::SymIntArrayRef weight_size,
-                               IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-                               bool bias) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    const Params p{stride.vec(), padding.vec(), dilation.vec(), groups};
-    p.save(ctx);
-    ctx->saved_data["bias"] = bias;
-    ctx->saved_data["weight_size"] = weight_size;
-    ctx->save_for_backward({g, x});
-    auto [gw, gb] = bwd_weight(B, g, x, weight_size, p, bias);
-    return {gw, gb};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &g = saved[0], &x = saved[1];
-    const Params p = Params::load(ctx);
-    const bool bias = ctx->saved_data["bias"].toBool();
-    const Tensor &ggw = grads[0], &ggb = grads[1];
-    Tensor dg, dx;
-    if (ctx->needs_input_grad(0)) {
-      const std::optional<Tensor> b = bias ? std::optional<Tensor>(ggb) : std::nullopt;
-      dg = fwd(B, x, ggw, b, p);
+struct ConvBwdWeightBackward : Node {
+  SavedVariable g_, x_;
+  Params p_;
+  bool bias_;
+  ConvBwdWeightBackward(const Tensor& g, const Tensor& x, Params p, bool bias)
+      : g_(g, /*is_output=*/false), x_(x, /*is_output=*/false), p_(std::move(p)), bias_(bias) {}
+  variable_list apply(variable_list&& grads) override {
+    variable_list result(2);
+    const Tensor& ggw = grads[0];
+    const Tensor ggb = bias_ ? grads[1] : Tensor();
+    if (!ggw.defined() && !ggb.defined()) return result;
+    const Tensor g = g_.unpack(), x = x_.unpack();
+    if (should_compute_output(0)) {
+      if (ggw.defined()) {
+        result[0] = fwd(B, x, ggw, ggb.defined() ? std::optional<Tensor>(ggb) : std::nullopt, p_);
+      } else {
+        result[0] = ggb.view({1, ggb.size(0), 1, 1}).expand_symint(g.sym_sizes()).contiguous();
+      }
     }
-    if (ctx->needs_input_grad(1)) dx = bwd_input(B, g, ggw, x.sym_sizes(), p);
-    return {dg, dx, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    if (should_compute_output(1) && ggw.defined()) result[1] = bwd_input(B, g, ggw, x.sym_sizes(), p_);
+    return result;
+  }
+  std::string name() const override { return "pyops::ConvolutionBackwardWeightBackward"; }
+  void release_variables() override {
+    g_.reset_data();
+    x_.reset_data();
   }
 };
 
-// ---- the Autograd kernels of the primitives: the forward records a ConvBackward node; the two
-// backward primitives (differentiated only under create_graph) record the functions above ----------
+// ---- the Autograd kernels of the primitives: the forward records a ConvBackward node, the two backward
+// primitives (differentiated under create_graph) the nodes above; each sets its results' tangents where
+// an operand has one ------------------------------------------------------------------------------------------
 template <Backend B>
 struct Kernels {
   static Pair conv2d_fwd_k(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, IntArrayRef stride,
                            IntArrayRef padding, IntArrayRef dilation, int64_t groups, int64_t act, double scalar) {
     const Tensor b = bias.has_value() ? *bias : Tensor();
-    refuse_forward_ad(x), refuse_forward_ad(w), refuse_forward_ad(b);
-    if (!at::GradMode::is_enabled() || !(wants_grad(x) || wants_grad(w) || wants_grad(b))) {
-      at::AutoDispatchBelowADInplaceOrView below;
-      return conv2d_fwd[B].call(x, w, bias, stride, padding, dilation, groups, act, scalar);
+    const bool rec = graph_of(x, w, b), fw = has_tangent(x, w, b);
+    if (!rec && !fw)
+      PYOPS_BELOW_AUTOGRAD(conv2d_fwd[B].call(x, w, bias, stride, padding, dilation, groups, act, scalar));
+    auto [out, mask] =
+        below_autograd([&] { return conv2d_fwd[B].call(x, w, bias, stride, padding, dilation, groups, act, scalar); });
+    Params p{stride.vec(), padding.vec(), dilation.vec(), groups};
+    decltype(make_node<ConvBackward<B>>()) node;
+    if (rec) {
+      node = make_node<ConvBackward<B>>();
+      record(node, out, x, w, b);
     }
-    Tensor out, mask;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, mask) = conv2d_fwd[B].call(x, w, bias, stride, padding, dilation, groups, act, scalar);
+    if (fw) set_tangent(out, conv_tangent<B>(x, w, b, out, mask, p, act, scalar));  // before out is saved
+    if (rec) {
+      node->x_ = SavedVariable(x, /*is_output=*/false);
+      node->w_ = SavedVariable(w, /*is_output=*/false);
+      node->kept_ =
+          act == kConvActElu ? SavedVariable(out, /*is_output=*/true) : SavedVariable(mask, /*is_output=*/false);
+      node->p_ = std::move(p);
+      node->act_ = act;
+      node->scalar_ = scalar;
+      node->bias_ = b.defined();
+      node->out_strides_ = c10::SymDimVector(out.sym_strides().begin(), out.sym_strides().end());
     }
-    auto node = make_node<ConvBackward<B>>();
-    record(node, out, x, w, b);
-    node->x_ = SavedVariable(x, /*is_output=*/false);
-    node->w_ = SavedVariable(w, /*is_output=*/false);
-    node->kept_ =
-        act == kConvActElu ? SavedVariable(out, /*is_output=*/true) : SavedVariable(mask, /*is_output=*/false);
-    node->p_ = Params{stride.vec(), padding.vec(), dilation.vec(), groups};
-    node->act_ = act;
-    node->scalar_ = scalar;
-    node->bias_ = b.defined();
-    node->out_strides_ = c10::SymDimVector(out.sym_strides().begin(), out.sym_strides().end());
     return {out, mask};  // the mask has no gradient
   }
   static Tensor conv2d_bwd_input_k(const Tensor& g, const Tensor& w, c10::SymIntArrayRef input_size, IntArrayRef stride,
                                    IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
-    refuse_forward_ad(g), refuse_forward_ad(w);
-    if (!at::GradMode::is_enabled() || !(wants_grad(g) || wants_grad(w))) {
-      at::AutoDispatchBelowADInplaceOrView below;
-      return conv2d_bwd_input[B].call(g, w, input_size, stride, padding, dilation, groups);
+    const bool rec = graph_of(g, w), fw = has_tangent(g, w);
+    if (!rec && !fw)
+      PYOPS_BELOW_AUTOGRAD(conv2d_bwd_input[B].call(g, w, input_size, stride, padding, dilation, groups));
+    Tensor gi =
+        below_autograd([&] { return conv2d_bwd_input[B].call(g, w, input_size, stride, padding, dilation, groups); });
+    const Params p{stride.vec(), padding.vec(), dilation.vec(), groups};
+    if (rec) record(make_node<ConvBwdInputBackward<B>>(g, w, p), gi, g, w);
+    if (fw) {
+      const Tensor dg = tangent(g), dw = tangent(w);
+      set_tangent(gi, add_tangents(dg.defined() ? bwd_input(B, dg, primal(w), input_size, p) : Tensor(),
+                                   dw.defined() ? bwd_input(B, primal(g), dw, input_size, p) : Tensor()));
     }
-    return BwdInputFn<B>::apply(g, w, input_size, stride, padding, dilation, groups);
+    return gi;
   }
   static Pair conv2d_bwd_weight_k(const Tensor& g, const Tensor& x, c10::SymIntArrayRef weight_size, IntArrayRef stride,
                                   IntArrayRef padding, IntArrayRef dilation, int64_t groups, bool bias) {
-    refuse_forward_ad(g), refuse_forward_ad(x);
-    if (!at::GradMode::is_enabled() || !(wants_grad(g) || wants_grad(x))) {
-      at::AutoDispatchBelowADInplaceOrView below;
-      return conv2d_bwd_weight[B].call(g, x, weight_size, stride, padding, dilation, groups, bias);
+    const bool rec = graph_of(g, x), fw = has_tangent(g, x);
+    if (!rec && !fw)
+      PYOPS_BELOW_AUTOGRAD(conv2d_bwd_weight[B].call(g, x, weight_size, stride, padding, dilation, groups, bias));
+    auto [gw, gb] = below_autograd(
+        [&] { return conv2d_bwd_weight[B].call(g, x, weight_size, stride, padding, dilation, groups, bias); });
+    const Params p{stride.vec(), padding.vec(), dilation.vec(), groups};
+    if (rec) {
+      auto node = make_node<ConvBwdWeightBackward<B>>(g, x, p, bias);
+      record(node, gw, g, x);
+      if (bias) torch::autograd::set_history(gb, NodePtr(node));
     }
-    auto r = BwdWeightFn<B>::apply(g, x, weight_size, stride, padding, dilation, groups, bias);
-    return {r[0], r[1]};
+    if (fw) {
+      const Tensor dg = tangent(g), dx = tangent(x);
+      Tensor tw;
+      if (dg.defined()) {
+        auto [t_w, t_b] = bwd_weight(B, dg, primal(x), weight_size, p, bias);
+        tw = t_w;
+        if (bias) set_tangent(gb, t_b);
+      }
+      if (dx.defined()) tw = add_tangents(tw, std::get<0>(bwd_weight(B, primal(g), dx, weight_size, p, false)));
+      set_tangent(gw, tw);
+    }
+    return {gw, gb};
   }
 };
 
