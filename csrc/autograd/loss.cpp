@@ -2,7 +2,10 @@
 // primitive) and the derivatives, written once here as Autograd kernels of the primitives of both
 // backends. The reduced forms compute the gradient in the forward pass (csrc/loss.h), so backward
 // only scales it by the incoming 0-d gradient, and hands it on as it is when that is 1 (on the CPU,
-// where reading it costs no synchronisation). Math: pyops/ops/loss.py's docstring.
+// where reading it costs no synchronisation). Where a backward must be differentiable itself
+// (create_graph=True, torch.func) the saved gradient becomes a function of the inputs through a node
+// that knows its derivative, recovered from the gradient itself and the target; forward mode computes
+// the tangents from the same gradient. Math: pyops/ops/loss.py's docstring.
 #include <ATen/TensorOperators.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -12,8 +15,10 @@
 #include <ATen/ops/huber_loss.h>
 #include <ATen/ops/l1_loss.h>
 #include <ATen/ops/mse_loss.h>
+#include <ATen/ops/one_hot.h>
 #include <ATen/ops/sqrt.h>
 #include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -46,19 +51,6 @@ const char* const kKindNames[] = {"l1_loss", "mse_loss", "huber_loss"};
 // ---- helpers ----------------------------------------------------------------------------------------
 bool grad_recorded(const Tensor& t) { return at::GradMode::is_enabled() && t.defined() && t.requires_grad(); }
 
-void refuse_forward_ad(const char* op, const Tensor& t) {
-  TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(), "pyops.", op,
-              ": forward-mode AD (dual tensors, torch.func.jvp) is not supported");
-}
-
-// The derivative is written once, for first-order gradients: the gradient saved by the forward has no
-// graph of its own, so a second derivative would silently miss terms. Refuse it clearly instead.
-void refuse_double_backward(const char* op) {
-  TORCH_CHECK(!at::GradMode::is_enabled(), "pyops.", op,
-              ": double backward (create_graph=True) is not supported; use the torch backend ",
-              "(pyops.backend(\"torch\")) for higher-order gradients");
-}
-
 // A real CPU tensor (not a fake, functional or batched wrapper), whose value can be read for free.
 bool readable_on_host(const Tensor& t) {
   constexpr auto wrappers =
@@ -74,19 +66,158 @@ Tensor scale_saved(const Tensor& saved, const Tensor& g) {
   return saved * g;
 }
 
+// data's values as a new tensor (sharing its storage) whose history is `node` and whose tangent is data's:
+// a saved gradient made a differentiable function of the loss's inputs, for the next order.
+template <class P>
+Tensor with_history(const Tensor& data, const P& node) {
+  Tensor v = torch::autograd::make_variable(data, /*requires_grad=*/false);
+  torch::autograd::set_history(v, NodePtr(node));
+  set_tangent(v, tangent(data));
+  return v;
+}
+
+// a - b for tangents, either of which may be absent (zero).
+Tensor sub_tangents(const Tensor& a, const Tensor& b) { return !b.defined() ? a : !a.defined() ? -b : a - b; }
+
+// The reduction's factor: 1 / numel for mean (the gradient's scale), else 1.
+double mean_scale(int64_t reduction, const Tensor& t) {
+  if (reduction != int64_t(Reduction::kMean)) return 1.0;
+  return 1.0 / double(t.sym_numel().guard_int(__FILE__, __LINE__));
+}
+
+// ---- L1 / MSE / Huber: the second derivative ---------------------------------------------------------
+// loss(x - t) has a diagonal second derivative h = loss''(x - t): 0 (l1, almost everywhere, as torch's),
+// 2 (mse), [|x - t| < delta] (huber, as torch's huber_loss_double_backward), each constant where it is
+// defined, so that every higher derivative is zero. h * v from x and t (reduction none):
+Tensor pointwise_hv(const Tensor& v, const Tensor& x, const Tensor& t, int64_t kind, double delta) {
+  switch (LossKind(kind)) {
+    case LossKind::kL1:
+      return at::zeros_like(v);
+    case LossKind::kMse:
+      return v * 2;
+    default:
+      return at::where((x - t).abs() < delta, v, 0);
+  }
+}
+
+// The value the kernels store for G = scale * clamp(d, -delta, delta) where |d| >= delta: delta * scale in
+// the op-math type, rounded to G's dtype (csrc/cpu/loss.cpp, csrc/cuda/loss.cu, kernels/loss.py alike).
+double huber_saturated(at::ScalarType type, double delta, double scale) {
+  const float f = float(delta) * float(scale);
+  switch (type) {
+    case at::kDouble:
+      return delta * scale;
+    case at::kHalf:
+      return double(float(c10::Half(f)));
+    case at::kBFloat16:
+      return double(float(c10::BFloat16(f)));
+    default:
+      return double(f);
+  }
+}
+
+// The same from the reduced forms' saved gradient G = scale * loss'(x - t) alone, h * scale * v: huber's
+// |x - t| < delta is |G| < scale * delta as the kernels round it (G is exactly that value wherever
+// |x - t| >= delta). Where scale * |x - t| rounds to the saturated value though |x - t| < delta (within one
+// rounding of G's dtype below delta; never for float64/float32 with scale 1 or a power of two) it reads as
+// saturated, a rounding of the kink's position as torch's own |x - t| < delta computed in the input's dtype.
+Tensor pointwise_hv_from_grad(const Tensor& v, const Tensor& G, int64_t kind, double delta, double scale) {
+  switch (LossKind(kind)) {
+    case LossKind::kL1:
+      return at::zeros_like(v);
+    case LossKind::kMse:
+      return v * (2 * scale);
+    default:
+      return at::where(G.abs() < huber_saturated(G.scalar_type(), delta, scale), v * scale, 0);
+  }
+}
+
+// The saved gradient G of a reduced form as a function of x and t (edges x, t): dG/dx = h scale, dG/dt =
+// -h scale (diagonal). Recorded only by a backward that builds a graph (create_graph=True, torch.func).
+struct SavedPointwiseGradBackward : Node {
+  SavedVariable g_;
+  int64_t kind_;
+  double delta_, scale_;
+  SavedPointwiseGradBackward(const Tensor& g, int64_t kind, double delta, double scale)
+      : g_(g, /*is_output=*/false), kind_(kind), delta_(delta), scale_(scale) {}
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(2);
+    if (!grads[0].defined()) return out;
+    const Tensor hv = pointwise_hv_from_grad(grads[0], g_.unpack(), kind_, delta_, scale_);
+    if (should_compute_output(0)) out[0] = hv;
+    if (should_compute_output(1)) out[1] = -hv;
+    return out;
+  }
+  std::string name() const override { return "pyops::PointwiseLossGradBackward"; }
+  void release_variables() override { g_.reset_data(); }
+};
+
+// pointwise_loss_bwd(g, x, t), through its primitive's Autograd kernel where the result must be
+// differentiable itself, else straight to the kernel.
+template <Backend B>
+Tensor pointwise_grad(const Tensor& g, const Tensor& x, const Tensor& t, int64_t kind, double delta) {
+  if (differentiable(g, x, t)) return pointwise_loss_bwd[B].call(g, x, t, kind, delta);
+  return below_autograd([&] { return pointwise_loss_bwd[B].call(g, x, t, kind, delta); });
+}
+
+// The derivative of pointwise_loss_bwd (double backward), edges g, x, t: d/dg is pointwise_loss_bwd itself
+// (linear in g), d/dx = g h, d/dt = -g h.
+template <Backend B>
+struct PointwiseLossBwdBackward : Node {
+  SavedVariable g_, x_, t_;
+  int64_t kind_;
+  double delta_;
+  PointwiseLossBwdBackward(const Tensor& g, const Tensor& x, const Tensor& t, int64_t kind, double delta)
+      : g_(g, false), x_(x, false), t_(t, false), kind_(kind), delta_(delta) {}
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(3);
+    const Tensor& v = grads[0];
+    if (!v.defined()) return out;
+    const Tensor g = g_.unpack(), x = x_.unpack(), t = t_.unpack();
+    if (should_compute_output(0)) out[0] = pointwise_grad<B>(v, x, t, kind_, delta_);
+    if (should_compute_output(1) || should_compute_output(2)) {
+      const Tensor d = g * pointwise_hv(v, x, t, kind_, delta_);
+      if (should_compute_output(1)) out[1] = d;
+      if (should_compute_output(2)) out[2] = -d;
+    }
+    return out;
+  }
+  std::string name() const override { return "pyops::PointwiseLossBackwardBackward"; }
+  void release_variables() override {
+    g_.reset_data();
+    x_.reset_data();
+    t_.reset_data();
+  }
+};
+
 // ---- L1 / MSE / Huber: hand-written nodes (csrc/common/node.h), edges x and t -----------------------
 template <Backend B>
 struct PointwiseLossBackward : Node {
   SavedVariable a_, b_;  // x and t (reduction none: backward needs both, as torch's), or the gradient
-  int64_t kind_ = 0;
+  int64_t kind_ = 0, reduction_ = 0;
   double delta_ = 1.0;
   bool none_ = false;
 
   variable_list apply(variable_list&& grads) override {
-    refuse_double_backward(kKindNames[kind_]);
-    if (!grads[0].defined()) return {Tensor(), Tensor()};
-    const Tensor gi = none_ ? pointwise_loss_bwd[B].call(grads[0], a_.unpack(), b_.unpack(), kind_, delta_)
-                            : scale_saved(a_.unpack(), grads[0]);
+    const Tensor& g = grads[0];
+    if (!g.defined()) return {Tensor(), Tensor()};
+    Tensor gi;
+    if (none_) {
+      gi = pointwise_grad<B>(g, a_.unpack(), b_.unpack(), kind_, delta_);
+    } else {
+      const Tensor saved = a_.unpack();
+      if (!at::GradMode::is_enabled() && !has_tangent(g, saved)) {
+        gi = scale_saved(saved, g);
+      } else {  // the next order's derivative (create_graph=True) or tangent: saved as a function of x, t
+        Tensor G = saved;
+        if (at::GradMode::is_enabled()) {
+          auto node = make_node<SavedPointwiseGradBackward>(saved, kind_, delta_, mean_scale(reduction_, saved));
+          node->set_next_edges({next_edge(0), next_edge(1)});
+          G = with_history(saved, node);
+        }
+        gi = G * g;
+      }
+    }
     // loss(x - t): the target's gradient is the input's, negated
     return {should_compute_output(0) ? gi : Tensor(), should_compute_output(1) ? -gi : Tensor()};
   }
@@ -97,48 +228,158 @@ struct PointwiseLossBackward : Node {
   }
 };
 
-// ---- softmax cross entropy: saves the gradient (input's dtype), nothing else of the input's size --
+// ---- softmax cross entropy: the second derivative ------------------------------------------------------
+// Per row (classes along `cdim`), the saved gradient is G = s (a p - b) with p the softmax, s the
+// reduction's scale (1 / the weight of the rows not ignored, or 1 / rows for probabilities, under mean;
+// else 1) and, with class weights w (1 when none), smoothing e over C classes:
+//   class index t: a = (1 - e) w_t + e W / C (W = sum w), b = (1 - e) w_t onehot(t) + e w / C (0 if ignored)
+//   probabilities q: q' = (1 - e) q + e / C, a = sum_c w_c q'_c, b = w q'
+// so p = (G + s b) / (s a), and d G / dx applied to v is s a (p v - p sum_c(p v)). These need the target and
+// the class weights (saved with G: one int64 a row for class indices), never the input.
+struct CrossEntropySpec {
+  int64_t ignore_index = -100, reduction = 1;
+  double smoothing = 0;
+};
+
+Tensor cross_entropy_hv(const Tensor& v, const Tensor& G, const Tensor& t, const Tensor& w,
+                        const CrossEntropySpec& spec) {
+  const int64_t cdim = G.dim() == 1 ? 0 : 1, classes = G.size(cdim);
+  const auto opmath = at::toOpMathType(G.scalar_type());
+  const double e = spec.smoothing;
+  const bool mean = spec.reduction == int64_t(Reduction::kMean);
+  const Tensor Gf = G.to(opmath);
+  std::vector<int64_t> wshape(G.dim(), 1);
+  wshape[cdim] = classes;
+  const Tensor wc = w.defined() ? w.to(opmath).view(wshape) : Tensor();  // w along the class dimension
+  Tensor sa, sb;
+  if (t.is_floating_point()) {
+    const Tensor q = t.to(opmath) * (1 - e) + e / double(classes);
+    const Tensor b = wc.defined() ? q * wc : q;
+    const double s = mean ? double(classes) / double(G.numel()) : 1.0;  // 1 / rows
+    sa = b.sum(cdim, /*keepdim=*/true) * s;
+    sb = b * s;
+  } else {
+    const Tensor valid = t != spec.ignore_index;
+    const Tensor tc = t.masked_fill(~valid, 0);
+    const Tensor validf = valid.to(opmath);
+    const Tensor wt = w.defined() ? w.to(opmath).index_select(0, tc.reshape({-1})).view(t.sizes()) * validf : validf;
+    Tensor a = wt * (1 - e);
+    Tensor b = at::one_hot(tc, classes).to(opmath).movedim(-1, cdim) * (wt * (1 - e)).unsqueeze(cdim);
+    if (e != 0) {
+      const double ec = e / double(classes);
+      a = a + (w.defined() ? validf * w.to(opmath).sum() * ec : validf * e);  // e W / C, W = C without weights
+      b = b + (wc.defined() ? validf.unsqueeze(cdim) * wc * ec : validf.unsqueeze(cdim) * ec);
+    }
+    a = a.unsqueeze(cdim);
+    if (mean) {
+      const Tensor total = target_weight_total(t, spec.ignore_index, w.defined() ? w.to(opmath) : w, opmath);
+      a = a / total;
+      b = b / total;
+    }
+    sa = a;
+    sb = b;
+  }
+  const Tensor live = sa != 0;  // ignored rows (a = 0): no derivative, and no 0 / 0
+  const Tensor p = at::where(live, (Gf + sb) / at::where(live, sa, 1), 0);
+  const Tensor pv = p * v.to(opmath);
+  return (sa * (pv - p * pv.sum(cdim, /*keepdim=*/true))).to(v.scalar_type());
+}
+
+// The saved gradient G of cross entropy as a function of x (edge x), for the next order; its own
+// derivative reads G through another such node, so that every order is exact.
+struct SavedCrossEntropyGradBackward : Node {
+  SavedVariable g_, t_, w_;
+  CrossEntropySpec spec_;
+  SavedCrossEntropyGradBackward(const Tensor& g, const Tensor& t, const Tensor& w, const CrossEntropySpec& spec)
+      : g_(g, false), t_(t, false), w_(w, false), spec_(spec) {}
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return {Tensor()};
+    Tensor G = g_.unpack();
+    const Tensor t = t_.unpack(), w = w_.unpack();
+    if (at::GradMode::is_enabled()) {
+      auto node = make_node<SavedCrossEntropyGradBackward>(G, t, w, spec_);
+      node->set_next_edges({next_edge(0)});
+      G = with_history(G, node);
+    }
+    return {cross_entropy_hv(grads[0], G, t, w, spec_)};
+  }
+  std::string name() const override { return "pyops::CrossEntropyGradBackward"; }
+  void release_variables() override {
+    g_.reset_data();
+    t_.reset_data();
+    w_.reset_data();
+  }
+};
+
+// ---- softmax cross entropy: saves the gradient (input's dtype), and the target and class weights for
+// the next order; nothing else of the input's size ----------------------------------------------------------
 template <Backend B>
 struct CrossEntropyBackward : Node {
-  SavedVariable g_;
+  SavedVariable g_, t_, w_;
+  CrossEntropySpec spec_;
   bool none_ = false, batched_ = false;
 
   variable_list apply(variable_list&& grads) override {
-    refuse_double_backward("cross_entropy");
     const Tensor& g = grads[0];
     if (!g.defined()) return {Tensor()};
-    const Tensor saved = g_.unpack();
-    if (!none_) return {scale_saved(saved, g)};
-    return {saved * (batched_ ? g.unsqueeze(1) : g)};  // one gradient a row: broadcast over the classes
+    Tensor saved = g_.unpack();
+    if (!at::GradMode::is_enabled() && !has_tangent(g, saved)) {
+      if (!none_) return {scale_saved(saved, g)};
+      return {saved * (batched_ ? g.unsqueeze(1) : g)};  // one gradient a row: broadcast over the classes
+    }
+    if (at::GradMode::is_enabled()) {  // the next order (create_graph=True): G as a function of x
+      auto node = make_node<SavedCrossEntropyGradBackward>(saved, t_.unpack(), w_.unpack(), spec_);
+      node->set_next_edges({next_edge(0)});
+      saved = with_history(saved, node);
+    }
+    return {saved * (none_ && batched_ ? g.unsqueeze(1) : g)};
   }
   std::string name() const override { return "pyops::CrossEntropyBackward"; }
-  void release_variables() override { g_.reset_data(); }
+  void release_variables() override {
+    g_.reset_data();
+    t_.reset_data();
+    w_.reset_data();
+  }
 };
 
-// ---- the Autograd kernels of the primitives: record a node when a graph is built, else go straight
-// to the kernel ------------------------------------------------------------------------------------------
-// The reduced forms' second result: the saved gradient, detached, when asked for; else empty.
-Tensor second_result(const Tensor& g, const Tensor& x, bool grad) {
-  return grad ? g.detach() : at::empty({0}, x.options());
-}
-
+// ---- the Autograd kernels of the primitives: record a node when a graph is built and set the results'
+// tangents when an operand has one, else go straight to the kernel ------------------------------------------
 template <Backend B>
 struct Kernels {
   static Pair pointwise_loss_fwd_k(const Tensor& x, const Tensor& t, int64_t kind, int64_t reduction, double delta,
                                    bool grad) {
-    refuse_forward_ad("pointwise_loss_fwd", x);
-    refuse_forward_ad("pointwise_loss_fwd", t);
-    if (!grad_recorded(x) && !grad_recorded(t))
-      PYOPS_BELOW_AUTOGRAD(pointwise_loss_fwd[B].call(x, t, kind, reduction, delta, grad));
+    const bool rec = grad_recorded(x) || grad_recorded(t), fw = has_tangent(x, t);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(pointwise_loss_fwd[B].call(x, t, kind, reduction, delta, grad));
     const bool none = reduction == int64_t(Reduction::kNone);
     Tensor out, second;
     {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(out, second) = pointwise_loss_fwd[B].call(x, t, kind, reduction, delta, !none);
     }
+    // The reduced forms' gradient G, where a graph is recorded and G is read (by the tangent, or by an inner
+    // torch.func level's recorded forward, which asks for it): a function of x and t, for the next order.
+    Tensor G = second;
+    if (!none && rec && (fw || grad)) {
+      auto node = make_node<SavedPointwiseGradBackward>(second, kind, delta, mean_scale(reduction, x));
+      node->set_next_edges(torch::autograd::collect_next_edges(x, t));
+      G = with_history(second, node);
+    }
+    if (fw) {  // d loss = loss'(x - t) (dx - dt), reduced as the loss: G (dx - dt) summed; dG = h scale (dx - dt)
+      const Tensor d = sub_tangents(tangent(x), tangent(t));
+      if (none) {
+        set_tangent(out, pointwise_grad<B>(d, primal(x), primal(t), kind, delta));
+      } else {
+        set_tangent(out, (G * d).sum());
+        const Tensor dG = pointwise_hv_from_grad(d, second, kind, delta, mean_scale(reduction, x));
+        set_tangent(second, dG);
+        if (!G.is_same(second)) set_tangent(G, dG);
+      }
+    }
+    if (!rec) return {out, none || grad ? second : at::empty({0}, x.options())};
     auto node = make_node<PointwiseLossBackward<B>>();
     record(node, out, x, t);
     node->kind_ = kind;
+    node->reduction_ = reduction;
     node->delta_ = delta;
     node->none_ = none;
     if (none) {  // elementwise: backward needs x and t, as torch's
@@ -147,31 +388,61 @@ struct Kernels {
       return {out, second};
     }
     node->a_ = SavedVariable(second, /*is_output=*/false);
-    return {out, second_result(second, x, grad)};
+    return {out, grad ? G : at::empty({0}, x.options())};
   }
   static Tensor pointwise_loss_bwd_k(const Tensor& g, const Tensor& x, const Tensor& t, int64_t kind, double delta) {
-    TORCH_CHECK(!grad_recorded(g) && !grad_recorded(x) && !grad_recorded(t),
-                "pyops::pointwise_loss_bwd: is not differentiable (double backward is not supported)");
-    PYOPS_BELOW_AUTOGRAD(pointwise_loss_bwd[B].call(g, x, t, kind, delta));
+    const bool rec = graph_of(g, x, t), fw = has_tangent(g, x, t);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(pointwise_loss_bwd[B].call(g, x, t, kind, delta));
+    Tensor gi = below_autograd([&] { return pointwise_loss_bwd[B].call(g, x, t, kind, delta); });
+    if (rec) record(make_node<PointwiseLossBwdBackward<B>>(g, x, t, kind, delta), gi, g, x, t);
+    if (fw) {
+      const Tensor dg = tangent(g), d = sub_tangents(tangent(x), tangent(t));
+      const Tensor xp = primal(x), tp = primal(t);
+      set_tangent(gi, add_tangents(dg.defined() ? pointwise_grad<B>(dg, xp, tp, kind, delta) : Tensor(),
+                                   d.defined() ? primal(g) * pointwise_hv(d, xp, tp, kind, delta) : Tensor()));
+    }
+    return gi;
   }
   static Pair cross_entropy_fwd_k(const Tensor& x, const Tensor& t, const std::optional<Tensor>& w,
                                   int64_t ignore_index, int64_t reduction, double smoothing, bool grad) {
-    refuse_forward_ad("cross_entropy_fwd", x);
-    TORCH_CHECK(!grad_recorded(t) && !(w.has_value() && grad_recorded(*w)), "pyops::cross_entropy_fwd: gradients ",
-                "for target and weight are not supported (pyops.functional.cross_entropy hands such calls to torch)");
-    if (!grad_recorded(x))
-      PYOPS_BELOW_AUTOGRAD(cross_entropy_fwd[B].call(x, t, w, ignore_index, reduction, smoothing, grad));
+    TORCH_CHECK(!grad_recorded(t) && !(w.has_value() && grad_recorded(*w)) && !has_tangent(t, w),
+                "pyops::cross_entropy_fwd: gradients and tangents for target and weight are not supported ",
+                "(pyops.functional.cross_entropy hands such calls to torch)");
+    const bool rec = grad_recorded(x), fw = has_tangent(x);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(cross_entropy_fwd[B].call(x, t, w, ignore_index, reduction, smoothing, grad));
     Tensor loss, g;
     {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(loss, g) = cross_entropy_fwd[B].call(x, t, w, ignore_index, reduction, smoothing, true);
     }
+    const CrossEntropySpec spec{ignore_index, reduction, smoothing};
+    const bool none = reduction == int64_t(Reduction::kNone);
+    const Tensor wt = w.has_value() ? *w : Tensor();
+    // G, where a graph is recorded and G is read (by the tangent, or by an inner torch.func level's recorded
+    // forward, which asks for it): a function of x, for the next order.
+    Tensor G = g;
+    if (rec && (fw || grad)) {
+      auto node = make_node<SavedCrossEntropyGradBackward>(g, t, wt, spec);
+      node->set_next_edges(torch::autograd::collect_next_edges(x));
+      G = with_history(g, node);
+    }
+    if (fw) {  // d loss = sum over the classes (all of them when reduced) of G dx; dG = (dG/dx) dx
+      const Tensor dx = tangent(x);
+      set_tangent(loss, none ? (G * dx).sum(x.dim() == 1 ? 0 : 1) : (G * dx).sum());
+      const Tensor dG = cross_entropy_hv(dx, G, t, wt, spec);
+      set_tangent(g, dG);
+      if (!G.is_same(g)) set_tangent(G, dG);
+    }
+    if (!rec) return {loss, grad ? g : at::empty({0}, x.options())};
     auto node = make_node<CrossEntropyBackward<B>>();
     record(node, loss, x);
     node->g_ = SavedVariable(g, /*is_output=*/false);
-    node->none_ = reduction == int64_t(Reduction::kNone);
+    node->t_ = SavedVariable(t, /*is_output=*/false);
+    node->w_ = SavedVariable(wt, /*is_output=*/false);
+    node->spec_ = spec;
+    node->none_ = none;
     node->batched_ = x.dim() > 1;
-    return {loss, second_result(g, x, grad)};
+    return {loss, grad ? G : at::empty({0}, x.options())};
   }
 };
 
@@ -299,14 +570,14 @@ Tensor cross_entropy(const Tensor& input, const Tensor& target, const std::optio
   auto torch_fn = [&] { return at::cross_entropy_loss(x, t, weight, reduction, ignore_index, label_smoothing); };
   const bool probs = t.is_floating_point();
   const bool w_defined = weight.has_value() && weight->defined();
-  // what the kernels do not take goes to torch: other dtypes, mixed devices, and gradients for
-  // probability targets or class weights
+  // what the kernels do not take goes to torch: other dtypes, mixed devices, and gradients or tangents
+  // for probability targets or class weights
   if (!is_kernel_dtype(x.scalar_type()) || x.dim() < 1 || t.device() != x.device()) return torch_fn();
   // uint8 class indices, and an unbatched input's one-element target, are torch's forms alone
   if (!probs && (t.scalar_type() != at::kLong || (x.dim() == 1 && t.dim() == 1))) return torch_fn();
-  if (probs && (t.scalar_type() != x.scalar_type() || grad_recorded(t))) return torch_fn();
-  if (w_defined &&
-      (weight->scalar_type() != x.scalar_type() || weight->device() != x.device() || grad_recorded(*weight)))
+  if (probs && (t.scalar_type() != x.scalar_type() || grad_recorded(t) || has_tangent(t))) return torch_fn();
+  if (w_defined && (weight->scalar_type() != x.scalar_type() || weight->device() != x.device() ||
+                    grad_recorded(*weight) || has_tangent(weight)))
     return torch_fn();
   const Backend b = resolve("cross_entropy", x, auto_min_numel::cross_entropy);
   if (b == Backend::kTorch) return torch_fn();
