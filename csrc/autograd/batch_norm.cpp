@@ -2,18 +2,26 @@
 // the statistics, updates the running ones, normalizes) and its derivative, written once as a C++
 // autograd node over the primitives of either backend. Math: pyops/ops/batch_norm.py's docstring.
 // The statistics enter the function as inputs; its backward is the full derivative through them
-// (one reduction pass, one elementwise pass), so they need no derivative of their own.
+// (one reduction pass, one elementwise pass), so they need no derivative of their own there. Every other
+// derivative (the forward's tangent, the backward's own derivative, an outer torch.func level's view of
+// the primitives) is built from differentiable ATen ops, only when asked for.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/batch_norm.h>
 #include <ATen/ops/elu.h>
+#include <ATen/ops/elu_backward.h>
 #include <ATen/ops/leaky_relu.h>
+#include <ATen/ops/leaky_relu_backward.h>
 #include <ATen/ops/relu.h>
+#include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/var_mean.h>
 #include <torch/library.h>
 
+#include <array>
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "batch_norm.h"
 #include "common/backend.h"
@@ -58,17 +66,156 @@ Tensor per_count(const Tensor& t, const Tensor& ref) {
   return t / at::Scalar(c10::SymFloat(count));
 }
 
+// ---- the derivatives of every order, from differentiable ATen ops --------------------------------------
+// What the first-order path never runs: the forward's tangent (forward mode), and the backward as a
+// function of its inputs for the next order (create_graph=True) or its tangent. (mean, invstd) enter as
+// values; their own derivatives, where they have any, come with them.
+std::vector<int64_t> reduce_dims(const Tensor& x) {  // every dimension but the channels'
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+std::vector<int64_t> channel_shape(const Tensor& x) {  // a per-channel vector, broadcast against x
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = x.size(1);
+  return shape;
+}
+Tensor per_channel(const Tensor& t, const Tensor& x, at::ScalarType type) { return t.to(type).view(channel_shape(x)); }
+Tensor opt_value(const Opt& t) { return t.has_value() ? *t : Tensor(); }
+
+// act applied to y, as torch's own ops (the activation unfused, or a differentiable composite).
+Tensor apply_activation(const Tensor& y, BnAct act, double param) {
+  switch (act) {
+    case BnAct::kRelu:
+      return at::relu(y);
+    case BnAct::kLeakyRelu:
+      return at::leaky_relu(y, param);
+    case BnAct::kElu:
+      return at::elu(y, param);
+    default:
+      return y;
+  }
+}
+
+// The statistics as torch computes them: mean and biased variance per channel, op-math dtype.
+std::tuple<Tensor, Tensor> stats_composite(const Tensor& x) {
+  auto [var, mean] = at::var_mean(x.to(bn_opmath(x.scalar_type())), reduce_dims(x), /*correction=*/0,
+                                  /*keepdim=*/false);
+  return {mean, var};
+}
+
+// The tangents of the statistics: d mean = mean(dx), d var = 2 mean((x - mean) dx).
+std::tuple<Tensor, Tensor> stats_tangent(const Tensor& xp, const Tensor& dx, const Tensor& mean) {
+  const auto opmath = bn_opmath(xp.scalar_type());
+  const auto dims = reduce_dims(xp);
+  const Tensor d = dx.to(opmath);
+  return {d.mean(dims), ((xp.to(opmath) - per_channel(mean, xp, opmath)) * d).mean(dims) * 2};
+}
+
+// z = (x - mean) invstd w + b + r, op-math dtype.
+Tensor z_composite(const Tensor& x, const Tensor& mean, const Tensor& invstd, const Tensor& w, const Tensor& b,
+                   const Tensor& r) {
+  const auto opmath = bn_opmath(x.scalar_type());
+  Tensor z = (x.to(opmath) - per_channel(mean, x, opmath)) * per_channel(invstd, x, opmath);
+  if (w.defined()) z = z * per_channel(w, x, opmath);
+  if (b.defined()) z = z + per_channel(b, x, opmath);
+  if (r.defined()) z = z + r.to(opmath);
+  return z;
+}
+
+// The tangent of out = act(z): act'(z) dz with act' read from the output (as the backward kernels do,
+// where the activation is fused) and dz from the tangents of x, w, b, r (their own) and of mean, invstd
+// (given: their tangents, or those the statistics of x get from dx).
+Tensor elemt_tangent(const Tensor& x, const Tensor& mean, const Tensor& invstd, const Opt& weight, const Opt& bias,
+                     const Opt& residual, const Tensor& dmean, const Tensor& dinvstd, BnAct act, double param,
+                     const Tensor& out) {
+  const auto opmath = bn_opmath(x.scalar_type());
+  const Tensor xp = primal(x).to(opmath), m = per_channel(mean, x, opmath), is = per_channel(invstd, x, opmath);
+  const Tensor dx = tangent(x), dw = tangent(weight), db = tangent(bias), dr = tangent(residual);
+  Tensor dxhat;  // d((x - mean) invstd)
+  if (dx.defined()) dxhat = dx.to(opmath) * is;
+  if (dmean.defined()) dxhat = add_tangents(dxhat, -per_channel(dmean, x, opmath) * is);
+  if (dinvstd.defined()) dxhat = add_tangents(dxhat, (xp - m) * per_channel(dinvstd, x, opmath));
+  Tensor dz = dxhat;
+  if (dz.defined() && weight.has_value() && weight->defined()) dz = dz * per_channel(primal(*weight), x, opmath);
+  if (dw.defined()) dz = add_tangents(dz, (xp - m) * is * per_channel(dw, x, opmath));
+  if (db.defined()) dz = add_tangents(dz, per_channel(db, x, opmath));
+  if (dr.defined()) dz = add_tangents(dz, dr.to(opmath));
+  if (!dz.defined()) return dz;
+  dz = dz.expand(x.sizes()).to(out.scalar_type());
+  switch (act) {
+    case BnAct::kRelu:
+      return at::threshold_backward(dz, out, 0);
+    case BnAct::kLeakyRelu:
+      return at::leaky_relu_backward(dz, out, param, /*self_is_result=*/true);
+    case BnAct::kElu:
+      return at::elu_backward(dz, param, 1, 1, /*is_result=*/true, out);
+    default:
+      return dz;
+  }
+}
+
+// The gradients (dx, dw, db, dr) of out = act(z) given g, from differentiable ATen ops: in training the
+// statistics recomputed from x (their derivatives are part of dx's), in evaluation the saved running ones;
+// act' read from the saved output, whose own derivative is this node's (elu: act' depends on it).
+variable_list backward_composite(const Tensor& g, const Tensor& x, const Tensor& out, const Tensor& weight,
+                                 const Tensor& mean, const Tensor& invstd, bool training, double eps, BnAct act,
+                                 double param, const std::array<bool, 4>& need, at::ScalarType bias_type,
+                                 at::ScalarType residual_type) {
+  const auto opmath = bn_opmath(x.scalar_type());
+  const auto dims = reduce_dims(x);
+  const Tensor xo = x.to(opmath);
+  Tensor m, is;
+  if (training) {
+    auto [var, batch_mean] = at::var_mean(xo, dims, /*correction=*/0, /*keepdim=*/true);
+    m = batch_mean;
+    is = (var + eps).rsqrt();
+  } else {
+    m = per_channel(mean, x, opmath);
+    is = per_channel(invstd, x, opmath);
+  }
+  const Tensor xhat = (xo - m) * is;
+  const Tensor go = g.to(opmath);
+  Tensor dz;
+  switch (act) {
+    case BnAct::kRelu:
+      dz = at::threshold_backward(go, out.to(opmath), 0);
+      break;
+    case BnAct::kLeakyRelu:
+      dz = at::leaky_relu_backward(go, out.to(opmath), param, /*self_is_result=*/true);
+      break;
+    case BnAct::kElu:
+      dz = at::elu_backward(go, param, 1, 1, /*is_result=*/true, out.to(opmath));
+      break;
+    default:
+      dz = go;
+  }
+  variable_list result(4);
+  if (need[0]) {
+    const Tensor scale = weight.defined() ? per_channel(weight, x, opmath) * is : is;
+    result[0] = (training ? scale * (dz - dz.mean(dims, true) - xhat * (dz * xhat).mean(dims, true)) : scale * dz)
+                    .to(x.scalar_type());
+  }
+  if (need[1]) result[1] = (dz * xhat).sum(dims).to(weight.scalar_type());
+  if (need[2]) result[2] = dz.sum(dims).to(bias_type);
+  if (need[3]) result[3] = dz.to(residual_type);
+  return result;
+}
+
 // ---- the derivative ---------------------------------------------------------------------------------
 // out = act((x - mean) * invstd * w + b + r) with (mean, invstd) the batch's statistics (training) or
 // the running ones. Saves x (and the output when act is not the identity), or only the output (and r)
 // in the memory-efficient form. A hand-written node (csrc/common/node.h); its edges are x, weight,
-// bias, residual (an absent one has none).
+// bias, residual (an absent one has none). The first-order path runs the backward primitives; where
+// the result must be differentiable itself (create_graph=True, torch.func, tangents) it is built from
+// differentiable ATen ops instead (backward_composite), from the saved input.
 template <Backend B>
 struct BatchNormBackward : Node {
   SavedVariable x_, out_, residual_, mean_, invstd_, weight_, bias_;
   bool training_ = false;
   BnAct act_ = BnAct::kNone;
-  double param_ = 0;
+  double param_ = 0, eps_ = 0;
+  at::ScalarType bias_type_ = at::kFloat, residual_type_ = at::kFloat;  // their gradients' dtypes
 
   variable_list apply(variable_list&& grads) override {
     const Tensor x = x_.unpack(), out = out_.unpack(getptr()), residual = residual_.unpack(), mean = mean_.unpack(),
@@ -76,11 +223,16 @@ struct BatchNormBackward : Node {
     const Tensor& g = grads[0];
     variable_list result(4);
     if (!g.defined()) return result;
-    TORCH_CHECK(!(at::GradMode::is_enabled() && g.requires_grad()), "pyops.batch_norm: double backward ",
-                "(create_graph=True) is not supported");
-    const c10::string_view name = bn_act_name(act_);
     const bool need_x = should_compute_output(0), need_w = should_compute_output(1), need_b = should_compute_output(2),
                need_r = should_compute_output(3);
+    if (at::GradMode::is_enabled() || has_tangent(g, x, out, weight, bias)) {
+      TORCH_CHECK(x.defined(), "pyops.batch_norm: memory_efficient=True saves the output, not the input, and ",
+                  "its gradient cannot be differentiated again (create_graph=True, torch.func transforms, ",
+                  "forward-mode AD through the backward); use memory_efficient=False");
+      return backward_composite(g, x, out, weight, mean, invstd, training_, eps_, act_, param_,
+                                {need_x, need_w, need_b, need_r}, bias_type_, residual_type_);
+    }
+    const c10::string_view name = bn_act_name(act_);
     at::AutoDispatchBelowADInplaceOrView below;
     // with the identity, dr = dz = g itself
     const bool kernel_r = need_r && act_ != BnAct::kNone;
@@ -121,11 +273,34 @@ struct BatchNormBackward : Node {
   }
 };
 
-// The forward, recorded: out gets a BatchNormBackward node.
+// The tangent of the public op's result (forward mode) at this level, its statistics (training) functions
+// of x: where a graph is recorded too, recomputed from differentiable ops so that the tangent's own
+// derivative (reverse over forward) reaches x through them.
+Tensor forward_tangent(const Tensor& x, const Opt& weight, const Opt& bias, const Opt& residual, const Tensor& mean,
+                       const Tensor& invstd, bool training, double eps, bool recorded, BnAct act, double param,
+                       const Tensor& out) {
+  Tensor m = mean, is = invstd, dmean, dinvstd;
+  if (training) {
+    const Tensor xp = primal(x);
+    if (recorded) {
+      std::tie(m, is) = stats_composite(xp);
+      is = (is + eps).rsqrt();
+    }
+    const Tensor dx = tangent(x);
+    if (dx.defined()) {
+      Tensor dvar;
+      std::tie(dmean, dvar) = stats_tangent(xp, dx, m);
+      dinvstd = is * is * is * dvar * -0.5;  // d (var + eps)^(-1/2)
+    }
+  }
+  return elemt_tangent(x, m, is, weight, bias, residual, dmean, dinvstd, act, param, out);
+}
+
+// The forward, recorded: out gets a BatchNormBackward node (and its tangent, before it is saved).
 template <Backend B>
 Tensor batch_norm_recorded(const Tensor& x, const Opt& weight, const Opt& bias, const Opt& residual, const Tensor& mean,
-                           const Tensor& invstd, bool training, c10::string_view activation, double param,
-                           bool memory_efficient) {
+                           const Tensor& invstd, bool training, double eps, c10::string_view activation, double param,
+                           bool memory_efficient, bool fw) {
   Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -137,6 +312,11 @@ Tensor batch_norm_recorded(const Tensor& x, const Opt& weight, const Opt& bias, 
   node->training_ = training;
   node->act_ = act;
   node->param_ = param;
+  node->eps_ = eps;
+  if (bias.has_value() && bias->defined()) node->bias_type_ = bias->scalar_type();
+  if (residual.has_value() && residual->defined()) node->residual_type_ = residual->scalar_type();
+  if (fw)
+    set_tangent(out, forward_tangent(x, weight, bias, residual, mean, invstd, training, eps, true, act, param, out));
   const auto save = [](SavedVariable& slot, const Opt& t) {
     if (t.has_value() && t->defined()) slot = SavedVariable(*t, /*is_output=*/false);
   };
@@ -154,27 +334,57 @@ Tensor batch_norm_recorded(const Tensor& x, const Opt& weight, const Opt& bias, 
   return out;
 }
 
-// ---- the Autograd kernels of the primitives: none is differentiable on its own (the statistics and
-// the passes are differentiated together by BatchNormBackward); they run below autograd ----------------------
+// ---- the Autograd kernels of the primitives. The public op differentiates its own level (the node above,
+// the forward's tangent) and calls them below autograd; an outer torch.func level, or a direct call, sees
+// them here: the statistics and the elementwise pass record differentiable ATen ops where a graph is built
+// and set tangents in forward mode. The backward primitives have no derivative of their own (the node
+// differentiates the backward from ATen ops) and refuse to be differentiated. ---------------------------
+template <class... T>
+void refuse_derivative(const char* op, const T&... t) {
+  TORCH_CHECK(!differentiable(t...), "pyops::", op, ": is not differentiable (create_graph=True, forward-mode ",
+              "AD); pyops.batch_norm differentiates its backward from differentiable ops");
+}
+
 template <Backend B>
 struct Kernels {
-  static Pair stats(const Tensor& x) { PYOPS_BELOW_AUTOGRAD(bn_stats[B].call(x)); }
+  static Pair stats(const Tensor& x) {
+    const bool rec = graph_of(x), fw = has_tangent(x);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(bn_stats[B].call(x));
+    if (rec) return stats_composite(x);
+    auto [mean, var] = below_autograd([&] { return bn_stats[B].call(x); });
+    auto [dmean, dvar] = stats_tangent(primal(x), tangent(x), mean);
+    set_tangent(mean, dmean);
+    set_tangent(var, dvar);
+    return {mean, var};
+  }
   static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& invstd, const Opt& w, const Opt& b,
                       const Opt& r, c10::string_view act, double param) {
-    PYOPS_BELOW_AUTOGRAD(bn_elemt[B].call(x, mean, invstd, w, b, r, act, param));
+    const bool rec = graph_of(x, mean, invstd, w, b, r), fw = has_tangent(x, mean, invstd, w, b, r);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(bn_elemt[B].call(x, mean, invstd, w, b, r, act, param));
+    const BnAct a = parse_bn_act("batch_norm_elemt", act);
+    if (rec)
+      return apply_activation(z_composite(x, mean, invstd, opt_value(w), opt_value(b), opt_value(r)), a, param)
+          .to(x.scalar_type());
+    Tensor out = below_autograd([&] { return bn_elemt[B].call(x, mean, invstd, w, b, r, act, param); });
+    set_tangent(out,
+                elemt_tangent(x, primal(mean), primal(invstd), w, b, r, tangent(mean), tangent(invstd), a, param, out));
+    return out;
   }
   static Triple bwd_reduce(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean,
                            const Tensor& invstd, const Opt& w, const Opt& b, c10::string_view act, double param,
                            bool grad_residual) {
+    refuse_derivative("batch_norm_bwd_reduce", g, x, y, r, mean, invstd, w, b);
     PYOPS_BELOW_AUTOGRAD(bn_bwd_reduce[B].call(g, x, y, r, mean, invstd, w, b, act, param, grad_residual));
   }
   static Quad bwd(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean, const Tensor& invstd,
                   const Opt& w, const Opt& b, c10::string_view act, double param, bool grad_residual) {
+    refuse_derivative("batch_norm_bwd", g, x, y, r, mean, invstd, w, b);
     PYOPS_BELOW_AUTOGRAD(bn_bwd[B].call(g, x, y, r, mean, invstd, w, b, act, param, grad_residual));
   }
   static Tensor bwd_elemt(const Tensor& g, const Opt& x, const Opt& y, const Opt& r, const Tensor& mean,
                           const Tensor& invstd, const Opt& w, const Opt& b, const Opt& mdz, const Opt& mdx,
                           c10::string_view act, double param) {
+    refuse_derivative("batch_norm_bwd_elemt", g, x, y, r, mean, invstd, w, b, mdz, mdx);
     PYOPS_BELOW_AUTOGRAD(bn_bwd_elemt[B].call(g, x, y, r, mean, invstd, w, b, mdz, mdx, act, param));
   }
 };
@@ -209,19 +419,6 @@ running_update_op() {
 // ---- the public op --------------------------------------------------------------------------------------
 bool wants_grad(const Opt& t) { return t.has_value() && t->defined() && t->requires_grad(); }
 
-Tensor apply_activation(const Tensor& y, BnAct act, double param) {
-  switch (act) {
-    case BnAct::kRelu:
-      return at::relu(y);
-    case BnAct::kLeakyRelu:
-      return at::leaky_relu(y, param);
-    case BnAct::kElu:
-      return at::elu(y, param);
-    default:
-      return y;
-  }
-}
-
 Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& running_var, const Opt& weight,
                   const Opt& bias, bool training, double momentum, double eps,
                   std::optional<c10::string_view> activation, double negative_slope, double alpha, const Opt& residual,
@@ -242,8 +439,6 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
   TORCH_CHECK_VALUE(!residual.has_value() || !residual->defined() || residual->sym_sizes() == input.sym_sizes(),
                     "pyops.batch_norm: residual must have the input's shape ", input.sym_sizes(), ", got ",
                     residual.has_value() && residual->defined() ? residual->sym_sizes() : input.sym_sizes());
-  TORCH_CHECK(!input._fw_grad(/*level=*/0).defined(),
-              "pyops.batch_norm: forward-mode AD (dual tensors, torch.func.jvp) is not supported");
   // fewer than 2 dimensions (no channel dimension): torch's batch norm decides (it takes an empty 1-d input)
   const Backend b = input.dim() < 2 ? Backend::kTorch : resolve("batch_norm", input, auto_min_numel::batch_norm);
   const Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
@@ -257,10 +452,15 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
   if (training)
     TORCH_CHECK_VALUE(!known || *known != 1, "pyops.batch_norm: expected more than 1 value per channel when ",
                       "training, got input size ", input.sym_sizes());
+  // This level's derivatives are the op's own (a recorded node, the forward's tangent); the primitives run
+  // below autograd, where an outer torch.func level sees them.
+  const bool recorded = at::GradMode::is_enabled() &&
+                        (input.requires_grad() || wants_grad(weight) || wants_grad(bias) || wants_grad(residual));
+  const bool fw = has_tangent(input, weight, bias, residual);
   Tensor mean, invstd;
   if (training) {
     Tensor var;
-    std::tie(mean, var) = bn_stats[b].call(input);
+    std::tie(mean, var) = below_autograd([&] { return bn_stats[b].call(input); });
     invstd = (var + eps).rsqrt();
     if (rm.defined() && (!known || *known > 0)) {
       at::NoGradGuard no_grad;
@@ -284,14 +484,18 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
   const bool fused = bn_act_from_output(act, param);
   const c10::string_view kernel_act = bn_act_name(fused ? act : BnAct::kNone);
   Tensor out;
-  if (at::GradMode::is_enabled() &&
-      (input.requires_grad() || wants_grad(weight) || wants_grad(bias) || wants_grad(residual))) {
-    out = b == Backend::kTriton ? batch_norm_recorded<Backend::kTriton>(input, weight, bias, residual, mean, invstd,
-                                                                        training, kernel_act, param, memory_efficient)
-                                : batch_norm_recorded<Backend::kNative>(input, weight, bias, residual, mean, invstd,
-                                                                        training, kernel_act, param, memory_efficient);
+  if (recorded) {
+    out = b == Backend::kTriton
+              ? batch_norm_recorded<Backend::kTriton>(input, weight, bias, residual, mean, invstd, training, eps,
+                                                      kernel_act, param, memory_efficient, fw)
+              : batch_norm_recorded<Backend::kNative>(input, weight, bias, residual, mean, invstd, training, eps,
+                                                      kernel_act, param, memory_efficient, fw);
   } else {
-    out = bn_elemt[b].call(input, mean, invstd, weight, bias, residual, kernel_act, param);
+    out = below_autograd(
+        [&] { return bn_elemt[b].call(input, mean, invstd, weight, bias, residual, kernel_act, param); });
+    if (fw)
+      set_tangent(out, forward_tangent(input, weight, bias, residual, mean, invstd, training, eps, false,
+                                       fused ? act : BnAct::kNone, param, out));
   }
   return fused ? out : apply_activation(out, act, param);
 }
