@@ -77,7 +77,7 @@ std::vector<int64_t> reduce_dims(const Tensor& x) {  // every dimension but the 
 }
 std::vector<int64_t> channel_shape(const Tensor& x) {  // a per-channel vector, broadcast against x
   std::vector<int64_t> shape(x.dim(), 1);
-  shape[1] = x.size(1);
+  shape[1] = -1;
   return shape;
 }
 Tensor per_channel(const Tensor& t, const Tensor& x, at::ScalarType type) { return t.to(type).view(channel_shape(x)); }
@@ -142,7 +142,7 @@ Tensor elemt_tangent(const Tensor& x, const Tensor& mean, const Tensor& invstd, 
   if (db.defined()) dz = add_tangents(dz, per_channel(db, x, opmath));
   if (dr.defined()) dz = add_tangents(dz, dr.to(opmath));
   if (!dz.defined()) return dz;
-  dz = dz.expand(x.sizes()).to(out.scalar_type());
+  dz = dz.expand_symint(x.sym_sizes()).to(out.scalar_type());
   switch (act) {
     case BnAct::kRelu:
       return at::threshold_backward(dz, out, 0);

@@ -15,7 +15,6 @@
 #include <ATen/ops/huber_loss.h>
 #include <ATen/ops/l1_loss.h>
 #include <ATen/ops/mse_loss.h>
-#include <ATen/ops/one_hot.h>
 #include <ATen/ops/sqrt.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
@@ -243,30 +242,36 @@ struct CrossEntropySpec {
 
 Tensor cross_entropy_hv(const Tensor& v, const Tensor& G, const Tensor& t, const Tensor& w,
                         const CrossEntropySpec& spec) {
-  const int64_t cdim = G.dim() == 1 ? 0 : 1, classes = G.size(cdim);
+  // (sizes as SymInts: torch.compile traces this with symbolic ones)
+  const int64_t cdim = G.dim() == 1 ? 0 : 1;
+  const c10::SymFloat classes(G.sym_size(cdim));
   const auto opmath = at::toOpMathType(G.scalar_type());
   const double e = spec.smoothing;
+  const at::Scalar ec(c10::SymFloat(e) / classes);  // e / C
   const bool mean = spec.reduction == int64_t(Reduction::kMean);
   const Tensor Gf = G.to(opmath);
   std::vector<int64_t> wshape(G.dim(), 1);
-  wshape[cdim] = classes;
+  wshape[cdim] = -1;
   const Tensor wc = w.defined() ? w.to(opmath).view(wshape) : Tensor();  // w along the class dimension
   Tensor sa, sb;
   if (t.is_floating_point()) {
-    const Tensor q = t.to(opmath) * (1 - e) + e / double(classes);
+    const Tensor q = t.to(opmath) * (1 - e) + ec;
     const Tensor b = wc.defined() ? q * wc : q;
-    const double s = mean ? double(classes) / double(G.numel()) : 1.0;  // 1 / rows
-    sa = b.sum(cdim, /*keepdim=*/true) * s;
-    sb = b * s;
+    sa = b.sum(cdim, /*keepdim=*/true);
+    sb = b;
+    if (mean) {  // 1 / rows
+      const at::Scalar s(classes / c10::SymFloat(G.sym_numel()));
+      sa = sa * s;
+      sb = sb * s;
+    }
   } else {
     const Tensor valid = t != spec.ignore_index;
     const Tensor tc = t.masked_fill(~valid, 0);
     const Tensor validf = valid.to(opmath);
-    const Tensor wt = w.defined() ? w.to(opmath).index_select(0, tc.reshape({-1})).view(t.sizes()) * validf : validf;
+    const Tensor wt = w.defined() ? w.to(opmath).index_select(0, tc.reshape({-1})).reshape_as(t) * validf : validf;
     Tensor a = wt * (1 - e);
-    Tensor b = at::one_hot(tc, classes).to(opmath).movedim(-1, cdim) * (wt * (1 - e)).unsqueeze(cdim);
+    Tensor b = at::zeros_like(Gf).scatter(cdim, tc.unsqueeze(cdim), 1) * a.unsqueeze(cdim);  // (1 - e) w_t onehot(t)
     if (e != 0) {
-      const double ec = e / double(classes);
       a = a + (w.defined() ? validf * w.to(opmath).sum() * ec : validf * e);  // e W / C, W = C without weights
       b = b + (wc.defined() ? validf.unsqueeze(cdim) * wc * ec : validf.unsqueeze(cdim) * ec);
     }
