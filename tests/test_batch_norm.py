@@ -18,7 +18,7 @@ from torch import nn
 import pyops
 import pyops.functional as PF
 import pyops.nn as pnn
-from oracle import DTYPES, device_backends, kernel_device_backends, opcheck_primitive, skip_unreliable
+from oracle import DTYPES, assert_close, device_backends, kernel_device_backends, opcheck_primitive, skip_unreliable
 from pyops.ops import PRIMITIVES
 from pyops.ops.batch_norm import FAKES as BATCH_NORM_FAKES
 from pyops.ops.batch_norm import batch_norm_reference
@@ -151,13 +151,17 @@ def test_gradcheck(form, residual, training, device, backend):
             assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6)
 
 
-def test_double_backward_is_refused():
+def test_double_backward():
+    """create_graph=True builds the backward from differentiable ops (the first-order path is the
+    kernels'): the second derivative is torch's (tests/test_autodiff.py checks every form)."""
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    y = PF.batch_norm(x, None, None, training=True)
-    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True) if False else (None,)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-    assert g is None
+    with pyops.backend("native"):
+        (g,) = torch.autograd.grad(PF.batch_norm(x, None, None, training=True).pow(3).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), x)
+    (gt,) = torch.autograd.grad(TF.batch_norm(x, None, None, training=True).pow(3).sum(), x, create_graph=True)
+    (ggt,) = torch.autograd.grad(gt.pow(2).sum(), x)
+    assert_close(g, gt, torch.float64)
+    assert_close(gg, ggt, torch.float64, reduced=x.numel())
 
 
 # ---- opcheck: every primitive ---------------------------------------------------------------------------

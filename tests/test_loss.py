@@ -261,15 +261,24 @@ def test_pointwise_gradcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", kernel_device_backends())
-def test_double_backward_refused(device, backend):
+def test_double_backward(device, backend):
+    """create_graph=True makes the saved gradient a differentiable function of the inputs (the first-order
+    path hands it on as before): second derivatives are torch's (tests/test_autodiff.py checks every form)."""
     x = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
-    t = torch.randn(6, dtype=torch.float64, device=device)
-    with pyops.backend(backend):
-        (g,) = torch.autograd.grad(PF.mse_loss(x, t), x, create_graph=False)
-        with pytest.raises(RuntimeError, match="double backward"):
-            torch.autograd.grad(PF.mse_loss(x, t), x, create_graph=True)
-        with pytest.raises(RuntimeError, match="double backward"):
-            torch.autograd.grad(PF.cross_entropy(x.view(2, 3), torch.tensor([0, 2])), x, create_graph=True)
+    t = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([0, 2], device=device)
+    cases = [
+        (lambda a, b: PF.mse_loss(a, b), lambda a, b: TF.mse_loss(a, b)),
+        (lambda a, b: PF.cross_entropy(a.view(2, 3), labels), lambda a, b: TF.cross_entropy(a.view(2, 3), labels)),
+    ]
+    for fn, ref in cases:
+        with pyops.backend(backend):
+            g = torch.autograd.grad(fn(x, t), x, create_graph=True)[0]
+            gg = torch.autograd.grad((g * g.detach().cos()).sum(), x)[0]
+        gr = torch.autograd.grad(ref(x, t), x, create_graph=True)[0]
+        ggr = torch.autograd.grad((gr * gr.detach().cos()).sum(), x)[0]
+        assert_close(g, gr, torch.float64)
+        assert_close(gg, ggr, torch.float64, reduced=x.numel())
 
 
 # ---- cross entropy -----------------------------------------------------------------------------------
@@ -443,13 +452,14 @@ def test_cross_entropy_target_grad_goes_to_torch():
 
 def test_cross_entropy_saves_one_gradient():
     """Backward keeps the softmax gradient at the input's width and nothing else of the input's size
-    (torch keeps the float32 log-softmax)."""
+    (torch keeps the float32 log-softmax); beside it the class-index target (one int64 a row), which the
+    second derivative reads."""
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(64, 100, dtype=dtype, requires_grad=True)
         t = torch.randint(0, 100, (64,))
         with pyops.backend("native"):
             got = pyops.saved_bytes(lambda a, t=t: PF.cross_entropy(a, t), x)
-        assert got == x.numel() * x.element_size()
+        assert got == x.numel() * x.element_size() + t.numel() * t.element_size()
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])

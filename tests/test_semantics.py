@@ -257,18 +257,22 @@ def test_jit_script_of_pyops_modules():
     assert "pyops::maxout" in str(scripted._modules["0"].forward.graph)
 
 
-def test_forward_mode_ad_is_refused_clearly():
+def test_forward_mode_ad():
+    """Dual tensors get the tangent torch's op gives (tests/test_autodiff.py checks every op and mode)."""
     import torch.autograd.forward_ad as fwAD
 
-    with pyops.backend("native"), fwAD.dual_level():
-        x = fwAD.make_dual(torch.randn(3), torch.ones(3))
-        with pytest.raises(RuntimeError, match="pyops.relu: forward-mode AD"):
-            PF.relu(x)
+    x, v = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    for backend in CPU_KERNEL_BACKENDS:
+        with pyops.backend(backend), fwAD.dual_level():
+            y = fwAD.unpack_dual(PF.relu(fwAD.make_dual(x, v)))
+            yr = fwAD.unpack_dual(TF.relu(fwAD.make_dual(x, v)))
+            assert_close(y.primal, yr.primal, torch.float64)
+            assert_close(y.tangent, yr.tangent, torch.float64)
 
 
 def test_vmap_runs_the_ops_batched():
-    """torch.vmap uses pyops' batching rules (no per-sample loop); torch.func's autograd transforms
-    (grad, vjp, jvp) are not supported (the derivatives are C++ autograd functions)."""
+    """torch.vmap uses pyops' batching rules (no per-sample loop). torch.func's autograd transforms
+    (grad, vjp, jvp, jacrev, jacfwd, hessian) work too: tests/test_autodiff.py."""
     import warnings
 
     x = torch.randn(3, 4, 6, dtype=torch.float64)
