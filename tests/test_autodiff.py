@@ -1,7 +1,8 @@
 """Every op in every mode of automatic differentiation its torch counterpart supports, float64, on each
 backend that runs on the CPU (Triton under its interpreter, on the smallest shapes): gradcheck with
 forward-mode AD, gradgradcheck (reverse over reverse, forward over reverse), and torch.func's grad, vjp,
-jvp, jacrev, jacfwd and hessian (also as jacrev of jacrev) against torch's function."""
+jvp, jacrev, jacfwd and hessian (also as jacrev of jacrev), and grad of jvp (reverse over forward),
+against torch's function."""
 
 import dataclasses
 import warnings
@@ -196,7 +197,7 @@ TRITON_CASES = [
     "cross_entropy-index-mean-True",
     "cross_entropy-probs-none-True",
 ]
-TRANSFORMS = ["jvp", "vjp", "grad", "jacrev", "jacfwd", "hessian", "jacrev_jacrev"]
+TRANSFORMS = ["jvp", "vjp", "grad", "jacrev", "jacfwd", "hessian", "jacrev_jacrev", "grad_of_jvp"]
 CHEAP = ["jvp", "vjp", "grad"]
 
 # What torch itself cannot do (the torch backend is torch's own functions): forward over reverse of
@@ -242,9 +243,11 @@ def test_gradcheck_forward_and_double_backward(name, backend):
 def _transform(kind, f, args):
     """torch.func's `kind` of f at args (hessian and jacobians with respect to the first argument)."""
     n = len(args)
+    tangents = tuple(torch.linspace(-1, 1, a.numel(), dtype=F64).view(a.shape) for a in args)
     if kind == "jvp":
-        tangents = tuple(torch.linspace(-1, 1, a.numel(), dtype=F64).view(a.shape) for a in args)
         return jvp(f, args, tangents)
+    if kind == "grad_of_jvp":  # reverse over forward
+        return grad(lambda *a: (jvp(f, a, tangents)[1] ** 2).sum(), argnums=tuple(range(n)))(*args)
     out, pullback = vjp(f, *args)
     cotangent = torch.linspace(-1, 1, out.numel(), dtype=F64).view(out.shape)
     if kind == "vjp":

@@ -333,7 +333,11 @@ struct Kernels {
     } else {
       torch::autograd::impl::bump_version(x);
     }
-    if (fw) set_tangent_inplace(x, early.defined() ? early : elu_grad<B>(tangent(x), primal(x), alpha, true));
+    if (fw) {
+      // the new tangent is written into x's own, which the tangent's graph (reverse over forward, at this
+      // or an outer torch.func level) would save: it reads a copy
+      set_tangent_inplace(x, early.defined() ? early : elu_grad<B>(tangent(x).clone(), primal(x), alpha, true));
+    }
     if (rec) node->saved_ = SavedVariable(x, /*is_output=*/true);  // the output, with its new history
   }
   static Tensor elu_bwd_k(const Tensor& g, const Tensor& saved, double alpha, bool is_result) {
