@@ -5,6 +5,7 @@ jvp, jacrev, jacfwd and hessian (also as jacrev of jacrev), and grad of jvp (rev
 against torch's function."""
 
 import dataclasses
+import math
 import warnings
 from typing import Callable
 
@@ -92,6 +93,11 @@ def _cases():
             cases[f"cross_entropy-index-{r}-{bool(kw)}"] = _cross_entropy_case(r, kw, probs=False)
             kw = {k: v for k, v in kw.items() if k != "ignore_index"}
             cases[f"cross_entropy-probs-{r}-{bool(kw)}"] = _cross_entropy_case(r, kw, probs=True)
+    # spatial (N, C, d) and unbatched (C,) logits
+    full = {"weight": True, "ignore_index": 0, "label_smoothing": 0.3}
+    cases["cross_entropy-spatial-index-mean"] = _cross_entropy_case("mean", full, False, shape=(2, 4, 3))
+    cases["cross_entropy-spatial-probs-sum"] = _cross_entropy_case("sum", {"label_smoothing": 0.2}, True, (2, 4, 3))
+    cases["cross_entropy-unbatched-index-mean"] = _cross_entropy_case("mean", {**full, "ignore_index": 3}, False, (5,))
     return cases
 
 
@@ -160,14 +166,19 @@ def _pointwise_case(fn, ref, reduction):
     return Case(lambda x, t: fn(x, t, reduction=reduction), lambda x, t: ref(x, t, reduction=reduction), args)
 
 
-def _cross_entropy_case(reduction, kw, probs):
-    labels = torch.tensor([0, 2, 1, 1])
-    weight = torch.rand(3, dtype=F64) + 0.5
-    target = torch.softmax(torch.randn(4, 3, dtype=F64), 1) if probs else labels
+def _cross_entropy_case(reduction, kw, probs, shape=(4, 3)):
+    """Logits of `shape` (classes at dim 1, or dim 0 of a 1-d input), class-index or probability targets."""
+    classes = shape[1] if len(shape) > 1 else shape[0]
+    tshape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    labels = torch.arange(math.prod(tshape)).remainder(classes).view(tshape)
+    if "ignore_index" in kw and labels.dim():
+        labels.view(-1)[-1] = kw["ignore_index"]  # a row ignored at least
+    weight = torch.rand(classes, dtype=F64) + 0.5
+    target = torch.softmax(torch.randn(shape, dtype=F64), 1 if len(shape) > 1 else 0) if probs else labels
     kw = {**kw, "weight": weight} if kw.get("weight") else kw
 
     def args():
-        return (randn(4, 3),)
+        return (randn(*shape),)
 
     return Case(
         lambda x: PF.cross_entropy(x, target, reduction=reduction, **kw),

@@ -277,7 +277,8 @@ Tensor cross_entropy_hv(const Tensor& v, const Tensor& G, const Tensor& t, const
     }
     a = a.unsqueeze(cdim);
     if (mean) {
-      const Tensor total = target_weight_total(t, spec.ignore_index, w.defined() ? w.to(opmath) : w, opmath);
+      const Tensor total =
+          target_weight_total(t.reshape({-1}), spec.ignore_index, w.defined() ? w.to(opmath) : w, opmath);
       a = a / total;
       b = b / total;
     }
