@@ -366,6 +366,24 @@ def test_batch_norm_memory_efficient(backend):
             torch.autograd.grad(y.pow(2).sum(), xr, create_graph=True)
 
 
+def test_loss_tangent_of_a_mean_over_nothing():
+    """A mean over no elements, or over class indices all ignored, is 0 / 0: its tangent is NaN, as
+    torch's (whose gradient is 0 there, as pyops')."""
+    x, empty = randn(3, 4), randn(0, 4)
+    cases = [
+        (PF.mse_loss, TF.mse_loss, empty, empty),
+        (PF.huber_loss, TF.huber_loss, empty, empty),
+        (PF.cross_entropy, TF.cross_entropy, x, torch.full((3,), -100)),
+        (PF.cross_entropy, TF.cross_entropy, empty, torch.zeros(0, dtype=torch.long)),
+    ]
+    for backend in BACKENDS:
+        for fn, ref, a, t in cases:
+            with pyops.backend(backend):
+                got = jvp(lambda u, fn=fn, t=t: fn(u, t), (a,), (a,))[1]
+            expected = jvp(lambda u, ref=ref, t=t: ref(u, t), (a,), (a,))[1]
+            assert got.isnan() and expected.isnan(), (backend, fn, got, expected)
+
+
 def test_third_order_losses():
     """Third derivatives: the saved gradient's own derivative is differentiable again (cross entropy's
     reads it through another node; the pointwise losses' is constant)."""

@@ -12,6 +12,7 @@
 #include <ATen/ops/broadcast_tensors.h>
 #include <ATen/ops/cross_entropy_loss.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/huber_loss.h>
 #include <ATen/ops/l1_loss.h>
 #include <ATen/ops/mse_loss.h>
@@ -20,6 +21,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <tuple>
@@ -375,7 +377,10 @@ struct Kernels {
       if (none) {
         set_tangent(out, pointwise_grad<B>(d, primal(x), primal(t), kind, delta));
       } else {
-        set_tangent(out, (G * d).sum());
+        Tensor dloss = (G * d).sum();
+        if (reduction == int64_t(Reduction::kMean) && x.sym_numel().maybe_as_int() == 0)
+          dloss = at::full({}, std::numeric_limits<double>::quiet_NaN(), dloss.options());  // 0 / 0, as torch's
+        set_tangent(out, dloss);
         const Tensor dG = pointwise_hv_from_grad(d, second, kind, delta, mean_scale(reduction, x));
         set_tangent(second, dG);
         if (!G.is_same(second)) set_tangent(G, dG);
@@ -434,7 +439,14 @@ struct Kernels {
     }
     if (fw) {  // d loss = sum over the classes (all of them when reduced) of G dx; dG = (dG/dx) dx
       const Tensor dx = tangent(x);
-      set_tangent(loss, none ? (G * dx).sum(x.dim() == 1 ? 0 : 1) : (G * dx).sum());
+      Tensor dloss = none ? (G * dx).sum(x.dim() == 1 ? 0 : 1) : (G * dx).sum();
+      if (reduction == int64_t(Reduction::kMean) && !t.is_floating_point()) {
+        // no rows, or every row ignored: 0 / 0 as torch's, + 0 / total (no host synchronisation)
+        const auto opmath = at::toOpMathType(x.scalar_type());
+        const Tensor total = target_weight_total(t.reshape({-1}), ignore_index, w ? w->to(opmath) : Tensor(), opmath);
+        dloss = dloss + (total.reciprocal() * 0).to(dloss.scalar_type());
+      }
+      set_tangent(loss, dloss);
       const Tensor dG = cross_entropy_hv(dx, G, t, wt, spec);
       set_tangent(g, dG);
       if (!G.is_same(g)) set_tangent(G, dG);
