@@ -211,11 +211,10 @@ TRITON_CASES = [
 TRANSFORMS = ["jvp", "vjp", "grad", "jacrev", "jacfwd", "hessian", "jacrev_jacrev", "grad_of_jvp"]
 CHEAP = ["jvp", "vjp", "grad"]
 
-# What torch itself cannot do (the torch backend is torch's own functions): forward over reverse of
-# huber_loss (its backward, huber_loss_backward, has no forward derivative in tools/autograd/derivatives.yaml:
-# "Trying to use forward AD with huber_loss_backward that does not support it"), and of mse_loss with a mean
-# (its double backward hands a zero tangent, an immutable ZeroTensor, to an in-place op: "ZeroTensors are
-# immutable"), so of rmse_loss's mean too.
+# What torch itself cannot do (the torch backend is torch's own functions), torch 2.14: forward over reverse
+# of huber_loss (huber_loss_backward has no forward derivative in tools/autograd/derivatives.yaml: "Trying to
+# use forward AD with huber_loss_backward that does not support it") and of mse_loss with a mean (it raises
+# "ZeroTensors are immutable"), so of rmse_loss's mean too.
 TORCH_FWD_OVER_REV = {"huber_loss-mean", "huber_loss-sum", "huber_loss-none", "mse_loss-mean", "rmse_loss-mean"}
 
 
@@ -252,7 +251,8 @@ def test_gradcheck_forward_and_double_backward(name, backend):
 
 
 def _transform(kind, f, args):
-    """torch.func's `kind` of f at args (hessian and jacobians with respect to the first argument)."""
+    """torch.func's `kind` of f at args: gradients, Jacobians and tangents for every argument, Hessians for
+    the first."""
     n = len(args)
     tangents = tuple(torch.linspace(-1, 1, a.numel(), dtype=F64).view(a.shape) for a in args)
     if kind == "jvp":
