@@ -384,6 +384,19 @@ def test_loss_tangent_of_a_mean_over_nothing():
             assert got.isnan() and expected.isnan(), (backend, fn, got, expected)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_zero_channels(training):
+    """No channels: the tangent and the differentiable backward are empty, as torch's."""
+    x, w, b = randn(3, 0, 2), randn(0), randn(0)
+    rm, rv = torch.zeros(0, dtype=F64), torch.ones(0, dtype=F64)
+    for backend in [b for b in BACKENDS if b != "torch"]:
+        with pyops.backend(backend):
+            out, tangent = jvp(lambda *a: PF.batch_norm(a[0], rm, rv, a[1], a[2], training), (x, w, b), (x, w, b))
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            gx, gw = torch.autograd.grad(PF.batch_norm(xr, rm, rv, wr, b, training).sum(), (xr, wr), create_graph=True)
+        assert out.shape == tangent.shape == gx.shape == x.shape and gw.shape == w.shape
+
+
 def test_third_order_losses():
     """Third derivatives: the saved gradient's own derivative is differentiable again (cross entropy's
     reads it through another node; the pointwise losses' is constant)."""

@@ -75,12 +75,14 @@ std::vector<int64_t> reduce_dims(const Tensor& x) {  // every dimension but the 
   for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
   return dims;
 }
-std::vector<int64_t> channel_shape(const Tensor& x) {  // a per-channel vector, broadcast against x
-  std::vector<int64_t> shape(x.dim(), 1);
-  shape[1] = -1;
+c10::SymDimVector channel_shape(const Tensor& x) {  // a per-channel vector, broadcast against x
+  c10::SymDimVector shape(x.dim(), 1);
+  shape[1] = x.sym_size(1);
   return shape;
 }
-Tensor per_channel(const Tensor& t, const Tensor& x, at::ScalarType type) { return t.to(type).view(channel_shape(x)); }
+Tensor per_channel(const Tensor& t, const Tensor& x, at::ScalarType type) {
+  return t.to(type).view_symint(channel_shape(x));
+}
 Tensor opt_value(const Opt& t) { return t.has_value() ? *t : Tensor(); }
 
 // act applied to y, as torch's own ops (the activation unfused, or a differentiable composite).

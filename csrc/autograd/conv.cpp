@@ -82,7 +82,7 @@ Tensor conv_tangent(const Tensor& x, const Tensor& w, const Tensor& bias, const 
   if (dx.defined()) dz = fwd(B, dx, primal(w), std::nullopt, p);
   if (dw.defined()) dz = add_tangents(dz, fwd(B, primal(x), dw, std::nullopt, p));
   if (db.defined()) {
-    const Tensor db4 = db.view({1, -1, 1, 1});
+    const Tensor db4 = db.view_symint({1, db.sym_size(0), 1, 1});
     dz = dz.defined() ? dz + db4 : db4.expand_symint(out.sym_sizes());
   }
   switch (act) {
@@ -183,7 +183,7 @@ struct ConvBwdWeightBackward : Node {
       if (ggw.defined()) {
         result[0] = fwd(B, x, ggw, ggb.defined() ? std::optional<Tensor>(ggb) : std::nullopt, p_);
       } else {
-        result[0] = ggb.view({1, -1, 1, 1}).expand_symint(g.sym_sizes()).contiguous();
+        result[0] = ggb.view_symint({1, ggb.sym_size(0), 1, 1}).expand_symint(g.sym_sizes()).contiguous();
       }
     }
     if (should_compute_output(1) && ggw.defined()) result[1] = bwd_input(B, g, ggw, x.sym_sizes(), p_);

@@ -252,9 +252,9 @@ Tensor cross_entropy_hv(const Tensor& v, const Tensor& G, const Tensor& t, const
   const at::Scalar ec(c10::SymFloat(e) / classes);  // e / C
   const bool mean = spec.reduction == int64_t(Reduction::kMean);
   const Tensor Gf = G.to(opmath);
-  std::vector<int64_t> wshape(G.dim(), 1);
-  wshape[cdim] = -1;
-  const Tensor wc = w.defined() ? w.to(opmath).view(wshape) : Tensor();  // w along the class dimension
+  c10::SymDimVector wshape(G.dim(), 1);
+  wshape[cdim] = G.sym_size(cdim);
+  const Tensor wc = w.defined() ? w.to(opmath).view_symint(wshape) : Tensor();  // w along the class dimension
   Tensor sa, sb;
   if (t.is_floating_point()) {
     const Tensor q = t.to(opmath) * (1 - e) + ec;

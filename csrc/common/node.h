@@ -72,9 +72,6 @@ bool differentiable(const T&... t) {
 
 // t without its tangent (t itself where it has none).
 inline at::Tensor primal(const at::Tensor& t) { return tangent(t).defined() ? t._fw_primal(/*level=*/0) : t; }
-inline std::optional<at::Tensor> primal(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(primal(*t)) : std::nullopt;
-}
 
 // a + b for tangents, either of which may be absent (zero).
 inline at::Tensor add_tangents(const at::Tensor& a, const at::Tensor& b) {
