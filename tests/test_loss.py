@@ -506,7 +506,7 @@ def test_cross_entropy_bad_targets(backend):
         ]:
             with pytest.raises(error, match="pyops.cross_entropy: " + words):
                 PF.cross_entropy(x, *args, **kwargs)
-            with pytest.raises(error, match=words):
+            with pytest.raises(error):  # (torch's words vary across its versions; the type does not)
                 TF.cross_entropy(x, *args, **kwargs)
         with pytest.raises(RuntimeError, match=r"pyops.cross_entropy: Expected target size \[2, 5\], got \[2, 4\]"):
             PF.cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
