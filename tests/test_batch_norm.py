@@ -694,6 +694,25 @@ dist.destroy_process_group()
 """
 
 
+def _two_ranks(script, args_of):
+    """Run `script RANK *args_of(RANK)` as ranks 0 and 1 at once; each must exit 0. Their (stdout, stderr)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), *args_of(rank)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    return results
+
+
 def test_sync_batch_norm_two_gloo_processes(tmp_path):
     """Two ranks (3 and 4 samples) give the outputs, gradients and running statistics of one process that
     sees the whole batch."""
@@ -704,20 +723,7 @@ def test_sync_batch_norm_two_gloo_processes(tmp_path):
         port = s.getsockname()[1]
     script = tmp_path / "sync.py"
     script.write_text(_SYNC)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(rank), str(port), str(tmp_path / f"r{rank}.pt")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-3000:]
+    _two_ranks(script, lambda rank: [str(port), str(tmp_path / f"r{rank}.pt")])
     parts = [torch.load(tmp_path / f"r{rank}.pt") for rank in range(2)]
     torch.manual_seed(0)
     x = torch.randn(7, 4, 3, 3, dtype=torch.float64) * 2 + 1
@@ -793,20 +799,7 @@ def test_sync_batch_norm_frees_its_process_group(tmp_path):
         s.close()
     script = tmp_path / "rounds.py"
     script.write_text(_SYNC_ROUNDS)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(rank), ports],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-3000:]
+    for out, err in _two_ranks(script, lambda rank: [ports]):
         assert "terminate called" not in err, err[-3000:]
         assert out.split() == ["rounds", "10"], out
 

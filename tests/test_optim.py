@@ -919,6 +919,19 @@ class _SlowToWalk(dict):
             yield item
 
 
+def _run_switching_often(threads):
+    """Start and join `threads` with the interpreter switching threads every microsecond (races show)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_threads_step_their_own_optimizers_with_float_lr_schedules(monkeypatch):
     """Threads stepping their own optimizers with float lr schedules (more distinct values than the
     shared lr cache holds, so that it evicts while other threads use it) raise nothing and give torch's
@@ -945,15 +958,7 @@ def test_threads_step_their_own_optimizers_with_float_lr_schedules(monkeypatch):
     ours = [[torch.ones(3, dtype=torch.float64, requires_grad=True)] for _ in names]
     errors = []
     threads = [threading.Thread(target=run, args=(popt, t, ours[t], errors)) for t in range(len(names))]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    _run_switching_often(threads)
     assert not errors, errors
     rtol, atol = TOL[torch.float64]
     for t in range(len(names)):
@@ -1160,13 +1165,5 @@ def test_triton_tables_from_threads(monkeypatch):
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    _run_switching_often(threads)
     assert not errors, errors
