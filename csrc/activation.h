@@ -2,7 +2,8 @@
 // allocation and layout, in-place semantics, and the list of ops each device registers.
 // A device D (csrc/cpu/activation.cpp, csrc/cuda/activation.cu) supplies:
 //   D::Guard(tensor)                                    device guard (a no-op on CPU)
-//   D::masked_forward(in, out, mask, op)                out = op.pass(x) ? x : op.out_other(x), mask bits
+//   D::masked_forward(in, out, mask, op)                out = pass ? x : op.out_other(x), mask bits pass
+//                                                       (pass = act_pass(op.act, x), common/act.h)
 //   D::masked_backward(grad, mask, grad_in, op)         grad_in = bit ? g : op.grad_other(g)
 //   D::unary(in, out, f) / D::binary(a, b, out, f)      elementwise maps in memory order
 //   D::maxout_forward / D::maxout_backward              (see below)
@@ -24,7 +25,7 @@ template <class D>
 struct Activation {
   using Tensor = at::Tensor;
 
-  // ---- ReLU / LeakyReLU: output and a 1-bit mask (see csrc/ops.cpp) ----------------------------
+  // ---- ReLU / LeakyReLU: output and a 1-bit mask (its format: csrc/common/act.h) ----------------
   template <class Op>
   static std::tuple<Tensor, Tensor> masked_fwd(const char* name, const Tensor& self, bool inplace, const Op& op) {
     check_floating(name, "self", self);

@@ -32,32 +32,10 @@
 #include <string>
 #include <tuple>
 
+#include "common/act.h"
 #include "common/checks.h"
 
 namespace pyops {
-
-enum class BnAct : int8_t { kNone = 0, kRelu = 1, kLeakyRelu = 2, kElu = 3 };
-
-inline const char* bn_act_name(BnAct a) {
-  static const char* names[] = {"none", "relu", "leaky_relu", "elu"};
-  return names[int(a)];
-}
-
-inline BnAct parse_bn_act(const char* op, c10::string_view name) {
-  for (BnAct a : {BnAct::kNone, BnAct::kRelu, BnAct::kLeakyRelu, BnAct::kElu})
-    if (name == bn_act_name(a)) return a;
-  TORCH_CHECK_VALUE(false, "pyops::", op, ": activation must be one of none, relu, leaky_relu, elu; got '",
-                    std::string(name), "'");
-}
-
-// Whether act' can be read from the output (the backward kernels do): relu always, leaky_relu for a
-// slope >= 0 and elu for alpha >= 0 (then the output's sign is the input's).
-inline bool bn_act_from_output(BnAct a, double param) { return a == BnAct::kNone || a == BnAct::kRelu || param >= 0; }
-
-// Whether the input of act can be recovered from its output (the memory-efficient form).
-inline bool bn_act_invertible(BnAct a, double param) {
-  return a == BnAct::kNone || ((a == BnAct::kLeakyRelu || a == BnAct::kElu) && param > 0);
-}
 
 // Elements per channel: the product of every size but the channel dimension's (no division, so that
 // zero channels are no special case; symbolic sizes stay unguarded).
@@ -76,7 +54,7 @@ struct BnLayout {
 // coefficients (dense, op-math dtype).
 struct BnPass {
   BnLayout l;
-  BnAct act = BnAct::kNone;
+  Act act = Act::kNone;
   double param = 0;
   bool from_output = false;
   at::Tensor grad, input, output, residual;
@@ -154,7 +132,7 @@ struct BatchNorm {
                      double param) {
     BnPass p;
     p.l = in.l;
-    p.act = parse_bn_act(op, activation);
+    p.act = parse_act(op, activation);
     p.param = param;
     if (residual.defined()) p.residual = bn_like(op, "residual", residual, in);
     return p;
@@ -194,9 +172,9 @@ struct BatchNorm {
     const BnInput& in = *in_out;
     BnPass p = pass(op, in, residual.value_or(Tensor()), activation, param);
     p.from_output = from_output;
-    TORCH_CHECK(!from_output || bn_act_invertible(p.act, param), "pyops::", op, ": activation ", bn_act_name(p.act),
+    TORCH_CHECK(!from_output || act_invertible(p.act, param), "pyops::", op, ": activation ", act_name(p.act),
                 " with parameter ", param, " cannot be inverted (memory-efficient form)");
-    TORCH_CHECK(bn_act_from_output(p.act, param), "pyops::", op, ": the derivative of ", bn_act_name(p.act),
+    TORCH_CHECK(act_from_output(p.act, param), "pyops::", op, ": the derivative of ", act_name(p.act),
                 " with parameter ", param, " cannot be read from its output");
     p.grad = bn_like(op, "grad_out", grad_out, in);
     if (from_output) {
@@ -205,8 +183,8 @@ struct BatchNorm {
           bias.defined() ? bias : at::zeros({in.l.channels}, in.x.options().dtype(bn_opmath(in.x.scalar_type())));
     } else {
       p.input = in.x;
-      if (p.act != BnAct::kNone) {
-        TORCH_CHECK(output.has_value() && output->defined(), "pyops::", op, ": activation ", bn_act_name(p.act),
+      if (p.act != Act::kNone) {
+        TORCH_CHECK(output.has_value() && output->defined(), "pyops::", op, ": activation ", act_name(p.act),
                     " needs the output");
         p.output = bn_like(op, "output", *output, in);
       }

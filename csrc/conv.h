@@ -25,12 +25,10 @@
 #include <optional>
 #include <tuple>
 
+#include "common/act.h"
 #include "common/checks.h"
 
 namespace pyops {
-
-// Activation codes of conv2d_fwd's epilogue.
-enum ConvAct : int64_t { kConvActNone = 0, kConvActRelu = 1, kConvActLeakyRelu = 2, kConvActElu = 3 };
 
 // Every size of one convolution.
 struct ConvShape {
@@ -95,10 +93,10 @@ inline std::vector<int64_t> concrete(const char* op, const char* name, c10::SymI
 }
 
 // The epilogue's activation on a whole tensor, in place (for the bias-only result of an empty sum).
-inline void activate(at::Tensor& t, int64_t act, double scalar) {
-  if (act == kConvActRelu) at::relu_(t);
-  if (act == kConvActLeakyRelu) at::leaky_relu_(t, scalar);
-  if (act == kConvActElu) at::elu_(t, scalar);
+inline void activate(at::Tensor& t, Act act, double scalar) {
+  if (act == Act::kRelu) at::relu_(t);
+  if (act == Act::kLeakyRelu) at::leaky_relu_(t, scalar);
+  if (act == Act::kElu) at::elu_(t, scalar);
 }
 
 template <class D>
@@ -108,7 +106,7 @@ struct Conv {
   static std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& input, const Tensor& weight,
                                                const std::optional<Tensor>& bias_opt, at::IntArrayRef stride,
                                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                               int64_t act, double scalar) {
+                                               int64_t act_code, double scalar) {
     const char* op = "conv2d_fwd";
     check_floating(op, "input", input);
     check_like(op, "input", input, "weight", weight);
@@ -120,12 +118,11 @@ struct Conv {
       TORCH_CHECK(bias.dim() == 1 && bias.size(0) == s.K, "pyops::", op, ": bias must be 1-d of ", s.K,
                   " elements (the weight's output channels), got sizes ", bias.sizes());
     }
-    TORCH_CHECK(act >= kConvActNone && act <= kConvActElu, "pyops::", op,
-                ": activation must be 0 (none), 1 (relu), 2 (leaky_relu) or 3 (elu), got ", act);
+    const Act act = act_of_code(op, act_code);
     TORCH_CHECK(scalar >= 0, "pyops::", op, ": the activation's scalar must be non-negative, got ", scalar);
     typename D::Guard guard(input);
     Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().memory_format(conv_format(input, weight)));
-    const bool masked = act == kConvActRelu || act == kConvActLeakyRelu;
+    const bool masked = act_masked(act);
     Tensor mask = at::empty({masked ? (out.numel() + 7) / 8 : 0}, input.options().dtype(at::kByte));
     if (out.numel() == 0) return {out, mask};
     if (s.C == 0) {  // an empty sum: the bias alone

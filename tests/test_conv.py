@@ -400,3 +400,13 @@ def test_bad_input_is_refused_without_crashing():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, f"exit {r.returncode}: {r.stdout[-2000:]} {r.stderr[-3000:]}"
     assert "all refused" in r.stdout
+
+
+def test_operands_on_another_device_are_refused_in_torch_words():
+    """The weight and the bias are checked against the input's device by the check every family shares
+    (csrc/common/checks.h), in torch's words."""
+    x, w, b = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), torch.randn(3)
+    with pytest.raises(RuntimeError, match="pyops.conv2d: weight: Tensor on device meta is not on the expected device"):
+        PF.conv2d(x, w.to("meta"), b)
+    with pytest.raises(RuntimeError, match="pyops.conv2d: bias: Tensor on device meta is not on the expected device"):
+        PF.conv2d(x, w, b.to("meta"))

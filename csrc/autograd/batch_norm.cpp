@@ -86,13 +86,13 @@ Tensor per_channel(const Tensor& t, const Tensor& x, at::ScalarType type) {
 Tensor opt_value(const Opt& t) { return t.has_value() ? *t : Tensor(); }
 
 // act applied to y, as torch's own ops (the activation unfused, or a differentiable composite).
-Tensor apply_activation(const Tensor& y, BnAct act, double param) {
+Tensor apply_activation(const Tensor& y, Act act, double param) {
   switch (act) {
-    case BnAct::kRelu:
+    case Act::kRelu:
       return at::relu(y);
-    case BnAct::kLeakyRelu:
+    case Act::kLeakyRelu:
       return at::leaky_relu(y, param);
-    case BnAct::kElu:
+    case Act::kElu:
       return at::elu(y, param);
     default:
       return y;
@@ -129,7 +129,7 @@ Tensor z_composite(const Tensor& x, const Tensor& mean, const Tensor& invstd, co
 // where the activation is fused) and dz from the tangents of x, w, b, r (their own) and of mean, invstd
 // (given: their tangents, or those the statistics of x get from dx).
 Tensor elemt_tangent(const Tensor& x, const Tensor& mean, const Tensor& invstd, const Opt& weight, const Opt& bias,
-                     const Opt& residual, const Tensor& dmean, const Tensor& dinvstd, BnAct act, double param,
+                     const Opt& residual, const Tensor& dmean, const Tensor& dinvstd, Act act, double param,
                      const Tensor& out) {
   const auto opmath = bn_opmath(x.scalar_type());
   const Tensor xp = primal(x).to(opmath), m = per_channel(mean, x, opmath), is = per_channel(invstd, x, opmath);
@@ -146,11 +146,11 @@ Tensor elemt_tangent(const Tensor& x, const Tensor& mean, const Tensor& invstd, 
   if (!dz.defined()) return dz;
   dz = dz.expand_symint(x.sym_sizes()).to(out.scalar_type());
   switch (act) {
-    case BnAct::kRelu:
+    case Act::kRelu:
       return at::threshold_backward(dz, out, 0);
-    case BnAct::kLeakyRelu:
+    case Act::kLeakyRelu:
       return at::leaky_relu_backward(dz, out, param, /*self_is_result=*/true);
-    case BnAct::kElu:
+    case Act::kElu:
       return at::elu_backward(dz, param, 1, 1, /*is_result=*/true, out);
     default:
       return dz;
@@ -161,7 +161,7 @@ Tensor elemt_tangent(const Tensor& x, const Tensor& mean, const Tensor& invstd, 
 // statistics recomputed from x (their derivatives are part of dx's), in evaluation the saved running ones;
 // act' read from the saved output, whose own derivative is this node's (elu: act' depends on it).
 variable_list backward_composite(const Tensor& g, const Tensor& x, const Tensor& out, const Tensor& weight,
-                                 const Tensor& mean, const Tensor& invstd, bool training, double eps, BnAct act,
+                                 const Tensor& mean, const Tensor& invstd, bool training, double eps, Act act,
                                  double param, const std::array<bool, 4>& need, at::ScalarType bias_type,
                                  at::ScalarType residual_type) {
   const auto opmath = bn_opmath(x.scalar_type());
@@ -180,13 +180,13 @@ variable_list backward_composite(const Tensor& g, const Tensor& x, const Tensor&
   const Tensor go = g.to(opmath);
   Tensor dz;
   switch (act) {
-    case BnAct::kRelu:
+    case Act::kRelu:
       dz = at::threshold_backward(go, out.to(opmath), 0);
       break;
-    case BnAct::kLeakyRelu:
+    case Act::kLeakyRelu:
       dz = at::leaky_relu_backward(go, out.to(opmath), param, /*self_is_result=*/true);
       break;
-    case BnAct::kElu:
+    case Act::kElu:
       dz = at::elu_backward(go, param, 1, 1, /*is_result=*/true, out.to(opmath));
       break;
     default:
@@ -215,7 +215,7 @@ template <Backend B>
 struct BatchNormBackward : Node {
   SavedVariable x_, out_, residual_, mean_, invstd_, weight_, bias_;
   bool training_ = false;
-  BnAct act_ = BnAct::kNone;
+  Act act_ = Act::kNone;
   double param_ = 0, eps_ = 0;
   at::ScalarType bias_type_ = at::kFloat, residual_type_ = at::kFloat;  // their gradients' dtypes
 
@@ -234,10 +234,10 @@ struct BatchNormBackward : Node {
       return backward_composite(g, x, out, weight, mean, invstd, training_, eps_, act_, param_,
                                 {need_x, need_w, need_b, need_r}, bias_type_, residual_type_);
     }
-    const c10::string_view name = bn_act_name(act_);
+    const c10::string_view name = act_name(act_);
     at::AutoDispatchBelowADInplaceOrView below;
     // with the identity, dr = dz = g itself
-    const bool kernel_r = need_r && act_ != BnAct::kNone;
+    const bool kernel_r = need_r && act_ != Act::kNone;
     if (need_r && !kernel_r) result[3] = g;
     if (!(need_w || need_b || kernel_r || (need_x && training_))) {
       if (need_x)
@@ -279,7 +279,7 @@ struct BatchNormBackward : Node {
 // of x: where a graph is recorded too, recomputed from differentiable ops so that the tangent's own
 // derivative (reverse over forward) reaches x through them.
 Tensor forward_tangent(const Tensor& x, const Opt& weight, const Opt& bias, const Opt& residual, const Tensor& mean,
-                       const Tensor& invstd, bool training, double eps, bool recorded, BnAct act, double param,
+                       const Tensor& invstd, bool training, double eps, bool recorded, Act act, double param,
                        const Tensor& out) {
   Tensor m = mean, is = invstd, dmean, dinvstd;
   if (training) {
@@ -310,7 +310,7 @@ Tensor batch_norm_recorded(const Tensor& x, const Opt& weight, const Opt& bias, 
   }
   auto node = make_node<BatchNormBackward<B>>();
   record(node, out, x, weight, bias, residual);
-  const BnAct act = parse_bn_act("batch_norm", activation);
+  const Act act = parse_act("batch_norm", activation);
   node->training_ = training;
   node->act_ = act;
   node->param_ = param;
@@ -327,7 +327,7 @@ Tensor batch_norm_recorded(const Tensor& x, const Opt& weight, const Opt& bias, 
     save(node->residual_, residual);
   } else {
     node->x_ = SavedVariable(x, /*is_output=*/false);
-    if (act != BnAct::kNone) node->out_ = SavedVariable(out, /*is_output=*/true);
+    if (act != Act::kNone) node->out_ = SavedVariable(out, /*is_output=*/true);
   }
   node->mean_ = SavedVariable(mean, /*is_output=*/false);
   node->invstd_ = SavedVariable(invstd, /*is_output=*/false);
@@ -363,7 +363,7 @@ struct Kernels {
                       const Opt& r, c10::string_view act, double param) {
     const bool rec = graph_of(x, mean, invstd, w, b, r), fw = has_tangent(x, mean, invstd, w, b, r);
     if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(bn_elemt[B].call(x, mean, invstd, w, b, r, act, param));
-    const BnAct a = parse_bn_act("batch_norm_elemt", act);
+    const Act a = parse_act("batch_norm_elemt", act);
     if (rec)
       return apply_activation(z_composite(x, mean, invstd, opt_value(w), opt_value(b), opt_value(r)), a, param)
           .to(x.scalar_type());
@@ -425,13 +425,13 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
                   const Opt& bias, bool training, double momentum, double eps,
                   std::optional<c10::string_view> activation, double negative_slope, double alpha, const Opt& residual,
                   bool memory_efficient) {
-  const BnAct act = activation.has_value() ? parse_bn_act("batch_norm", *activation) : BnAct::kNone;
-  const double param = act == BnAct::kLeakyRelu ? negative_slope : act == BnAct::kElu ? alpha : 0.0;
-  TORCH_CHECK_VALUE(!memory_efficient || bn_act_invertible(act, param), "pyops.batch_norm: memory_efficient=True ",
+  const Act act = activation.has_value() ? parse_act("batch_norm", *activation) : Act::kNone;
+  const double param = act == Act::kLeakyRelu ? negative_slope : act == Act::kElu ? alpha : 0.0;
+  TORCH_CHECK_VALUE(!memory_efficient || act_invertible(act, param), "pyops.batch_norm: memory_efficient=True ",
                     "needs an invertible activation (none, leaky_relu with negative_slope > 0, elu with alpha > 0), ",
-                    "got ", bn_act_name(act), act == BnAct::kNone || act == BnAct::kRelu ? "" : " with parameter ",
-                    act == BnAct::kRelu ? std::string(": relu's output cannot be inverted")
-                                        : (act == BnAct::kNone ? std::string() : std::to_string(param)));
+                    "got ", act_name(act), act == Act::kNone || act == Act::kRelu ? "" : " with parameter ",
+                    act == Act::kRelu ? std::string(": relu's output cannot be inverted")
+                                      : (act == Act::kNone ? std::string() : std::to_string(param)));
   for (const auto& [name, t] : {std::pair<const char*, const Opt&>{"running_mean", running_mean},
                                 {"running_var", running_var},
                                 {"weight", weight},
@@ -483,8 +483,8 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
     invstd = (as_type(rv, opmath) + eps).rsqrt();
   }
   // act' is read from the output; where it cannot be, the activation follows as its own op
-  const bool fused = bn_act_from_output(act, param);
-  const c10::string_view kernel_act = bn_act_name(fused ? act : BnAct::kNone);
+  const bool fused = act_from_output(act, param);
+  const c10::string_view kernel_act = act_name(fused ? act : Act::kNone);
   Tensor out;
   if (recorded) {
     out = b == Backend::kTriton
@@ -497,7 +497,7 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
         [&] { return bn_elemt[b].call(input, mean, invstd, weight, bias, residual, kernel_act, param); });
     if (fw)
       set_tangent(out, forward_tangent(input, weight, bias, residual, mean, invstd, training, eps, false,
-                                       fused ? act : BnAct::kNone, param, out));
+                                       fused ? act : Act::kNone, param, out));
   }
   return fused ? out : apply_activation(out, act, param);
 }

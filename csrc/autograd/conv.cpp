@@ -62,7 +62,8 @@ struct Params {
 };
 
 Tensor fwd(Backend b, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, const Params& p) {
-  return std::get<0>(conv2d_fwd[b].call(x, w, bias, p.stride, p.padding, p.dilation, p.groups, kConvActNone, 0.0));
+  return std::get<0>(
+      conv2d_fwd[b].call(x, w, bias, p.stride, p.padding, p.dilation, p.groups, int64_t(Act::kNone), 0.0));
 }
 Tensor bwd_input(Backend b, const Tensor& g, const Tensor& w, c10::SymIntArrayRef input_size, const Params& p) {
   return conv2d_bwd_input[b].call(g, w, input_size, p.stride, p.padding, p.dilation, p.groups);
@@ -85,12 +86,12 @@ Tensor conv_tangent(const Tensor& x, const Tensor& w, const Tensor& bias, const 
     const Tensor db4 = db.view_symint({1, db.sym_size(0), 1, 1});
     dz = dz.defined() ? dz + db4 : db4.expand_symint(out.sym_sizes());
   }
-  switch (act) {
-    case kConvActRelu:
+  switch (Act(act)) {
+    case Act::kRelu:
       return relu_bwd[B].call(to_layout(dz, out.sym_strides()), mask);
-    case kConvActLeakyRelu:
+    case Act::kLeakyRelu:
       return leaky_relu_bwd[B].call(to_layout(dz, out.sym_strides()), mask, scalar);
-    case kConvActElu:
+    case Act::kElu:
       return elu_bwd[B].call(dz, out, scalar, /*is_result=*/true);
     default:
       return dz;
@@ -104,7 +105,7 @@ template <Backend B>
 struct ConvBackward : Node {
   SavedVariable x_, w_, kept_;  // kept: the activation's mask, or the output (elu)
   Params p_;
-  int64_t act_ = kConvActNone;
+  Act act_ = Act::kNone;
   double scalar_ = 0;
   bool bias_ = false;
   c10::SymDimVector out_strides_;
@@ -116,11 +117,11 @@ struct ConvBackward : Node {
     // the incoming gradient in the output's layout (torch's: channels_last when the input or the weight
     // is), so that the input gradient, laid out as it, is in torch's layout too
     Tensor g = grads[0].contiguous(conv_format(x, w));
-    if (act_ != kConvActNone) {
+    if (act_ != Act::kNone) {
       g = to_layout(g, out_strides_);
-      g = act_ == kConvActRelu        ? relu_bwd[B].call(g, kept)
-          : act_ == kConvActLeakyRelu ? leaky_relu_bwd[B].call(g, kept, scalar_)
-                                      : elu_bwd[B].call(g, kept, scalar_, /*is_result=*/true);
+      g = act_ == Act::kRelu        ? relu_bwd[B].call(g, kept)
+          : act_ == Act::kLeakyRelu ? leaky_relu_bwd[B].call(g, kept, scalar_)
+                                    : elu_bwd[B].call(g, kept, scalar_, /*is_result=*/true);
     }
     const bool need_x = should_compute_output(0), need_w = should_compute_output(1),
                need_b = bias_ && should_compute_output(2);
@@ -220,9 +221,9 @@ struct Kernels {
       node->x_ = SavedVariable(x, /*is_output=*/false);
       node->w_ = SavedVariable(w, /*is_output=*/false);
       node->kept_ =
-          act == kConvActElu ? SavedVariable(out, /*is_output=*/true) : SavedVariable(mask, /*is_output=*/false);
+          Act(act) == Act::kElu ? SavedVariable(out, /*is_output=*/true) : SavedVariable(mask, /*is_output=*/false);
       node->p_ = std::move(p);
-      node->act_ = act;
+      node->act_ = Act(act);
       node->scalar_ = scalar;
       node->bias_ = b.defined();
       node->out_strides_ = c10::SymDimVector(out.sym_strides().begin(), out.sym_strides().end());
@@ -283,16 +284,16 @@ struct Kernels {
 
 // ---- the public ops -------------------------------------------------------------------------------
 struct Activation {
-  int64_t code;
+  Act act;
   double scalar;
 };
 
 Activation parse_activation(const std::optional<c10::string_view>& activation) {
-  if (!activation.has_value()) return {kConvActNone, 0.0};
+  if (!activation.has_value()) return {Act::kNone, 0.0};
   const std::string a(activation->data(), activation->size());
-  if (a == "relu") return {kConvActRelu, 0.0};
-  if (a == "leaky_relu") return {kConvActLeakyRelu, 0.01};  // torch's default negative_slope
-  if (a == "elu") return {kConvActElu, 1.0};                // torch's default alpha
+  if (a == "relu") return {Act::kRelu, 0.0};
+  if (a == "leaky_relu") return {Act::kLeakyRelu, 0.01};  // torch's default negative_slope
+  if (a == "elu") return {Act::kElu, 1.0};                // torch's default alpha
   TORCH_CHECK_VALUE(false, "pyops.conv2d: activation must be None, 'relu', 'leaky_relu' or 'elu', got '", a, "'");
 }
 
@@ -326,12 +327,12 @@ void check_conv_args(const Tensor& input, const Tensor& x, const Tensor& weight,
 }
 
 Tensor apply_activation(const Tensor& y, const Activation& a) {
-  switch (a.code) {
-    case kConvActRelu:
+  switch (a.act) {
+    case Act::kRelu:
       return at::relu(y);
-    case kConvActLeakyRelu:
+    case Act::kLeakyRelu:
       return at::leaky_relu(y, a.scalar);
-    case kConvActElu:
+    case Act::kElu:
       return at::elu(y, a.scalar);
     default:
       return y;
@@ -368,13 +369,11 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Ten
   TORCH_CHECK(input.dim() == 3 || input.dim() == 4,
               "pyops.conv2d: Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: ",
               input.sym_sizes());
-  TORCH_CHECK(input.device() == weight.device(), "pyops.conv2d: weight is on ", weight.device(), " but input is on ",
-              input.device());
+  check_operand_device("conv2d", "weight", weight, input);
   TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
               ") and weight type (", weight.scalar_type(), ") should be the same");
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->device() == input.device(), "pyops.conv2d: bias is on ", bias->device(), " but input is on ",
-                input.device());
+    check_operand_device("conv2d", "bias", bias, input);
     TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
                 ") and bias type (", bias->scalar_type(), ") should be the same");
   }
@@ -390,7 +389,7 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Ten
   if (b == Backend::kTorch) {
     y = apply_activation(at::conv2d(x, weight, bias, s, p, d, groups), a);
   } else {
-    y = std::get<0>(conv2d_fwd[b].call(x, weight, bias, s, p, d, groups, a.code, a.scalar));
+    y = std::get<0>(conv2d_fwd[b].call(x, weight, bias, s, p, d, groups, int64_t(a.act), a.scalar));
   }
   return batched ? y : y.squeeze(0);
 }

@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "activation.h"
+#include "common/act.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/vec.h"
@@ -32,7 +33,7 @@ constexpr int64_t kGrain = 32768;  // elements per task (torch's at::internal::G
 // pass(x) is where the gradient flows unchanged, as torch decides it: relu's backward tests the
 // output (!(y <= 0), so NaN passes), leaky_relu's the input (x > 0, so NaN takes the slope).
 // Blocks of 64 elements fill one uint64 of mask; float16/bfloat16 go through a float buffer.
-constexpr int64_t kBlock = 64;
+constexpr int64_t kBlock = kMaskBlock;
 
 // Outputs past 3/4 of the last-level cache (glibc's memcpy rule) cannot stay cached for their reader,
 // so they are written with streaming stores: one write to memory instead of a read-for-ownership
@@ -83,25 +84,19 @@ void masked_forward(const scalar_t* x, scalar_t* out, uint8_t* mask, int64_t n, 
   using fVec = Vectorized<opmath_t>;
   const bool stream = stream_elements(out, n);
   const int64_t done = for_each_block(x, out, n, stream, [&](const opmath_t* src, opmath_t* dst, int64_t b) {
-    uint64_t bits = 0;
-    for (int64_t j = 0; j < kBlock; j += fVec::size()) {
-      const fVec v = fVec::loadu(src + j);
-      const fVec pass = op.pass(v);
-      vec::store(fVec::blendv(op.out_other(v), v, pass), dst + j, stream);
-      bits |= uint64_t(vec::movemask(pass)) << j;
-    }
-    std::memcpy(mask + b * 8, &bits, 8);  // little-endian: byte k holds elements 8k..8k+7
+    store_mask_word(mask, b, mask_word<opmath_t>([&](int64_t j) {
+                      const fVec v = fVec::loadu(src + j);
+                      const fVec pass = act_pass(op.act, v);
+                      vec::store(fVec::blendv(op.out_other(v), v, pass), dst + j, stream);
+                      return pass;
+                    }));
   });
-  for (int64_t base = done; base < n; base += 8) {  // the last < 64 elements
-    uint8_t bits = 0;
-    for (int64_t j = 0; j < 8 && base + j < n; ++j) {
-      const opmath_t v = x[base + j];
-      const bool pass = op.pass(v);
-      out[base + j] = pass ? v : op.out_other(v);
-      bits |= uint8_t(pass) << j;
-    }
-    mask[base / 8] = bits;
-  }
+  mask_tail(mask, done, n, [&](int64_t i) {  // the last < 64 elements
+    const opmath_t v = x[i];
+    const bool pass = act_pass(op.act, v);
+    out[i] = pass ? v : op.out_other(v);
+    return pass;
+  });
 }
 
 // grad_in = bit ? g : grad_other(g)
@@ -112,8 +107,7 @@ void masked_backward(const scalar_t* g, const uint8_t* mask, scalar_t* gi, int64
   constexpr uint64_t kLaneBits = (uint64_t(1) << fVec::size()) - 1;
   const bool stream = stream_elements(gi, n);
   const int64_t done = for_each_block(g, gi, n, stream, [&](const opmath_t* src, opmath_t* dst, int64_t b) {
-    uint64_t bits;
-    std::memcpy(&bits, mask + b * 8, 8);
+    const uint64_t bits = load_mask_word(mask, b);
     for (int64_t j = 0; j < kBlock; j += fVec::size()) {
       const fVec v = fVec::loadu(src + j);
       const fVec pass = vec::expand_bits<opmath_t>(uint32_t((bits >> j) & kLaneBits));
@@ -154,35 +148,12 @@ void binary_map(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
   });
 }
 
-// expm1 for ELU. Sleef's float expm1 runs ~10x slower than its exp (measured: 17.8 ms against
-// 1.7 ms at 4M floats, AVX512), so float uses exp(x) - 1, which loses at most ~3 bits above
-// |x| = 0.15, and its Taylor series below (truncation < 1e-12 relative). float64 keeps Sleef's.
-template <typename T>
-Vectorized<T> elu_expm1(const Vectorized<T>& x) {
-  if constexpr (std::is_same_v<T, double>) {
-    return x.expm1();
-  } else {
-    using V = Vectorized<T>;
-    V series(T(1.0 / 40320));
-    for (T c : {T(1.0 / 5040), T(1.0 / 720), T(1.0 / 120), T(1.0 / 24), T(1.0 / 6), T(0.5), T(1)})
-      series = at::vec::fmadd(series, x, V(c));
-    series = series * x;
-    return V::blendv(x.exp() - V(1), series, x.abs() < V(T(0.15)));
-  }
-}
-
-// The math of each op, for the device struct below (csrc/activation.h).
+// The math of each op, for the device struct below (csrc/activation.h); the activations shared with
+// conv2d and batch_norm come from common/act.h.
 struct Math {
-  // Scalar and Vectorized forms of each op's pass test and other branch.
+  // Scalar and Vectorized forms of each op's other branch; the pass test is act_pass(act, v).
   struct Relu {  // NaN passes (and stays NaN); every other non-positive value -> 0; gradient too
-    template <typename T>
-    bool pass(T v) const {
-      return !(v <= T(0));
-    }
-    template <typename T>
-    Vectorized<T> pass(const Vectorized<T>& v) const {
-      return (v > Vectorized<T>(0)) | v.isnan();
-    }
+    static constexpr Act act = Act::kRelu;
     // the output where x <= 0: 0, but -0.0 stays itself (torch's relu is x < 0 ? 0 : x)
     template <typename T>
     T out_other(T v) const {
@@ -202,15 +173,8 @@ struct Math {
     }
   };
   struct Leaky {  // forward's and gradient's other branch: * slope
+    static constexpr Act act = Act::kLeakyRelu;
     double slope;
-    template <typename T>
-    bool pass(T v) const {
-      return v > T(0);
-    }
-    template <typename T>
-    Vectorized<T> pass(const Vectorized<T>& v) const {
-      return v > Vectorized<T>(0);
-    }
     template <typename T>
     T out_other(T v) const {
       return v * T(slope);
@@ -234,15 +198,14 @@ struct Math {
     double alpha;
     template <typename T>
     Vectorized<T> operator()(const Vectorized<T>& x) const {
-      // x >= 0 (not > 0): at +-0 torch returns x itself, whatever alpha (inf * 0 would be NaN)
-      return Vectorized<T>::blendv(Vectorized<T>(T(alpha)) * elu_expm1(x), x, x >= Vectorized<T>(0));
+      return act_forward(Act::kElu, x, T(alpha));
     }
   };
   struct EluBwdResult {  // saved = out: d out / dx = out + alpha where out <= 0
     double alpha;
     template <typename T>
     Vectorized<T> operator()(const Vectorized<T>& g, const Vectorized<T>& y) const {
-      return Vectorized<T>::blendv(g, g * (y + Vectorized<T>(T(alpha))), y <= Vectorized<T>(0));
+      return act_grad(Act::kElu, g, y, T(alpha));
     }
   };
   struct EluBwdInput {  // saved = input

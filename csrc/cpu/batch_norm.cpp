@@ -38,35 +38,6 @@ constexpr int64_t kBlockRows = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// ---- the activation on op-math vectors: forward f, derivative from the output d, inverse inv ------
-template <typename T, BnAct A>
-struct Act {
-  using V = Vectorized<T>;
-  T p;  // leaky_relu's slope or elu's alpha
-  V f(const V& z) const {
-    if constexpr (A == BnAct::kRelu) return at::vec::maximum(z, V(T(0)));  // NaN stays NaN
-    if constexpr (A == BnAct::kLeakyRelu) return V::blendv(z * V(p), z, z > V(T(0)));
-    if constexpr (A == BnAct::kElu) return V::blendv(V(p) * z.expm1(), z, z > V(T(0)));
-    return z;
-  }
-  // g * act'(z), read from y = act(z), with torch's rules at 0 and NaN (its scalar loops' and CUDA
-  // kernels': a NaN takes the positive branch, as the activation family's kernels do)
-  V d(const V& g, const V& y) const {
-    if constexpr (A == BnAct::kRelu) return V::blendv(g, V(T(0)), y <= V(T(0)));
-    if constexpr (A == BnAct::kLeakyRelu) return V::blendv(g * V(p), g, y > V(T(0)));
-    if constexpr (A == BnAct::kElu) return V::blendv(g, g * (y + V(p)), y <= V(T(0)));
-    return g;
-  }
-  V inv(const V& y) const {  // z from y (invertible forms only); a saturated elu maps to a finite z
-    if constexpr (A == BnAct::kLeakyRelu) return V::blendv(y / V(p), y, y > V(T(0)));
-    if constexpr (A == BnAct::kElu) {
-      const V t = at::vec::maximum(y / V(p), V(T(-1) + std::numeric_limits<T>::epsilon()));
-      return V::blendv(t.log1p(), y, y > V(T(0)));
-    }
-    return y;
-  }
-};
-
 // Per-channel coefficients of a chunk: one channel's value broadcast (inner > 1) or a row's channels
 // lane by lane (inner == 1).
 template <typename T>
@@ -303,11 +274,11 @@ void stats_kernel(const at::Tensor& x, const BnLayout& l, const at::Tensor& mean
 }
 
 // ---- forward, elementwise --------------------------------------------------------------------------
-template <typename scalar_t, BnAct A>
+template <typename scalar_t, Act A>
 void elemt_kernel(const BnPass& p, const at::Tensor& out) {
   using T = at::opmath_type<scalar_t>;
   using V = Vectorized<T>;
-  const Act<T, A> act{T(p.param)};
+  const T param = T(p.param);
   const T* center = p.center.const_data_ptr<T>();
   const T* scale = p.scale.const_data_ptr<T>();
   const T* shift = p.shift.const_data_ptr<T>();
@@ -318,7 +289,7 @@ void elemt_kernel(const BnPass& p, const at::Tensor& out) {
       const int64_t m = std::min<int64_t>(V::size(), len - j);
       V z = (load(x, j, m) - cen.at(j, m)) * sc.at(j, m) + sh.at(j, m);
       if (r != nullptr) z = z + load(r, j, m);
-      store(act.f(z), y, j, m);
+      store(act_forward(A, z, param), y, j, m);
     }
   };
   const int64_t rows_total = p.l.inner > 1 ? p.l.outer * p.l.channels : p.l.outer;
@@ -342,16 +313,16 @@ void elemt_kernel(const BnPass& p, const at::Tensor& out) {
 }
 
 // dz and v of a chunk: dz = g * act'(y); v = x - center, or act^-1(y) - r - center from the output.
-template <typename T, BnAct A>
+template <typename T, Act A>
 struct Backward {
   using V = Vectorized<T>;
-  Act<T, A> act;
+  T param;  // the activation's slope or alpha
   bool from_output;
   template <typename Cen>
   void at(const T* g, const T* x, const T* y, const T* r, int64_t j, int64_t m, const Cen& cen, V& dz, V& v) const {
-    dz = A == BnAct::kNone ? load(g, j, m) : act.d(load(g, j, m), load(y, j, m));
+    dz = act_grad(A, load(g, j, m), load(y, j, m), param);
     if (from_output) {
-      v = act.inv(load(y, j, m));
+      v = act_inverse(A, load(y, j, m), param);
       if (r != nullptr) v = v - load(r, j, m);
       v = v - cen.at(j, m);
     } else {
@@ -371,7 +342,7 @@ inline V dx_of(const V& a, const V& dz, const V& b, const V& v, const V& c) {
 // ---- backward, reduction ----------------------------------------------------------------------------
 // One run of a channel (inner > 1): its sums of dz and dz * v added to s1, s2 (float64), dz written to
 // the residual's gradient where asked.
-template <typename scalar_t, BnAct A>
+template <typename scalar_t, Act A>
 void reduce_run(Streams<scalar_t>& st, const Backward<at::opmath_type<scalar_t>, A>& bw, int64_t off, int64_t len,
                 at::opmath_type<scalar_t> center, double& s1, double& s2) {
   using T = at::opmath_type<scalar_t>;
@@ -401,13 +372,13 @@ void reduce_run(Streams<scalar_t>& st, const Backward<at::opmath_type<scalar_t>,
   s2 += double(t2);
 }
 
-template <typename scalar_t, BnAct A>
+template <typename scalar_t, Act A>
 void bwd_reduce_kernel(const BnPass& p, const at::Tensor& sum_dz, const at::Tensor& sum_dzv,
                        const at::Tensor& grad_residual) {
   using T = at::opmath_type<scalar_t>;
   using V = Vectorized<T>;
   const BnLayout& l = p.l;
-  const Backward<T, A> bw{{T(p.param)}, p.from_output};
+  const Backward<T, A> bw{T(p.param), p.from_output};
   const T* center = p.center.const_data_ptr<T>();
   const Split s = split_of(l);
   const int64_t C = l.channels;
@@ -470,11 +441,11 @@ void bwd_reduce_kernel(const BnPass& p, const at::Tensor& sum_dz, const at::Tens
 }
 
 // ---- backward, elementwise ----------------------------------------------------------------------------
-template <typename scalar_t, BnAct A>
+template <typename scalar_t, Act A>
 void bwd_elemt_kernel(const BnPass& p, const at::Tensor& grad_input) {
   using T = at::opmath_type<scalar_t>;
   using V = Vectorized<T>;
-  const Backward<T, A> bw{{T(p.param)}, p.from_output};
+  const Backward<T, A> bw{T(p.param), p.from_output};
   const bool training = p.b.defined();
   const T* center = p.center.const_data_ptr<T>();
   const T* ca = p.a.const_data_ptr<T>();
@@ -487,7 +458,7 @@ void bwd_elemt_kernel(const BnPass& p, const at::Tensor& grad_input) {
     for (int64_t j = 0; j < len; j += V::size()) {
       const int64_t m = std::min<int64_t>(V::size(), len - j);
       if (!training) {
-        const V dz = A == BnAct::kNone ? load(g, j, m) : bw.act.d(load(g, j, m), load(y, j, m));
+        const V dz = act_grad(A, load(g, j, m), load(y, j, m), bw.param);
         store(a.at(j, m) * dz, dx, j, m);
         continue;
       }
@@ -525,13 +496,13 @@ void bwd_elemt_kernel(const BnPass& p, const at::Tensor& grad_input) {
 // A task takes whole channels: it reduces one (its parts in the split order, so the sums are the split
 // kernels' to the bit), derives the coefficients as the host side does (same operations, same order),
 // and writes the channel's dx while its runs are still in L2. torch's CPU backward does the same.
-template <typename scalar_t, BnAct A>
+template <typename scalar_t, Act A>
 void bwd_fused_kernel(const BnPass& p, const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& sum_dz,
                       const at::Tensor& sum_dzv, const at::Tensor& grad_residual, const at::Tensor& grad_input) {
   using T = at::opmath_type<scalar_t>;
   using V = Vectorized<T>;
   const BnLayout& l = p.l;
-  const Backward<T, A> bw{{T(p.param)}, p.from_output};
+  const Backward<T, A> bw{T(p.param), p.from_output};
   const T* center = p.center.const_data_ptr<T>();
   const T* is = invstd.const_data_ptr<T>();
   const T* w = weight.defined() ? weight.const_data_ptr<T>() : nullptr;
@@ -592,40 +563,40 @@ void bwd_fused_kernel(const BnPass& p, const at::Tensor& invstd, const at::Tenso
 constexpr int64_t kFusedChannelBytes = int64_t(1) << 20;
 
 // One instantiation per dtype and activation.
-template <template <typename, BnAct> class K, typename... Args>
-void dispatch_act(at::ScalarType dtype, BnAct act, Args&&... args) {
+template <template <typename, Act> class K, typename... Args>
+void dispatch_act(at::ScalarType dtype, Act act, Args&&... args) {
   PYOPS_DISPATCH_FLOATING(dtype, [&] {
     switch (act) {
-      case BnAct::kRelu:
-        return K<scalar_t, BnAct::kRelu>::run(args...);
-      case BnAct::kLeakyRelu:
-        return K<scalar_t, BnAct::kLeakyRelu>::run(args...);
-      case BnAct::kElu:
-        return K<scalar_t, BnAct::kElu>::run(args...);
+      case Act::kRelu:
+        return K<scalar_t, Act::kRelu>::run(args...);
+      case Act::kLeakyRelu:
+        return K<scalar_t, Act::kLeakyRelu>::run(args...);
+      case Act::kElu:
+        return K<scalar_t, Act::kElu>::run(args...);
       default:
-        return K<scalar_t, BnAct::kNone>::run(args...);
+        return K<scalar_t, Act::kNone>::run(args...);
     }
   });
 }
 
-template <typename scalar_t, BnAct A>
+template <typename scalar_t, Act A>
 struct Elemt {
   static void run(const BnPass& p, const at::Tensor& out) { elemt_kernel<scalar_t, A>(p, out); }
 };
-template <typename scalar_t, BnAct A>
+template <typename scalar_t, Act A>
 struct BwdReduce {
   static void run(const BnPass& p, const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& gr) {
     bwd_reduce_kernel<scalar_t, A>(p, s1, s2, gr);
   }
 };
-template <typename scalar_t, BnAct A>
+template <typename scalar_t, Act A>
 struct BwdFused {
   static void run(const BnPass& p, const at::Tensor& is, const at::Tensor& w, const at::Tensor& s1,
                   const at::Tensor& s2, const at::Tensor& gr, const at::Tensor& gi) {
     bwd_fused_kernel<scalar_t, A>(p, is, w, s1, s2, gr, gi);
   }
 };
-template <typename scalar_t, BnAct A>
+template <typename scalar_t, Act A>
 struct BwdElemt {
   static void run(const BnPass& p, const at::Tensor& gi) { bwd_elemt_kernel<scalar_t, A>(p, gi); }
 };

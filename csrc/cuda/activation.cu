@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "activation.h"
+#include "common/act.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
 
@@ -64,7 +65,7 @@ __device__ __forceinline__ void store8(T* p, int64_t base, int64_t n, bool vec, 
 #define PYOPS_GRID_STRIDE(i, count) \
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (count); i += int64_t(gridDim.x) * blockDim.x)
 
-// out = pass(x) ? x : out_other(x); mask bit = pass(x) (where the gradient flows unchanged)
+// out = pass ? x : out_other(x); mask bit = pass = act_pass(op.act, x) (the gradient flows unchanged)
 template <typename T, typename Op>
 __global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, bool vec, Op op) {
   using opmath_t = at::opmath_type<T>;
@@ -75,7 +76,7 @@ __global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, 
 #pragma unroll
     for (int j = 0; j < kElems; ++j) {
       const opmath_t a = v[j];
-      const bool pos = op.pass(a);
+      const bool pos = act_pass(op.act, a);
       o[j] = pos ? a : op.out_other(a);
       bits |= uint8_t(pos) << j;
     }
@@ -130,19 +131,13 @@ __global__ void binary_kernel(const T* a, const T* s, T* out, int64_t n, bool ve
 // Explicit float/double overloads, so that float math never goes through the double functions.
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
-__device__ __forceinline__ float expm1_(float x) { return expm1f(x); }
-__device__ __forceinline__ double expm1_(double x) { return expm1(x); }
 __device__ __forceinline__ float tanh_(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_(double x) { return tanh(x); }
 
-struct Math {  // for the device struct below (csrc/activation.h)
-  // pass(x): where the gradient flows unchanged, as torch decides it: relu's backward tests the output
-  // (!(y <= 0): NaN passes and stays NaN), leaky_relu's the input (x > 0: NaN takes the slope).
+struct Math {  // for the device struct below (csrc/activation.h); shared activations: common/act.h
+  // The mask bit is act_pass(act, x): where the gradient flows unchanged, as torch decides it.
   struct Relu {
-    template <typename T>
-    __device__ bool pass(T v) const {
-      return !(v <= T(0));
-    }
+    static constexpr Act act = Act::kRelu;
     // the output where x <= 0: 0, but -0.0 stays itself (torch's relu is x < 0 ? 0 : x)
     template <typename T>
     __device__ T out_other(T v) const {
@@ -154,11 +149,8 @@ struct Math {  // for the device struct below (csrc/activation.h)
     }
   };
   struct Leaky {  // forward's and gradient's other branch: * slope
+    static constexpr Act act = Act::kLeakyRelu;
     double slope;
-    template <typename T>
-    __device__ bool pass(T v) const {
-      return v > T(0);
-    }
     template <typename T>
     __device__ T out_other(T v) const {
       return v * T(slope);
@@ -170,17 +162,16 @@ struct Math {  // for the device struct below (csrc/activation.h)
   };
   struct Elu {
     double alpha;
-    // x >= 0 (not > 0): at +-0 torch returns x itself, whatever alpha (inf * 0 would be NaN)
     template <typename T>
     __device__ T operator()(T x) const {
-      return x >= T(0) ? x : T(alpha) * expm1_(x);
+      return act_forward(Act::kElu, x, T(alpha));
     }
   };
   struct EluBwdResult {  // d out / dx = out + alpha where out <= 0
     double alpha;
     template <typename T>
     __device__ T operator()(T g, T y) const {
-      return y <= T(0) ? g * (y + T(alpha)) : g;
+      return act_grad(Act::kElu, g, y, T(alpha));
     }
   };
   struct EluBwdInput {

@@ -40,40 +40,7 @@ Split split_of(const BnLayout& l) {
   return {parts, ceil_div(l.count(), parts)};
 }
 
-// ---- activation (act: 0 none, 1 relu, 2 leaky_relu, 3 elu; p its slope or alpha) ---------------------
-template <typename T>
-__device__ __forceinline__ T act_fwd(T z, int act, T p) {
-  switch (act) {
-    case 1:
-      return z < T(0) ? T(0) : z;  // NaN stays NaN
-    case 2:
-      return z > T(0) ? z : z * p;
-    case 3:
-      return z > T(0) ? z : p * ::expm1(z);
-    default:
-      return z;
-  }
-}
-template <typename T>
-__device__ __forceinline__ T act_grad(T g, T y, int act, T p) {
-  switch (act) {
-    case 1:
-      return y <= T(0) ? T(0) : g;
-    case 2:
-      return y > T(0) ? g : g * p;
-    case 3:
-      return y <= T(0) ? g * (y + p) : g;
-    default:
-      return g;
-  }
-}
-template <typename T>
-__device__ __forceinline__ T act_inv(T y, int act, T p) {
-  if (y > T(0)) return y;
-  if (act == 2) return y / p;
-  if (act == 3) return ::log1p(::max(y / p, T(-1) + T(1e-7)));
-  return y;
-}
+// ---- the activation: common/act.h (act: its code, p its slope or alpha) ---------------------------------
 
 struct Streams {  // optional operands: nullptr where absent
   const void *g, *x, *y, *r;
@@ -83,9 +50,9 @@ template <typename scalar_t, typename T>
 __device__ __forceinline__ void dz_v(const scalar_t* g, const scalar_t* x, const scalar_t* y, const scalar_t* r,
                                      int64_t k, T cen, int act, T p, bool from_output, T& dz, T& v) {
   const T yv = y != nullptr ? T(y[k]) : T(0);
-  dz = act_grad(T(g[k]), yv, act, p);
+  dz = act_grad(Act(act), T(g[k]), yv, p);
   if (from_output)
-    v = act_inv(yv, act, p) - (r != nullptr ? T(r[k]) : T(0)) - cen;
+    v = act_inverse(Act(act), yv, p) - (r != nullptr ? T(r[k]) : T(0)) - cen;
   else
     v = T(x[k]) - cen;
 }
@@ -193,7 +160,7 @@ __global__ void elemt_kernel(const scalar_t* x, const scalar_t* r, scalar_t* out
     const int64_t c = (k / inner) % C;
     T z = (T(x[k]) - center[c]) * scale[c] + shift[c];
     if (r != nullptr) z += T(r[k]);
-    out[k] = scalar_t(act_fwd(z, act, p));
+    out[k] = scalar_t(act_forward(Act(act), z, p));
   }
 }
 
@@ -262,7 +229,7 @@ __global__ void bwd_elemt_kernel(const scalar_t* g, const scalar_t* x, const sca
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = (k / inner) % C;
     if (cb == nullptr) {  // eval
-      gi[k] = scalar_t(ca[c] * act_grad(T(g[k]), y != nullptr ? T(y[k]) : T(0), act, p));
+      gi[k] = scalar_t(ca[c] * act_grad(Act(act), T(g[k]), y != nullptr ? T(y[k]) : T(0), p));
       continue;
     }
     T dz, v;

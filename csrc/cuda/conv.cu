@@ -31,18 +31,10 @@ struct Strides4 {
 
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-template <typename T>
-__device__ __forceinline__ T act_apply(T v, int64_t act, T scalar) {
-  if (act == kConvActRelu) return v < T(0) ? T(0) : v;  // NaN kept
-  if (act == kConvActLeakyRelu) return v > T(0) ? v : v * scalar;
-  if (act == kConvActElu) return v > T(0) ? v : scalar * ::expm1(v);
-  return v;
-}
-
 template <typename scalar_t>
 __global__ void conv_fwd_kernel(const scalar_t* __restrict__ x, Strides4 xs, const scalar_t* __restrict__ w,
                                 const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, Strides4 os, ConvShape s,
-                                int64_t act, double scalar) {
+                                Act act, double scalar) {
   using T = at::opmath_type<scalar_t>;
   const int64_t total = s.N * s.K * s.OH * s.OW;
   const int64_t Cg = s.C / s.groups, Kg = s.K / s.groups;
@@ -63,20 +55,20 @@ __global__ void conv_fwd_kernel(const scalar_t* __restrict__ x, Strides4 xs, con
         }
       }
     }
-    out[n * os.s0 + k * os.s1 + oh * os.s2 + ow * os.s3] = scalar_t(act_apply(acc, act, T(scalar)));
+    out[n * os.s0 + k * os.s1 + oh * os.s2 + ow * os.s3] = scalar_t(act_forward(act, acc, T(scalar)));
   }
 }
 
-// bit j of byte i: element 8 i + j of out (memory order) passes: relu !(y <= 0), leaky_relu y > 0
+// the mask bits of out (common/act.h: bit j of byte i is element 8 i + j in memory order)
 template <typename scalar_t>
-__global__ void conv_mask_kernel(const scalar_t* __restrict__ y, uint8_t* __restrict__ mask, int64_t n, bool relu) {
+__global__ void conv_mask_kernel(const scalar_t* __restrict__ y, uint8_t* __restrict__ mask, int64_t n, Act act) {
   using T = at::opmath_type<scalar_t>;
   const int64_t bytes = (n + 7) / 8;
   for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < bytes; b += int64_t(gridDim.x) * blockDim.x) {
     uint8_t bits = 0;
     for (int j = 0; j < 8 && b * 8 + j < n; ++j) {
       const T v = T(y[b * 8 + j]);
-      bits |= uint8_t(relu ? !(v <= T(0)) : v > T(0)) << j;
+      bits |= uint8_t(act_pass(act, v)) << j;
     }
     mask[b] = bits;
   }
@@ -169,7 +161,7 @@ struct Cuda {
   };
 
   static void forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                      const at::Tensor& out, int64_t act, double scalar) {
+                      const at::Tensor& out, Act act, double scalar) {
     PYOPS_DISPATCH_FLOATING(x.scalar_type(), [&] {
       conv_fwd_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           x.const_data_ptr<scalar_t>(), strides_of(x), w.const_data_ptr<scalar_t>(),
@@ -179,10 +171,10 @@ struct Cuda {
     });
   }
 
-  static void mask(const at::Tensor& out, const at::Tensor& mask, int64_t act) {
+  static void mask(const at::Tensor& out, const at::Tensor& mask, Act act) {
     PYOPS_DISPATCH_FLOATING(out.scalar_type(), [&] {
       conv_mask_kernel<scalar_t><<<blocks_for(mask.numel()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          out.const_data_ptr<scalar_t>(), mask.mutable_data_ptr<uint8_t>(), out.numel(), act == kConvActRelu);
+          out.const_data_ptr<scalar_t>(), mask.mutable_data_ptr<uint8_t>(), out.numel(), act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -24,12 +24,12 @@ struct Triton {
   static void elemt(const BnPass& p, const at::Tensor& out) {
     static const TritonLaunch launch("pyops::_triton_bn_elemt");
     launch(p.input, opt(p.residual), out, p.center, p.scale, p.shift, p.l.outer, p.l.channels, p.l.inner,
-           std::string(bn_act_name(p.act)), p.param);
+           std::string(act_name(p.act)), p.param);
   }
   static void bwd_reduce(const BnPass& p, const at::Tensor& sum_dz, const at::Tensor& sum_dzv, const at::Tensor& gr) {
     static const TritonLaunch launch("pyops::_triton_bn_bwd_reduce");
     launch(p.grad, opt(p.input), opt(p.output), opt(p.residual), p.center, sum_dz, sum_dzv, opt(gr), p.l.outer,
-           p.l.channels, p.l.inner, std::string(bn_act_name(p.act)), p.param, p.from_output);
+           p.l.channels, p.l.inner, std::string(act_name(p.act)), p.param, p.from_output);
   }
   // the two backward passes stay two kernels here (csrc/batch_norm.h runs them)
   static bool bwd_fused(const BnPass&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -39,7 +39,7 @@ struct Triton {
   static void bwd_elemt(const BnPass& p, const at::Tensor& gi) {
     static const TritonLaunch launch("pyops::_triton_bn_bwd_elemt");
     launch(p.grad, opt(p.input), opt(p.output), opt(p.residual), p.center, p.a, opt(p.b), opt(p.c), gi, p.l.outer,
-           p.l.channels, p.l.inner, std::string(bn_act_name(p.act)), p.param, p.from_output);
+           p.l.channels, p.l.inner, std::string(act_name(p.act)), p.param, p.from_output);
   }
 };
 

@@ -23,13 +23,13 @@ struct Triton {
   }
 
   static void forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                      const at::Tensor& out, int64_t act, double scalar) {
+                      const at::Tensor& out, Act act, double scalar) {
     static const TritonLaunch launch("pyops::_triton_conv2d_fwd");
-    launch(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, out, shape(s), act, scalar);
+    launch(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, out, shape(s), int64_t(act), scalar);
   }
-  static void mask(const at::Tensor& out, const at::Tensor& mask, int64_t act) {
+  static void mask(const at::Tensor& out, const at::Tensor& mask, Act act) {
     static const TritonLaunch launch("pyops::_triton_conv2d_mask");
-    launch(out, mask, act);
+    launch(out, mask, int64_t(act));
   }
   static void backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi) {
     static const TritonLaunch launch("pyops::_triton_conv2d_bwd_input");
