@@ -1,0 +1,313 @@
+// The direct CPU conv engine (for fewer than kGemmChannels input channels per group: depthwise,
+// ResNeXt-like groups, a dense layer on a few channels). One task is one (image, group): the group's
+// input planes are copied once, zero-padded, into a thread-local opmath buffer (any input strides,
+// float16/bfloat16 converted there), then each output row is accumulated in vector registers across the
+// kernel taps, vectorized over the output width (stride 1 along the width; a scalar loop otherwise),
+// with bias and activation applied before the store. The input gradient at stride 1 is the same kernel
+// run on grad_out with the group-transposed, flipped weight; at other strides a scatter into a padded
+// buffer. The weight gradient is a split reduction: tasks of (group, fixed chunk of images) each sum
+// their part into a partial buffer in a fixed order, and the partials are added in chunk order
+// (deterministic, whatever the thread count).
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "cpu/conv_engines.h"
+
+namespace pyops {
+namespace cpu_conv {
+namespace {
+
+// ---- direct forward -----------------------------------------------------------------------------
+// acc[0, V) of one output row segment at ow0 (stride 1 along the width): sum over c, kh, kw.
+template <int V, typename T>
+inline void row_block(const T* base, const int64_t* offs, const T* wk, int64_t taps, int64_t ow0, T bias, Act act, T sc,
+                      T* out, int64_t valid) {
+  static_assert(V >= 1 && V <= 4, "row_block: 1 to 4 vectors");
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  // one flat loop over the taps (channel, kh, kw): the accumulators stay in registers
+  Vec a0(bias), a1(bias), a2(bias), a3(bias);
+  const T* sp0 = base + ow0;
+  for (int64_t t = 0; t < taps; ++t) {
+    const Vec wv(wk[t]);
+    const T* sp = sp0 + offs[t];
+    a0 = at::vec::fmadd(wv, Vec::loadu(sp), a0);
+    if constexpr (V > 1) a1 = at::vec::fmadd(wv, Vec::loadu(sp + L), a1);
+    if constexpr (V > 2) a2 = at::vec::fmadd(wv, Vec::loadu(sp + 2 * L), a2);
+    if constexpr (V > 3) a3 = at::vec::fmadd(wv, Vec::loadu(sp + 3 * L), a3);
+  }
+  // the epilogue's activation in registers; out[0, valid) written (a partial last vector masked)
+  const auto emit = [&](Vec a, int64_t j) {
+    const int64_t n = std::min<int64_t>(L, valid - (ow0 + j * L));
+    if (n > 0) act_forward(act, a, sc).store(out + ow0 + j * L, n);
+  };
+  emit(a0, 0);
+  if constexpr (V > 1) emit(a1, 1);
+  if constexpr (V > 2) emit(a2, 2);
+  if constexpr (V > 3) emit(a3, 3);
+}
+
+// out[n, k] = act(bias[k] + sum_c conv(x[n, group c], w[k, c])) for every image and group; x may be any
+// strided 4-d tensor (padding may be negative: a crop), w opmath [K, Cg, KH, KW], bias opmath or null.
+template <typename scalar_t>
+void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_type<scalar_t>* w,
+                      const at::opmath_type<scalar_t>* bias, const at::Tensor& out, Act act, double scalar) {
+  using T = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  const View4<scalar_t> xv(x), ov(out);
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), G = s.groups;
+  const bool vector = s.sw == 1;
+  const int64_t OWv = round_up(s.OW, L);
+  PlaneGeometry geo;
+  geo.rows = s.H + 2 * s.ph;
+  geo.cols = s.W + 2 * s.pw;
+  geo.stride = vector ? round_up(std::max(geo.cols, OWv + s.dw * (s.KW - 1)), L) : geo.cols;
+  geo.plane = geo.rows * geo.stride;
+  const T sc = T(scalar);
+  const int64_t taps = Cg * s.KH * s.KW;
+  const bool direct_store = std::is_same_v<scalar_t, T> && ov.s3 == 1;
+  std::vector<int64_t> offs(taps);  // tap (c, kh, kw) -> its element's offset from the row's start
+  for (int64_t c = 0; c < Cg; ++c)
+    for (int64_t kh = 0; kh < s.KH; ++kh)
+      for (int64_t kw = 0; kw < s.KW; ++kw)
+        offs[(c * s.KH + kh) * s.KW + kw] = c * geo.plane + kh * s.dh * geo.stride + kw * s.dw;
+  // grain: enough (image, group) pairs to amortise a task (~64K multiply-adds)
+  const int64_t work = std::max<int64_t>(1, Kg * s.OH * s.OW * taps);
+  at::parallel_for(0, s.N * G, std::max<int64_t>(1, (1 << 16) / work), [&](int64_t t0, int64_t t1) {
+    std::vector<T> xs(Cg * geo.plane + L);
+    std::vector<T> row(OWv);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / G, grp = t % G;
+      copy_padded(xv.p + n * xv.s0 + grp * Cg * xv.s1, xv.s1, xv.s2, xv.s3, Cg, s.H, s.W, s.ph, s.pw, geo, xs.data());
+      for (int64_t kl = 0; kl < Kg; ++kl) {
+        const int64_t k = grp * Kg + kl;
+        const T* wk = w + k * taps;
+        const T b = bias ? bias[k] : T(0);
+        scalar_t* dst = ov.p + n * ov.s0 + k * ov.s1;
+        for (int64_t oh = 0; oh < s.OH; ++oh) {
+          const int64_t row0 = oh * s.sh;
+          if (vector) {
+            // straight into the output row where it is a dense row of opmath values, else via `row`
+            T* target = direct_store ? reinterpret_cast<T*>(dst + oh * ov.s2) : row.data();
+            const T* rbase = xs.data() + row0 * geo.stride;
+            const int64_t valid = direct_store ? s.OW : OWv;
+            int64_t ow0 = 0;
+            for (; ow0 + 4 * L <= OWv; ow0 += 4 * L)
+              row_block<4>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
+            const int64_t rest = (OWv - ow0) / L;
+            if (rest == 3) row_block<3>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
+            if (rest == 2) row_block<2>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
+            if (rest == 1) row_block<1>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
+            if (direct_store) continue;
+          } else {
+            for (int64_t ow = 0; ow < s.OW; ++ow) {
+              T acc = b;
+              for (int64_t c = 0; c < Cg; ++c)
+                for (int64_t kh = 0; kh < s.KH; ++kh) {
+                  const T* srow = xs.data() + c * geo.plane + (row0 + kh * s.dh) * geo.stride + ow * s.sw;
+                  const T* wrow = wk + (c * s.KH + kh) * s.KW;
+                  for (int64_t kw = 0; kw < s.KW; ++kw) acc += wrow[kw] * srow[kw * s.dw];
+                }
+              row[ow] = act_forward(act, acc, sc);
+            }
+          }
+          store_row(row.data(), dst + oh * ov.s2, ov.s3, s.OW);
+        }
+      }
+    }
+  });
+}
+
+// ---- direct input gradient ------------------------------------------------------------------------
+// Stride 1: the forward kernel on grad_out (K channels) with w'[c, k] = w[k, c] flipped in space and
+// padding d * (k - 1) - p. Other strides: each grad_out element scattered into a padded buffer.
+template <typename scalar_t>
+void direct_backward_input_t(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi) {
+  using T = at::opmath_type<scalar_t>;
+  const auto opmath = c10::CppTypeToScalarType<T>::value;
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), G = s.groups;
+  if (s.sh == 1 && s.sw == 1) {
+    const at::Tensor wt = w.to(opmath)
+                              .view({G, Kg, Cg, s.KH, s.KW})
+                              .transpose(1, 2)
+                              .flip({3, 4})
+                              .reshape({s.C, Kg, s.KH, s.KW})
+                              .contiguous();
+    ConvShape t = s;
+    t.C = s.K, t.H = s.OH, t.W = s.OW, t.K = s.C;
+    t.ph = s.dh * (s.KH - 1) - s.ph, t.pw = s.dw * (s.KW - 1) - s.pw;
+    t.OH = s.H, t.OW = s.W;
+    direct_forward_t<scalar_t>(t, g, wt.const_data_ptr<T>(), nullptr, gi, Act::kNone, 0.0);
+    return;
+  }
+  const at::Tensor wc = w.to(opmath).contiguous();
+  const T* wp = wc.const_data_ptr<T>();
+  const View4<scalar_t> gv(g), iv(gi);
+  PlaneGeometry geo;
+  geo.rows = s.H + 2 * s.ph;
+  geo.cols = s.W + 2 * s.pw;
+  geo.stride = geo.cols;
+  geo.plane = geo.rows * geo.stride;
+  const int64_t taps = Cg * s.KH * s.KW;
+  const int64_t work = std::max<int64_t>(1, Kg * s.OH * s.OW * taps);
+  at::parallel_for(0, s.N * G, std::max<int64_t>(1, (1 << 16) / work), [&](int64_t t0, int64_t t1) {
+    std::vector<T> buf(Cg * geo.plane);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / G, grp = t % G;
+      std::fill(buf.begin(), buf.end(), T(0));
+      for (int64_t kl = 0; kl < Kg; ++kl) {
+        const int64_t k = grp * Kg + kl;
+        const T* wk = wp + k * taps;
+        const scalar_t* gk = gv.p + n * gv.s0 + k * gv.s1;
+        for (int64_t oh = 0; oh < s.OH; ++oh)
+          for (int64_t ow = 0; ow < s.OW; ++ow) {
+            const T v = T(gk[oh * gv.s2 + ow * gv.s3]);
+            for (int64_t c = 0; c < Cg; ++c)
+              for (int64_t kh = 0; kh < s.KH; ++kh) {
+                T* brow = buf.data() + c * geo.plane + (oh * s.sh + kh * s.dh) * geo.stride + ow * s.sw;
+                const T* wrow = wk + (c * s.KH + kh) * s.KW;
+                for (int64_t kw = 0; kw < s.KW; ++kw) brow[kw * s.dw] += v * wrow[kw];
+              }
+          }
+      }
+      for (int64_t c = 0; c < Cg; ++c) {
+        scalar_t* dst = iv.p + n * iv.s0 + (grp * Cg + c) * iv.s1;
+        for (int64_t ih = 0; ih < s.H; ++ih)
+          store_row(buf.data() + c * geo.plane + (ih + s.ph) * geo.stride + s.pw, dst + ih * iv.s2, iv.s3, s.W);
+      }
+    }
+  });
+}
+
+// ---- direct weight gradient -----------------------------------------------------------------------
+// Images split into chunks fixed by the shape alone: tasks (group, chunk), partials added in order.
+inline int64_t image_chunks(int64_t N, int64_t G) { return std::max<int64_t>(1, std::min<int64_t>(N, 64 / G)); }
+
+template <typename scalar_t>
+void direct_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
+                              const at::Tensor& gb) {
+  using T = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  const View4<scalar_t> gv(g), xv(x);
+  const int64_t Cg = s.Cg(), Kg = s.Kg(), G = s.groups;
+  const int64_t taps = Cg * s.KH * s.KW, wsize = s.K * taps;
+  const bool vector = s.sw == 1;
+  const int64_t OWv = round_up(s.OW, L), NV = OWv / L, tail = s.OW - (NV - 1) * L;
+  PlaneGeometry geo;
+  geo.rows = s.H + 2 * s.ph;
+  geo.cols = s.W + 2 * s.pw;
+  geo.stride = vector ? round_up(std::max(geo.cols, OWv + s.dw * (s.KW - 1)), L) : geo.cols;
+  geo.plane = geo.rows * geo.stride;
+  const int64_t NC = image_chunks(s.N, G), per = (s.N + NC - 1) / NC;
+  // partials: per chunk, the weight gradient then the bias gradient
+  std::vector<T> parts(NC * (wsize + s.K), T(0));
+  at::parallel_for(0, G * NC, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> xs(Cg * geo.plane + L);
+    std::vector<T> gs(Kg * s.OH * OWv);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t grp = t / NC, ci = t % NC;
+      T* pw = parts.data() + ci * (wsize + s.K) + grp * Kg * taps;
+      T* pb = parts.data() + ci * (wsize + s.K) + wsize + grp * Kg;
+      for (int64_t n = ci * per; n < std::min(s.N, (ci + 1) * per); ++n) {
+        copy_padded(xv.p + n * xv.s0 + grp * Cg * xv.s1, xv.s1, xv.s2, xv.s3, Cg, s.H, s.W, s.ph, s.pw, geo, xs.data());
+        for (int64_t kl = 0; kl < Kg; ++kl) {
+          const scalar_t* src = gv.p + n * gv.s0 + (grp * Kg + kl) * gv.s1;
+          T sum = 0;
+          for (int64_t oh = 0; oh < s.OH; ++oh) {
+            T* d = gs.data() + (kl * s.OH + oh) * OWv;
+            const scalar_t* sp = src + oh * gv.s2;
+            if (gv.s3 == 1) {
+              copy_convert(sp, d, s.OW);
+            } else {
+              for (int64_t j = 0; j < s.OW; ++j) d[j] = T(sp[j * gv.s3]);
+            }
+            std::fill(d + s.OW, d + OWv, T(0));
+            for (int64_t j = 0; j < s.OW; ++j) sum += d[j];
+          }
+          pb[kl] += sum;
+        }
+        for (int64_t kl = 0; kl < Kg; ++kl)
+          for (int64_t c = 0; c < Cg; ++c)
+            for (int64_t kh = 0; kh < s.KH; ++kh)
+              for (int64_t kw = 0; kw < s.KW; ++kw) {
+                const T* xc = xs.data() + c * geo.plane + kh * s.dh * geo.stride + kw * s.dw;
+                const T* gk = gs.data() + kl * s.OH * OWv;
+                T total;
+                if (vector) {
+                  Vec a0(T(0)), a1(T(0));
+                  for (int64_t oh = 0; oh < s.OH; ++oh) {
+                    const T* grow = gk + oh * OWv;
+                    const T* xrow = xc + oh * s.sh * geo.stride;
+                    Vec acc = (oh & 1) ? a1 : a0;
+                    for (int64_t v = 0; v + 1 < NV; ++v)
+                      acc = at::vec::fmadd(Vec::loadu(grow + v * L), Vec::loadu(xrow + v * L), acc);
+                    // past the last output column only zeros of grad_out: the inputs there must not count
+                    // (0 * inf would be NaN)
+                    const Vec xt = Vec::set(Vec(T(0)), Vec::loadu(xrow + (NV - 1) * L), tail);
+                    acc = at::vec::fmadd(Vec::loadu(grow + (NV - 1) * L), xt, acc);
+                    ((oh & 1) ? a1 : a0) = acc;
+                  }
+                  total = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, a0 + a1);
+                } else {
+                  total = 0;
+                  for (int64_t oh = 0; oh < s.OH; ++oh)
+                    for (int64_t ow = 0; ow < s.OW; ++ow)
+                      total += gk[oh * OWv + ow] * xc[oh * s.sh * geo.stride + ow * s.sw];
+                }
+                pw[(kl * Cg + c) * s.KH * s.KW + kh * s.KW + kw] += total;
+              }
+      }
+    }
+  });
+  scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
+  for (int64_t i = 0; i < wsize; ++i) {
+    T v = 0;
+    for (int64_t ci = 0; ci < NC; ++ci) v += parts[ci * (wsize + s.K) + i];
+    gwp[i] = scalar_t(v);
+  }
+  if (gb.defined()) {
+    scalar_t* gbp = gb.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < s.K; ++k) {
+      T v = 0;
+      for (int64_t ci = 0; ci < NC; ++ci) v += parts[ci * (wsize + s.K) + wsize + k];
+      gbp[k] = scalar_t(v);
+    }
+  }
+}
+
+}  // namespace
+
+void direct_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                    const at::Tensor& out, Act act, double scalar) {
+  PYOPS_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto opmath = c10::CppTypeToScalarType<T>::value;
+    const at::Tensor wf = w.to(opmath).contiguous();
+    const at::Tensor bf = bias.defined() ? bias.to(opmath).contiguous() : bias;
+    direct_forward_t<scalar_t>(s, x, wf.const_data_ptr<T>(), bf.defined() ? bf.const_data_ptr<T>() : nullptr, out, act,
+                               scalar);
+  });
+}
+void direct_backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi) {
+  PYOPS_DISPATCH_FLOATING(g.scalar_type(), [&] { direct_backward_input_t<scalar_t>(s, g, w, gi); });
+}
+void direct_backward_weight(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
+                            const at::Tensor& gb) {
+  PYOPS_DISPATCH_FLOATING(g.scalar_type(), [&] { direct_backward_weight_t<scalar_t>(s, g, x, gw, gb); });
+}
+
+}  // namespace cpu_conv
+}  // namespace pyops

@@ -1,0 +1,115 @@
+// The CPU conv engines, one file each; csrc/cpu/conv.cpp (the CPU device of csrc/conv.h) picks one
+// per call. Each entry point takes any floating dtype and does its own dispatch; shared here are the
+// helpers that copy planes into op-math buffers.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common/act.h"
+#include "conv.h"
+
+namespace pyops {
+namespace cpu_conv {
+
+using at::vec::Vectorized;
+
+// Input channels per group from which the im2col + BLAS engine is faster than the direct kernel.
+constexpr int64_t kGemmChannels = 16;
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// A 4-d tensor's data and strides, in elements.
+template <typename T>
+struct View4 {
+  T* p;
+  int64_t s0, s1, s2, s3;
+  explicit View4(const at::Tensor& t)
+      : p(const_cast<T*>(t.const_data_ptr<T>())), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+};
+
+// n elements from src to dst, converted (a plain copy when the types agree).
+template <typename S, typename D>
+inline void copy_convert(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, D>) {
+    std::memcpy(dst, src, n * sizeof(S));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// Padded planes of one (image, group) in opmath: plane c's row r, column j holds
+// src[c, r - pad_r, j - pad_c] (zero outside the source; pads may be negative: a crop).
+struct PlaneGeometry {
+  int64_t rows, cols, stride, plane;  // cols valid columns, stride >= cols (zeros past them)
+};
+
+template <typename scalar_t, typename T>
+void copy_padded(const scalar_t* src, int64_t sc, int64_t sh, int64_t sw, int64_t channels, int64_t H, int64_t W,
+                 int64_t pad_r, int64_t pad_c, const PlaneGeometry& g, T* dst) {
+  const int64_t j0 = std::clamp<int64_t>(pad_c, 0, g.stride), j1 = std::clamp<int64_t>(W + pad_c, j0, g.stride);
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t r = 0; r < g.rows; ++r) {
+      T* d = dst + c * g.plane + r * g.stride;
+      const int64_t ih = r - pad_r;
+      if (ih < 0 || ih >= H || j1 <= j0) {
+        std::fill(d, d + g.stride, T(0));
+        continue;
+      }
+      std::fill(d, d + j0, T(0));
+      std::fill(d + j1, d + g.stride, T(0));
+      const scalar_t* s = src + c * sc + ih * sh + (j0 - pad_c) * sw;
+      if (sw == 1) {
+        copy_convert(s, d + j0, j1 - j0);
+      } else {
+        for (int64_t j = j0; j < j1; ++j, s += sw) d[j] = T(*s);
+      }
+    }
+  }
+}
+
+// row[0, n) to dst (element stride ds), converted.
+template <typename T, typename scalar_t>
+inline void store_row(const T* row, scalar_t* dst, int64_t ds, int64_t n) {
+  if (ds == 1) {
+    copy_convert(row, dst, n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j * ds] = scalar_t(row[j]);
+  }
+}
+
+// Whether the channels_last depthwise engine takes the call: one input and one output channel per
+// group, float32/float64, both tensors with channel stride 1.
+inline bool depthwise_cl(const ConvShape& s, const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType t = a.scalar_type();
+  return (t == at::kFloat || t == at::kDouble) && s.Cg() == 1 && s.Kg() == 1 && s.C > 1 && a.stride(1) == 1 &&
+         b.stride(1) == 1;
+}
+
+// ---- the engines (csrc/cpu/conv_direct.cpp, conv_depthwise_cl.cpp, conv_gemm.cpp) -----------------
+// forward: out = act(conv(x, w) + bias); backward_input: gi = conv's transpose of g; backward_weight:
+// gw (and gb when defined) from g and x, in a fixed order.
+void direct_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                    const at::Tensor& out, Act act, double scalar);
+void direct_backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi);
+void direct_backward_weight(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
+                            const at::Tensor& gb);
+void dw_cl_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                   const at::Tensor& out, Act act, double scalar);
+void dw_cl_backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi);
+void dw_cl_backward_weight(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
+                           const at::Tensor& gb);
+void gemm_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                  const at::Tensor& out, Act act, double scalar);
+void gemm_backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi);
+void gemm_backward_weight(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
+                          const at::Tensor& gb);
+
+}  // namespace cpu_conv
+}  // namespace pyops
