@@ -9,6 +9,7 @@
 
 #include "common/backend.h"
 #include "functional.h"
+#include "optim.h"
 #include "primitives.h"
 
 TORCH_LIBRARY(pyops, m) {
@@ -52,6 +53,9 @@ TORCH_LIBRARY(pyops, m) {
   m.def(
       "conv2d.padding(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, str padding=\"valid\", "
       "int[2] dilation=1, int groups=1, *, str? activation=None) -> Tensor");
+  // the optimizers' question before one call per group (csrc/optim.h)
+  m.def("fused_step_fits(Tensor[] params, Tensor[] grads, Tensor?[] states, Tensor[] steps) -> bool",
+        &pyops::fused_step_fits);
 }
 
 // ---- the extension module: importing it runs the registrations above; it carries the build facts,

@@ -9,6 +9,7 @@
 // everything when found_inf != 0, and otherwise advances the step counts and clears the SGD
 // new-buffer flags it applied.
 #pragma once
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
@@ -16,7 +17,9 @@
 #include <cmath>
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -117,10 +120,56 @@ inline void check_scalar_tensor(const char* op, const char* name, const at::Tens
               t.defined() ? t.numel() : 0, " elements on ", t.defined() ? t.device() : device);
 }
 
-// Every list matches params in length, every tensor shares its parameter's device, dtype, shape and
-// memory layout (the kernels walk memory in order), parameters are dense and of one device and
-// dtype; steps are one-element float32/float64 tensors and SGD's new-buffer flags one-element
-// bool/uint8 tensors, on the parameter's device.
+// Why one call cannot step the group as given, or "" when it can: parameters dense, floating and of one
+// device and dtype; every gradient and state tensor of its parameter's device, dtype, shape and memory
+// layout (the kernels walk memory in order); steps one-element float32/float64 tensors on the
+// parameters' device. The optimizers ask first (pyops::fused_step_fits) and take the careful per-tensor
+// path where it is not ""; the primitive raises it. Lists have params' length (checked before).
+inline std::string group_misfit(const char* op, at::TensorList params, at::TensorList grads,
+                                std::initializer_list<StateList> states, at::TensorList steps) {
+  const size_t n = params.size();
+  if (n == 0) return {};
+  const at::Tensor& p0 = params[0];
+  if (!is_kernel_dtype(p0.scalar_type()))
+    return c10::str("pyops::", op, ": params must be float64, float32, float16 or bfloat16, got ", p0.scalar_type());
+  const at::Device device = p0.device();
+  auto like_param = [&](const char* name, const at::Tensor& t, const at::Tensor& p, size_t i) -> std::string {
+    if (t.device() != device)
+      return c10::str("pyops::", op, ": ", name, " is on ", t.device(), " but params is on ", device, " (tensor ", i,
+                      ")");
+    if (t.scalar_type() != p.scalar_type())
+      return c10::str("pyops::", op, ": ", name, " has dtype ", t.scalar_type(), " but params has dtype ",
+                      p.scalar_type(), " (tensor ", i, ")");
+    if (!same_layout(t, p))
+      return c10::str("pyops::", op, ": ", name, "[", i, "] has shape ", t.sizes(), " and strides ", t.strides(),
+                      " but params[", i, "] has shape ", p.sizes(), " and strides ", p.strides());
+    return {};
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    if (p.device() != device || p.scalar_type() != p0.scalar_type())
+      return c10::str("pyops::", op, ": params[", i, "] is ", p.scalar_type(), " on ", p.device(), " but params[0] is ",
+                      p0.scalar_type(), " on ", device, " (one call takes one device and dtype)");
+    if (!p.is_non_overlapping_and_dense())
+      return c10::str("pyops::", op, ": params[", i,
+                      "] is not dense (its elements must fill its memory without gaps or overlaps)");
+    std::string why = like_param("grads", grads[i], p, i);
+    for (const auto& s : states)
+      if (why.empty() && !s.list.empty()) why = like_param(s.name, s.list[i], p, i);
+    if (!why.empty()) return why;
+    if (!steps.empty()) {
+      const at::Tensor& s = steps[i];
+      if (!(s.numel() == 1 && is_step_dtype(s.scalar_type()) && s.device() == device))
+        return c10::str("pyops::", op, ": steps[", i, "] must be a one-element float32 or float64 tensor on ", device,
+                        ", got ", s.scalar_type(), " with ", s.numel(), " elements on ", s.device());
+    }
+  }
+  return {};
+}
+
+// Every list matches params in length (else a caller's bug: raised), the group fits one call
+// (group_misfit), SGD's new-buffer flags are one-element bool/uint8 tensors on the parameters' device,
+// and lr, grad_scale and found_inf one-element float32/float64 tensors there.
 inline void check_group(const char* op, const GroupStep& g, std::initializer_list<StateList> states,
                         at::TensorList steps = {}, bool steps_required = false, at::TensorList flags = {}) {
   const at::TensorList params = g.params;
@@ -138,45 +187,43 @@ inline void check_group(const char* op, const GroupStep& g, std::initializer_lis
   check_length("steps", steps, steps_required, nullptr);
   check_length("new_buffers", flags, false, nullptr);
   if (n == 0) return;
-
-  const at::Tensor& p0 = params[0];
-  check_floating(op, "params", p0);
-  const at::Device device = p0.device();
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == device && p.scalar_type() == p0.scalar_type(), "pyops::", op, ": params[", i, "] is ",
-                p.scalar_type(), " on ", p.device(), " but params[0] is ", p0.scalar_type(), " on ", device,
-                " (one call takes one device and dtype)");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "pyops::", op, ": params[", i,
-                "] is not dense (its elements must fill its memory without gaps or overlaps)");
-    auto check_like_param = [&](const char* name, const at::Tensor& t) {
-      TORCH_CHECK(t.device() == device, "pyops::", op, ": ", name, " is on ", t.device(), " but params is on ", device,
-                  " (tensor ", i, ")");
-      TORCH_CHECK(t.scalar_type() == p.scalar_type(), "pyops::", op, ": ", name, " has dtype ", t.scalar_type(),
-                  " but params has dtype ", p.scalar_type(), " (tensor ", i, ")");
-      TORCH_CHECK(same_layout(t, p), "pyops::", op, ": ", name, "[", i, "] has shape ", t.sizes(), " and strides ",
-                  t.strides(), " but params[", i, "] has shape ", p.sizes(), " and strides ", p.strides());
-    };
-    check_like_param("grads", g.grads[i]);
-    for (const auto& s : states)
-      if (!s.list.empty()) check_like_param(s.name, s.list[i]);
-    if (!steps.empty()) {
-      const at::Tensor& s = steps[i];
-      TORCH_CHECK(s.numel() == 1 && is_step_dtype(s.scalar_type()) && s.device() == device, "pyops::", op, ": steps[",
-                  i, "] must be a one-element float32 or float64 tensor on ", device, ", got ", s.scalar_type(),
-                  " with ", s.numel(), " elements on ", s.device());
-    }
-    if (!flags.empty()) {
-      const at::Tensor& f = flags[i];
-      TORCH_CHECK(
-          f.numel() == 1 && (f.scalar_type() == at::kBool || f.scalar_type() == at::kByte) && f.device() == device,
-          "pyops::", op, ": new_buffers[", i, "] must be a one-element bool or uint8 tensor on ", device, ", got ",
-          f.scalar_type(), " with ", f.numel(), " elements on ", f.device());
-    }
+  const std::string why = group_misfit(op, params, g.grads, states, steps);
+  TORCH_CHECK(why.empty(), why);
+  const at::Device device = params[0].device();
+  for (size_t i = 0; i < flags.size(); ++i) {
+    const at::Tensor& f = flags[i];
+    TORCH_CHECK(
+        f.numel() == 1 && (f.scalar_type() == at::kBool || f.scalar_type() == at::kByte) && f.device() == device,
+        "pyops::", op, ": new_buffers[", i, "] must be a one-element bool or uint8 tensor on ", device, ", got ",
+        f.scalar_type(), " with ", f.numel(), " elements on ", f.device());
   }
   check_scalar_tensor(op, "lr", g.lr, device);
   if (g.grad_scale.has_value() && g.grad_scale->defined()) check_scalar_tensor(op, "grad_scale", *g.grad_scale, device);
   if (g.found_inf.has_value() && g.found_inf->defined()) check_scalar_tensor(op, "found_inf", *g.found_inf, device);
+}
+
+// pyops::fused_step_fits: whether one call of an optimizer primitive steps the group as given (the
+// optimizers ask before they call; group_misfit is what the primitive checks first). `states` holds the
+// state lists one after another, each of params' length; None stands for a tensor the step creates
+// like its parameter (SGD's new momentum buffers). Lists of another length are a caller's bug: raised.
+inline bool fused_step_fits(at::TensorList params, at::TensorList grads,
+                            const c10::List<std::optional<at::Tensor>>& states, at::TensorList steps) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && (n == 0 || states.size() % n == 0) && (steps.empty() || steps.size() == n),
+              "pyops::fused_step_fits: lists must have params' length (", n, "), got grads ", grads.size(), ", states ",
+              states.size(), ", steps ", steps.size());
+  if (n == 0) return true;
+  std::vector<at::Tensor> flat;
+  flat.reserve(states.size());
+  for (size_t i = 0; i < states.size(); ++i) {
+    const std::optional<at::Tensor> t = states[i];
+    flat.push_back(t.has_value() && t->defined() ? *t : params[i % n]);
+  }
+  for (size_t k = 0; k < flat.size(); k += n) {
+    const StateList s{"states", at::TensorList(flat).slice(k, n), true};
+    if (!group_misfit("fused_step_fits", params, grads, {s}, {}).empty()) return false;
+  }
+  return group_misfit("fused_step_fits", params, grads, {}, steps).empty();
 }
 
 // In-place writes bump version counters, as torch's optimizers' own in-place ops do, so that a

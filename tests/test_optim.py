@@ -4,6 +4,7 @@ import copy
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -507,6 +508,61 @@ def test_primitives_reject_bad_input(backend):
     args[1] = [g.double() for g in args[1]]
     with pytest.raises(RuntimeError, match="pyops::sgd_step_: grads has dtype"):
         prims["sgd_step_"](*args)
+
+
+def _misfits():
+    """Groups that one call cannot step as given, each with what the primitive says of it."""
+    p = [torch.randn(3, 4), torch.randn(5)]
+    g = [torch.randn_like(t) for t in p]
+    st = [torch.tensor(1.0), torch.tensor(1.0)]
+    return {
+        "state layout": (p, g, [p[0].t().contiguous().t(), p[1].clone()], st, "has shape"),
+        "grad dtype": (p, [g[0].double(), g[1]], [t.clone() for t in p], st, "has dtype"),
+        "mixed dtypes": ([p[0], p[1].double()], [g[0], g[1].double()], [p[0].clone(), p[1].double()], st, "params[1]"),
+        "not dense": ([torch.randn(3, 8)[:, ::2], p[1]], g, [t.clone() for t in p], st, "is not dense"),
+        "integer": (
+            [torch.ones(3, dtype=torch.int64)],
+            [torch.ones(3, dtype=torch.int64)],
+            [torch.ones(3, dtype=torch.int64)],
+            st[:1],
+            "must be float64",
+        ),
+        "step dtype": (p, g, [t.clone() for t in p], [torch.tensor(1), torch.tensor(1)], "steps[0]"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_misfits()))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_step_fits_is_the_primitives_first_check(case, backend):
+    """The optimizers ask pyops::fused_step_fits before one call per group, and the primitive raises
+    exactly where it answers False (one function in csrc/optim.h): a group that fits and then raises is
+    a real bug, which step() lets through."""
+    params, grads, states, steps, words = _misfits()[case]
+    lr = torch.tensor(0.1)
+    assert not torch.ops.pyops.fused_step_fits(params, grads, states, steps)
+    with pytest.raises(RuntimeError, match=re.escape(words)):
+        PRIMITIVES[backend]["adagrad_step_"](params, grads, states, steps, lr, 0.0, 0.0, 1e-10, False, None, None)
+    fit = [torch.randn(3, 4), torch.randn(5)]
+    fit_steps = [torch.tensor(1.0) for _ in fit]
+    assert torch.ops.pyops.fused_step_fits(fit, [torch.randn_like(t) for t in fit], [None] * len(fit), fit_steps)
+    with pytest.raises(RuntimeError, match="lists must have params' length"):
+        torch.ops.pyops.fused_step_fits(fit, [], [], [])
+
+
+def test_step_raises_what_the_primitive_raises_on_a_fitting_group(monkeypatch):
+    """A primitive's error on a group that fits is not taken for 'does not fit' (once, step() caught
+    every RuntimeError that began with the primitive's name and went the slow way)."""
+    model = torch.nn.Linear(3, 2)
+    opt = popt.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+
+    def broken(*args):
+        raise RuntimeError("pyops::adam_step_: a bug")
+
+    for backend in KERNEL_BACKENDS:
+        monkeypatch.setitem(PRIMITIVES[backend], "adam_step_", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        opt.step()
 
 
 # ---- torch's semantics: version counters, layouts, complex, differentiable, fallbacks ------------

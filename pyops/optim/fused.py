@@ -62,6 +62,7 @@ except ImportError:  # torch built without distributed
     _DTensor = None
 
 _log = logging.getLogger("pyops")
+_FITS = torch.ops.pyops.fused_step_fits.default  # csrc/optim.h
 _FALLBACKS = Counter()
 _LOGGED = set()
 
@@ -167,6 +168,11 @@ class _Fused:
     master_weights = False  # instances set it; kept through deepcopy and pickling (__getstate__)
     _steps_at = None
 
+    def _step_lists(self, group, lists):
+        """(params, grads, the state lists, steps) as the primitive receives them, from _collect's lists;
+        a None state tensor is one the step creates like its parameter."""
+        raise NotImplementedError
+
     def step(self, closure=None):
         if self.defaults.get("differentiable"):
             count = sum(p.grad is not None for g in self.param_groups for p in g["params"])
@@ -208,16 +214,16 @@ class _Fused:
         return loss
 
     def _whole_group(self, group, lists, grad_scale, found_inf):
+        """Step the group in one kernel call when it fits one (the primitive's own first check, asked
+        through pyops::fused_step_fits); False, with nothing written, where it does not."""
         device = lists[0][0].device
         backend = resolve(self._op, device)
         if backend not in KERNEL_BACKENDS:
             return False
-        try:
-            self._run_once_each(backend, group, lists, device, _on(grad_scale, device), _on(found_inf, device))
-        except RuntimeError as e:
-            if str(e).startswith(f"pyops::{self._primitive}:"):
-                return False
-            raise
+        params, grads, states, steps = self._step_lists(group, lists)
+        if not _FITS(params, grads, [t for s in states for t in s], steps):
+            return False
+        self._run_once_each(backend, group, lists, device, _on(grad_scale, device), _on(found_inf, device))
         return True
 
     def _run_once_each(self, backend, group, lists, device, grad_scale, found_inf):
@@ -500,6 +506,10 @@ class SGD(_Fused, optim.SGD):
         has_sparse = self._init_group(group, params, grads, bufs)
         return (params, grads, bufs), has_sparse
 
+    def _step_lists(self, group, lists):
+        params, grads, bufs = lists
+        return params, grads, [bufs if _scalar(group["momentum"]) != 0 else []], []
+
     # New momentum buffers: torch creates one as clone(grad) at a parameter's first step. Without
     # dampening a zero buffer gives the same first update (0 * momentum + grad), so new buffers are
     # zeros. With dampening the kernel is told which buffers are new by a one-element flag per
@@ -619,6 +629,10 @@ class _AdamStep:
         params, grads, m, v, vmax, steps = [], [], [], [], [], []
         self._init_group(group, params, grads, m, v, vmax, steps)
         return (params, grads, m, v, vmax, steps), False
+
+    def _step_lists(self, group, lists):
+        params, grads, m, v, vmax, steps = lists
+        return params, grads, [m, v, vmax if group["amsgrad"] else []], steps
 
     def _arguments(self, group, lists, lr, grad_scale, found_inf):
         params, grads, m, v, vmax, steps = lists
@@ -799,6 +813,10 @@ class Adagrad(_Fused, optim.Adagrad):
         has_sparse, _ = self._init_group(group, params, grads, sums, steps)
         return (params, grads, sums, steps), has_sparse
 
+    def _step_lists(self, group, lists):
+        params, grads, sums, steps = lists
+        return params, grads, [sums], steps
+
     def _arguments(self, group, lists, lr, grad_scale, found_inf):
         params, grads, sums, steps = lists
         return (
@@ -876,6 +894,11 @@ class RMSprop(_Fused, optim.RMSprop):
         params, grads, square_avgs, bufs, grad_avgs, steps = [], [], [], [], [], []
         self._init_group(group, params, grads, square_avgs, bufs, grad_avgs, steps)
         return (params, grads, square_avgs, grad_avgs, bufs, steps), False
+
+    def _step_lists(self, group, lists):
+        params, grads, square_avgs, grad_avgs, bufs, steps = lists
+        states = [square_avgs, grad_avgs if group["centered"] else [], bufs if group["momentum"] > 0 else []]
+        return params, grads, states, steps
 
     def _arguments(self, group, lists, lr, grad_scale, found_inf):
         params, grads, square_avgs, grad_avgs, bufs, steps = lists
