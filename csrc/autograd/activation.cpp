@@ -234,34 +234,26 @@ Tensor maxout_grad(const Tensor& g, const Tensor& idx, int64_t pieces, int64_t d
   return below_autograd([&] { return maxout_bwd[B].call(g, idx, pieces, dim); });
 }
 
-// The derivative of maxout_bwd (linear in g), edge g.
-template <Backend B>
-struct MaxoutBwdBackward : Node {
+// maxout's derivative (edge x: maxout_bwd puts g at each group's chosen piece) and maxout_bwd's (edge g:
+// each group's chosen piece of gg, maxout_gather); both are linear in their edge and save the indices.
+template <Backend B, bool kOfBackward>
+struct MaxoutNode : Node {
   SavedVariable idx_;
   int64_t pieces_, dim_;
-  MaxoutBwdBackward(const Tensor& idx, int64_t pieces, int64_t dim)
+  MaxoutNode(const Tensor& idx, int64_t pieces, int64_t dim)
       : idx_(idx, /*is_output=*/false), pieces_(pieces), dim_(dim) {}
   variable_list apply(variable_list&& grads) override {
     if (!grads[0].defined()) return {Tensor()};
-    return {maxout_gather(grads[0], idx_.unpack(), pieces_, dim_)};
-  }
-  std::string name() const override { return "pyops::MaxoutBackwardBackward"; }
-  void release_variables() override { idx_.reset_data(); }
-};
-
-template <Backend B>
-struct MaxoutBackward : Node {
-  SavedVariable idx_;
-  int64_t pieces_, dim_;
-  MaxoutBackward(const Tensor& idx, int64_t pieces, int64_t dim)
-      : idx_(idx, /*is_output=*/false), pieces_(pieces), dim_(dim) {}
-  variable_list apply(variable_list&& grads) override {
-    if (!grads[0].defined()) return {Tensor()};
+    if constexpr (kOfBackward) return {maxout_gather(grads[0], idx_.unpack(), pieces_, dim_)};
     return {maxout_grad<B>(grads[0], idx_.unpack(), pieces_, dim_)};
   }
-  std::string name() const override { return "pyops::MaxoutBackward"; }
+  std::string name() const override { return kOfBackward ? "pyops::MaxoutBackwardBackward" : "pyops::MaxoutBackward"; }
   void release_variables() override { idx_.reset_data(); }
 };
+template <Backend B>
+using MaxoutBackward = MaxoutNode<B, false>;
+template <Backend B>
+using MaxoutBwdBackward = MaxoutNode<B, true>;
 
 // ---- the Autograd kernels of the primitives: record a node when a graph is built and set the
 // results' tangents when an operand has one, else go straight to the kernel -----------------------------
