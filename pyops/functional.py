@@ -137,7 +137,8 @@ def _py_maxout(input, pieces, dim=1):
 # ---- batch_norm ------------------------------------------------------------------------------------
 __all__ += ["batch_norm"]
 _batch_norm, _batch_norm_eager = _op("batch_norm")
-_BN_ACTIVATIONS = (None, "relu", "leaky_relu", "elu")
+# The activations batch_norm and conv2d fuse into their epilogue (csrc/common/act.h).
+FUSED_ACTIVATIONS = (None, "relu", "leaky_relu", "elu")
 
 
 def _py_batch_norm(
@@ -159,8 +160,8 @@ def _py_batch_norm(
     """The Python twin of batch_norm."""
     if not isinstance(input, torch.Tensor):
         raise _tensor_expected("batch_norm", input)
-    if activation not in _BN_ACTIVATIONS:
-        raise ValueError(f"pyops.batch_norm: activation must be one of {_BN_ACTIVATIONS}, got {activation!r}")
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"pyops.batch_norm: activation must be one of {FUSED_ACTIVATIONS}, got {activation!r}")
     if training:
         _TF._verify_batch_size(input.size())
     if training and eps <= 0.0:

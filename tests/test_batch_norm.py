@@ -810,6 +810,40 @@ def test_sync_batch_norm_without_process_group_is_batch_norm():
     torch.testing.assert_close(m(x), TF.relu(TF.batch_norm(x, None, None, training=True)))
 
 
+def test_sync_batch_norm_backward_runs_the_forward_backend(monkeypatch):
+    """The backend is fixed at forward: a backward under another selection (autograd's worker thread on
+    a GPU) runs the forward's backward primitives, the C++ node's, and gives pyops.batch_norm's gradient."""
+    import torch.distributed as dist
+
+    from pyops.nn.batch_norm import _SyncBatchNormFn
+
+    calls = []
+    for backend in ("native", "triton"):
+        for name in ("batch_norm_bwd_reduce", "batch_norm_bwd_elemt"):
+            f = PRIMITIVES[backend][name]
+            monkeypatch.setitem(
+                PRIMITIVES[backend], name, lambda *a, f=f, key=(backend, name): (calls.append(key), f(*a))[1]
+            )
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pyops.backend("triton"):
+            out = _SyncBatchNormFn.apply(x, w, b, None, None, None, 1e-5, 0.1, dist.group.WORLD, 1, ("elu", 1.0, False))
+        with pyops.backend("native"):
+            grads = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+    finally:
+        dist.destroy_process_group()
+    assert calls == [("triton", "batch_norm_bwd_reduce"), ("triton", "batch_norm_bwd_elemt")]
+    xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    with pyops.backend("native"):
+        ref = PF.batch_norm(xs, None, None, ws, bs, training=True, activation="elu")
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, torch.autograd.grad(ref, (xs, ws, bs), torch.ones_like(ref))):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
     x = torch.randn(8, 16, 9, 9)

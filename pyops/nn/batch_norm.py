@@ -17,8 +17,8 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "SyncBatchNorm"]
 
 
 def _check_options(name, activation, negative_slope, alpha, memory_efficient):
-    if activation not in F._BN_ACTIVATIONS:
-        raise ValueError(f"pyops.nn.{name}: activation must be one of {F._BN_ACTIVATIONS}, got {activation!r}")
+    if activation not in F.FUSED_ACTIVATIONS:
+        raise ValueError(f"pyops.nn.{name}: activation must be one of {F.FUSED_ACTIVATIONS}, got {activation!r}")
     if memory_efficient:
         invertible = (
             activation is None
@@ -157,22 +157,26 @@ class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
 # ---- SyncBatchNorm ---------------------------------------------------------------------------------
 
 
-def _primitives():
-    """The kernels' primitives of the current backend (triton when selected, native otherwise)."""
+def _kernel_backend():
+    """The backend whose primitives this thread's selection runs: triton when selected, native otherwise."""
     from ..backend import current
 
-    return PRIMITIVES["triton" if current() == "triton" else "native"]
+    return "triton" if current() == "triton" else "native"
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
     """Batch statistics over every rank of a process group: each rank's count, mean and biased variance
     gathered (ranks may hold different batch sizes) and combined, n = sum n_r, mean = sum n_r m_r / n,
     var = sum n_r (v_r + (m_r - mean)^2) / n; backward all-reduces sum(dz) and sum(dz xhat) between its
-    reduction and elementwise passes. Weight and bias gradients stay local (DDP reduces them), as torch's."""
+    reduction and elementwise passes. Weight and bias gradients stay local (DDP reduces them), as torch's.
+    The derivative is the C++ node's (csrc/autograd/batch_norm.cpp): the same two backward primitives,
+    with the all-reduce between them; the backend is fixed at forward (ctx.backend), so a backward that
+    runs on autograd's worker thread, under another selection, still runs the forward's kernels."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps, momentum, group, world, kw):
-        P = _primitives()
+        ctx.backend = _kernel_backend()
+        P = PRIMITIVES[ctx.backend]
         mean, var = P["batch_norm_stats"](input)
         c = input.shape[1]
         count = torch.full((1,), input.numel() // max(c, 1), dtype=mean.dtype, device=mean.device)
@@ -204,7 +208,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        P = _primitives()
+        P = PRIMITIVES[ctx.backend]
         x, y, r, mean, invstd, weight, bias, n = ctx.saved_tensors
         act, param, _ = ctx.kw
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]

@@ -12,8 +12,6 @@ from .. import functional as F
 
 __all__ = ["Conv2d"]
 
-ACTIVATIONS = (None, "relu", "leaky_relu", "elu")
-
 
 class Conv2d(nn.Conv2d):
     """torch.nn.Conv2d on pyops kernels. `activation` (None, "relu", "leaky_relu" or "elu") is applied
@@ -38,7 +36,7 @@ class Conv2d(nn.Conv2d):
         *,
         activation=None,
     ):
-        if activation not in ACTIVATIONS:
+        if activation not in F.FUSED_ACTIVATIONS:
             raise ValueError(
                 f"pyops.nn.Conv2d: activation must be None, 'relu', 'leaky_relu' or 'elu', got {activation!r}"
             )
