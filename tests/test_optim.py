@@ -25,7 +25,7 @@ DEVICE_BACKENDS = [("cpu", b) for b in KERNEL_BACKENDS] + [
     pytest.param("cuda", b, marks=pytest.mark.cuda) for b in ("native", "triton")
 ]
 
-# The configurations of the spec table (pyops/testing.py), which `python -m pyops check` runs too.
+# The configurations of the spec table (pyops/testing/optim.py), which `python -m pyops check` runs too.
 CONFIGS = {name: list(spec.configs) for name, spec in OPTIMIZERS.items()}
 CASES = [(name, i) for name, cfgs in CONFIGS.items() for i in range(len(cfgs))]
 
