@@ -162,7 +162,7 @@ setup(
     name="pyops-kernels",
     version="0.1.0",
     description="Hand-written Triton, CUDA and C++ kernels for convolutional-network building blocks",
-    packages=["pyops", "pyops.ops", "pyops.nn", "pyops.optim", "pyops.kernels"],
+    packages=["pyops", "pyops.ops", "pyops.nn", "pyops.optim", "pyops.testing", "pyops.kernels"],
     package_dir={"pyops": "pyops", "pyops.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -21,12 +21,13 @@ from pyops.ops.optim import LAUNCHES
 from pyops.testing import OPTIM_NONFINITE, OPTIM_SHAPES, OPTIMIZERS
 
 KERNEL_BACKENDS = [b for b in pyops.available_backends("cpu") if b != "torch"]
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
 # (device, backend) pairs with a pyops kernel: the CPU ones here, the CUDA ones marked (skipped without a GPU)
 DEVICE_BACKENDS = [("cpu", b) for b in KERNEL_BACKENDS] + [
     pytest.param("cuda", b, marks=pytest.mark.cuda) for b in ("native", "triton")
 ]
 
-# The configurations of the spec table (pyops/testing.py), which `python -m pyops check` runs too.
+# The configurations of the spec table (pyops/testing/optim.py), which `python -m pyops check` runs too.
 CONFIGS = {name: list(spec.configs) for name, spec in OPTIMIZERS.items()}
 CASES = [(name, i) for name, cfgs in CONFIGS.items() for i in range(len(cfgs))]
 
@@ -1026,103 +1027,19 @@ def test_threads_step_their_own_optimizers_with_float_lr_schedules(monkeypatch):
 
 # ---- the primitives: checks, flags, launches -------------------------------------------------------
 
-_BAD_PRIMITIVE_CALLS = r"""
-import sys, torch, pyops
-from pyops.ops import PRIMITIVES
-
-def adam_args():
-    params = [torch.randn(3, 4), torch.randn(5)]
-    like = lambda: [torch.zeros_like(p) for p in params]
-    return [params, like(), like(), like(), like(), [torch.tensor(1.0) for _ in params], torch.tensor(0.1), 0.9,
-            0.999, 0.0, 1e-8, True, False, False, None, None]
-
-def sgd_args():
-    params = [torch.randn(3, 4), torch.randn(5)]
-    return [params, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params], torch.tensor(0.1),
-            0.9, 0.1, 0.0, False, False, [torch.ones(1, dtype=torch.uint8) for _ in params], None, None]
-
-def edit(args, i, f):
-    args = list(args)
-    args[i] = f(args[i])
-    return args
-
-CASES = {
-    "short state list": ("adam_step_", edit(adam_args(), 2, lambda l: l[:1])),
-    "state with fewer elements": ("adam_step_", edit(adam_args(), 3, lambda l: [l[0][:2], l[1]])),
-    "state of another dtype": ("adam_step_", edit(adam_args(), 2, lambda l: [l[0].double(), l[1]])),
-    "state in another layout": ("adam_step_", edit(adam_args(), 2, lambda l: [torch.zeros(4, 3).t(), l[1]])),
-    "amsgrad without max_exp_avg_sqs": ("adam_step_", edit(adam_args(), 4, lambda l: [])),
-    "no step counts": ("adam_step_", edit(adam_args(), 5, lambda l: [])),
-    "int64 step counts": ("adam_step_", edit(adam_args(), 5, lambda l: [torch.tensor(1) for _ in l])),
-    "step counts of two elements": ("adam_step_", edit(adam_args(), 5, lambda l: [torch.ones(2) for _ in l])),
-    "lr of two elements": ("adam_step_", edit(adam_args(), 6, lambda t: torch.ones(2))),
-    "float16 lr": ("adam_step_", edit(adam_args(), 6, lambda t: t.half())),
-    "int grad_scale": ("adam_step_", edit(adam_args(), 14, lambda t: torch.tensor(2))),
-    "float16 found_inf": ("adam_step_", edit(adam_args(), 15, lambda t: torch.tensor(0.0).half())),
-    "params of two dtypes": ("adam_step_", edit(adam_args(), 0, lambda l: [l[0], l[1].double()])),
-    "int params": ("adam_step_", [[torch.ones(3, dtype=torch.int64)], [torch.ones(3, dtype=torch.int64)]] +
-                   [[torch.ones(3, dtype=torch.int64)]] * 3 + [[torch.tensor(1.0)]] + adam_args()[6:]),
-    "non-dense params": ("adam_step_", [[torch.randn(4, 6)[:, ::2]], [torch.zeros(4, 3)]] +
-                         [[torch.zeros(4, 3)]] * 3 + [[torch.tensor(1.0)]] + adam_args()[6:]),
-    "momentum without buffers": ("sgd_step_", edit(sgd_args(), 2, lambda l: [])),
-    "short new-buffer flags": ("sgd_step_", edit(sgd_args(), 9, lambda l: l[:1])),
-    "float new-buffer flags": ("sgd_step_", edit(sgd_args(), 9, lambda l: [torch.ones(1) for _ in l])),
-}
-backend = sys.argv[1]
-for label, (name, args) in CASES.items():
-    try:
-        PRIMITIVES[backend][name](*args)
-        print(f"{label}: ACCEPTED")
-    except RuntimeError as e:
-        print(f"{label}: raised {str(e).splitlines()[0]}")
-"""
-
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_primitives_check_everything_before_launching(backend):
     """Each bad argument raises a named error on every backend (in a subprocess: an unchecked pointer
     would be a signal, not an exception)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run(
-        [sys.executable, "-c", _BAD_PRIMITIVE_CALLS, backend], capture_output=True, text=True, timeout=300, env=env
-    )
+    script = os.path.join(SCRIPTS, "bad_calls_optim.py")
+    out = subprocess.run([sys.executable, script, backend], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout}\n{out.stderr[-3000:]}"
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 18, out.stdout
     for line in lines:
         assert ": raised pyops::" in line, line
-
-
-_PARAMETER_CHANGED_UNDER_STATE = r"""
-import sys, torch, pyops, pyops.optim as popt
-backend = sys.argv[1]
-p = torch.randn(4, 3, requires_grad=True)
-opt = popt.Adam([p])
-with pyops.backend(backend):
-    p.grad = torch.randn_like(p)
-    opt.step()
-    p.data = p.data.double()
-    p.grad = torch.randn_like(p)
-    try:
-        opt.step()
-        print("dtype: ACCEPTED")
-    except RuntimeError as e:
-        print("dtype: raised", str(e).splitlines()[0])
-ours = [torch.randn(2, 3, 4, 4, requires_grad=True)]
-ref = [ours[0].detach().clone().requires_grad_()]
-opts = popt.Adam(ours, weight_decay=0.1), torch.optim.Adam(ref, weight_decay=0.1, foreach=False)
-for k in range(4):
-    if k == 2:
-        for q in ours + ref:
-            q.data = q.data.contiguous(memory_format=torch.channels_last)
-    g = torch.randn(2, 3, 4, 4)
-    for q in ours + ref:
-        q.grad = torch.empty_like(q).copy_(g)
-    with pyops.backend(backend):
-        opts[0].step()
-    opts[1].step()
-print("memory format: max difference", float((ours[0] - ref[0]).abs().max()))
-"""
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -1132,7 +1049,7 @@ def test_parameter_changed_under_the_state(backend):
     state steps as torch's does (both in a subprocess: a mismatch used to be a segfault)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run(
-        [sys.executable, "-c", _PARAMETER_CHANGED_UNDER_STATE, backend],
+        [sys.executable, os.path.join(SCRIPTS, "optim_parameter_changed.py"), backend],
         capture_output=True,
         text=True,
         timeout=300,
