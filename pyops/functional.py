@@ -11,6 +11,7 @@ backend (pyops.backend) and differentiates in C++: a pyops call costs what a tor
 
 import numbers
 import operator
+import warnings
 
 import torch
 import torch.nn.functional as _TF
@@ -193,18 +194,30 @@ _mse_loss, _mse_loss_eager = _op("mse_loss")
 _huber_loss, _huber_loss_eager = _op("huber_loss")
 _rmse_loss, _rmse_loss_eager = _op("rmse_loss")
 _cross_entropy, _cross_entropy_eager = _op("cross_entropy")
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _reduction_enum(op: str, reduction: str) -> int:
+    """torch's enum of a reduction string (torch.nn._reduction.get_enum; csrc/loss.h's Reduction is
+    numbered the same), and torch's ValueError, naming the op, for any other value. "elementwise_mean"
+    is "mean" with torch's deprecation warning. The loss modules' TorchScript forward calls it too,
+    which is why the table is a local: TorchScript reads no global list or dict."""
+    reductions = ["none", "mean", "sum"]  # the enum is the position
+    if reduction == "elementwise_mean":  # stacklevel: the caller of the pyops function (through _reduction)
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.", stacklevel=4)
+        reduction = "mean"
+    if reduction not in reductions:
+        raise ValueError(f"pyops.{op}: {reduction} is not a valid value for reduction")
+    return reductions.index(reduction)
 
 
 def _reduction(op, reduction, size_average=None, reduce=None):
-    """torch's reduction enum for a reduction string (or the deprecated size_average/reduce pair)."""
+    """torch's reduction enum for a reduction string, or for the deprecated size_average/reduce pair,
+    which, as in torch, overrides `reduction` when either is given (with torch's warning)."""
     if size_average is not None or reduce is not None:
         from torch.nn import _reduction as legacy
 
         reduction = legacy.legacy_get_string(size_average, reduce)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"pyops.{op}: {reduction} is not a valid value for reduction")
-    return _REDUCTIONS[reduction]
+    return _reduction_enum(op, reduction)
 
 
 def _pair(op, input, target):
@@ -214,8 +227,6 @@ def _pair(op, input, target):
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"pyops.{op}: target must be a Tensor, got {type(target).__name__}")
     if target.size() != input.size():
-        import warnings
-
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
             "This will likely lead to incorrect results due to broadcasting. "
