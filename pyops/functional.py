@@ -19,7 +19,8 @@ import torch.nn.functional as _TF
 from . import _C
 from . import ops as _ops  # noqa: F401  (registers fake kernels and the Triton launch ops)
 
-__all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "conv2d"]
+__all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "batch_norm", "conv2d"]
+__all__ += ["l1_loss", "mse_loss", "huber_loss", "rmse_loss", "cross_entropy"]
 
 _P = torch.ops.pyops
 _compiling = torch.compiler.is_compiling
@@ -136,7 +137,6 @@ def _py_maxout(input, pieces, dim=1):
 
 
 # ---- batch_norm ------------------------------------------------------------------------------------
-__all__ += ["batch_norm"]
 _batch_norm, _batch_norm_eager = _op("batch_norm")
 _BN_ACTIVATIONS = (None, "relu", "leaky_relu", "elu")
 
@@ -187,7 +187,6 @@ def _py_batch_norm(
 
 
 # ---- loss -------------------------------------------------------------------------------------------
-__all__ += ["l1_loss", "mse_loss", "huber_loss", "rmse_loss", "cross_entropy"]
 
 _l1_loss, _l1_loss_eager = _op("l1_loss")
 _mse_loss, _mse_loss_eager = _op("mse_loss")
