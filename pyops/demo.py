@@ -23,6 +23,7 @@ from torch import nn
 
 from . import data as pdata
 from . import models as pmodels
+from .nn.parallel import DistributedDataParallel  # also importable from here, where it first lived
 
 SIDES = ("pyops", "torch")
 
@@ -63,19 +64,6 @@ def init_distributed(device):
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return device
-
-
-class DistributedDataParallel(nn.parallel.DistributedDataParallel):
-    """torch's DistributedDataParallel, except that it lets pyops' SyncBatchNorm run on the CPU: torch's
-    refuses every SyncBatchNorm there (by type, since torch's own needs a GPU), while pyops' combines
-    the ranks' statistics through any process group, gloo included."""
-
-    def _passing_sync_batchnorm_handle(self, module):
-        from . import nn as pnn
-
-        for layer in module.modules():
-            if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, pnn.SyncBatchNorm):
-                super()._passing_sync_batchnorm_handle(layer)
 
 
 def _wrap(model, side, sync_bn):
