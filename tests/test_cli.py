@@ -55,11 +55,22 @@ def test_check_passes():
             assert backends == {"native", "torch"}, (family, name, backends)
 
 
-def test_tour_runs_on_digits():
+def test_tour_runs_every_family_on_digits():
+    """The tour: every activation, batch norm (plain and fused), conv2d, every loss and every optimizer, on
+    each backend a user has here, each row within tolerance of the oracle."""
     out = _run("tour", interpret=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "digits" in out.stdout and "relu" in out.stdout and "maxout" in out.stdout
-    assert "Adam" in out.stdout and "RMSprop" in out.stdout
+    assert "scikit-learn digits" in out.stdout
+    rows = [line.split() for line in out.stdout.splitlines()]
+    rows = [row for row in rows if len(row) == 8 and row[0] in FAMILIES]
+    expected = {("activation", name) for name in SPECS["activation"]}
+    expected |= {("batch_norm", "batch_norm"), ("batch_norm", "bn_add_relu"), ("conv", "conv2d")}
+    expected |= {("loss", name) for name in SPECS["loss"]} | {("optim", name) for name in SPECS["optim"]}
+    assert {(row[0], row[1]) for row in rows} == expected
+    for family, name in expected:
+        backends = {row[3] for row in rows if row[:2] == [family, name]}
+        assert backends == {"native", "torch"}, (family, name, backends)
+    assert all(row[6] == "yes" for row in rows), out.stdout
 
 
 def test_demo_trains_both_sides_and_plots(tmp_path):
