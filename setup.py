@@ -168,4 +168,6 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.6"],
+    # `python -m pyops demo`: the digits and the metrics (scikit-learn), --plot (matplotlib), the progress bar (tqdm)
+    extras_require={"demo": ["scikit-learn", "matplotlib", "tqdm"]},
 )

@@ -70,7 +70,7 @@ def main(argv=None):
     else:
         from . import tour
 
-        ok = tour.demo(args.device) if args.command == "tour" else tour.check(args.device, args.family)
+        ok = tour.tour(args.device) if args.command == "tour" else tour.check(args.device, args.family)
         sys.exit(0 if ok else 1)
 
 

@@ -14,8 +14,10 @@ DistributedDataParallel averages the gradients, and rank 0 evaluates and prints.
 """
 
 import dataclasses
+import importlib
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -23,8 +25,11 @@ from torch import nn
 
 from . import data as pdata
 from . import models as pmodels
+from .nn.parallel import DistributedDataParallel  # also importable from here, where it first lived
 
 SIDES = ("pyops", "torch")
+# The distribution setup.py installs; its "demo" extra holds the packages the demo imports.
+DISTRIBUTION = "pyops-kernels"
 
 
 @dataclasses.dataclass
@@ -63,19 +68,6 @@ def init_distributed(device):
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return device
-
-
-class DistributedDataParallel(nn.parallel.DistributedDataParallel):
-    """torch's DistributedDataParallel, except that it lets pyops' SyncBatchNorm run on the CPU: torch's
-    refuses every SyncBatchNorm there (by type, since torch's own needs a GPU), while pyops' combines
-    the ranks' statistics through any process group, gloo included."""
-
-    def _passing_sync_batchnorm_handle(self, module):
-        from . import nn as pnn
-
-        for layer in module.modules():
-            if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, pnn.SyncBatchNorm):
-                super()._passing_sync_batchnorm_handle(layer)
 
 
 def _wrap(model, side, sync_bn):
@@ -445,8 +437,25 @@ def transfer(args, data=None):
     return rows
 
 
+def require_packages(args):
+    """Exit with one line naming the package, and the extra that installs it, where one the run needs is
+    missing: scikit-learn (the digits, the split, the metrics), matplotlib for --plot. tqdm is optional
+    (without it there is no progress bar)."""
+    needed = [("sklearn", "scikit-learn", "the digits and the metrics")]
+    if args.plot:
+        needed.append(("matplotlib", "matplotlib", "--plot"))
+    for module, package, use in needed:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            if e.name != module:  # installed but broken: its own error says more
+                raise
+            sys.exit(f'pyops demo: {package} is not installed (needed for {use}): pip install "{DISTRIBUTION}[demo]"')
+
+
 def main(args):
     """Run the job `args` asks for (see add_arguments); returns whether it ran."""
+    require_packages(args)
     args.device = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = getattr(torch, args.dtype)
     data = None

@@ -11,6 +11,7 @@ backend (pyops.backend) and differentiates in C++: a pyops call costs what a tor
 
 import numbers
 import operator
+import warnings
 
 import torch
 import torch.nn.functional as _TF
@@ -18,7 +19,8 @@ import torch.nn.functional as _TF
 from . import _C
 from . import ops as _ops  # noqa: F401  (registers fake kernels and the Triton launch ops)
 
-__all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "conv2d"]
+__all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "batch_norm", "conv2d"]
+__all__ += ["l1_loss", "mse_loss", "huber_loss", "rmse_loss", "cross_entropy"]
 
 _P = torch.ops.pyops
 _compiling = torch.compiler.is_compiling
@@ -135,7 +137,6 @@ def _py_maxout(input, pieces, dim=1):
 
 
 # ---- batch_norm ------------------------------------------------------------------------------------
-__all__ += ["batch_norm"]
 _batch_norm, _batch_norm_eager = _op("batch_norm")
 # The activations batch_norm and conv2d fuse into their epilogue (csrc/common/act.h).
 FUSED_ACTIVATIONS = (None, "relu", "leaky_relu", "elu")
@@ -187,25 +188,36 @@ def _py_batch_norm(
 
 
 # ---- loss -------------------------------------------------------------------------------------------
-__all__ += ["l1_loss", "mse_loss", "huber_loss", "rmse_loss", "cross_entropy"]
 
 _l1_loss, _l1_loss_eager = _op("l1_loss")
 _mse_loss, _mse_loss_eager = _op("mse_loss")
 _huber_loss, _huber_loss_eager = _op("huber_loss")
 _rmse_loss, _rmse_loss_eager = _op("rmse_loss")
 _cross_entropy, _cross_entropy_eager = _op("cross_entropy")
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _reduction_enum(op: str, reduction: str) -> int:
+    """torch's enum of a reduction string (torch.nn._reduction.get_enum; csrc/loss.h's Reduction is
+    numbered the same), and torch's ValueError, naming the op, for any other value. "elementwise_mean"
+    is "mean" with torch's deprecation warning. The loss modules' TorchScript forward calls it too,
+    which is why the table is a local: TorchScript reads no global list or dict."""
+    reductions = ["none", "mean", "sum"]  # the enum is the position
+    if reduction == "elementwise_mean":  # stacklevel: the caller of the pyops function (through _reduction)
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.", stacklevel=4)
+        reduction = "mean"
+    if reduction not in reductions:
+        raise ValueError(f"pyops.{op}: {reduction} is not a valid value for reduction")
+    return reductions.index(reduction)
 
 
 def _reduction(op, reduction, size_average=None, reduce=None):
-    """torch's reduction enum for a reduction string (or the deprecated size_average/reduce pair)."""
+    """torch's reduction enum for a reduction string, or for the deprecated size_average/reduce pair,
+    which, as in torch, overrides `reduction` when either is given (with torch's warning)."""
     if size_average is not None or reduce is not None:
         from torch.nn import _reduction as legacy
 
         reduction = legacy.legacy_get_string(size_average, reduce)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"pyops.{op}: {reduction} is not a valid value for reduction")
-    return _REDUCTIONS[reduction]
+    return _reduction_enum(op, reduction)
 
 
 def _pair(op, input, target):
@@ -215,8 +227,6 @@ def _pair(op, input, target):
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"pyops.{op}: target must be a Tensor, got {type(target).__name__}")
     if target.size() != input.size():
-        import warnings
-
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
             "This will likely lead to incorrect results due to broadcasting. "

@@ -55,11 +55,22 @@ def test_check_passes():
             assert backends == {"native", "torch"}, (family, name, backends)
 
 
-def test_tour_runs_on_digits():
+def test_tour_runs_every_family_on_digits():
+    """The tour: every activation, batch norm (plain and fused), conv2d, every loss and every optimizer, on
+    each backend a user has here, each row within tolerance of the oracle."""
     out = _run("tour", interpret=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "digits" in out.stdout and "relu" in out.stdout and "maxout" in out.stdout
-    assert "Adam" in out.stdout and "RMSprop" in out.stdout
+    assert "scikit-learn digits" in out.stdout
+    rows = [line.split() for line in out.stdout.splitlines()]
+    rows = [row for row in rows if len(row) == 8 and row[0] in FAMILIES]
+    expected = {("activation", name) for name in SPECS["activation"]}
+    expected |= {("batch_norm", "batch_norm"), ("batch_norm", "bn_add_relu"), ("conv", "conv2d")}
+    expected |= {("loss", name) for name in SPECS["loss"]} | {("optim", name) for name in SPECS["optim"]}
+    assert {(row[0], row[1]) for row in rows} == expected
+    for family, name in expected:
+        backends = {row[3] for row in rows if row[:2] == [family, name]}
+        assert backends == {"native", "torch"}, (family, name, backends)
+    assert all(row[6] == "yes" for row in rows), out.stdout
 
 
 def test_demo_trains_both_sides_and_plots(tmp_path):
@@ -72,6 +83,56 @@ def test_demo_trains_both_sides_and_plots(tmp_path):
     assert out.stdout.count("macro F1") == 2 and out.stdout.count("per-class recall") == 2
     assert "time per epoch, pyops / torch" in out.stdout
     assert png.stat().st_size > 10_000
+
+
+def _demo_extra():
+    """setup.py's distribution name and its "demo" extra, read from the setup() call."""
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup")
+    kwargs = {k.arg: k.value for k in call.keywords}
+    return ast.literal_eval(kwargs["name"]), ast.literal_eval(kwargs["extras_require"])["demo"]
+
+
+def test_demo_extra_declares_what_the_demo_imports():
+    from pyops import demo
+
+    name, extra = _demo_extra()
+    assert demo.DISTRIBUTION == name
+    assert {"scikit-learn", "matplotlib", "tqdm"} <= set(extra)
+
+
+@pytest.mark.parametrize(
+    "module,package,args",
+    [("sklearn", "scikit-learn", []), ("matplotlib", "matplotlib", ["--plot", "curves.png"])],
+)
+def test_demo_without_a_package_is_one_line_naming_the_extra(module, package, args, tmp_path):
+    """A missing scikit-learn (or matplotlib, asked for --plot) stops the demo before it trains, with one
+    line naming the package and the install command, and no traceback."""
+    code = f"import sys; sys.modules[{module!r}] = None; from pyops.__main__ import main; main(sys.argv[1:])"
+    out = subprocess.run(
+        [sys.executable, "-c", code, "demo", "--epochs", "1", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    name, _ = _demo_extra()
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and out.stdout == "", out.stdout + out.stderr
+    assert f"{package} is not installed" in out.stderr and f'pip install "{name}[demo]"' in out.stderr
+
+
+def test_demo_trains_without_tqdm(monkeypatch):
+    """tqdm only draws the progress bar: without it the demo trains with none."""
+    from pyops import demo
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    bar = demo._progress(3, "x", enabled=True)
+    assert isinstance(bar, demo._NoBar)
+    bar.update(1)
+    bar.close()
 
 
 def test_bench_writes_table_csv_and_plot(tmp_path):

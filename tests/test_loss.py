@@ -608,6 +608,104 @@ def test_modules_subclass_torch_and_match():
     assert_close(script(x, t), TF.mse_loss(x.double(), t.double()), torch.float32)
 
 
+# ---- reductions -----------------------------------------------------------------------------------------
+def _loss_calls():
+    """(name, pyops function, torch's, arguments) of every loss."""
+    x, t, labels = torch.randn(6, 4), torch.randn(6, 4), torch.randint(0, 4, (6,))
+    return [
+        ("l1_loss", PF.l1_loss, TF.l1_loss, (x, t)),
+        ("mse_loss", PF.mse_loss, TF.mse_loss, (x, t)),
+        ("huber_loss", PF.huber_loss, TF.huber_loss, (x, t)),
+        ("rmse_loss", PF.rmse_loss, TF.mse_loss, (x, t)),  # torch has none: its reductions are mse_loss's
+        ("cross_entropy", PF.cross_entropy, TF.cross_entropy, (x, labels)),
+    ]
+
+
+# the modules of each loss: pyops' and torch's (mse for rmse)
+LOSS_MODULES = {
+    "l1_loss": (pnn.L1Loss, nn.L1Loss),
+    "mse_loss": (pnn.MSELoss, nn.MSELoss),
+    "huber_loss": (pnn.HuberLoss, nn.HuberLoss),
+    "rmse_loss": (pnn.RMSELoss, nn.MSELoss),
+    "cross_entropy": (pnn.CrossEntropyLoss, nn.CrossEntropyLoss),
+}
+
+
+def _error(fn, *args, **kwargs):
+    """The exception fn(*args, **kwargs) raises."""
+    with pytest.raises(Exception) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+def test_reduction_enum_is_torchs():
+    """The one table of reductions numbers them as torch does (csrc/loss.h's Reduction follows it)."""
+    from torch.nn import _reduction
+
+    for name in ("none", "mean", "sum"):
+        assert PF._reduction_enum("op", name) == _reduction.get_enum(name)
+
+
+@pytest.mark.parametrize("reduction", ["avg", "None", "", None, "MEAN"])
+def test_unknown_reduction_is_torchs_value_error(reduction):
+    """An unknown reduction is torch's ValueError, in torch's words after the op's name, for every loss."""
+    for name, ours, theirs, args in _loss_calls():
+        expected = _error(theirs, *args, reduction=reduction)
+        got = _error(ours, *args, reduction=reduction)
+        assert type(expected) is ValueError and type(got) is ValueError, (name, expected, got)
+        assert str(got) == f"pyops.{name}: {expected}", name
+
+
+def test_unknown_reduction_in_modules_eager_and_scripted():
+    """A module built with an unknown reduction raises when called, as torch's does (both constructors take
+    any string), in eager and under TorchScript, where it once ran as "mean"."""
+    for name, _, _, args in _loss_calls():
+        ours, theirs = (cls(reduction="avg") for cls in LOSS_MODULES[name])
+        expected = _error(theirs, *args)
+        got = _error(ours, *args)
+        assert type(got) is ValueError and str(got) == f"pyops.{name}: {expected}", name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation
+            expected = _error(torch.jit.script(theirs), *args)
+            got = _error(torch.jit.script(ours), *args)
+        assert type(got) is type(expected), name  # TorchScript's own error class, for torch's module too
+        assert f"ValueError: pyops.{name}: avg is not a valid value for reduction" in str(got), (name, got)
+        assert "ValueError: avg is not a valid value for reduction" in str(expected)
+
+
+def test_elementwise_mean_is_mean_with_torchs_warning():
+    for _, ours, theirs, args in _loss_calls():
+        with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated") as record:
+            y = ours(*args, reduction="elementwise_mean")
+        assert [w.filename for w in record] == [__file__]  # the warning points at the caller
+        with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+            expected = theirs(*args, reduction="elementwise_mean")
+        assert torch.equal(y, ours(*args, reduction="mean")) and y.shape == expected.shape
+
+
+@pytest.mark.parametrize(
+    "size_average,reduce", [(None, False), (False, None), (False, True), (True, None), (True, False)]
+)
+def test_legacy_size_average_and_reduce_as_torch(size_average, reduce):
+    """The deprecated pair gives torch's reduction and torch's warning, and overrides `reduction` (an unknown
+    one too), in the functions that take it and in the modules (through torch's constructor)."""
+    kwargs = {"size_average": size_average, "reduce": reduce, "reduction": "avg"}
+    for name, ours, theirs, args in _loss_calls():
+        if name not in ("l1_loss", "mse_loss", "cross_entropy"):  # torch's huber_loss has no such pair
+            continue
+        with warnings.catch_warnings(record=True) as mine:
+            warnings.simplefilter("always")
+            y = ours(*args, **kwargs)
+        with warnings.catch_warnings(record=True) as torchs:
+            warnings.simplefilter("always")
+            expected = theirs(*args, **kwargs)
+        assert [str(w.message) for w in mine] == [str(w.message) for w in torchs], name
+        assert_close(y, expected.double(), torch.float32)
+        with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+            module = LOSS_MODULES[name][0](size_average=size_average, reduce=reduce, reduction="avg")
+        assert_close(module(*args), expected.double(), torch.float32)
+
+
 def test_convert_maps_losses():
     model = nn.ModuleDict(
         {

@@ -288,6 +288,65 @@ def test_distributed_training_equals_one_process(tmp_path):
         torch.testing.assert_close(two["state"][k], v, rtol=1e-8, atol=1e-10, msg=k)
 
 
+# One process, a one-rank gloo group: torch's DistributedDataParallel refuses a CPU module holding any
+# SyncBatchNorm through its private _passing_sync_batchnorm_handle; pyops.nn.DistributedDataParallel
+# overrides that method to let pyops' SyncBatchNorm through. A torch that renames the method, stops calling
+# it or refuses elsewhere fails here.
+_DDP = r"""
+import torch, torch.distributed as dist
+from torch import nn
+import pyops.nn as pnn
+from pyops import demo
+
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+TorchDDP = nn.parallel.DistributedDataParallel
+assert callable(getattr(TorchDDP, "_passing_sync_batchnorm_handle", None)), "the private hook is gone"
+assert pnn.DistributedDataParallel._passing_sync_batchnorm_handle is not TorchDDP._passing_sync_batchnorm_handle
+assert demo.DistributedDataParallel is pnn.DistributedDataParallel
+
+
+def model(bn):
+    return nn.Sequential(nn.Conv2d(2, 3, 1), bn(3), nn.ReLU())
+
+
+calls = []
+
+
+class Recording(TorchDDP):
+    def _passing_sync_batchnorm_handle(self, module):
+        calls.append(module)
+
+
+net = model(pnn.SyncBatchNorm)
+Recording(net)
+assert calls == [net], "torch's constructor no longer hands the module to the hook"
+refused = [(TorchDDP, pnn.SyncBatchNorm), (TorchDDP, nn.SyncBatchNorm), (pnn.DistributedDataParallel, nn.SyncBatchNorm)]
+for cls, bn in refused:
+    try:
+        cls(model(bn))
+    except ValueError as e:
+        assert "SyncBatchNorm layers only work with GPU modules" in str(e), e
+    else:
+        raise AssertionError(f"{cls.__module__}.{cls.__name__} took {bn.__module__}.{bn.__name__} on the CPU")
+ddp = pnn.DistributedDataParallel(model(pnn.SyncBatchNorm))
+x = torch.randn(4, 2, 3, 3)
+ddp(x).sum().backward()
+assert all(p.grad is not None for p in ddp.parameters())
+dist.destroy_process_group()
+print("ddp ok")
+"""
+
+
+def test_ddp_lets_pyops_sync_batch_norm_through_on_cpu():
+    """pyops.nn.DistributedDataParallel (pyops.demo's name for it too) takes a CPU model with pyops'
+    SyncBatchNorm, which torch's refuses, and still refuses torch's; torch's constructor still calls the
+    private method it overrides."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", _DDP], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert res.returncode == 0 and "ddp ok" in res.stdout, res.stdout + res.stderr
+
+
 def test_optimizers_step_fsdp2_sharded_parameters():
     """pyops optimizers on fully_shard's DTensor parameters (2 processes, gloo): each rank steps its
     shard in the kernel, the state stays sharded, and the result is torch's on the whole model."""

@@ -133,3 +133,19 @@ def test_training_matches_torch():
 def test_maxout_reference_matches_definition():
     x = torch.arange(12.0).reshape(2, 6)
     assert torch.equal(maxout_reference(x, 3, 1), torch.tensor([[2.0, 5.0], [8.0, 11.0]]))
+
+
+@pytest.mark.parametrize("module", [pyops.functional, pnn], ids=lambda m: m.__name__)
+def test_all_lists_every_public_callable(module):
+    """`from pyops.functional import *` (or pyops.nn's) gets every public function or class, and every
+    name __all__ lists exists."""
+    import types
+
+    public = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and callable(value) and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(module.__all__)
+    assert len(module.__all__) == len(set(module.__all__))
+    assert all(callable(getattr(module, name)) for name in module.__all__)

@@ -9,21 +9,13 @@ from .. import functional as F
 __all__ = ["L1Loss", "MSELoss", "HuberLoss", "RMSELoss", "CrossEntropyLoss"]
 
 
-def _enum(reduction: str) -> int:
-    """torch's reduction enum (TorchScript calls the ops with it)."""
-    if reduction == "none":
-        return 0
-    if reduction == "sum":
-        return 2
-    return 1
-
-
 class L1Loss(nn.L1Loss):
     """torch.nn.L1Loss on pyops kernels."""
 
     def forward(self, input, target):
-        if torch.jit.is_scripting():  # TorchScript calls the op itself (registered in C++)
-            return torch.ops.pyops.l1_loss(input, target, _enum(self.reduction))
+        if torch.jit.is_scripting():
+            # TorchScript calls the op itself (registered in C++), with the reduction's enum
+            return torch.ops.pyops.l1_loss(input, target, F._reduction_enum("l1_loss", self.reduction))
         return F.l1_loss(input, target, reduction=self.reduction)
 
 
@@ -32,7 +24,7 @@ class MSELoss(nn.MSELoss):
 
     def forward(self, input, target):
         if torch.jit.is_scripting():
-            return torch.ops.pyops.mse_loss(input, target, _enum(self.reduction))
+            return torch.ops.pyops.mse_loss(input, target, F._reduction_enum("mse_loss", self.reduction))
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
@@ -41,7 +33,9 @@ class HuberLoss(nn.HuberLoss):
 
     def forward(self, input, target):
         if torch.jit.is_scripting():
-            return torch.ops.pyops.huber_loss(input, target, _enum(self.reduction), self.delta)
+            return torch.ops.pyops.huber_loss(
+                input, target, F._reduction_enum("huber_loss", self.reduction), self.delta
+            )
         return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
 
 
@@ -55,7 +49,7 @@ class RMSELoss(nn.modules.loss._Loss):
 
     def forward(self, input, target):
         if torch.jit.is_scripting():
-            return torch.ops.pyops.rmse_loss(input, target, _enum(self.reduction), self.eps)
+            return torch.ops.pyops.rmse_loss(input, target, F._reduction_enum("rmse_loss", self.reduction), self.eps)
         return F.rmse_loss(input, target, reduction=self.reduction, eps=self.eps)
 
     def extra_repr(self):
@@ -68,7 +62,12 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     def forward(self, input, target):
         if torch.jit.is_scripting():
             return torch.ops.pyops.cross_entropy(
-                input, target, self.weight, _enum(self.reduction), self.ignore_index, self.label_smoothing
+                input,
+                target,
+                self.weight,
+                F._reduction_enum("cross_entropy", self.reduction),
+                self.ignore_index,
+                self.label_smoothing,
             )
         return F.cross_entropy(
             input,
