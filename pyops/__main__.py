@@ -1,4 +1,4 @@
-"""The pyops command line: demo, bench, check, info."""
+"""The pyops command line: demo, tour, bench, check, info."""
 
 import argparse
 import os
@@ -37,7 +37,7 @@ def main(argv=None):
     from . import demo as demo_job
 
     demo_job.add_arguments(demo)
-    tour = sub.add_parser("tour", help="every op and optimizer through every backend on a batch of digits images")
+    tour = sub.add_parser("tour", help="every op family and optimizer through every backend on digits")
     tour.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
     check = sub.add_parser(
         "check", help="every op, optimizer, backend and dtype against the float64 oracle; exit 1 on a mismatch"

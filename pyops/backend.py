@@ -2,7 +2,8 @@
 
 Backends: ``native`` (pyops._C: C++ on CPU, CUDA C++ on GPU), ``triton`` (pyops.kernels; on CPU only
 under TRITON_INTERPRET=1), ``torch`` (plain torch ops, the reference) and ``auto`` (per op and device,
-the fastest measured backend). ``with pyops.backend("triton"): ...`` selects one for a block.
+on the CPU torch below each op's measured crossover and native above it; on CUDA the native kernels,
+unmeasured so far: see the README). ``with pyops.backend("triton"): ...`` selects one for a block.
 
 The selection is a thread-local that the C++ ops read (csrc/common/backend.h): per thread, as
 torch.no_grad is, and invisible to torch.compile, which traces the ops' choice at trace time.
