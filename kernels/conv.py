@@ -2,7 +2,7 @@
 
 The launchers are pure kernels: the host side (checks, allocation, layout) is C++ (csrc/conv.h) for
 every backend; a launcher receives checked, allocated tensors and only launches. Sizes, strides and the
-epilogue's parameters travel in one int64 table (TABLE_* slots; the activation's scalar as its float64
+epilogue's parameters travel in one int64 table (T_* slots; the activation's scalar as its float64
 bit pattern), uploaded once per distinct value set without a host synchronisation (the optim family's
 table cache), so one compiled kernel per dtype serves every shape.
 
@@ -17,6 +17,7 @@ table cache), so one compiled kernel per dtype serves every shape.
 - _conv_bwd_weight_kernel: implicit GEMM over output channels x (c, kh, kw), each program reducing over
   all N * OH * OW in a fixed order (deterministic), the bias gradient beside it.
 - _conv_mask_kernel: the activation family's 1-bit mask, read from the output.
+The table's first slots are csrc/conv.h's ConvShape in order (T_N ... T_G), as the launchers get it.
 Offsets are int64 (the image count and the strides are); index math within an image is int32; every
 global is a tl.constexpr.
 """
@@ -52,7 +53,6 @@ T_B: tl.constexpr = tl.constexpr(20)  # strides of the second tensor (out, grad_
 T_ACT: tl.constexpr = tl.constexpr(24)
 T_SCALAR: tl.constexpr = tl.constexpr(25)
 T_HAS_BIAS: tl.constexpr = tl.constexpr(26)
-TABLE_SIZE = 27
 
 ACT_RELU: tl.constexpr = tl.constexpr(1)
 ACT_LEAKY_RELU: tl.constexpr = tl.constexpr(2)
@@ -374,10 +374,10 @@ def _table(shape, a, b, act=0, scalar=0.0, has_bias=0):
 
 def conv2d_fwd(x, w, bias, out, shape, act, scalar):
     """out = act(conv(x, w) + bias) (shape: csrc/conv.h's ConvShape as a list)."""
-    G, C, K = shape[15], shape[1], shape[4]
+    G, C, K = shape[T_G], shape[T_C], shape[T_K]
     t = _table(shape, x, out, act, scalar, bias is not None)
     b = bias if bias is not None else w
-    n, oh, ow = shape[0], shape[7], shape[8]
+    n, oh, ow = shape[T_N], shape[T_OH], shape[T_OW]
     if C // G == 1:
         grid = (n * K, triton.cdiv(oh * ow, DW_BLOCK.value))
         _dw_fwd_kernel[grid](x, w, b, out, t, BLOCK=DW_BLOCK, **_consts(x.dtype, blocks=False))
@@ -389,16 +389,16 @@ def conv2d_fwd(x, w, bias, out, shape, act, scalar):
 
 def conv2d_bwd_input(grad_out, w, grad_in, shape):
     """grad_in = the transpose of the convolution applied to grad_out."""
-    G, C, H, W = shape[15], shape[1], shape[2], shape[3]
+    G, C, H, W = shape[T_G], shape[T_C], shape[T_H], shape[T_W]
     t = _table(shape, grad_out, grad_in)
     bm, bn, _ = _blocks(w.dtype)
-    grid = (triton.cdiv(shape[0] * H * W, bm), triton.cdiv(C // G, bn), G)
+    grid = (triton.cdiv(shape[T_N] * H * W, bm), triton.cdiv(C // G, bn), G)
     _conv_bwd_input_kernel[grid](grad_out, w, grad_in, t, **_consts(w.dtype))
 
 
 def conv2d_bwd_weight(grad_out, x, grad_weight, grad_bias, bias, shape):
     """grad_weight (and grad_bias when bias) = sums over images and output positions, in a fixed order."""
-    G, C, K, KH, KW = shape[15], shape[1], shape[4], shape[5], shape[6]
+    G, C, K, KH, KW = shape[T_G], shape[T_C], shape[T_K], shape[T_KH], shape[T_KW]
     t = _table(shape, grad_out, x, has_bias=bias)
     bm, bn, _ = _blocks(x.dtype)
     grid = (triton.cdiv(K // G, bm), triton.cdiv(C // G * KH * KW, bn), G)

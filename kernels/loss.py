@@ -166,10 +166,6 @@ def pointwise_reduce(x, target, out, grad, partials, kind, delta, scale):
     _sum_partials_kernel[(1,)](partials, out, blocks, *f64_halves(scale))
 
 
-def partials_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---- softmax cross entropy: one program per row of C classes ----------------------------------------
 @triton.jit(do_not_specialize=["eps_hi", "eps_lo", "ignore_index"])
 def _cross_entropy_kernel(
