@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._upload import upload
+
 BLOCK = 1024  # elements per program of an update kernel
 FINISH_BLOCK = 128  # tensors per program of the step-count kernel
 
@@ -306,40 +308,21 @@ def aot_variants():
     return variants + [("finish", _finish_kernel, dict(FINISH_SIGNATURE), _finish_constexprs())]
 
 
-MAX_CACHED_TABLES = 64
-_TABLES = {}  # key -> [host tensor, device tensor, used by a CUDA graph]
+MAX_CACHED_TABLES = 64  # tensor lists and hyper-parameters change rarely
+_TABLES = {}  # (dtype, values) per device and stream: kernels/_upload.py's entries
 # Guards _TABLES's misses, evictions and capture marks (threads stepping their own optimizers share the
-# cache); a hit takes no lock, as pyops/optim/fused.py's lr cache.
+# cache); a hit takes no lock.
 _TABLES_LOCK = threading.Lock()
 
 
 def _device_table(values, dtype, device):
-    """values as a tensor on device, cached: a step over unchanged tensors and hyper-parameters
-    uploads nothing. A table is uploaded from pinned memory without a host synchronisation, per stream
-    (a step on another stream never reads a table whose upload that stream has not ordered). CUDA
-    graphs replay the table a captured launch used, and a capture that had to create one records its
-    upload: so a table created or used during a capture keeps its host and device buffers for good."""
-    is_cuda = device.type == "cuda"
-    stream = torch.cuda.current_stream(device).cuda_stream if is_cuda else 0
-    key = (device, stream, dtype, tuple(values))
-    entry = _TABLES.get(key)
-    if entry is None or (is_cuda and torch.cuda.is_current_stream_capturing()):
-        with _TABLES_LOCK:  # looked up again: no other thread evicts between the lookup and the capture mark
-            entry = _TABLES.get(key)
-            if entry is None:
-                if len(_TABLES) >= MAX_CACHED_TABLES:  # tensor lists and hyper-parameters change rarely
-                    for k in [k for k, e in _TABLES.items() if not e[2]]:
-                        del _TABLES[k]
-                host = torch.tensor(values, dtype=dtype)
-                table = host
-                if is_cuda:
-                    host = host.pin_memory()
-                    table = torch.empty_like(host, device=device)
-                    table.copy_(host, non_blocking=True)
-                entry = _TABLES[key] = [host, table, False]
-            if is_cuda and torch.cuda.is_current_stream_capturing():
-                entry[2] = True
-    return entry[1]
+    """values as a 1-d tensor of dtype on device, cached: a step over unchanged tensors and
+    hyper-parameters uploads nothing. Uploaded from pinned memory without a host synchronisation, per
+    stream, and kept for good once a CUDA graph capture used it (kernels/_upload.py)."""
+    values = tuple(values)
+    return upload(
+        _TABLES, _TABLES_LOCK, MAX_CACHED_TABLES, (dtype, values), lambda: torch.tensor(values, dtype=dtype), device
+    )
 
 
 def _address(t):
