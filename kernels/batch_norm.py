@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activation import DTYPES, _expm1, _f64, f64_halves
+from ._common import DTYPES, compute_dtype, expm1, f64, f64_halves
 
 # Elementwise elements per program; reduction tile (positions x channels).
 BLOCK: tl.constexpr = tl.constexpr(1024)
@@ -49,7 +49,7 @@ def _act(name):
 def _act_fwd(z, act, p):
     relu = tl.where(z < 0, 0.0, z)  # NaN stays NaN
     leaky = tl.where(z > 0, z, z * p)
-    elu = tl.where(z > 0, z, p * _expm1(z))
+    elu = tl.where(z > 0, z, p * expm1(z))
     return tl.where(act == 1, relu, tl.where(act == 2, leaky, tl.where(act == 3, elu, z)))
 
 
@@ -177,7 +177,7 @@ def _elemt_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = offs < n
     c = (offs // inner) % C
-    p = _f64(p_hi, p_lo).to(COMPUTE)
+    p = f64(p_hi, p_lo).to(COMPUTE)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(COMPUTE)
     cen = tl.load(center_ptr + c, mask=m, other=0.0)
     scale = tl.load(scale_ptr + c, mask=m, other=0.0)
@@ -215,7 +215,7 @@ def _bwd_reduce_partial_kernel(
     part = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS).to(tl.int64)
     cm = cols < C
-    p = _f64(p_hi, p_lo).to(COMPUTE)
+    p = f64(p_hi, p_lo).to(COMPUTE)
     cen = tl.load(center_ptr + cols, mask=cm, other=0.0)
     lo = part * span
     hi = tl.minimum(lo + span, count)
@@ -258,7 +258,7 @@ def _bwd_elemt_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = offs < n
     c = (offs // inner) % C
-    p = _f64(p_hi, p_lo).to(COMPUTE)
+    p = f64(p_hi, p_lo).to(COMPUTE)
     cen = tl.load(center_ptr + c, mask=m, other=0.0)
     ca = tl.load(a_ptr + c, mask=m, other=0.0)
     cb = tl.load(b_ptr + c, mask=m & (training != 0), other=0.0)
@@ -272,10 +272,6 @@ def _bwd_elemt_kernel(
 
 
 # ---- launchers -----------------------------------------------------------------------------------
-def _compute(t):
-    return DTYPES[t.dtype][1]
-
-
 def _split(outer, inner):
     """(parts, span): a channel's positions cut into parts of span, from the shape alone."""
     count = outer * inner
@@ -288,7 +284,7 @@ def stats(x, mean, var, outer, channels, inner):
     count = outer * inner
     opts = {"dtype": torch.float64, "device": x.device}
     pn, pmean, pm2 = (torch.empty(parts * channels, **opts) for _ in range(3))
-    compute = _compute(x)
+    compute = compute_dtype(x.dtype)
     _stats_partial_kernel[(parts, triton.cdiv(channels, COLS.value))](
         x, pn, pmean, pm2, count, inner, channels, span, COMPUTE=compute
     )
@@ -312,7 +308,7 @@ def elemt(x, residual, out, center, scale, shift, outer, channels, inner, activa
         hi,
         lo,
         int(residual is not None),
-        COMPUTE=_compute(x),
+        COMPUTE=compute_dtype(x.dtype),
     )
 
 
@@ -355,7 +351,7 @@ def bwd_reduce(
         int(from_output),
         int(residual is not None),
         int(grad_residual is not None),
-        COMPUTE=_compute(grad),
+        COMPUTE=compute_dtype(grad.dtype),
     )
     _sum_combine_kernel[(triton.cdiv(channels, COMBINE_COLS.value),)](p1, p2, sum_dz, sum_dzv, channels, parts)
 
@@ -384,7 +380,7 @@ def bwd_elemt(
         int(from_output),
         int(residual is not None),
         int(b is not None),
-        COMPUTE=_compute(grad),
+        COMPUTE=compute_dtype(grad.dtype),
     )
 
 
@@ -402,7 +398,7 @@ ELEMENTWISE_FORMS = (("i32", "i32"), ("i64", "i32"), ("i64", "i64"))
 
 
 def aot_variants():
-    """Every specialisation the launchers above can launch, for ahead-of-time compilation (tests):
+    """Every specialisation the launchers above can launch, for ahead-of-time compilation (tools/triton_aot.py):
     (label, jit function, signature {runtime argument: Triton type}, constexprs {name: value})."""
     variants = []
     flags = ("act", "p_hi", "p_lo", "has_r")

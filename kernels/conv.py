@@ -3,8 +3,8 @@
 The launchers are pure kernels: the host side (checks, allocation, layout) is C++ (csrc/conv.h) for
 every backend; a launcher receives checked, allocated tensors and only launches. Sizes, strides and the
 epilogue's parameters travel in one int64 table (T_* slots; the activation's scalar as its float64
-bit pattern), uploaded once per distinct value set without a host synchronisation (the optim family's
-table cache), so one compiled kernel per dtype serves every shape.
+bit pattern), uploaded once per distinct value set without a host synchronisation (kernels/_common.py's
+device_table), so one compiled kernel per dtype serves every shape.
 
 - _conv_fwd_kernel: implicit GEMM, the group a grid dimension: a program computes BLOCK_M output
   positions (n, oh, ow) x BLOCK_N output channels of its group, reducing over Cg * KH * KW in BLOCK_K
@@ -22,14 +22,11 @@ Offsets are int64 (the image count and the strides are); index math within an im
 global is a tl.constexpr.
 """
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
-from .activation import _expm1
-from .optim import _device_table
+from ._common import DTYPES, compute_dtype, device_table, expm1, f64_bits
 
 # table slots
 T_N: tl.constexpr = tl.constexpr(0)
@@ -65,21 +62,13 @@ F64_BLOCKS = (32, 16, 16)
 DW_BLOCK: tl.constexpr = tl.constexpr(256)
 MASK_BYTES: tl.constexpr = tl.constexpr(128)
 
-# torch dtype -> (Triton pointer type name, compute dtype)
-DTYPES = {
-    torch.float64: ("fp64", tl.float64),
-    torch.float32: ("fp32", tl.float32),
-    torch.float16: ("fp16", tl.float32),
-    torch.bfloat16: ("bf16", tl.float32),
-}
-
 
 def _blocks(dtype):
     return F64_BLOCKS if dtype == torch.float64 else DOT_BLOCKS
 
 
 def _consts(dtype, blocks=True):
-    c = {"COMPUTE": DTYPES[dtype][1], "MODE": _MODES[dtype]}
+    c = {"COMPUTE": compute_dtype(dtype), "MODE": _MODES[dtype]}
     if blocks:
         c |= dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _blocks(dtype)))
     return c
@@ -108,7 +97,7 @@ def _epilogue(v, t, COMPUTE: tl.constexpr):
     elif act == ACT_LEAKY_RELU:
         v = tl.where(v > 0, v, v * scalar)
     elif act == ACT_ELU:
-        v = tl.where(v > 0, v, _expm1(v) * scalar)
+        v = tl.where(v > 0, v, expm1(v) * scalar)
     return v
 
 
@@ -363,13 +352,9 @@ def _conv_mask_kernel(y_ptr, mask_ptr, t, COMPUTE: tl.constexpr, RELU: tl.conste
 
 
 # ---- launchers ------------------------------------------------------------------------------------
-def _f64_bits(v):
-    return struct.unpack("<q", struct.pack("<d", float(v)))[0]
-
-
 def _table(shape, a, b, act=0, scalar=0.0, has_bias=0):
-    values = list(shape) + list(a.stride()) + list(b.stride()) + [act, _f64_bits(scalar), int(has_bias)]
-    return _device_table(values, torch.int64, a.device)
+    values = list(shape) + list(a.stride()) + list(b.stride()) + [act, f64_bits(scalar), int(has_bias)]
+    return device_table(values, torch.int64, a.device)
 
 
 def conv2d_fwd(x, w, bias, out, shape, act, scalar):
@@ -409,9 +394,11 @@ def conv2d_bwd_weight(grad_out, x, grad_weight, grad_bias, bias, shape):
 def conv2d_mask(out, mask, act):
     """Bit i of the mask: element i of out (memory order) passes relu (!(y <= 0)) or leaky_relu (y > 0)."""
     n = out.numel()
-    t = _device_table([n], torch.int64, out.device)
+    t = device_table([n], torch.int64, out.device)
     grid = (triton.cdiv(triton.cdiv(n, 8), MASK_BYTES.value),)
-    _conv_mask_kernel[grid](out, mask, t, COMPUTE=DTYPES[out.dtype][1], RELU=act == ACT_RELU.value, BYTES=MASK_BYTES)
+    _conv_mask_kernel[grid](
+        out, mask, t, COMPUTE=compute_dtype(out.dtype), RELU=act == ACT_RELU.value, BYTES=MASK_BYTES
+    )
 
 
 def aot_variants():

@@ -1,9 +1,10 @@
 """Triton kernels of the optim family: one launch updates every tensor of a (device, dtype) group.
 
-Each launch reads one int64 table (cached on the device) that says everything but the
-hyper-parameters: a header (where lr, grad_scale and found_inf live and in which dtype, the options),
-one row per tensor (its size, the addresses of its parameter, gradient, state, step count and SGD
-new-buffer flag) and the chunk list (tensor, start) whose BLOCK-element pieces the programs take.
+Each launch reads one int64 table (cached on the device: kernels/_common.py's device_table) that
+says everything but the hyper-parameters: a header (where lr, grad_scale and found_inf live and in
+which dtype, the options), one row per tensor (its size, the addresses of its parameter, gradient,
+state, step count and SGD new-buffer flag) and the chunk list (tensor, start) whose BLOCK-element
+pieces the programs take.
 Hyper-parameters travel in a float64 table, so they are runtime values (no recompiles, exact in
 float64). Options (maximize, nesterov, amsgrad...) are runtime flags too: a uniform branch costs
 nothing in a memory-bound kernel, and the only compile-time parameter left is the dtype, so each
@@ -13,13 +14,11 @@ C++ one every backend shares (csrc/optim.h); these launchers get checked tensors
 pyops/optim/fused.py.
 """
 
-import threading
-
 import torch
 import triton
 import triton.language as tl
 
-from ._upload import upload
+from ._common import compute_dtype, device_table
 
 BLOCK = 1024  # elements per program of an update kernel
 FINISH_BLOCK = 128  # tensors per program of the step-count kernel
@@ -278,6 +277,7 @@ def _finish_kernel(table, BLOCK: tl.constexpr):
 
 # ---- the launches --------------------------------------------------------------------------------
 UPDATE_KERNELS = {"sgd": _sgd_kernel, "adam": _adam_kernel, "adagrad": _adagrad_kernel, "rmsprop": _rmsprop_kernel}
+# torch dtype -> the Triton dtype parameters and state are stored in
 DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 UPDATE_SIGNATURE = {"table": "*i64", "hyper": "*fp64"}
 FINISH_SIGNATURE = {"table": "*i64"}
@@ -291,7 +291,7 @@ UPDATE_OPTIONS = {"enable_fp_fusion": False}
 def _update_constexprs(dtype):
     """The compile-time parameters of an update launch: the parameters' dtype, the compute dtype it
     implies (float32 for half types, as torch's opmath), the block size."""
-    return {"DTYPE": DTYPES[dtype], "COMPUTE": tl.float64 if dtype == torch.float64 else tl.float32, "BLOCK": BLOCK}
+    return {"DTYPE": DTYPES[dtype], "COMPUTE": compute_dtype(dtype), "BLOCK": BLOCK}
 
 
 def _finish_constexprs():
@@ -306,23 +306,6 @@ def aot_variants():
         for dtype in DTYPES
     ]
     return variants + [("finish", _finish_kernel, dict(FINISH_SIGNATURE), _finish_constexprs())]
-
-
-MAX_CACHED_TABLES = 64  # tensor lists and hyper-parameters change rarely
-_TABLES = {}  # (dtype, values) per device and stream: kernels/_upload.py's entries
-# Guards _TABLES's misses, evictions and capture marks (threads stepping their own optimizers share the
-# cache); a hit takes no lock.
-_TABLES_LOCK = threading.Lock()
-
-
-def _device_table(values, dtype, device):
-    """values as a 1-d tensor of dtype on device, cached: a step over unchanged tensors and
-    hyper-parameters uploads nothing. Uploaded from pinned memory without a host synchronisation, per
-    stream, and kept for good once a CUDA graph capture used it (kernels/_upload.py)."""
-    values = tuple(values)
-    return upload(
-        _TABLES, _TABLES_LOCK, MAX_CACHED_TABLES, (dtype, values), lambda: torch.tensor(values, dtype=dtype), device
-    )
 
 
 def _address(t):
@@ -364,9 +347,9 @@ def _launch(name, params, grads, states, steps, new_buffers, lr, grad_scale, fou
         for start in range(0, numel, BLOCK):
             chunks += [i, start]
     header[CHUNKS_AT] = HEADER_SIZE.value + len(rows)
-    table = _device_table(header + rows + chunks, torch.int64, device)
+    table = device_table(header + rows + chunks, torch.int64, device)
     if chunks:
-        hyper_table = _device_table(hyper, torch.float64, device)
+        hyper_table = device_table(hyper, torch.float64, device)
         UPDATE_KERNELS[name][(len(chunks) // 2,)](table, hyper_table, **_update_constexprs(dtype), **UPDATE_OPTIONS)
     if steps or new_buffers:
         _finish_kernel[(triton.cdiv(n, FINISH_BLOCK),)](table, **_finish_constexprs())

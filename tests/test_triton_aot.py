@@ -326,12 +326,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNS_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not RUNS_HERE, reason="Triton needs a GPU or TRITON_INTERPRET=1")
 K = AOT.load_kernels("activation")
-K_F64 = K._f64  # a global of the probe kernel below, as jit functions need
+C = AOT.load_kernels("_common")
+C_F64 = C.f64  # a global of the probe kernel below, as jit functions need
 
 
 @triton.jit(do_not_specialize=["hi", "lo"])
 def _scalar_probe(out_ptr, i, hi, lo):
-    tl.store(out_ptr + i, K_F64(hi, lo))
+    tl.store(out_ptr + i, C_F64(hi, lo))
 
 
 SCALARS = [
@@ -357,7 +358,7 @@ def test_scalar_transport_is_exact():
     """Any float64 crosses into a kernel bit for bit, as two never-specialised int32 halves."""
     out = torch.empty(len(SCALARS), dtype=torch.float64, device=DEVICE)
     for i, v in enumerate(SCALARS):
-        hi, lo = K.f64_halves(v)
+        hi, lo = C.f64_halves(v)
         assert -(2**31) <= hi < 2**31 and -(2**31) <= lo < 2**31
         _scalar_probe[(1,)](out, i, hi, lo)
     want = torch.tensor(SCALARS, dtype=torch.float64)
