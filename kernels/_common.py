@@ -4,6 +4,10 @@ from here and from no other family.
 - dtypes: the pointer type and compute dtype of each tensor dtype (half types compute in float32);
 - scalars: any float64 as two int32 halves (f64_halves, rebuilt in a kernel by f64), exact;
 - expm1 without libdevice (everything here also runs under TRITON_INTERPRET=1);
+- the fused activation: its codes (as the C++ side numbers them: csrc/conv.h's ConvAct,
+  csrc/batch_norm.h's BnAct) and its math, forward, gradient read from the output and inverse, as
+  torch computes relu, leaky_relu and elu; kernels/activation.py's relu, leaky_relu and elu kernels
+  run the same functions;
 - device_table: launch tables uploaded to the device once per value set (kernels/_upload.py);
 - the forms of a size argument in aot_variants().
 
@@ -79,6 +83,95 @@ def expm1(x):
     p = x * (1.0 + 2.0 * p) / 2.0
     series = x * (1.0 + p)
     return tl.where(tl.abs(x) < SERIES_BELOW, series, tl.exp(x) - 1.0)
+
+
+# ---- the fused activation -------------------------------------------------------------------------
+# Codes, as the C++ side numbers them; p is leaky_relu's slope or elu's alpha.
+ACT_NONE: tl.constexpr = tl.constexpr(0)
+ACT_RELU: tl.constexpr = tl.constexpr(1)
+ACT_LEAKY_RELU: tl.constexpr = tl.constexpr(2)
+ACT_ELU: tl.constexpr = tl.constexpr(3)
+ACTIVATIONS = {"none": ACT_NONE.value, "relu": ACT_RELU.value, "leaky_relu": ACT_LEAKY_RELU.value, "elu": ACT_ELU.value}
+# Below 1 + this, elu's inverse clamps y / alpha (a saturated output maps to a finite input).
+ELU_FLOOR: tl.constexpr = tl.constexpr(1e-7)
+
+
+@triton.jit
+def relu(x):
+    """torch's relu: x where x is not negative, so -0.0 stays -0.0 and NaN stays NaN."""
+    return tl.where(x < 0, 0.0, x)
+
+
+@triton.jit
+def leaky_relu(x, slope):
+    """torch's leaky_relu: x where x > 0, else x * slope (NaN stays NaN)."""
+    return tl.where(x > 0, x, x * slope)
+
+
+@triton.jit
+def elu(x, alpha):
+    """torch's elu: x where x is not negative (±0 and NaN pass unchanged whatever alpha is), else
+    alpha * expm1(x)."""
+    return tl.where(x < 0, alpha * expm1(x), x)
+
+
+# Where the gradient flows unchanged, as torch decides it, read from the input or the output (the
+# same: relu and leaky_relu keep the sign of what they pass): relu's backward tests the output, so
+# NaN passes (and stays NaN); leaky_relu's tests the input, so NaN takes the slope.
+@triton.jit
+def relu_passes(y):
+    return (y <= 0) == 0
+
+
+@triton.jit
+def leaky_relu_passes(y):
+    return y > 0
+
+
+@triton.jit
+def elu_grad(g, y, alpha):
+    """g * elu'(x), read from the output y = elu(x, alpha): y + alpha = alpha exp(x) where y <= 0."""
+    return tl.where(y <= 0, g * (y + alpha), g)
+
+
+@triton.jit
+def act_fwd(z, act, p):
+    """act(z) for an activation code `act` (a runtime value or a constexpr)."""
+    if act == ACT_RELU:
+        z = relu(z)
+    elif act == ACT_LEAKY_RELU:
+        z = leaky_relu(z, p)
+    elif act == ACT_ELU:
+        z = elu(z, p)
+    return z
+
+
+@triton.jit
+def act_grad(g, y, act, p):
+    """g * act'(z), read from y = act(z) (leaky_relu and elu: for p >= 0, where y's sign is z's)."""
+    if act == ACT_RELU:
+        g = tl.where(relu_passes(y), g, 0.0)
+    elif act == ACT_LEAKY_RELU:
+        g = tl.where(leaky_relu_passes(y), g, g * p)
+    elif act == ACT_ELU:
+        g = elu_grad(g, y, p)
+    return g
+
+
+@triton.jit
+def act_inv(y, act, p):
+    """z from y = act(z) for the invertible forms (none; leaky_relu and elu with p > 0); y itself for
+    the others."""
+    ps = tl.where(p == 0, 1.0, p)  # (p is never 0 where an inverse is used)
+    if act == ACT_LEAKY_RELU:
+        y = tl.where(y > 0, y, y / ps)
+    elif act == ACT_ELU:
+        t = tl.maximum(y / ps, ELU_FLOOR - 1.0)
+        u = 1.0 + t
+        # log1p(t) = log(u) * t / (u - 1) (exact where u rounds to 1: then t)
+        log1p = tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
+        y = tl.where(y > 0, y, log1p)
+    return y
 
 
 # ---- launch tables on the device --------------------------------------------------------------------

@@ -9,14 +9,30 @@ identical strides (channels_last and transposed layouts included), and `out` may
 
 Half types compute in float32, float64 stays float64. Everything here also runs under
 TRITON_INTERPRET=1: no libdevice, so tanh and expm1 are built from `tl.exp` with a short Taylor
-series near zero, where `exp(x) - 1` would cancel. Every global a kernel reads is a `tl.constexpr`
-(compiled Triton refuses plain module globals), and every offset is int64.
+series near zero, where `exp(x) - 1` would cancel. relu, leaky_relu and elu are the fused
+activation's math (kernels/_common.py), which batch_norm and conv apply in their epilogues. Every
+global a kernel reads is a `tl.constexpr` (compiled Triton refuses plain module globals), and every
+offset is int64.
 """
 
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, INT_FORMS, SERIES_BELOW, compute_dtype, expm1, f64, f64_halves, int_args
+from ._common import (
+    DTYPES,
+    INT_FORMS,
+    SERIES_BELOW,
+    compute_dtype,
+    elu,
+    elu_grad,
+    f64,
+    f64_halves,
+    int_args,
+    leaky_relu,
+    leaky_relu_passes,
+    relu,
+    relu_passes,
+)
 
 # Elementwise programs cover BYTES mask bytes = BITS * BYTES elements.
 BYTES: tl.constexpr = tl.constexpr(128)
@@ -91,16 +107,14 @@ def _offsets_2d(n):
 def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope_hi, slope_lo, OP: tl.constexpr, COMPUTE: tl.constexpr):
     rows, offs, inb = _offsets_2d(n)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
-    # pos: where the gradient flows unchanged, as torch decides it: relu's backward tests the
-    # output (NaN passes, and stays NaN), leaky_relu's the input (NaN takes the slope).
+    # pos: where the gradient flows unchanged, as torch decides it (kernels/_common.py)
     if OP == OP_RELU:
-        pos = (x <= 0) == 0
-        # torch's relu keeps x where x is not negative: -0.0 stays -0.0, NaN stays NaN
-        y = tl.where(x < 0, tl.zeros_like(x), x)
+        pos = relu_passes(x)
+        y = relu(x)
     else:
         tl.static_assert(OP == OP_LEAKY_RELU)
-        pos = x > 0
-        y = tl.where(pos, x, x * f64(slope_hi, slope_lo).to(COMPUTE))
+        pos = leaky_relu_passes(x)
+        y = leaky_relu(x, f64(slope_hi, slope_lo).to(COMPUTE))
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inb)
     bits = tl.sum(pos.to(tl.int32) << tl.arange(0, BITS)[None, :], axis=1)
     tl.store(mask_ptr + rows, bits.to(tl.uint8), mask=rows < tl.cdiv(n, BITS))
@@ -147,8 +161,7 @@ def _unary_kernel(x_ptr, out_ptr, n, alpha_hi, alpha_lo, OP: tl.constexpr, COMPU
     _, offs, inb = _offsets_2d(n)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     if OP == OP_ELU:
-        # x where x is not negative, as torch's elu: ±0 and NaN pass unchanged whatever alpha is
-        y = tl.where(x < 0, f64(alpha_hi, alpha_lo).to(COMPUTE) * expm1(x), x)
+        y = elu(x, f64(alpha_hi, alpha_lo).to(COMPUTE))
     elif OP == OP_SIGMOID:
         y = 1.0 / (1.0 + tl.exp(-x))
     else:
@@ -163,7 +176,7 @@ def _binary_bwd_kernel(g_ptr, s_ptr, gi_ptr, n, alpha_hi, alpha_lo, OP: tl.const
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     s = tl.load(s_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     if OP == OP_ELU_RESULT_BWD:  # s = elu's output: out + alpha = alpha exp(x) where out <= 0
-        gi = tl.where(s <= 0, g * (s + f64(alpha_hi, alpha_lo).to(COMPUTE)), g)
+        gi = elu_grad(g, s, f64(alpha_hi, alpha_lo).to(COMPUTE))
     elif OP == OP_ELU_INPUT_BWD:  # s = elu's input
         gi = tl.where(s <= 0, g * f64(alpha_hi, alpha_lo).to(COMPUTE) * tl.exp(s), g)
     elif OP == OP_SIGMOID_BWD:

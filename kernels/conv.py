@@ -4,7 +4,8 @@ The launchers are pure kernels: the host side (checks, allocation, layout) is C+
 every backend; a launcher receives checked, allocated tensors and only launches. Sizes, strides and the
 epilogue's parameters travel in one int64 table (T_* slots; the activation's scalar as its float64
 bit pattern), uploaded once per distinct value set without a host synchronisation (kernels/_common.py's
-device_table), so one compiled kernel per dtype serves every shape.
+device_table), so one compiled kernel per dtype serves every shape. The epilogue's activation is
+kernels/_common.py's (codes and math).
 
 - _conv_fwd_kernel: implicit GEMM, the group a grid dimension: a program computes BLOCK_M output
   positions (n, oh, ow) x BLOCK_N output channels of its group, reducing over Cg * KH * KW in BLOCK_K
@@ -26,7 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, compute_dtype, device_table, expm1, f64_bits
+from ._common import (
+    ACT_RELU,
+    DTYPES,
+    act_fwd,
+    compute_dtype,
+    device_table,
+    f64_bits,
+    leaky_relu_passes,
+    relu_passes,
+)
 
 # table slots
 T_N: tl.constexpr = tl.constexpr(0)
@@ -50,10 +60,6 @@ T_B: tl.constexpr = tl.constexpr(20)  # strides of the second tensor (out, grad_
 T_ACT: tl.constexpr = tl.constexpr(24)
 T_SCALAR: tl.constexpr = tl.constexpr(25)
 T_HAS_BIAS: tl.constexpr = tl.constexpr(26)
-
-ACT_RELU: tl.constexpr = tl.constexpr(1)
-ACT_LEAKY_RELU: tl.constexpr = tl.constexpr(2)
-ACT_ELU: tl.constexpr = tl.constexpr(3)
 
 # Tile sizes: (BLOCK_M, BLOCK_N, BLOCK_K) for tl.dot (float32, float16, bfloat16) and for the float64
 # product-sum; the direct kernel's positions per program; mask bytes per program.
@@ -90,15 +96,9 @@ def _mma(acc, a, b, COMPUTE: tl.constexpr, MODE: tl.constexpr):
 
 @triton.jit
 def _epilogue(v, t, COMPUTE: tl.constexpr):
-    act = tl.load(t + T_ACT)
+    """The activation the table names, with its scalar (a float64 bit pattern)."""
     scalar = tl.load(t + T_SCALAR).to(tl.float64, bitcast=True).to(COMPUTE)
-    if act == ACT_RELU:
-        v = tl.where(v < 0, 0.0, v)  # NaN kept
-    elif act == ACT_LEAKY_RELU:
-        v = tl.where(v > 0, v, v * scalar)
-    elif act == ACT_ELU:
-        v = tl.where(v > 0, v, expm1(v) * scalar)
-    return v
+    return act_fwd(v, tl.load(t + T_ACT), scalar)
 
 
 @triton.jit
@@ -343,9 +343,9 @@ def _conv_mask_kernel(y_ptr, mask_ptr, t, COMPUTE: tl.constexpr, RELU: tl.conste
     e = b[:, None] * 8 + j[None, :]
     y = tl.load(y_ptr + e, mask=e < total, other=0.0).to(COMPUTE)
     if RELU:
-        passed = ~(y <= 0)
+        passed = relu_passes(y)
     else:
-        passed = y > 0
+        passed = leaky_relu_passes(y)
     passed = passed & (e < total)
     bits = tl.sum(passed.to(tl.int32) << j[None, :], axis=1)
     tl.store(mask_ptr + b, bits.to(tl.uint8), mask=b < (total + 7) // 8)

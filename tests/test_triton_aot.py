@@ -1,7 +1,7 @@
 """Every Triton kernel compiled ahead of time for the GPU (tools/triton_aot.py, no GPU needed); every
 launch the launchers really make is one of its family's `aot_variants()`, so that the compile checks
-what runs; the Triton launchers of the activation family and the scalar transport under the
-interpreter (or on the GPU).
+what runs; the fused activation's math (kernels/_common.py) as torch computes it; the Triton
+launchers of the activation family and the scalar transport under the interpreter (or on the GPU).
 """
 
 import importlib.util
@@ -327,7 +327,8 @@ RUNS_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not RUNS_HERE, reason="Triton needs a GPU or TRITON_INTERPRET=1")
 K = AOT.load_kernels("activation")
 C = AOT.load_kernels("_common")
-C_F64 = C.f64  # a global of the probe kernel below, as jit functions need
+# globals of the probe kernels below, as jit functions need
+C_F64, C_ACT_FWD, C_ACT_GRAD = C.f64, C.act_fwd, C.act_grad
 
 
 @triton.jit(do_not_specialize=["hi", "lo"])
@@ -498,3 +499,77 @@ def test_unknown_op_names_the_op():
         K.unary(x, x, "relu", 1.0)
     with pytest.raises(ValueError, match="'elu'"):
         K.binary_bwd(x, x, x, "elu", 1.0)
+
+
+# ---- the fused activation's math, once for every family (kernels/_common.py) ----------------------
+@triton.jit(do_not_specialize=["n", "act", "p_hi", "p_lo"])
+def _act_probe(x_ptr, g_ptr, y_ptr, gi_ptr, n, act, p_hi, p_lo, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    inb = offs < n
+    p = C_F64(p_hi, p_lo).to(COMPUTE)
+    y = C_ACT_FWD(tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE), act, p)
+    gi = C_ACT_GRAD(tl.load(g_ptr + offs, mask=inb, other=0.0).to(COMPUTE), y, act, p)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
+    tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=inb)
+
+
+ACTIVATION_CASES = [
+    ("none", 0.0),
+    ("relu", 0.0),
+    ("leaky_relu", 0.01),
+    ("leaky_relu", 0.0),
+    ("leaky_relu", -2.5),
+    ("elu", 1.0),
+    ("elu", 0.3),
+    ("elu", 0.0),
+    ("elu", -0.5),
+]
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in unselected branches
+@pytest.mark.parametrize("dtype", LAUNCH_DTYPES, ids=str)
+def test_fused_activation_is_torchs(dtype):
+    """act_fwd, with the code and parameter as runtime values (as batch_norm and conv run it), gives
+    torch's relu, leaky_relu and elu, the sign of zero included for every parameter (elu passes ±0
+    unchanged); act_grad, read from the output, gives torch's derivative where the output's sign is
+    the input's (parameter >= 0)."""
+    import torch.nn.functional as F
+
+    x = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30, -1e-30, 0.1, -0.1, 3.0, -3.0, -40.0])
+    x = x.to(dtype).to(DEVICE)
+    g = torch.linspace(-2, 2, x.numel(), dtype=torch.float64).to(dtype).to(DEVICE)
+    compute = C.compute_dtype(dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, p in ACTIVATION_CASES:
+        y, gi = torch.empty_like(x), torch.empty_like(x)
+        _act_probe[(1,)](x, g, y, gi, x.numel(), C.ACTIVATIONS[name], *C.f64_halves(p), COMPUTE=compute, BLOCK=16)
+        xw = x.to(wide).requires_grad_()
+        want = {"none": xw * 1, "relu": torch.relu(xw), "leaky_relu": F.leaky_relu(xw, p), "elu": F.elu(xw, p)}[name]
+        _close(y, want.detach().to(dtype), dtype, f"{name}({p})")
+        if p >= 0:
+            (want_g,) = torch.autograd.grad(want, xw, g.to(wide))
+            if name == "elu":  # at NaN g passes, as torch's scalar and CUDA elu_backward (its CPU vector path: NaN)
+                want_g = torch.where(xw.isnan(), g.to(wide), want_g)
+            _close(gi, want_g.to(dtype), dtype, f"{name}({p})'")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton backend on CPU")
+@pytest.mark.parametrize("dtype", LAUNCH_DTYPES, ids=str)
+def test_batch_norm_elu_passes_zero_unchanged(dtype):
+    """batch_norm's fused elu is torch's elu: a zero pre-activation stays +0 whatever alpha is (with a
+    negative alpha, alpha * expm1(0) would be -0). pyops.functional.batch_norm applies an elu of
+    negative alpha as its own op; the primitive takes it fused."""
+    import torch.nn.functional as F
+
+    import pyops  # noqa: F401  (the primitives)
+
+    side = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x = torch.randn(4, 3, 5, dtype=torch.float64).to(dtype)
+    zeros, ones = torch.zeros(3, dtype=side), torch.ones(3, dtype=side)
+    for alpha in (1.0, -0.5):
+        # z = (x - 0) * 1 * 0 + 0 = +0
+        y = torch.ops.pyops.batch_norm_elemt_triton(x, zeros, ones, zeros, zeros, None, "elu", alpha)
+        want = F.elu(torch.zeros(x.shape, dtype=torch.float64), alpha)
+        assert not want.signbit().any()
+        assert torch.equal(y.signbit(), want.signbit()), f"alpha={alpha}: {y}"
