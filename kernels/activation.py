@@ -9,22 +9,34 @@ identical strides (channels_last and transposed layouts included), and `out` may
 
 Half types compute in float32, float64 stays float64. Everything here also runs under
 TRITON_INTERPRET=1: no libdevice, so tanh and expm1 are built from `tl.exp` with a short Taylor
-series near zero, where `exp(x) - 1` would cancel. Every global a kernel reads is a `tl.constexpr`
-(compiled Triton refuses plain module globals), and every offset is int64.
+series near zero, where `exp(x) - 1` would cancel. relu, leaky_relu and elu are the fused
+activation's math (kernels/_common.py), which batch_norm and conv apply in their epilogues. Every
+global a kernel reads is a `tl.constexpr` (compiled Triton refuses plain module globals), and every
+offset is int64.
 """
 
-import struct
-
-import torch
 import triton
 import triton.language as tl
+
+from ._common import (
+    DTYPES,
+    INT_FORMS,
+    SERIES_BELOW,
+    compute_dtype,
+    elu,
+    elu_grad,
+    f64,
+    f64_halves,
+    int_args,
+    leaky_relu,
+    leaky_relu_passes,
+    relu,
+    relu_passes,
+)
 
 # Elementwise programs cover BYTES mask bytes = BITS * BYTES elements.
 BYTES: tl.constexpr = tl.constexpr(128)
 BITS: tl.constexpr = tl.constexpr(8)
-# Below this |x|, tanh and expm1 use their Taylor series: the truncation error there is under
-# 1e-12 relative, and above it exp-based formulas lose at most ~3 bits to cancellation.
-SERIES_BELOW: tl.constexpr = tl.constexpr(0.15)
 # Maxout output elements per program.
 MAXOUT_BLOCK: tl.constexpr = tl.constexpr(512)
 
@@ -49,14 +61,6 @@ BINARY_BWD_OPS = {
     "tanh": OP_TANH_BWD.value,
 }
 
-# torch dtype -> (Triton pointer element type name, compute dtype)
-DTYPES = {
-    torch.float64: ("fp64", tl.float64),
-    torch.float32: ("fp32", tl.float32),
-    torch.float16: ("fp16", tl.float32),
-    torch.bfloat16: ("bf16", tl.float32),
-}
-
 
 def _op(table, kind, op):
     try:
@@ -67,33 +71,12 @@ def _op(table, kind, op):
         ) from None
 
 
-def _compute(t):
-    return DTYPES[t.dtype][1]
-
-
-def f64_halves(v):
-    """v's float64 bit pattern as (high, low) signed 32-bit integers. Compiled Triton passes Python
-    floats as float32, which rounds and turns |v| > 3.4e38 into inf; two int32 halves (never
-    specialised, so one compiled kernel serves every value) carry any float64 exactly, inf, NaN,
-    -0.0 and denormals included. `_f64` rebuilds it in the kernel."""
-    (bits,) = struct.unpack("<q", struct.pack("<d", float(v)))
-    low = bits & 0xFFFFFFFF
-    return bits >> 32, low - (1 << 32) if low >= 1 << 31 else low
-
-
-@triton.jit
-def _f64(hi, lo):
-    """The float64 whose bit pattern f64_halves split into hi and lo."""
-    bits = (tl.cast(hi, tl.int64) << 32) | tl.cast(tl.cast(lo, tl.uint32, bitcast=True), tl.int64)
-    return tl.cast(bits, tl.float64, bitcast=True)
-
-
 def _grid(n):
     return (triton.cdiv(triton.cdiv(n, BITS.value), BYTES.value),)
 
 
-# Compiled Triton materialises Python float literals as float32, so the series below use only
-# integers exact in float32 and divide in the compute dtype (float64 keeps its precision).
+# Compiled Triton materialises Python float literals as float32, so the series below uses only
+# integers exact in float32 and divides in the compute dtype (float64 keeps its precision).
 @triton.jit
 def _tanh(x):
     ax = tl.abs(x)
@@ -111,20 +94,6 @@ def _tanh(x):
 
 
 @triton.jit
-def _expm1(x):
-    # x (1 + x/2 + x^2/6 + ... + x^7/40320), Horner from the inside
-    p = x / 40320.0
-    p = x * (1.0 + 5040.0 * p) / 5040.0
-    p = x * (1.0 + 720.0 * p) / 720.0
-    p = x * (1.0 + 120.0 * p) / 120.0
-    p = x * (1.0 + 24.0 * p) / 24.0
-    p = x * (1.0 + 6.0 * p) / 6.0
-    p = x * (1.0 + 2.0 * p) / 2.0
-    series = x * (1.0 + p)
-    return tl.where(tl.abs(x) < SERIES_BELOW, series, tl.exp(x) - 1.0)
-
-
-@triton.jit
 def _offsets_2d(n):
     """Element offsets of this program as [BYTES, BITS] (row b = mask byte b), int64, and their mask."""
     pid = tl.program_id(0).to(tl.int64)
@@ -138,16 +107,14 @@ def _offsets_2d(n):
 def _masked_fwd_kernel(x_ptr, out_ptr, mask_ptr, n, slope_hi, slope_lo, OP: tl.constexpr, COMPUTE: tl.constexpr):
     rows, offs, inb = _offsets_2d(n)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
-    # pos: where the gradient flows unchanged, as torch decides it: relu's backward tests the
-    # output (NaN passes, and stays NaN), leaky_relu's the input (NaN takes the slope).
+    # pos: where the gradient flows unchanged, as torch decides it (kernels/_common.py)
     if OP == OP_RELU:
-        pos = (x <= 0) == 0
-        # torch's relu keeps x where x is not negative: -0.0 stays -0.0, NaN stays NaN
-        y = tl.where(x < 0, tl.zeros_like(x), x)
+        pos = relu_passes(x)
+        y = relu(x)
     else:
         tl.static_assert(OP == OP_LEAKY_RELU)
-        pos = x > 0
-        y = tl.where(pos, x, x * _f64(slope_hi, slope_lo).to(COMPUTE))
+        pos = leaky_relu_passes(x)
+        y = leaky_relu(x, f64(slope_hi, slope_lo).to(COMPUTE))
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inb)
     bits = tl.sum(pos.to(tl.int32) << tl.arange(0, BITS)[None, :], axis=1)
     tl.store(mask_ptr + rows, bits.to(tl.uint8), mask=rows < tl.cdiv(n, BITS))
@@ -163,7 +130,7 @@ def _masked_bwd_kernel(g_ptr, mask_ptr, gi_ptr, n, slope_hi, slope_lo, OP: tl.co
         neg = tl.zeros_like(g)
     else:
         tl.static_assert(OP == OP_LEAKY_RELU)
-        neg = g * _f64(slope_hi, slope_lo).to(COMPUTE)
+        neg = g * f64(slope_hi, slope_lo).to(COMPUTE)
     tl.store(gi_ptr + offs, tl.where(pos, g, neg).to(gi_ptr.dtype.element_ty), mask=inb)
 
 
@@ -173,7 +140,9 @@ def masked_fwd(x, out, mask, op, negative_slope):
     sel = _op(MASKED_OPS, "masked_fwd", op)
     n = x.numel()
     if n:
-        _masked_fwd_kernel[_grid(n)](x, out, mask, n, *f64_halves(negative_slope), OP=sel, COMPUTE=_compute(x))
+        _masked_fwd_kernel[_grid(n)](
+            x, out, mask, n, *f64_halves(negative_slope), OP=sel, COMPUTE=compute_dtype(x.dtype)
+        )
 
 
 def masked_bwd(grad, mask, grad_in, op, negative_slope):
@@ -182,7 +151,7 @@ def masked_bwd(grad, mask, grad_in, op, negative_slope):
     n = grad.numel()
     if n:
         _masked_bwd_kernel[_grid(n)](
-            grad, mask, grad_in, n, *f64_halves(negative_slope), OP=sel, COMPUTE=_compute(grad)
+            grad, mask, grad_in, n, *f64_halves(negative_slope), OP=sel, COMPUTE=compute_dtype(grad.dtype)
         )
 
 
@@ -192,8 +161,7 @@ def _unary_kernel(x_ptr, out_ptr, n, alpha_hi, alpha_lo, OP: tl.constexpr, COMPU
     _, offs, inb = _offsets_2d(n)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     if OP == OP_ELU:
-        # x where x is not negative, as torch's elu: ±0 and NaN pass unchanged whatever alpha is
-        y = tl.where(x < 0, _f64(alpha_hi, alpha_lo).to(COMPUTE) * _expm1(x), x)
+        y = elu(x, f64(alpha_hi, alpha_lo).to(COMPUTE))
     elif OP == OP_SIGMOID:
         y = 1.0 / (1.0 + tl.exp(-x))
     else:
@@ -208,9 +176,9 @@ def _binary_bwd_kernel(g_ptr, s_ptr, gi_ptr, n, alpha_hi, alpha_lo, OP: tl.const
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     s = tl.load(s_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     if OP == OP_ELU_RESULT_BWD:  # s = elu's output: out + alpha = alpha exp(x) where out <= 0
-        gi = tl.where(s <= 0, g * (s + _f64(alpha_hi, alpha_lo).to(COMPUTE)), g)
+        gi = elu_grad(g, s, f64(alpha_hi, alpha_lo).to(COMPUTE))
     elif OP == OP_ELU_INPUT_BWD:  # s = elu's input
-        gi = tl.where(s <= 0, g * _f64(alpha_hi, alpha_lo).to(COMPUTE) * tl.exp(s), g)
+        gi = tl.where(s <= 0, g * f64(alpha_hi, alpha_lo).to(COMPUTE) * tl.exp(s), g)
     elif OP == OP_SIGMOID_BWD:
         gi = g * (1.0 - s) * s
     else:
@@ -225,7 +193,7 @@ def unary(x, out, op, alpha):
     sel = _op(UNARY_OPS, "unary", op)
     n = x.numel()
     if n:
-        _unary_kernel[_grid(n)](x, out, n, *f64_halves(alpha), OP=sel, COMPUTE=_compute(x))
+        _unary_kernel[_grid(n)](x, out, n, *f64_halves(alpha), OP=sel, COMPUTE=compute_dtype(x.dtype))
 
 
 def binary_bwd(grad, saved, grad_in, op, alpha):
@@ -234,7 +202,9 @@ def binary_bwd(grad, saved, grad_in, op, alpha):
     sel = _op(BINARY_BWD_OPS, "binary_bwd", op)
     n = grad.numel()
     if n:
-        _binary_bwd_kernel[_grid(n)](grad, saved, grad_in, n, *f64_halves(alpha), OP=sel, COMPUTE=_compute(grad))
+        _binary_bwd_kernel[_grid(n)](
+            grad, saved, grad_in, n, *f64_halves(alpha), OP=sel, COMPUTE=compute_dtype(grad.dtype)
+        )
 
 
 # ---- Maxout ------------------------------------------------------------------------------------
@@ -290,9 +260,6 @@ def maxout_bwd(grad, indices, grad_in, inner, pieces):
 
 
 # ---- ahead-of-time compilation -----------------------------------------------------------------
-# How Triton types a launch's size argument: i32 below 2^31, i64 above, the constant 1 folded in.
-# ":16" hints it divisible by 16 (vector loads and stores), the common case and the harder code.
-INT_FORMS = ("i32:16", "i64:16", 1)
 # maxout's (count, inner): inner divides count, so it is never wider than count, and 1 where count
 # is 1 (pieces is never specialised)
 MAXOUT_SIZE_FORMS = (
@@ -305,17 +272,8 @@ MAXOUT_SIZE_FORMS = (
 )
 
 
-def _int_args(sig, consts, **forms):
-    for name, form in forms.items():
-        if form == 1:
-            consts[name] = 1
-        else:
-            sig[name] = form
-    return "".join(f",{name}:{form}" for name, form in forms.items())
-
-
 def aot_variants():
-    """Every specialisation the launchers above can launch, for ahead-of-time compilation (tests):
+    """Every specialisation the launchers above can launch, for ahead-of-time compilation (tools/triton_aot.py):
     (label, jit function, signature {runtime argument: Triton type}, constexprs {name: value}), from
     the tables the launchers use: each dtype, op and form of the size arguments."""
     variants = []
@@ -336,12 +294,12 @@ def aot_variants():
                     sig = {a: f"*{ty}" for a in data} | {m: "*u8" for m in masks}
                     sig |= {f"{scalar}_hi": "i32", f"{scalar}_lo": "i32"}  # f64_halves, never specialised
                     consts = {"OP": sel, "COMPUTE": compute}
-                    label = f"{launcher}[{op},{ty}{_int_args(sig, consts, n=n)}]"
+                    label = f"{launcher}[{op},{ty}{int_args(sig, consts, n=n)}]"
                     variants.append((label, kernel, sig, consts))
         for launcher, kernel, data, idx in maxout:
             for count, inner in MAXOUT_SIZE_FORMS:
                 sig = {a: f"*{ty}" for a in data} | {idx: "*u8", "pieces": "i32"}
                 consts = {"BLOCK": MAXOUT_BLOCK.value}
-                label = f"{launcher}[{ty}{_int_args(sig, consts, count=count, inner=inner)}]"
+                label = f"{launcher}[{ty}{int_args(sig, consts, count=count, inner=inner)}]"
                 variants.append((label, kernel, sig, consts))
     return variants

@@ -11,15 +11,16 @@ at a time over its span of positions (tile results in the compute dtype, accumul
 writes partial results; a second kernel combines the parts
 of each channel in part order (deterministic, no atomics). The number of parts depends on the shape
 only. Statistics are per-tile two-pass (tile mean, then squared deviations from it) merged with
-Chan's formula. The activation, its parameter and the optional operands are runtime arguments (one
-compiled kernel per dtype serves every form); absent tensors are masked out of every load.
+Chan's formula. The activation (kernels/_common.py's codes and math), its parameter and the optional
+operands are runtime arguments (one compiled kernel per dtype serves every form); absent tensors are
+masked out of every load.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .activation import DTYPES, _expm1, _f64, f64_halves
+from ._common import ACTIVATIONS, DTYPES, act_fwd, act_grad, act_inv, compute_dtype, f64, f64_halves
 
 # Elementwise elements per program; reduction tile (positions x channels).
 BLOCK: tl.constexpr = tl.constexpr(1024)
@@ -30,10 +31,6 @@ COMBINE_COLS: tl.constexpr = tl.constexpr(128)
 # Positions of a channel per reduction program (at least), and parts of a channel at most.
 SPAN = 16384
 MAX_PARTS = 1024
-# Below 1 + this, elu's inverse clamps y / alpha (a saturated output maps to a finite input).
-ELU_FLOOR: tl.constexpr = tl.constexpr(1e-7)
-
-ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
 
 
 def _act(name):
@@ -46,44 +43,14 @@ def _act(name):
 
 
 @triton.jit
-def _act_fwd(z, act, p):
-    relu = tl.where(z < 0, 0.0, z)  # NaN stays NaN
-    leaky = tl.where(z > 0, z, z * p)
-    elu = tl.where(z > 0, z, p * _expm1(z))
-    return tl.where(act == 1, relu, tl.where(act == 2, leaky, tl.where(act == 3, elu, z)))
-
-
-@triton.jit
-def _act_grad(g, y, act, p):
-    """g * act'(z), read from y = act(z)."""
-    relu = tl.where(y <= 0, 0.0, g)
-    leaky = tl.where(y > 0, g, g * p)
-    elu = tl.where(y <= 0, g * (y + p), g)
-    return tl.where(act == 1, relu, tl.where(act == 2, leaky, tl.where(act == 3, elu, g)))
-
-
-@triton.jit
-def _act_inv(y, act, p):
-    """z from y = act(z) for the invertible forms."""
-    ps = tl.where(p == 0, 1.0, p)  # (p is never 0 where its branch is taken)
-    leaky = tl.where(y > 0, y, y / ps)
-    t = tl.maximum(y / ps, ELU_FLOOR - 1.0)
-    u = 1.0 + t
-    # log1p(t) = log(u) * t / (u - 1) (exact where u rounds to 1: then t)
-    log1p = tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
-    elu = tl.where(y > 0, y, log1p)
-    return tl.where(act == 2, leaky, tl.where(act == 3, elu, y))
-
-
-@triton.jit
 def _dz_v(g_ptr, x_ptr, y_ptr, r_ptr, offs, mask, cen, act, p, from_output, has_r, COMPUTE: tl.constexpr):
     """dz = g act'(y) and v = x - center, or act^-1(y) - r - center from the output."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     y = tl.load(y_ptr + offs, mask=mask & ((act != 0) | (from_output != 0)), other=0.0).to(COMPUTE)
     x = tl.load(x_ptr + offs, mask=mask & (from_output == 0), other=0.0).to(COMPUTE)
     r = tl.load(r_ptr + offs, mask=mask & (has_r != 0) & (from_output != 0), other=0.0).to(COMPUTE)
-    dz = _act_grad(g, y, act, p)
-    v = tl.where(from_output != 0, _act_inv(y, act, p) - r, x) - cen
+    dz = act_grad(g, y, act, p)
+    v = tl.where(from_output != 0, act_inv(y, act, p) - r, x) - cen
     return dz, v
 
 
@@ -177,14 +144,14 @@ def _elemt_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = offs < n
     c = (offs // inner) % C
-    p = _f64(p_hi, p_lo).to(COMPUTE)
+    p = f64(p_hi, p_lo).to(COMPUTE)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(COMPUTE)
     cen = tl.load(center_ptr + c, mask=m, other=0.0)
     scale = tl.load(scale_ptr + c, mask=m, other=0.0)
     shift = tl.load(shift_ptr + c, mask=m, other=0.0)
     r = tl.load(r_ptr + offs, mask=m & (has_r != 0), other=0.0).to(COMPUTE)
     z = (x - cen) * scale + shift + r
-    tl.store(out_ptr + offs, _act_fwd(z, act, p).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + offs, act_fwd(z, act, p).to(out_ptr.dtype.element_ty), mask=m)
 
 
 # ---- backward ------------------------------------------------------------------------------------
@@ -215,7 +182,7 @@ def _bwd_reduce_partial_kernel(
     part = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS).to(tl.int64)
     cm = cols < C
-    p = _f64(p_hi, p_lo).to(COMPUTE)
+    p = f64(p_hi, p_lo).to(COMPUTE)
     cen = tl.load(center_ptr + cols, mask=cm, other=0.0)
     lo = part * span
     hi = tl.minimum(lo + span, count)
@@ -258,7 +225,7 @@ def _bwd_elemt_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = offs < n
     c = (offs // inner) % C
-    p = _f64(p_hi, p_lo).to(COMPUTE)
+    p = f64(p_hi, p_lo).to(COMPUTE)
     cen = tl.load(center_ptr + c, mask=m, other=0.0)
     ca = tl.load(a_ptr + c, mask=m, other=0.0)
     cb = tl.load(b_ptr + c, mask=m & (training != 0), other=0.0)
@@ -266,16 +233,12 @@ def _bwd_elemt_kernel(
     dz, v = _dz_v(g_ptr, x_ptr, y_ptr, r_ptr, offs, m & (training != 0), cen, act, p, from_output, has_r, COMPUTE)
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(COMPUTE)
     y = tl.load(y_ptr + offs, mask=m & (act != 0), other=0.0).to(COMPUTE)
-    dz_eval = _act_grad(g, y, act, p)
+    dz_eval = act_grad(g, y, act, p)
     dx = tl.where(training != 0, ca * dz + cb * v + cc, ca * dz_eval)
     tl.store(out_ptr + offs, dx.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # ---- launchers -----------------------------------------------------------------------------------
-def _compute(t):
-    return DTYPES[t.dtype][1]
-
-
 def _split(outer, inner):
     """(parts, span): a channel's positions cut into parts of span, from the shape alone."""
     count = outer * inner
@@ -288,7 +251,7 @@ def stats(x, mean, var, outer, channels, inner):
     count = outer * inner
     opts = {"dtype": torch.float64, "device": x.device}
     pn, pmean, pm2 = (torch.empty(parts * channels, **opts) for _ in range(3))
-    compute = _compute(x)
+    compute = compute_dtype(x.dtype)
     _stats_partial_kernel[(parts, triton.cdiv(channels, COLS.value))](
         x, pn, pmean, pm2, count, inner, channels, span, COMPUTE=compute
     )
@@ -312,7 +275,7 @@ def elemt(x, residual, out, center, scale, shift, outer, channels, inner, activa
         hi,
         lo,
         int(residual is not None),
-        COMPUTE=_compute(x),
+        COMPUTE=compute_dtype(x.dtype),
     )
 
 
@@ -355,7 +318,7 @@ def bwd_reduce(
         int(from_output),
         int(residual is not None),
         int(grad_residual is not None),
-        COMPUTE=_compute(grad),
+        COMPUTE=compute_dtype(grad.dtype),
     )
     _sum_combine_kernel[(triton.cdiv(channels, COMBINE_COLS.value),)](p1, p2, sum_dz, sum_dzv, channels, parts)
 
@@ -384,7 +347,7 @@ def bwd_elemt(
         int(from_output),
         int(residual is not None),
         int(b is not None),
-        COMPUTE=_compute(grad),
+        COMPUTE=compute_dtype(grad.dtype),
     )
 
 
@@ -402,7 +365,7 @@ ELEMENTWISE_FORMS = (("i32", "i32"), ("i64", "i32"), ("i64", "i64"))
 
 
 def aot_variants():
-    """Every specialisation the launchers above can launch, for ahead-of-time compilation (tests):
+    """Every specialisation the launchers above can launch, for ahead-of-time compilation (tools/triton_aot.py):
     (label, jit function, signature {runtime argument: Triton type}, constexprs {name: value})."""
     variants = []
     flags = ("act", "p_hi", "p_lo", "has_r")

@@ -2,9 +2,10 @@
 
 The launchers are pure kernels: the host side (checks, allocation, layout) is C++ (csrc/conv.h) for
 every backend; a launcher receives checked, allocated tensors and only launches. Sizes, strides and the
-epilogue's parameters travel in one int64 table (TABLE_* slots; the activation's scalar as its float64
-bit pattern), uploaded once per distinct value set without a host synchronisation (the optim family's
-table cache), so one compiled kernel per dtype serves every shape.
+epilogue's parameters travel in one int64 table (T_* slots; the activation's scalar as its float64
+bit pattern), uploaded once per distinct value set without a host synchronisation (kernels/_common.py's
+device_table), so one compiled kernel per dtype serves every shape. The epilogue's activation is
+kernels/_common.py's (codes and math).
 
 - _conv_fwd_kernel: implicit GEMM, the group a grid dimension: a program computes BLOCK_M output
   positions (n, oh, ow) x BLOCK_N output channels of its group, reducing over Cg * KH * KW in BLOCK_K
@@ -17,18 +18,25 @@ table cache), so one compiled kernel per dtype serves every shape.
 - _conv_bwd_weight_kernel: implicit GEMM over output channels x (c, kh, kw), each program reducing over
   all N * OH * OW in a fixed order (deterministic), the bias gradient beside it.
 - _conv_mask_kernel: the activation family's 1-bit mask, read from the output.
+The table's first slots are csrc/conv.h's ConvShape in order (T_N ... T_G), as the launchers get it.
 Offsets are int64 (the image count and the strides are); index math within an image is int32; every
 global is a tl.constexpr.
 """
-
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from .activation import _expm1
-from .optim import _device_table
+from ._common import (
+    ACT_RELU,
+    DTYPES,
+    act_fwd,
+    compute_dtype,
+    device_table,
+    f64_bits,
+    leaky_relu_passes,
+    relu_passes,
+)
 
 # table slots
 T_N: tl.constexpr = tl.constexpr(0)
@@ -52,11 +60,6 @@ T_B: tl.constexpr = tl.constexpr(20)  # strides of the second tensor (out, grad_
 T_ACT: tl.constexpr = tl.constexpr(24)
 T_SCALAR: tl.constexpr = tl.constexpr(25)
 T_HAS_BIAS: tl.constexpr = tl.constexpr(26)
-TABLE_SIZE = 27
-
-ACT_RELU: tl.constexpr = tl.constexpr(1)
-ACT_LEAKY_RELU: tl.constexpr = tl.constexpr(2)
-ACT_ELU: tl.constexpr = tl.constexpr(3)
 
 # Tile sizes: (BLOCK_M, BLOCK_N, BLOCK_K) for tl.dot (float32, float16, bfloat16) and for the float64
 # product-sum; the direct kernel's positions per program; mask bytes per program.
@@ -65,21 +68,13 @@ F64_BLOCKS = (32, 16, 16)
 DW_BLOCK: tl.constexpr = tl.constexpr(256)
 MASK_BYTES: tl.constexpr = tl.constexpr(128)
 
-# torch dtype -> (Triton pointer type name, compute dtype)
-DTYPES = {
-    torch.float64: ("fp64", tl.float64),
-    torch.float32: ("fp32", tl.float32),
-    torch.float16: ("fp16", tl.float32),
-    torch.bfloat16: ("bf16", tl.float32),
-}
-
 
 def _blocks(dtype):
     return F64_BLOCKS if dtype == torch.float64 else DOT_BLOCKS
 
 
 def _consts(dtype, blocks=True):
-    c = {"COMPUTE": DTYPES[dtype][1], "MODE": _MODES[dtype]}
+    c = {"COMPUTE": compute_dtype(dtype), "MODE": _MODES[dtype]}
     if blocks:
         c |= dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _blocks(dtype)))
     return c
@@ -101,15 +96,9 @@ def _mma(acc, a, b, COMPUTE: tl.constexpr, MODE: tl.constexpr):
 
 @triton.jit
 def _epilogue(v, t, COMPUTE: tl.constexpr):
-    act = tl.load(t + T_ACT)
+    """The activation the table names, with its scalar (a float64 bit pattern)."""
     scalar = tl.load(t + T_SCALAR).to(tl.float64, bitcast=True).to(COMPUTE)
-    if act == ACT_RELU:
-        v = tl.where(v < 0, 0.0, v)  # NaN kept
-    elif act == ACT_LEAKY_RELU:
-        v = tl.where(v > 0, v, v * scalar)
-    elif act == ACT_ELU:
-        v = tl.where(v > 0, v, _expm1(v) * scalar)
-    return v
+    return act_fwd(v, tl.load(t + T_ACT), scalar)
 
 
 @triton.jit
@@ -354,30 +343,26 @@ def _conv_mask_kernel(y_ptr, mask_ptr, t, COMPUTE: tl.constexpr, RELU: tl.conste
     e = b[:, None] * 8 + j[None, :]
     y = tl.load(y_ptr + e, mask=e < total, other=0.0).to(COMPUTE)
     if RELU:
-        passed = ~(y <= 0)
+        passed = relu_passes(y)
     else:
-        passed = y > 0
+        passed = leaky_relu_passes(y)
     passed = passed & (e < total)
     bits = tl.sum(passed.to(tl.int32) << j[None, :], axis=1)
     tl.store(mask_ptr + b, bits.to(tl.uint8), mask=b < (total + 7) // 8)
 
 
 # ---- launchers ------------------------------------------------------------------------------------
-def _f64_bits(v):
-    return struct.unpack("<q", struct.pack("<d", float(v)))[0]
-
-
 def _table(shape, a, b, act=0, scalar=0.0, has_bias=0):
-    values = list(shape) + list(a.stride()) + list(b.stride()) + [act, _f64_bits(scalar), int(has_bias)]
-    return _device_table(values, torch.int64, a.device)
+    values = list(shape) + list(a.stride()) + list(b.stride()) + [act, f64_bits(scalar), int(has_bias)]
+    return device_table(values, torch.int64, a.device)
 
 
 def conv2d_fwd(x, w, bias, out, shape, act, scalar):
     """out = act(conv(x, w) + bias) (shape: csrc/conv.h's ConvShape as a list)."""
-    G, C, K = shape[15], shape[1], shape[4]
+    G, C, K = shape[T_G], shape[T_C], shape[T_K]
     t = _table(shape, x, out, act, scalar, bias is not None)
     b = bias if bias is not None else w
-    n, oh, ow = shape[0], shape[7], shape[8]
+    n, oh, ow = shape[T_N], shape[T_OH], shape[T_OW]
     if C // G == 1:
         grid = (n * K, triton.cdiv(oh * ow, DW_BLOCK.value))
         _dw_fwd_kernel[grid](x, w, b, out, t, BLOCK=DW_BLOCK, **_consts(x.dtype, blocks=False))
@@ -389,16 +374,16 @@ def conv2d_fwd(x, w, bias, out, shape, act, scalar):
 
 def conv2d_bwd_input(grad_out, w, grad_in, shape):
     """grad_in = the transpose of the convolution applied to grad_out."""
-    G, C, H, W = shape[15], shape[1], shape[2], shape[3]
+    G, C, H, W = shape[T_G], shape[T_C], shape[T_H], shape[T_W]
     t = _table(shape, grad_out, grad_in)
     bm, bn, _ = _blocks(w.dtype)
-    grid = (triton.cdiv(shape[0] * H * W, bm), triton.cdiv(C // G, bn), G)
+    grid = (triton.cdiv(shape[T_N] * H * W, bm), triton.cdiv(C // G, bn), G)
     _conv_bwd_input_kernel[grid](grad_out, w, grad_in, t, **_consts(w.dtype))
 
 
 def conv2d_bwd_weight(grad_out, x, grad_weight, grad_bias, bias, shape):
     """grad_weight (and grad_bias when bias) = sums over images and output positions, in a fixed order."""
-    G, C, K, KH, KW = shape[15], shape[1], shape[4], shape[5], shape[6]
+    G, C, K, KH, KW = shape[T_G], shape[T_C], shape[T_K], shape[T_KH], shape[T_KW]
     t = _table(shape, grad_out, x, has_bias=bias)
     bm, bn, _ = _blocks(x.dtype)
     grid = (triton.cdiv(K // G, bm), triton.cdiv(C // G * KH * KW, bn), G)
@@ -409,9 +394,11 @@ def conv2d_bwd_weight(grad_out, x, grad_weight, grad_bias, bias, shape):
 def conv2d_mask(out, mask, act):
     """Bit i of the mask: element i of out (memory order) passes relu (!(y <= 0)) or leaky_relu (y > 0)."""
     n = out.numel()
-    t = _device_table([n], torch.int64, out.device)
+    t = device_table([n], torch.int64, out.device)
     grid = (triton.cdiv(triton.cdiv(n, 8), MASK_BYTES.value),)
-    _conv_mask_kernel[grid](out, mask, t, COMPUTE=DTYPES[out.dtype][1], RELU=act == ACT_RELU.value, BYTES=MASK_BYTES)
+    _conv_mask_kernel[grid](
+        out, mask, t, COMPUTE=compute_dtype(out.dtype), RELU=act == ACT_RELU.value, BYTES=MASK_BYTES
+    )
 
 
 def aot_variants():

@@ -7,14 +7,14 @@ non-overlapping and dense with identical strides and are walked in memory order.
 
 Reductions are deterministic: each program sums its block into partials[program] (float32, float64
 for float64) and one program then adds the partials in a fixed order. Half types compute in float32,
-float64 stays float64; runtime scalars travel as float64 bit halves (activation.f64_halves).
+float64 stays float64; runtime scalars travel as float64 bit halves (kernels/_common.py's f64_halves).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .activation import DTYPES, INT_FORMS, _f64, _int_args, f64_halves
+from ._common import DTYPES, INT_FORMS, compute_dtype, f64, f64_halves, int_args
 
 # Elements per program of the elementwise kernels, and partials read per step of the final sum.
 BLOCK: tl.constexpr = tl.constexpr(1024)
@@ -28,10 +28,6 @@ KIND_L1: tl.constexpr = tl.constexpr(0)
 KIND_MSE: tl.constexpr = tl.constexpr(1)
 KIND_HUBER: tl.constexpr = tl.constexpr(2)
 KINDS = (KIND_L1.value, KIND_MSE.value, KIND_HUBER.value)
-
-
-def _compute(t):
-    return DTYPES[t.dtype][1]
 
 
 def _kind(kind):
@@ -75,9 +71,7 @@ def _block(n):
 def _pointwise_kernel(x_ptr, t_ptr, out_ptr, n, delta_hi, delta_lo, KIND: tl.constexpr, COMPUTE: tl.constexpr):
     offs, inb = _block(n)
     d = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE) - tl.load(t_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
-    tl.store(
-        out_ptr + offs, _loss(d, _f64(delta_hi, delta_lo).to(COMPUTE), KIND).to(out_ptr.dtype.element_ty), mask=inb
-    )
+    tl.store(out_ptr + offs, _loss(d, f64(delta_hi, delta_lo).to(COMPUTE), KIND).to(out_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit(do_not_specialize=["delta_hi", "delta_lo"])
@@ -87,7 +81,7 @@ def _pointwise_bwd_kernel(
     offs, inb = _block(n)
     d = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE) - tl.load(t_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
-    gi = g * _deriv(d, _f64(delta_hi, delta_lo).to(COMPUTE), KIND)
+    gi = g * _deriv(d, f64(delta_hi, delta_lo).to(COMPUTE), KIND)
     tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=inb)
 
 
@@ -108,11 +102,11 @@ def _reduce_blocks_kernel(
 ):
     offs, inb = _block(n)
     d = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE) - tl.load(t_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
-    delta = _f64(delta_hi, delta_lo).to(COMPUTE)
+    delta = f64(delta_hi, delta_lo).to(COMPUTE)
     loss = tl.where(inb, _loss(d, delta, KIND), 0.0)
     tl.store(partials_ptr + tl.program_id(0), tl.sum(loss.to(partials_ptr.dtype.element_ty), axis=0))
     if HAS_GRAD:
-        g = _deriv(d, delta, KIND) * _f64(scale_hi, scale_lo).to(COMPUTE)
+        g = _deriv(d, delta, KIND) * f64(scale_hi, scale_lo).to(COMPUTE)
         tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=inb)
 
 
@@ -122,7 +116,7 @@ def _sum_partials_kernel(partials_ptr, out_ptr, count, scale_hi, scale_lo):
     for start in range(0, count, RBLOCK):
         offs = start + tl.arange(0, RBLOCK)
         acc += tl.load(partials_ptr + offs, mask=offs < count, other=0.0)
-    total = tl.sum(acc, axis=0) * _f64(scale_hi, scale_lo).to(partials_ptr.dtype.element_ty)
+    total = tl.sum(acc, axis=0) * f64(scale_hi, scale_lo).to(partials_ptr.dtype.element_ty)
     tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
 
 
@@ -131,7 +125,7 @@ def pointwise(x, target, out, kind, delta):
     n = x.numel()
     if n:
         grid = (triton.cdiv(n, BLOCK.value),)
-        _pointwise_kernel[grid](x, target, out, n, *f64_halves(delta), KIND=_kind(kind), COMPUTE=_compute(x))
+        _pointwise_kernel[grid](x, target, out, n, *f64_halves(delta), KIND=_kind(kind), COMPUTE=compute_dtype(x.dtype))
 
 
 def pointwise_bwd(grad, x, target, grad_in, kind, delta):
@@ -140,7 +134,7 @@ def pointwise_bwd(grad, x, target, grad_in, kind, delta):
     if n:
         grid = (triton.cdiv(n, BLOCK.value),)
         _pointwise_bwd_kernel[grid](
-            grad, x, target, grad_in, n, *f64_halves(delta), KIND=_kind(kind), COMPUTE=_compute(x)
+            grad, x, target, grad_in, n, *f64_halves(delta), KIND=_kind(kind), COMPUTE=compute_dtype(x.dtype)
         )
 
 
@@ -160,14 +154,10 @@ def pointwise_reduce(x, target, out, grad, partials, kind, delta, scale):
         *f64_halves(delta),
         *f64_halves(scale),
         KIND=_kind(kind),
-        COMPUTE=_compute(x),
+        COMPUTE=compute_dtype(x.dtype),
         HAS_GRAD=has_grad,
     )
     _sum_partials_kernel[(1,)](partials, out, blocks, *f64_halves(scale))
-
-
-def partials_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---- softmax cross entropy: one program per row of C classes ----------------------------------------
@@ -191,7 +181,7 @@ def _cross_entropy_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = row * C
     cols = tl.arange(0, CBLOCK)
-    eps = _f64(eps_hi, eps_lo).to(COMPUTE)
+    eps = f64(eps_hi, eps_lo).to(COMPUTE)
     eps_c = eps / C
     keep = 1.0 - eps
     gscale = tl.load(scale_ptr).to(COMPUTE)
@@ -289,7 +279,7 @@ def cross_entropy(x, target, weight, scale, loss_rows, grad, ignore_index, label
         classes,
         ignore_index,
         *f64_halves(label_smoothing),
-        COMPUTE=_compute(x),
+        COMPUTE=compute_dtype(x.dtype),
         PROBS=target.is_floating_point(),
         HAS_GRAD=grad is not None,
         CBLOCK=_cblock(classes),
@@ -298,7 +288,7 @@ def cross_entropy(x, target, weight, scale, loss_rows, grad, ignore_index, label
 
 # ---- ahead-of-time compilation -----------------------------------------------------------------
 def aot_variants():
-    """Every specialisation the launchers above can launch, for ahead-of-time compilation (tests):
+    """Every specialisation the launchers above can launch, for ahead-of-time compilation (tools/triton_aot.py):
     (label, jit function, signature {runtime argument: Triton type}, constexprs {name: value})."""
     variants = []
     for torch_dtype, (ty, compute) in DTYPES.items():
@@ -307,27 +297,25 @@ def aot_variants():
             for n in INT_FORMS:
                 sig = {"x_ptr": f"*{ty}", "t_ptr": f"*{ty}", "out_ptr": f"*{ty}", "delta_hi": "i32", "delta_lo": "i32"}
                 consts = {"KIND": kind, "COMPUTE": compute}
-                variants.append(
-                    (f"pointwise[{kind},{ty}{_int_args(sig, consts, n=n)}]", _pointwise_kernel, sig, consts)
-                )
+                variants.append((f"pointwise[{kind},{ty}{int_args(sig, consts, n=n)}]", _pointwise_kernel, sig, consts))
                 sig = {a: f"*{ty}" for a in ("g_ptr", "x_ptr", "t_ptr", "gi_ptr")} | {
                     "delta_hi": "i32",
                     "delta_lo": "i32",
                 }
                 consts = {"KIND": kind, "COMPUTE": compute}
                 variants.append(
-                    (f"pointwise_bwd[{kind},{ty}{_int_args(sig, consts, n=n)}]", _pointwise_bwd_kernel, sig, consts)
+                    (f"pointwise_bwd[{kind},{ty}{int_args(sig, consts, n=n)}]", _pointwise_bwd_kernel, sig, consts)
                 )
                 for has_grad in (False, True):
                     sig = {a: f"*{ty}" for a in ("x_ptr", "t_ptr", "grad_ptr")} | {"partials_ptr": f"*{pty}"}
                     sig |= {a: "i32" for a in ("delta_hi", "delta_lo", "scale_hi", "scale_lo")}
                     consts = {"KIND": kind, "COMPUTE": compute, "HAS_GRAD": has_grad}
-                    label = f"reduce_blocks[{kind},{ty},{has_grad}{_int_args(sig, consts, n=n)}]"
+                    label = f"reduce_blocks[{kind},{ty},{has_grad}{int_args(sig, consts, n=n)}]"
                     variants.append((label, _reduce_blocks_kernel, sig, consts))
         for count in ("i32", "i32:16", 1):
             sig = {"partials_ptr": f"*{pty}", "out_ptr": f"*{ty}", "scale_hi": "i32", "scale_lo": "i32"}
             consts = {}
-            label = f"sum_partials[{ty}{_int_args(sig, consts, count=count)}]"
+            label = f"sum_partials[{ty}{int_args(sig, consts, count=count)}]"
             variants.append((label, _sum_partials_kernel, sig, consts))
         wty = "fp64" if torch_dtype == torch.float64 else "fp32"
         for probs in (False, True):
@@ -346,6 +334,6 @@ def aot_variants():
                             "eps_lo": "i32",
                         }
                         consts = {"COMPUTE": compute, "PROBS": probs, "HAS_GRAD": has_grad, "CBLOCK": cblock}
-                        label = f"cross_entropy[{ty},{probs},{has_grad},{cblock}{_int_args(sig, consts, C=classes)}]"
+                        label = f"cross_entropy[{ty},{probs},{has_grad},{cblock}{int_args(sig, consts, C=classes)}]"
                         variants.append((label, _cross_entropy_kernel, sig, consts))
     return variants

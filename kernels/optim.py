@@ -1,9 +1,10 @@
 """Triton kernels of the optim family: one launch updates every tensor of a (device, dtype) group.
 
-Each launch reads one int64 table (cached on the device) that says everything but the
-hyper-parameters: a header (where lr, grad_scale and found_inf live and in which dtype, the options),
-one row per tensor (its size, the addresses of its parameter, gradient, state, step count and SGD
-new-buffer flag) and the chunk list (tensor, start) whose BLOCK-element pieces the programs take.
+Each launch reads one int64 table (cached on the device: kernels/_common.py's device_table) that
+says everything but the hyper-parameters: a header (where lr, grad_scale and found_inf live and in
+which dtype, the options), one row per tensor (its size, the addresses of its parameter, gradient,
+state, step count and SGD new-buffer flag) and the chunk list (tensor, start) whose BLOCK-element
+pieces the programs take.
 Hyper-parameters travel in a float64 table, so they are runtime values (no recompiles, exact in
 float64). Options (maximize, nesterov, amsgrad...) are runtime flags too: a uniform branch costs
 nothing in a memory-bound kernel, and the only compile-time parameter left is the dtype, so each
@@ -13,11 +14,11 @@ C++ one every backend shares (csrc/optim.h); these launchers get checked tensors
 pyops/optim/fused.py.
 """
 
-import threading
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import compute_dtype, device_table
 
 BLOCK = 1024  # elements per program of an update kernel
 FINISH_BLOCK = 128  # tensors per program of the step-count kernel
@@ -276,6 +277,7 @@ def _finish_kernel(table, BLOCK: tl.constexpr):
 
 # ---- the launches --------------------------------------------------------------------------------
 UPDATE_KERNELS = {"sgd": _sgd_kernel, "adam": _adam_kernel, "adagrad": _adagrad_kernel, "rmsprop": _rmsprop_kernel}
+# torch dtype -> the Triton dtype parameters and state are stored in
 DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 UPDATE_SIGNATURE = {"table": "*i64", "hyper": "*fp64"}
 FINISH_SIGNATURE = {"table": "*i64"}
@@ -289,7 +291,7 @@ UPDATE_OPTIONS = {"enable_fp_fusion": False}
 def _update_constexprs(dtype):
     """The compile-time parameters of an update launch: the parameters' dtype, the compute dtype it
     implies (float32 for half types, as torch's opmath), the block size."""
-    return {"DTYPE": DTYPES[dtype], "COMPUTE": tl.float64 if dtype == torch.float64 else tl.float32, "BLOCK": BLOCK}
+    return {"DTYPE": DTYPES[dtype], "COMPUTE": compute_dtype(dtype), "BLOCK": BLOCK}
 
 
 def _finish_constexprs():
@@ -304,42 +306,6 @@ def aot_variants():
         for dtype in DTYPES
     ]
     return variants + [("finish", _finish_kernel, dict(FINISH_SIGNATURE), _finish_constexprs())]
-
-
-MAX_CACHED_TABLES = 64
-_TABLES = {}  # key -> [host tensor, device tensor, used by a CUDA graph]
-# Guards _TABLES's misses, evictions and capture marks (threads stepping their own optimizers share the
-# cache); a hit takes no lock, as pyops/optim/fused.py's lr cache.
-_TABLES_LOCK = threading.Lock()
-
-
-def _device_table(values, dtype, device):
-    """values as a tensor on device, cached: a step over unchanged tensors and hyper-parameters
-    uploads nothing. A table is uploaded from pinned memory without a host synchronisation, per stream
-    (a step on another stream never reads a table whose upload that stream has not ordered). CUDA
-    graphs replay the table a captured launch used, and a capture that had to create one records its
-    upload: so a table created or used during a capture keeps its host and device buffers for good."""
-    is_cuda = device.type == "cuda"
-    stream = torch.cuda.current_stream(device).cuda_stream if is_cuda else 0
-    key = (device, stream, dtype, tuple(values))
-    entry = _TABLES.get(key)
-    if entry is None or (is_cuda and torch.cuda.is_current_stream_capturing()):
-        with _TABLES_LOCK:  # looked up again: no other thread evicts between the lookup and the capture mark
-            entry = _TABLES.get(key)
-            if entry is None:
-                if len(_TABLES) >= MAX_CACHED_TABLES:  # tensor lists and hyper-parameters change rarely
-                    for k in [k for k, e in _TABLES.items() if not e[2]]:
-                        del _TABLES[k]
-                host = torch.tensor(values, dtype=dtype)
-                table = host
-                if is_cuda:
-                    host = host.pin_memory()
-                    table = torch.empty_like(host, device=device)
-                    table.copy_(host, non_blocking=True)
-                entry = _TABLES[key] = [host, table, False]
-            if is_cuda and torch.cuda.is_current_stream_capturing():
-                entry[2] = True
-    return entry[1]
 
 
 def _address(t):
@@ -381,9 +347,9 @@ def _launch(name, params, grads, states, steps, new_buffers, lr, grad_scale, fou
         for start in range(0, numel, BLOCK):
             chunks += [i, start]
     header[CHUNKS_AT] = HEADER_SIZE.value + len(rows)
-    table = _device_table(header + rows + chunks, torch.int64, device)
+    table = device_table(header + rows + chunks, torch.int64, device)
     if chunks:
-        hyper_table = _device_table(hyper, torch.float64, device)
+        hyper_table = device_table(hyper, torch.float64, device)
         UPDATE_KERNELS[name][(len(chunks) // 2,)](table, hyper_table, **_update_constexprs(dtype), **UPDATE_OPTIONS)
     if steps or new_buffers:
         _finish_kernel[(triton.cdiv(n, FINISH_BLOCK),)](table, **_finish_constexprs())

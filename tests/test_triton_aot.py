@@ -1,198 +1,42 @@
-"""Every Triton kernel compiled ahead of time for the GPU, with no GPU needed; the Triton launchers
-of the activation family and the scalar transport under the interpreter (or on the GPU).
-
-The interpreter accepts code that compiled Triton rejects (plain module globals, float64 literals,
-libdevice-free fallbacks), so each kernels module lists the launches its launchers make in
-`aot_variants()` -> [(label, jit function, {argument: Triton type}, {constexpr: value})], and every
-one is compiled down to a cubin for sm_90 (and sm_80 with PYOPS_AOT_ARCHS=90,80). The compile runs in
-a subprocess without TRITON_INTERPRET (triton.jit reads it when it decorates, and conftest sets it on
-machines without a GPU), importing the kernel files by path: importing pyops would load its C++
-extension.
-
-Run as a script, this file is that subprocess: `python tests/test_triton_aot.py OUT.json`.
+"""Every Triton kernel compiled ahead of time for the GPU (tools/triton_aot.py, no GPU needed); every
+launch the launchers really make is one of its family's `aot_variants()`, so that the compile checks
+what runs; the fused activation's math (kernels/_common.py) as torch computes it; the Triton
+launchers of the activation family and the scalar transport under the interpreter (or on the GPU).
 """
 
-import importlib
 import importlib.util
-import inspect
-import io
 import json
 import math
 import os
-import re
 import subprocess
 import sys
-import time
-import traceback
 import warnings
-from contextlib import redirect_stdout
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-KERNELS_DIR = ROOT / "kernels"
-KERNEL_MODULES = ("activation", "optim", "batch_norm", "conv", "loss")
-# Hopper (sm_90) by default; PYOPS_AOT_ARCHS=90,80 adds Ampere (twice the compile time: ~4 min of CPU
-# for every family's variants on both).
-TARGETS = tuple(("cuda", int(a), 32) for a in os.environ.get("PYOPS_AOT_ARCHS", "90").split(","))
-# The package name kernels/ is loaded under here (never `kernels`: a PyPI package has that name).
-PACKAGE = "_pyops_aot_kernels"
-# Compiling activation's 180 variants for both targets takes ~75 s of CPU (~40 s on 2 cores); the
-# limit is for hangs.
-COMPILE_TIMEOUT_S = 600
-# Triton hints pointers 16-byte aligned (as torch allocates) and ints that 16 divides.
-DIVISIBILITY = 16
-MAX_JOBS = 8  # compile processes (PYOPS_AOT_JOBS overrides)
-SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-REGISTERS = re.compile(r"Used (\d+) registers")
-
-
-# ---- the compile subprocess -------------------------------------------------------------------
-def _load_kernels(name):
-    """pyops' kernels/<name>.py as a submodule of PACKAGE (relative imports work), loaded by path."""
-    if PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            PACKAGE, KERNELS_DIR / "__init__.py", submodule_search_locations=[str(KERNELS_DIR)]
-        )
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[PACKAGE] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"{PACKAGE}.{name}")
-
-
-def _source(fn, signature, constexprs):
-    """triton.compiler.ASTSource for fn: the full signature in argument order (constexprs typed
-    "constexpr"). Pointers are hinted 16-byte aligned, as Triton hints launches of torch tensors; an
-    int typed "i32:16" (tools/compile.py's spelling) is hinted divisible by 16."""
-    from triton.compiler import ASTSource
-
-    names = list(fn.arg_names)
-    unknown = (set(signature) | set(constexprs)) - set(names)
-    missing = [a for a in names if a not in signature and a not in constexprs]
-    if unknown or missing:
-        raise ValueError(
-            f"{fn.__name__}: variant names unknown arguments {sorted(unknown)}, "
-            f"leaves {missing} without a type or value"
-        )
-    full, hinted = {}, []
-    for i, a in enumerate(names):
-        ty, _, hint = ("constexpr" if a in constexprs else signature[a]).partition(":")
-        full[a] = ty
-        if ty.startswith("*") or hint:
-            if hint not in ("", str(DIVISIBILITY)):
-                raise ValueError(f"{fn.__name__}: argument {a}: only :{DIVISIBILITY} hints, got {signature[a]!r}")
-            hinted.append(i)
-    params = inspect.signature(ASTSource.__init__).parameters
-    if "constexprs" in params:  # triton >= 3.3 (3.6, 3.8)
-        attrs = {(i,): [["tt.divisibility", DIVISIBILITY]] for i in hinted}
-        return ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
-    # older triton: constants=, and hints as an AttrsDescriptor (compiled here without hints)
-    return ASTSource(fn=fn, signature=full, constants=constexprs)
-
-
-def _ptxas_stats(log):
-    """(registers, spilled bytes) from ptxas -v output, None where the log is not there."""
-    spills = [int(s) + int(lo) for s, lo in SPILLS.findall(log)]
-    regs = [int(r) for r in REGISTERS.findall(log)]
-    return (max(regs) if regs else None), (max(spills) if spills else None)
-
-
-_JOBS = {}
-
-
-def _compile_job(key):
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    module, index, target = key
-    label, fn, signature, constexprs = _JOBS[(module, index)]
-    result = {"module": module, "label": label, "kernel": fn.__name__, "target": f"sm_{target[1]}"}
-    start = time.perf_counter()
-    log = io.StringIO()
-    try:
-        with redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
-            compiled = triton.compile(_source(fn, signature, constexprs), target=GPUTarget(*target))
-        if not compiled.asm.get("cubin"):
-            raise RuntimeError("no cubin produced")
-        regs, spills = _ptxas_stats(log.getvalue())
-        if spills is None:  # no ptxas log (older triton): set once a GPU loads the kernel, if at all
-            try:
-                spills = getattr(compiled, "n_spills", None)
-            except Exception:
-                spills = None
-        result.update(
-            ok=True,
-            shared=compiled.metadata.shared,
-            registers=regs,
-            spills=spills,
-            cubin_bytes=len(compiled.asm["cubin"]),
-        )
-    except Exception as e:  # reported per variant by the test, with the errors it chains
-        chain = []
-        while e is not None and len(chain) < 4:
-            text = f"{type(e).__name__}: {e}"
-            if not any(text.splitlines()[-1] in c for c in chain):
-                chain.append(text)
-            e = e.__cause__ or e.__context__
-        result.update(ok=False, error="\n".join(reversed(chain)))
-    result["seconds"] = time.perf_counter() - start
-    return result
-
-
-def compile_all(jobs):
-    """Compile every aot_variants() of KERNEL_MODULES for TARGETS in `jobs` processes; JSON-able."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    start = time.perf_counter()
-    report = {"modules": {}, "results": []}
-    keys = []
-    for name in KERNEL_MODULES:
-        try:
-            module = _load_kernels(name)
-            if not hasattr(module, "aot_variants"):
-                report["modules"][name] = {"skip": f"kernels/{name}.py defines no aot_variants()"}
-                continue
-            variants = list(module.aot_variants())
-        except Exception:  # one module's error fails that module's test only
-            report["modules"][name] = {"error": traceback.format_exc()}
-            continue
-        report["modules"][name] = {"variants": len(variants)}
-        for i, variant in enumerate(variants):
-            _JOBS[(name, i)] = variant
-            keys += [(name, i, t) for t in TARGETS]
-    if jobs > 1 and len(keys) > 1:
-        # forked workers inherit the loaded modules (jit functions do not pickle); nothing has run
-        # an MLIR context or a thread pool yet, so fork is safe here
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            report["results"] = list(pool.map(_compile_job, keys, chunksize=4))
-    else:
-        report["results"] = [_compile_job(k) for k in keys]
-    import triton
-
-    report.update(seconds=time.perf_counter() - start, jobs=jobs, triton=triton.__version__)
-    return report
-
-
-def _main(out):
-    jobs = int(os.environ.get("PYOPS_AOT_JOBS", min(MAX_JOBS, os.cpu_count() or 1)))
-    Path(out).write_text(json.dumps(compile_all(jobs)))
-
-
-if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        sys.exit("test_triton_aot.py: compiling needs TRITON_INTERPRET unset")
-    _main(sys.argv[1])
-    sys.exit(0)
-
-
-# ---- the tests ------------------------------------------------------------------------------------
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
+from launches import record_launches, uncovered  # noqa: E402  (imports triton)
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("_pyops_triton_aot", ROOT / "tools" / "triton_aot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+AOT = _load_tool()
+# Compiling every family's variants for sm_90 takes ~2.5 min of CPU on 2 cores; the limit is for hangs.
+COMPILE_TIMEOUT_S = 600
+
+
+# ---- the ahead-of-time compile --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def aot_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("aot")
@@ -201,14 +45,14 @@ def aot_report(tmp_path_factory):
     env.update(TRITON_CACHE_DIR=str(tmp / "cache"), TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
     out = tmp / "report.json"
     proc = subprocess.run(
-        [sys.executable, __file__, str(out)],
+        [sys.executable, AOT.__file__, str(out)],
         env=env,
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=COMPILE_TIMEOUT_S,
     )
-    if proc.returncode != 0 or not out.exists():
+    if not out.exists():  # (a variant that does not compile exits 1 too, with the report written)
         pytest.fail(
             f"the ahead-of-time compile failed to run (exit {proc.returncode}):\n"
             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -216,41 +60,17 @@ def aot_report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def _summary(results):
-    """One line per kernel and target: variants, the most shared memory, registers and spilled bytes
-    of any variant, and the seconds their compiles took."""
-    rows = {}
-    for r in results:
-        if r["ok"]:
-            rows.setdefault((r["kernel"], r["target"]), []).append(r)
-    lines = [
-        f"{'kernel':<24} {'target':<6} {'variants':>8} {'shared B':>9} {'regs':>5} {'spills B':>9} {'compile s':>9}"
-    ]
-
-    def most(rs, key):
-        values = [r[key] for r in rs if r[key] is not None]
-        return max(values) if values else "n/a"
-
-    for (kernel, target), rs in sorted(rows.items()):
-        lines.append(
-            f"{kernel:<24} {target:<6} {len(rs):>8} {most(rs, 'shared'):>9} {most(rs, 'registers'):>5} "
-            f"{most(rs, 'spills'):>9} {sum(r['seconds'] for r in rs):>9.2f}"
-        )
-    return "\n".join(lines)
-
-
-@pytest.mark.parametrize("module", KERNEL_MODULES)
-def test_kernels_compile_for_gpu(aot_report, module):
-    info = aot_report["modules"][module]
-    if "skip" in info:
-        pytest.skip(info["skip"])
-    assert "error" not in info, f"kernels/{module}.py: loading it or its aot_variants() failed:\n{info.get('error')}"
-    results = [r for r in aot_report["results"] if r["module"] == module]
-    assert info["variants"] > 0 and len(results) == info["variants"] * len(TARGETS)
+@pytest.mark.parametrize("family", AOT.FAMILIES)
+def test_kernels_compile_for_gpu(aot_report, family):
+    info = aot_report["modules"][family]
+    assert "error" not in info, f"kernels/{family}.py: loading it or its aot_variants() failed:\n{info.get('error')}"
+    results = [r for r in aot_report["results"] if r["module"] == family]
+    targets = aot_report["targets"]
+    assert info["variants"] > 0 and len(results) == info["variants"] * len(targets)
     print(
-        f"\nkernels/{module}.py: {info['variants']} variants x {len(TARGETS)} targets compiled to cubin "
-        f"(triton {aot_report['triton']}; all modules {aot_report['seconds']:.1f} s on {aot_report['jobs']} "
-        f"processes)\n{_summary(results)}"
+        f"\nkernels/{family}.py: {info['variants']} variants x {len(targets)} targets compiled to cubin "
+        f"(triton {aot_report['triton']}; all families {aot_report['seconds']:.1f} s on {aot_report['jobs']} "
+        f"processes)\n{AOT.summary(results)}"
     )
     spilling = [r for r in results if r["ok"] and r["spills"]]
     for r in spilling:
@@ -258,124 +78,262 @@ def test_kernels_compile_for_gpu(aot_report, module):
     if spilling:
         warnings.warn(
             stacklevel=2,
-            message=f"kernels/{module}.py: {len(spilling)} compiled variants spill registers "
+            message=f"kernels/{family}.py: {len(spilling)} compiled variants spill registers "
             f"(e.g. {spilling[0]['label']} on {spilling[0]['target']})",
         )
     failed = [r for r in results if not r["ok"]]
-    first = {}  # one report per kernel and error
-    for r in failed:
-        first.setdefault((r["kernel"], r["error"]), r)
-    assert not failed, f"{len(failed)} of {len(results)} variants do not compile:\n" + "\n".join(
-        f"--- {r['label']} on {r['target']} (and others like it):\n{r['error'][-2000:]}"
-        for r in list(first.values())[:4]
-    )
+    assert not failed, f"{len(failed)} of {len(results)} variants do not compile:\n{AOT.failures(results)}"
 
 
 # ---- the variants are the launches ----------------------------------------------------------------
-TRITON_TYPES = {
-    torch.float64: "fp64",
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.uint8: "u8",
+def _assert_covered(launches):
+    """Each launch is one of the aot_variants() of the kernels module it comes from."""
+    by_module = {}
+    for launch in launches:
+        by_module.setdefault(launch.fn.__module__, []).append(launch)
+    missing = []
+    for name, group in sorted(by_module.items()):
+        module = sys.modules[name]
+        assert hasattr(module, "aot_variants"), f"{name} launches kernels and lists no aot_variants()"
+        missing += uncovered(group, module.aot_variants())
+    assert not missing, "launches no variant compiles:\n" + "\n".join(missing)
+
+
+def _randn(*shape, dtype=torch.float64):
+    return torch.randn(shape, dtype=torch.float64).to(dtype)
+
+
+def _backward(y):
+    y.backward(_randn(*y.shape, dtype=y.dtype))
+
+
+# Each family's ops, forward and backward, on tiny CPU tensors in every dtype, through pyops (the C++
+# host side decides the launches): every op, in-place form, option and size form (1 where Triton
+# folds it) that picks a different kernel or argument type. Sizes past 2^31 are below (meta tensors).
+def _activation_ops(F, dtype):
+    for shape in ((1,), (3, 7)):
+        x = _randn(*shape, dtype=dtype)
+        for op, kwargs in [
+            (F.relu, {}),
+            (F.leaky_relu, {"negative_slope": 0.1}),
+            (F.elu, {}),
+            (F.sigmoid, {}),
+            (F.tanh, {}),
+        ]:
+            _backward(op(x.clone().requires_grad_(), **kwargs))
+        for op in (F.relu, F.leaky_relu, F.elu):
+            _backward(op(x.clone().requires_grad_().clone(), inplace=True))
+    for shape, pieces in (((2, 6, 3), 3), ((1, 2), 2)):
+        _backward(F.maxout(_randn(*shape, dtype=dtype).requires_grad_(), pieces, dim=1))
+
+
+def _batch_norm_ops(F, dtype):
+    side = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x = _randn(2, 3, 4, dtype=dtype)
+    # (activation, its keyword arguments, memory_efficient, a residual)
+    forms = [(None, {}, False, True), ("relu", {}, False, False), ("elu", {"alpha": 1.0}, True, True)]
+    for training in (True, False):
+        for activation, kwargs, memory_efficient, residual in forms:
+            w = (torch.rand(3, dtype=torch.float64) + 0.5).to(side).requires_grad_()
+            b = _randn(3, dtype=side).requires_grad_()
+            rm, rv = _randn(3, dtype=side), torch.rand(3, dtype=torch.float64).add(0.5).to(side)
+            y = F.batch_norm(
+                x.clone().requires_grad_(),
+                rm,
+                rv,
+                w,
+                b,
+                training,
+                activation=activation,
+                residual=torch.randn_like(x).requires_grad_() if residual else None,
+                memory_efficient=memory_efficient,
+                **kwargs,
+            )
+            _backward(y)
+
+
+def _conv_ops(F, dtype):
+    # dense, grouped and depthwise (the direct kernel); with and without bias; each activation
+    for channels, groups, out_channels, bias, activation in [
+        (4, 1, 6, True, None),
+        (4, 1, 6, False, "elu"),
+        (4, 2, 6, True, "leaky_relu"),
+        (2, 2, 2, False, "relu"),
+    ]:
+        y = F.conv2d(
+            _randn(1, channels, 3, 3, dtype=dtype).requires_grad_(),
+            _randn(out_channels, channels // groups, 3, 3, dtype=dtype).requires_grad_(),
+            _randn(out_channels, dtype=dtype).requires_grad_() if bias else None,
+            padding=1,
+            groups=groups,
+            activation=activation,
+        )
+        _backward(y)
+
+
+def _loss_ops(F, dtype):
+    for shape in ((1,), (3, 5)):
+        x, t = _randn(*shape, dtype=dtype), _randn(*shape, dtype=dtype)
+        for fn in (F.l1_loss, F.mse_loss, F.huber_loss, F.rmse_loss):
+            for reduction in ("none", "mean") if fn is not F.rmse_loss else ("mean",):
+                _backward(fn(x.clone().requires_grad_(), t, reduction=reduction))
+            with torch.no_grad():
+                fn(x, t)
+    for rows, classes in ((4, 5), (3, 1), (2, 130)):
+        x = _randn(rows, classes, dtype=dtype)
+        index = torch.randint(classes, (rows,))
+        index[0] = -100
+        probs = torch.softmax(_randn(rows, classes), 1).to(dtype)
+        weight = (torch.rand(classes, dtype=torch.float64) + 0.5).to(dtype)
+        for target, kwargs, reduction in [
+            (index, {}, "mean"),
+            (index, {"weight": weight, "label_smoothing": 0.1}, "none"),
+            (probs, {"weight": weight, "label_smoothing": 0.2}, "sum"),
+        ]:
+            _backward(F.cross_entropy(x.clone().requires_grad_(), target, reduction=reduction, **kwargs))
+        with torch.no_grad():
+            F.cross_entropy(x, index)
+            F.cross_entropy(x, probs)
+
+
+def _optim_ops(optim, dtype):
+    for cls, kwargs in [
+        (optim.SGD, {}),
+        (optim.SGD, {"momentum": 0.9, "nesterov": True}),
+        (optim.Adam, {"amsgrad": True}),
+        (optim.AdamW, {}),
+        (optim.Adagrad, {}),
+        (optim.RMSprop, {"centered": True, "momentum": 0.9}),
+    ]:
+        params = [_randn(3, 2, dtype=dtype).requires_grad_(), _randn(5, dtype=dtype).requires_grad_()]
+        opt = cls(params, lr=0.1, **kwargs)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+
+
+FAMILY_OPS = {
+    "activation": _activation_ops,
+    "batch_norm": _batch_norm_ops,
+    "conv": _conv_ops,
+    "loss": _loss_ops,
+    "optim": _optim_ops,
 }
+
+
+@pytest.mark.parametrize("family", AOT.FAMILIES)
+def test_real_launches_are_aot_variants(family):
+    """The launches a family's ops make (run under the interpreter, recorded as they launch) are among
+    the aot_variants() of the kernels module each comes from."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the launchers on CPU tensors under TRITON_INTERPRET=1")
+    import pyops
+    import pyops.optim
+
+    assert family in FAMILY_OPS, f"kernels/{family}.py: no ops here to record its launches by"
+    run = FAMILY_OPS[family]
+    with pyops.backend("triton"), record_launches() as launches:
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            run(pyops.optim if family == "optim" else pyops.functional, dtype)
+    assert any(la.fn.__module__ == f"pyops.kernels.{family}" for la in launches), f"no launch of kernels/{family}.py"
+    _assert_covered(launches)
+
+
 BIG = 2**31 + 16  # past int32: Triton passes it as i64
-# Triton's own typing of an argument (mangle_type(arg, specialize), triton >= 3.3), to check ours by
-MANGLE = getattr(triton.runtime.jit, "mangle_type", None)
-if MANGLE is not None and "specialize" not in inspect.signature(MANGLE).parameters:
-    MANGLE = None
 
 
-def _specialisation(kernel, args, kwargs):
-    """(signature, constexprs) of a launch as Triton derives them: tensors as typed pointers, ints as
-    i32 or i64 by value and as the constant 1 unless never specialised, constexprs by value."""
-    fn = getattr(kernel, "fn", kernel)
-    params = inspect.signature(fn).parameters
-    values = dict(zip(params, args)) | kwargs
-    fixed = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize", ())
-    signature, constexprs = {}, {}
-    for i, (name, p) in enumerate(params.items()):
-        v = values[name]
-        if p.annotation is tl.constexpr or "constexpr" in str(p.annotation):
-            constexprs[name] = v
-        elif isinstance(v, torch.Tensor):
-            signature[name] = "*" + TRITON_TYPES[v.dtype]
-        elif isinstance(v, int):
-            specialise = name not in fixed and i not in fixed
-            ty = "constexpr" if v == 1 and specialise else "i32" if -(2**31) <= v < 2**31 else "i64"
-            if MANGLE is not None:  # Triton's own rule, where this version exposes it
-                assert MANGLE(v, specialise) == ty, (name, v, MANGLE(v, specialise), ty)
-            if ty == "constexpr":
-                constexprs[name] = v
-            else:
-                signature[name] = ty
-        else:
-            raise TypeError(f"{fn.__name__}: no rule for argument {name}={v!r}")
-    return signature, constexprs
+def _meta(n, dtype):
+    return torch.empty(n, dtype=dtype, device="meta")
 
 
-def test_variants_cover_every_launch(monkeypatch):
-    """Each launch the launchers make (every op, dtype and size form, on meta tensors) is one of
-    aot_variants(), so the ahead-of-time compile checks what runs."""
-    variants = K.aot_variants()
-    kernels = {id(v[1]): v[1] for v in variants}
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-    for name, value in list(vars(K).items()):
-        if id(value) in kernels:
-            monkeypatch.setattr(K, name, Recorder(value))
-
-    def meta(n, dtype):
-        return torch.empty(n, dtype=dtype, device="meta")
-
-    for dtype in K.DTYPES:
-        for n in (1, 100, BIG):
-            x, mask = meta(n, dtype), meta(math.ceil(n / 8), torch.uint8)
-            for op in K.MASKED_OPS:
-                K.masked_fwd(x, x, mask, op, -1e300)
-                K.masked_bwd(x, mask, x, op, float("nan"))
-            for op in K.UNARY_OPS:
-                K.unary(x, x, op, float("inf"))
-            for op in K.BINARY_BWD_OPS:
-                K.binary_bwd(x, x, x, op, 0.5)
-        for count, inner, pieces in [(1, 1, 3), (60, 5, 3), (8, 1, 1), (BIG, 8, 2), (BIG, BIG, 2), (BIG, 1, 256)]:
-            out, idx = meta(count, dtype), meta(count, torch.uint8)
-            K.maxout_fwd(meta(count * pieces, dtype), out, idx, inner, pieces)
-            K.maxout_bwd(out, idx, meta(count * pieces, dtype), inner, pieces)
-
-    def key(fn, sig, consts):  # divisibility hints aside: they change code, not what compiles
-        sig = {a: ty.partition(":")[0] for a, ty in sig.items()}
-        return id(fn), json.dumps(sig, sort_keys=True), repr(sorted(consts.items()))
-
-    compiled = {key(fn, sig, consts) for _, fn, sig, consts in variants}
-    missing = set()
-    for kernel, args, kwargs in launches:
-        sig, consts = _specialisation(kernel, args, kwargs)
-        if key(kernel, sig, consts) not in compiled:
-            missing.add(f"{getattr(kernel, 'fn', kernel).__name__} {sig} {consts}")
+def test_activation_size_forms_are_aot_variants():
+    """Each launch the activation launchers make (every op, dtype and size form, on meta tensors) is
+    one of aot_variants()."""
+    K = AOT.load_kernels("activation")
+    with record_launches(run=False) as launches:
+        for dtype in K.DTYPES:
+            for n in (1, 100, BIG):
+                x, mask = _meta(n, dtype), _meta(math.ceil(n / 8), torch.uint8)
+                for op in K.MASKED_OPS:
+                    K.masked_fwd(x, x, mask, op, -1e300)
+                    K.masked_bwd(x, mask, x, op, float("nan"))
+                for op in K.UNARY_OPS:
+                    K.unary(x, x, op, float("inf"))
+                for op in K.BINARY_BWD_OPS:
+                    K.binary_bwd(x, x, x, op, 0.5)
+            for count, inner, pieces in [(1, 1, 3), (60, 5, 3), (8, 1, 1), (BIG, 8, 2), (BIG, BIG, 2), (BIG, 1, 256)]:
+                out, idx = _meta(count, dtype), _meta(count, torch.uint8)
+                K.maxout_fwd(_meta(count * pieces, dtype), out, idx, inner, pieces)
+                K.maxout_bwd(out, idx, _meta(count * pieces, dtype), inner, pieces)
     per_dtype = 3 * (2 * len(K.MASKED_OPS) + len(K.UNARY_OPS) + len(K.BINARY_BWD_OPS)) + 6 * 2
     assert len(launches) == len(K.DTYPES) * per_dtype
-    assert not missing, "launches no variant compiles:\n" + "\n".join(sorted(missing))
+    _assert_covered(launches)
+
+
+def test_batch_norm_size_forms_are_aot_variants():
+    """batch_norm's launches with sizes past int32 (positions per channel, elements, both, and a
+    channel's span), on meta tensors."""
+    K = AOT.load_kernels("batch_norm")
+    with record_launches(run=False) as launches:
+        for dtype in K.DTYPES:
+            side = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            # (outer, channels, inner): small; positions past int32, then inner too; elements only; spans
+            for outer, channels, inner in [
+                (2, 3, 4),
+                (BIG, 2, 1),
+                (1, 2, BIG),
+                (1, 4, 2**30),
+                (2**42, 1, 1),
+                (1, 1, 2**42),
+            ]:
+                x, c = _meta(outer * channels * inner, dtype), _meta(channels, side)
+                K.stats(x, c, c, outer, channels, inner)
+                K.elemt(x, x, x, c, c, c, outer, channels, inner, "relu", 0.0)
+                K.elemt(x, None, x, c, c, c, outer, channels, inner, "none", 0.0)
+                K.bwd_reduce(x, x, None, None, c, c, c, None, outer, channels, inner, "elu", 1.0, False)
+                K.bwd_reduce(x, None, x, x, c, c, c, x, outer, channels, inner, "elu", 1.0, True)
+                K.bwd_elemt(x, x, x, None, c, c, c, c, x, outer, channels, inner, "relu", 0.0, False)
+                K.bwd_elemt(x, None, x, x, c, c, None, None, x, outer, channels, inner, "none", 0.0, True)
+    _assert_covered(launches)
+
+
+def test_loss_size_forms_are_aot_variants():
+    """The loss launches with sizes past int32 and the constant 1, on meta tensors."""
+    K = AOT.load_kernels("loss")
+    with record_launches(run=False) as launches:
+        for dtype in K.DTYPES:
+            wide = torch.float64 if dtype == torch.float64 else torch.float32
+            for n in (1, 100, BIG):
+                x = _meta(n, dtype)
+                partials = _meta(math.ceil(n / K.BLOCK.value), wide)
+                for kind in K.KINDS:
+                    K.pointwise(x, x, x, kind, 1.0)
+                    K.pointwise_bwd(x, x, x, x, kind, 1.0)
+                    K.pointwise_reduce(x, x, _meta((), dtype), None, partials, kind, 1.0, 0.5)
+                    K.pointwise_reduce(x, x, _meta((), dtype), x, partials, kind, 1.0, 0.5)
+            for rows, classes in [(3, 1), (BIG, 5), (2, 200)]:
+                x, rows_out = _meta((rows, classes), dtype), _meta(rows, wide)
+                w, scale = _meta(classes, wide), _meta((), wide)
+                for target in (_meta(rows, torch.int64), x):
+                    K.cross_entropy(x, target, w, scale, rows_out, None, -100, 0.0)
+                    K.cross_entropy(x, target, w, scale, rows_out, x, -100, 0.1)
+    _assert_covered(launches)
 
 
 # ---- the launchers, under the interpreter on CPU (on the GPU where there is one) -----------------
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNS_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not RUNS_HERE, reason="Triton needs a GPU or TRITON_INTERPRET=1")
-K = _load_kernels("activation")
-K_F64 = K._f64  # a global of the probe kernel below, as jit functions need
+K = AOT.load_kernels("activation")
+C = AOT.load_kernels("_common")
+# globals of the probe kernels below, as jit functions need
+C_F64, C_ACT_FWD, C_ACT_GRAD = C.f64, C.act_fwd, C.act_grad
 
 
 @triton.jit(do_not_specialize=["hi", "lo"])
 def _scalar_probe(out_ptr, i, hi, lo):
-    tl.store(out_ptr + i, K_F64(hi, lo))
+    tl.store(out_ptr + i, C_F64(hi, lo))
 
 
 SCALARS = [
@@ -401,7 +359,7 @@ def test_scalar_transport_is_exact():
     """Any float64 crosses into a kernel bit for bit, as two never-specialised int32 halves."""
     out = torch.empty(len(SCALARS), dtype=torch.float64, device=DEVICE)
     for i, v in enumerate(SCALARS):
-        hi, lo = K.f64_halves(v)
+        hi, lo = C.f64_halves(v)
         assert -(2**31) <= hi < 2**31 and -(2**31) <= lo < 2**31
         _scalar_probe[(1,)](out, i, hi, lo)
     want = torch.tensor(SCALARS, dtype=torch.float64)
@@ -541,3 +499,77 @@ def test_unknown_op_names_the_op():
         K.unary(x, x, "relu", 1.0)
     with pytest.raises(ValueError, match="'elu'"):
         K.binary_bwd(x, x, x, "elu", 1.0)
+
+
+# ---- the fused activation's math, once for every family (kernels/_common.py) ----------------------
+@triton.jit(do_not_specialize=["n", "act", "p_hi", "p_lo"])
+def _act_probe(x_ptr, g_ptr, y_ptr, gi_ptr, n, act, p_hi, p_lo, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    inb = offs < n
+    p = C_F64(p_hi, p_lo).to(COMPUTE)
+    y = C_ACT_FWD(tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE), act, p)
+    gi = C_ACT_GRAD(tl.load(g_ptr + offs, mask=inb, other=0.0).to(COMPUTE), y, act, p)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
+    tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=inb)
+
+
+ACTIVATION_CASES = [
+    ("none", 0.0),
+    ("relu", 0.0),
+    ("leaky_relu", 0.01),
+    ("leaky_relu", 0.0),
+    ("leaky_relu", -2.5),
+    ("elu", 1.0),
+    ("elu", 0.3),
+    ("elu", 0.0),
+    ("elu", -0.5),
+]
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in unselected branches
+@pytest.mark.parametrize("dtype", LAUNCH_DTYPES, ids=str)
+def test_fused_activation_is_torchs(dtype):
+    """act_fwd, with the code and parameter as runtime values (as batch_norm and conv run it), gives
+    torch's relu, leaky_relu and elu, the sign of zero included for every parameter (elu passes ±0
+    unchanged); act_grad, read from the output, gives torch's derivative where the output's sign is
+    the input's (parameter >= 0)."""
+    import torch.nn.functional as F
+
+    x = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30, -1e-30, 0.1, -0.1, 3.0, -3.0, -40.0])
+    x = x.to(dtype).to(DEVICE)
+    g = torch.linspace(-2, 2, x.numel(), dtype=torch.float64).to(dtype).to(DEVICE)
+    compute = C.compute_dtype(dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, p in ACTIVATION_CASES:
+        y, gi = torch.empty_like(x), torch.empty_like(x)
+        _act_probe[(1,)](x, g, y, gi, x.numel(), C.ACTIVATIONS[name], *C.f64_halves(p), COMPUTE=compute, BLOCK=16)
+        xw = x.to(wide).requires_grad_()
+        want = {"none": xw * 1, "relu": torch.relu(xw), "leaky_relu": F.leaky_relu(xw, p), "elu": F.elu(xw, p)}[name]
+        _close(y, want.detach().to(dtype), dtype, f"{name}({p})")
+        if p >= 0:
+            (want_g,) = torch.autograd.grad(want, xw, g.to(wide))
+            if name == "elu":  # at NaN g passes, as torch's scalar and CUDA elu_backward (its CPU vector path: NaN)
+                want_g = torch.where(xw.isnan(), g.to(wide), want_g)
+            _close(gi, want_g.to(dtype), dtype, f"{name}({p})'")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton backend on CPU")
+@pytest.mark.parametrize("dtype", LAUNCH_DTYPES, ids=str)
+def test_batch_norm_elu_passes_zero_unchanged(dtype):
+    """batch_norm's fused elu is torch's elu: a zero pre-activation stays +0 whatever alpha is (with a
+    negative alpha, alpha * expm1(0) would be -0). pyops.functional.batch_norm applies an elu of
+    negative alpha as its own op; the primitive takes it fused."""
+    import torch.nn.functional as F
+
+    import pyops  # noqa: F401  (the primitives)
+
+    side = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x = torch.randn(4, 3, 5, dtype=torch.float64).to(dtype)
+    zeros, ones = torch.zeros(3, dtype=side), torch.ones(3, dtype=side)
+    for alpha in (1.0, -0.5):
+        # z = (x - 0) * 1 * 0 + 0 = +0
+        y = torch.ops.pyops.batch_norm_elemt_triton(x, zeros, ones, zeros, zeros, None, "elu", alpha)
+        want = F.elu(torch.zeros(x.shape, dtype=torch.float64), alpha)
+        assert not want.signbit().any()
+        assert torch.equal(y.signbit(), want.signbit()), f"alpha={alpha}: {y}"

@@ -47,6 +47,7 @@ from torch.optim import rmsprop as _rmsprop
 from torch.optim import sgd as _sgd
 
 from ..backend import KERNEL_DTYPES, current, resolve
+from ..kernels._upload import upload
 from ..ops import PRIMITIVES
 from ..ops import optim as _optim_ops  # noqa: F401  (the primitives' fakes and Triton launch ops)
 
@@ -88,10 +89,9 @@ def _scalar(v):
     return float(v) if isinstance(v, torch.Tensor) else v
 
 
-_LRS = {}  # (value, device, stream) -> [host tensor, device tensor, used by a CUDA graph]
+_LRS = {}  # see kernels/_upload.py: the entries, keyed by value, device and stream
 # Guards _LRS's misses, evictions and capture marks: threads stepping their own optimizers share the
-# cache. A hit is one dict lookup and takes no lock; an entry evicted after it was looked up stays valid
-# for that step (its tensors are referenced, and a step not captured only uses them on its own stream).
+# cache. A hit takes no lock.
 _LRS_LOCK = threading.Lock()
 
 
@@ -101,25 +101,8 @@ def _lr_tensor(lr, device):
     kept for good, since the graph replays it."""
     if isinstance(lr, torch.Tensor):
         return lr if lr.device == device else lr.detach().to(device)
-    is_cuda = device.type == "cuda"
-    key = (float(lr), device, torch.cuda.current_stream(device).cuda_stream if is_cuda else 0)
-    entry = _LRS.get(key)
-    if entry is None or (is_cuda and torch.cuda.is_current_stream_capturing()):
-        with _LRS_LOCK:  # looked up again: no other thread evicts between the lookup and the capture mark
-            entry = _LRS.get(key)
-            if entry is None:
-                if len(_LRS) >= MAX_CACHED_LRS:  # a schedule with float lrs: drop what no graph uses
-                    for k in [k for k, e in _LRS.items() if not e[2]]:
-                        del _LRS[k]
-                host = value = torch.tensor(float(lr), dtype=torch.float64)
-                if is_cuda:
-                    host = host.pin_memory()
-                    value = torch.empty_like(host, device=device)
-                    value.copy_(host, non_blocking=True)
-                entry = _LRS[key] = [host, value, False]
-            if is_cuda and torch.cuda.is_current_stream_capturing():
-                entry[2] = True
-    return entry[1]
+    value = float(lr)
+    return upload(_LRS, _LRS_LOCK, MAX_CACHED_LRS, value, lambda: torch.tensor(value, dtype=torch.float64), device)
 
 
 def _as_state_of(owner, t):
