@@ -993,10 +993,10 @@ def test_threads_step_their_own_optimizers_with_float_lr_schedules(monkeypatch):
     """Threads stepping their own optimizers with float lr schedules (more distinct values than the
     shared lr cache holds, so that it evicts while other threads use it) raise nothing and give torch's
     results."""
-    from pyops.optim import fused
+    from pyops.optim import _step
 
-    monkeypatch.setattr(fused, "_LRS", _SlowToWalk())
-    steps = 4 * fused.MAX_CACHED_LRS
+    monkeypatch.setattr(_step, "_LRS", _SlowToWalk())
+    steps = 4 * _step.MAX_CACHED_LRS
     names = list(CONFIGS)
 
     def schedule(t, k):
