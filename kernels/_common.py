@@ -4,10 +4,10 @@ from here and from no other family.
 - dtypes: the pointer type and compute dtype of each tensor dtype (half types compute in float32);
 - scalars: any float64 as two int32 halves (f64_halves, rebuilt in a kernel by f64), exact;
 - expm1 without libdevice (everything here also runs under TRITON_INTERPRET=1);
-- the fused activation: its codes (as the C++ side numbers them: csrc/conv.h's ConvAct,
-  csrc/batch_norm.h's BnAct) and its math, forward, gradient read from the output and inverse, as
-  torch computes relu, leaky_relu and elu; kernels/activation.py's relu, leaky_relu and elu kernels
-  run the same functions;
+- the fused activation: its codes (as the C++ side numbers them: Act in csrc/common/act.h) and its
+  math, forward, gradient read from the output and inverse, as torch computes relu, leaky_relu and
+  elu and as act.h does; kernels/activation.py's relu, leaky_relu and elu kernels run the same
+  functions;
 - device_table: launch tables uploaded to the device once per value set (kernels/_upload.py);
 - the forms of a size argument in aot_variants().
 
@@ -93,7 +93,6 @@ ACT_LEAKY_RELU: tl.constexpr = tl.constexpr(2)
 ACT_ELU: tl.constexpr = tl.constexpr(3)
 ACTIVATIONS = {"none": ACT_NONE.value, "relu": ACT_RELU.value, "leaky_relu": ACT_LEAKY_RELU.value, "elu": ACT_ELU.value}
 # Below 1 + this, elu's inverse clamps y / alpha (a saturated output maps to a finite input).
-ELU_FLOOR: tl.constexpr = tl.constexpr(1e-7)
 
 
 @triton.jit
@@ -166,8 +165,14 @@ def act_inv(y, act, p):
     if act == ACT_LEAKY_RELU:
         y = tl.where(y > 0, y, y / ps)
     elif act == ACT_ELU:
-        t = tl.maximum(y / ps, ELU_FLOOR - 1.0)
-        u = 1.0 + t
+        # t >= -1 + eps (eps the compute dtype's epsilon), as csrc/common/act.h: a saturated output maps to
+        # a finite z. Clamped as u = 1 + t >= eps, in tensor arithmetic (a float literal is float32 here,
+        # and -1 + 2^-52 would round to -1): eps is a power of two, exact in either dtype.
+        if y.dtype == tl.float64:
+            u = tl.maximum(1.0 + y / ps, 2.220446049250313e-16)
+        else:
+            u = tl.maximum(1.0 + y / ps, 1.1920928955078125e-07)
+        t = tl.where(u > 1.0 + y / ps, u - 1.0, y / ps)  # NaN stays NaN
         # log1p(t) = log(u) * t / (u - 1) (exact where u rounds to 1: then t)
         log1p = tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
         y = tl.where(y > 0, y, log1p)

@@ -328,7 +328,7 @@ needs_triton = pytest.mark.skipif(not RUNS_HERE, reason="Triton needs a GPU or T
 K = AOT.load_kernels("activation")
 C = AOT.load_kernels("_common")
 # globals of the probe kernels below, as jit functions need
-C_F64, C_ACT_FWD, C_ACT_GRAD = C.f64, C.act_fwd, C.act_grad
+C_F64, C_ACT_FWD, C_ACT_GRAD, C_ACT_INV = C.f64, C.act_fwd, C.act_grad, C.act_inv
 
 
 @triton.jit(do_not_specialize=["hi", "lo"])
@@ -552,6 +552,33 @@ def test_fused_activation_is_torchs(dtype):
             if name == "elu":  # at NaN g passes, as torch's scalar and CUDA elu_backward (its CPU vector path: NaN)
                 want_g = torch.where(xw.isnan(), g.to(wide), want_g)
             _close(gi, want_g.to(dtype), dtype, f"{name}({p})'")
+
+
+@triton.jit
+def _inv_probe(y_ptr, z_ptr, n, act, p_hi, p_lo, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    inb = offs < n
+    y = tl.load(y_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
+    tl.store(z_ptr + offs, C_ACT_INV(y, act, C_F64(p_hi, p_lo).to(COMPUTE)).to(z_ptr.dtype.element_ty), mask=inb)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fused_activation_inverse_is_the_cpp_one(dtype):
+    """act_inv recovers z from y = act(z) as csrc/common/act.h does: leaky_relu y / p below zero; elu
+    log1p(max(y / p, -1 + eps)) with eps the compute dtype's epsilon, so a saturated float64 output maps
+    near its true input (once a float32-sized floor of 1e-7 clamped float64 at z = -16.1)."""
+    z = torch.tensor([2.0, 0.0, -0.5, -3.0, -20.0, -30.0, -200.0], dtype=torch.float64)
+    eps = torch.finfo(dtype).eps
+    for name, p in (("leaky_relu", 0.2), ("elu", 1.5)):
+        y = torch.where(z > 0, z, z * p if name == "leaky_relu" else p * torch.expm1(z)).to(dtype)
+        got = torch.empty_like(y, device=DEVICE)
+        _inv_probe[(1,)](y.to(DEVICE), got, y.numel(), C.ACTIVATIONS[name], *C.f64_halves(p), COMPUTE=C.compute_dtype(dtype), BLOCK=8)
+        yw = y.double()
+        want = torch.where(yw > 0, yw, yw / p if name == "leaky_relu" else torch.log1p((yw / p).clamp(min=-1 + eps)))
+        torch.testing.assert_close(got.cpu().double(), want, rtol=8 * eps, atol=0, msg=f"{name}({p})")
+    if dtype == torch.float64:  # -20 and -30 come back within float64's reach, not clamped at -16.1
+        assert got[4].item() < -19.9 and got[5].item() < -29.9, got
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton backend on CPU")

@@ -320,7 +320,11 @@ struct Backward {
   bool from_output;
   template <typename Cen>
   void at(const T* g, const T* x, const T* y, const T* r, int64_t j, int64_t m, const Cen& cen, V& dz, V& v) const {
-    dz = act_grad(A, load(g, j, m), load(y, j, m), param);
+    if constexpr (A == Act::kNone) {
+      dz = load(g, j, m);  // y may be absent
+    } else {
+      dz = act_grad(A, load(g, j, m), load(y, j, m), param);
+    }
     if (from_output) {
       v = act_inverse(A, load(y, j, m), param);
       if (r != nullptr) v = v - load(r, j, m);
@@ -458,7 +462,8 @@ void bwd_elemt_kernel(const BnPass& p, const at::Tensor& grad_input) {
     for (int64_t j = 0; j < len; j += V::size()) {
       const int64_t m = std::min<int64_t>(V::size(), len - j);
       if (!training) {
-        const V dz = act_grad(A, load(g, j, m), load(y, j, m), bw.param);
+        const V dz =
+            A == Act::kNone ? load(g, j, m) : act_grad(A, load(g, j, m), load(y, j, m), bw.param);  // y may be absent
         store(a.at(j, m) * dz, dx, j, m);
         continue;
       }

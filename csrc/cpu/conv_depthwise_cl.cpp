@@ -1,6 +1,7 @@
 // The CPU conv engine for depthwise convolutions (one channel per group) on channels_last
 // float32/float64 tensors: vectorized over channels, an output pixel a vector; weights transposed to
 // [KH * KW, C]. Its input gradient is gathered, its weight gradient a fixed-order split reduction.
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -14,7 +15,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/dispatch.h"
 #include "cpu/conv_engines.h"
 
 namespace pyops {
@@ -167,24 +167,20 @@ void dw_cl_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at::
 
 }  // namespace
 
+// float32/float64 only (depthwise_cl() routes no other dtype here; another is an error, not a no-op).
 void dw_cl_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                    const at::Tensor& out, Act act, double scalar) {
-  PYOPS_DISPATCH_FLOATING(x.scalar_type(), [&] {
-    if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>)
-      dw_cl_forward_t<scalar_t>(s, x, w, bias, out, act, scalar);
-  });
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops::conv2d (depthwise channels_last)",
+                             [&] { dw_cl_forward_t<scalar_t>(s, x, w, bias, out, act, scalar); });
 }
 void dw_cl_backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi) {
-  PYOPS_DISPATCH_FLOATING(g.scalar_type(), [&] {
-    if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) dw_cl_backward_input_t<scalar_t>(s, g, w, gi);
-  });
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pyops::conv2d (depthwise channels_last)",
+                             [&] { dw_cl_backward_input_t<scalar_t>(s, g, w, gi); });
 }
 void dw_cl_backward_weight(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
                            const at::Tensor& gb) {
-  PYOPS_DISPATCH_FLOATING(g.scalar_type(), [&] {
-    if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>)
-      dw_cl_backward_weight_t<scalar_t>(s, g, x, gw, gb);
-  });
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pyops::conv2d (depthwise channels_last)",
+                             [&] { dw_cl_backward_weight_t<scalar_t>(s, g, x, gw, gb); });
 }
 
 }  // namespace cpu_conv
