@@ -573,7 +573,8 @@ def test_fused_activation_inverse_is_the_cpp_one(dtype):
     for name, p in (("leaky_relu", 0.2), ("elu", 1.5)):
         y = torch.where(z > 0, z, z * p if name == "leaky_relu" else p * torch.expm1(z)).to(dtype)
         got = torch.empty_like(y, device=DEVICE)
-        _inv_probe[(1,)](y.to(DEVICE), got, y.numel(), C.ACTIVATIONS[name], *C.f64_halves(p), COMPUTE=C.compute_dtype(dtype), BLOCK=8)
+        code, halves = C.ACTIVATIONS[name], C.f64_halves(p)
+        _inv_probe[(1,)](y.to(DEVICE), got, y.numel(), code, *halves, COMPUTE=C.compute_dtype(dtype), BLOCK=8)
         yw = y.double()
         want = torch.where(yw > 0, yw, yw / p if name == "leaky_relu" else torch.log1p((yw / p).clamp(min=-1 + eps)))
         torch.testing.assert_close(got.cpu().double(), want, rtol=8 * eps, atol=0, msg=f"{name}({p})")
