@@ -3,9 +3,11 @@
 // launching pyops.kernels); the public ops pick a backend and carry autograd (csrc/autograd).
 // Fake kernels live in pyops/ops/<family>.py.
 #include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "common/backend.h"
 #include "functional.h"
@@ -53,9 +55,6 @@ TORCH_LIBRARY(pyops, m) {
   m.def(
       "conv2d.padding(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, str padding=\"valid\", "
       "int[2] dilation=1, int groups=1, *, str? activation=None) -> Tensor");
-  // the optimizers' question before one call per group (csrc/optim.h)
-  m.def("fused_step_fits(Tensor[] params, Tensor[] grads, Tensor?[] states, Tensor[] steps) -> bool",
-        &pyops::fused_step_fits);
 }
 
 // ---- the extension module: importing it runs the registrations above; it carries the build facts,
@@ -112,12 +111,60 @@ PyObject* py_available(PyObject*, PyObject* arg) {
   return ids;
 }
 
-PyMethodDef methods[] = {{"_set_backend", py_set_backend, METH_O, "Select a backend id for this thread."},
-                         {"_get_backend", py_get_backend, METH_NOARGS, "This thread's selected backend id."},
-                         {"_set_available", py_set_available, METH_VARARGS, "Tell which backends can run here."},
-                         {"_resolve", py_resolve, METH_VARARGS, "The backend id that runs on a device now."},
-                         {"_available", py_available, METH_O, "The backend ids that can run on a device here."},
-                         {nullptr, nullptr, 0, nullptr}};
+// The tensors of a Python list, appended to out; None (in a state list only) stands for the tensor a step
+// creates like its parameter, params[i]. False with a Python error set on anything else.
+bool tensors_of(PyObject* list, std::vector<at::Tensor>& out, const std::vector<at::Tensor>* params = nullptr) {
+  PyObject* seq = PySequence_Fast(list, "pyops._fused_step_fits: expected lists of tensors");
+  if (seq == nullptr) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  out.reserve(out.size() + size_t(n));
+  bool ok = true;
+  for (Py_ssize_t i = 0; ok && i < n; ++i) {
+    if (items[i] == Py_None && params != nullptr && !params->empty()) {
+      out.push_back((*params)[size_t(i) % params->size()]);
+    } else if (THPVariable_Check(items[i])) {
+      out.push_back(THPVariable_Unpack(items[i]));
+    } else {
+      PyErr_Format(PyExc_TypeError, "pyops._fused_step_fits: expected a tensor, got %s", Py_TYPE(items[i])->tp_name);
+      ok = false;
+    }
+  }
+  Py_DECREF(seq);
+  return ok;
+}
+
+// _fused_step_fits(params, grads, states, steps) -> bool: whether an optimizer primitive takes the group
+// in one call (csrc/optim.h), read without the dispatcher's list conversions (it runs every step);
+// states is a list of state lists, each empty or of params' length.
+PyObject* py_fused_step_fits(PyObject*, PyObject* args) {
+  PyObject *p = nullptr, *g = nullptr, *s = nullptr, *st = nullptr;
+  if (!PyArg_ParseTuple(args, "OOOO", &p, &g, &s, &st)) return nullptr;
+  std::vector<at::Tensor> params, grads, states, steps;
+  if (!tensors_of(p, params) || !tensors_of(g, grads) || !tensors_of(st, steps)) return nullptr;
+  PyObject* lists = PySequence_Fast(s, "pyops._fused_step_fits: states must be a list of lists of tensors");
+  if (lists == nullptr) return nullptr;
+  bool ok = true;
+  for (Py_ssize_t k = 0; ok && k < PySequence_Fast_GET_SIZE(lists); ++k)
+    ok = tensors_of(PySequence_Fast_GET_ITEM(lists, k), states, &params);
+  Py_DECREF(lists);
+  if (!ok) return nullptr;
+  try {
+    return PyBool_FromLong(pyops::fused_step_fits(params, grads, states, steps));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"_set_backend", py_set_backend, METH_O, "Select a backend id for this thread."},
+    {"_get_backend", py_get_backend, METH_NOARGS, "This thread's selected backend id."},
+    {"_set_available", py_set_available, METH_VARARGS, "Tell which backends can run here."},
+    {"_resolve", py_resolve, METH_VARARGS, "The backend id that runs on a device now."},
+    {"_available", py_available, METH_O, "The backend ids that can run on a device here."},
+    {"_fused_step_fits", py_fused_step_fits, METH_VARARGS, "Whether an optimizer primitive takes a group in one call."},
+    {nullptr, nullptr, 0, nullptr}};
 
 struct PyModuleDef pyops_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 

@@ -9,7 +9,6 @@
 // everything when found_inf != 0, and otherwise advances the step counts and clears the SGD
 // new-buffer flags it applied.
 #pragma once
-#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
@@ -123,10 +122,10 @@ inline void check_scalar_tensor(const char* op, const char* name, const at::Tens
 // Why one call cannot step the group as given, or "" when it can: parameters dense, floating and of one
 // device and dtype; every gradient and state tensor of its parameter's device, dtype, shape and memory
 // layout (the kernels walk memory in order); steps one-element float32/float64 tensors on the
-// parameters' device. The optimizers ask first (pyops::fused_step_fits) and take the careful per-tensor
+// parameters' device. The optimizers ask first (fused_step_fits below) and take the careful per-tensor
 // path where it is not ""; the primitive raises it. Lists have params' length (checked before).
 inline std::string group_misfit(const char* op, at::TensorList params, at::TensorList grads,
-                                std::initializer_list<StateList> states, at::TensorList steps) {
+                                c10::ArrayRef<StateList> states, at::TensorList steps) {
   const size_t n = params.size();
   if (n == 0) return {};
   const at::Tensor& p0 = params[0];
@@ -202,28 +201,19 @@ inline void check_group(const char* op, const GroupStep& g, std::initializer_lis
   if (g.found_inf.has_value() && g.found_inf->defined()) check_scalar_tensor(op, "found_inf", *g.found_inf, device);
 }
 
-// pyops::fused_step_fits: whether one call of an optimizer primitive steps the group as given (the
-// optimizers ask before they call; group_misfit is what the primitive checks first). `states` holds the
-// state lists one after another, each of params' length; None stands for a tensor the step creates
-// like its parameter (SGD's new momentum buffers). Lists of another length are a caller's bug: raised.
-inline bool fused_step_fits(at::TensorList params, at::TensorList grads,
-                            const c10::List<std::optional<at::Tensor>>& states, at::TensorList steps) {
+// Whether one call of an optimizer primitive steps the group as given: group_misfit, the primitive's
+// first check, exported to Python as pyops._C._fused_step_fits (csrc/ops.cpp), which the optimizers ask
+// before they call. `states` holds the state lists one after another, each of params' length (a tensor
+// the step creates stands in as its parameter). Lists of another length are a caller's bug: raised.
+inline bool fused_step_fits(at::TensorList params, at::TensorList grads, at::TensorList states, at::TensorList steps) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && (n == 0 || states.size() % n == 0) && (steps.empty() || steps.size() == n),
-              "pyops::fused_step_fits: lists must have params' length (", n, "), got grads ", grads.size(), ", states ",
+              "pyops._fused_step_fits: lists must have params' length (", n, "), got grads ", grads.size(), ", states ",
               states.size(), ", steps ", steps.size());
   if (n == 0) return true;
-  std::vector<at::Tensor> flat;
-  flat.reserve(states.size());
-  for (size_t i = 0; i < states.size(); ++i) {
-    const std::optional<at::Tensor> t = states[i];
-    flat.push_back(t.has_value() && t->defined() ? *t : params[i % n]);
-  }
-  for (size_t k = 0; k < flat.size(); k += n) {
-    const StateList s{"states", at::TensorList(flat).slice(k, n), true};
-    if (!group_misfit("fused_step_fits", params, grads, {s}, {}).empty()) return false;
-  }
-  return group_misfit("fused_step_fits", params, grads, {}, steps).empty();
+  std::vector<StateList> lists;
+  for (size_t k = 0; k < states.size(); k += n) lists.push_back({"states", states.slice(k, n), true});
+  return group_misfit("fused_step_fits", params, grads, lists, steps).empty();
 }
 
 // In-place writes bump version counters, as torch's optimizers' own in-place ops do, so that a

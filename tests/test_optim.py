@@ -535,19 +535,21 @@ def _misfits():
 @pytest.mark.parametrize("case", list(_misfits()))
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_fused_step_fits_is_the_primitives_first_check(case, backend):
-    """The optimizers ask pyops::fused_step_fits before one call per group, and the primitive raises
+    """The optimizers ask pyops._C._fused_step_fits before one call per group, and the primitive raises
     exactly where it answers False (one function in csrc/optim.h): a group that fits and then raises is
     a real bug, which step() lets through."""
     params, grads, states, steps, words = _misfits()[case]
     lr = torch.tensor(0.1)
-    assert not torch.ops.pyops.fused_step_fits(params, grads, states, steps)
+    assert not pyops._C._fused_step_fits(params, grads, [states], steps)
     with pytest.raises(RuntimeError, match=re.escape(words)):
         PRIMITIVES[backend]["adagrad_step_"](params, grads, states, steps, lr, 0.0, 0.0, 1e-10, False, None, None)
     fit = [torch.randn(3, 4), torch.randn(5)]
     fit_steps = [torch.tensor(1.0) for _ in fit]
-    assert torch.ops.pyops.fused_step_fits(fit, [torch.randn_like(t) for t in fit], [None] * len(fit), fit_steps)
+    assert pyops._C._fused_step_fits(fit, [torch.randn_like(t) for t in fit], [[None] * len(fit), []], fit_steps)
     with pytest.raises(RuntimeError, match="lists must have params' length"):
-        torch.ops.pyops.fused_step_fits(fit, [], [], [])
+        pyops._C._fused_step_fits(fit, [], [], [])
+    with pytest.raises(TypeError, match="expected a tensor, got int"):
+        pyops._C._fused_step_fits(fit, [1, 2], [], [])
 
 
 def test_step_raises_what_the_primitive_raises_on_a_fitting_group(monkeypatch):

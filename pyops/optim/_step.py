@@ -1,6 +1,7 @@
 """The step machinery the fused optimizers (pyops/optim/fused.py) share: one kernel call per group where
-the group fits one (pyops::fused_step_fits), the careful per-tensor path otherwise, torch's steps as the
-fallback, the float lr upload, master weights and the fallback counts.
+the group fits one (pyops._C._fused_step_fits, the primitive's own first check), the careful per-tensor
+path otherwise, torch's steps as the fallback, the float lr upload, master weights and the fallback
+counts.
 
 Which path a tensor takes (`pyops.optim.fallback_counts()` counts the tensor-steps that take torch's,
 and the "pyops" logger says so once per optimizer and reason at debug level):
@@ -26,6 +27,7 @@ from collections import Counter
 
 import torch
 
+from .. import _C
 from ..backend import KERNEL_DTYPES, current, resolve
 from ..kernels._upload import upload
 from ..ops import PRIMITIVES
@@ -41,7 +43,7 @@ except ImportError:  # torch built without distributed
     _DTensor = None
 
 _log = logging.getLogger("pyops")
-_FITS = torch.ops.pyops.fused_step_fits.default  # csrc/optim.h
+_FITS = _C._fused_step_fits  # csrc/optim.h
 _FALLBACKS = Counter()
 _LOGGED = set()
 
@@ -172,13 +174,13 @@ class _Fused:
 
     def _whole_group(self, group, lists, grad_scale, found_inf):
         """Step the group in one kernel call when it fits one (the primitive's own first check, asked
-        through pyops::fused_step_fits); False, with nothing written, where it does not."""
+        through pyops._C._fused_step_fits); False, with nothing written, where it does not."""
         device = lists[0][0].device
         backend = resolve(self._op, device)
         if backend not in KERNEL_BACKENDS:
             return False
         params, grads, states, steps = self._step_lists(group, lists)
-        if not _FITS(params, grads, [t for s in states for t in s], steps):
+        if not _FITS(params, grads, states, steps):
             return False
         self._run_once_each(backend, group, lists, device, _on(grad_scale, device), _on(found_inf, device))
         return True
