@@ -114,7 +114,7 @@ def _write_build_info(arch_list):
 
 
 def _extension():
-    sources = ["csrc/ops.cpp", "csrc/backend.cpp", "csrc/functional.cpp"] + sorted(
+    sources = ["csrc/ops.cpp", "csrc/backend.cpp", "csrc/functional.cpp", "csrc/launch_plan.cpp"] + sorted(
         glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/triton/*.cpp") + glob.glob("csrc/autograd/*.cpp")
     )
     cxx = _cpu_flags()

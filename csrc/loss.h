@@ -58,12 +58,15 @@ inline std::vector<int64_t> class_target_shape(const at::Tensor& x) {
 }
 
 // The weight of the class-index targets not ignored (weight 1 each without class weights), as a 0-d
-// tensor of w's (opmath) dtype on t's device, from tensor ops (no host synchronisation).
+// tensor of w's (opmath) dtype on t's device, from tensor ops (no host synchronisation). With class
+// weights a target out of range (a NaN row, which makes the mean NaN) adds no weight and is never used
+// as an index: on a GPU an index out of range is a device-side assert that ends the process.
 inline at::Tensor target_weight_total(const at::Tensor& t, int64_t ignore_index, const at::Tensor& w,
                                       at::ScalarType opmath) {
   const at::Tensor valid = t != ignore_index;
   if (!w.defined()) return valid.sum().to(opmath);
-  return (w.index_select(0, t.masked_fill(~valid, 0)) * valid).sum();
+  const at::Tensor counted = valid & (t >= 0) & (t < w.size(0));
+  return (w.index_select(0, t.masked_fill(~counted, 0)) * counted).sum();
 }
 
 template <class D>

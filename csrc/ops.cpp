@@ -57,6 +57,11 @@ TORCH_LIBRARY(pyops, m) {
       "int[2] dilation=1, int groups=1, *, str? activation=None) -> Tensor");
 }
 
+namespace pyops {  // csrc/launch_plan.cpp
+PyObject* py_cuda_launch_plan(PyObject*, PyObject* args);
+PyObject* py_cross_entropy_weight_total(PyObject*, PyObject* args);
+}  // namespace pyops
+
 // ---- the extension module: importing it runs the registrations above; it carries the build facts,
 // the primitive table and the backend selection (a thread-local read by every public op) ----------
 namespace {
@@ -164,6 +169,8 @@ PyMethodDef methods[] = {
     {"_resolve", py_resolve, METH_VARARGS, "The backend id that runs on a device now."},
     {"_available", py_available, METH_O, "The backend ids that can run on a device here."},
     {"_fused_step_fits", py_fused_step_fits, METH_VARARGS, "Whether an optimizer primitive takes a group in one call."},
+    {"_cuda_launch_plan", pyops::py_cuda_launch_plan, METH_VARARGS, "The CUDA launches of an op for given sizes."},
+    {"_cross_entropy_weight_total", pyops::py_cross_entropy_weight_total, METH_VARARGS, "A mean's weight total."},
     {nullptr, nullptr, 0, nullptr}};
 
 struct PyModuleDef pyops_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

@@ -16,19 +16,15 @@
 #include "common/act.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/launch_plan.h"
 
 namespace pyops {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kElems = 8;
+constexpr int kThreads = int(plan::act::kThreads);  // grids and blocks: csrc/common/launch_plan.h
+constexpr int kElems = int(plan::act::kElems);
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-inline int64_t blocks_for(int64_t units) {
-  // grid-stride loops below; a million blocks saturates any current GPU
-  return std::min<int64_t>((units + kThreads - 1) / kThreads, int64_t(1) << 20);
-}
 
 // Elements [base, base + 8) of p, whole 16-byte vectors when `vec` (then base + 8 <= n too).
 template <typename T>
@@ -67,7 +63,8 @@ __device__ __forceinline__ void store8(T* p, int64_t base, int64_t n, bool vec, 
 
 // out = pass ? x : out_other(x); mask bit = pass = act_pass(op.act, x) (the gradient flows unchanged)
 template <typename T, typename Op>
-__global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, bool vec, Op op) {
+__global__ void __launch_bounds__(kThreads)
+    masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, bool vec, Op op) {
   using opmath_t = at::opmath_type<T>;
   PYOPS_GRID_STRIDE(b, (n + kElems - 1) / kElems) {
     T v[kElems], o[kElems];
@@ -87,7 +84,8 @@ __global__ void masked_fwd_kernel(const T* x, T* out, uint8_t* mask, int64_t n, 
 
 // grad_in = bit ? g : grad_other(g)
 template <typename T, typename Op>
-__global__ void masked_bwd_kernel(const T* g, const uint8_t* mask, T* gi, int64_t n, bool vec, Op op) {
+__global__ void __launch_bounds__(kThreads)
+    masked_bwd_kernel(const T* g, const uint8_t* mask, T* gi, int64_t n, bool vec, Op op) {
   using opmath_t = at::opmath_type<T>;
   PYOPS_GRID_STRIDE(b, (n + kElems - 1) / kElems) {
     T v[kElems], o[kElems];
@@ -103,7 +101,7 @@ __global__ void masked_bwd_kernel(const T* g, const uint8_t* mask, T* gi, int64_
 }
 
 template <typename T, typename F>
-__global__ void unary_kernel(const T* x, T* out, int64_t n, bool vec, F f) {
+__global__ void __launch_bounds__(kThreads) unary_kernel(const T* x, T* out, int64_t n, bool vec, F f) {
   using opmath_t = at::opmath_type<T>;
   PYOPS_GRID_STRIDE(b, (n + kElems - 1) / kElems) {
     T v[kElems], o[kElems];
@@ -115,7 +113,7 @@ __global__ void unary_kernel(const T* x, T* out, int64_t n, bool vec, F f) {
 }
 
 template <typename T, typename F>
-__global__ void binary_kernel(const T* a, const T* s, T* out, int64_t n, bool vec, F f) {
+__global__ void __launch_bounds__(kThreads) binary_kernel(const T* a, const T* s, T* out, int64_t n, bool vec, F f) {
   using opmath_t = at::opmath_type<T>;
   PYOPS_GRID_STRIDE(b, (n + kElems - 1) / kElems) {
     T va[kElems], vs[kElems], o[kElems];
@@ -209,7 +207,8 @@ struct Math {  // for the device struct below (csrc/activation.h); shared activa
 
 // ---- Maxout: one thread per output element, first maximum wins, NaN propagates ------------------
 template <typename T>
-__global__ void maxout_fwd_kernel(const T* x, T* out, uint8_t* idx, int64_t count, int64_t inner, int64_t pieces) {
+__global__ void __launch_bounds__(kThreads)
+    maxout_fwd_kernel(const T* x, T* out, uint8_t* idx, int64_t count, int64_t inner, int64_t pieces) {
   PYOPS_GRID_STRIDE(e, count) {
     const int64_t grp = e / inner, i = e - grp * inner;
     const T* src = x + grp * pieces * inner + i;
@@ -228,7 +227,8 @@ __global__ void maxout_fwd_kernel(const T* x, T* out, uint8_t* idx, int64_t coun
 }
 
 template <typename T>
-__global__ void maxout_bwd_kernel(const T* g, const uint8_t* idx, T* gi, int64_t count, int64_t inner, int64_t pieces) {
+__global__ void __launch_bounds__(kThreads)
+    maxout_bwd_kernel(const T* g, const uint8_t* idx, T* gi, int64_t count, int64_t inner, int64_t pieces) {
   PYOPS_GRID_STRIDE(e, count) {
     const int64_t grp = e / inner, i = e - grp * inner;
     T* dst = gi + grp * pieces * inner + i;
@@ -239,10 +239,11 @@ __global__ void maxout_bwd_kernel(const T* g, const uint8_t* idx, T* gi, int64_t
 }
 
 // ---- launchers: the CUDA device of csrc/activation.h ------------------------------------------------
-#define PYOPS_LAUNCH(kernel, units, ...)                                                        \
-  do {                                                                                          \
-    kernel<<<blocks_for(units), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                             \
+#define PYOPS_LAUNCH(kernel, launch, ...)                                                                       \
+  do {                                                                                                          \
+    const plan::Launch l_ = (launch);                                                                           \
+    kernel<<<plan::grid_of(l_), plan::block_of(l_), l_.smem, c10::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                             \
   } while (0)
 
 struct Cuda : Math {
@@ -256,8 +257,8 @@ struct Cuda : Math {
     const int64_t n = in.numel();
     const bool vec = aligned16(in.const_data_ptr()) && aligned16(out.const_data_ptr());
     PYOPS_DISPATCH_FLOATING(in.scalar_type(), [&] {
-      PYOPS_LAUNCH(masked_fwd_kernel, (n + 7) / 8, in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                   mask.mutable_data_ptr<uint8_t>(), n, vec, op);
+      PYOPS_LAUNCH(masked_fwd_kernel, plan::act_masked_fwd(n), in.const_data_ptr<scalar_t>(),
+                   out.mutable_data_ptr<scalar_t>(), mask.mutable_data_ptr<uint8_t>(), n, vec, op);
     });
   }
   template <typename Op>
@@ -265,8 +266,8 @@ struct Cuda : Math {
     const int64_t n = g.numel();
     const bool vec = aligned16(g.const_data_ptr()) && aligned16(gi.const_data_ptr());
     PYOPS_DISPATCH_FLOATING(g.scalar_type(), [&] {
-      PYOPS_LAUNCH(masked_bwd_kernel, (n + 7) / 8, g.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
-                   gi.mutable_data_ptr<scalar_t>(), n, vec, op);
+      PYOPS_LAUNCH(masked_bwd_kernel, plan::act_masked_bwd(n), g.const_data_ptr<scalar_t>(),
+                   mask.const_data_ptr<uint8_t>(), gi.mutable_data_ptr<scalar_t>(), n, vec, op);
     });
   }
   template <typename F>
@@ -274,8 +275,8 @@ struct Cuda : Math {
     const int64_t n = in.numel();
     const bool vec = aligned16(in.const_data_ptr()) && aligned16(out.const_data_ptr());
     PYOPS_DISPATCH_FLOATING(in.scalar_type(), [&] {
-      PYOPS_LAUNCH(unary_kernel, (n + 7) / 8, in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, vec,
-                   f);
+      PYOPS_LAUNCH(unary_kernel, plan::act_unary(n), in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n,
+                   vec, f);
     });
   }
   template <typename F>
@@ -283,7 +284,7 @@ struct Cuda : Math {
     const int64_t n = a.numel();
     const bool vec = aligned16(a.const_data_ptr()) && aligned16(b.const_data_ptr()) && aligned16(out.const_data_ptr());
     PYOPS_DISPATCH_FLOATING(a.scalar_type(), [&] {
-      PYOPS_LAUNCH(binary_kernel, (n + 7) / 8, a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+      PYOPS_LAUNCH(binary_kernel, plan::act_binary(n), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
                    out.mutable_data_ptr<scalar_t>(), n, vec, f);
     });
   }
@@ -291,16 +292,16 @@ struct Cuda : Math {
                              int64_t pieces) {
     const int64_t count = out.numel();
     PYOPS_DISPATCH_FLOATING(x.scalar_type(), [&] {
-      PYOPS_LAUNCH(maxout_fwd_kernel<scalar_t>, count, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                   idx.mutable_data_ptr<uint8_t>(), count, s.inner, pieces);
+      PYOPS_LAUNCH(maxout_fwd_kernel<scalar_t>, plan::act_maxout_fwd(count), x.const_data_ptr<scalar_t>(),
+                   out.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<uint8_t>(), count, s.inner, pieces);
     });
   }
   static void maxout_backward(const at::Tensor& g, const at::Tensor& idx, const at::Tensor& gi, const MaxoutShape& s,
                               int64_t pieces) {
     const int64_t count = g.numel();
     PYOPS_DISPATCH_FLOATING(g.scalar_type(), [&] {
-      PYOPS_LAUNCH(maxout_bwd_kernel<scalar_t>, count, g.const_data_ptr<scalar_t>(), idx.const_data_ptr<uint8_t>(),
-                   gi.mutable_data_ptr<scalar_t>(), count, s.inner, pieces);
+      PYOPS_LAUNCH(maxout_bwd_kernel<scalar_t>, plan::act_maxout_bwd(count), g.const_data_ptr<scalar_t>(),
+                   idx.const_data_ptr<uint8_t>(), gi.mutable_data_ptr<scalar_t>(), count, s.inner, pieces);
     });
   }
 };

@@ -22,14 +22,15 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/launch_plan.h"
 #include "optim.h"
 
 namespace pyops {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kChunk = 4096;  // elements per block
-constexpr int kMaxStates = 3;     // state tensors per parameter (Adam with amsgrad, RMSprop)
+constexpr int kThreads = int(plan::optim::kThreads);  // grids and blocks: csrc/common/launch_plan.h
+constexpr int64_t kChunk = plan::optim::kChunk;       // elements per block
+constexpr int kMaxStates = 3;                         // state tensors per parameter (Adam with amsgrad, RMSprop)
 // Cached device tables kept while parameter lists change (eviction spares those a CUDA graph uses).
 constexpr size_t kMaxCachedTables = 16;
 
@@ -191,7 +192,8 @@ struct RmspropKernel {
 };
 
 template <typename T, typename K>
-__global__ void multi_tensor_kernel(const TensorMeta* metas, const int64_t* chunks, Common c, K k) {
+__global__ void __launch_bounds__(kThreads)
+    multi_tensor_kernel(const TensorMeta* metas, const int64_t* chunks, Common c, K k) {
   using opmath_t = at::opmath_type<T>;
   if (c.found_inf.ptr != nullptr && c.found_inf.get() != 0) return;  // the grad scaler skips the step
   const int64_t t = chunks[2 * blockIdx.x], start = chunks[2 * blockIdx.x + 1];
@@ -215,7 +217,7 @@ __global__ void multi_tensor_kernel(const TensorMeta* metas, const int64_t* chun
 }
 
 // After the update: step counts advance and applied new-buffer flags clear, unless the step was skipped.
-__global__ void finish_step(const TensorMeta* metas, int64_t n, DeviceScalar found_inf) {
+__global__ void __launch_bounds__(kThreads) finish_step(const TensorMeta* metas, int64_t n, DeviceScalar found_inf) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n || (found_inf.ptr != nullptr && found_inf.get() != 0)) return;
   const TensorMeta& m = metas[i];
@@ -330,15 +332,20 @@ void launch(const GroupStep& s, const K& kernel, std::initializer_list<at::Tenso
   const Common common{device_scalar(s.lr), device_scalar(s.grad_scale), device_scalar(s.found_inf), s.maximize};
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (t.num_chunks > 0) {
+    std::vector<int64_t> numels(n);
+    for (size_t i = 0; i < n; ++i) numels[i] = metas[i].numel;
+    const plan::Launch l = plan::optim_update(numels);
+    TORCH_CHECK(l.grid.x == t.num_chunks && l.grid.x <= plan::kMaxGridX, "pyops: an optimizer group of ", t.num_chunks,
+                " chunks does not fit one launch");
     PYOPS_DISPATCH_FLOATING(p0.scalar_type(), [&] {
       multi_tensor_kernel<scalar_t, K>
-          <<<unsigned(t.num_chunks), kThreads, 0, stream>>>(meta_ptr, chunk_ptr, common, kernel);
+          <<<plan::grid_of(l), plan::block_of(l), l.smem, stream>>>(meta_ptr, chunk_ptr, common, kernel);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   if (!steps.empty() || !new_buffers.empty()) {
-    finish_step<<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(meta_ptr, int64_t(n),
-                                                                                  common.found_inf);
+    const plan::Launch l = plan::optim_finish(int64_t(n));
+    finish_step<<<plan::grid_of(l), plan::block_of(l), l.smem, stream>>>(meta_ptr, int64_t(n), common.found_inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
