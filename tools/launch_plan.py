@@ -558,6 +558,13 @@ def record_triton(selected=None, dtype_name="float32"):
     return out
 
 
+def _write_atomic(path, text):
+    """Write by renaming a finished file into place: a test run beside another never reads half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _cached(key):
     path = CACHE / f"triton-{key}.json"
     if path.exists():
@@ -596,7 +603,7 @@ def compile_triton(jobs, timeout=900):
         for key, result in json.loads(proc.stdout.splitlines()[-1]).items():
             results[key] = result
             if "error" not in result:
-                (CACHE / f"triton-{key}.json").write_text(json.dumps(result))
+                _write_atomic(CACHE / f"triton-{key}.json", json.dumps(result))
     return results
 
 
@@ -763,7 +770,7 @@ def nvcc_resources(compile_missing=False):
             text = subprocess.run([tool, "--dump-resource-usage", str(out)], capture_output=True, text=True).stdout
         found = parse_resource_usage(text)
         CACHE.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(found))
+        _write_atomic(path, json.dumps(found))
         usage |= found
     return usage, missing
 
@@ -825,7 +832,14 @@ def cuda_rows(selected=None, dtype_name="float32", compile_missing=False):
     rows = []
     for case in selected or cases():
         for prim, sizes in case.cuda:
-            entries = plan(prim, dict(sizes, dtype=dtype_name, element_size=_element_size(dtype_name)))
+            query = dict(sizes, dtype=dtype_name, element_size=_element_size(dtype_name))
+            try:
+                entries = list(plan(prim, query))
+            except Exception as e:  # the plan and this table disagree on an op's name or sizes: say which
+                raise RuntimeError(
+                    f"tools/launch_plan.py: _C._cuda_launch_plan({prim!r}, {query}) for {case.name} failed: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
             for e in entries:
                 grid = tuple(int(g) for g in (tuple(e["grid"]) + (1, 1, 1))[:3])
                 block = tuple(int(b) for b in (tuple(e["block"]) + (1, 1, 1))[:3])
