@@ -183,7 +183,7 @@ if run_stage build 200 build.log $PY setup.py build_ext --inplace; then
   run_stage info 15 gpu.txt $PY -m pyops info
   XDIST=()
   if [ -z "${GPU_CHECK_DRY_RUN:-}" ] && $PY -c "import xdist" 2>/dev/null; then
-    XDIST=(-n 4 --dist loadfile)  # one file a worker: the 2^31-element tests of a file run one at a time
+    XDIST=(-n 8 --dist loadgroup)  # the 2^31-element tests share a group: one worker runs them in turn
   fi
   run_stage tests 170 tests.log $PY -m pytest -q -rfE -m cuda -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests
   run_stage check 55 check.log $PY -m pyops check --device cuda
