@@ -115,7 +115,13 @@ GRAD_FORMS = [
 # kernels' branches.
 GRAD_CASES = [
     pytest.param(
-        form, residual, training, device, backend, id=f"{i}-{'train' if training else 'eval'}-{device}-{backend}"
+        form,
+        residual,
+        training,
+        device,
+        backend,
+        marks=[pytest.mark.cuda] if device == "cuda" else [],
+        id=f"{i}-{'train' if training else 'eval'}-{device}-{backend}",
     )
     for device, backend in [(p.values if hasattr(p, "values") else p) for p in device_backends()]
     if backend != "torch"
