@@ -89,8 +89,9 @@ PyObject* py_cuda_launch_plan(PyObject*, PyObject* args) {
   PyObject* out = PyList_New(0);
   if (out == nullptr) return nullptr;
   for (const plan::Launch& l : launches) {
-    PyObject* d = Py_BuildValue("{s:s,s:N,s:N,s:L}", "kernel", l.kernel, "grid", dims(l.grid), "block", dims(l.block),
-                                "smem", (long long)l.smem);
+    PyObject* d = Py_BuildValue("{s:s,s:N,s:N,s:L,s:L,s:s}", "kernel", l.kernel, "grid", dims(l.grid), "block",
+                                dims(l.block), "smem", (long long)l.smem, "elements", (long long)l.elements, "why",
+                                l.why == nullptr ? "" : l.why);
     if (d == nullptr || PyList_Append(out, d) < 0) {
       Py_XDECREF(d);
       Py_DECREF(out);

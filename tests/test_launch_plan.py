@@ -91,18 +91,18 @@ def test_cuda_rows_from_a_plan(monkeypatch):
 
     def plan(op, sizes):
         calls.append((op, sizes))
-        if op != "batch_norm_stats":
+        if op != "batch_norm":
             return []
         partial = {"kernel": "stats_partial_kernel", "grid": (2, 14, 1), "block": (32, 8, 1), "smem": 0}
         combine = {"kernel": "stats_combine_kernel", "grid": [1], "block": [256], "smem": 0, "elements": 448}
-        exempt = dict(partial, exempt="a reason")
+        exempt = dict(partial, why="a reason")
         return [partial, combine, exempt]
 
     monkeypatch.setattr(L, "cuda_plan_function", lambda: plan)
     case = L.cases()[1]  # batch_norm (32, 64, 56, 56) channels_last
     rows, notes = L.cuda_rows([case])
     assert [op for op, _ in calls] == [p for p, _ in case.cuda]
-    assert calls[0][1]["channels_last"] == 1 and calls[0][1]["dtype"] == "float32" and calls[0][1]["C"] == 64
+    assert calls[0][1]["channels_last"] == 1 and calls[0][1]["dtype"] == "float32" and calls[0][1]["shape"][1] == 64
     partial, combine, exempt = rows
     assert partial.grid == (2, 14, 1) and partial.threads == 256 and partial.elements == case.elements
     assert partial.under and not combine.under and not exempt.under

@@ -10,11 +10,11 @@ for sm_90 (tools/triton_aot.py's source builder) in a subprocess without TRITON_
 come from ptxas' report, shared memory from the compiled kernel's metadata. Results are cached under
 build/launch_plan/, keyed by the kernel files' text, the launch and the Triton version.
 
-CUDA rows: `pyops._C._cuda_launch_plan(op, sizes)`, the host function the CUDA launchers take their
-configuration from, called for each native primitive of a case with the sizes in CUDA_QUERIES below;
-it returns [{"kernel", "grid": (x, y, z), "block": (x, y, z), "smem": dynamic bytes} + optional
-"elements" (elements the launch touches: reads or writes; without it the case's size counts) and
-"exempt" (why the launch may stay under two waves)]. Registers and static shared memory come from
+CUDA rows: `pyops._C._cuda_launch_plan(op, sizes)` (csrc/common/launch_plan.h), the host functions the
+CUDA launchers take their configuration from, called once a case with the op's sizes; it returns every
+kernel the op launches, forward and backward: [{"kernel", "grid": (x, y, z), "block": (x, y, z),
+"smem": dynamic bytes, "elements": elements the launch reads or writes, "why": why it may stay under
+two waves, or ""}]. Registers and static shared memory come from
 `cuobjdump --dump-resource-usage` of the built extension's sm_90 code, matched by the kernel's name
 (its template instantiation for the case's dtype); with an extension built without CUDA code, from
 compiling csrc/cuda/*.cu to sm_90 cubins with nvcc (`--nvcc`: ~30 s a file; cached like the Triton
@@ -117,7 +117,7 @@ class Case:
     setup: object  # (device, dtype) -> state
     forward: object  # (pyops.functional, state) -> output or None
     backward: object  # (state, output) -> None
-    cuda: list  # [(native primitive, sizes)] for _C._cuda_launch_plan
+    cuda: list  # [(op, sizes)] for _C._cuda_launch_plan
 
 
 def _empty(shape, device, dtype, channels_last=False, grad=False):
@@ -153,10 +153,8 @@ def _bn_case(shape, channels_last):
     def forward(F, s):
         return F.batch_norm(s["x"], s["rm"], s["rv"], s["w"], s["b"], True, activation="relu")
 
-    sizes = {"N": n, "C": c, "H": h, "W": w, "outer": n if not channels_last else n * h * w}
-    sizes |= {"channels": c, "inner": h * w if not channels_last else 1, "channels_last": int(channels_last)}
+    sizes = {"shape": shape, "channels_last": int(channels_last), "training": 1}
     layout = "channels_last" if channels_last else "NCHW"
-    prims = ("batch_norm_stats", "batch_norm_elemt", "batch_norm_bwd_reduce", "batch_norm_bwd_elemt")
     return Case(
         f"batch_norm {shape} {layout}",
         "batch_norm",
@@ -164,7 +162,7 @@ def _bn_case(shape, channels_last):
         setup,
         forward,
         lambda s, y: _grad_of(y),
-        [(p, sizes) for p in prims],
+        [("batch_norm", sizes)],
     )
 
 
@@ -181,9 +179,8 @@ def _conv_case(label, shape, k, groups):
     def forward(F, s):
         return F.conv2d(s["x"], s["w"], s["b"], padding=1, groups=groups)
 
-    sizes = {"N": n, "C": c, "H": h, "W": w, "K": k, "R": 3, "S": 3, "groups": groups, "OH": h, "OW": w}
-    sizes |= {"stride": 1, "padding": 1, "dilation": 1, "channels_last": 0, "bias": 1}
-    prims = ("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight")
+    sizes = {"shape": shape, "weight": (k, c // groups, 3, 3), "groups": groups, "stride": 1, "padding": 1}
+    sizes |= {"dilation": 1, "training": 1}
     return Case(
         f"conv2d {label} {shape} k={k} g={groups}",
         "conv",
@@ -191,7 +188,7 @@ def _conv_case(label, shape, k, groups):
         setup,
         forward,
         lambda s, y: _grad_of(y),
-        [(p, sizes) for p in prims],
+        [("conv2d", sizes)],
     )
 
 
@@ -206,10 +203,7 @@ def _activation_case(op, kwargs):
         return getattr(F, op)(s["x"], **kwargs)
 
     n = math.prod(ACT_SHAPE)
-    if op == "maxout":
-        sizes = {"count": n // kwargs["pieces"], "inner": 1, "pieces": kwargs["pieces"]}
-    else:
-        sizes = {"numel": n}
+    sizes = {"numel": n, "pieces": kwargs["pieces"]} if op == "maxout" else {"numel": n}
     return Case(
         f"{op} {ACT_SHAPE}",
         "activation",
@@ -217,7 +211,7 @@ def _activation_case(op, kwargs):
         setup,
         forward,
         lambda s, y: _grad_of(y),
-        [(f"{op}_fwd", sizes), (f"{op}_bwd", sizes)],
+        [(op, sizes)],
     )
 
 
@@ -229,7 +223,7 @@ def _loss_case(op):
         return getattr(F, op)(s["x"], s["t"], reduction="mean")
 
     n = math.prod(ACT_SHAPE)
-    sizes = {"numel": n, "reduction": "mean", "kind": op.removesuffix("_loss")}
+    sizes = {"numel": n, "reduction": "mean"}
     return Case(
         f"{op} {ACT_SHAPE} mean",
         "loss",
@@ -237,7 +231,7 @@ def _loss_case(op):
         setup,
         forward,
         lambda s, y: y.backward(),
-        [("pointwise_loss_fwd", sizes), ("pointwise_loss_bwd", sizes)],
+        [(op, sizes)],
     )
 
 
@@ -252,7 +246,7 @@ def _cross_entropy_case(shape):
     def forward(F, s):
         return F.cross_entropy(s["x"], s["t"])
 
-    sizes = {"rows": rows, "classes": classes, "probs": 0, "reduction": "mean", "label_smoothing": 0.0}
+    sizes = {"rows": rows, "classes": classes}
     return Case(
         f"cross_entropy {shape} mean",
         "loss",
@@ -260,7 +254,7 @@ def _cross_entropy_case(shape):
         setup,
         forward,
         lambda s, y: y.backward(),
-        [("cross_entropy_fwd", sizes)],
+        [("cross_entropy", sizes)],
     )
 
 
@@ -294,7 +288,7 @@ def _optim_case(name, kwargs, prim):
         getattr(pyops.optim, name)(s["params"], lr=1e-3, **kwargs).step()
 
     numels = [math.prod(s) for s in shapes]
-    sizes = {"numel": sum(numels), "tensors": len(shapes), "max_numel": max(numels)}
+    sizes = {"numels": numels}
     return Case(
         f"{name} ResNet-18 ({sum(numels) / 1e6:.1f}M, {len(shapes)} tensors)",
         "optim",
@@ -302,7 +296,7 @@ def _optim_case(name, kwargs, prim):
         setup,
         lambda F, s: None,
         step,
-        [(prim, sizes)],
+        [(name.lower(), sizes)],
     )
 
 
@@ -847,7 +841,7 @@ def cuda_rows(selected=None, dtype_name="float32", compile_missing=False):
                 regs, static = (found[0], found[1]) if found else (None, 0)
                 row = Row(
                     case.name,
-                    _phase(prim),
+                    _phase(case, str(e["kernel"])),
                     "cuda",
                     str(e["kernel"]),
                     grid,
@@ -855,7 +849,7 @@ def cuda_rows(selected=None, dtype_name="float32", compile_missing=False):
                     regs,
                     int(e.get("smem", 0)) + static,
                     int(e.get("elements", case.elements)),
-                    exempt=str(e.get("exempt", "") or ""),
+                    exempt=str(e.get("why", "") or ""),
                     note="" if found or not usage else "no resource usage found for this name",
                 )
                 rows.append(row.judge())
@@ -866,10 +860,11 @@ def _element_size(dtype_name):
     return {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype_name]
 
 
-def _phase(prim):
-    if prim.endswith("_step_"):
+def _phase(case, kernel):
+    """A CUDA launch's phase, from its case and kernel name (the plan lists forward and backward)."""
+    if case.family == "optim":
         return "step"
-    return "bwd" if "_bwd" in prim else "fwd"
+    return "bwd" if "bwd" in kernel or "grad" in kernel else "fwd"
 
 
 # ---- the command line --------------------------------------------------------------------------------

@@ -63,8 +63,16 @@ struct Dim {
 struct Launch {
   const char* kernel = "";  // the __global__ function's name
   Dim grid, block;
-  int64_t smem = 0;  // dynamic shared memory, bytes
+  int64_t smem = 0;           // dynamic shared memory, bytes
+  int64_t elements = 0;       // elements the launch reads or writes (what makes it large, >= 1M)
+  const char* why = nullptr;  // why a large launch may stay under 2 waves (nullptr: it may not)
 };
+
+// `l`, touching `n` elements
+inline Launch touching(Launch l, int64_t n) {
+  l.elements = n;
+  return l;
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -223,6 +231,9 @@ inline CrossEntropyPlan cross_entropy(int64_t rows, int64_t classes) {
   }
   const int64_t rows_per_block = threads / p.lanes;
   p.launch = launch_1d("cross_entropy_kernel", std::min(ceil_div(rows, rows_per_block), kMaxStrideBlocks), threads);
+  p.launch.why =
+      "a block per row of many classes: fewer rows than 2 waves of blocks leave SMs idle; splitting a row over "
+      "blocks needs a cross-block logsumexp pass, not built";
   return p;
 }
 
@@ -234,7 +245,12 @@ constexpr int64_t kThreads = 256;
 constexpr int64_t kElems = 8;
 }  // namespace act
 inline Launch act_elementwise(const char* name, int64_t n) {
-  return stride_1d(name, ceil_div(n, act::kElems), act::kThreads);
+  Launch l = stride_1d(name, ceil_div(n, act::kElems), act::kThreads);
+  l.why =
+      "streaming, 8 elements (16-32 bytes of loads) in flight a thread: below 4.3M elements the launch is under 2 "
+      "waves, but every SM already holds more loads in flight than its share of memory bandwidth needs; more, smaller "
+      "blocks would add scheduling, not bandwidth (unmeasured on a GPU)";
+  return l;
 }
 inline Launch act_masked_fwd(int64_t n) { return act_elementwise("masked_fwd_kernel", n); }
 inline Launch act_masked_bwd(int64_t n) { return act_elementwise("masked_bwd_kernel", n); }
@@ -298,9 +314,12 @@ inline std::vector<Launch> batch_norm_plans(const Sizes& s) {
   std::vector<Launch> out;
   if (shape.numel() == 0) return out;  // the host side launches nothing
   const BnReduce stats = bn_stats(shape), grad = bn_bwd_reduce(shape);
-  if (s.get("training", 1) != 0) out.insert(out.end(), {stats.partial, stats.combine});
-  out.push_back(bn_elemt(shape).launch);
-  out.insert(out.end(), {grad.partial, grad.combine, bn_bwd_elemt(shape).launch});
+  const int64_t n = shape.numel();
+  if (s.get("training", 1) != 0)
+    out.insert(out.end(), {touching(stats.partial, n), touching(stats.combine, stats.parts * shape.channels)});
+  out.push_back(touching(bn_elemt(shape).launch, n));
+  out.insert(out.end(), {touching(grad.partial, n), touching(grad.combine, grad.parts * shape.channels),
+                         touching(bn_bwd_elemt(shape).launch, n)});
   return out;
 }
 
@@ -310,27 +329,27 @@ inline std::vector<Launch> pointwise_loss_plans(const Sizes& s) {
   if (reduction != "none" && reduction != "mean" && reduction != "sum")
     throw std::invalid_argument("reduction must be 'none', 'mean' or 'sum', got '" + reduction + "'");
   if (n == 0) return {};
-  if (reduction == "none") return {loss_pointwise(n), loss_pointwise_bwd(n)};
+  if (reduction == "none") return {touching(loss_pointwise(n), n), touching(loss_pointwise_bwd(n), n)};
   const LossReduce r = loss_reduce(n);
-  return {r.partial, r.sum};
+  return {touching(r.partial, n), touching(r.sum, r.partial.grid.x)};
 }
 
 inline std::vector<Launch> cross_entropy_plans(const Sizes& s) {
   const int64_t rows = s.get("rows"), classes = s.get("classes");
   if (rows == 0 || classes == 0) return {};
-  return {cross_entropy(rows, classes).launch};
+  return {touching(cross_entropy(rows, classes).launch, rows * classes)};
 }
 
 inline std::vector<Launch> masked_activation_plans(const Sizes& s) {
   const int64_t n = s.get("numel");
   if (n == 0) return {};
-  return {act_masked_fwd(n), act_masked_bwd(n)};
+  return {touching(act_masked_fwd(n), n), touching(act_masked_bwd(n), n)};
 }
 
 inline std::vector<Launch> unary_activation_plans(const Sizes& s) {
   const int64_t n = s.get("numel");
   if (n == 0) return {};
-  return {act_unary(n), act_binary(n)};
+  return {touching(act_unary(n), n), touching(act_binary(n), n)};
 }
 
 inline std::vector<Launch> maxout_plans(const Sizes& s) {
@@ -338,7 +357,7 @@ inline std::vector<Launch> maxout_plans(const Sizes& s) {
   if (pieces <= 0 || n % pieces != 0)
     throw std::invalid_argument("maxout needs pieces > 0 dividing numel, got " + std::to_string(pieces));
   if (n == 0) return {};
-  return {act_maxout_fwd(n / pieces), act_maxout_bwd(n / pieces)};
+  return {touching(act_maxout_fwd(n / pieces), n), touching(act_maxout_bwd(n / pieces), n)};
 }
 
 inline std::vector<int64_t> optim_numels(const Sizes& s) {
@@ -351,8 +370,10 @@ inline std::vector<Launch> optim_plans(const Sizes& s, bool keeps_steps) {
   const std::vector<int64_t> numels = optim_numels(s);
   std::vector<Launch> out;
   if (numels.empty()) return out;
-  if (optim_chunks(numels) > 0) out.push_back(optim_update(numels));
-  if (keeps_steps) out.push_back(optim_finish(int64_t(numels.size())));
+  int64_t total = 0;
+  for (int64_t n : numels) total += n;
+  if (optim_chunks(numels) > 0) out.push_back(touching(optim_update(numels), total));
+  if (keeps_steps) out.push_back(touching(optim_finish(int64_t(numels.size())), int64_t(numels.size())));
   return out;
 }
 
