@@ -13,7 +13,9 @@
 //   D::backward_weight(shape, grad_out, x, gw, gb)         gw = sum over n, oh, ow; gb = sum of grad_out per
 //                                                          channel (undefined: not wanted); fixed order
 // Tensors may have any strides (x, grad_out) except the outputs, which this file allocates (dense) and
-// the weight, which is contiguous. Kernels are called only when the result is non-empty.
+// the weight, which is contiguous. Kernels are called only when the result is non-empty. A device may take
+// `out` and `grad_in` by non-const reference and replace them by a tensor of the same dtype, sizes and
+// strides (the CUDA device, with torch's own result: csrc/cuda/conv.cu).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/elu.h>
