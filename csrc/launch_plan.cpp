@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/launch_plan.h"
+#include "cuda/conv_plan.h"
 #include "loss.h"
 
 namespace pyops {
@@ -60,6 +61,61 @@ bool read_sizes(PyObject* dict, plan::Sizes& s) {
   return true;
 }
 
+// conv2d: shape (N, C, H, W), weight (K, C / groups, kh, kw), groups, stride, padding, dilation (ints or
+// pairs), training (default true), channels_last (default false), float64 (default false), activation code
+// (0 none, 1 relu, 2 leaky_relu, 3 elu; default 0). The plan is csrc/cuda/conv_plan.h's.
+std::vector<plan::Launch> conv2d_plans(const plan::Sizes& s) {
+  const auto& x = s.list("shape");
+  const auto& w = s.list("weight");
+  if (x.size() != 4 || w.size() != 4) throw std::invalid_argument("conv2d needs a 4-d shape and a 4-d weight");
+  const auto pair = [&](const char* key, int64_t fallback) {
+    if (!s.has(key)) return std::vector<int64_t>{fallback, fallback};
+    std::vector<int64_t> v = s.list(key);
+    if (v.size() == 1) v.push_back(v[0]);
+    if (v.size() != 2) throw std::invalid_argument(std::string("conv2d's ") + key + " must be an int or a pair");
+    return v;
+  };
+  conv_plan::ConvPlanOptions o;
+  o.channels_last = s.get("channels_last", 0) != 0;
+  o.float64 = s.get("float64", 0) != 0;
+  o.act = int(s.get("activation", 0));
+  ConvShape shape;
+  try {
+    shape = conv_shape("conv2d_cuda_plan", x, w, pair("stride", 1), pair("padding", 0), pair("dilation", 1),
+                       s.get("groups", 1));
+  } catch (const c10::Error& e) {
+    throw std::invalid_argument(e.what_without_backtrace());
+  }
+  const int64_t in = shape.N * shape.C * shape.H * shape.W, out = shape.N * shape.K * shape.OH * shape.OW;
+  const int64_t weight = shape.K * shape.Cg() * shape.KH * shape.KW;
+  std::vector<plan::Launch> launches;
+  for (const KernelLaunch& k : conv2d_cuda_plan(shape, s.get("training", 1) != 0, o)) {
+    plan::Launch l;
+    l.kernel = k.kernel;
+    l.grid = {k.grid[0], k.grid[1], k.grid[2]};
+    l.block = {k.block[0], k.block[1], k.block[2]};
+    l.smem = k.smem;
+    const bool reduce = std::string(k.kernel) == "conv_reduce_partials_kernel";
+    l.elements = reduce ? weight : std::max(in, out);
+    if (!reduce && k.grid[0] * k.grid[1] * k.grid[2] < conv_plan::kTargetBlocks)
+      l.why =
+          "by construction (csrc/cuda/conv_plan.h): one result per thread, under 2 waves only below 540K results; a "
+          "split weight gradient takes at most one chunk per unit of work";
+    launches.push_back(l);
+  }
+  return launches;
+}
+
+// Every op of launch_plan.h's table, and conv2d.
+const std::map<std::string, plan::PlanFn>& known_ops() {
+  static const std::map<std::string, plan::PlanFn> ops = [] {
+    auto all = plan::launch_plan_ops();
+    all["conv2d"] = conv2d_plans;
+    return all;
+  }();
+  return ops;
+}
+
 PyObject* dims(const plan::Dim& d) { return Py_BuildValue("(LLL)", (long long)d.x, (long long)d.y, (long long)d.z); }
 
 }  // namespace
@@ -68,7 +124,7 @@ PyObject* py_cuda_launch_plan(PyObject*, PyObject* args) {
   const char* op = nullptr;
   PyObject* sizes = nullptr;
   if (!PyArg_ParseTuple(args, "sO!", &op, &PyDict_Type, &sizes)) return nullptr;
-  const auto& ops = plan::launch_plan_ops();
+  const auto& ops = known_ops();
   const auto it = ops.find(op);
   if (it == ops.end()) {
     std::string known;
