@@ -46,21 +46,32 @@ def f64_bits(v):
     return struct.unpack("<q", struct.pack("<d", float(v)))[0]
 
 
+def i64_halves(v):
+    """A signed 64-bit integer as (high, low) signed 32-bit integers: never specialised, they give one
+    argument type (i32) whatever the value, where an int would be i32 or i64 by value. `i64` rebuilds
+    it in the kernel."""
+    low = v & 0xFFFFFFFF
+    return v >> 32, low - (1 << 32) if low >= 1 << 31 else low
+
+
 def f64_halves(v):
     """v's float64 bit pattern as (high, low) signed 32-bit integers. Compiled Triton passes Python
     floats as float32, which rounds and turns |v| > 3.4e38 into inf; two int32 halves (never
     specialised, so one compiled kernel serves every value) carry any float64 exactly, inf, NaN,
     -0.0 and denormals included. `f64` rebuilds it in the kernel."""
-    bits = f64_bits(v)
-    low = bits & 0xFFFFFFFF
-    return bits >> 32, low - (1 << 32) if low >= 1 << 31 else low
+    return i64_halves(f64_bits(v))
+
+
+@triton.jit
+def i64(hi, lo):
+    """The int64 that i64_halves split into hi and lo."""
+    return (tl.cast(hi, tl.int64) << 32) | tl.cast(tl.cast(lo, tl.uint32, bitcast=True), tl.int64)
 
 
 @triton.jit
 def f64(hi, lo):
     """The float64 whose bit pattern f64_halves split into hi and lo."""
-    bits = (tl.cast(hi, tl.int64) << 32) | tl.cast(tl.cast(lo, tl.uint32, bitcast=True), tl.int64)
-    return tl.cast(bits, tl.float64, bitcast=True)
+    return tl.cast(i64(hi, lo), tl.float64, bitcast=True)
 
 
 # ---- expm1 --------------------------------------------------------------------------------------
