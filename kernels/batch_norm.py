@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, DTYPES, act_fwd, act_grad, act_inv, compute_dtype, f64, f64_halves
+from ._common import ACTIVATIONS, DTYPES, act_fwd, act_grad, act_inv, compute_dtype, f64, f64_halves, i64, i64_halves
 
 # Elementwise tile: TILE_R rows x TILE_C columns of the [rows, cols] view (_view).
 TILE_R: tl.constexpr = tl.constexpr(32)
@@ -45,6 +45,10 @@ PROGRAMS = 2 * 2 * 132
 MIN_SPAN = 512
 MAX_SPAN = 16384
 MAX_PARTS = 1024
+# Sizes travel as int32 halves (kernels/_common.py's i64_halves), never specialised: one compiled kernel
+# per dtype (and view) serves every size, past int32 included.
+SIZES = ["count_hi", "count_lo", "inner_hi", "inner_lo", "span_hi", "span_lo"]
+VIEW = ["rows_hi", "rows_lo", "cols_hi", "cols_lo"]
 
 
 def _act(name):
@@ -114,9 +118,24 @@ def _part(parts, span, count):
     return part, cols, lo, hi
 
 
-@triton.jit(do_not_specialize=["count", "inner", "C", "span", "parts"])
-def _stats_partial_kernel(x_ptr, pn_ptr, pmean_ptr, pm2_ptr, count, inner, C, span, parts, COMPUTE: tl.constexpr):
-    part, cols, lo, hi = _part(parts, span, count)
+@triton.jit(do_not_specialize=SIZES + ["C", "parts"])
+def _stats_partial_kernel(
+    x_ptr,
+    pn_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    count_hi,
+    count_lo,
+    inner_hi,
+    inner_lo,
+    C,
+    span_hi,
+    span_lo,
+    parts,
+    COMPUTE: tl.constexpr,
+):
+    count, inner = i64(count_hi, count_lo), i64(inner_hi, inner_lo)
+    part, cols, lo, hi = _part(parts, i64(span_hi, span_lo), count)
     n = tl.zeros([COLS], dtype=tl.float64)
     mean = tl.zeros([COLS], dtype=tl.float64)
     m2 = tl.zeros([COLS], dtype=tl.float64)
@@ -183,7 +202,7 @@ def _sum_combine_kernel(p1_ptr, p2_ptr, s1_ptr, s2_ptr, C, parts):
 
 
 # ---- forward, elementwise ------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["rows", "cols", "C", "act", "p_hi", "p_lo", "has_r"])
+@triton.jit(do_not_specialize=VIEW + ["C", "act", "p_hi", "p_lo", "has_r"])
 def _elemt_kernel(
     x_ptr,
     r_ptr,
@@ -191,8 +210,10 @@ def _elemt_kernel(
     center_ptr,
     scale_ptr,
     shift_ptr,
-    rows,
-    cols,
+    rows_hi,
+    rows_lo,
+    cols_hi,
+    cols_lo,
     C,
     act,
     p_hi,
@@ -201,7 +222,7 @@ def _elemt_kernel(
     COMPUTE: tl.constexpr,
     LAST: tl.constexpr,
 ):
-    offs, m, c = _elemt_tile(rows, cols, C, LAST)
+    offs, m, c = _elemt_tile(i64(rows_hi, rows_lo), i64(cols_hi, cols_lo), C, LAST)
     p = f64(p_hi, p_lo).to(COMPUTE)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(COMPUTE)
     cm = c < C  # (columns past the channels, LAST)
@@ -215,11 +236,9 @@ def _elemt_kernel(
 
 # ---- backward ------------------------------------------------------------------------------------
 @triton.jit(
-    do_not_specialize=[
-        "count",
-        "inner",
+    do_not_specialize=SIZES
+    + [
         "C",
-        "span",
         "parts",
         "act",
         "p_hi",
@@ -238,10 +257,13 @@ def _bwd_reduce_partial_kernel(
     center_ptr,
     p1_ptr,
     p2_ptr,
-    count,
-    inner,
+    count_hi,
+    count_lo,
+    inner_hi,
+    inner_lo,
     C,
-    span,
+    span_hi,
+    span_lo,
     parts,
     act,
     p_hi,
@@ -251,7 +273,8 @@ def _bwd_reduce_partial_kernel(
     write_dr,
     COMPUTE: tl.constexpr,
 ):
-    part, cols, lo, hi = _part(parts, span, count)
+    count, inner = i64(count_hi, count_lo), i64(inner_hi, inner_lo)
+    part, cols, lo, hi = _part(parts, i64(span_hi, span_lo), count)
     cm = cols < C
     p = f64(p_hi, p_lo).to(COMPUTE)
     cen = tl.load(center_ptr + cols, mask=cm, other=0.0)
@@ -269,7 +292,7 @@ def _bwd_reduce_partial_kernel(
     tl.store(p2_ptr + idx, s2, mask=cm)
 
 
-@triton.jit(do_not_specialize=["rows", "cols", "C", "act", "p_hi", "p_lo", "from_output", "has_r", "training"])
+@triton.jit(do_not_specialize=VIEW + ["C", "act", "p_hi", "p_lo", "from_output", "has_r", "training"])
 def _bwd_elemt_kernel(
     g_ptr,
     x_ptr,
@@ -280,8 +303,10 @@ def _bwd_elemt_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
-    rows,
-    cols,
+    rows_hi,
+    rows_lo,
+    cols_hi,
+    cols_lo,
     C,
     act,
     p_hi,
@@ -292,7 +317,7 @@ def _bwd_elemt_kernel(
     COMPUTE: tl.constexpr,
     LAST: tl.constexpr,
 ):
-    offs, m, c = _elemt_tile(rows, cols, C, LAST)
+    offs, m, c = _elemt_tile(i64(rows_hi, rows_lo), i64(cols_hi, cols_lo), C, LAST)
     p = f64(p_hi, p_lo).to(COMPUTE)
     cm = c < C  # (columns past the channels, LAST)
     cen = tl.load(center_ptr + c, mask=cm, other=0.0)
@@ -359,7 +384,16 @@ def stats(x, mean, var, outer, channels, inner):
     pn, pmean, pm2 = (torch.empty(parts * channels, **opts) for _ in range(3))
     compute = compute_dtype(x.dtype)
     _stats_partial_kernel[(parts * triton.cdiv(channels, COLS.value),)](
-        x, pn, pmean, pm2, count, inner, channels, span, parts, COMPUTE=compute
+        x,
+        pn,
+        pmean,
+        pm2,
+        *i64_halves(count),
+        *i64_halves(inner),
+        channels,
+        *i64_halves(span),
+        parts,
+        COMPUTE=compute,
     )
     _stats_combine_kernel[(triton.cdiv(channels, COMBINE_COLS.value),)](pn, pmean, pm2, mean, var, channels, parts)
 
@@ -376,8 +410,8 @@ def elemt(x, residual, out, center, scale, shift, outer, channels, inner, activa
         center,
         scale,
         shift,
-        rows,
-        cols,
+        *i64_halves(rows),
+        *i64_halves(cols),
         channels,
         _act(activation),
         hi,
@@ -419,10 +453,10 @@ def bwd_reduce(
         center,
         p1,
         p2,
-        outer * inner,
-        inner,
+        *i64_halves(outer * inner),
+        *i64_halves(inner),
         channels,
-        span,
+        *i64_halves(span),
         parts,
         _act(activation),
         hi,
@@ -452,8 +486,8 @@ def bwd_elemt(
         a,
         b if b is not None else a,
         c if c is not None else a,
-        rows,
-        cols,
+        *i64_halves(rows),
+        *i64_halves(cols),
         channels,
         _act(activation),
         hi,
@@ -467,52 +501,30 @@ def bwd_elemt(
 
 
 # ---- ahead-of-time variants ----------------------------------------------------------------------
-# Sizes are never specialised: each is i32 or i64 by its value; channels and parts always fit i32.
-# Forms of (count, inner, span) with inner, span <= count; of the elementwise view's (rows, cols):
-# channels as columns (LAST, cols = channels: i32), or planes as rows and inner as columns.
-REDUCE_FORMS = (
-    ("i32", "i32", "i32"),
-    ("i64", "i32", "i32"),
-    ("i64", "i64", "i32"),
-    ("i64", "i32", "i64"),
-    ("i64", "i64", "i64"),
-)
-ELEMENTWISE_FORMS = (
-    (True, "i32", "i32"),
-    (True, "i64", "i32"),
-    (False, "i32", "i32"),
-    (False, "i64", "i32"),
-    (False, "i32", "i64"),
-    (False, "i64", "i64"),
-)
-
-
 def aot_variants():
     """Every specialisation the launchers above can launch, for ahead-of-time compilation (tools/triton_aot.py):
-    (label, jit function, signature {runtime argument: Triton type}, constexprs {name: value})."""
+    (label, jit function, signature {runtime argument: Triton type}, constexprs {name: value}). Sizes
+    are int32 halves and channels and parts fit int32: one variant per dtype (and view) whatever the sizes."""
     variants = []
-    flags = ("act", "p_hi", "p_lo", "has_r")
     for ty, compute in DTYPES.values():
         acc = "fp64" if ty == "fp64" else "fp32"
-        for count, inner, span in REDUCE_FORMS:
-            sizes = {"count": count, "inner": inner, "C": "i32", "span": span, "parts": "i32"}
-            form = f"{count},{inner},{span}"
-            sig = {"x_ptr": f"*{ty}"} | {k: "*fp64" for k in ("pn_ptr", "pmean_ptr", "pm2_ptr")} | sizes
-            variants.append((f"stats_partial[{ty},{form}]", _stats_partial_kernel, sig, {"COMPUTE": compute}))
-            sig = {k: f"*{ty}" for k in ("g_ptr", "x_ptr", "y_ptr", "r_ptr", "dr_ptr")}
-            sig |= {"center_ptr": f"*{acc}", "p1_ptr": "*fp64", "p2_ptr": "*fp64"} | sizes
-            sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "from_output", "has_r", "write_dr")}
-            variants.append((f"bwd_reduce_partial[{ty},{form}]", _bwd_reduce_partial_kernel, sig, {"COMPUTE": compute}))
-        for last, rows, cols in ELEMENTWISE_FORMS:
-            sizes = {"rows": rows, "cols": cols, "C": "i32"}
+        sizes = {k: "i32" for k in SIZES[:4]} | {"C": "i32"} | {k: "i32" for k in SIZES[4:]} | {"parts": "i32"}
+        sig = {"x_ptr": f"*{ty}"} | {k: "*fp64" for k in ("pn_ptr", "pmean_ptr", "pm2_ptr")} | sizes
+        variants.append((f"stats_partial[{ty}]", _stats_partial_kernel, sig, {"COMPUTE": compute}))
+        sig = {k: f"*{ty}" for k in ("g_ptr", "x_ptr", "y_ptr", "r_ptr", "dr_ptr")}
+        sig |= {"center_ptr": f"*{acc}", "p1_ptr": "*fp64", "p2_ptr": "*fp64"} | sizes
+        sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "from_output", "has_r", "write_dr")}
+        variants.append((f"bwd_reduce_partial[{ty}]", _bwd_reduce_partial_kernel, sig, {"COMPUTE": compute}))
+        view = {k: "i32" for k in VIEW} | {"C": "i32"}
+        for last in (True, False):
             consts = {"COMPUTE": compute, "LAST": last}
-            form = f"{ty},{'last' if last else 'planes'},{rows},{cols}"
+            form = f"{ty},{'last' if last else 'planes'}"
             sig = {k: f"*{ty}" for k in ("x_ptr", "r_ptr", "out_ptr")}
-            sig |= {k: f"*{acc}" for k in ("center_ptr", "scale_ptr", "shift_ptr")} | sizes
-            sig |= {k: "i32" for k in flags}
+            sig |= {k: f"*{acc}" for k in ("center_ptr", "scale_ptr", "shift_ptr")} | view
+            sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "has_r")}
             variants.append((f"elemt[{form}]", _elemt_kernel, sig, consts))
             sig = {k: f"*{ty}" for k in ("g_ptr", "x_ptr", "y_ptr", "r_ptr", "out_ptr")}
-            sig |= {k: f"*{acc}" for k in ("center_ptr", "a_ptr", "b_ptr", "c_ptr")} | sizes
+            sig |= {k: f"*{acc}" for k in ("center_ptr", "a_ptr", "b_ptr", "c_ptr")} | view
             sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "from_output", "has_r", "training")}
             variants.append((f"bwd_elemt[{form}]", _bwd_elemt_kernel, sig, consts))
     for acc in ("fp32", "fp64"):
