@@ -9,6 +9,7 @@ from here and from no other family.
   elu and as act.h does; kernels/activation.py's relu, leaky_relu and elu kernels run the same
   functions;
 - device_table: launch tables uploaded to the device once per value set (kernels/_upload.py);
+- two_waves: how many programs fill an H100 twice at a kernel's occupancy (the launch plans' target);
 - the forms of a size argument in aot_variants().
 
 Every global a kernel reads is a tl.constexpr (compiled Triton refuses plain module globals).
@@ -206,6 +207,30 @@ def device_table(values, dtype, device):
     return upload(
         _TABLES, _TABLES_LOCK, MAX_CACHED_TABLES, (dtype, values), lambda: torch.tensor(values, dtype=dtype), device
     )
+
+
+# ---- launch sizes for a GPU ---------------------------------------------------------------------------
+# An H100 (SXM): what bounds the programs resident on one SM.
+H100_SMS = 132
+SM_REGISTERS = 65536
+SM_WARPS = 64
+SM_BLOCKS = 32
+SM_SHARED = 228 * 1024
+
+
+def resident(registers, num_warps=4, shared=0):
+    """Programs of `num_warps` warps, `registers` registers per thread and `shared` bytes of shared memory
+    resident on one H100 SM at once (registers are allocated per warp in units of 256)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = (SM_REGISTERS // per_warp) // num_warps
+    by_shared = SM_SHARED // (shared + 1024) if shared else SM_BLOCKS  # (1 KB per block reserved)
+    return max(1, min(by_registers, SM_WARPS // num_warps, SM_BLOCKS, by_shared))
+
+
+def two_waves(registers, num_warps=4, shared=0, sms=H100_SMS):
+    """The programs that fill an H100 twice over at the occupancy those resources allow: a launch over a
+    large tensor gets at least this many where its shape allows, so that no SM idles through the tail."""
+    return 2 * sms * resident(registers, num_warps, shared)
 
 
 # ---- ahead-of-time variants -------------------------------------------------------------------------

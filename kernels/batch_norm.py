@@ -27,7 +27,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, DTYPES, act_fwd, act_grad, act_inv, compute_dtype, f64, f64_halves, i64, i64_halves
+from ._common import (
+    ACTIVATIONS,
+    DTYPES,
+    act_fwd,
+    act_grad,
+    act_inv,
+    compute_dtype,
+    f64,
+    f64_halves,
+    i64,
+    i64_halves,
+    two_waves,
+)
 
 # Elementwise tile: TILE_R rows x TILE_C columns of the [rows, cols] view (_view).
 TILE_R: tl.constexpr = tl.constexpr(32)
@@ -37,12 +49,13 @@ ROWS: tl.constexpr = tl.constexpr(128)
 COLS: tl.constexpr = tl.constexpr(8)
 # Channels per program of the combine kernels.
 COMBINE_COLS: tl.constexpr = tl.constexpr(128)
-# How a channel's positions are split (split()): enough (part, channel block) programs for PROGRAMS,
-# 2 waves on an H100's 132 SMs at 2 resident programs each (4 warps, float64 accumulators: ~2 fit
-# by registers); a part has at least MIN_SPAN positions (a few tiles: less and the partials cost more
-# than they save) and at most MAX_SPAN, and a channel at most MAX_PARTS parts.
-PROGRAMS = 2 * 2 * 132
-MIN_SPAN = 512
+# How a channel's positions are split (split()): enough (part, channel block) programs for PROGRAMS, 2
+# waves on an H100 at the reductions' occupancy: their registers per thread on sm_90 (tools/triton_aot.py
+# reports them) are 62 (_stats_partial_kernel, every dtype) and 96 (_bwd_reduce_partial_kernel, float32),
+# so 8 and 5 programs of 4 warps are resident per SM; the fewer registers need the more programs. A part
+# is at least MIN_SPAN positions (one tile) and at most MAX_SPAN, a channel at most MAX_PARTS parts.
+PROGRAMS = two_waves(62)
+MIN_SPAN = 128
 MAX_SPAN = 16384
 MAX_PARTS = 1024
 # Sizes travel as int32 halves (kernels/_common.py's i64_halves), never specialised: one compiled kernel
@@ -334,9 +347,10 @@ def _bwd_elemt_kernel(
 def split(outer, channels, inner, programs=None, min_span=None, max_span=None, max_parts=None):
     """(parts, span): a channel's count = outer * inner positions cut into parts of span positions (a
     whole number of ROWS tiles), from the shape alone (so the reduction order, and the bits, are the
-    same on every run and every GPU). Enough parts that parts x channel blocks reaches `programs`,
-    each part at least `min_span` and at most `max_span` positions, at most `max_parts` parts; the
-    defaults are the module's PROGRAMS, MIN_SPAN, MAX_SPAN and MAX_PARTS (tests pass small ones)."""
+    same on every run and every GPU). Enough parts that parts x channel blocks reaches `programs` where
+    the count allows, each part at least `min_span` and (but for the last) `max_span` positions, at
+    most `max_parts` parts; the defaults are the module's PROGRAMS, MIN_SPAN, MAX_SPAN and MAX_PARTS
+    (tests pass others)."""
     programs = PROGRAMS if programs is None else programs
     min_span = MIN_SPAN if min_span is None else min_span
     max_span = MAX_SPAN if max_span is None else max_span
@@ -344,10 +358,13 @@ def split(outer, channels, inner, programs=None, min_span=None, max_span=None, m
     count = outer * inner
     if count == 0:
         return 1, 0
+    rows = ROWS.value
     blocks = max(1, triton.cdiv(channels, COLS.value))
-    parts = max(triton.cdiv(programs, blocks), triton.cdiv(count, max_span))
-    parts = max(1, min(parts, max_parts, count // min_span))
-    span = triton.cdiv(triton.cdiv(count, parts), ROWS.value) * ROWS.value
+    want = max(triton.cdiv(programs, blocks), triton.cdiv(count, max_span))
+    # the longest span of whole tiles that still gives `want` parts (rounding down: at least as many)
+    span = max(min_span, rows, count // want // rows * rows)
+    if triton.cdiv(count, span) > max_parts:
+        span = triton.cdiv(triton.cdiv(count, max_parts), rows) * rows
     return triton.cdiv(count, span), span
 
 

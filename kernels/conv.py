@@ -43,6 +43,7 @@ from ._common import (
     f64_bits,
     leaky_relu_passes,
     relu_passes,
+    two_waves,
 )
 
 # table slots
@@ -75,17 +76,20 @@ T_CHUNK: tl.constexpr = tl.constexpr(28)
 DOT_BLOCKS = (32, 32, 32)
 F64_BLOCKS = (32, 16, 16)
 DW_BLOCK: tl.constexpr = tl.constexpr(256)
-MASK_BYTES: tl.constexpr = tl.constexpr(128)
+MASK_BYTES: tl.constexpr = tl.constexpr(32)  # (256 elements: ~20 registers, 16 programs resident per SM)
 # The depthwise weight gradient's tile: positions x taps (a 3x3 kernel's 9 taps in one tile).
 DW_P: tl.constexpr = tl.constexpr(128)
 DW_T: tl.constexpr = tl.constexpr(16)
 # Elements per program of the splits' combine.
 COMBINE_BLOCK: tl.constexpr = tl.constexpr(1024)
 # The weight gradient's split of N * OH * OW (wgrad_split()): enough (split, tile) programs for
-# PROGRAMS (2 waves on an H100's 132 SMs at 2 resident programs each), a split at least MIN_STEPS
-# steps of its tile's positions, at most MAX_SPLITS splits (the partials: MAX_SPLITS weight gradients).
-PROGRAMS = 2 * 2 * 132
-MIN_STEPS = 8
+# PROGRAMS, 2 waves on an H100 at the weight gradients' occupancy (on sm_90, tools/triton_aot.py's
+# report: 168 to 208 registers per thread for _conv_bwd_weight_kernel, 168 to 254 for
+# _dw_bwd_weight_kernel, so 2 or 3 programs of 4 warps resident per SM; the fewer registers need the
+# more programs), a split at least MIN_STEPS steps of its tile's positions, at most MAX_SPLITS splits
+# (the partials: MAX_SPLITS weight gradients).
+PROGRAMS = two_waves(168)
+MIN_STEPS = 4
 MAX_SPLITS = 128
 
 
@@ -463,15 +467,18 @@ def wgrad_split(positions, tiles, step, programs=None, min_steps=None, max_split
     """(splits, chunk): the weight gradient's N * OH * OW = `positions` cut into splits of chunk
     positions (a whole number of `step`-position steps), from the shape alone (the same order, and
     bits, on every run and GPU): enough that splits x `tiles` (the programs of one split) reaches
-    `programs`, a split at least `min_steps` steps, at most `max_splits` splits. The defaults are the
-    module's PROGRAMS, MIN_STEPS and MAX_SPLITS (tests pass small ones)."""
+    `programs` where the positions allow, a split at least `min_steps` steps, at most `max_splits`
+    splits. The defaults are the module's PROGRAMS, MIN_STEPS and MAX_SPLITS (tests pass others)."""
     programs = PROGRAMS if programs is None else programs
     min_steps = MIN_STEPS if min_steps is None else min_steps
     max_splits = MAX_SPLITS if max_splits is None else max_splits
     if positions == 0:
         return 1, 0
-    splits = max(1, min(triton.cdiv(programs, max(tiles, 1)), max_splits, positions // (min_steps * step)))
-    chunk = triton.cdiv(triton.cdiv(positions, splits), step) * step
+    want = triton.cdiv(programs, max(tiles, 1))
+    # the longest chunk of whole steps that still gives `want` splits (rounding down: at least as many)
+    chunk = max(min_steps * step, step, positions // want // step * step)
+    if triton.cdiv(positions, chunk) > max_splits:
+        chunk = triton.cdiv(triton.cdiv(positions, max_splits), step) * step
     return triton.cdiv(positions, chunk), chunk
 
 

@@ -8,6 +8,9 @@ non-overlapping and dense with identical strides and are walked in memory order.
 Reductions are deterministic: each program sums its block into partials[program] (float32, float64
 for float64) and one program then adds the partials in a fixed order. Half types compute in float32,
 float64 stays float64; runtime scalars travel as float64 bit halves (kernels/_common.py's f64_halves).
+
+Cross entropy runs ROWS rows of a CBLOCK-class step per program, the tile from the class count
+(ce_tile(); plan() gives the launch from the shape): many rows of few classes share a program.
 """
 
 import torch
@@ -22,8 +25,11 @@ RBLOCK: tl.constexpr = tl.constexpr(1024)
 # Cross entropy tiles (ce_tile()): (classes per step, rows per program), 1024 lanes but the widest;
 # rows past the widest step loop over their classes. Four, so that few classes (10-21: classification
 # heads, segmentation over N * H * W rows) do not run mostly masked lanes and the variants stay few.
-# (A vocabulary of 32,000 over 256 rows gets 256 programs, under 2 waves: splitting a row's softmax
-# over programs would need a third pass; the rows there are long enough to keep each program busy.)
+# Not 2 waves everywhere: a row of more than 2048 classes is one program, so 256 rows of a 32,000-word
+# vocabulary launch 256 programs, under half a wave at this kernel's 4-5 resident programs per SM (~100
+# to 150 registers). Two waves there need a row split over programs (maxima and sums per (row, part),
+# a per-row combine, the gradient per (row, part): two more launches); language-model batches have
+# sequences x tokens rows (256 x 1024 = 262,144), far past 2 waves without it.
 CE_TILES = ((16, 64), (32, 32), (128, 8), (2048, 1))
 
 KIND_L1: tl.constexpr = tl.constexpr(0)

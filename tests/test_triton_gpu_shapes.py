@@ -21,6 +21,7 @@ import pyops.functional as PF  # noqa: E402
 import pyops.kernels.batch_norm as BN  # noqa: E402
 import pyops.kernels.conv as CV  # noqa: E402
 import pyops.kernels.loss as LS  # noqa: E402
+from pyops.kernels._common import resident, two_waves  # noqa: E402
 from pyops.testing.oracle import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,6 +51,15 @@ def _conv_shape(n, c, h, w, k, kh, kw, stride=1, padding=0, dilation=1, groups=1
 
 
 # ---- the plans at the README's shapes (nothing launched) ---------------------------------------------
+def test_resident_programs_follow_registers_warps_and_shared_memory():
+    """Programs resident per H100 SM: 64K registers allocated per warp in units of 256 (62 registers take
+    64), 64 warps, 32 blocks, 228 KB of shared memory."""
+    assert resident(62) == 8 and resident(64) == 8 and resident(65) == 7
+    assert resident(168) == 3 and resident(255) == 2 and resident(20) == 16 and resident(20, num_warps=1) == 32
+    assert resident(32, shared=100 * 1024) == 2
+    assert two_waves(62) == 2 * 132 * 8
+
+
 BN_SHAPES = {  # (outer, channels, inner)
     "(32,64,56,56) NCHW": (32, 64, 56 * 56),
     "(32,64,56,56) channels_last": (32 * 56 * 56, 64, 1),
@@ -60,14 +70,16 @@ BN_SHAPES = {  # (outer, channels, inner)
 
 @pytest.mark.parametrize("name", list(BN_SHAPES))
 def test_batch_norm_plan_reaches_two_waves(name):
-    """Every batch_norm launch over the README's shapes (> 1M elements) has >= 2 H100 waves of programs:
-    the statistics and backward reductions (56 and 128 programs before they split positions too)."""
+    """Every batch_norm launch over the README's shapes (> 1M elements) has >= 2 H100 waves of programs,
+    the reductions at the occupancy their registers allow (2112 programs: 8 resident per SM; 56 and 128
+    programs before they split positions too)."""
     outer, channels, inner = BN_SHAPES[name]
     assert outer * channels * inner >= LARGE
     plan = BN.plan(outer, channels, inner)
-    for launcher in ("stats", "elemt", "bwd_reduce", "bwd_elemt"):
+    assert BN.PROGRAMS == two_waves(62) > TWO_WAVES
+    for launcher, want in [("stats", BN.PROGRAMS), ("elemt", 0), ("bwd_reduce", BN.PROGRAMS), ("bwd_elemt", 0)]:
         kernel, grid = plan[launcher][0]  # the pass over the data (the combines read C x parts floats)
-        assert _programs(grid) >= TWO_WAVES, f"{name} {kernel.fn.__name__}: {grid[0]} programs"
+        assert _programs(grid) >= max(TWO_WAVES, want), f"{name} {kernel.fn.__name__}: {grid[0]} programs"
     parts, span = BN.split(outer, channels, inner)
     assert parts * span >= outer * inner > (parts - 1) * span and span % BN.ROWS.value == 0
 
@@ -112,9 +124,12 @@ def test_conv_plan_reaches_two_waves(name, dtype):
     depthwise = name.startswith("depthwise")
     want = CV._dw_bwd_weight_kernel if depthwise else CV._conv_bwd_weight_kernel
     assert plan["conv2d_bwd_weight"][0][0] is want
+    assert _programs(plan["conv2d_bwd_weight"][0][1]) >= CV.PROGRAMS == two_waves(168)  # 3 resident per SM
     for launcher in ("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_mask"):
         kernel, grid = plan[launcher][0]
         assert _programs(grid) >= TWO_WAVES, f"{name} {kernel.fn.__name__}: {grid[0]} programs"
+    # the mask (about 20 registers: 16 programs resident per SM) too
+    assert _programs(plan["conv2d_mask"][0][1]) >= two_waves(20)
 
 
 def test_conv_grids_use_x_only():
@@ -136,7 +151,8 @@ def test_conv_wgrad_split_is_a_pure_function_of_the_shape():
     assert CV.wgrad_split(100, 36, 32) == (1, 128)  # too few positions to split
     splits, chunk = CV.wgrad_split(100352, 36, 32)
     assert splits * 36 >= TWO_WAVES and chunk % 32 == 0 and (splits - 1) * chunk < 100352 <= splits * chunk
-    assert CV.wgrad_split(162, 10, 32, programs=10**6, min_steps=1) == (3, 64)
+    assert CV.wgrad_split(162, 10, 32, programs=10**6, min_steps=1) == (6, 32)
+    assert CV.wgrad_split(162, 10, 32, programs=20, min_steps=1) == (3, 64)
     assert CV.wgrad_split(10**9, 1, 32)[0] == CV.MAX_SPLITS
 
 
