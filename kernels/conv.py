@@ -15,6 +15,7 @@ kernels/_common.py's (codes and math).
   multiplier): a program computes BLOCK positions of one output plane, tap by tap.
 - _conv_bwd_input_kernel: implicit GEMM over (n, ih, iw) x input channels of the group, reducing over
   Kg * KH * KW; taps that no output position reaches (strides) load zero. No atomics.
+- _dw_bwd_input_kernel: its direct twin for one input channel per group (depthwise), as _dw_fwd_kernel.
 - _conv_bwd_weight_kernel: implicit GEMM over output channels x (c, kh, kw), split over N * OH * OW
   (split-K): program (split, tile) reduces its split's chunk of positions into partials[split], the
   bias gradient beside it; _wgrad_combine_kernel adds the splits in split order (deterministic, no
@@ -308,6 +309,42 @@ def _conv_bwd_input_kernel(
     tl.store(dst, acc.to(gi_ptr.dtype.element_ty), mask=in_m[:, None] & in_c[None, :])
 
 
+@triton.jit
+def _dw_bwd_input_kernel(g_ptr, w_ptr, gi_ptr, t, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    """The input gradient of one input channel per group (depthwise): a program computes BLOCK positions
+    of one input plane, output channel by output channel of its group and tap by tap (a tl.dot tile
+    over the group's single channel would be 1/32 valid)."""
+    N, C, H, W, K, KH, KW, OH, OW = _shape(t)
+    sh, sw, ph, pw, dh, dw, G = _geometry(t)
+    gs0, gs1, gs2, gs3 = _strides(t, T_A)
+    is0, is1, is2, is3 = _strides(t, T_B)
+    blocks = tl.cdiv(H * W, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // blocks  # (n, c), the blocks of one input plane neighbours in x
+    n = plane // C
+    c = (plane % C).to(tl.int32)
+    offs = (pid - plane * blocks).to(tl.int32) * BLOCK + tl.arange(0, BLOCK)
+    ih = offs // W
+    iw = offs % W
+    inside = offs < H * W
+    Kg = K // G
+    acc = tl.zeros((BLOCK,), dtype=COMPUTE)
+    for kl in range(0, Kg):
+        k = c * Kg + kl
+        for kh in range(0, KH):
+            th = ih + ph - kh * dh
+            thc = tl.maximum(th, 0)
+            oh = thc // sh
+            for kw in range(0, KW):
+                tw = iw + pw - kw * dw
+                twc = tl.maximum(tw, 0)
+                ow = twc // sw
+                m = inside & (th >= 0) & (tw >= 0) & (thc % sh == 0) & (twc % sw == 0) & (oh < OH) & (ow < OW)
+                v = tl.load(g_ptr + n * gs0 + k * gs1 + oh * gs2 + ow * gs3, mask=m, other=0.0).to(COMPUTE)
+                acc += v * tl.load(w_ptr + (k.to(tl.int64) * KH + kh) * KW + kw).to(COMPUTE)
+    tl.store(gi_ptr + n * is0 + c * is1 + ih * is2 + iw * is3, acc.to(gi_ptr.dtype.element_ty), mask=inside)
+
+
 # ---- weight and bias gradients ----------------------------------------------------------------------
 @triton.jit
 def _split_of(t, M):
@@ -513,11 +550,15 @@ def plan(shape, dtype=torch.float32, **split_args):
         fwd = (_dw_fwd_kernel, (N * K * triton.cdiv(OH * OW, DW_BLOCK.value),))
     else:
         fwd = (_conv_fwd_kernel, (triton.cdiv(N * OH * OW, bm) * triton.cdiv(K // G, bn) * G,))
+    if _depthwise(shape):
+        bwd_input = (_dw_bwd_input_kernel, (N * C * triton.cdiv(H * W, DW_BLOCK.value),))
+    else:
+        bwd_input = (_conv_bwd_input_kernel, (triton.cdiv(N * H * W, bm) * triton.cdiv(C // G, bn) * G,))
     kernel, _, splits, _, programs = _wgrad_plan(shape, dtype, **split_args)
     weights = K * (C // G) * shape[T_KH] * shape[T_KW]
     return {
         "conv2d_fwd": [fwd],
-        "conv2d_bwd_input": [(_conv_bwd_input_kernel, (triton.cdiv(N * H * W, bm) * triton.cdiv(C // G, bn) * G,))],
+        "conv2d_bwd_input": [bwd_input],
         "conv2d_bwd_weight": [
             (kernel, (programs,)),
             (_wgrad_combine_kernel, (triton.cdiv(weights + K, COMBINE_BLOCK.value),)),
@@ -552,6 +593,10 @@ def conv2d_bwd_input(grad_out, w, grad_in, shape):
     """grad_in = the transpose of the convolution applied to grad_out."""
     G, C, H, W = shape[T_G], shape[T_C], shape[T_H], shape[T_W]
     t = _table(shape, grad_out, grad_in)
+    if _depthwise(shape):
+        grid = (shape[T_N] * C * triton.cdiv(H * W, DW_BLOCK.value),)
+        _dw_bwd_input_kernel[grid](grad_out, w, grad_in, t, BLOCK=DW_BLOCK, COMPUTE=compute_dtype(w.dtype))
+        return
     bm, bn, _ = _blocks(w.dtype)
     grid = (triton.cdiv(shape[T_N] * H * W, bm) * triton.cdiv(C // G, bn) * G,)
     _conv_bwd_input_kernel[grid](grad_out, w, grad_in, t, **_consts(w.dtype))
@@ -600,6 +645,12 @@ def aot_variants():
             ),
             (f"dw_fwd[{ty}]", _dw_fwd_kernel, {"x_ptr": p, "w_ptr": p, "b_ptr": p, "out_ptr": p, "t": "*i64"}, direct),
             (f"conv_bwd_input[{ty}]", _conv_bwd_input_kernel, {"g_ptr": p, "w_ptr": p, "gi_ptr": p, "t": "*i64"}, gemm),
+            (
+                f"dw_bwd_input[{ty}]",
+                _dw_bwd_input_kernel,
+                {"g_ptr": p, "w_ptr": p, "gi_ptr": p, "t": "*i64"},
+                {"COMPUTE": compute, "BLOCK": DW_BLOCK.value},
+            ),
             (
                 f"conv_bwd_weight[{ty}]",
                 _conv_bwd_weight_kernel,

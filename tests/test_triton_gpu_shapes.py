@@ -377,8 +377,8 @@ CONV_FORMS = {  # x shape, weight shape, keyword arguments
 @pytest.mark.parametrize("dtype,form,layout", list(_cases(CONV_FORMS, [t for t in DTYPES if t != torch.float64])))
 def test_conv_split_weight_gradient_against_oracle(forced_split, dtype, form, layout):
     """The weight gradient split over N * OH * OW into several partials added in split order (dense,
-    grouped: tl.dot tiles; depthwise, a 5x5 kernel's 25 taps in two tap tiles: the elementwise kernel),
-    against the float64 oracle, the same bits run to run."""
+    grouped: tl.dot tiles; depthwise, a 5x5 kernel's 25 taps in two tap tiles: the elementwise kernel,
+    and the direct input gradient), against the float64 oracle, the same bits run to run."""
     xs, ws, kwargs = CONV_FORMS[form]
     gen = torch.Generator().manual_seed(2)
     x = _layout(torch.randn(xs, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE), layout)
@@ -400,6 +400,11 @@ def test_conv_split_weight_gradient_against_oracle(forced_split, dtype, form, la
         CV._dw_bwd_weight_kernel if form.startswith("depthwise") else CV._conv_bwd_weight_kernel
     )
     assert CV.plan(CV_shape(x, w, kwargs), dtype)["wgrad_splits"] > 1
+    # depthwise: the direct kernels throughout (no tl.dot tile of one valid channel in 32)
+    direct = {CV._dw_fwd_kernel, CV._dw_bwd_input_kernel, CV._dw_bwd_weight_kernel}
+    gemm = {CV._conv_fwd_kernel, CV._conv_bwd_input_kernel, CV._conv_bwd_weight_kernel}
+    used = {la.kernel for la in launches}
+    assert used & (direct | gemm) == (direct if form.startswith("depthwise") else gemm)
     wide = [t.detach().double().requires_grad_() for t in (x, w, b)]
     want = TF.conv2d(*wide, **kwargs)
     grads64 = torch.autograd.grad(want, wide, g.double())
