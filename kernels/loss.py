@@ -22,15 +22,16 @@ from ._common import DTYPES, INT_FORMS, compute_dtype, f64, f64_halves, i64, i64
 # Elements per program of the elementwise kernels, and partials read per step of the final sum.
 BLOCK: tl.constexpr = tl.constexpr(1024)
 RBLOCK: tl.constexpr = tl.constexpr(1024)
-# Cross entropy tiles (ce_tile()): (classes per step, rows per program), 1024 lanes but the widest;
-# rows past the widest step loop over their classes. Four, so that few classes (10-21: classification
-# heads, segmentation over N * H * W rows) do not run mostly masked lanes and the variants stay few.
+# Cross entropy tiles (ce_tile()): (classes per step, rows per program), 1024 lanes (512 for 128
+# classes: 8 rows of them spilled registers; 2048 for the widest); rows past the widest step loop over
+# their classes. Four, so that few classes (10-21: classification heads, segmentation over N * H * W
+# rows) do not run mostly masked lanes and the variants stay few.
 # Not 2 waves everywhere: a row of more than 2048 classes is one program, so 256 rows of a 32,000-word
 # vocabulary launch 256 programs, under half a wave at this kernel's 4-5 resident programs per SM (~100
 # to 150 registers). Two waves there need a row split over programs (maxima and sums per (row, part),
 # a per-row combine, the gradient per (row, part): two more launches); language-model batches have
 # sequences x tokens rows (256 x 1024 = 262,144), far past 2 waves without it.
-CE_TILES = ((16, 64), (32, 32), (128, 8), (2048, 1))
+CE_TILES = ((16, 64), (32, 32), (128, 4), (2048, 1))
 
 KIND_L1: tl.constexpr = tl.constexpr(0)
 KIND_MSE: tl.constexpr = tl.constexpr(1)

@@ -422,7 +422,7 @@ def CV_shape(x, w, kwargs):
     )
 
 
-CE_FORMS = {  # rows, classes: 2 programs of 64 rows (the second part full), 32 rows, 8 rows, one row
+CE_FORMS = {  # rows, classes: 2 programs of 64 rows (the second part full), 32 rows, 4 rows, one row
     "70x10": (70, 10),
     "40x21": (40, 21),
     "11x100": (11, 100),
