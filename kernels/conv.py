@@ -554,7 +554,7 @@ def plan(shape, dtype=torch.float32, **split_args):
         bwd_input = (_dw_bwd_input_kernel, (N * C * triton.cdiv(H * W, DW_BLOCK.value),))
     else:
         bwd_input = (_conv_bwd_input_kernel, (triton.cdiv(N * H * W, bm) * triton.cdiv(C // G, bn) * G,))
-    kernel, _, splits, _, programs = _wgrad_plan(shape, dtype, **split_args)
+    kernel, _, _, _, programs = _wgrad_plan(shape, dtype, **split_args)
     weights = K * (C // G) * shape[T_KH] * shape[T_KW]
     return {
         "conv2d_fwd": [fwd],
@@ -564,8 +564,12 @@ def plan(shape, dtype=torch.float32, **split_args):
             (_wgrad_combine_kernel, (triton.cdiv(weights + K, COMBINE_BLOCK.value),)),
         ],
         "conv2d_mask": [(_conv_mask_kernel, (triton.cdiv(triton.cdiv(N * K * OH * OW, 8), MASK_BYTES.value),))],
-        "wgrad_splits": splits,
     }
+
+
+def wgrad_splits(shape, dtype=torch.float32, **split_args):
+    """The splits of N * OH * OW the weight gradient of a ConvShape takes (1: not split)."""
+    return _wgrad_plan(shape, dtype, **split_args)[2]
 
 
 # ---- launchers ------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_conv_plan_reaches_two_waves(name, dtype):
     gradient splits N * OH * OW (36 and 64 programs before), depthwise on its own kernel."""
     shape = CONV_SHAPES[name]
     plan = CV.plan(shape, dtype)
-    assert plan["wgrad_splits"] > 1
+    assert CV.wgrad_splits(shape, dtype) > 1
     depthwise = name.startswith("depthwise")
     want = CV._dw_bwd_weight_kernel if depthwise else CV._conv_bwd_weight_kernel
     assert plan["conv2d_bwd_weight"][0][0] is want
@@ -140,10 +140,9 @@ def test_conv_grids_use_x_only():
         _conv_shape(1, 1, 5000, 5000, 1, 3, 3, padding=1),
         _conv_shape(1, 2, 5000, 5000, 2, 3, 3, padding=1, groups=2),
     ]:
-        for name, launches in CV.plan(shape).items():
-            if name != "wgrad_splits":
-                for _, grid in launches:
-                    _programs(grid)
+        for launches in CV.plan(shape).values():
+            for _, grid in launches:
+                _programs(grid)
 
 
 def test_conv_wgrad_split_is_a_pure_function_of_the_shape():
@@ -399,7 +398,7 @@ def test_conv_split_weight_gradient_against_oracle(forced_split, dtype, form, la
     assert partial[0].kernel is (
         CV._dw_bwd_weight_kernel if form.startswith("depthwise") else CV._conv_bwd_weight_kernel
     )
-    assert CV.plan(CV_shape(x, w, kwargs), dtype)["wgrad_splits"] > 1
+    assert CV.wgrad_splits(CV_shape(x, w, kwargs), dtype) > 1
     # depthwise: the direct kernels throughout (no tl.dot tile of one valid channel in 32)
     direct = {CV._dw_fwd_kernel, CV._dw_bwd_input_kernel, CV._dw_bwd_weight_kernel}
     gemm = {CV._conv_fwd_kernel, CV._conv_bwd_input_kernel, CV._conv_bwd_weight_kernel}
