@@ -14,8 +14,9 @@ parts depends on the shape only (split(): enough programs for 2 waves on an H100
 per-tile two-pass (tile mean, then squared deviations from it) merged with Chan's formula.
 
 The elementwise kernels walk TILE_R x TILE_C tiles of a 2-d view whose rows or columns carry the
-channel, so that no element pays a division: [outer, C] for channels_last (inner == 1; the channel is
-the column) and [outer * C, inner] otherwise (the channel is the row modulo C, once per row). plan()
+channel, so that no element pays a division: [outer, C * inner] where inner is small (channels_last:
+inner 1; the channel is the column // inner, once per column) and [outer * C, inner] otherwise (the
+channel is the row modulo C, once per row). plan()
 gives every launcher's grids as a pure function of the shape.
 
 The activation (kernels/_common.py's codes and math), its parameter and the optional operands are
@@ -88,11 +89,12 @@ def _dz_v(g_ptr, x_ptr, y_ptr, r_ptr, offs, mask, need_v, cen, act, p, from_outp
 
 
 @triton.jit
-def _elemt_tile(rows, cols, C, LAST: tl.constexpr):
-    """Offsets, mask and channels of this program's TILE_R x TILE_C tile of the [rows, cols] view: the
-    channel is the column (LAST: [outer, C]) or the row's plane modulo C ([outer * C, inner]), one
-    division per row, none per element. The tile index comes from the program id, column blocks
-    fastest (neighbouring programs read neighbouring memory)."""
+def _elemt_tile(rows, cols, step, LAST: tl.constexpr):
+    """Offsets, mask, channels and their mask of this program's TILE_R x TILE_C tile of the [rows, cols]
+    view: LAST, [outer, C * inner] with inner < TILE_C (channels_last: inner 1), the channel is the
+    column // step (= inner); else [outer * C, inner], the row % step (= C). One division per row or
+    column, none per element. The tile comes from the program id, column blocks fastest (neighbouring
+    programs read neighbouring memory)."""
     pid = tl.program_id(0).to(tl.int64)
     col_blocks = tl.cdiv(cols, TILE_C).to(tl.int64)
     rb = pid // col_blocks
@@ -101,10 +103,12 @@ def _elemt_tile(rows, cols, C, LAST: tl.constexpr):
     offs = r[:, None] * cols + j[None, :]
     mask = (r < rows)[:, None] & (j < cols)[None, :]
     if LAST:
-        c = j[None, :]
+        c = (j // step)[None, :]
+        cmask = (j < cols)[None, :]
     else:
-        c = (r % C)[:, None]
-    return offs, mask, c
+        c = (r % step)[:, None]
+        cmask = c >= 0
+    return offs, mask, c, cmask
 
 
 # ---- statistics ----------------------------------------------------------------------------------
@@ -215,7 +219,7 @@ def _sum_combine_kernel(p1_ptr, p2_ptr, s1_ptr, s2_ptr, C, parts):
 
 
 # ---- forward, elementwise ------------------------------------------------------------------------
-@triton.jit(do_not_specialize=VIEW + ["C", "act", "p_hi", "p_lo", "has_r"])
+@triton.jit(do_not_specialize=VIEW + ["step", "act", "p_hi", "p_lo", "has_r"])
 def _elemt_kernel(
     x_ptr,
     r_ptr,
@@ -227,7 +231,7 @@ def _elemt_kernel(
     rows_lo,
     cols_hi,
     cols_lo,
-    C,
+    step,
     act,
     p_hi,
     p_lo,
@@ -235,10 +239,9 @@ def _elemt_kernel(
     COMPUTE: tl.constexpr,
     LAST: tl.constexpr,
 ):
-    offs, m, c = _elemt_tile(i64(rows_hi, rows_lo), i64(cols_hi, cols_lo), C, LAST)
+    offs, m, c, cm = _elemt_tile(i64(rows_hi, rows_lo), i64(cols_hi, cols_lo), step, LAST)
     p = f64(p_hi, p_lo).to(COMPUTE)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(COMPUTE)
-    cm = c < C  # (columns past the channels, LAST)
     cen = tl.load(center_ptr + c, mask=cm, other=0.0)
     scale = tl.load(scale_ptr + c, mask=cm, other=0.0)
     shift = tl.load(shift_ptr + c, mask=cm, other=0.0)
@@ -305,7 +308,7 @@ def _bwd_reduce_partial_kernel(
     tl.store(p2_ptr + idx, s2, mask=cm)
 
 
-@triton.jit(do_not_specialize=VIEW + ["C", "act", "p_hi", "p_lo", "from_output", "has_r", "training"])
+@triton.jit(do_not_specialize=VIEW + ["step", "act", "p_hi", "p_lo", "from_output", "has_r", "training"])
 def _bwd_elemt_kernel(
     g_ptr,
     x_ptr,
@@ -320,7 +323,7 @@ def _bwd_elemt_kernel(
     rows_lo,
     cols_hi,
     cols_lo,
-    C,
+    step,
     act,
     p_hi,
     p_lo,
@@ -330,9 +333,8 @@ def _bwd_elemt_kernel(
     COMPUTE: tl.constexpr,
     LAST: tl.constexpr,
 ):
-    offs, m, c = _elemt_tile(i64(rows_hi, rows_lo), i64(cols_hi, cols_lo), C, LAST)
+    offs, m, c, cm = _elemt_tile(i64(rows_hi, rows_lo), i64(cols_hi, cols_lo), step, LAST)
     p = f64(p_hi, p_lo).to(COMPUTE)
-    cm = c < C  # (columns past the channels, LAST)
     cen = tl.load(center_ptr + c, mask=cm, other=0.0)
     ca = tl.load(a_ptr + c, mask=cm, other=0.0)
     cb = tl.load(b_ptr + c, mask=cm & (training != 0), other=0.0)
@@ -369,10 +371,12 @@ def split(outer, channels, inner, programs=None, min_span=None, max_span=None, m
 
 
 def _view(outer, channels, inner):
-    """The elementwise kernels' [rows, cols] view and whether channels are its columns (channels_last)."""
-    if inner == 1:
-        return outer, channels, True
-    return outer * channels, inner, False
+    """The elementwise kernels' (rows, cols, step, LAST) view: [outer, C * inner] with the channel the
+    column // inner where inner is under a tile's width (channels_last: inner 1), else [outer * C, inner]
+    with the channel the row % C (either way few of a tile's lanes fall past the view's edge)."""
+    if inner < TILE_C.value:
+        return outer, channels * inner, inner, True
+    return outer * channels, inner, channels, False
 
 
 def plan(outer, channels, inner, **split_args):
@@ -381,7 +385,7 @@ def plan(outer, channels, inner, **split_args):
     parts, _ = split(outer, channels, inner, **split_args)
     reduce = (parts * triton.cdiv(channels, COLS.value),)
     combine = (triton.cdiv(channels, COMBINE_COLS.value),)
-    rows, cols, _ = _view(outer, channels, inner)
+    rows, cols, _, _ = _view(outer, channels, inner)
     tiles = (triton.cdiv(rows, TILE_R.value) * triton.cdiv(cols, TILE_C.value),)
     return {
         "stats": [(_stats_partial_kernel, reduce), (_stats_combine_kernel, combine)],
@@ -416,7 +420,7 @@ def stats(x, mean, var, outer, channels, inner):
 
 
 def elemt(x, residual, out, center, scale, shift, outer, channels, inner, activation, param):
-    rows, cols, last = _view(outer, channels, inner)
+    rows, cols, step, last = _view(outer, channels, inner)
     if rows * cols == 0:
         return
     hi, lo = f64_halves(param)
@@ -429,7 +433,7 @@ def elemt(x, residual, out, center, scale, shift, outer, channels, inner, activa
         shift,
         *i64_halves(rows),
         *i64_halves(cols),
-        channels,
+        step,
         _act(activation),
         hi,
         lo,
@@ -489,7 +493,7 @@ def bwd_reduce(
 def bwd_elemt(
     grad, input, output, residual, center, a, b, c, grad_input, outer, channels, inner, activation, param, from_output
 ):
-    rows, cols, last = _view(outer, channels, inner)
+    rows, cols, step, last = _view(outer, channels, inner)
     if rows * cols == 0:
         return
     hi, lo = f64_halves(param)
@@ -505,7 +509,7 @@ def bwd_elemt(
         c if c is not None else a,
         *i64_halves(rows),
         *i64_halves(cols),
-        channels,
+        step,
         _act(activation),
         hi,
         lo,
@@ -532,7 +536,7 @@ def aot_variants():
         sig |= {"center_ptr": f"*{acc}", "p1_ptr": "*fp64", "p2_ptr": "*fp64"} | sizes
         sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "from_output", "has_r", "write_dr")}
         variants.append((f"bwd_reduce_partial[{ty}]", _bwd_reduce_partial_kernel, sig, {"COMPUTE": compute}))
-        view = {k: "i32" for k in VIEW} | {"C": "i32"}
+        view = {k: "i32" for k in VIEW} | {"step": "i32"}
         for last in (True, False):
             consts = {"COMPUTE": compute, "LAST": last}
             form = f"{ty},{'last' if last else 'planes'}"

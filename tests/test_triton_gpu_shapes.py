@@ -184,7 +184,7 @@ def _planned(plan):
 
 
 def test_batch_norm_launches_are_the_plan():
-    for outer, channels, inner in [(3, 5, 300), (600, 5, 1), (2**33, 3, 1)]:
+    for outer, channels, inner in [(3, 5, 300), (600, 5, 1), (7, 5, 4), (2**33, 3, 1)]:
         x = torch.empty(outer * channels * inner, device="meta")
         c = torch.empty(channels, device="meta")
         plan = BN.plan(outer, channels, inner)
@@ -308,14 +308,17 @@ INTERPRETED_FULL = DTYPES if DEVICE == "cuda" else [torch.float64]
 
 
 @runs_here
-@pytest.mark.parametrize("dtype,form,layout", list(_cases(BN_FORMS, INTERPRETED_FULL)))
+@pytest.mark.parametrize(
+    "dtype,form,layout", list(_cases(BN_FORMS, INTERPRETED_FULL, ("contiguous", "channels_last", "short-rows")))
+)
 def test_batch_norm_split_reductions_against_oracle(forced_split, dtype, form, layout):
-    """A batch norm whose channels split into 3 parts (NCHW: 280 positions over 5 images; channels_last:
-    the same positions as rows), values and gradients against the float64 oracle, the same bits run
+    """A batch norm whose channels split into 3 parts (280 positions: 5 images of 56, or as rows in
+    channels_last, or 70 rows of 4), values and gradients against the float64 oracle, the same bits run
     to run."""
     training, activation, kwargs, residual, memory_efficient = BN_FORMS[form]
     side = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    shape = (5, 3, 7, 8)
+    # short-rows: (N, C, L) with L under a tile's width, the elementwise kernels' [N, C * L] view
+    shape = (70, 3, 4) if layout == "short-rows" else (5, 3, 7, 8)
     gen = torch.Generator().manual_seed(1)
     x = _layout((torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype).to(DEVICE), layout)
     r = _layout(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE), layout)
@@ -355,7 +358,7 @@ def test_batch_norm_split_reductions_against_oracle(forced_split, dtype, form, l
         wide[0], wide[1], wide[2], rm.double(), rv.double(), wide[3] if residual else None, training, activation, kwargs
     )
     grads64 = torch.autograd.grad(y64, wide, g.double())
-    count = shape[0] * shape[2] * shape[3]
+    count = math.prod(shape) // shape[1]
     assert_close(y, y64, dtype, what="output")
     assert y.stride() == x.stride()
     for name, got, want in zip(["input", "weight", "bias", "residual"], grads, grads64):
