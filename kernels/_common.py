@@ -9,6 +9,7 @@ from here and from no other family.
   elu and as act.h does; kernels/activation.py's relu, leaky_relu and elu kernels run the same
   functions;
 - device_table: launch tables uploaded to the device once per value set (kernels/_upload.py);
+- two_waves: how many programs fill an H100 twice at a kernel's occupancy (the launch plans' target);
 - the forms of a size argument in aot_variants().
 
 Every global a kernel reads is a tl.constexpr (compiled Triton refuses plain module globals).
@@ -46,21 +47,32 @@ def f64_bits(v):
     return struct.unpack("<q", struct.pack("<d", float(v)))[0]
 
 
+def i64_halves(v):
+    """A signed 64-bit integer as (high, low) signed 32-bit integers: never specialised, they give one
+    argument type (i32) whatever the value, where an int would be i32 or i64 by value. `i64` rebuilds
+    it in the kernel."""
+    low = v & 0xFFFFFFFF
+    return v >> 32, low - (1 << 32) if low >= 1 << 31 else low
+
+
 def f64_halves(v):
     """v's float64 bit pattern as (high, low) signed 32-bit integers. Compiled Triton passes Python
     floats as float32, which rounds and turns |v| > 3.4e38 into inf; two int32 halves (never
     specialised, so one compiled kernel serves every value) carry any float64 exactly, inf, NaN,
     -0.0 and denormals included. `f64` rebuilds it in the kernel."""
-    bits = f64_bits(v)
-    low = bits & 0xFFFFFFFF
-    return bits >> 32, low - (1 << 32) if low >= 1 << 31 else low
+    return i64_halves(f64_bits(v))
+
+
+@triton.jit
+def i64(hi, lo):
+    """The int64 that i64_halves split into hi and lo."""
+    return (tl.cast(hi, tl.int64) << 32) | tl.cast(tl.cast(lo, tl.uint32, bitcast=True), tl.int64)
 
 
 @triton.jit
 def f64(hi, lo):
     """The float64 whose bit pattern f64_halves split into hi and lo."""
-    bits = (tl.cast(hi, tl.int64) << 32) | tl.cast(tl.cast(lo, tl.uint32, bitcast=True), tl.int64)
-    return tl.cast(bits, tl.float64, bitcast=True)
+    return tl.cast(i64(hi, lo), tl.float64, bitcast=True)
 
 
 # ---- expm1 --------------------------------------------------------------------------------------
@@ -195,6 +207,30 @@ def device_table(values, dtype, device):
     return upload(
         _TABLES, _TABLES_LOCK, MAX_CACHED_TABLES, (dtype, values), lambda: torch.tensor(values, dtype=dtype), device
     )
+
+
+# ---- launch sizes for a GPU ---------------------------------------------------------------------------
+# An H100 (SXM): what bounds the programs resident on one SM.
+H100_SMS = 132
+SM_REGISTERS = 65536
+SM_WARPS = 64
+SM_BLOCKS = 32
+SM_SHARED = 228 * 1024
+
+
+def resident(registers, num_warps=4, shared=0):
+    """Programs of `num_warps` warps, `registers` registers per thread and `shared` bytes of shared memory
+    resident on one H100 SM at once (registers are allocated per warp in units of 256)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = (SM_REGISTERS // per_warp) // num_warps
+    by_shared = SM_SHARED // (shared + 1024) if shared else SM_BLOCKS  # (1 KB per block reserved)
+    return max(1, min(by_registers, SM_WARPS // num_warps, SM_BLOCKS, by_shared))
+
+
+def two_waves(registers, num_warps=4, shared=0, sms=H100_SMS):
+    """The programs that fill an H100 twice over at the occupancy those resources allow: a launch over a
+    large tensor gets at least this many where its shape allows, so that no SM idles through the tail."""
+    return 2 * sms * resident(registers, num_warps, shared)
 
 
 # ---- ahead-of-time variants -------------------------------------------------------------------------

@@ -6,31 +6,63 @@ data is [outer, C, inner] dense: element (o, c, i) at (o * C + c) * inner + i (N
 channels_last as [N * H * W, C, 1]); a channel's M = outer * inner values are its positions q, with
 (o, i) = divmod(q, inner). Per-channel coefficients are dense float32 (float64 for float64 data).
 
-Reductions are split: program (part, channel block) reduces a tile of ROWS positions x COLS channels
-at a time over its span of positions (tile results in the compute dtype, accumulated in float64) and
-writes partial results; a second kernel combines the parts
-of each channel in part order (deterministic, no atomics). The number of parts depends on the shape
-only. Statistics are per-tile two-pass (tile mean, then squared deviations from it) merged with
-Chan's formula. The activation (kernels/_common.py's codes and math), its parameter and the optional
-operands are runtime arguments (one compiled kernel per dtype serves every form); absent tensors are
-masked out of every load.
+Reductions are split over positions as well as channels: program (part, channel block), both folded
+into grid x, reduces a tile of ROWS positions x COLS channels at a time over its span of positions
+(tile results in the compute dtype, accumulated in float64) and writes partial results; a second
+kernel combines the parts of each channel in part order (deterministic, no atomics). The number of
+parts depends on the shape only (split(): enough programs for 2 waves on an H100). Statistics are
+per-tile two-pass (tile mean, then squared deviations from it) merged with Chan's formula.
+
+The elementwise kernels walk TILE_R x TILE_C tiles of a 2-d view whose rows or columns carry the
+channel, so that no element pays a division: [outer, C * inner] where inner is small (channels_last:
+inner 1; the channel is the column // inner, once per column) and [outer * C, inner] otherwise (the
+channel is the row modulo C, once per row). plan()
+gives every launcher's grids as a pure function of the shape.
+
+The activation (kernels/_common.py's codes and math), its parameter and the optional operands are
+runtime arguments (one compiled kernel per dtype serves every form); absent tensors are masked out of
+every load.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, DTYPES, act_fwd, act_grad, act_inv, compute_dtype, f64, f64_halves
+from ._common import (
+    ACTIVATIONS,
+    DTYPES,
+    act_fwd,
+    act_grad,
+    act_inv,
+    compute_dtype,
+    f64,
+    f64_halves,
+    i64,
+    i64_halves,
+    two_waves,
+)
 
-# Elementwise elements per program; reduction tile (positions x channels).
-BLOCK: tl.constexpr = tl.constexpr(1024)
+# Elementwise tile: TILE_R rows x TILE_C columns of the [rows, cols] view (_view).
+TILE_R: tl.constexpr = tl.constexpr(32)
+TILE_C: tl.constexpr = tl.constexpr(32)
+# Reduction tile (positions x channels).
 ROWS: tl.constexpr = tl.constexpr(128)
 COLS: tl.constexpr = tl.constexpr(8)
 # Channels per program of the combine kernels.
 COMBINE_COLS: tl.constexpr = tl.constexpr(128)
-# Positions of a channel per reduction program (at least), and parts of a channel at most.
-SPAN = 16384
+# How a channel's positions are split (split()): enough (part, channel block) programs for PROGRAMS, 2
+# waves on an H100 at the reductions' occupancy: their registers per thread on sm_90 (tools/triton_aot.py
+# reports them) are 62 (_stats_partial_kernel, every dtype) and 96 (_bwd_reduce_partial_kernel, float32),
+# so 8 and 5 programs of 4 warps are resident per SM; the fewer registers need the more programs. A part
+# is at least MIN_SPAN positions (one tile) and at most MAX_SPAN, a channel at most MAX_PARTS parts.
+PROGRAMS = two_waves(62)
+MIN_SPAN = 128
+MAX_SPAN = 16384
 MAX_PARTS = 1024
+# Sizes travel as int32 halves (kernels/_common.py's i64_halves), never specialised: one compiled kernel
+# per dtype (and view) serves every size, past int32 included.
+SIZES = ["count_hi", "count_lo", "inner_hi", "inner_lo", "span_hi", "span_lo"]
+VIEW = ["rows_hi", "rows_lo", "cols_hi", "cols_lo"]
 
 
 def _act(name):
@@ -43,15 +75,40 @@ def _act(name):
 
 
 @triton.jit
-def _dz_v(g_ptr, x_ptr, y_ptr, r_ptr, offs, mask, cen, act, p, from_output, has_r, COMPUTE: tl.constexpr):
-    """dz = g act'(y) and v = x - center, or act^-1(y) - r - center from the output."""
+def _dz_v(g_ptr, x_ptr, y_ptr, r_ptr, offs, mask, need_v, cen, act, p, from_output, has_r, COMPUTE: tl.constexpr):
+    """dz = g act'(y) and, where need_v, v = x - center, or act^-1(y) - r - center from the output; each
+    operand loaded once, and only where it is used."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    y = tl.load(y_ptr + offs, mask=mask & ((act != 0) | (from_output != 0)), other=0.0).to(COMPUTE)
-    x = tl.load(x_ptr + offs, mask=mask & (from_output == 0), other=0.0).to(COMPUTE)
-    r = tl.load(r_ptr + offs, mask=mask & (has_r != 0) & (from_output != 0), other=0.0).to(COMPUTE)
+    need_y = (act != 0) | ((from_output != 0) & (need_v != 0))
+    y = tl.load(y_ptr + offs, mask=mask & need_y, other=0.0).to(COMPUTE)
+    x = tl.load(x_ptr + offs, mask=mask & (need_v != 0) & (from_output == 0), other=0.0).to(COMPUTE)
+    r = tl.load(r_ptr + offs, mask=mask & (need_v != 0) & (has_r != 0) & (from_output != 0), other=0.0).to(COMPUTE)
     dz = act_grad(g, y, act, p)
     v = tl.where(from_output != 0, act_inv(y, act, p) - r, x) - cen
     return dz, v
+
+
+@triton.jit
+def _elemt_tile(rows, cols, step, LAST: tl.constexpr):
+    """Offsets, mask, channels and their mask of this program's TILE_R x TILE_C tile of the [rows, cols]
+    view: LAST, [outer, C * inner] with inner < TILE_C (channels_last: inner 1), the channel is the
+    column // step (= inner); else [outer * C, inner], the row % step (= C). One division per row or
+    column, none per element. The tile comes from the program id, column blocks fastest (neighbouring
+    programs read neighbouring memory)."""
+    pid = tl.program_id(0).to(tl.int64)
+    col_blocks = tl.cdiv(cols, TILE_C).to(tl.int64)
+    rb = pid // col_blocks
+    r = rb * TILE_R + tl.arange(0, TILE_R).to(tl.int64)
+    j = (pid - rb * col_blocks) * TILE_C + tl.arange(0, TILE_C).to(tl.int64)
+    offs = r[:, None] * cols + j[None, :]
+    mask = (r < rows)[:, None] & (j < cols)[None, :]
+    if LAST:
+        c = (j // step)[None, :]
+        cmask = (j < cols)[None, :]
+    else:
+        c = (r % step)[:, None]
+        cmask = c >= 0
+    return offs, mask, c, cmask
 
 
 # ---- statistics ----------------------------------------------------------------------------------
@@ -65,12 +122,37 @@ def _tile(count, inner, C, start, hi, cols):
     return offs, mask
 
 
-@triton.jit(do_not_specialize=["count", "inner", "C", "span"])
-def _stats_partial_kernel(x_ptr, pn_ptr, pmean_ptr, pm2_ptr, count, inner, C, span, COMPUTE: tl.constexpr):
-    part = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS).to(tl.int64)
+@triton.jit
+def _part(parts, span, count):
+    """This program's part, channels and span of positions [lo, hi): the grid is parts x channel
+    blocks folded into x (parts fastest), so no grid dimension but x grows with the shape."""
+    pid = tl.program_id(0).to(tl.int64)
+    cb = pid // parts
+    part = pid - cb * parts
+    cols = cb * COLS + tl.arange(0, COLS).to(tl.int64)
     lo = part * span
     hi = tl.minimum(lo + span, count)
+    return part, cols, lo, hi
+
+
+@triton.jit(do_not_specialize=SIZES + ["C", "parts"])
+def _stats_partial_kernel(
+    x_ptr,
+    pn_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    count_hi,
+    count_lo,
+    inner_hi,
+    inner_lo,
+    C,
+    span_hi,
+    span_lo,
+    parts,
+    COMPUTE: tl.constexpr,
+):
+    count, inner = i64(count_hi, count_lo), i64(inner_hi, inner_lo)
+    part, cols, lo, hi = _part(parts, i64(span_hi, span_lo), count)
     n = tl.zeros([COLS], dtype=tl.float64)
     mean = tl.zeros([COLS], dtype=tl.float64)
     m2 = tl.zeros([COLS], dtype=tl.float64)
@@ -108,7 +190,7 @@ def _stats_combine_kernel(pn_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, part
     n = tl.zeros([COMBINE_COLS], dtype=tl.float64)
     mean = tl.zeros([COMBINE_COLS], dtype=tl.float64)
     m2 = tl.zeros([COMBINE_COLS], dtype=tl.float64)
-    for p in range(0, parts):
+    for p in range(0, parts):  # in part order: the same bits on every run
         idx = p * C + cols
         nb = tl.load(pn_ptr + idx, mask=cm, other=0.0)
         mb = tl.load(pmean_ptr + idx, mask=cm, other=0.0)
@@ -129,7 +211,7 @@ def _sum_combine_kernel(p1_ptr, p2_ptr, s1_ptr, s2_ptr, C, parts):
     cm = cols < C
     s1 = tl.zeros([COMBINE_COLS], dtype=tl.float64)
     s2 = tl.zeros([COMBINE_COLS], dtype=tl.float64)
-    for p in range(0, parts):
+    for p in range(0, parts):  # in part order
         s1 += tl.load(p1_ptr + p * C + cols, mask=cm, other=0.0)
         s2 += tl.load(p2_ptr + p * C + cols, mask=cm, other=0.0)
     tl.store(s1_ptr + cols, s1.to(s1_ptr.dtype.element_ty), mask=cm)
@@ -137,18 +219,32 @@ def _sum_combine_kernel(p1_ptr, p2_ptr, s1_ptr, s2_ptr, C, parts):
 
 
 # ---- forward, elementwise ------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["n", "inner", "C", "act", "p_hi", "p_lo", "has_r"])
+@triton.jit(do_not_specialize=VIEW + ["step", "act", "p_hi", "p_lo", "has_r"])
 def _elemt_kernel(
-    x_ptr, r_ptr, out_ptr, center_ptr, scale_ptr, shift_ptr, n, inner, C, act, p_hi, p_lo, has_r, COMPUTE: tl.constexpr
+    x_ptr,
+    r_ptr,
+    out_ptr,
+    center_ptr,
+    scale_ptr,
+    shift_ptr,
+    rows_hi,
+    rows_lo,
+    cols_hi,
+    cols_lo,
+    step,
+    act,
+    p_hi,
+    p_lo,
+    has_r,
+    COMPUTE: tl.constexpr,
+    LAST: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    m = offs < n
-    c = (offs // inner) % C
+    offs, m, c, cm = _elemt_tile(i64(rows_hi, rows_lo), i64(cols_hi, cols_lo), step, LAST)
     p = f64(p_hi, p_lo).to(COMPUTE)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(COMPUTE)
-    cen = tl.load(center_ptr + c, mask=m, other=0.0)
-    scale = tl.load(scale_ptr + c, mask=m, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=m, other=0.0)
+    cen = tl.load(center_ptr + c, mask=cm, other=0.0)
+    scale = tl.load(scale_ptr + c, mask=cm, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=cm, other=0.0)
     r = tl.load(r_ptr + offs, mask=m & (has_r != 0), other=0.0).to(COMPUTE)
     z = (x - cen) * scale + shift + r
     tl.store(out_ptr + offs, act_fwd(z, act, p).to(out_ptr.dtype.element_ty), mask=m)
@@ -156,7 +252,17 @@ def _elemt_kernel(
 
 # ---- backward ------------------------------------------------------------------------------------
 @triton.jit(
-    do_not_specialize=["count", "inner", "C", "span", "act", "p_hi", "p_lo", "from_output", "has_r", "write_dr"]
+    do_not_specialize=SIZES
+    + [
+        "C",
+        "parts",
+        "act",
+        "p_hi",
+        "p_lo",
+        "from_output",
+        "has_r",
+        "write_dr",
+    ]
 )
 def _bwd_reduce_partial_kernel(
     g_ptr,
@@ -167,10 +273,14 @@ def _bwd_reduce_partial_kernel(
     center_ptr,
     p1_ptr,
     p2_ptr,
-    count,
-    inner,
+    count_hi,
+    count_lo,
+    inner_hi,
+    inner_lo,
     C,
-    span,
+    span_hi,
+    span_lo,
+    parts,
     act,
     p_hi,
     p_lo,
@@ -179,18 +289,16 @@ def _bwd_reduce_partial_kernel(
     write_dr,
     COMPUTE: tl.constexpr,
 ):
-    part = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS).to(tl.int64)
+    count, inner = i64(count_hi, count_lo), i64(inner_hi, inner_lo)
+    part, cols, lo, hi = _part(parts, i64(span_hi, span_lo), count)
     cm = cols < C
     p = f64(p_hi, p_lo).to(COMPUTE)
     cen = tl.load(center_ptr + cols, mask=cm, other=0.0)
-    lo = part * span
-    hi = tl.minimum(lo + span, count)
     s1 = tl.zeros([COLS], dtype=tl.float64)
     s2 = tl.zeros([COLS], dtype=tl.float64)
     for start in range(lo, hi, ROWS):
         offs, mask = _tile(count, inner, C, start, hi, cols)
-        dz, v = _dz_v(g_ptr, x_ptr, y_ptr, r_ptr, offs, mask, cen[None, :], act, p, from_output, has_r, COMPUTE)
+        dz, v = _dz_v(g_ptr, x_ptr, y_ptr, r_ptr, offs, mask, 1, cen[None, :], act, p, from_output, has_r, COMPUTE)
         # tile sums in the compute dtype, added up in float64
         s1 += tl.sum(tl.where(mask, dz, 0.0), axis=0).to(tl.float64)
         s2 += tl.sum(tl.where(mask, dz * v, 0.0), axis=0).to(tl.float64)
@@ -200,7 +308,7 @@ def _bwd_reduce_partial_kernel(
     tl.store(p2_ptr + idx, s2, mask=cm)
 
 
-@triton.jit(do_not_specialize=["n", "inner", "C", "act", "p_hi", "p_lo", "from_output", "has_r", "training"])
+@triton.jit(do_not_specialize=VIEW + ["step", "act", "p_hi", "p_lo", "from_output", "has_r", "training"])
 def _bwd_elemt_kernel(
     g_ptr,
     x_ptr,
@@ -211,9 +319,11 @@ def _bwd_elemt_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
-    n,
-    inner,
-    C,
+    rows_hi,
+    rows_lo,
+    cols_hi,
+    cols_lo,
+    step,
     act,
     p_hi,
     p_lo,
@@ -221,61 +331,115 @@ def _bwd_elemt_kernel(
     has_r,
     training,
     COMPUTE: tl.constexpr,
+    LAST: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    m = offs < n
-    c = (offs // inner) % C
+    offs, m, c, cm = _elemt_tile(i64(rows_hi, rows_lo), i64(cols_hi, cols_lo), step, LAST)
     p = f64(p_hi, p_lo).to(COMPUTE)
-    cen = tl.load(center_ptr + c, mask=m, other=0.0)
-    ca = tl.load(a_ptr + c, mask=m, other=0.0)
-    cb = tl.load(b_ptr + c, mask=m & (training != 0), other=0.0)
-    cc = tl.load(c_ptr + c, mask=m & (training != 0), other=0.0)
-    dz, v = _dz_v(g_ptr, x_ptr, y_ptr, r_ptr, offs, m & (training != 0), cen, act, p, from_output, has_r, COMPUTE)
-    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(COMPUTE)
-    y = tl.load(y_ptr + offs, mask=m & (act != 0), other=0.0).to(COMPUTE)
-    dz_eval = act_grad(g, y, act, p)
-    dx = tl.where(training != 0, ca * dz + cb * v + cc, ca * dz_eval)
+    cen = tl.load(center_ptr + c, mask=cm, other=0.0)
+    ca = tl.load(a_ptr + c, mask=cm, other=0.0)
+    cb = tl.load(b_ptr + c, mask=cm & (training != 0), other=0.0)
+    cc = tl.load(c_ptr + c, mask=cm & (training != 0), other=0.0)
+    # g and y once: dz serves training (with v) and evaluation (dx = a dz) alike
+    dz, v = _dz_v(g_ptr, x_ptr, y_ptr, r_ptr, offs, m, training, cen, act, p, from_output, has_r, COMPUTE)
+    dx = tl.where(training != 0, ca * dz + cb * v + cc, ca * dz)
     tl.store(out_ptr + offs, dx.to(out_ptr.dtype.element_ty), mask=m)
 
 
-# ---- launchers -----------------------------------------------------------------------------------
-def _split(outer, inner):
-    """(parts, span): a channel's positions cut into parts of span, from the shape alone."""
+# ---- launch plans: pure functions of the shape -----------------------------------------------------
+def split(outer, channels, inner, programs=None, min_span=None, max_span=None, max_parts=None):
+    """(parts, span): a channel's count = outer * inner positions cut into parts of span positions (a
+    whole number of ROWS tiles), from the shape alone (so the reduction order, and the bits, are the
+    same on every run and every GPU). Enough parts that parts x channel blocks reaches `programs` where
+    the count allows, each part at least `min_span` and (but for the last) `max_span` positions, at
+    most `max_parts` parts; the defaults are the module's PROGRAMS, MIN_SPAN, MAX_SPAN and MAX_PARTS
+    (tests pass others)."""
+    programs = PROGRAMS if programs is None else programs
+    min_span = MIN_SPAN if min_span is None else min_span
+    max_span = MAX_SPAN if max_span is None else max_span
+    max_parts = MAX_PARTS if max_parts is None else max_parts
     count = outer * inner
-    parts = max(1, min(MAX_PARTS, triton.cdiv(count, SPAN)))
-    return parts, triton.cdiv(count, parts)
+    if count == 0:
+        return 1, 0
+    rows = ROWS.value
+    blocks = max(1, triton.cdiv(channels, COLS.value))
+    want = max(triton.cdiv(programs, blocks), triton.cdiv(count, max_span))
+    # the longest span of whole tiles that still gives `want` parts (rounding down: at least as many)
+    span = max(min_span, rows, count // want // rows * rows)
+    if triton.cdiv(count, span) > max_parts:
+        span = triton.cdiv(triton.cdiv(count, max_parts), rows) * rows
+    return triton.cdiv(count, span), span
 
 
+def _view(outer, channels, inner):
+    """The elementwise kernels' (rows, cols, step, LAST) view: [outer, C * inner] with the channel the
+    column // inner where inner is under a tile's width (channels_last: inner 1), else [outer * C, inner]
+    with the channel the row % C (either way few of a tile's lanes fall past the view's edge)."""
+    if inner < TILE_C.value:
+        return outer, channels * inner, inner, True
+    return outer * channels, inner, channels, False
+
+
+def plan(outer, channels, inner, **split_args):
+    """Each launcher's launches for data [outer, channels, inner]: {launcher: [(kernel, grid)]}, the
+    grids as the launchers compute them (no launch; split_args as split()'s)."""
+    parts, _ = split(outer, channels, inner, **split_args)
+    reduce = (parts * triton.cdiv(channels, COLS.value),)
+    combine = (triton.cdiv(channels, COMBINE_COLS.value),)
+    rows, cols, _, _ = _view(outer, channels, inner)
+    tiles = (triton.cdiv(rows, TILE_R.value) * triton.cdiv(cols, TILE_C.value),)
+    return {
+        "stats": [(_stats_partial_kernel, reduce), (_stats_combine_kernel, combine)],
+        "elemt": [(_elemt_kernel, tiles)],
+        "bwd_reduce": [(_bwd_reduce_partial_kernel, reduce), (_sum_combine_kernel, combine)],
+        "bwd_elemt": [(_bwd_elemt_kernel, tiles)],
+    }
+
+
+# ---- launchers -----------------------------------------------------------------------------------
 def stats(x, mean, var, outer, channels, inner):
-    parts, span = _split(outer, inner)
+    if channels == 0:
+        return
+    parts, span = split(outer, channels, inner)
     count = outer * inner
     opts = {"dtype": torch.float64, "device": x.device}
     pn, pmean, pm2 = (torch.empty(parts * channels, **opts) for _ in range(3))
     compute = compute_dtype(x.dtype)
-    _stats_partial_kernel[(parts, triton.cdiv(channels, COLS.value))](
-        x, pn, pmean, pm2, count, inner, channels, span, COMPUTE=compute
+    _stats_partial_kernel[(parts * triton.cdiv(channels, COLS.value),)](
+        x,
+        pn,
+        pmean,
+        pm2,
+        *i64_halves(count),
+        *i64_halves(inner),
+        channels,
+        *i64_halves(span),
+        parts,
+        COMPUTE=compute,
     )
     _stats_combine_kernel[(triton.cdiv(channels, COMBINE_COLS.value),)](pn, pmean, pm2, mean, var, channels, parts)
 
 
 def elemt(x, residual, out, center, scale, shift, outer, channels, inner, activation, param):
-    n = x.numel()
+    rows, cols, step, last = _view(outer, channels, inner)
+    if rows * cols == 0:
+        return
     hi, lo = f64_halves(param)
-    _elemt_kernel[(triton.cdiv(n, BLOCK.value),)](
+    _elemt_kernel[(triton.cdiv(rows, TILE_R.value) * triton.cdiv(cols, TILE_C.value),)](
         x,
         residual if residual is not None else x,
         out,
         center,
         scale,
         shift,
-        n,
-        inner,
-        channels,
+        *i64_halves(rows),
+        *i64_halves(cols),
+        step,
         _act(activation),
         hi,
         lo,
         int(residual is not None),
         COMPUTE=compute_dtype(x.dtype),
+        LAST=last,
     )
 
 
@@ -295,11 +459,13 @@ def bwd_reduce(
     param,
     from_output,
 ):
-    parts, span = _split(outer, inner)
+    if channels == 0:
+        return
+    parts, span = split(outer, channels, inner)
     opts = {"dtype": torch.float64, "device": grad.device}
     p1, p2 = (torch.empty(parts * channels, **opts) for _ in range(2))
     hi, lo = f64_halves(param)
-    _bwd_reduce_partial_kernel[(parts, triton.cdiv(channels, COLS.value))](
+    _bwd_reduce_partial_kernel[(parts * triton.cdiv(channels, COLS.value),)](
         grad,
         input if input is not None else grad,
         output if output is not None else grad,
@@ -308,10 +474,11 @@ def bwd_reduce(
         center,
         p1,
         p2,
-        outer * inner,
-        inner,
+        *i64_halves(outer * inner),
+        *i64_halves(inner),
         channels,
-        span,
+        *i64_halves(span),
+        parts,
         _act(activation),
         hi,
         lo,
@@ -326,9 +493,11 @@ def bwd_reduce(
 def bwd_elemt(
     grad, input, output, residual, center, a, b, c, grad_input, outer, channels, inner, activation, param, from_output
 ):
-    n = grad.numel()
+    rows, cols, step, last = _view(outer, channels, inner)
+    if rows * cols == 0:
+        return
     hi, lo = f64_halves(param)
-    _bwd_elemt_kernel[(triton.cdiv(n, BLOCK.value),)](
+    _bwd_elemt_kernel[(triton.cdiv(rows, TILE_R.value) * triton.cdiv(cols, TILE_C.value),)](
         grad,
         input if input is not None else grad,
         output if output is not None else grad,
@@ -338,9 +507,9 @@ def bwd_elemt(
         a,
         b if b is not None else a,
         c if c is not None else a,
-        n,
-        inner,
-        channels,
+        *i64_halves(rows),
+        *i64_halves(cols),
+        step,
         _act(activation),
         hi,
         lo,
@@ -348,48 +517,37 @@ def bwd_elemt(
         int(residual is not None),
         int(b is not None),
         COMPUTE=compute_dtype(grad.dtype),
+        LAST=last,
     )
 
 
 # ---- ahead-of-time variants ----------------------------------------------------------------------
-# Sizes are never specialised: each is i32 or i64 by its value; channels and parts always fit i32.
-# Forms of (count, inner, span) with inner, span <= count, and of (n, inner) with inner <= n.
-REDUCE_FORMS = (
-    ("i32", "i32", "i32"),
-    ("i64", "i32", "i32"),
-    ("i64", "i64", "i32"),
-    ("i64", "i32", "i64"),
-    ("i64", "i64", "i64"),
-)
-ELEMENTWISE_FORMS = (("i32", "i32"), ("i64", "i32"), ("i64", "i64"))
-
-
 def aot_variants():
     """Every specialisation the launchers above can launch, for ahead-of-time compilation (tools/triton_aot.py):
-    (label, jit function, signature {runtime argument: Triton type}, constexprs {name: value})."""
+    (label, jit function, signature {runtime argument: Triton type}, constexprs {name: value}). Sizes
+    are int32 halves and channels and parts fit int32: one variant per dtype (and view) whatever the sizes."""
     variants = []
-    flags = ("act", "p_hi", "p_lo", "has_r")
     for ty, compute in DTYPES.values():
         acc = "fp64" if ty == "fp64" else "fp32"
-        for count, inner, span in REDUCE_FORMS:
-            sizes = {"count": count, "inner": inner, "C": "i32", "span": span}
-            form = f"{count},{inner},{span}"
-            sig = {"x_ptr": f"*{ty}"} | {k: "*fp64" for k in ("pn_ptr", "pmean_ptr", "pm2_ptr")} | sizes
-            variants.append((f"stats_partial[{ty},{form}]", _stats_partial_kernel, sig, {"COMPUTE": compute}))
-            sig = {k: f"*{ty}" for k in ("g_ptr", "x_ptr", "y_ptr", "r_ptr", "dr_ptr")}
-            sig |= {"center_ptr": f"*{acc}", "p1_ptr": "*fp64", "p2_ptr": "*fp64"} | sizes
-            sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "from_output", "has_r", "write_dr")}
-            variants.append((f"bwd_reduce_partial[{ty},{form}]", _bwd_reduce_partial_kernel, sig, {"COMPUTE": compute}))
-        for n, inner in ELEMENTWISE_FORMS:
-            sizes = {"n": n, "inner": inner, "C": "i32"}
+        sizes = {k: "i32" for k in SIZES[:4]} | {"C": "i32"} | {k: "i32" for k in SIZES[4:]} | {"parts": "i32"}
+        sig = {"x_ptr": f"*{ty}"} | {k: "*fp64" for k in ("pn_ptr", "pmean_ptr", "pm2_ptr")} | sizes
+        variants.append((f"stats_partial[{ty}]", _stats_partial_kernel, sig, {"COMPUTE": compute}))
+        sig = {k: f"*{ty}" for k in ("g_ptr", "x_ptr", "y_ptr", "r_ptr", "dr_ptr")}
+        sig |= {"center_ptr": f"*{acc}", "p1_ptr": "*fp64", "p2_ptr": "*fp64"} | sizes
+        sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "from_output", "has_r", "write_dr")}
+        variants.append((f"bwd_reduce_partial[{ty}]", _bwd_reduce_partial_kernel, sig, {"COMPUTE": compute}))
+        view = {k: "i32" for k in VIEW} | {"step": "i32"}
+        for last in (True, False):
+            consts = {"COMPUTE": compute, "LAST": last}
+            form = f"{ty},{'last' if last else 'planes'}"
             sig = {k: f"*{ty}" for k in ("x_ptr", "r_ptr", "out_ptr")}
-            sig |= {k: f"*{acc}" for k in ("center_ptr", "scale_ptr", "shift_ptr")} | sizes
-            sig |= {k: "i32" for k in flags}
-            variants.append((f"elemt[{ty},{n},{inner}]", _elemt_kernel, sig, {"COMPUTE": compute}))
+            sig |= {k: f"*{acc}" for k in ("center_ptr", "scale_ptr", "shift_ptr")} | view
+            sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "has_r")}
+            variants.append((f"elemt[{form}]", _elemt_kernel, sig, consts))
             sig = {k: f"*{ty}" for k in ("g_ptr", "x_ptr", "y_ptr", "r_ptr", "out_ptr")}
-            sig |= {k: f"*{acc}" for k in ("center_ptr", "a_ptr", "b_ptr", "c_ptr")} | sizes
+            sig |= {k: f"*{acc}" for k in ("center_ptr", "a_ptr", "b_ptr", "c_ptr")} | view
             sig |= {k: "i32" for k in ("act", "p_hi", "p_lo", "from_output", "has_r", "training")}
-            variants.append((f"bwd_elemt[{ty},{n},{inner}]", _bwd_elemt_kernel, sig, {"COMPUTE": compute}))
+            variants.append((f"bwd_elemt[{form}]", _bwd_elemt_kernel, sig, consts))
     for acc in ("fp32", "fp64"):
         sig = {k: "*fp64" for k in ("pn_ptr", "pmean_ptr", "pm2_ptr")}
         sig |= {"mean_ptr": f"*{acc}", "var_ptr": f"*{acc}", "C": "i32", "parts": "i32"}

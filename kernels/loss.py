@@ -8,21 +8,30 @@ non-overlapping and dense with identical strides and are walked in memory order.
 Reductions are deterministic: each program sums its block into partials[program] (float32, float64
 for float64) and one program then adds the partials in a fixed order. Half types compute in float32,
 float64 stays float64; runtime scalars travel as float64 bit halves (kernels/_common.py's f64_halves).
+
+Cross entropy runs ROWS rows of a CBLOCK-class step per program, the tile from the class count
+(ce_tile(); plan() gives the launch from the shape): many rows of few classes share a program.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, INT_FORMS, compute_dtype, f64, f64_halves, int_args
+from ._common import DTYPES, INT_FORMS, compute_dtype, f64, f64_halves, i64, i64_halves, int_args
 
 # Elements per program of the elementwise kernels, and partials read per step of the final sum.
 BLOCK: tl.constexpr = tl.constexpr(1024)
 RBLOCK: tl.constexpr = tl.constexpr(1024)
-# Classes per step of a cross entropy row (rows loop over their classes in steps of this many): two
-# sizes, so that small rows do not run mostly masked lanes and the launch variants stay few.
-CBLOCK_SMALL = 128
-CBLOCK_MAX = 2048
+# Cross entropy tiles (ce_tile()): (classes per step, rows per program), 1024 lanes (512 for 128
+# classes: 8 rows of them spilled registers; 2048 for the widest); rows past the widest step loop over
+# their classes. Four, so that few classes (10-21: classification heads, segmentation over N * H * W
+# rows) do not run mostly masked lanes and the variants stay few.
+# Not 2 waves everywhere: a row of more than 2048 classes is one program, so 256 rows of a 32,000-word
+# vocabulary launch 256 programs, under half a wave at this kernel's 4-5 resident programs per SM (~100
+# to 150 registers). Two waves there need a row split over programs (maxima and sums per (row, part),
+# a per-row combine, the gradient per (row, part): two more launches); language-model batches have
+# sequences x tokens rows (256 x 1024 = 262,144), far past 2 waves without it.
+CE_TILES = ((16, 64), (32, 32), (128, 4), (2048, 1))
 
 KIND_L1: tl.constexpr = tl.constexpr(0)
 KIND_MSE: tl.constexpr = tl.constexpr(1)
@@ -160,8 +169,8 @@ def pointwise_reduce(x, target, out, grad, partials, kind, delta, scale):
     _sum_partials_kernel[(1,)](partials, out, blocks, *f64_halves(scale))
 
 
-# ---- softmax cross entropy: one program per row of C classes ----------------------------------------
-@triton.jit(do_not_specialize=["eps_hi", "eps_lo", "ignore_index"])
+# ---- softmax cross entropy: ROWS rows of C classes per program --------------------------------------
+@triton.jit(do_not_specialize=["rows_hi", "rows_lo", "eps_hi", "eps_lo", "ignore_index"])
 def _cross_entropy_kernel(
     x_ptr,
     t_ptr,
@@ -169,6 +178,8 @@ def _cross_entropy_kernel(
     scale_ptr,
     loss_ptr,
     grad_ptr,
+    rows_hi,
+    rows_lo,
     C,
     ignore_index,
     eps_hi,
@@ -177,68 +188,72 @@ def _cross_entropy_kernel(
     PROBS: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     CBLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    live_row = row < i64(rows_hi, rows_lo)
     base = row * C
     cols = tl.arange(0, CBLOCK)
     eps = f64(eps_hi, eps_lo).to(COMPUTE)
     eps_c = eps / C
     keep = 1.0 - eps
     gscale = tl.load(scale_ptr).to(COMPUTE)
-    # pass 1: the row's maximum
-    mv = tl.full([CBLOCK], float("-inf"), COMPUTE)
+    # pass 1: each row's maximum
+    mv = tl.full([ROWS, CBLOCK], float("-inf"), COMPUTE)
     for c0 in range(0, C, CBLOCK):
         c = c0 + cols
-        x = tl.load(x_ptr + base + c, mask=c < C, other=float("-inf")).to(COMPUTE)
+        inb = live_row[:, None] & (c < C)[None, :]
+        x = tl.load(x_ptr + base[:, None] + c[None, :], mask=inb, other=float("-inf")).to(COMPUTE)
         mv = tl.maximum(mv, x)
-    mx = tl.max(mv, axis=0)
+    mx = tl.where(live_row, tl.max(mv, axis=1), 0.0)
     # pass 2: sum exp(x - mx); sum w (x - mx) (smoothing), sum w q', sum w q' (x - mx) (probabilities)
-    sv = tl.zeros([CBLOCK], COMPUTE)
-    av = tl.zeros([CBLOCK], COMPUTE)
-    bv = tl.zeros([CBLOCK], COMPUTE)
+    sv = tl.zeros([ROWS, CBLOCK], COMPUTE)
+    av = tl.zeros([ROWS, CBLOCK], COMPUTE)
+    bv = tl.zeros([ROWS, CBLOCK], COMPUTE)
     wv = tl.zeros([CBLOCK], COMPUTE)
     for c0 in range(0, C, CBLOCK):
         c = c0 + cols
-        inb = c < C
-        xv = tl.load(x_ptr + base + c, mask=inb, other=0.0).to(COMPUTE) - mx
+        inc = c < C
+        inb = live_row[:, None] & inc[None, :]
+        xv = tl.load(x_ptr + base[:, None] + c[None, :], mask=inb, other=0.0).to(COMPUTE) - mx[:, None]
         sv += tl.where(inb, tl.exp(xv), 0.0)
-        w = tl.load(w_ptr + c, mask=inb, other=0.0).to(COMPUTE)
+        w = tl.load(w_ptr + c, mask=inc, other=0.0).to(COMPUTE)
         wv += w
         if PROBS:
-            q = tl.load(t_ptr + base + c, mask=inb, other=0.0).to(COMPUTE)
-            wq = tl.where(inb, (q * keep + eps_c) * w, 0.0)
+            q = tl.load(t_ptr + base[:, None] + c[None, :], mask=inb, other=0.0).to(COMPUTE)
+            wq = tl.where(inb, (q * keep + eps_c) * w[None, :], 0.0)
             av += wq
             bv += wq * xv
         else:
-            av += tl.where(inb, w * xv, 0.0)
-    s = tl.sum(sv, axis=0)
+            av += tl.where(inb, w[None, :] * xv, 0.0)
+    s = tl.where(live_row, tl.sum(sv, axis=1), 1.0)
     logs = tl.log(s)
     if PROBS:
-        sa = tl.sum(av, axis=0)
-        loss = sa * logs - tl.sum(bv, axis=0)
+        sa = tl.sum(av, axis=1)
+        loss = sa * logs - tl.sum(bv, axis=1)
         coef_p = sa
         coef_w = 1.0
         live = 1.0
         tc = -1
         wt = 0.0
     else:
-        t = tl.load(t_ptr + row)
+        t = tl.load(t_ptr + row, mask=live_row, other=ignore_index)
         ignored = t == ignore_index
         # an index out of range (the host side checks CPU targets; a GPU cannot raise without a host
         # synchronisation) reads nothing out of bounds and makes the row's loss and gradient NaN
         bad = ((t < 0) | (t >= C)) & (t != ignore_index)
         tc = tl.where(ignored | bad, 0, t)
         live = tl.where(ignored, 0.0, tl.where(bad, float("nan"), 1.0)).to(COMPUTE)
-        wt = tl.load(w_ptr + tc).to(COMPUTE)
-        xt = tl.load(x_ptr + base + tc).to(COMPUTE) - mx
+        wt = tl.load(w_ptr + tc, mask=live_row, other=0.0).to(COMPUTE)
+        xt = tl.load(x_ptr + base + tc, mask=live_row, other=0.0).to(COMPUTE) - mx
         wsum = tl.sum(wv, axis=0)
         loss = keep * wt * (logs - xt)
         if eps != 0:
-            loss += eps_c * (wsum * logs - tl.sum(av, axis=0))
+            loss += eps_c * (wsum * logs - tl.sum(av, axis=1))
         loss = tl.where(ignored, 0.0, loss * live)
         coef_p = keep * wt + eps_c * wsum
         coef_w = eps_c
-    tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+    tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty), mask=live_row)
     if HAS_GRAD:
         # ignored rows: 0 (the mean's scale is inf when every row is ignored)
         lscale = tl.where(live == 0, 0.0, live * gscale)
@@ -246,20 +261,34 @@ def _cross_entropy_kernel(
         fw = lscale * coef_w
         for c0 in range(0, C, CBLOCK):
             c = c0 + cols
-            inb = c < C
-            xv = tl.load(x_ptr + base + c, mask=inb, other=0.0).to(COMPUTE) - mx
-            w = tl.load(w_ptr + c, mask=inb, other=0.0).to(COMPUTE)
+            inc = c < C
+            inb = live_row[:, None] & inc[None, :]
+            xv = tl.load(x_ptr + base[:, None] + c[None, :], mask=inb, other=0.0).to(COMPUTE) - mx[:, None]
+            w = tl.load(w_ptr + c, mask=inc, other=0.0).to(COMPUTE)[None, :]
             if PROBS:
-                q = tl.load(t_ptr + base + c, mask=inb, other=0.0).to(COMPUTE)
+                q = tl.load(t_ptr + base[:, None] + c[None, :], mask=inb, other=0.0).to(COMPUTE)
                 sub = (q * keep + eps_c) * w * fw
             else:
-                sub = w * fw + tl.where(c == tc, lscale * keep * wt, 0.0)
-            g = tl.exp(xv) * fp - sub
-            tl.store(grad_ptr + base + c, g.to(grad_ptr.dtype.element_ty), mask=inb)
+                sub = w * fw[:, None] + tl.where(c[None, :] == tc[:, None], (lscale * keep * wt)[:, None], 0.0)
+            g = tl.exp(xv) * fp[:, None] - sub
+            tl.store(grad_ptr + base[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=inb)
 
 
-def _cblock(classes):
-    return CBLOCK_SMALL if classes <= CBLOCK_SMALL else CBLOCK_MAX
+def ce_tile(classes):
+    """(CBLOCK, ROWS): classes per step and rows per program of a cross entropy over `classes` classes,
+    the first of CE_TILES whose step holds every class (else the widest step, one row looping over its
+    classes): few classes share a program between many rows rather than idle most lanes."""
+    for cblock, rows in CE_TILES:
+        if classes <= cblock:
+            return cblock, rows
+    return CE_TILES[-1]
+
+
+def plan(rows, classes):
+    """The cross entropy launcher's launch for x (rows, classes): [(kernel, grid)] (no launch)."""
+    if rows == 0 or classes == 0:
+        return []
+    return [(_cross_entropy_kernel, (triton.cdiv(rows, ce_tile(classes)[1]),))]
 
 
 def cross_entropy(x, target, weight, scale, loss_rows, grad, ignore_index, label_smoothing):
@@ -269,20 +298,23 @@ def cross_entropy(x, target, weight, scale, loss_rows, grad, ignore_index, label
     rows, classes = x.shape
     if rows == 0 or classes == 0:
         return
-    _cross_entropy_kernel[(rows,)](
+    cblock, per_program = ce_tile(classes)
+    _cross_entropy_kernel[(triton.cdiv(rows, per_program),)](
         x,
         target,
         weight,
         scale,
         loss_rows,
         grad if grad is not None else x,
+        *i64_halves(rows),
         classes,
         ignore_index,
         *f64_halves(label_smoothing),
         COMPUTE=compute_dtype(x.dtype),
         PROBS=target.is_floating_point(),
         HAS_GRAD=grad is not None,
-        CBLOCK=_cblock(classes),
+        CBLOCK=cblock,
+        ROWS=per_program,
     )
 
 
@@ -320,8 +352,13 @@ def aot_variants():
         wty = "fp64" if torch_dtype == torch.float64 else "fp32"
         for probs in (False, True):
             for has_grad in (False, True):
-                for cblock in (CBLOCK_SMALL, CBLOCK_MAX):
-                    for classes in ("i32", "i32:16", 1):
+                for cblock, rows in CE_TILES:
+                    # a class count 16 divides (hinted: other code, compiled too) in the widest and narrowest
+                    # tiles; one class in the narrowest (the count specialised to the constant 1)
+                    forms = ("i32", "i32:16", 1) if (cblock, rows) == CE_TILES[0] else ("i32",)
+                    if (cblock, rows) == CE_TILES[-1]:
+                        forms = ("i32", "i32:16")
+                    for classes in forms:
                         sig = {
                             "x_ptr": f"*{ty}",
                             "t_ptr": f"*{ty}" if probs else "*i64",
@@ -329,11 +366,15 @@ def aot_variants():
                             "scale_ptr": f"*{wty}",
                             "loss_ptr": f"*{wty}",
                             "grad_ptr": f"*{ty}",
+                            "rows_hi": "i32",
+                            "rows_lo": "i32",
                             "ignore_index": "i32",
                             "eps_hi": "i32",
                             "eps_lo": "i32",
                         }
                         consts = {"COMPUTE": compute, "PROBS": probs, "HAS_GRAD": has_grad, "CBLOCK": cblock}
-                        label = f"cross_entropy[{ty},{probs},{has_grad},{cblock}{int_args(sig, consts, C=classes)}]"
+                        consts["ROWS"] = rows
+                        label = f"cross_entropy[{ty},{probs},{has_grad},{cblock}x{rows}"
+                        label += f"{int_args(sig, consts, C=classes)}]"
                         variants.append((label, _cross_entropy_kernel, sig, consts))
     return variants
