@@ -62,7 +62,7 @@ def waves(launch):
 
 def check_valid(launches):
     for launch in launches:
-        assert set(launch) == {"kernel", "grid", "block", "smem"}, launch
+        assert set(launch) == {"kernel", "grid", "block", "smem", "elements", "why"}, launch
         x, y, z = launch["grid"]
         assert 1 <= x <= MAX_GRID_X and 1 <= y <= MAX_GRID_YZ and 1 <= z <= MAX_GRID_YZ, launch
         assert 1 <= threads(launch) <= 1024 and launch["block"][2] <= 64, launch

@@ -57,6 +57,8 @@ def test_waves_and_verdicts():
     assert not small.under and small.verdict() == "small"
     full = L.Row("c", "fwd", "triton", "k", (2 * 132 * 16, 1, 1), 128, 32, 0, L.LARGE).judge()
     assert full.waves == 2.0 and not full.under and full.verdict() == "ok"
+    full.exempt = "a reason"
+    assert full.verdict() == "ok", "a reason to stay under 2 waves shows only where the launch is under them"
     assert L.Row("c", "fwd", "triton", "k", (2 * 132 * 16 - 1, 1, 1), 128, 32, 0, L.LARGE).judge().under
 
 
@@ -147,7 +149,9 @@ def test_cuda_launch_plan():
     rows, notes = L.cuda_rows()
     assert rows, "_cuda_launch_plan returned no launch for any case"
     for case in L.cases():
-        assert any(r.case == case.name for r in rows), f"{case.name}: no CUDA launch in the plan"
+        # a dense convolution is cuDNN's on CUDA (csrc/cuda/conv_plan.h): no pyops kernel to plan
+        handed_to_cudnn = case.name.startswith("conv2d dense")
+        assert handed_to_cudnn or any(r.case == case.name for r in rows), f"{case.name}: no CUDA launch in the plan"
     unknown = [r for r in rows if r.regs is None and r.under]
     if unknown and len(unknown) == sum(r.under for r in rows):
         pytest.skip(

@@ -370,9 +370,9 @@ class Row:
             return f"CANNOT LAUNCH ({self.limiter})"
         if not self.large:
             return "small"
-        if self.exempt:
-            return f"exempt: {self.exempt}"
-        return f"UNDER {MIN_WAVES:g} WAVES" if self.waves < MIN_WAVES else "ok"
+        if self.waves >= MIN_WAVES:
+            return "ok"
+        return f"exempt: {self.exempt}" if self.exempt else f"UNDER {MIN_WAVES:g} WAVES"
 
 
 def _elements_text(n):
