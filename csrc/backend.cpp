@@ -289,6 +289,9 @@ void autotune_clear() {
 Backend tuned(Op op, const at::Tensor& x, const Facts* facts, Backend fallback, const std::function<at::Tensor()>& run,
               std::initializer_list<const at::Tensor*> inputs) {
   static const Facts none;
+  // a symbolic size makes no key (resolve asks only for a known element count, but not every size
+  // need be known then)
+  if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return fallback;
   const Device device = device_kind(x);
   std::vector<at::Tensor> diff;
   if (at::GradMode::is_enabled())

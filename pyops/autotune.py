@@ -52,7 +52,8 @@ _FORMAT = 1
 _clock = time.perf_counter  # tests swap in a fake clock, which may read _timing
 _timing = None  # the backend being timed (its name), while _tune runs
 _lock = threading.Lock()
-_loaded = False
+_file = None  # the file's sections, read once
+_pushed = set()  # the devices whose section is in the C++ cache
 
 
 class autotune(_DecoratorContextManager):
@@ -64,8 +65,6 @@ class autotune(_DecoratorContextManager):
         self._prev = []
 
     def __enter__(self):
-        if self.enabled:
-            _load()
         self._prev.append(_C._autotune_get())
         _C._autotune_set(1 if self.enabled else 0)
 
@@ -151,26 +150,29 @@ def _read(path):
     return sections
 
 
-def _load():
-    """Read the file once into the C++ cache: the sections of this machine's devices."""
-    global _loaded
+def _load(device):
+    """Put the file's entries for `device` into the C++ cache, once: on its first tuning call (so that
+    importing with PYOPS_AUTOTUNE=1 initialises no GPU)."""
+    global _file
     with _lock:
-        if _loaded:
+        if device in _pushed:
             return
-        _loaded = True
-        sections = _read(cache_path())
-        for device in _devices():
-            for key, backend in sections.get(_section(device), {}).items():
-                _C._autotune_store(f"{device}|{key}", _C.BACKENDS.index(backend))
+        _pushed.add(device)
+        if _file is None:
+            _file = _read(cache_path())
+        for key, backend in _file.get(_section(device), {}).items():
+            _C._autotune_store(f"{device}|{key}", _C.BACKENDS.index(backend))
 
 
 def _save(full_key, backend):
     """Add one entry to the file (read again first: another process may have written it)."""
     device, key = full_key.split("|", 1)
     path = cache_path()
+    global _file
     with _lock:
         sections = _read(path)
         sections.setdefault(_section(device), {})[key] = backend
+        _file = sections
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
@@ -188,12 +190,16 @@ def _sync(device):
 
 def _tune(key, candidates, run):
     """Time run(b) for each candidate backend id; return the fastest id (0: time nothing)."""
+    global _timing
     device = key.split("|", 1)[0]
+    _load(device)
+    known = _C._autotune_entries().get(key)
+    if known is not None:  # from the file
+        return known
     if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
         return 0
     if torch.compiler.is_compiling():
         return 0
-    global _timing
     times = {}
     for b in candidates:
         _timing = _C.BACKENDS[b]
@@ -222,16 +228,18 @@ def _tune(key, candidates, run):
 def cache_entries():
     """The choices for this machine's devices, from the file and this process, {key: backend name}
     (keys: device|op|dtype|layout|shape|grad|facts)."""
-    _load()
+    for device in _devices():
+        _load(device)
     return {k: _C.BACKENDS[b] for k, b in sorted(_C._autotune_entries().items())}
 
 
 def clear(file=False):
     """Forget the choices in memory (and delete the cache file when file=True)."""
-    global _loaded
+    global _file
     with _lock:
         _C._autotune_clear()
-        _loaded = False
+        _file = None
+        _pushed.clear()
         if file:
             try:
                 os.remove(cache_path())
@@ -241,5 +249,4 @@ def clear(file=False):
 
 _C._autotune_set_tuner(_tune)
 if os.environ.get("PYOPS_AUTOTUNE", "0") == "1":
-    _load()
     _C._autotune_set_default(True)

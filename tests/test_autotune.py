@@ -293,3 +293,14 @@ def test_tune_command_fills_the_cache(tmp_path):
     assert any(k.endswith("|grad") or "|grad|" in k for k in section)
     assert any("|nograd" in k for k in section)
     assert "pyops tune: cnn" in out.stdout
+
+
+def test_python_twins_defer_to_the_measurement(cache, monkeypatch):
+    """The twins of pyops.functional hand small CPU inputs to torch themselves under the static
+    rule only: under autotuning the op decides (here native, measured faster)."""
+    clock(monkeypatch, native=1.0, torch=5.0)
+    x = torch.randn(64, requires_grad=True)
+    assert type(PF._py_relu(x).grad_fn).__name__ == "ReluBackward0"
+    with pyops.autotune():
+        assert PF._py_relu(x).grad_fn.name() == "pyops::ReluBackward"
+        assert PF._py_elu(x).grad_fn.name() == "pyops::EluBackward"

@@ -94,10 +94,10 @@ PYOPS_AUTO_MIN_NUMEL(PYOPS_AUTO_MIN_CONSTANT)
   X(sigmoid, kTorch, "saves the output, as torch does: the same bytes and passes, nothing fused")                 \
   X(tanh, kTorch, "saves the output, as torch does: the same bytes and passes, nothing fused")                    \
   X(maxout, kKernel,                                                                                              \
-    "one pass saving uint8 indices, where torch's max over the pieces saves int64 indices (1/8 of the bytes)")    \
+    "saves uint8 indices for backward, where torch's max over the pieces saves int64 ones (1/8 of the bytes)")    \
   X(batch_norm, kFused,                                                                                           \
     "pyops when an activation or a residual add is fused into its epilogue (one pass over the output "            \
-    "instead of two or three, and a 1-bit relu mask), or memory_efficient (saves the output only, which "         \
+    "instead of two or three), or memory_efficient (saves the output only, which "                                \
     "torch cannot); plain batch norm is cuDNN's")                                                                 \
   X(l1_loss, kKernel, "the gradient formed in the forward pass: one read of input and target for both")           \
   X(mse_loss, kKernel,                                                                                            \
@@ -110,14 +110,14 @@ PYOPS_AUTO_MIN_NUMEL(PYOPS_AUTO_MIN_CONSTANT)
   X(conv2d, kDepthwise,                                                                                           \
     "cuDNN, except depthwise convolutions (groups == in_channels > 1) with kernels up to 7x7: that kernel is "    \
     "being rewritten as a tiled one designed for them (an input tile and its halo in shared memory per block)")   \
-  X(sgd, kKernel, "one fused launch over a parameter group's lists, where torch's for-each runs an op per step")  \
-  X(adam, kKernel, "one fused launch over a parameter group's lists, where torch's for-each runs an op per step") \
+  X(sgd, kKernel,                                                                                                 \
+    "one launch over a parameter group's lists, where torch's foreach path runs a kernel per arithmetic step")    \
+  X(adam, kKernel,                                                                                                \
+    "one launch over a parameter group's lists, where torch's foreach path runs a kernel per arithmetic step")    \
   X(adagrad, kKernel,                                                                                             \
-    "one fused launch over a parameter group's lists, where torch's for-each runs an op per "                     \
-    "step")                                                                                                       \
+    "one launch over a parameter group's lists, where torch's foreach path runs a kernel per arithmetic step")    \
   X(rmsprop, kKernel,                                                                                             \
-    "one fused launch over a parameter group's lists, where torch's for-each runs an op per "                     \
-    "step")
+    "one launch over a parameter group's lists, where torch's foreach path runs a kernel per arithmetic step")
 
 enum class CudaRule : int8_t { kKernel, kTorch, kFused, kDepthwise };
 
