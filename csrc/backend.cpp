@@ -26,6 +26,7 @@ struct Selection {
 thread_local Selection selection;
 std::atomic<bool> autotune_default{false};
 Available available;
+constexpr Facts kNoFacts{};
 }  // namespace
 
 Backend selected_backend() { return selection.backend; }
@@ -188,8 +189,9 @@ Backend resolve(Op op, const char* name, const at::Tensor& t, const Facts* facts
   const int64_t n = numel.has_value() ? *numel : -1;
   if (tune != nullptr && (sel.autotune > 0 || (sel.autotune < 0 && autotune_default.load(std::memory_order_relaxed))))
     *tune = n >= 0;
-  static const Facts none;
-  return auto_kernel(op, d, n, facts != nullptr ? *facts : none) ? first_kernel(d) : Backend::kTorch;
+  if (d == Device::kCpu && op < Op::conv2d)  // auto_kernel's CPU table, inline: native always runs there
+    return n < 0 || n >= kCpuMin[int(op)] ? Backend::kNative : Backend::kTorch;
+  return auto_kernel(op, d, n, facts != nullptr ? *facts : kNoFacts) ? first_kernel(d) : Backend::kTorch;
 }
 
 // ---- autotuning ------------------------------------------------------------------------------------
@@ -288,7 +290,6 @@ void autotune_clear() {
 
 Backend tuned(Op op, const at::Tensor& x, const Facts* facts, Backend fallback, const std::function<at::Tensor()>& run,
               std::initializer_list<const at::Tensor*> inputs) {
-  static const Facts none;
   // a symbolic size makes no key (resolve asks only for a known element count, but not every size
   // need be known then)
   if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return fallback;
@@ -297,7 +298,7 @@ Backend tuned(Op op, const at::Tensor& x, const Facts* facts, Backend fallback, 
   if (at::GradMode::is_enabled())
     for (const at::Tensor* t : inputs)
       if (t != nullptr && t->defined() && t->requires_grad()) diff.push_back(*t);
-  const std::string key = make_key(op, x, facts != nullptr ? *facts : none, !diff.empty());
+  const std::string key = make_key(op, x, facts != nullptr ? *facts : kNoFacts, !diff.empty());
   Tuner tune;
   {
     std::lock_guard<std::mutex> lock(cache_mutex);
