@@ -150,7 +150,8 @@ bool auto_kernel(Op op, Device device, int64_t numel, const Facts& f) {
         case CudaRule::kFused:
           return f.fused || f.memory_efficient;
         case CudaRule::kDepthwise:
-          return f.in_per_group == 1 && f.groups > 1 && f.kh > 0 && f.kh <= 7 && f.kw > 0 && f.kw <= 7;
+          return f.in_per_group == 1 && f.groups > 1 && !f.channels_last && f.kh > 0 && f.kh <= 7 && f.kw > 0 &&
+                 f.kw <= 7 && f.sh <= 2 && f.sw <= 2;
         default:
           return false;
       }

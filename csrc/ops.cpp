@@ -105,16 +105,16 @@ PyObject* py_resolve(PyObject*, PyObject* args) {
 // _auto_rule(op, device_type, numel=-1, **facts) -> bool: whether `auto`'s static rule runs a pyops
 // kernel (True) or torch (False) there (csrc/common/backend.h, auto_kernel), whatever is installed.
 PyObject* py_auto_rule(PyObject*, PyObject* args, PyObject* kwargs) {
-  static const char* kwlist[] = {"op",     "device",       "numel", "training", "fused",     "memory_efficient",
-                                 "groups", "in_per_group", "kh",    "kw",       "out_plane", "channels_last",
-                                 nullptr};
+  static const char* kwlist[] = {"op",        "device",        "numel", "training", "fused", "memory_efficient",
+                                 "groups",    "in_per_group",  "kh",    "kw",       "sh",    "sw",
+                                 "out_plane", "channels_last", nullptr};
   const char* op = nullptr;
   const char* device = nullptr;
-  long long numel = -1, groups = 1, per_group = -1, kh = -1, kw = -1, out_plane = -1;
+  long long numel = -1, groups = 1, per_group = -1, kh = -1, kw = -1, sh = 1, sw = 1, out_plane = -1;
   int training = 0, fused = 0, memory_efficient = 0, channels_last = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ss|L$pppLLLLLp", const_cast<char**>(kwlist), &op, &device, &numel,
-                                   &training, &fused, &memory_efficient, &groups, &per_group, &kh, &kw, &out_plane,
-                                   &channels_last))
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ss|L$pppLLLLLLLp", const_cast<char**>(kwlist), &op, &device, &numel,
+                                   &training, &fused, &memory_efficient, &groups, &per_group, &kh, &kw, &sh, &sw,
+                                   &out_plane, &channels_last))
     return nullptr;
   const pyops::Op id = pyops::op_by_name(op);
   if (id == pyops::Op::kCount) {
@@ -129,6 +129,8 @@ PyObject* py_auto_rule(PyObject*, PyObject* args, PyObject* kwargs) {
   f.in_per_group = per_group;
   f.kh = kh;
   f.kw = kw;
+  f.sh = sh;
+  f.sw = sw;
   f.out_plane = out_plane;
   f.channels_last = channels_last;
   return PyBool_FromLong(pyops::auto_kernel(id, parse_device(device), numel, f));

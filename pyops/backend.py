@@ -91,8 +91,8 @@ def auto_rule(op, device, numel=-1, **facts):
     installed here: "pyops" (native, else triton) or "torch". numel: the input's elements (-1:
     unknown, as a symbolic size, counted as large). facts, where the op's row reads them:
     batch_norm's training, fused (an activation in its epilogue or a residual) and
-    memory_efficient; conv2d's groups, in_per_group (input channels per group), kh, kw, out_plane
-    (OH * OW) and channels_last."""
+    memory_efficient; conv2d's groups, in_per_group (input channels per group), kh, kw, sh, sw
+    (strides), out_plane (OH * OW) and channels_last."""
     return "pyops" if _C._auto_rule(op, torch.device(device).type, numel, **facts) else "torch"
 
 

@@ -72,6 +72,9 @@ CONV = dict(groups=1, in_per_group=64, kh=3, kw=3, out_plane=56 * 56)
         dict(CONV, groups=1, in_per_group=1),  # one input channel, groups=1: a dense convolution
         dict(CONV, groups=64, in_per_group=-1),  # unknown (symbolic) channels per group
         dict(CONV, channels_last=True),
+        dict(CONV, groups=64, in_per_group=1, channels_last=True),  # depthwise channels_last: a direct kernel
+        dict(CONV, groups=64, in_per_group=1, sh=3, sw=3),  # depthwise, stride 3
+        dict(CONV, groups=64, in_per_group=1, sh=1, sw=4),
     ],
 )
 def test_cuda_conv2d_goes_to_torch_outside_the_designed_shapes(facts):
@@ -81,9 +84,10 @@ def test_cuda_conv2d_goes_to_torch_outside_the_designed_shapes(facts):
 
 @pytest.mark.parametrize("k", [(1, 1), (3, 3), (5, 5), (7, 7), (3, 7)])
 def test_cuda_conv2d_depthwise_up_to_7x7_is_ours(k):
+    """NCHW, strides up to 2: the shapes the tiled depthwise kernel is designed for."""
     for numel in (-1, 1 << 10, 1 << 24):
-        for cl in (False, True):
-            facts = dict(CONV, groups=64, in_per_group=1, kh=k[0], kw=k[1], channels_last=cl)
+        for stride in ((1, 1), (2, 2), (1, 2)):
+            facts = dict(CONV, groups=64, in_per_group=1, kh=k[0], kw=k[1], sh=stride[0], sw=stride[1])
             assert auto_rule("conv2d", "cuda", numel, **facts) == "pyops"
 
 

@@ -108,8 +108,9 @@ PYOPS_AUTO_MIN_NUMEL(PYOPS_AUTO_MIN_CONSTANT)
     "softmax, loss and gradient in one pass over the logits; torch runs log_softmax, nll_loss and their "         \
     "backwards apart")                                                                                            \
   X(conv2d, kDepthwise,                                                                                           \
-    "cuDNN, except depthwise convolutions (groups == in_channels > 1) with kernels up to 7x7: that kernel is "    \
-    "being rewritten as a tiled one designed for them (an input tile and its halo in shared memory per block)")   \
+    "cuDNN, except depthwise convolutions (groups == in_channels > 1) in NCHW with kernels up to 7x7 and "        \
+    "strides up to 2: the tiled CUDA kernel is designed for them (an input tile and its halo in shared memory "   \
+    "per block, the weight gradient as per-block partials and a fixed-order pass)")                               \
   X(sgd, kKernel,                                                                                                 \
     "one launch over a parameter group's lists, where torch's foreach path runs a kernel per arithmetic step")    \
   X(adam, kKernel,                                                                                                \
