@@ -4,6 +4,7 @@ networks, as drop-in replacements for their torch counterparts.
     import pyops
     y = pyops.functional.relu(x)               # backend picked per op and device ("auto")
     with pyops.backend("triton"): ...          # or chosen for a block
+    with pyops.autotune(): ...                 # or "auto" measured on this machine
     model = pyops.convert(model)               # swap torch modules for pyops ones
 """
 
@@ -17,6 +18,7 @@ from . import (
     nn,
     optim,
 )
+from .autotune import autotune
 from .backend import BACKENDS, available_backends, backend
 from .backend import current as current_backend
 from .convert import convert
@@ -24,6 +26,7 @@ from .info import info, saved_bytes
 
 __all__ = [
     "backend",
+    "autotune",
     "current_backend",
     "available_backends",
     "BACKENDS",

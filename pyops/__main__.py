@@ -1,4 +1,4 @@
-"""The pyops command line: demo, tour, bench, check, info."""
+"""The pyops command line: demo, tour, bench, check, info, tune."""
 
 import argparse
 import os
@@ -29,6 +29,39 @@ def _bench(args):
     )
 
 
+def _tune(args):
+    """Fill the autotune cache with a lecture model's shapes: a training step (forward, loss,
+    backward) and an evaluation forward under pyops.autotune()."""
+    from . import models
+    from .autotune import autotune, cache_entries, cache_path
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    shape = tuple(args.input_shape)
+    model = models.build(args.model, "pyops", input_shape=shape, classes=args.classes).to(device, dtype)
+    loss_fn = models.loss_module()
+    x = torch.randn(args.batch_size, *shape, device=device, dtype=dtype)
+    y = torch.randint(0, args.classes, (args.batch_size,), device=device)
+    before = set(cache_entries())
+    with autotune():
+        model.train()
+        for p in model.parameters():
+            p.grad = None
+        loss_fn(model(x), y).backward()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    model.zero_grad(set_to_none=True)
+    entries = cache_entries()
+    new = [k for k in entries if k not in before]
+    print(
+        f"pyops tune: {args.model}, batch {args.batch_size}, input {shape}, {dtype}, {device}: {len(new)} new choices"
+    )
+    for k in new:
+        print(f"  {k} -> {entries[k]}")
+    print(f"cache: {cache_path()} ({len(entries)} entries for this machine)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pyops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +88,15 @@ def main(argv=None):
         action="store_true",
         help="leave glibc's heap trimming on (CPU timings then swing with page faults)",
     )
+    tune = sub.add_parser("tune", help="autotune auto's choices for a model's shapes and store them in the cache")
+    from .models import MODELS
+
+    tune.add_argument("--model", choices=list(MODELS), required=True, help="the network (pyops.models)")
+    tune.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
+    tune.add_argument("--batch-size", type=int, default=64)
+    tune.add_argument("--input-shape", type=int, nargs=3, default=(1, 8, 8), metavar=("C", "H", "W"))
+    tune.add_argument("--classes", type=int, default=10)
+    tune.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
 
     if str(getattr(args, "device", None)).startswith("cuda") and not torch.cuda.is_available():
@@ -65,6 +107,8 @@ def main(argv=None):
         info()
     elif args.command == "bench":
         _bench(args)
+    elif args.command == "tune":
+        _tune(args)
     elif args.command == "demo":
         sys.exit(0 if demo_job.main(args) else 1)
     else:

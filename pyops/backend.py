@@ -1,9 +1,11 @@
 """Backend registry and selection.
 
 Backends: ``native`` (pyops._C: C++ on CPU, CUDA C++ on GPU), ``triton`` (pyops.kernels; on CPU only
-under TRITON_INTERPRET=1), ``torch`` (plain torch ops, the reference) and ``auto`` (per op and device,
-on the CPU torch below each op's measured crossover and native above it; on CUDA the native kernels,
-unmeasured so far: see the README). ``with pyops.backend("triton"): ...`` selects one for a block.
+under TRITON_INTERPRET=1), ``torch`` (plain torch ops, the reference) and ``auto`` (per op, device and
+shape by a written rule, csrc/common/backend.h: on the CPU torch below each op's measured crossover
+and native above it; on CUDA a pyops kernel only where its design moves fewer bytes than torch's or
+fuses what torch runs apart, torch elsewhere: see the README; under ``pyops.autotune()`` measured
+instead). ``with pyops.backend("triton"): ...`` selects one for a block.
 
 The selection is a thread-local that the C++ ops read (csrc/common/backend.h): per thread, as
 torch.no_grad is, and invisible to torch.compile, which traces the ops' choice at trace time.
@@ -82,3 +84,20 @@ def resolve(op, device, numel=-1, auto_min_numel=0):
     """The concrete backend ("native", "triton" or "torch") that runs `op` on `device` now, by the
     rule the C++ ops use: `auto` takes torch for CPU inputs of fewer than auto_min_numel elements."""
     return _C.BACKENDS[_C._resolve(op, torch.device(device).type, numel, auto_min_numel)]
+
+
+def auto_rule(op, device, numel=-1, **facts):
+    """What `auto`'s static rule runs for `op` on a `device` kind ("cpu", "cuda"), whatever is
+    installed here: "pyops" (native, else triton) or "torch". numel: the input's elements (-1:
+    unknown, as a symbolic size, counted as large). facts, where the op's row reads them:
+    batch_norm's training, fused (an activation in its epilogue or a residual) and
+    memory_efficient; conv2d's groups, in_per_group (input channels per group), kh, kw, sh, sw
+    (strides), out_plane (OH * OW) and channels_last."""
+    return "pyops" if _C._auto_rule(op, torch.device(device).type, numel, **facts) else "torch"
+
+
+def auto_table(device="cuda"):
+    """`auto`'s table for a device kind, {op: rule} (with the reason on CUDA: {op: (rule, reason)})."""
+    if torch.device(device).type == "cuda":
+        return {op: (rule.lower(), why) for op, (rule, why) in _C.AUTO_CUDA.items()}
+    return dict(_C.AUTO_MIN_NUMEL)

@@ -24,11 +24,12 @@ __all__ += ["l1_loss", "mse_loss", "huber_loss", "rmse_loss", "cross_entropy"]
 
 _P = torch.ops.pyops
 _compiling = torch.compiler.is_compiling
-# Under `auto` (backend id 0), small CPU inputs go to torch eager (csrc/common/backend.h has the rule
-# and the sizes); eager calls decide that here too, so that they cost what torch's own call does.
-# (relu, sigmoid and tanh send every dtype no kernel takes to torch anyway; leaky_relu and elu check
-# that it is a floating dtype, so that torch never sees what pyops refuses.)
-_selected = _C._get_backend
+# Under `auto` (unless autotuning, which measures instead), small CPU inputs go to torch eager
+# (csrc/common/backend.h has the rule and the sizes); eager calls decide that here too, so that they
+# cost what torch's own call does. (relu, sigmoid and tanh send every dtype no kernel takes to torch
+# anyway; leaky_relu and elu check that it is a floating dtype, so that torch never sees what pyops
+# refuses.)
+_static_auto = _C._auto_static
 _MIN = _C.AUTO_MIN_NUMEL
 _RELU_MIN, _LEAKY_RELU_MIN, _ELU_MIN = _MIN["relu"], _MIN["leaky_relu"], _MIN["elu"]
 _SIGMOID_MIN, _TANH_MIN = _MIN["sigmoid"], _MIN["tanh"]
@@ -74,7 +75,7 @@ def _py_relu(input, inplace=False):
         raise _tensor_expected("relu", input)
     if _compiling():
         return _relu_(input) if inplace else _relu(input)
-    if not _selected() and input.is_cpu and input.numel() < _RELU_MIN:
+    if _static_auto() and input.is_cpu and input.numel() < _RELU_MIN:
         return torch.relu_(input) if inplace else torch.relu(input)
     return _relu_eager_(input) if inplace else _relu_eager(input)
 
@@ -86,7 +87,7 @@ def _py_leaky_relu(input, negative_slope=0.01, inplace=False):
     slope = negative_slope if type(negative_slope) is float else _number("leaky_relu", "negative_slope", negative_slope)
     if _compiling():
         return _leaky_relu_(input, slope) if inplace else _leaky_relu(input, slope)
-    if not _selected() and input.is_cpu and input.numel() < _LEAKY_RELU_MIN and input.is_floating_point():
+    if _static_auto() and input.is_cpu and input.numel() < _LEAKY_RELU_MIN and input.is_floating_point():
         return _TF.leaky_relu(input, slope, inplace)
     return _leaky_relu_eager_(input, slope) if inplace else _leaky_relu_eager(input, slope)
 
@@ -98,7 +99,7 @@ def _py_elu(input, alpha=1.0, inplace=False):
     alpha = alpha if type(alpha) is float else _number("elu", "alpha", alpha)
     if _compiling():
         return _elu_(input, alpha) if inplace else _elu(input, alpha)
-    if not _selected() and input.is_cpu and input.numel() < _ELU_MIN and input.is_floating_point():
+    if _static_auto() and input.is_cpu and input.numel() < _ELU_MIN and input.is_floating_point():
         return _TF.elu(input, alpha, inplace)
     return _elu_eager_(input, alpha) if inplace else _elu_eager(input, alpha)
 
@@ -109,7 +110,7 @@ def _py_sigmoid(input):
         raise _tensor_expected("sigmoid", input)
     if _compiling():
         return _sigmoid(input)
-    if not _selected() and input.is_cpu and input.numel() < _SIGMOID_MIN:
+    if _static_auto() and input.is_cpu and input.numel() < _SIGMOID_MIN:
         return torch.sigmoid(input)
     return _sigmoid_eager(input)
 
@@ -120,7 +121,7 @@ def _py_tanh(input):
         raise _tensor_expected("tanh", input)
     if _compiling():
         return _tanh(input)
-    if not _selected() and input.is_cpu and input.numel() < _TANH_MIN:
+    if _static_auto() and input.is_cpu and input.numel() < _TANH_MIN:
         return torch.tanh(input)
     return _tanh_eager(input)
 

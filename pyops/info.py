@@ -4,6 +4,8 @@ import importlib.util
 
 import torch
 
+from .autotune import cache_entries, cache_path
+from .autotune import enabled as autotune_enabled
 from .backend import available_backends, triton_interpreted
 
 
@@ -34,6 +36,8 @@ def info_dict():
         "GPUs": ", ".join(gpus) or "none visible",
         "backends": {d: available_backends(d) for d in devices},
         "optimizer steps on torch's path (tensor-steps, by reason)": _fallbacks(),
+        "autotune": "on" if autotune_enabled() else "off (pyops.autotune() or PYOPS_AUTOTUNE=1)",
+        "autotune cache": {"path": cache_path(), "entries": cache_entries()},
     }
 
 
@@ -49,6 +53,12 @@ def info(file=None):
     d = info_dict()
     width = max(len(k) for k in d)
     for k, v in d.items():
+        if k == "autotune cache":
+            entries = v["entries"]
+            print(f"{k:<{width}}  {v['path']} ({len(entries)} entries for this machine)", file=file)
+            for key, b in entries.items():
+                print(f"{'':<{width}}    {key} -> {b}", file=file)
+            continue
         if isinstance(v, dict):
             v = "; ".join(f"{dev}: {', '.join(b)}" for dev, b in v.items())
         print(f"{k:<{width}}  {v}", file=file)

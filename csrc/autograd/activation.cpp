@@ -420,7 +420,7 @@ void check_kernel_dtype(const char* op, const Tensor& x) {
 }
 
 Tensor relu(const Tensor& x) {
-  const Backend b = resolve("relu", x, auto_min_numel::relu);
+  const Backend b = choose(Op::relu, "relu", x, nullptr, [&] { return pyops::relu(x); }, {&x});
   return b == Backend::kTorch ? at::relu(x) : std::get<0>(relu_fwd[b].call(x));
 }
 // A tensor whose negative or conjugate bit is set (a lazily negated view, x.conj().imag) goes to torch's
@@ -429,41 +429,42 @@ Tensor relu(const Tensor& x) {
 bool math_bits(const Tensor& x) { return x.is_neg() || x.is_conj(); }
 
 Tensor& relu_(Tensor& x) {
-  const Backend b = resolve("relu_", x, auto_min_numel::relu);
+  const Backend b = choose(Op::relu, "relu_", x, nullptr, [&] { return pyops::relu(x); }, {&x});
   if (b == Backend::kTorch || math_bits(x)) return at::relu_(x);
   relu_fwd_[b].call(x);
   return x;
 }
 Tensor leaky_relu(const Tensor& x, const at::Scalar& slope) {
   check_kernel_dtype("leaky_relu", x);
-  const Backend b = resolve("leaky_relu", x, auto_min_numel::leaky_relu);
+  const Backend b = choose(Op::leaky_relu, "leaky_relu", x, nullptr, [&] { return pyops::leaky_relu(x, slope); }, {&x});
   return b == Backend::kTorch ? at::leaky_relu(x, slope) : std::get<0>(leaky_relu_fwd[b].call(x, slope.toDouble()));
 }
 Tensor& leaky_relu_(Tensor& x, const at::Scalar& slope) {
   check_kernel_dtype("leaky_relu_", x);
-  const Backend b = resolve("leaky_relu_", x, auto_min_numel::leaky_relu);
+  const Backend b =
+      choose(Op::leaky_relu, "leaky_relu_", x, nullptr, [&] { return pyops::leaky_relu(x, slope); }, {&x});
   if (b == Backend::kTorch || math_bits(x)) return at::leaky_relu_(x, slope);
   leaky_relu_fwd_[b].call(x, slope.toDouble());
   return x;
 }
 Tensor elu(const Tensor& x, const at::Scalar& alpha) {
   check_kernel_dtype("elu", x);
-  const Backend b = resolve("elu", x, auto_min_numel::elu);
+  const Backend b = choose(Op::elu, "elu", x, nullptr, [&] { return pyops::elu(x, alpha); }, {&x});
   return b == Backend::kTorch ? at::elu(x, alpha) : elu_fwd[b].call(x, alpha.toDouble());
 }
 Tensor& elu_(Tensor& x, const at::Scalar& alpha) {
   check_kernel_dtype("elu_", x);
-  const Backend b = resolve("elu_", x, auto_min_numel::elu);
+  const Backend b = choose(Op::elu, "elu_", x, nullptr, [&] { return pyops::elu(x, alpha); }, {&x});
   if (b == Backend::kTorch || math_bits(x)) return at::elu_(x, alpha);
   elu_fwd_[b].call(x, alpha.toDouble());
   return x;
 }
 Tensor sigmoid(const Tensor& x) {
-  const Backend b = resolve("sigmoid", x, auto_min_numel::sigmoid);
+  const Backend b = choose(Op::sigmoid, "sigmoid", x, nullptr, [&] { return pyops::sigmoid(x); }, {&x});
   return b == Backend::kTorch ? at::sigmoid(x) : sigmoid_fwd[b].call(x);
 }
 Tensor tanh(const Tensor& x) {
-  const Backend b = resolve("tanh", x, auto_min_numel::tanh);
+  const Backend b = choose(Op::tanh, "tanh", x, nullptr, [&] { return pyops::tanh(x); }, {&x});
   return b == Backend::kTorch ? at::tanh(x) : tanh_fwd[b].call(x);
 }
 Tensor maxout(const Tensor& x, int64_t pieces, int64_t dim) {
@@ -476,7 +477,7 @@ Tensor maxout(const Tensor& x, int64_t pieces, int64_t dim) {
   const int64_t d = c10::maybe_wrap_dim(dim, x.dim());
   TORCH_CHECK_VALUE(x.sym_size(d) % pieces == 0, "pyops.maxout: pieces=", pieces, " does not divide the size of dim ",
                     d, " (", x.sym_size(d), ")");
-  const Backend b = resolve("maxout", x, auto_min_numel::maxout);
+  const Backend b = choose(Op::maxout, "maxout", x, nullptr, [&] { return pyops::maxout(x, pieces, dim); }, {&x});
   if (b == Backend::kTorch)  // the composite: torch.max sends the gradient to the first maximal piece
     return std::get<0>(x.unflatten_symint(d, {x.sym_size(d) / pieces, pieces}).max(d + 1));
   return std::get<0>(maxout_fwd[b].call(x, pieces, d));

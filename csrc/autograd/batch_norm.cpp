@@ -441,12 +441,34 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
   TORCH_CHECK_VALUE(!residual.has_value() || !residual->defined() || residual->sym_sizes() == input.sym_sizes(),
                     "pyops.batch_norm: residual must have the input's shape ", input.sym_sizes(), ", got ",
                     residual.has_value() && residual->defined() ? residual->sym_sizes() : input.sym_sizes());
-  // fewer than 2 dimensions (no channel dimension): torch's batch norm decides (it takes an empty 1-d input)
-  const Backend b = input.dim() < 2 ? Backend::kTorch : resolve("batch_norm", input, auto_min_numel::batch_norm);
+  // act' is read from the output; where it cannot be, the activation follows as its own op
+  const bool fused = act_from_output(act, param);
+  const bool has_residual = residual.has_value() && residual->defined();
+  Facts facts;
+  facts.training = training;
+  facts.fused = (fused && act != Act::kNone) || has_residual;
+  facts.memory_efficient = memory_efficient;
+  facts.variant = int64_t(act);
+  // fewer than 2 dimensions (no channel dimension): torch's batch norm decides (it takes an empty 1-d input).
+  // Timed on clones of the running statistics, which training would move.
+  const Backend b =
+      input.dim() < 2
+          ? Backend::kTorch
+          : choose(
+                Op::batch_norm, "batch_norm", input, &facts,
+                [&] {
+                  const auto copy = [&](const Opt& t) {
+                    return training && t.has_value() && t->defined() ? Opt(t->clone()) : t;
+                  };
+                  return pyops::batch_norm(input, copy(running_mean), copy(running_var), weight, bias, training,
+                                           momentum, eps, activation, negative_slope, alpha, residual,
+                                           memory_efficient);
+                },
+                {&input, weight ? &*weight : nullptr, bias ? &*bias : nullptr, residual ? &*residual : nullptr});
   const Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
   if (b == Backend::kTorch) {
     Tensor y = at::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, true);
-    if (residual.has_value() && residual->defined()) y = y + *residual;
+    if (has_residual) y = y + *residual;
     return apply_activation(y, act, param);
   }
   const c10::SymInt count = bn_count(input);
@@ -482,8 +504,6 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
     mean = as_type(rm, opmath);
     invstd = (as_type(rv, opmath) + eps).rsqrt();
   }
-  // act' is read from the output; where it cannot be, the activation follows as its own op
-  const bool fused = act_from_output(act, param);
   const c10::string_view kernel_act = act_name(fused ? act : Act::kNone);
   Tensor out;
   if (recorded) {

@@ -339,28 +339,25 @@ Tensor apply_activation(const Tensor& y, const Activation& a) {
   }
 }
 
-// Where `auto` keeps pyops' CPU kernels rather than torch's (oneDNN), as measured forward+backward on a
-// 2-core Xeon (AVX512), float32 and float64, 3x3 kernels (ratios: torch's time over ours). Dense
-// convolutions (groups == 1: 0.4-0.5x) and 8 or more input channels per group (0.1-0.7x) lose at every
-// size measured, as do channels_last inputs (0.1-0.7x). Two channels per group win everywhere (1.6-5.5x).
-// Depthwise and 3-4 channels per group win on small inputs (below 16K elements: 1.2-4.2x, torch's fixed
-// cost) and are near parity or ahead on output planes of 28x28 and up (0.9-2.5x, swinging with torch's
-// own time), and lose on batches of small planes (8x8 and 14x14 at 64K-260K elements: 0.3-0.9x).
-// Unknown (symbolic) sizes count as large.
-bool cpu_kernel_wins(const Tensor& x, const Tensor& weight, int64_t groups, const std::vector<int64_t>& s,
-                     const std::vector<int64_t>& p, const std::vector<int64_t>& d) {
-  const auto per_group = weight.sym_size(1).maybe_as_int();
-  if (groups == 1 || !per_group || *per_group > 4 || x.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
-    return false;
-  if (*per_group == 2) return true;
-  const auto numel = x.sym_numel().maybe_as_int();
-  if (numel && *numel < (int64_t(1) << 14)) return true;
-  const auto h = x.sym_size(2).maybe_as_int(), w = x.sym_size(3).maybe_as_int();
-  const auto kh = weight.sym_size(2).maybe_as_int(), kw = weight.sym_size(3).maybe_as_int();
-  if (!h || !w || !kh || !kw) return true;
-  const int64_t oh = (*h + 2 * p[0] - d[0] * (*kh - 1) - 1) / s[0] + 1;
-  const int64_t ow = (*w + 2 * p[1] - d[1] * (*kw - 1) - 1) / s[1] + 1;
-  return oh * ow >= 28 * 28;
+// What `auto`'s rule (csrc/common/backend.h) and the autotune key read of a convolution; unknown
+// (symbolic) sizes stay -1, which the rule counts as large.
+Facts conv_facts(const Tensor& x, const Tensor& weight, int64_t groups, const std::vector<int64_t>& s,
+                 const std::vector<int64_t>& p, const std::vector<int64_t>& d) {
+  Facts f;
+  const auto value = [](const c10::SymInt& v) { return v.maybe_as_int().value_or(-1); };
+  f.groups = groups;
+  f.in_per_group = value(weight.sym_size(1));
+  f.out_channels = value(weight.sym_size(0));
+  f.kh = value(weight.sym_size(2));
+  f.kw = value(weight.sym_size(3));
+  f.sh = s[0];
+  f.sw = s[1];
+  f.channels_last = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const int64_t h = value(x.sym_size(2)), w = value(x.sym_size(3));
+  if (h >= 0 && w >= 0 && f.kh >= 0 && f.kw >= 0)
+    f.out_plane =
+        ((h + 2 * p[0] - d[0] * (f.kh - 1) - 1) / s[0] + 1) * ((w + 2 * p[1] - d[1] * (f.kw - 1) - 1) / s[1] + 1);
+  return f;
 }
 
 Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, IntArrayRef stride,
@@ -381,10 +378,11 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Ten
   const bool batched = input.dim() == 4;
   const Tensor x = batched ? input : input.unsqueeze(0);
   check_conv_args(input, x, weight, s, p, d, groups);
-  Backend b = resolve("conv2d", x, auto_min_numel::conv2d);
-  if (selected_backend() == Backend::kAuto && b == Backend::kNative && x.is_cpu() &&
-      !cpu_kernel_wins(x, weight, groups, s, p, d))
-    b = Backend::kTorch;
+  const Facts facts = conv_facts(x, weight, groups, s, p, d);
+  const Backend b =
+      choose(Op::conv2d, "conv2d", x, &facts,
+             [&] { return pyops::conv2d(x, weight, bias, stride, padding, dilation, groups, activation); },
+             {&x, &weight, bias ? &*bias : nullptr});
   Tensor y;
   if (b == Backend::kTorch) {
     y = apply_activation(at::conv2d(x, weight, bias, s, p, d, groups), a);

@@ -493,8 +493,8 @@ bool kernel_pair(const Tensor& x, const Tensor& t) {
 
 // The loss of input - target (broadcast as torch does) on the selected backend; `torch_fn` is torch's.
 template <class TorchFn>
-Tensor pointwise_public(LossKind kind, const Tensor& x, const Tensor& t, int64_t reduction, double delta,
-                        int64_t min_numel, const TorchFn& torch_fn) {
+Tensor pointwise_public(LossKind kind, const Tensor& x, const Tensor& t, int64_t reduction, double delta, Op id,
+                        const TorchFn& torch_fn) {
   const char* op = kKindNames[int64_t(kind)];
   check_reduction_value(op, reduction);
   Tensor xe = autocast_to_float(x), te = autocast_to_float(t);
@@ -504,24 +504,27 @@ Tensor pointwise_public(LossKind kind, const Tensor& x, const Tensor& t, int64_t
     xe = both[0];
     te = both[1];
   }
-  const Backend b = resolve(op, xe, min_numel);
+  Facts facts;
+  facts.variant = reduction;
+  const Backend b = choose(id, op, xe, &facts,
+                           [&] { return pointwise_public(kind, x, t, reduction, delta, id, torch_fn); }, {&x, &t});
   if (b == Backend::kTorch) return torch_fn(xe, te);
   return std::get<0>(pointwise_loss_fwd[b].call(xe, te, int64_t(kind), reduction, delta, false));
 }
 
 Tensor l1_loss(const Tensor& x, const Tensor& t, int64_t reduction) {
-  return pointwise_public(LossKind::kL1, x, t, reduction, 0.0, auto_min_numel::l1_loss,
+  return pointwise_public(LossKind::kL1, x, t, reduction, 0.0, Op::l1_loss,
                           [&](const Tensor& a, const Tensor& b) { return at::l1_loss(a, b, reduction); });
 }
 Tensor mse_loss(const Tensor& x, const Tensor& t, int64_t reduction) {
-  return pointwise_public(LossKind::kMse, x, t, reduction, 0.0, auto_min_numel::mse_loss,
+  return pointwise_public(LossKind::kMse, x, t, reduction, 0.0, Op::mse_loss,
                           [&](const Tensor& a, const Tensor& b) { return at::mse_loss(a, b, reduction); });
 }
 Tensor huber_loss(const Tensor& x, const Tensor& t, int64_t reduction, double delta) {
   // RuntimeError with torch's words, as torch's huber_loss raises
   TORCH_CHECK(delta > 0, "pyops.huber_loss: huber_loss does not support non-positive values for delta. (got ", delta,
               ")");
-  return pointwise_public(LossKind::kHuber, x, t, reduction, delta, auto_min_numel::huber_loss,
+  return pointwise_public(LossKind::kHuber, x, t, reduction, delta, Op::huber_loss,
                           [&](const Tensor& a, const Tensor& b) { return at::huber_loss(a, b, reduction, delta); });
 }
 
@@ -597,7 +600,12 @@ Tensor cross_entropy(const Tensor& input, const Tensor& target, const std::optio
   if (w_defined && (weight->scalar_type() != x.scalar_type() || weight->device() != x.device() ||
                     grad_recorded(*weight) || has_tangent(weight)))
     return torch_fn();
-  const Backend b = resolve("cross_entropy", x, auto_min_numel::cross_entropy);
+  Facts facts;
+  facts.variant = reduction + 3 * int64_t(probs) + 6 * int64_t(w_defined) + 12 * int64_t(label_smoothing != 0);
+  const Backend b =
+      choose(Op::cross_entropy, "cross_entropy", x, &facts,
+             [&] { return pyops::cross_entropy(input, target, weight_in, reduction, ignore_index, label_smoothing); },
+             {&input});
   if (b == Backend::kTorch) return torch_fn();
   return std::get<0>(cross_entropy_fwd[b].call(x, t, weight, ignore_index, reduction, label_smoothing, false));
 }
