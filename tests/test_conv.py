@@ -159,7 +159,7 @@ def test_weight_gradient_is_deterministic_across_thread_counts():
 
 def test_auto_picks_the_measured_faster_convolution():
     """auto keeps pyops' CPU kernels only where they were measured faster than torch's (see
-    csrc/autograd/conv.cpp): dense, 8+ channels per group and channels_last go to torch; 2 per group,
+    the conv2d rule in csrc/backend.cpp): dense, 8+ channels per group and channels_last go to torch; 2 per group,
     small inputs and large planes stay."""
 
     def picks(shape, out_channels, groups, channels_last=False):
