@@ -817,6 +817,8 @@ def cuda_rows(selected=None, dtype_name="float32", compile_missing=False):
         notes.append("CUDA registers: cuobjdump of the built extension's sm_90 code")
     else:
         usage, missing = nvcc_resources(compile_missing)
+        if usage:
+            notes.append("CUDA registers: nvcc's sm_90 compile of csrc/cuda/*.cu (cached under build/launch_plan/)")
         if missing:
             notes.append(
                 f"CUDA registers unknown for {', '.join(missing)} (the extension has no sm_90 code; "

@@ -191,8 +191,8 @@ inline BnElemt bn_bwd_elemt(const BnShape& s) { return bn_elementwise(s, "bwd_el
 // ---- losses (csrc/cuda/loss.cu) --------------------------------------------------------------------------
 namespace loss {
 constexpr int64_t kThreads = 256;
-// Partials of a reduction: 2 waves of 256-thread blocks on the target GPU (a function of the element
-// count only, so the sum's order, and its bits, never change).
+// Partials of a reduction: at most 4096 blocks of 256 threads, ~3.9 waves on the target GPU (a function
+// of the element count only, so the sum's order, and its bits, never change).
 constexpr int64_t kMaxBlocks = 4096;
 // cross_entropy: up to 32 classes a row takes the next power of two of lanes (several rows per
 // block), up to 256 a warp, more a block: 256 threads, 1024 from 4096 classes on.

@@ -457,17 +457,21 @@ __global__ __launch_bounds__(256) void conv_dw_bwd_weight_kernel(const scalar_t*
           s.H, s.W);
     stage(gt, t.th, t.tw, g + n * gs.s0 + k * gs.s1, gs.s2, gs.s3, ti.r0, ti.c0, s.OH, s.OW);
     __syncthreads();
+    // only the tile's results inside the output: past OH or OW the gradient is a staged 0, but the input
+    // there may be inf or NaN, and 0 * inf would make the tap NaN where torch's is finite
+    const int rows = int(min(int64_t(t.th), s.OH - ti.r0));
+    if (ti.c0 + px >= s.OW) continue;  // no barrier follows in this iteration: the lane may skip it
 #pragma unroll
     for (int j = 0; j < kDwTapsPerWarp; ++j) {
       const int tap = warp + 8 * j;
       if (tap >= taps) break;
       T a = 0;
       if (tap == taps - 1) {
-        for (int py = py0; py < t.th; py += dy) a += gt[py * t.tw + px];
+        for (int py = py0; py < rows; py += dy) a += gt[py * t.tw + px];
       } else {
         const int kh = tap / KW, kw = tap - kh * KW;
         const T* xb = xt + kh * dh * t.in_w + kw * dw + px * sw;
-        for (int py = py0; py < t.th; py += dy) a += gt[py * t.tw + px] * xb[py * sh * t.in_w];
+        for (int py = py0; py < rows; py += dy) a += gt[py * t.tw + px] * xb[py * sh * t.in_w];
       }
       acc[j] += a;
     }
