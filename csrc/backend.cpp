@@ -1,6 +1,7 @@
 // The backend selection, `auto`'s rule and the autotune cache (csrc/common/backend.h).
 #include "common/backend.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/ones_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
