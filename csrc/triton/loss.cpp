@@ -16,7 +16,7 @@ namespace pyops {
 namespace {
 
 // Elements each program of the reduction sums into one partial (kernels/loss.py's BLOCK).
-constexpr int64_t kTritonBlock = 1024;
+constexpr int64_t kTritonBlock = 512;
 
 std::optional<at::Tensor> maybe(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
