@@ -259,16 +259,13 @@ def _cross_entropy_case(shape):
 
 
 def _resnet18_shapes():
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    cin = 64
-    for cout in (64, 128, 256, 512):
-        for block in range(2):
-            c = cin if block == 0 else cout
-            shapes += [(cout, c, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
-            if block == 0 and c != cout:
-                shapes += [(cout, c, 1, 1), (cout,), (cout,)]
-        cin = cout
-    return shapes + [(1000, 512), (1000,)]
+    """ResNet-18's parameter shapes, the set the optim bench steps (bench/optim.py; it imports pyops, so
+    this runs only once the Triton interpreter's setting is in place: cases() comes after it)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.optim import resnet18_shapes
+
+    return resnet18_shapes()
 
 
 def _optim_case(name, kwargs, prim):
