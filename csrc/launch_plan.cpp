@@ -89,15 +89,10 @@ std::vector<plan::Launch> conv2d_plans(const plan::Sizes& s) {
   const int64_t in = shape.N * shape.C * shape.H * shape.W, out = shape.N * shape.K * shape.OH * shape.OW;
   const int64_t weight = shape.K * shape.Cg() * shape.KH * shape.KW;
   std::vector<plan::Launch> launches;
-  for (const KernelLaunch& k : conv2d_cuda_plan(shape, s.get("training", 1) != 0, o)) {
-    plan::Launch l;
-    l.kernel = k.kernel;
-    l.grid = {k.grid[0], k.grid[1], k.grid[2]};
-    l.block = {k.block[0], k.block[1], k.block[2]};
-    l.smem = k.smem;
-    const bool reduce = std::string(k.kernel) == "conv_reduce_partials_kernel";
+  for (plan::Launch l : conv2d_cuda_plan(shape, s.get("training", 1) != 0, o)) {
+    const bool reduce = std::string(l.kernel) == "conv_reduce_partials_kernel";
     l.elements = reduce ? weight : std::max(in, out);
-    if (!reduce && k.grid[0] * k.grid[1] * k.grid[2] < conv_plan::kTargetBlocks)
+    if (!reduce && l.grid.x * l.grid.y * l.grid.z < conv_plan::kTargetBlocks)
       l.why =
           "by construction (csrc/cuda/conv_plan.h): one result per thread, under 2 waves only below 540K results; a "
           "split weight gradient takes at most one chunk per unit of work";

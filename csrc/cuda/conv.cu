@@ -60,8 +60,8 @@ Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.s
 
 bool channels_last(const at::Tensor& t) { return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast; }
 
-dim3 grid_of(const KernelLaunch& l) { return dim3(unsigned(l.grid[0]), unsigned(l.grid[1]), unsigned(l.grid[2])); }
-dim3 block_of(const KernelLaunch& l) { return dim3(unsigned(l.block[0]), unsigned(l.block[1]), unsigned(l.block[2])); }
+using plan::block_of;
+using plan::grid_of;
 
 #define PYOPS_GRID_STRIDE(i, count) \
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (count); i += int64_t(gridDim.x) * blockDim.x)

@@ -16,11 +16,11 @@
 // their indices into x and loop over blocks when a grid is capped).
 //
 // Occupancy on an H100 (132 SMs, 2048 threads, 32 blocks, 64K registers and 228 KB of shared memory per
-// SM): every kernel runs 256-thread blocks, so at most 8 blocks per SM (blocks_per_sm: by threads and
-// shared memory); a wave is then 132 * 8 = 1056 blocks. Registers allow fewer (ptxas, sm_90, float32):
+// SM): every kernel runs 256-thread blocks, so at most 8 blocks per SM (by threads; shared memory may
+// allow fewer); a wave is then 132 * 8 = 1056 blocks. Registers allow fewer (ptxas, sm_90, float32):
 // the tiled depthwise kernels 32-44 (5-8 blocks), the direct forward and input gradient 64 (4), the direct
-// weight gradients 96-120 (2): fewer resident blocks, so waves() is a lower bound. Launches that touch >= 1M
-// elements have at least 2 waves, with these exceptions, by construction:
+// weight gradients 96-120 (2): fewer resident blocks, so kWave's count of waves is a lower bound. Launches that touch
+// >= 1M elements have at least 2 waves, with these exceptions, by construction:
 // - conv_reduce_partials_kernel touches at most kMaxPartials (512K) partial sums;
 // - a kernel with one result per thread has results / 256 blocks: under 2 waves only when it has fewer
 //   than 2 * 1056 * 256 = 540K results (a stride-2 convolution can read a 1M-element input for them);
@@ -31,30 +31,20 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/launch_plan.h"
 #include "conv.h"
 
 namespace pyops {
 
-// One kernel launch: its name (the __global__ function), grid, block and dynamic shared memory (bytes).
-// (Guarded: another launch-plan header may define the same struct.)
-#ifndef PYOPS_KERNEL_LAUNCH_DEFINED
-#define PYOPS_KERNEL_LAUNCH_DEFINED
-struct KernelLaunch {
-  const char* kernel;
-  int64_t grid[3];
-  int64_t block[3];
-  int64_t smem;
-};
-#endif
+// One kernel launch (name, grid, block, dynamic shared memory): the one struct of every CUDA plan.
+using KernelLaunch = plan::Launch;
 
 namespace conv_plan {
 
-constexpr int64_t kThreads = 256;  // every kernel's block size
-constexpr int64_t kSms = 132;      // H100 SXM
-constexpr int64_t kSmThreads = 2048, kSmBlocks = 32, kSmSmem = 228 * 1024, kBlockSmemReserve = 1024;
-constexpr int64_t kWave = kSms * (kSmThreads / kThreads);  // 1056 resident 256-thread blocks
-constexpr int64_t kTargetBlocks = 2 * kWave;               // what a split reduction aims for
-constexpr int64_t kMaxGrid = (int64_t(1) << 31) - 1;       // gridDim.x
+constexpr int64_t kThreads = 256;                                            // every kernel's block size
+constexpr int64_t kWave = plan::kSms * (plan::kMaxThreadsPerSm / kThreads);  // 1056 resident 256-thread blocks
+constexpr int64_t kTargetBlocks = 2 * kWave;                                 // what a split reduction aims for
+constexpr int64_t kMaxGrid = plan::kMaxGridX;
 constexpr int64_t kMaxElementBlocks = int64_t(65535) * 8;  // grid-stride elementwise kernels: 496 waves
 constexpr int64_t kMaxSmem = 48 * 1024;                    // dynamic shared memory without an opt-in
 constexpr int64_t kMaxPartials = int64_t(1) << 19;         // a weight gradient's partial sums, at most
@@ -63,20 +53,10 @@ constexpr int64_t kCudnnChannels = 8;                      // channels per group
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Blocks of a launch resident on one SM by threads and shared memory, and its waves on the H100 (registers
-// may allow fewer blocks: more waves).
-inline int64_t blocks_per_sm(const KernelLaunch& l) {
-  const int64_t threads = l.block[0] * l.block[1] * l.block[2];
-  int64_t b = std::min(kSmThreads / threads, kSmBlocks);
-  if (l.smem > 0) b = std::min(b, kSmSmem / (l.smem + kBlockSmemReserve));
-  return b;
-}
-inline double waves(const KernelLaunch& l) {
-  return double(l.grid[0] * l.grid[1] * l.grid[2]) / double(kSms * blocks_per_sm(l));
-}
-
 inline KernelLaunch launch1d(const char* kernel, int64_t blocks, int64_t bx, int64_t by, int64_t smem) {
-  return {kernel, {std::max<int64_t>(1, blocks), 1, 1}, {bx, by, 1}, smem};
+  KernelLaunch l = plan::launch_1d(kernel, blocks, bx, smem);
+  l.block.y = by;
+  return l;
 }
 
 // ---- engine choice --------------------------------------------------------------------------------------
