@@ -1,6 +1,9 @@
 """Run under torchrun by test_models.py: every pyops optimizer steps FSDP2's sharded (DTensor)
 parameters as torch's optimizer steps the whole model in one process."""
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -49,9 +52,17 @@ def main():
         kinds = {k for k, v in state.items() if k != "step" and type(v).__name__ != "DTensor"}
         assert not kinds, f"{name}: state {kinds} not sharded"
     assert not pyops.optim.fallback_counts(), pyops.optim.fallback_counts()
+    # Every check passed. The exit is made deterministic: the barrier drains gloo's pending work on
+    # both ranks before the group goes, and os._exit skips the interpreter's teardown, where gloo's
+    # threads and FSDP's references can still be released in either order (under load that order
+    # aborted a rank with "terminate called without an active exception" after this point).
+    dist.barrier()
+    dist.destroy_process_group()
     if rank == 0:
         print("fsdp ok")
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
