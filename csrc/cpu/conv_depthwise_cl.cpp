@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/conv_engines.h"
@@ -29,55 +30,107 @@ at::Tensor taps_by_channel(const at::Tensor& w, const ConvShape& s) {  // [C, 1,
   return w.reshape({s.C, s.KH * s.KW}).t().contiguous();
 }
 
+// Output pixels a register block: independent accumulators hide the FMA latency, and each weight
+// vector loaded serves all of them.
+constexpr int64_t kPixels = 4;
+
+// The output columns [lo, hi) whose taps along the width all fall inside the input row.
+inline std::pair<int64_t, int64_t> inner_columns(const ConvShape& s) {
+  const int64_t lo = s.pw <= 0 ? 0 : std::min(s.OW, (s.pw + s.sw - 1) / s.sw);
+  const int64_t last = s.W - 1 + s.pw - (s.KW - 1) * s.dw;  // ow * sw <= last
+  const int64_t hi = last < 0 ? 0 : std::min(s.OW, last / s.sw + 1);
+  return {lo, std::max(lo, hi)};
+}
+
+// out[n, oh, ow, c] = act(bias[c] + sum_{kh, kw} wt[kh * KW + kw, c] * x[n, oh * sh - ph + kh * dh,
+// ow * sw - pw + kw * dw, c]) (zero outside x), x and out with channel stride 1, wt [KH * KW, C].
 template <typename T>
-void dw_cl_forward_t(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                     const at::Tensor& out, Act act, double scalar) {
+void dw_cl_correlate(const ConvShape& s, const View4<T>& xv, const T* wp, const T* bp, const View4<T>& ov, Act act,
+                     T sc) {
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
-  const at::Tensor wt = taps_by_channel<T>(w, s);
-  const T* wp = wt.const_data_ptr<T>();
-  const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
-  const View4<T> xv(x), ov(out);
-  const int64_t C = s.C;
-  const T sc = T(scalar);
-  const int64_t taps = s.KH * s.KW;
+  const int64_t C = s.C, taps = s.KH * s.KW;
+  const auto [lo, hi] = inner_columns(s);
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<Vec> wv(taps);  // this channel block's weights, one vector a tap
+    std::vector<Vec> wv(taps);         // this channel block's weights, one vector a tap
+    std::vector<const T*> xrow(s.KH);  // the input row of each kh (null outside the input)
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.OH, oh = r % s.OH;
+      for (int64_t kh = 0; kh < s.KH; ++kh) {
+        const int64_t ih = oh * s.sh - s.ph + kh * s.dh;
+        xrow[kh] = ih < 0 || ih >= s.H ? nullptr : xv.p + n * xv.s0 + ih * xv.s2;
+      }
+      T* orow = ov.p + n * ov.s0 + oh * ov.s2;
       for (int64_t c0 = 0; c0 < C; c0 += L) {
         const int64_t cnt = std::min(L, C - c0);
         for (int64_t t = 0; t < taps; ++t) wv[t] = Vec::loadu(wp + t * C + c0, cnt);
         const Vec b0 = bp ? Vec::loadu(bp + c0, cnt) : Vec(T(0));
-        for (int64_t ow = 0; ow < s.OW; ++ow) {
+        const auto emit = [&](Vec a, int64_t ow) { act_forward(act, a, sc).store(orow + ow * ov.s3 + c0, cnt); };
+        const auto pixel = [&](int64_t ow) {  // any column: taps outside the row skipped
           Vec acc = b0;
           for (int64_t kh = 0; kh < s.KH; ++kh) {
-            const int64_t ih = oh * s.sh - s.ph + kh * s.dh;
-            if (ih < 0 || ih >= s.H) continue;
-            const T* xrow = xv.p + n * xv.s0 + ih * xv.s2 + c0;
-            const Vec* wrow = wv.data() + kh * s.KW;
-            const int64_t iw0 = ow * s.sw - s.pw;
-            if (iw0 >= 0 && iw0 + (s.KW - 1) * s.dw < s.W) {  // every tap of the row inside
-              for (int64_t kw = 0; kw < s.KW; ++kw)
-                acc = at::vec::fmadd(wrow[kw], Vec::loadu(xrow + (iw0 + kw * s.dw) * xv.s3, cnt), acc);
-              continue;
-            }
+            if (!xrow[kh]) continue;
             for (int64_t kw = 0; kw < s.KW; ++kw) {
-              const int64_t iw = iw0 + kw * s.dw;
+              const int64_t iw = ow * s.sw - s.pw + kw * s.dw;
               if (iw < 0 || iw >= s.W) continue;
-              acc = at::vec::fmadd(wrow[kw], Vec::loadu(xrow + iw * xv.s3, cnt), acc);
+              acc = at::vec::fmadd(wv[kh * s.KW + kw], Vec::loadu(xrow[kh] + iw * xv.s3 + c0, cnt), acc);
             }
           }
-          act_forward(act, acc, sc).store(ov.p + n * ov.s0 + oh * ov.s2 + ow * ov.s3 + c0, cnt);
+          emit(acc, ow);
+        };
+        const auto block = [&](int64_t ow, auto full) {  // kPixels inner columns
+          const auto load = [&](const T* q) { return full ? Vec::loadu(q) : Vec::loadu(q, cnt); };
+          const int64_t step = s.sw * xv.s3;
+          Vec a0 = b0, a1 = b0, a2 = b0, a3 = b0;
+          for (int64_t kh = 0; kh < s.KH; ++kh) {
+            if (!xrow[kh]) continue;
+            const T* q = xrow[kh] + (ow * s.sw - s.pw) * xv.s3 + c0;
+            for (int64_t kw = 0; kw < s.KW; ++kw, q += s.dw * xv.s3) {
+              const Vec wk = wv[kh * s.KW + kw];
+              a0 = at::vec::fmadd(wk, load(q), a0);
+              a1 = at::vec::fmadd(wk, load(q + step), a1);
+              a2 = at::vec::fmadd(wk, load(q + 2 * step), a2);
+              a3 = at::vec::fmadd(wk, load(q + 3 * step), a3);
+            }
+          }
+          emit(a0, ow), emit(a1, ow + 1), emit(a2, ow + 2), emit(a3, ow + 3);
+        };
+        int64_t ow = 0;
+        for (; ow < lo; ++ow) pixel(ow);
+        for (; ow + kPixels <= hi; ow += kPixels) {
+          if (cnt == L) {
+            block(ow, std::true_type{});
+          } else {
+            block(ow, std::false_type{});
+          }
         }
+        for (; ow < s.OW; ++ow) pixel(ow);
       }
     }
   });
 }
 
-// grad_in gathered: each input pixel sums the output pixels its taps reach (any stride).
+template <typename T>
+void dw_cl_forward_t(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                     const at::Tensor& out, Act act, double scalar) {
+  const at::Tensor wt = taps_by_channel<T>(w, s);
+  dw_cl_correlate<T>(s, View4<T>(x), wt.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr,
+                     View4<T>(out), act, T(scalar));
+}
+
+// The input gradient. Stride 1: the forward correlation of grad_out with the weight flipped in space
+// and padding d * (k - 1) - p. Other strides: gathered, each input pixel summing the output pixels its
+// taps reach.
 template <typename T>
 void dw_cl_backward_input_t(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi) {
+  if (s.sh == 1 && s.sw == 1) {
+    ConvShape t = s;
+    t.H = s.OH, t.W = s.OW, t.OH = s.H, t.OW = s.W;
+    t.ph = s.dh * (s.KH - 1) - s.ph, t.pw = s.dw * (s.KW - 1) - s.pw;
+    const at::Tensor wt = taps_by_channel<T>(w.flip({2, 3}), s);
+    dw_cl_correlate<T>(t, View4<T>(g), wt.const_data_ptr<T>(), nullptr, View4<T>(gi), Act::kNone, T(0));
+    return;
+  }
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
   const at::Tensor wt = taps_by_channel<T>(w, s);
@@ -110,7 +163,9 @@ void dw_cl_backward_input_t(const ConvShape& s, const at::Tensor& g, const at::T
 }
 
 // The weight and bias gradients: output rows (n, oh) split into chunks fixed by the shape, each chunk
-// summing into its own [KH * KW + 1, C] partial, the partials added in chunk order.
+// summing into its own [KH * KW + 1, C] partial, the partials added in chunk order. Within a row, each
+// tap is a dot product along the output columns it reaches, in kPixels register accumulators summed
+// in a fixed order; the row's sum is then added to the partial.
 template <typename T>
 void dw_cl_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
                              const at::Tensor& gb) {
@@ -120,30 +175,60 @@ void dw_cl_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at::
   const int64_t C = s.C, taps = s.KH * s.KW, rows = s.N * s.OH;
   const int64_t NC = std::min<int64_t>(rows, 16), per = (rows + NC - 1) / NC, psize = (taps + 1) * C;
   std::vector<T> parts(NC * psize, T(0));
+  // the output columns [cols[2 kw], cols[2 kw + 1]) whose tap kw falls inside the input row
+  std::vector<int64_t> cols(2 * s.KW);
+  for (int64_t kw = 0; kw < s.KW; ++kw) {
+    const int64_t off = s.pw - kw * s.dw;  // iw = ow * sw - off
+    const int64_t lo = off <= 0 ? 0 : std::min(s.OW, (off + s.sw - 1) / s.sw);
+    const int64_t last = s.W - 1 + off;
+    cols[2 * kw] = lo;
+    cols[2 * kw + 1] = last < 0 ? lo : std::max(lo, std::min(s.OW, last / s.sw + 1));
+  }
+  // sum over j in [0, m) of a[j * as] * b[j * bs] (or of a[j * as] alone), four accumulators, fixed order
+  const auto dot = [](const T* a, int64_t as, const T* b, int64_t bs, int64_t m, int64_t cnt) {
+    Vec s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
+    int64_t j = 0;
+    const auto ld = [cnt](const T* q) { return cnt == L ? Vec::loadu(q) : Vec::loadu(q, cnt); };
+    for (; j + kPixels <= m; j += kPixels) {
+      const T* pa = a + j * as;
+      if (b) {
+        const T* pb = b + j * bs;
+        s0 = at::vec::fmadd(ld(pa), ld(pb), s0);
+        s1 = at::vec::fmadd(ld(pa + as), ld(pb + bs), s1);
+        s2 = at::vec::fmadd(ld(pa + 2 * as), ld(pb + 2 * bs), s2);
+        s3 = at::vec::fmadd(ld(pa + 3 * as), ld(pb + 3 * bs), s3);
+      } else {
+        s0 = s0 + ld(pa), s1 = s1 + ld(pa + as), s2 = s2 + ld(pa + 2 * as), s3 = s3 + ld(pa + 3 * as);
+      }
+    }
+    for (; j < m; ++j) s0 = b ? at::vec::fmadd(ld(a + j * as), ld(b + j * bs), s0) : s0 + ld(a + j * as);
+    return (s0 + s1) + (s2 + s3);
+  };
   at::parallel_for(0, NC, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t ci = t0; ci < t1; ++ci) {
       T* P = parts.data() + ci * psize;
       for (int64_t r = ci * per; r < std::min(rows, (ci + 1) * per); ++r) {
         const int64_t n = r / s.OH, oh = r % s.OH;
+        const T* grow = gv.p + n * gv.s0 + oh * gv.s2;
         for (int64_t c0 = 0; c0 < C; c0 += L) {
           const int64_t cnt = std::min(L, C - c0);
-          Vec bsum = Vec::loadu(P + taps * C + c0, cnt);
-          for (int64_t ow = 0; ow < s.OW; ++ow) {
-            const Vec gval = Vec::loadu(gv.p + n * gv.s0 + oh * gv.s2 + ow * gv.s3 + c0, cnt);
-            bsum = bsum + gval;
-            for (int64_t kh = 0; kh < s.KH; ++kh) {
-              const int64_t ih = oh * s.sh - s.ph + kh * s.dh;
-              if (ih < 0 || ih >= s.H) continue;
-              const T* xrow = xv.p + n * xv.s0 + ih * xv.s2 + c0;
-              for (int64_t kw = 0; kw < s.KW; ++kw) {
-                const int64_t iw = ow * s.sw - s.pw + kw * s.dw;
-                if (iw < 0 || iw >= s.W) continue;
-                T* acc = P + (kh * s.KW + kw) * C + c0;
-                at::vec::fmadd(gval, Vec::loadu(xrow + iw * xv.s3, cnt), Vec::loadu(acc, cnt)).store(acc, cnt);
-              }
+          const auto add = [&](int64_t slot, Vec v) {
+            T* acc = P + slot * C + c0;
+            (Vec::loadu(acc, cnt) + v).store(acc, cnt);
+          };
+          add(taps, dot(grow + c0, gv.s3, nullptr, 0, s.OW, cnt));
+          for (int64_t kh = 0; kh < s.KH; ++kh) {
+            const int64_t ih = oh * s.sh - s.ph + kh * s.dh;
+            if (ih < 0 || ih >= s.H) continue;
+            const T* xrow = xv.p + n * xv.s0 + ih * xv.s2 + c0;
+            for (int64_t kw = 0; kw < s.KW; ++kw) {
+              const int64_t lo = cols[2 * kw], hi = cols[2 * kw + 1];
+              if (lo >= hi) continue;
+              // grad_out from column lo, x from its column lo * sw - pw + kw * dw, both walked along ow
+              const T* xb = xrow + (lo * s.sw - s.pw + kw * s.dw) * xv.s3;
+              add(kh * s.KW + kw, dot(grow + lo * gv.s3 + c0, gv.s3, xb, s.sw * xv.s3, hi - lo, cnt));
             }
           }
-          bsum.store(P + taps * C + c0, cnt);
         }
       }
     }

@@ -160,6 +160,21 @@ CONV_CASES = {
         view=channels_last,
         grad_view=channels_last,
     ),
+    # rows of several register blocks of output pixels (and a partial channel vector) in channels_last:
+    # stride 1 with dilation and a fused activation, stride 2, and padding beyond the kernel's reach
+    "channels_last_wide": ConvCase(
+        (2, 12, 5, 11),
+        (12, 1, 3, 3),
+        {"groups": 12, "padding": 1, "dilation": (1, 2), "activation": "leaky_relu"},
+        view=channels_last,
+        grad_view=channels_last,
+    ),
+    "channels_last_stride2": ConvCase(
+        (1, 16, 9, 17), (16, 1, 3, 3), {"groups": 16, "stride": 2, "padding": 1}, view=channels_last
+    ),
+    "channels_last_overpadded": ConvCase(
+        (1, 9, 6, 10), (9, 1, 3, 3), {"groups": 9, "padding": 3}, view=channels_last, grad_view=channels_last
+    ),
     "weight_cl": ConvCase((2, 4, 5, 6), (6, 2, 3, 3), {"groups": 2, "padding": 1}, weight_view=channels_last),
     "sliced": ConvCase((2, 4, 9, 12), (4, 1, 3, 3), {"groups": 4, "padding": 1}, view=lambda t: t[:, :, ::2, 1:]),
     "wide": ConvCase((1, 2, 4, 75), (2, 1, 3, 5), {"groups": 2, "padding": (1, 2)}),
