@@ -95,10 +95,35 @@ void dw_cl_correlate(const ConvShape& s, const View4<T>& xv, const T* wp, const 
           }
           emit(a0, ow), emit(a1, ow + 1), emit(a2, ow + 2), emit(a3, ow + 3);
         };
+        // 3 taps along the width at stride 1, no dilation: kPixels + 2 input vectors a row feed the block
+        const auto block3 = [&](int64_t ow, auto full) {
+          const auto load = [&](const T* q) { return full ? Vec::loadu(q) : Vec::loadu(q, cnt); };
+          const int64_t st = xv.s3;
+          Vec a0 = b0, a1 = b0, a2 = b0, a3 = b0;
+          for (int64_t kh = 0; kh < s.KH; ++kh) {
+            if (!xrow[kh]) continue;
+            const T* q = xrow[kh] + (ow - s.pw) * st + c0;
+            const Vec w0 = wv[kh * 3], w1 = wv[kh * 3 + 1], w2 = wv[kh * 3 + 2];
+            const Vec x0 = load(q), x1 = load(q + st), x2 = load(q + 2 * st);
+            a0 = at::vec::fmadd(w2, x2, at::vec::fmadd(w1, x1, at::vec::fmadd(w0, x0, a0)));
+            const Vec x3 = load(q + 3 * st);
+            a1 = at::vec::fmadd(w2, x3, at::vec::fmadd(w1, x2, at::vec::fmadd(w0, x1, a1)));
+            const Vec x4 = load(q + 4 * st);
+            a2 = at::vec::fmadd(w2, x4, at::vec::fmadd(w1, x3, at::vec::fmadd(w0, x2, a2)));
+            const Vec x5 = load(q + 5 * st);
+            a3 = at::vec::fmadd(w2, x5, at::vec::fmadd(w1, x4, at::vec::fmadd(w0, x3, a3)));
+          }
+          emit(a0, ow), emit(a1, ow + 1), emit(a2, ow + 2), emit(a3, ow + 3);
+        };
+        const bool three = s.KW == 3 && s.sw == 1 && s.dw == 1;
         int64_t ow = 0;
         for (; ow < lo; ++ow) pixel(ow);
         for (; ow + kPixels <= hi; ow += kPixels) {
-          if (cnt == L) {
+          if (three && cnt == L) {
+            block3(ow, std::true_type{});
+          } else if (three) {
+            block3(ow, std::false_type{});
+          } else if (cnt == L) {
             block(ow, std::true_type{});
           } else {
             block(ow, std::false_type{});
@@ -131,31 +156,77 @@ void dw_cl_backward_input_t(const ConvShape& s, const at::Tensor& g, const at::T
     dw_cl_correlate<T>(t, View4<T>(g), wt.const_data_ptr<T>(), nullptr, View4<T>(gi), Act::kNone, T(0));
     return;
   }
+  // Other strides, gathered by phase: the input columns iw = p + sw * j of one phase p are reached by
+  // the same taps kw (those with p + pw - kw * dw a multiple of sw), from output column j + off[kw].
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
   const at::Tensor wt = taps_by_channel<T>(w, s);
   const T* wp = wt.const_data_ptr<T>();
   const View4<T> gv(g), iv(gi);
   const int64_t C = s.C;
+  struct Phase {
+    std::vector<int64_t> kw, off;       // the taps reaching the phase, and their output column offsets
+    int64_t count = 0, lo = 0, hi = 0;  // its columns j in [0, count); [lo, hi): every tap inside
+  };
+  std::vector<Phase> phases(s.sw);
+  for (int64_t p = 0; p < s.sw; ++p) {
+    Phase& ph = phases[p];
+    ph.count = p < s.W ? (s.W - p + s.sw - 1) / s.sw : 0;
+    ph.lo = 0, ph.hi = ph.count;
+    for (int64_t kw = 0; kw < s.KW; ++kw) {
+      const int64_t d = p + s.pw - kw * s.dw;
+      if (d % s.sw != 0) continue;
+      ph.kw.push_back(kw), ph.off.push_back(d / s.sw);
+      ph.lo = std::max(ph.lo, -d / s.sw), ph.hi = std::min(ph.hi, s.OW - d / s.sw);
+    }
+    ph.lo = std::min(ph.lo, ph.count), ph.hi = std::max(ph.lo, ph.hi);
+  }
   at::parallel_for(0, s.N * s.H, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<const T*> grow(s.KH);  // grad_out's row reaching input row ih through kh (or null)
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.H, ih = r % s.H;
+      for (int64_t kh = 0; kh < s.KH; ++kh) {
+        const int64_t th = ih + s.ph - kh * s.dh;
+        grow[kh] = th < 0 || th % s.sh != 0 || th / s.sh >= s.OH ? nullptr : gv.p + n * gv.s0 + (th / s.sh) * gv.s2;
+      }
+      T* irow = iv.p + n * iv.s0 + ih * iv.s2;
       for (int64_t c0 = 0; c0 < C; c0 += L) {
         const int64_t cnt = std::min(L, C - c0);
-        for (int64_t iw = 0; iw < s.W; ++iw) {
-          Vec acc(T(0));
-          for (int64_t kh = 0; kh < s.KH; ++kh) {
-            const int64_t th = ih + s.ph - kh * s.dh;
-            if (th < 0 || th % s.sh != 0 || th / s.sh >= s.OH) continue;
-            const T* grow = gv.p + n * gv.s0 + (th / s.sh) * gv.s2 + c0;
-            for (int64_t kw = 0; kw < s.KW; ++kw) {
-              const int64_t tw = iw + s.pw - kw * s.dw;
-              if (tw < 0 || tw % s.sw != 0 || tw / s.sw >= s.OW) continue;
-              acc = at::vec::fmadd(Vec::loadu(wp + (kh * s.KW + kw) * C + c0, cnt),
-                                   Vec::loadu(grow + (tw / s.sw) * gv.s3, cnt), acc);
+        for (int64_t p = 0; p < s.sw; ++p) {
+          const Phase& ph = phases[p];
+          const int64_t taps = static_cast<int64_t>(ph.kw.size());
+          const auto store = [&](Vec a, int64_t j) { a.store(irow + (p + s.sw * j) * iv.s3 + c0, cnt); };
+          const auto pixel = [&](int64_t j) {
+            Vec acc(T(0));
+            for (int64_t kh = 0; kh < s.KH; ++kh) {
+              if (!grow[kh]) continue;
+              for (int64_t i = 0; i < taps; ++i) {
+                const int64_t ow = j + ph.off[i];
+                if (ow < 0 || ow >= s.OW) continue;
+                acc = at::vec::fmadd(Vec::loadu(wp + (kh * s.KW + ph.kw[i]) * C + c0, cnt),
+                                     Vec::loadu(grow[kh] + ow * gv.s3 + c0, cnt), acc);
+              }
             }
+            store(acc, j);
+          };
+          int64_t j = 0;
+          for (; j < ph.lo; ++j) pixel(j);
+          for (; j + kPixels <= ph.hi; j += kPixels) {
+            Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+            for (int64_t kh = 0; kh < s.KH; ++kh) {
+              if (!grow[kh]) continue;
+              for (int64_t i = 0; i < taps; ++i) {
+                const Vec wk = Vec::loadu(wp + (kh * s.KW + ph.kw[i]) * C + c0, cnt);
+                const T* q = grow[kh] + (j + ph.off[i]) * gv.s3 + c0;
+                a0 = at::vec::fmadd(wk, Vec::loadu(q, cnt), a0);
+                a1 = at::vec::fmadd(wk, Vec::loadu(q + gv.s3, cnt), a1);
+                a2 = at::vec::fmadd(wk, Vec::loadu(q + 2 * gv.s3, cnt), a2);
+                a3 = at::vec::fmadd(wk, Vec::loadu(q + 3 * gv.s3, cnt), a3);
+              }
+            }
+            store(a0, j), store(a1, j + 1), store(a2, j + 2), store(a3, j + 3);
           }
-          acc.store(iv.p + n * iv.s0 + ih * iv.s2 + iw * iv.s3 + c0, cnt);
+          for (; j < ph.count; ++j) pixel(j);
         }
       }
     }

@@ -170,7 +170,11 @@ CONV_CASES = {
         grad_view=channels_last,
     ),
     "channels_last_stride2": ConvCase(
-        (1, 16, 9, 17), (16, 1, 3, 3), {"groups": 16, "stride": 2, "padding": 1}, view=channels_last
+        (1, 16, 9, 17),
+        (16, 1, 3, 3),
+        {"groups": 16, "stride": 2, "padding": 1},
+        view=channels_last,
+        grad_view=channels_last,
     ),
     "channels_last_overpadded": ConvCase(
         (1, 9, 6, 10), (9, 1, 3, 3), {"groups": 9, "padding": 3}, view=channels_last, grad_view=channels_last
