@@ -235,6 +235,25 @@ def test_conv_bench_prints_the_roofline(tmp_path):
             assert float(row[pct]) == pytest.approx(expect, rel=0.06, abs=slack), (pct, row)
 
 
+def test_models_bench_cases(tmp_path):
+    """The models family: the digits and CIFAR-sized inputs, at most one CIFAR case in --quick, and each
+    implementation's first step (its compile) reported beside the timed rounds; torch.compile of the pyops
+    model is a row of its own, left out with the torch.compile baseline."""
+    harness, models = _bench_module("harness"), _bench_module("models")
+    full = [(c.op, c.shape) for c in models.cases("cpu")]
+    assert len(full) == 2 * len(models.MODELS) and (64, 3, 32, 32) in {s for _, s in full}
+    quick = [c.shape for c in models.cases("cpu", quick=True)]
+    assert quick.count((64, 3, 32, 32)) <= 1 and quick.count((64, 1, 8, 8)) == 2
+    case = models._case("cnn", "cpu", models.INPUTS["cifar"], batch=4)
+    assert ("auto+compile", "pyops_compile", "auto") in case.variants
+    results = harness.measure(case, ["native"], repeats=2, with_compile=False, roofline=True)
+    assert [r.backend for r in results] == ["torch eager", "native", "auto"]
+    assert all(r.ms > 0 and r.first_s > 0 for r in results)
+    table = io.StringIO()
+    harness.print_table(results, file=table)
+    assert "first_s" in table.getvalue().splitlines()[0]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 def test_bench_steadies_the_heap_without_device(tmp_path, monkeypatch):
     """With no --device the bench runs on the CPU here, and steadies glibc's heap there."""
