@@ -10,6 +10,16 @@ thread on the CPU.
 GFLOP/s counts 2 * N * K * OH * OW * (C / groups) * KH * KW per convolution (three of them fwd+bwd);
 minimum bytes: forward reads input and weight and writes the output; backward reads grad_out (twice:
 input and weight gradients), the input and the weight and writes both gradients.
+
+The roofline (CPU): the table's header gives this machine's measured FMA peak (one core's
+register-only vector FMAs, times torch's threads) and copy bandwidth (a 128 MB dst.copy_(src)), and each row, pyops' and
+torch's alike, its share of both (%peak, %bw). Depthwise is memory-bound: 9 multiply-adds (18 flops)
+per output element against 8 bytes moved (its input and output element), about 2 flops a byte, several
+times below the machine balance (FMA peak / copy bandwidth: ~14 flops a byte on a 2-core Zen 5), so its
+target is the copy bandwidth (%bw). Grouped with 4-8 channels a group (the ResNeXt case: 4) does 72-144
+flops per output element for the same 8 bytes, 9-18 flops a byte, about the balance counting memory
+traffic alone, and its 6.4 MB planes stay in cache, whose bandwidth is several times the copy
+bandwidth: it is compute-bound, and its target is the FMA throughput (%peak).
 """
 
 import torch
@@ -127,14 +137,40 @@ def cases(device, quick=False):
         yield _case("overhead", OVERHEAD_SHAPE, c, c, 1, mode, torch.float32, device, calls, family="overhead")
 
 
-def print_table(results, file=None):
-    """The harness's table, with GFLOP/s and microseconds per call where they apply."""
-    import io
+COLUMNS = [
+    "op",
+    "mode",
+    "shape",
+    "dtype",
+    "backend",
+    "median_ms",
+    "GFLOP/s",
+    "pct_peak",
+    "GB/s",
+    "pct_copy_bw",
+    "vs_eager",
+    "saved_MB",
+    "peak_MB",
+    "median_us",
+]
+HEADERS = {"pct_peak": "%peak", "pct_copy_bw": "%bw", "median_us": "us/call"}
 
-    buf = io.StringIO()
-    _print_table(results, file=buf)
-    lines = buf.getvalue().splitlines()
-    extra = [(r.row().get("GFLOP/s", ""), r.row().get("median_us", "")) for r in results]
-    print(f"{lines[0]}  {'GFLOP/s':>8}  {'us/call':>8}", file=file)
-    for line, (gflops, us) in zip(lines[1:], extra):
-        print(f"{line}  {gflops:>8}  {us:>8}", file=file)
+
+def print_table(results, file=None):
+    """The harness's table with the roofline: GFLOP/s and its share of the FMA peak, GB/s and its share
+    of the copy bandwidth (the ceilings in the header line), and microseconds per call where they apply."""
+    peaks = sorted({r.peak_gflops for r in results if r.peak_gflops})
+    bws = sorted({r.copy_gbps for r in results if r.copy_gbps and r.case.min_bytes})
+    if peaks or bws:
+        threads = sorted({r.case.threads or torch.get_num_threads() for r in results if r.peak_gflops})
+        print(
+            "# roofline: FMA peak "
+            + (" / ".join(f"{p:.1f}" for p in peaks) or "-")
+            + " GFLOP/s (one core's register-only vector FMAs x "
+            + "/".join(map(str, threads))
+            + " threads), copy bandwidth "
+            + (" / ".join(f"{b:.1f}" for b in bws) or "-")
+            + " GB/s (read + write)",
+            file=file,
+        )
+    _print_table(results, file=file, columns=COLUMNS, headers=HEADERS)

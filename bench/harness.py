@@ -4,10 +4,16 @@ torch.compile of the reference; print a table, write CSV and a PNG plot.
 CPU: time.perf_counter around synchronous calls, warm-up first, median of many repeats, inputs
 rotated between several copies when they exceed the caches. CUDA: triton.testing.do_bench (CUDA
 events), median. Effective GB/s counts the bytes each case must move at minimum.
+
+The roofline: each row's GB/s as a share of the device's copy bandwidth (pct_copy_bw) and, where a
+case counts flops on the CPU, its GFLOP/s as a share of the measured FMA peak (pct_peak): register-only
+vector FMAs on as many threads as torch uses (pyops._C._fma_peak), not a datasheet figure. Both are
+measured once per process and thread count.
 """
 
 import csv
 import dataclasses
+import functools
 import os
 import statistics
 import time
@@ -45,6 +51,10 @@ class Case:
     calls: int = 1
     threads: Optional[int] = None  # torch.set_num_threads for the case (None: leave it)
     auto: bool = False  # time the "auto" selection beside the concrete backends
+    # (label, impl, backend) timed beside the backends, as pyops rows compared with the references:
+    # e.g. ("auto+compile", "pyops_compile", "auto"), torch.compile of the pyops side under `auto`
+    variants: Optional[list] = None
+    first_call: bool = False  # report each implementation's first call (its compile, if any), in s
 
 
 @dataclasses.dataclass
@@ -56,10 +66,16 @@ class Result:
     peak_mb: Optional[float] = None
     speedups: dict = dataclasses.field(default_factory=dict)  # reference impl -> its time / ours
     copy_gbps: Optional[float] = None  # the device's copy bandwidth, measured in the same run
+    peak_gflops: Optional[float] = None  # the CPU's measured FMA peak at the case's threads
+    first_s: Optional[float] = None  # the first call's seconds (torch.compile compiles there)
 
     @property
     def gbps(self):
         return self.case.min_bytes / (self.ms * 1e-3) / 1e9
+
+    @property
+    def gflops(self):
+        return self.case.flops / (self.ms * 1e-3) / 1e9 if self.case.flops else None
 
     def row(self):
         c = self.case
@@ -74,12 +90,24 @@ class Result:
             "median_ms": f"{self.ms:.4f}",
             "GB/s": f"{self.gbps:.1f}" if c.min_bytes else "",
             "median_us": f"{self.ms * 1e3:.2f}" if c.calls > 1 else "",
-            "GFLOP/s": f"{c.flops / (self.ms * 1e-3) / 1e9:.1f}" if c.flops else "",
+            "GFLOP/s": f"{self.gflops:.1f}" if c.flops else "",
             **{f"vs_{impl}": f"{x:.2f}" for impl, x in self.speedups.items()},
             "saved_MB": f"{self.saved_mb:.2f}" if self.saved_mb is not None else "",
             "peak_MB": f"{self.peak_mb:.1f}" if self.peak_mb is not None else "",
-            "pct_copy_bw": f"{100 * self.gbps / self.copy_gbps:.0f}" if self.copy_gbps and c.min_bytes else "",
+            "pct_copy_bw": _pct(self.gbps, self.copy_gbps) if c.min_bytes else "",
+            "pct_peak": _pct(self.gflops, self.peak_gflops) if c.flops else "",
+            "copy_GB/s": f"{self.copy_gbps:.1f}" if self.copy_gbps and c.min_bytes else "",
+            "peak_GFLOP/s": f"{self.peak_gflops:.1f}" if self.peak_gflops and c.flops else "",
+            "first_s": f"{self.first_s:.2f}" if self.first_s is not None else "",
         }
+
+
+def _pct(value, ceiling):
+    """value as a percentage of ceiling: whole percents, one decimal below 10%, two below 1%."""
+    if not value or not ceiling:
+        return ""
+    pct = 100 * value / ceiling
+    return f"{pct:.0f}" if pct >= 10 else f"{pct:.1f}" if pct >= 1 else f"{pct:.2f}"
 
 
 def _rotations(case):
@@ -88,12 +116,17 @@ def _rotations(case):
     return max(1, min(4, (64 << 20) // max(per_set, 1) + 1)) if case.device == "cpu" else 1
 
 
-def time_cpu(fns, input_sets, repeats, warmup=3):
+def time_cpu(fns, input_sets, repeats, warmup=3, first=None):
     """Median ms of each function. Timings on a shared CPU drift, so the functions take turns,
-    one iteration each per round, and every ratio compares iterations run side by side."""
+    one iteration each per round, and every ratio compares iterations run side by side. The warm-up
+    (where torch.compile compiles) is outside the timed rounds; `first`, a list, receives the
+    seconds of each function's first call."""
     for fn in fns:
+        t0 = time.perf_counter()
         for i in range(warmup):
             fn(*input_sets[i % len(input_sets)])
+            if i == 0 and first is not None:
+                first.append(time.perf_counter() - t0)
     times = [[] for _ in fns]
     for i in range(repeats):
         args = input_sets[i % len(input_sets)]
@@ -137,38 +170,74 @@ def _in_backend(fn, backend):
 
 
 def copy_bandwidth(device):
-    """GB/s of a large device-to-device copy (bytes read + written): the ceiling of memory-bound ops."""
-    if device != "cuda":
-        return None
-    x = torch.empty(1 << 26, device="cuda")
-    (ms,) = time_cuda([lambda t: t.clone()], [(x,)], 50)
-    return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
+    """GB/s of a large device-to-device copy (bytes read + written): the ceiling of memory-bound ops.
+    On the CPU, dst.copy_(src) of 128 MB (4x a 32 MB L3) at torch's thread count, median of 10."""
+    if device == "cuda":
+        x = torch.empty(1 << 26, device="cuda")
+        (ms,) = time_cuda([lambda t: t.clone()], [(x,)], 50)
+        return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
+    if device == "cpu":
+        return _cpu_copy_bandwidth(torch.get_num_threads())
+    return None
 
 
-def measure(case, backends, repeats, with_compile=True, copy_gbps=None):
+@functools.cache
+def _cpu_copy_bandwidth(threads, numel=1 << 25):
+    src = torch.ones(numel)  # written once, so that every page is mapped before the timing
+    dst = torch.zeros(numel)
+    (ms,) = time_cpu([lambda s, d: d.copy_(s)], [(src, dst)], repeats=10, warmup=2)
+    return 2 * numel * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def fma_peak(device):
+    """GFLOP/s of register-only vector FMAs on one core (pyops._C._fma_peak: 12 independent accumulators,
+    the vector width the CPU kernels are built for), the best of three 0.1 s runs, times torch's thread
+    count: the ceiling of compute-bound ops. One core times the threads, not all threads at once, so that
+    another process on a shared machine lowers the achieved figures, not the ceiling. None off the CPU."""
+    return _cpu_fma_peak_1() * torch.get_num_threads() if device == "cpu" else None
+
+
+@functools.cache
+def _cpu_fma_peak_1():
+    return max(pyops._C._fma_peak(1, 0.1) for _ in range(3))
+
+
+def measure(case, backends, repeats, with_compile=True, copy_gbps=None, roofline=False):
     """Results for the torch references (eager and torch.compile unless the case names others) and
-    each pyops backend, timed side by side."""
+    each pyops backend, timed side by side. With `roofline`, on the CPU, the copy bandwidth and FMA
+    peak at the case's thread count (measured once per process and thread count)."""
     refs = case.references or [("torch eager", "eager"), ("torch.compile", "compile")]
     refs = [(label, impl) for label, impl in refs if impl != "compile" or (with_compile and case.compile_baseline)]
     threads = torch.get_num_threads()
     if case.threads:
         torch.set_num_threads(case.threads)
     try:
-        return _measure(case, refs, list(backends) + (["auto"] if case.auto else []), repeats, copy_gbps)
+        peak = None
+        if roofline and case.device == "cpu":
+            copy_gbps = copy_bandwidth("cpu") if case.min_bytes else None
+            peak = fma_peak("cpu") if case.flops else None
+        variants = [v for v in case.variants or [] if with_compile or "compile" not in v[1]]
+        backends = list(backends) + (["auto"] if case.auto else [])
+        results = _measure(case, refs, backends, variants, repeats, copy_gbps)
+        for r in results:
+            r.peak_gflops = peak
+        return results
     finally:
         torch.set_num_threads(threads)
 
 
-def _measure(case, refs, backends, repeats, copy_gbps):
+def _measure(case, refs, backends, variants, repeats, copy_gbps):
     sets = [case.make_inputs() for _ in range(_rotations(case))]
     impls = [(label, impl, None) for label, impl in refs] + [(b, "pyops", b) for b in backends]
+    impls += variants
     fns = [_in_backend(case.iteration(impl), b) for _, impl, b in impls]
-    timer = time_cuda if case.device == "cuda" else time_cpu
-    times = timer(fns, sets, repeats)
+    first = [] if case.first_call and case.device == "cpu" else None
+    times = time_cuda(fns, sets, repeats) if case.device == "cuda" else time_cpu(fns, sets, repeats, first=first)
     results = [Result(case, label, ms / case.calls) for (label, _, _), ms in zip(impls, times)]
-    for r, (_, impl, b) in zip(results, impls):
+    for k, (r, (_, impl, b)) in enumerate(zip(results, impls)):
         r.copy_gbps = copy_gbps
-        if case.forward is not None and impl != "compile":
+        r.first_s = first[k] if first else None
+        if case.forward is not None and "compile" not in impl:
             r.saved_mb = saved_megabytes(_in_backend(case.forward(impl), b), sets[0])
         if case.device == "cuda":  # peak memory of one more iteration
             torch.cuda.synchronize()
@@ -187,6 +256,7 @@ COLUMNS = [
     "dtype",
     "backend",
     "median_ms",
+    "first_s",
     "GB/s",
     "pct_copy_bw",
     "vs_eager",
@@ -196,18 +266,21 @@ COLUMNS = [
 ]
 
 
-def _columns(rows):
-    """COLUMNS, with any other vs_<reference> columns the rows carry, in first-seen order."""
-    extra = [k for row in rows for k in row if k.startswith("vs_") and k not in COLUMNS]
-    cols = COLUMNS[: COLUMNS.index("saved_MB")] + list(dict.fromkeys(extra)) + COLUMNS[COLUMNS.index("saved_MB") :]
+def _columns(rows, columns=COLUMNS):
+    """columns, with any other vs_<reference> columns the rows carry, in first-seen order."""
+    extra = [k for row in rows for k in row if k.startswith("vs_") and k not in columns]
+    cols = columns[: columns.index("saved_MB")] + list(dict.fromkeys(extra)) + columns[columns.index("saved_MB") :]
     return [c for c in cols if any(row.get(c) for row in rows)]
 
 
-def print_table(results, file=None):
+def print_table(results, file=None, columns=COLUMNS, headers=None):
+    """The rows' non-empty `columns` (which must include saved_MB), each headed by its name or
+    headers[name]."""
     rows = [r.row() for r in results]
-    cols = _columns(rows)
-    widths = {c: max(len(c), *(len(row.get(c, "")) for row in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols), file=file)
+    cols = _columns(rows, columns)
+    headers = {c: (headers or {}).get(c, c) for c in cols}
+    widths = {c: max(len(headers[c]), *(len(row.get(c, "")) for row in rows)) for c in cols}
+    print("  ".join(headers[c].ljust(widths[c]) for c in cols), file=file)
     for row in rows:
         print("  ".join(row.get(c, "").ljust(widths[c]) for c in cols), file=file)
 
@@ -301,7 +374,7 @@ def run(families, device, quick, out_dir, with_compile=True, backends=None, file
             backends = [b for b in backends if b != "triton"]
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_name(device)
-    copy_gbps = copy_bandwidth(device)
+    copy_gbps = copy_bandwidth(device) if families else None
     if copy_gbps:
         print(f"# device copy bandwidth: {copy_gbps:.0f} GB/s", file=file)
     all_results = []
@@ -311,7 +384,12 @@ def run(families, device, quick, out_dir, with_compile=True, backends=None, file
         stem = os.path.join(out_dir, f"{family}_{device}")
         for case in module.cases(device, quick):
             results += measure(
-                case, backends, repeats=10 if quick else 50, with_compile=with_compile, copy_gbps=copy_gbps
+                case,
+                backends,
+                repeats=10 if quick else 50,
+                with_compile=with_compile,
+                copy_gbps=copy_gbps,
+                roofline=True,
             )
             write_csv(results, stem + ".csv", machine)  # after every case: a cut-off run keeps its rows
         print(

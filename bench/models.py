@@ -1,9 +1,16 @@
 """Whole-model benchmark cases: one training step (forward, cross-entropy, backward, Adam step) of
-the lectures' networks (pyops.models) on a batch of 64 digits-sized images (1x8x8), pyops modules
-with pyops.optim.Adam against torch modules with torch.optim.Adam, eager and torch.compile.
+the lectures' networks (pyops.models) on a batch of 64 digits-sized images (1x8x8) and, beside them,
+of 64 CIFAR-sized images (3x32x32), pyops modules with pyops.optim.Adam against torch modules with
+torch.optim.Adam, measured as a user runs them: torch eager, torch.compile of the torch model, pyops
+(each backend and `auto`) and torch.compile of the pyops model under `auto` ("auto+compile").
 
-This is where a call's fixed cost shows: the tensors are small, so the per-op overhead and the
-`auto` backend's choice of where to run them decide the time, not the kernels' bandwidth.
+torch.compile compiles forward and loss with fullgraph=True (pyops' ops are opaque custom ops to it, so
+any graph break is an error); backward runs through the compiled graph's backward, the optimizer step
+eagerly. Compiling happens in the warm-up, outside the timed rounds; first_s is each implementation's
+first step, the compile included (tens of seconds a model on two cores).
+
+On 8x8 the tensors are small, so the per-op overhead and the `auto` backend's choice of where to run
+them decide the time, not the kernels' bandwidth; on 32x32 the convolutions' arithmetic starts to count.
 """
 
 import torch
@@ -14,43 +21,50 @@ from pyops import models as pmodels
 from .harness import Case
 
 MODELS = ("cnn", "resnext", "mobilenet", "densenet", "mlp3")
+INPUTS = {"digits": (1, 8, 8), "cifar": (3, 32, 32)}  # one image, (C, H, W)
+QUICK = (("cnn", "digits"), ("resnext", "digits"), ("cnn", "cifar"))
 BATCH = 64
 
 
-def _case(name, device, batch=BATCH):
+def _case(name, device, input_shape=INPUTS["digits"], batch=BATCH):
     def make_inputs():
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, 1, 8, 8, generator=g).to(device)
+        x = torch.randn(batch, *input_shape, generator=g).to(device)
         y = torch.randint(0, 10, (batch,), generator=g).to(device)
         return x, y
 
     def _model(impl):
-        lib = "pyops" if impl == "pyops" else "torch"
-        model = pmodels.build(name, lib).to(device)
+        lib = "pyops" if impl.startswith("pyops") else "torch"
+        model = pmodels.build(name, lib, input_shape=input_shape).to(device)
         opt = (popt.Adam if lib == "pyops" else torch.optim.Adam)(model.parameters(), lr=1e-3)
         loss_fn = pmodels.loss_module(lib)
-        forward = torch.compile(model) if impl == "compile" else model
-        return forward, opt, loss_fn
+
+        def loss(x, y):
+            return loss_fn(model(x), y)
+
+        if "compile" in impl:
+            torch._dynamo.reset()  # every case compiles the same function: start each from an empty cache
+            loss = torch.compile(loss, fullgraph=True)
+        return loss, opt
 
     def iteration(impl):
-        forward, opt, loss_fn = _model(impl)
+        loss, opt = _model(impl)
 
         def step(x, y):
             opt.zero_grad(set_to_none=True)
-            loss_fn(forward(x), y).backward()
+            loss(x, y).backward()
             opt.step()
 
         return step
 
     def forward_only(impl):
-        forward, _, loss_fn = _model(impl)
-        return lambda x, y: loss_fn(forward(x), y)
+        return _model(impl)[0]
 
     return Case(
         "models",
         name,
         "train step",
-        (batch, 1, 8, 8),
+        (batch, *input_shape),
         torch.float32,
         device,
         0,
@@ -58,9 +72,12 @@ def _case(name, device, batch=BATCH):
         iteration,
         forward=forward_only,
         auto=True,
+        variants=[("auto+compile", "pyops_compile", "auto")],
+        first_call=True,
     )
 
 
 def cases(device, quick=False):
-    for name in MODELS[:2] if quick else MODELS:
-        yield _case(name, device)
+    todo = QUICK if quick else [(name, size) for size in INPUTS for name in MODELS]
+    for name, size in todo:
+        yield _case(name, device, INPUTS[size])

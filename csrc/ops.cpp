@@ -14,6 +14,7 @@
 #include "functional.h"
 #include "optim.h"
 #include "primitives.h"
+#include "roofline.h"
 
 TORCH_LIBRARY(pyops, m) {
   // ---- primitives: pyops::<native> and pyops::<triton>, one schema (csrc/primitives.h) ----------
@@ -365,6 +366,7 @@ PyMethodDef methods[] = {
     {"_autotune_clear", py_autotune_clear, METH_NOARGS, "Empty the cache."},
     {"_fused_step_fits", py_fused_step_fits, METH_VARARGS, "Whether an optimizer primitive takes a group in one call."},
     {"_cuda_launch_plan", pyops::py_cuda_launch_plan, METH_VARARGS, "The CUDA launches of an op for given sizes."},
+    {"_fma_peak", pyops::py_fma_peak, METH_VARARGS, "GFLOP/s of register-only vector FMAs on n threads."},
     {"_cross_entropy_weight_total", pyops::py_cross_entropy_weight_total, METH_VARARGS, "A mean's weight total."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -42,6 +42,16 @@ def _bench_modules():
     return activation, harness, overhead
 
 
+def _bench_module(name):
+    sys.path.insert(0, ROOT)
+    try:
+        import importlib
+
+        return importlib.import_module(f"bench.{name}")
+    finally:
+        sys.path.remove(ROOT)
+
+
 def test_check_passes():
     """Every family, every entry of the spec table and every backend available to a user here is
     checked (the Triton interpreter's rows are the family tests' business: they take minutes)."""
@@ -173,6 +183,75 @@ def test_overhead_cases_print_torch_beside_each_backend(tmp_path):
     assert [line.split()[:3] for line in lines[2:]] == [["relu", "64", mode] for mode in overhead.MODES]
     harness.write_csv(results, tmp_path / "o.csv", "test")
     assert all(float(r["median_us"]) > 0 for r in csv.DictReader(open(tmp_path / "o.csv")))
+
+
+def test_fma_peak_is_measured_and_sane():
+    """pyops._C._fma_peak: register-only vector FMAs, GFLOP/s summed over the threads; positive and
+    finite, below what any CPU core reaches (64 lanes x 2 flops x 4 pipes x 6 GHz ~ 3 TFLOP/s a core),
+    above a scalar core's crawl; bad arguments are a ValueError."""
+    import math
+
+    one = pyops._C._fma_peak(1, 0.05)
+    assert math.isfinite(one) and 1.0 < one < 3000.0, one
+    two = pyops._C._fma_peak(2, 0.05)
+    assert math.isfinite(two) and 1.0 < two < 6000.0, two
+    for bad in [(0, 0.1), (1, 0.0), (1, -1.0), (1, float("nan")), (1, 100.0)]:
+        with pytest.raises(ValueError, match="_fma_peak"):
+            pyops._C._fma_peak(*bad)
+    harness = _bench_module("harness")
+    peak = harness.fma_peak("cpu")  # one core, measured once, times torch's threads
+    assert peak == harness.fma_peak("cpu") > 0 and peak >= 0.5 * one * torch.get_num_threads()
+    assert harness.fma_peak("cuda") is None
+
+
+def test_conv_bench_prints_the_roofline(tmp_path):
+    """The conv family on the CPU: the header names the measured FMA peak and copy bandwidth, and every
+    row, torch's and pyops', its GFLOP/s as %peak and GB/s as %bw; the CSV carries them too."""
+    harness, conv = _bench_module("harness"), _bench_module("conv")
+    assert "memory-bound" in conv.__doc__ and "compute-bound" in conv.__doc__
+    results = []
+    for label, shape, k, groups in [("depthwise", (2, 8, 16, 16), 8, 8), ("grouped", (2, 16, 16, 16), 16, 4)]:
+        case = conv._case(label, shape, k, groups, 1, "fwd", torch.float32, "cpu")
+        results += harness.measure(case, ["native"], repeats=3, roofline=True)
+    assert [r.backend for r in results] == ["torch eager", "native", "auto"] * 2
+    assert all(r.peak_gflops > 0 and r.copy_gbps > 0 for r in results)
+    table = io.StringIO()
+    conv.print_table(results, file=table)
+    lines = table.getvalue().splitlines()
+    assert lines[0].startswith("# roofline: FMA peak ") and "GFLOP/s" in lines[0] and "GB/s" in lines[0]
+    header = lines[1].split()
+    for col in ("GFLOP/s", "%peak", "GB/s", "%bw", "vs_eager"):
+        assert col in header, header
+    for col in ("%peak", "%bw"):  # fixed-width columns: the cell under each header
+        at = lines[1].index(f" {col} ") + 1
+        assert all(float(line[at:].split()[0]) >= 0 for line in lines[2:]), (col, lines)
+    harness.write_csv(results, tmp_path / "c.csv", "test")
+    rows = list(csv.DictReader(open(tmp_path / "c.csv")))
+    for row in rows:
+        assert float(row["peak_GFLOP/s"]) > 0 and float(row["copy_GB/s"]) > 0, row
+        for pct, value, ceiling in [("pct_peak", "GFLOP/s", "peak_GFLOP/s"), ("pct_copy_bw", "GB/s", "copy_GB/s")]:
+            expect = 100 * float(row[value]) / float(row[ceiling])  # value is rounded to 0.05 either way
+            slack = 100 * 0.05 / float(row[ceiling]) + 0.006
+            assert float(row[pct]) == pytest.approx(expect, rel=0.06, abs=slack), (pct, row)
+
+
+def test_models_bench_cases(tmp_path):
+    """The models family: the digits and CIFAR-sized inputs, at most one CIFAR case in --quick, and each
+    implementation's first step (its compile) reported beside the timed rounds; torch.compile of the pyops
+    model is a row of its own, left out with the torch.compile baseline."""
+    harness, models = _bench_module("harness"), _bench_module("models")
+    full = [(c.op, c.shape) for c in models.cases("cpu")]
+    assert len(full) == 2 * len(models.MODELS) and (64, 3, 32, 32) in {s for _, s in full}
+    quick = [c.shape for c in models.cases("cpu", quick=True)]
+    assert quick.count((64, 3, 32, 32)) <= 1 and quick.count((64, 1, 8, 8)) == 2
+    case = models._case("cnn", "cpu", models.INPUTS["cifar"], batch=4)
+    assert ("auto+compile", "pyops_compile", "auto") in case.variants
+    results = harness.measure(case, ["native"], repeats=2, with_compile=False, roofline=True)
+    assert [r.backend for r in results] == ["torch eager", "native", "auto"]
+    assert all(r.ms > 0 and r.first_s > 0 for r in results)
+    table = io.StringIO()
+    harness.print_table(results, file=table)
+    assert "first_s" in table.getvalue().splitlines()[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")

@@ -55,6 +55,56 @@ def test_both_libs_build_the_same_network(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("input_shape", [(1, 8, 8), (3, 32, 32)])
+def test_models_build_for_digits_and_cifar_sizes(name, input_shape):
+    """Every network takes input_shape (C, H, W): the digits' 1x8x8 and CIFAR's 3x32x32, from both libs,
+    forward and backward."""
+    x = torch.randn(2, *input_shape)
+    for model in pmodels.pair(name, input_shape=input_shape):
+        out = model(x)
+        assert out.shape == (2, 10)
+        out.sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def _cnn_cifar_steps(x, y, compiled, steps=3):
+    """Losses and final parameters of `steps` training steps of the pyops CNN on CIFAR-sized x."""
+    from pyops import optim as popt
+
+    model = pmodels.build("cnn", input_shape=tuple(x.shape[1:])).double()
+    opt = popt.Adam(model.parameters(), lr=1e-3)
+    loss_fn = pmodels.loss_module("pyops")
+
+    def loss(x, y):
+        return loss_fn(model(x), y)
+
+    if compiled:
+        torch._dynamo.reset()
+        loss = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        value = loss(x, y)
+        value.backward()
+        opt.step()
+        losses.append(value.detach())
+    return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
+
+
+def test_compile_fullgraph_training_step():
+    """torch.compile(fullgraph=True) of a pyops model's training step, as bench/models.py times it
+    (forward and loss compiled, backward through the compiled graph, pyops' Adam step): no graph break,
+    and the same losses and parameters as eager after three steps."""
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,))
+    eager, eager_params = _cnn_cifar_steps(x, y, compiled=False)
+    comp, comp_params = _cnn_cifar_steps(x, y, compiled=True)
+    torch.testing.assert_close(comp, eager, rtol=1e-9, atol=1e-12)
+    for p, q in zip(comp_params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_training_parity_float64(name, digits):
     """Same initialisation and batches, 20 steps: pyops' kernels (native backend) and torch's agree step
     by step in float64."""
