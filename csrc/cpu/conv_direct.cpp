@@ -58,6 +58,88 @@ inline void row_block(const T* base, const int64_t* offs, const T* wk, int64_t t
   if constexpr (V > 3) emit(a3, 3);
 }
 
+// Vectors a register-blocked kernel may keep per block: twice as many with 32 vector registers
+// (AVX-512) as with 16 (AVX2, where 4 rows x 1 vector + 9 weights still fit).
+template <typename T>
+constexpr int kWide = sizeof(Vectorized<T>) >= 64 ? 2 : 1;
+
+// The epilogue of a block: act(a) to out[0, n) (a partial last vector masked); HasAct false: a plain
+// store, so that the accumulators go from registers to the output.
+template <bool HasAct, typename T>
+inline void emit_vec(Vectorized<T> a, Act act, T sc, T* out, int64_t n) {
+  constexpr int64_t L = Vectorized<T>::size();
+  if (n <= 0) return;
+  if constexpr (HasAct) a = act_forward(act, a, sc);
+  if (n >= L) {
+    a.store(out);
+  } else {
+    a.store(out, static_cast<int>(n));
+  }
+}
+
+// Depthwise 3x3, stride 1 along the width: R output rows x V vectors at once, the 9 weights in
+// registers. Input row j of the block starts at in + j * ds; output row i reads input rows i, i + 1,
+// i + 2 (R > 1 only where rows and taps step alike: stride 1 and dilation 1 along the height), so each
+// loaded input vector feeds up to 3 output rows. out row i at out + i * os, n valid elements a row.
+template <int R, int V, bool HasAct, typename T>
+inline void dw3_block(const T* in, int64_t ds, int64_t dw, const Vectorized<T>* w, const Vectorized<T>& b, Act act,
+                      T sc, T* out, int64_t os, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  Vec acc[R][V];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[i][v] = b;
+#pragma GCC unroll 8
+  for (int j = 0; j < R + 2; ++j) {
+    const T* row = in + j * ds;
+#pragma GCC unroll 3
+    for (int kw = 0; kw < 3; ++kw)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        const Vec x = Vec::loadu(row + kw * dw + v * L);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i)
+          if (j - i >= 0 && j - i <= 2) acc[i][v] = at::vec::fmadd(w[(j - i) * 3 + kw], x, acc[i][v]);
+      }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) emit_vec<HasAct>(acc[i][v], act, sc, out + i * os + v * L, n - v * L);
+}
+
+// One padded depthwise plane (3x3, stride 1 along the width) to out rows (row stride os, n valid a row).
+template <typename T>
+void dw3_plane(const ConvShape& s, const PlaneGeometry& geo, const T* xs, const T* wk, T bias, Act act, T sc, T* out,
+               int64_t os, int64_t n, int64_t oh0, int64_t oh1) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  constexpr int VB = kWide<T>;
+  Vec w[9];
+  for (int t = 0; t < 9; ++t) w[t] = Vec(wk[t]);
+  const Vec b(bias);
+  const int64_t nv = round_up(s.OW, L) / L;
+  const auto rows_of = [&]<int R, bool A>(int64_t oh) {
+    const T* in = xs + oh * s.sh * geo.stride;
+    const int64_t ds = s.dh * geo.stride;
+    T* o = out + (oh - oh0) * os;
+    int64_t v = 0;
+    for (; v + VB <= nv; v += VB) dw3_block<R, VB, A>(in + v * L, ds, s.dw, w, b, act, sc, o + v * L, os, n - v * L);
+    if (v < nv) dw3_block<R, 1, A>(in + v * L, ds, s.dw, w, b, act, sc, o + v * L, os, n - v * L);
+  };
+  const auto rows = [&](auto r_tag, int64_t oh) {
+    constexpr int R = decltype(r_tag)::value;
+    if (act == Act::kNone) return rows_of.template operator()<R, false>(oh);
+    rows_of.template operator()<R, true>(oh);
+  };
+  int64_t oh = oh0;
+  if (s.sh == 1 && s.dh == 1)
+    for (; oh + 4 <= oh1; oh += 4) rows(std::integral_constant<int, 4>{}, oh);
+  for (; oh < oh1; ++oh) rows(std::integral_constant<int, 1>{}, oh);
+}
+
 // out[n, k] = act(bias[k] + sum_c conv(x[n, group c], w[k, c])) for every image and group; x may be any
 // strided 4-d tensor (padding may be negative: a crop), w opmath [K, Cg, KH, KW], bias opmath or null.
 template <typename scalar_t>
@@ -78,6 +160,9 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
   const T sc = T(scalar);
   const int64_t taps = Cg * s.KH * s.KW;
   const bool direct_store = std::is_same_v<scalar_t, T> && ov.s3 == 1;
+  // depthwise 3x3 along a vector row: the register-blocked kernel
+  const bool dw3 = vector && Cg == 1 && Kg == 1 && s.KH == 3 && s.KW == 3;
+  constexpr int64_t kRowsBuf = 8;   // rows through `row` when the output is not a dense opmath row
   std::vector<int64_t> offs(taps);  // tap (c, kh, kw) -> its element's offset from the row's start
   for (int64_t c = 0; c < Cg; ++c)
     for (int64_t kh = 0; kh < s.KH; ++kh)
@@ -87,10 +172,25 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
   const int64_t work = std::max<int64_t>(1, Kg * s.OH * s.OW * taps);
   at::parallel_for(0, s.N * G, std::max<int64_t>(1, (1 << 16) / work), [&](int64_t t0, int64_t t1) {
     std::vector<T> xs(Cg * geo.plane + L);
-    std::vector<T> row(OWv);
+    std::vector<T> row(kRowsBuf * OWv);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / G, grp = t % G;
       copy_padded(xv.p + n * xv.s0 + grp * Cg * xv.s1, xv.s1, xv.s2, xv.s3, Cg, s.H, s.W, s.ph, s.pw, geo, xs.data());
+      if (dw3) {
+        const T b = bias ? bias[grp] : T(0);
+        scalar_t* dst = ov.p + n * ov.s0 + grp * ov.s1;
+        if (direct_store) {
+          dw3_plane(s, geo, xs.data(), w + grp * 9, b, act, sc, reinterpret_cast<T*>(dst), ov.s2, s.OW, 0, s.OH);
+        } else {
+          // blocks of rows through the opmath buffer `row`, converted / strided on the store
+          for (int64_t oh = 0; oh < s.OH; oh += kRowsBuf) {
+            const int64_t oe = std::min(s.OH, oh + kRowsBuf);
+            dw3_plane(s, geo, xs.data(), w + grp * 9, b, act, sc, row.data(), OWv, OWv, oh, oe);
+            for (int64_t r = oh; r < oe; ++r) store_row(row.data() + (r - oh) * OWv, dst + r * ov.s2, ov.s3, s.OW);
+          }
+        }
+        continue;
+      }
       for (int64_t kl = 0; kl < Kg; ++kl) {
         const int64_t k = grp * Kg + kl;
         const T* wk = w + k * taps;
@@ -195,6 +295,67 @@ void direct_backward_input_t(const ConvShape& s, const at::Tensor& g, const at::
 // Images split into chunks fixed by the shape alone: tasks (group, chunk), partials added in order.
 inline int64_t image_chunks(int64_t N, int64_t G) { return std::max<int64_t>(1, std::min<int64_t>(N, 64 / G)); }
 
+// Depthwise 3x3 weight gradient of one image into acc[0, 9) (taps) and acc[9] (bias), lane-wise:
+// grad_out's plane (row stride g2, element stride g3) is converted a row at a time into gs (zeros past
+// OW), and each of its vectors is loaded once for the 9 taps. Inputs past the last output column are
+// masked (they meet grad_out's zeros there, and 0 * inf would be NaN).
+template <typename scalar_t, typename T>
+void dw3_weight_image(const ConvShape& s, const PlaneGeometry& geo, const scalar_t* g, int64_t g2, int64_t g3,
+                      const T* xs, T* gs, Vectorized<T>* acc) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  const int64_t OWv = round_up(s.OW, L), NV = OWv / L, tail = s.OW - (NV - 1) * L;
+  Vec a[10];
+  for (int t = 0; t < 10; ++t) a[t] = acc[t];
+  // all-ones bits in the lanes below `tail`: masks the inputs of the last vector
+  __at_align__ T bits[L];
+  std::memset(bits, 0, sizeof(bits));
+  std::memset(bits, 0xff, tail * sizeof(T));
+  const Vec keep = Vec::loadu(bits);
+  // grad_out read in place where it is a dense opmath row (its tail loaded as zeros), else converted into gs
+  const bool in_place = std::is_same_v<scalar_t, T> && g3 == 1;
+  const int64_t d0 = 0, d1 = s.dh * geo.stride, d2 = 2 * s.dh * geo.stride;
+  const int64_t e1 = s.dw, e2 = 2 * s.dw;
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const scalar_t* sp = g + oh * g2;
+    const T* gr = gs;
+    if (in_place) {
+      gr = reinterpret_cast<const T*>(sp);
+    } else {
+      if (g3 == 1) {
+        copy_convert(sp, gs, s.OW);
+      } else {
+        for (int64_t j = 0; j < s.OW; ++j) gs[j] = T(sp[j * g3]);
+      }
+      std::fill(gs + s.OW, gs + OWv, T(0));
+    }
+    const T* xr = xs + oh * s.sh * geo.stride;
+    const auto step = [&](int64_t v, auto masked) {
+      constexpr bool last = decltype(masked)::value;
+      const Vec gv = last && in_place ? Vec::loadu(gr + v * L, static_cast<int>(tail)) : Vec::loadu(gr + v * L);
+      const T* x = xr + v * L;
+      const auto ld = [&](int64_t off) {
+        const Vec xv = Vec::loadu(x + off);
+        if constexpr (last) return xv & keep;
+        return xv;
+      };
+      a[0] = at::vec::fmadd(gv, ld(d0), a[0]);
+      a[1] = at::vec::fmadd(gv, ld(d0 + e1), a[1]);
+      a[2] = at::vec::fmadd(gv, ld(d0 + e2), a[2]);
+      a[3] = at::vec::fmadd(gv, ld(d1), a[3]);
+      a[4] = at::vec::fmadd(gv, ld(d1 + e1), a[4]);
+      a[5] = at::vec::fmadd(gv, ld(d1 + e2), a[5]);
+      a[6] = at::vec::fmadd(gv, ld(d2), a[6]);
+      a[7] = at::vec::fmadd(gv, ld(d2 + e1), a[7]);
+      a[8] = at::vec::fmadd(gv, ld(d2 + e2), a[8]);
+      a[9] = a[9] + gv;
+    };
+    for (int64_t v = 0; v + 1 < NV; ++v) step(v, std::false_type{});
+    step(NV - 1, std::true_type{});
+  }
+  for (int t = 0; t < 10; ++t) acc[t] = a[t];
+}
+
 template <typename scalar_t>
 void direct_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
                               const at::Tensor& gb) {
@@ -211,18 +372,30 @@ void direct_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at:
   geo.cols = s.W + 2 * s.pw;
   geo.stride = vector ? round_up(std::max(geo.cols, OWv + s.dw * (s.KW - 1)), L) : geo.cols;
   geo.plane = geo.rows * geo.stride;
-  const int64_t NC = image_chunks(s.N, G), per = (s.N + NC - 1) / NC;
+  const bool dw3 = vector && Cg == 1 && Kg == 1 && s.KH == 3 && s.KW == 3;
+  // depthwise: a plane is small and a group's planes lie an image apart, so chunks of one image (up to
+  // ~256K partial values) keep each task's reads in memory order; still a function of the shape alone
+  const int64_t NC = dw3 ? std::min<int64_t>(s.N, std::max<int64_t>(image_chunks(s.N, G), (1 << 18) / (wsize + s.K)))
+                         : image_chunks(s.N, G);
+  const int64_t per = (s.N + NC - 1) / NC;
   // partials: per chunk, the weight gradient then the bias gradient
   std::vector<T> parts(NC * (wsize + s.K), T(0));
   at::parallel_for(0, G * NC, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> xs(Cg * geo.plane + L);
     std::vector<T> gs(Kg * s.OH * OWv);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t grp = t / NC, ci = t % NC;
+      const int64_t ci = t / G, grp = t % G;  // consecutive tasks: consecutive groups of the same images
       T* pw = parts.data() + ci * (wsize + s.K) + grp * Kg * taps;
       T* pb = parts.data() + ci * (wsize + s.K) + wsize + grp * Kg;
+      Vec acc[10];  // depthwise 3x3: the taps' and the bias's sums over the chunk, lane-wise
+      for (auto& a : acc) a = Vec(T(0));
       for (int64_t n = ci * per; n < std::min(s.N, (ci + 1) * per); ++n) {
         copy_padded(xv.p + n * xv.s0 + grp * Cg * xv.s1, xv.s1, xv.s2, xv.s3, Cg, s.H, s.W, s.ph, s.pw, geo, xs.data());
+        if (dw3) {
+          // depthwise 3x3: each grad_out vector loaded once, into 9 tap accumulators and the bias's
+          dw3_weight_image(s, geo, gv.p + n * gv.s0 + grp * gv.s1, gv.s2, gv.s3, xs.data(), gs.data(), acc);
+          continue;
+        }
         for (int64_t kl = 0; kl < Kg; ++kl) {
           const scalar_t* src = gv.p + n * gv.s0 + (grp * Kg + kl) * gv.s1;
           T sum = 0;
@@ -269,6 +442,11 @@ void direct_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at:
                 }
                 pw[(kl * Cg + c) * s.KH * s.KW + kh * s.KW + kw] += total;
               }
+      }
+      if (dw3) {
+        const auto sum = [](Vec a, Vec b) { return a + b; };
+        for (int tap = 0; tap < 9; ++tap) pw[tap] += at::vec::vec_reduce_all<T>(sum, acc[tap]);
+        pb[0] += at::vec::vec_reduce_all<T>(sum, acc[9]);
       }
     }
   });
