@@ -140,6 +140,59 @@ void dw3_plane(const ConvShape& s, const PlaneGeometry& geo, const T* xs, const 
   for (; oh < oh1; ++oh) rows(std::integral_constant<int, 1>{}, oh);
 }
 
+// Grouped, stride 1 along the width: KB output channels x V vectors of one output row at once, so
+// each loaded input vector feeds KB multiply-adds. wp: the block's weights packed [tap][KB]; bias KB
+// values; output channel kb's row at out + kb * ocs, n valid elements.
+template <int KB, int V, bool HasAct, typename T>
+inline void kblock(const T* base, const int64_t* offs, const T* wp, int64_t taps, const T* bias, Act act, T sc, T* out,
+                   int64_t ocs, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  Vec acc[KB][V];
+#pragma GCC unroll 8
+  for (int kb = 0; kb < KB; ++kb)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[kb][v] = Vec(bias[kb]);
+  for (int64_t t = 0; t < taps; ++t) {
+    const T* sp = base + offs[t];
+    Vec x[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) x[v] = Vec::loadu(sp + v * L);
+    const T* wt = wp + t * KB;
+#pragma GCC unroll 8
+    for (int kb = 0; kb < KB; ++kb) {
+      const Vec wv(wt[kb]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[kb][v] = at::vec::fmadd(wv, x[v], acc[kb][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int kb = 0; kb < KB; ++kb)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) emit_vec<HasAct>(acc[kb][v], act, sc, out + kb * ocs + v * L, n - v * L);
+}
+
+// One output row of KB channels (see kblock) over the whole width: blocks of up to VB vectors.
+template <int KB, bool HasAct, typename T>
+void krow(const T* base, const int64_t* offs, const T* wp, int64_t taps, const T* bias, Act act, T sc, T* out,
+          int64_t ocs, int64_t n, int64_t nv) {
+  constexpr int64_t L = Vectorized<T>::size();
+  constexpr int VB = 2 * kWide<T>;  // KB x VB accumulators: 16 of 32 registers, 8 of 16
+  int64_t v = 0;
+  for (; v + VB <= nv; v += VB)
+    kblock<KB, VB, HasAct>(base + v * L, offs, wp, taps, bias, act, sc, out + v * L, ocs, n - v * L);
+  const int64_t rest = nv - v;
+  if constexpr (VB > 3) {
+    if (rest == 3)
+      return kblock<KB, 3, HasAct>(base + v * L, offs, wp, taps, bias, act, sc, out + v * L, ocs, n - v * L);
+  }
+  if constexpr (VB > 2) {
+    if (rest == 2)
+      return kblock<KB, 2, HasAct>(base + v * L, offs, wp, taps, bias, act, sc, out + v * L, ocs, n - v * L);
+  }
+  if (rest == 1) kblock<KB, 1, HasAct>(base + v * L, offs, wp, taps, bias, act, sc, out + v * L, ocs, n - v * L);
+}
+
 // out[n, k] = act(bias[k] + sum_c conv(x[n, group c], w[k, c])) for every image and group; x may be any
 // strided 4-d tensor (padding may be negative: a crop), w opmath [K, Cg, KH, KW], bias opmath or null.
 template <typename scalar_t>
@@ -162,7 +215,20 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
   const bool direct_store = std::is_same_v<scalar_t, T> && ov.s3 == 1;
   // depthwise 3x3 along a vector row: the register-blocked kernel
   const bool dw3 = vector && Cg == 1 && Kg == 1 && s.KH == 3 && s.KW == 3;
-  constexpr int64_t kRowsBuf = 8;   // rows through `row` when the output is not a dense opmath row
+  constexpr int64_t kRowsBuf = 8;  // rows through `row` when the output is not a dense opmath row
+  // a few channels per group (not depthwise): blocks of kKB output channels, weights packed [tap][kKB]
+  constexpr int64_t kKB = 4;
+  const bool kblocked = vector && !dw3 && Kg >= kKB;
+  std::vector<T> packed;
+  const T zeros[kKB] = {};
+  if (kblocked) {
+    packed.assign(s.K * taps, T(0));
+    for (int64_t grp = 0; grp < G; ++grp)
+      for (int64_t kl0 = 0; kl0 + kKB <= Kg; kl0 += kKB)
+        for (int64_t t = 0; t < taps; ++t)
+          for (int64_t kb = 0; kb < kKB; ++kb)
+            packed[(grp * Kg + kl0) * taps + t * kKB + kb] = w[(grp * Kg + kl0 + kb) * taps + t];
+  }
   std::vector<int64_t> offs(taps);  // tap (c, kh, kw) -> its element's offset from the row's start
   for (int64_t c = 0; c < Cg; ++c)
     for (int64_t kh = 0; kh < s.KH; ++kh)
@@ -191,7 +257,30 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
         }
         continue;
       }
-      for (int64_t kl = 0; kl < Kg; ++kl) {
+      int64_t kl0 = 0;
+      if (kblocked) {
+        // blocks of kKB output channels (the rest below, one channel at a time)
+        for (; kl0 + kKB <= Kg; kl0 += kKB) {
+          const int64_t k = grp * Kg + kl0;
+          const T* wp = packed.data() + k * taps;
+          const T* bk = bias ? bias + k : zeros;
+          scalar_t* dst = ov.p + n * ov.s0 + k * ov.s1;
+          for (int64_t oh = 0; oh < s.OH; ++oh) {
+            const T* rbase = xs.data() + oh * s.sh * geo.stride;
+            T* target = direct_store ? reinterpret_cast<T*>(dst + oh * ov.s2) : row.data();
+            const int64_t ocs = direct_store ? ov.s1 : OWv, valid = direct_store ? s.OW : OWv;
+            if (act == Act::kNone) {
+              krow<kKB, false>(rbase, offs.data(), wp, taps, bk, act, sc, target, ocs, valid, OWv / L);
+            } else {
+              krow<kKB, true>(rbase, offs.data(), wp, taps, bk, act, sc, target, ocs, valid, OWv / L);
+            }
+            if (!direct_store)
+              for (int64_t kb = 0; kb < kKB; ++kb)
+                store_row(row.data() + kb * OWv, dst + kb * ov.s1 + oh * ov.s2, ov.s3, s.OW);
+          }
+        }
+      }
+      for (int64_t kl = kl0; kl < Kg; ++kl) {
         const int64_t k = grp * Kg + kl;
         const T* wk = w + k * taps;
         const T b = bias ? bias[k] : T(0);
