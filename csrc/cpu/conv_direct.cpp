@@ -405,19 +405,21 @@ void dw3_weight_image(const ConvShape& s, const PlaneGeometry& geo, const scalar
   const bool in_place = std::is_same_v<scalar_t, T> && g3 == 1;
   const int64_t d0 = 0, d1 = s.dh * geo.stride, d2 = 2 * s.dh * geo.stride;
   const int64_t e1 = s.dw, e2 = 2 * s.dw;
-  for (int64_t oh = 0; oh < s.OH; ++oh) {
-    const scalar_t* sp = g + oh * g2;
-    const T* gr = gs;
-    if (in_place) {
-      gr = reinterpret_cast<const T*>(sp);
-    } else {
+  if (!in_place) {
+    // the whole plane converted first: no call in the loop below, whose accumulators stay in registers
+    for (int64_t oh = 0; oh < s.OH; ++oh) {
+      const scalar_t* sp = g + oh * g2;
+      T* d = gs + oh * OWv;
       if (g3 == 1) {
-        copy_convert(sp, gs, s.OW);
+        copy_convert(sp, d, s.OW);
       } else {
-        for (int64_t j = 0; j < s.OW; ++j) gs[j] = T(sp[j * g3]);
+        for (int64_t j = 0; j < s.OW; ++j) d[j] = T(sp[j * g3]);
       }
-      std::fill(gs + s.OW, gs + OWv, T(0));
+      std::fill(d + s.OW, d + OWv, T(0));
     }
+  }
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const T* gr = in_place ? reinterpret_cast<const T*>(g + oh * g2) : gs + oh * OWv;
     const T* xr = xs + oh * s.sh * geo.stride;
     const auto step = [&](int64_t v, auto masked) {
       constexpr bool last = decltype(masked)::value;
