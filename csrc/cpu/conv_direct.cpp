@@ -3,11 +3,13 @@
 // input planes are copied once, zero-padded, into a thread-local opmath buffer (any input strides,
 // float16/bfloat16 converted there), then each output row is accumulated in vector registers across the
 // kernel taps, vectorized over the output width (stride 1 along the width; a scalar loop otherwise),
-// with bias and activation applied before the store. The input gradient at stride 1 is the same kernel
+// with bias and activation applied before the store; register-blocked where it pays: depthwise 3x3
+// (4 output rows x 1-2 vectors, the 9 weights in registers) and a few channels per group (4 output
+// channels x 1-4 vectors, each input vector feeding 4 channels). The input gradient at stride 1 is the same kernel
 // run on grad_out with the group-transposed, flipped weight; at other strides a scatter into a padded
 // buffer. The weight gradient is a split reduction: tasks of (group, fixed chunk of images) each sum
 // their part into a partial buffer in a fixed order, and the partials are added in chunk order
-// (deterministic, whatever the thread count).
+// (deterministic, whatever the thread count); for depthwise 3x3, 9 tap accumulators per grad_out vector.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
