@@ -78,13 +78,20 @@ def _blocked_cases():
     yield pytest.param(
         "dw3_sliced", (2, 3, 10, 40), (3, 1, 3, 3), {"groups": 3, "padding": 1}, torch.float32, id="sliced"
     )
+    # non-finite inputs past the last output column must not reach the blocked weight gradients
+    for name, xs, ws, g in [
+        ("dw3_nonfinite", (2, 4, 6, 6), (4, 1, 3, 3), 4),
+        ("k4_nonfinite", (2, 8, 6, 6), (8, 4, 3, 3), 2),
+    ]:
+        yield pytest.param(name, xs, ws, {"groups": g, "padding": 1}, torch.float32, id=name)
 
 
 @pytest.mark.parametrize("name,xs,ws,kw,dtype", list(_blocked_cases()))
 def test_direct_blocked_paths(name, xs, ws, kw, dtype):
-    from pyops.testing.conv import ConvCase
+    from pyops.testing.conv import ConvCase, _conv_nonfinite
 
     view = (lambda t: t[:, :, ::2, 1::2]) if name == "dw3_sliced" else None
+    view = _conv_nonfinite if name.endswith("nonfinite") else view
     case = ConvCase(xs, ws, kw) if view is None else ConvCase(xs, ws, kw, view=view)
     with pyops.backend("native"):
         results = check_conv_case(SPEC, case, dtype, "cpu", torch.Generator().manual_seed(0))

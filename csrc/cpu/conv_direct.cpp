@@ -449,6 +449,52 @@ void dw3_weight_image(const ConvShape& s, const PlaneGeometry& geo, const scalar
   for (int t = 0; t < 10; ++t) acc[t] = a[t];
 }
 
+// Weight gradient of 4 output channels (grad_out planes g, opmath, rows grs apart, zeros past OW, planes
+// kstride apart) and
+// one (input channel, kernel row) of width-3 taps: 4 x 3 accumulators, each grad_out vector loaded once
+// for 3 taps and each input vector once for 4 channels. xb: the input plane's first row for this kernel
+// row; keep: the lanes of the last vector that count (inputs past OW meet grad_out's zeros: 0 * inf).
+// out[kb * 3 + kw] += the sums.
+template <typename T>
+void kw3_weight_block(const ConvShape& s, const PlaneGeometry& geo, const T* xb, const T* g, int64_t grs,
+                      int64_t kstride, int64_t NV, const Vectorized<T>& keep, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  Vec acc[4][3];
+#pragma GCC unroll 4
+  for (int kb = 0; kb < 4; ++kb)
+#pragma GCC unroll 3
+    for (int kw = 0; kw < 3; ++kw) acc[kb][kw] = Vec(T(0));
+  const Vec all = ~Vec(T(0)) | Vec(T(0));
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const T* xrow = xb + oh * s.sh * geo.stride;
+    const T* grow = g + oh * grs;
+    for (int64_t v = 0; v < NV; ++v) {
+      const Vec m = v + 1 < NV ? all : keep;
+      Vec gv[4];
+#pragma GCC unroll 4
+      for (int kb = 0; kb < 4; ++kb) gv[kb] = Vec::loadu(grow + kb * kstride + v * L);
+#pragma GCC unroll 3
+      for (int kw = 0; kw < 3; ++kw) {
+        const Vec x = Vec::loadu(xrow + v * L + kw * s.dw) & m;
+#pragma GCC unroll 4
+        for (int kb = 0; kb < 4; ++kb) acc[kb][kw] = at::vec::fmadd(gv[kb], x, acc[kb][kw]);
+      }
+    }
+  }
+  // lanes summed in order, from a store (a reference to the accumulators would keep them in memory)
+  __at_align__ T lanes[12][L];
+#pragma GCC unroll 4
+  for (int kb = 0; kb < 4; ++kb)
+#pragma GCC unroll 3
+    for (int kw = 0; kw < 3; ++kw) acc[kb][kw].store(lanes[kb * 3 + kw]);
+  for (int i = 0; i < 12; ++i) {
+    T total = 0;
+    for (int64_t j = 0; j < L; ++j) total += lanes[i][j];
+    out[i] = total;
+  }
+}
+
 template <typename scalar_t>
 void direct_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
                               const at::Tensor& gb) {
@@ -471,6 +517,12 @@ void direct_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at:
   const int64_t NC = dw3 ? std::min<int64_t>(s.N, std::max<int64_t>(image_chunks(s.N, G), (1 << 18) / (wsize + s.K)))
                          : image_chunks(s.N, G);
   const int64_t per = (s.N + NC - 1) / NC;
+  // a few channels per group with 3 taps a kernel row: the 4-channel register-blocked reduction
+  const bool kw3 = vector && !dw3 && s.KW == 3 && Kg >= 4;
+  __at_align__ T bits[L];
+  std::memset(bits, 0, sizeof(bits));
+  std::memset(bits, 0xff, tail * sizeof(T));
+  const Vec keep = Vec::loadu(bits);
   // partials: per chunk, the weight gradient then the bias gradient
   std::vector<T> parts(NC * (wsize + s.K), T(0));
   at::parallel_for(0, G * NC, 1, [&](int64_t t0, int64_t t1) {
@@ -505,7 +557,21 @@ void direct_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at:
           }
           pb[kl] += sum;
         }
-        for (int64_t kl = 0; kl < Kg; ++kl)
+        int64_t kl0 = 0;
+        if (kw3) {
+          // blocks of 4 output channels, a kernel row of 3 taps at a time (the rest below)
+          for (; kl0 + 4 <= Kg; kl0 += 4)
+            for (int64_t c = 0; c < Cg; ++c)
+              for (int64_t kh = 0; kh < s.KH; ++kh) {
+                T sums[12];
+                kw3_weight_block(s, geo, xs.data() + c * geo.plane + kh * s.dh * geo.stride,
+                                 gs.data() + kl0 * s.OH * OWv, OWv, s.OH * OWv, NV, keep, sums);
+                for (int kb = 0; kb < 4; ++kb)
+                  for (int kw = 0; kw < 3; ++kw)
+                    pw[((kl0 + kb) * Cg + c) * s.KH * s.KW + kh * s.KW + kw] += sums[kb * 3 + kw];
+              }
+        }
+        for (int64_t kl = kl0; kl < Kg; ++kl)
           for (int64_t c = 0; c < Cg; ++c)
             for (int64_t kh = 0; kh < s.KH; ++kh)
               for (int64_t kw = 0; kw < s.KW; ++kw) {
