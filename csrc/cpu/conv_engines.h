@@ -73,7 +73,12 @@ void copy_padded(const scalar_t* src, int64_t sc, int64_t sh, int64_t sw, int64_
           const int64_t n = j1 - j0;
           j = 0;
           for (; j + L <= n; j += L) Vec::loadu(s + j).store(d + j0 + j);
-          if (j < n) Vec::loadu(s + j, static_cast<int>(n - j)).store(d + j0 + j, static_cast<int>(n - j));
+          if (j < n) {
+            // a whole-vector load where the row below (same channel) holds the elements past the row's end
+            const bool whole = ih + 1 < H && sh > 0 && j + L <= sh + W - (j0 - pad_c);
+            const Vec v = whole ? Vec::loadu(s + j) : Vec::loadu(s + j, static_cast<int>(n - j));
+            v.store(d + j0 + j, static_cast<int>(n - j));
+          }
         }
       }
       return;
