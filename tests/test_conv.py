@@ -46,6 +46,59 @@ def test_against_oracle(name, device, backend, dtype):
         assert r.ok, r.message
 
 
+# The direct engine's register-blocked paths (csrc/cpu/conv_direct.cpp), on the native backend: the
+# depthwise 3x3 kernel (rows in blocks, widths below, at and past a vector of every dtype's length,
+# 1-wide planes, dilation, stride 2 along the height, a crop, an activation, a strided input) and the
+# grouped kernel blocked over output channels (multiples of the block and remainders).
+def _blocked_cases():
+    cases = {
+        "dw3_w1": ((2, 3, 5, 1), (3, 1, 3, 3), {"groups": 3, "padding": 1}),
+        "dw3_w5_h9": ((2, 3, 9, 5), (3, 1, 3, 3), {"groups": 3, "padding": 1}),
+        "dw3_w17": ((1, 2, 7, 17), (2, 1, 3, 3), {"groups": 2, "padding": 1, "activation": "relu"}),
+        "dw3_w33_h1": ((2, 2, 1, 33), (2, 1, 3, 3), {"groups": 2, "padding": 1}),
+        "dw3_w40_h13": ((1, 3, 13, 40), (3, 1, 3, 3), {"groups": 3, "padding": 1, "activation": "elu"}),
+        "dw3_dilated": ((1, 2, 11, 19), (2, 1, 3, 3), {"groups": 2, "padding": 2, "dilation": 2}),
+        "dw3_dil_rows": ((1, 2, 12, 9), (2, 1, 3, 3), {"groups": 2, "padding": (2, 1), "dilation": (2, 1)}),
+        "dw3_stride_h": ((2, 2, 11, 18), (2, 1, 3, 3), {"groups": 2, "padding": 1, "stride": (2, 1)}),
+        "dw3_stride2": ((1, 3, 9, 21), (3, 1, 3, 3), {"groups": 3, "padding": 1, "stride": 2}),
+        "dw3_stride2_w34": ((1, 2, 6, 34), (2, 1, 3, 3), {"groups": 2, "padding": 1, "stride": 2}),
+        "dw3_stride2_w1": ((1, 2, 5, 1), (2, 1, 3, 3), {"groups": 2, "padding": 1, "stride": 2}),
+        "dw3_crop": ((1, 2, 8, 10), (2, 1, 3, 3), {"groups": 2, "padding": 0}),
+        "dw3_multiplier": ((1, 2, 7, 9), (4, 1, 3, 3), {"groups": 2, "padding": 1}),
+        "grouped_k4": ((2, 16, 9, 28), (16, 4, 3, 3), {"groups": 4, "padding": 1}),
+        "grouped_k5": ((1, 4, 6, 17), (10, 2, 3, 3), {"groups": 2, "padding": 1, "activation": "leaky_relu"}),
+        "grouped_k3_dil": ((1, 6, 8, 13), (6, 2, 3, 3), {"groups": 3, "padding": 2, "dilation": 2}),
+        "grouped_k8_w1": ((2, 8, 4, 1), (16, 4, 3, 3), {"groups": 2, "padding": 1}),
+        "grouped_k6_w40": ((1, 6, 5, 40), (12, 3, 3, 3), {"groups": 2, "padding": 1}),
+    }
+    for name, (xs, ws, kw) in cases.items():
+        for dtype in DTYPES:
+            yield pytest.param(name, xs, ws, kw, dtype, id=f"{name}-{dtype}")
+    # a strided (sliced) input
+    yield pytest.param(
+        "dw3_sliced", (2, 3, 10, 40), (3, 1, 3, 3), {"groups": 3, "padding": 1}, torch.float32, id="sliced"
+    )
+    # non-finite inputs past the last output column must not reach the blocked weight gradients
+    for name, xs, ws, g in [
+        ("dw3_nonfinite", (2, 4, 6, 6), (4, 1, 3, 3), 4),
+        ("k4_nonfinite", (2, 8, 6, 6), (8, 4, 3, 3), 2),
+    ]:
+        yield pytest.param(name, xs, ws, {"groups": g, "padding": 1}, torch.float32, id=name)
+
+
+@pytest.mark.parametrize("name,xs,ws,kw,dtype", list(_blocked_cases()))
+def test_direct_blocked_paths(name, xs, ws, kw, dtype):
+    from pyops.testing.conv import ConvCase, _conv_nonfinite
+
+    view = (lambda t: t[:, :, ::2, 1::2]) if name == "dw3_sliced" else None
+    view = _conv_nonfinite if name.endswith("nonfinite") else view
+    case = ConvCase(xs, ws, kw) if view is None else ConvCase(xs, ws, kw, view=view)
+    with pyops.backend("native"):
+        results = check_conv_case(SPEC, case, dtype, "cpu", torch.Generator().manual_seed(0))
+    for r in results:
+        assert r.ok, r.message
+
+
 GRADCHECK = [
     # groups, strides, dilation and padding together, a channel multiplier, every activation
     ((1, 4, 7, 6), (6, 2, 3, 2), {"groups": 2, "stride": (2, 1), "padding": (1, 2), "dilation": (2, 1)}),
