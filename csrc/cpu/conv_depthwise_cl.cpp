@@ -43,16 +43,18 @@ inline std::pair<int64_t, int64_t> inner_columns(const ConvShape& s) {
 }
 
 // out[n, oh, ow, c] = act(bias[c] + sum_{kh, kw} wt[kh * KW + kw, c] * x[n, oh * sh - ph + kh * dh,
-// ow * sw - pw + kw * dw, c]) (zero outside x), x and out with channel stride 1, wt [KH * KW, C].
+// ow * sw - pw + kw * dw, c]) (zero outside x), x and out with channel stride 1, wt [KH * KW, C]. A task
+// is an output row; along it, blocks of kPixels pixels, and within a block every channel vector in
+// turn, so the pixels' channels are read in memory order.
 template <typename T>
 void dw_cl_correlate(const ConvShape& s, const View4<T>& xv, const T* wp, const T* bp, const View4<T>& ov, Act act,
                      T sc) {
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
-  const int64_t C = s.C, taps = s.KH * s.KW;
+  const int64_t C = s.C;
   const auto [lo, hi] = inner_columns(s);
+  const bool three = s.KW == 3 && s.sw == 1 && s.dw == 1;
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<Vec> wv(taps);         // this channel block's weights, one vector a tap
     std::vector<const T*> xrow(s.KH);  // the input row of each kh (null outside the input)
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.OH, oh = r % s.OH;
@@ -61,49 +63,32 @@ void dw_cl_correlate(const ConvShape& s, const View4<T>& xv, const T* wp, const 
         xrow[kh] = ih < 0 || ih >= s.H ? nullptr : xv.p + n * xv.s0 + ih * xv.s2;
       }
       T* orow = ov.p + n * ov.s0 + oh * ov.s2;
-      for (int64_t c0 = 0; c0 < C; c0 += L) {
-        const int64_t cnt = std::min(L, C - c0);
-        for (int64_t t = 0; t < taps; ++t) wv[t] = Vec::loadu(wp + t * C + c0, cnt);
-        const Vec b0 = bp ? Vec::loadu(bp + c0, cnt) : Vec(T(0));
-        const auto emit = [&](Vec a, int64_t ow) { act_forward(act, a, sc).store(orow + ow * ov.s3 + c0, cnt); };
-        const auto pixel = [&](int64_t ow) {  // any column: taps outside the row skipped
-          Vec acc = b0;
-          for (int64_t kh = 0; kh < s.KH; ++kh) {
-            if (!xrow[kh]) continue;
-            for (int64_t kw = 0; kw < s.KW; ++kw) {
-              const int64_t iw = ow * s.sw - s.pw + kw * s.dw;
-              if (iw < 0 || iw >= s.W) continue;
-              acc = at::vec::fmadd(wv[kh * s.KW + kw], Vec::loadu(xrow[kh] + iw * xv.s3 + c0, cnt), acc);
-            }
+      // channels [c0, c0 + cnt) of the pixel or block at ow; full: cnt == L
+      const auto pixel = [&](int64_t ow, int64_t c0, int64_t cnt) {  // any column: outside taps skipped
+        Vec acc = bp ? Vec::loadu(bp + c0, cnt) : Vec(T(0));
+        for (int64_t kh = 0; kh < s.KH; ++kh) {
+          if (!xrow[kh]) continue;
+          for (int64_t kw = 0; kw < s.KW; ++kw) {
+            const int64_t iw = ow * s.sw - s.pw + kw * s.dw;
+            if (iw < 0 || iw >= s.W) continue;
+            acc = at::vec::fmadd(Vec::loadu(wp + (kh * s.KW + kw) * C + c0, cnt),
+                                 Vec::loadu(xrow[kh] + iw * xv.s3 + c0, cnt), acc);
           }
-          emit(acc, ow);
-        };
-        const auto block = [&](int64_t ow, auto full) {  // kPixels inner columns
-          const auto load = [&](const T* q) { return full ? Vec::loadu(q) : Vec::loadu(q, cnt); };
-          const int64_t step = s.sw * xv.s3;
-          Vec a0 = b0, a1 = b0, a2 = b0, a3 = b0;
-          for (int64_t kh = 0; kh < s.KH; ++kh) {
-            if (!xrow[kh]) continue;
-            const T* q = xrow[kh] + (ow * s.sw - s.pw) * xv.s3 + c0;
-            for (int64_t kw = 0; kw < s.KW; ++kw, q += s.dw * xv.s3) {
-              const Vec wk = wv[kh * s.KW + kw];
-              a0 = at::vec::fmadd(wk, load(q), a0);
-              a1 = at::vec::fmadd(wk, load(q + step), a1);
-              a2 = at::vec::fmadd(wk, load(q + 2 * step), a2);
-              a3 = at::vec::fmadd(wk, load(q + 3 * step), a3);
-            }
-          }
-          emit(a0, ow), emit(a1, ow + 1), emit(a2, ow + 2), emit(a3, ow + 3);
-        };
-        // 3 taps along the width at stride 1, no dilation: kPixels + 2 input vectors a row feed the block
-        const auto block3 = [&](int64_t ow, auto full) {
-          const auto load = [&](const T* q) { return full ? Vec::loadu(q) : Vec::loadu(q, cnt); };
-          const int64_t st = xv.s3;
-          Vec a0 = b0, a1 = b0, a2 = b0, a3 = b0;
-          for (int64_t kh = 0; kh < s.KH; ++kh) {
-            if (!xrow[kh]) continue;
-            const T* q = xrow[kh] + (ow - s.pw) * st + c0;
-            const Vec w0 = wv[kh * 3], w1 = wv[kh * 3 + 1], w2 = wv[kh * 3 + 2];
+        }
+        act_forward(act, acc, sc).store(orow + ow * ov.s3 + c0, cnt);
+      };
+      const auto block = [&](int64_t ow, int64_t c0, int64_t cnt, auto full, auto taps3) {  // kPixels inner columns
+        const auto load = [&](const T* q) { return full ? Vec::loadu(q) : Vec::loadu(q, cnt); };
+        const Vec b0 = bp ? load(bp + c0) : Vec(T(0));
+        Vec a0 = b0, a1 = b0, a2 = b0, a3 = b0;
+        for (int64_t kh = 0; kh < s.KH; ++kh) {
+          if (!xrow[kh]) continue;
+          const T* q = xrow[kh] + (ow * s.sw - s.pw) * xv.s3 + c0;
+          const T* wk = wp + kh * s.KW * C + c0;
+          if constexpr (decltype(taps3)::value) {
+            // 3 taps at stride 1: kPixels + 2 input vectors feed the block's 12 multiply-adds
+            const int64_t st = xv.s3;
+            const Vec w0 = load(wk), w1 = load(wk + C), w2 = load(wk + 2 * C);
             const Vec x0 = load(q), x1 = load(q + st), x2 = load(q + 2 * st);
             a0 = at::vec::fmadd(w2, x2, at::vec::fmadd(w1, x1, at::vec::fmadd(w0, x0, a0)));
             const Vec x3 = load(q + 3 * st);
@@ -112,25 +97,62 @@ void dw_cl_correlate(const ConvShape& s, const View4<T>& xv, const T* wp, const 
             a2 = at::vec::fmadd(w2, x4, at::vec::fmadd(w1, x3, at::vec::fmadd(w0, x2, a2)));
             const Vec x5 = load(q + 5 * st);
             a3 = at::vec::fmadd(w2, x5, at::vec::fmadd(w1, x4, at::vec::fmadd(w0, x3, a3)));
-          }
-          emit(a0, ow), emit(a1, ow + 1), emit(a2, ow + 2), emit(a3, ow + 3);
-        };
-        const bool three = s.KW == 3 && s.sw == 1 && s.dw == 1;
-        int64_t ow = 0;
-        for (; ow < lo; ++ow) pixel(ow);
-        for (; ow + kPixels <= hi; ow += kPixels) {
-          if (three && cnt == L) {
-            block3(ow, std::true_type{});
-          } else if (three) {
-            block3(ow, std::false_type{});
-          } else if (cnt == L) {
-            block(ow, std::true_type{});
           } else {
-            block(ow, std::false_type{});
+            const int64_t step = s.sw * xv.s3;
+            for (int64_t kw = 0; kw < s.KW; ++kw, q += s.dw * xv.s3) {
+              const Vec wv = load(wk + kw * C);
+              a0 = at::vec::fmadd(wv, load(q), a0);
+              a1 = at::vec::fmadd(wv, load(q + step), a1);
+              a2 = at::vec::fmadd(wv, load(q + 2 * step), a2);
+              a3 = at::vec::fmadd(wv, load(q + 3 * step), a3);
+            }
           }
         }
-        for (; ow < s.OW; ++ow) pixel(ow);
+        T* o = orow + ow * ov.s3 + c0;
+        const auto emit = [&](Vec a, int64_t j) { act_forward(act, a, sc).store(o + j * ov.s3, cnt); };
+        emit(a0, 0), emit(a1, 1), emit(a2, 2), emit(a3, 3);
+      };
+      // one column's channels, four vectors at a time (four independent chains), then one at a time
+      const auto columns = [&](int64_t ow) {
+        int64_t c0 = 0;
+        for (; c0 + 4 * L <= C; c0 += 4 * L) {
+          Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+          if (bp) {
+            a0 = Vec::loadu(bp + c0), a1 = Vec::loadu(bp + c0 + L);
+            a2 = Vec::loadu(bp + c0 + 2 * L), a3 = Vec::loadu(bp + c0 + 3 * L);
+          }
+          for (int64_t kh = 0; kh < s.KH; ++kh) {
+            if (!xrow[kh]) continue;
+            for (int64_t kw = 0; kw < s.KW; ++kw) {
+              const int64_t iw = ow * s.sw - s.pw + kw * s.dw;
+              if (iw < 0 || iw >= s.W) continue;
+              const T* q = xrow[kh] + iw * xv.s3 + c0;
+              const T* wk = wp + (kh * s.KW + kw) * C + c0;
+              a0 = at::vec::fmadd(Vec::loadu(wk), Vec::loadu(q), a0);
+              a1 = at::vec::fmadd(Vec::loadu(wk + L), Vec::loadu(q + L), a1);
+              a2 = at::vec::fmadd(Vec::loadu(wk + 2 * L), Vec::loadu(q + 2 * L), a2);
+              a3 = at::vec::fmadd(Vec::loadu(wk + 3 * L), Vec::loadu(q + 3 * L), a3);
+            }
+          }
+          T* o = orow + ow * ov.s3 + c0;
+          act_forward(act, a0, sc).store(o), act_forward(act, a1, sc).store(o + L);
+          act_forward(act, a2, sc).store(o + 2 * L), act_forward(act, a3, sc).store(o + 3 * L);
+        }
+        for (; c0 < C; c0 += L) pixel(ow, c0, std::min(L, C - c0));
+      };
+      int64_t ow = 0;
+      for (; ow < lo; ++ow) columns(ow);
+      for (; ow + kPixels <= hi; ow += kPixels) {
+        int64_t c0 = 0;
+        if (three) {
+          for (; c0 + L <= C; c0 += L) block(ow, c0, L, std::true_type{}, std::true_type{});
+          if (c0 < C) block(ow, c0, C - c0, std::false_type{}, std::true_type{});
+        } else {
+          for (; c0 + L <= C; c0 += L) block(ow, c0, L, std::true_type{}, std::false_type{});
+          if (c0 < C) block(ow, c0, C - c0, std::false_type{}, std::false_type{});
+        }
       }
+      for (; ow < s.OW; ++ow) columns(ow);
     }
   });
 }

@@ -176,6 +176,9 @@ CONV_CASES = {
         view=channels_last,
         grad_view=channels_last,
     ),
+    "channels_last_channels": ConvCase(  # more channels than four vectors: the edge columns' wide path
+        (1, 72, 4, 6), (72, 1, 3, 3), {"groups": 72, "padding": 1}, view=channels_last, grad_view=channels_last
+    ),
     "channels_last_overpadded": ConvCase(
         (1, 9, 6, 10), (9, 1, 3, 3), {"groups": 9, "padding": 3}, view=channels_last, grad_view=channels_last
     ),
