@@ -106,12 +106,16 @@ CudaRule cuda_rule(Op op) {
   }
 }
 
-// conv2d on the CPU (the measurements are in backend.h's CPU table).
+// conv2d on the CPU (the measurements are in backend.h's CPU table and tools/conv_sweep.py's sweep in
+// bench/RESULTS.md).
 bool cpu_conv_wins(int64_t numel, const Facts& f) {
-  if (f.groups == 1 || f.in_per_group < 0 || f.in_per_group > 4 || f.channels_last) return false;
+  if (f.groups == 1 || f.in_per_group < 0 || f.in_per_group > 8) return false;
+  if (numel >= 0 && numel < (int64_t(1) << 14)) return true;  // torch's fixed cost decides
+  if (f.channels_last) return f.in_per_group == 1 && numel >= 0 && numel < (int64_t(1) << 18);
+  if (f.sh > 1 || f.sw > 1) return false;  // strided along the width: the direct kernel's scalar loop
   if (f.in_per_group == 2) return true;
-  if (numel >= 0 && numel < (int64_t(1) << 14)) return true;
-  return f.out_plane < 0 || f.out_plane >= 28 * 28;
+  const int64_t min_plane = f.in_per_group <= 4 ? 14 * 14 : 28 * 28;
+  return f.out_plane < 0 || f.out_plane >= min_plane;
 }
 
 // The first kernel backend that runs on `device` here, else torch.

@@ -91,18 +91,33 @@ def test_cuda_conv2d_depthwise_up_to_7x7_is_ours(k):
             assert auto_rule("conv2d", "cuda", numel, **facts) == "pyops"
 
 
-def test_cpu_conv2d_rule_unchanged():
-    """The CPU rule moved from csrc/autograd/conv.cpp into the table's function, unchanged."""
-    big = 1 << 20
+def test_cpu_conv2d_rule():
+    """The CPU rule as tools/conv_sweep.py measured it (csrc/common/backend.h, bench/RESULTS.md)."""
+    big, mid, small = 1 << 20, 1 << 17, 1 << 13
     assert auto_rule("conv2d", "cpu", big, **CONV) == "torch"  # dense
-    assert auto_rule("conv2d", "cpu", big, **dict(CONV, groups=32, in_per_group=8)) == "torch"
-    assert auto_rule("conv2d", "cpu", big, **dict(CONV, groups=64, in_per_group=2)) == "pyops"
-    assert auto_rule("conv2d", "cpu", big, **dict(CONV, groups=64, in_per_group=2, channels_last=True)) == "torch"
+    assert auto_rule("conv2d", "cpu", small, **CONV) == "torch"  # dense, small too
+    assert auto_rule("conv2d", "cpu", big, **dict(CONV, groups=4, in_per_group=16)) == "torch"  # > 8 a group
+    assert auto_rule("conv2d", "cpu", small, **dict(CONV, groups=4, in_per_group=16)) == "torch"
+    pairs = dict(CONV, groups=64, in_per_group=2)
+    assert auto_rule("conv2d", "cpu", big, **dict(pairs, out_plane=7 * 7)) == "pyops"  # 2 a group: everywhere
+    assert auto_rule("conv2d", "cpu", big, **dict(pairs, channels_last=True)) == "torch"
+    assert auto_rule("conv2d", "cpu", small, **dict(pairs, channels_last=True)) == "pyops"  # torch's fixed cost
     dw = dict(CONV, groups=64, in_per_group=1)
     assert auto_rule("conv2d", "cpu", 1000, **dict(dw, out_plane=8 * 8)) == "pyops"  # small input
-    assert auto_rule("conv2d", "cpu", big, **dict(dw, out_plane=14 * 14)) == "torch"  # batch of small planes
-    assert auto_rule("conv2d", "cpu", big, **dict(dw, out_plane=28 * 28)) == "pyops"
+    assert auto_rule("conv2d", "cpu", big, **dict(dw, out_plane=7 * 7)) == "torch"  # a batch of small planes
+    assert auto_rule("conv2d", "cpu", big, **dict(dw, out_plane=14 * 14)) == "pyops"
     assert auto_rule("conv2d", "cpu", big, **dict(dw, out_plane=-1)) == "pyops"  # unknown: as large
+    assert auto_rule("conv2d", "cpu", big, **dict(dw, sh=2, sw=2)) == "torch"  # strided: the scalar loop
+    assert auto_rule("conv2d", "cpu", small, **dict(dw, sh=2, sw=2)) == "pyops"
+    assert auto_rule("conv2d", "cpu", mid, **dict(dw, channels_last=True)) == "pyops"  # channels_last, < 256K
+    assert auto_rule("conv2d", "cpu", big, **dict(dw, channels_last=True)) == "torch"
+    eight = dict(CONV, groups=8, in_per_group=8)
+    assert auto_rule("conv2d", "cpu", big, **dict(eight, out_plane=28 * 28)) == "pyops"
+    assert auto_rule("conv2d", "cpu", big, **dict(eight, out_plane=14 * 14)) == "torch"
+    assert auto_rule("conv2d", "cpu", small, **dict(eight, out_plane=14 * 14)) == "pyops"
+    four = dict(CONV, groups=32, in_per_group=4)
+    assert auto_rule("conv2d", "cpu", big, **dict(four, out_plane=14 * 14)) == "pyops"
+    assert auto_rule("conv2d", "cpu", big, **dict(four, out_plane=7 * 7)) == "torch"
 
 
 def test_conv2d_op_follows_the_rule_on_the_cpu():

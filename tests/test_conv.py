@@ -212,20 +212,24 @@ def test_weight_gradient_is_deterministic_across_thread_counts():
 
 def test_auto_picks_the_measured_faster_convolution():
     """auto keeps pyops' CPU kernels only where they were measured faster than torch's (see
-    the conv2d rule in csrc/backend.cpp): dense, 8+ channels per group and channels_last go to torch; 2 per group,
-    small inputs and large planes stay."""
+    the conv2d rule in csrc/backend.cpp): dense, more than 8 channels per group, large channels_last and
+    strided inputs and batches of 7x7 planes go to torch; 2 per group, small inputs and larger planes stay."""
 
-    def picks(shape, out_channels, groups, channels_last=False):
+    def picks(shape, out_channels, groups, channels_last=False, stride=1):
         x = torch.randn(shape, requires_grad=True)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        y = PF.conv2d(x, torch.randn(out_channels, shape[1] // groups, 3, 3), padding=1, groups=groups)
+        w = torch.randn(out_channels, shape[1] // groups, 3, 3)
+        y = PF.conv2d(x, w, padding=1, groups=groups, stride=stride)
         return "pyops" if "pyops::" in y.grad_fn.name() else "torch"
 
     assert picks((2, 32, 8, 8), 8, 1) == "torch"  # dense
-    assert picks((2, 64, 8, 8), 64, 8) == "torch"  # 8 channels per group
-    assert picks((64, 64, 8, 8), 64, 64) == "torch"  # depthwise, a batch of small planes
-    assert picks((2, 64, 28, 28), 64, 64, channels_last=True) == "torch"
+    assert picks((2, 64, 8, 8), 64, 4) == "torch"  # 16 channels per group
+    assert picks((2, 64, 8, 8), 64, 8) == "pyops"  # 8 channels per group, small
+    assert picks((64, 64, 7, 7), 64, 64) == "torch"  # depthwise, a batch of 7x7 planes
+    assert picks((8, 64, 28, 28), 64, 64, channels_last=True) == "torch"
+    assert picks((2, 64, 28, 28), 64, 64, channels_last=True) == "pyops"  # depthwise channels_last, < 256K
+    assert picks((8, 64, 28, 28), 64, 64, stride=2) == "torch"
     assert picks((64, 64, 8, 8), 64, 32) == "pyops"  # 2 channels per group
     assert picks((2, 32, 8, 8), 32, 32) == "pyops"  # depthwise, small
     assert picks((4, 64, 28, 28), 64, 16) == "pyops"  # 4 channels per group, 28x28 planes

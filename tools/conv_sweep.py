@@ -120,8 +120,8 @@ def main(argv=None):
                 )
     if args.markdown:
         print(
-            f"CPU conv2d sweep, {machine_name('cpu')}, float32, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; torch eager's time over native's.\n"
+            f"CPU conv2d sweep, {machine_name('cpu')}, float32, torch {torch.__version__}; "
+            "torch eager's time over native's.\n"
         )
         print("| input | in/group | stride | layout | fwd | fwd+bwd | auto picks | |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")

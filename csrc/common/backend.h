@@ -48,14 +48,17 @@ std::vector<Backend> usable_backends(Device device);
 // 2-core Xeon): 0.85x torch at 16K elements, 1.22x at 64K. Losses (Xeon, fwd+bwd, mean): l1, mse and
 // huber are ahead of torch from 64 elements on (1.1x, 1.5x, 1.1x); cross entropy crosses at ~16K
 // logits (0.9x at 64x64, 1.0x at 64x256, 1.2x at 256x256). The optimizers' steps are ours at every
-// size. conv2d: no size alone decides (auto_kernel, csrc/backend.cpp): measured forward+backward on
-// the Xeon, float32 and float64, 3x3 kernels (torch's time over ours), dense convolutions (groups ==
-// 1: 0.4-0.5x) and 8 or more input channels per group (0.1-0.7x) lose at every size, as do
-// channels_last inputs (0.1-0.7x); two channels per group win everywhere (1.6-5.5x); depthwise and
-// 3-4 channels per group win on small inputs (below 16K elements: 1.2-4.2x, torch's fixed cost) and
-// are near parity or ahead on output planes of 28x28 and up (0.9-2.5x), and lose on batches of
-// small planes (8x8 and 14x14 at 64K-260K elements: 0.3-0.9x). pyops._C.AUTO_MIN_NUMEL carries the
-// table to Python. Under pyops.autotune() a measurement on this machine replaces it.
+// size. conv2d: no size alone decides (auto_kernel, csrc/backend.cpp): measured with
+// tools/conv_sweep.py on a 2-core EPYC (Zen 5, AVX-512), float32, 3x3 kernels, forward+backward
+// (torch's time over ours; the table is in bench/RESULTS.md): below 16K input elements ours wins
+// every grouped shape (torch's fixed cost: 1.1-3.2x); above it, in NCHW at stride 1, two channels per
+// group win everywhere (1.6-4.4x), depthwise and 4 channels per group from 14x14 output planes on
+// (1.1-3.9x; 7x7 planes 0.5-1.1x) and 8 per group from 28x28 (1.05-1.3x; 14x14 0.8x); NCHW at stride
+// 2 loses (0.2-0.6x, see below); channels_last goes to torch
+// (0.5-1.0x) except depthwise below 256K elements (1.6-2.2x); dense convolutions (groups == 1) and
+// more than 8 channels per group stay torch's (0.1-0.7x on a Xeon when last measured). The NCHW stride-2
+// rows are the direct kernel's scalar loop (0.2-0.6x). pyops._C.AUTO_MIN_NUMEL carries the table to
+// Python. Under pyops.autotune() a measurement on this machine replaces it.
 #define PYOPS_AUTO_MIN_NUMEL(X)      \
   X(relu, int64_t(1) << 20)          \
   X(leaky_relu, int64_t(1) << 20)    \
