@@ -31,35 +31,6 @@ namespace cpu_conv {
 namespace {
 
 // ---- direct forward -----------------------------------------------------------------------------
-// acc[0, V) of one output row segment at ow0 (stride 1 along the width): sum over c, kh, kw.
-template <int V, typename T>
-inline void row_block(const T* base, const int64_t* offs, const T* wk, int64_t taps, int64_t ow0, T bias, Act act, T sc,
-                      T* out, int64_t valid) {
-  static_assert(V >= 1 && V <= 4, "row_block: 1 to 4 vectors");
-  using Vec = Vectorized<T>;
-  constexpr int64_t L = Vec::size();
-  // one flat loop over the taps (channel, kh, kw): the accumulators stay in registers
-  Vec a0(bias), a1(bias), a2(bias), a3(bias);
-  const T* sp0 = base + ow0;
-  for (int64_t t = 0; t < taps; ++t) {
-    const Vec wv(wk[t]);
-    const T* sp = sp0 + offs[t];
-    a0 = at::vec::fmadd(wv, Vec::loadu(sp), a0);
-    if constexpr (V > 1) a1 = at::vec::fmadd(wv, Vec::loadu(sp + L), a1);
-    if constexpr (V > 2) a2 = at::vec::fmadd(wv, Vec::loadu(sp + 2 * L), a2);
-    if constexpr (V > 3) a3 = at::vec::fmadd(wv, Vec::loadu(sp + 3 * L), a3);
-  }
-  // the epilogue's activation in registers; out[0, valid) written (a partial last vector masked)
-  const auto emit = [&](Vec a, int64_t j) {
-    const int64_t n = std::min<int64_t>(L, valid - (ow0 + j * L));
-    if (n > 0) act_forward(act, a, sc).store(out + ow0 + j * L, n);
-  };
-  emit(a0, 0);
-  if constexpr (V > 1) emit(a1, 1);
-  if constexpr (V > 2) emit(a2, 2);
-  if constexpr (V > 3) emit(a3, 3);
-}
-
 // Vectors a register-blocked kernel may keep per block: twice as many with 32 vector registers
 // (AVX-512) as with 16 (AVX2, where 4 rows x 1 vector + 9 weights still fit).
 template <typename T>
@@ -294,13 +265,7 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
             T* target = direct_store ? reinterpret_cast<T*>(dst + oh * ov.s2) : row.data();
             const T* rbase = xs.data() + row0 * geo.stride;
             const int64_t valid = direct_store ? s.OW : OWv;
-            int64_t ow0 = 0;
-            for (; ow0 + 4 * L <= OWv; ow0 += 4 * L)
-              row_block<4>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
-            const int64_t rest = (OWv - ow0) / L;
-            if (rest == 3) row_block<3>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
-            if (rest == 2) row_block<2>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
-            if (rest == 1) row_block<1>(rbase, offs.data(), wk, taps, ow0, b, act, sc, target, valid);
+            krow<1, true>(rbase, offs.data(), wk, taps, &b, act, sc, target, 0, valid, OWv / L);  // one channel
             if (direct_store) continue;
           } else {
             for (int64_t ow = 0; ow < s.OW; ++ow) {
