@@ -13,18 +13,15 @@ shared machine drift: rerun the rows that sit near 1.0x before moving the rule.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as TF
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pyops
 import pyops.functional as PF
-from bench.harness import machine_name, steady_malloc
+from bench.harness import _in_backend, machine_name, steady_malloc, time_cpu
 from pyops.backend import auto_rule
 
 # (batch, channels, plane, channels per group, stride)
@@ -35,19 +32,6 @@ FULL = [
     for s in ((1, 2) if cpg == 1 else (1,))
 ]
 QUICK = [(16, 64, 56, 1, 1), (32, 256, 14, 1, 1), (16, 64, 56, 1, 2), (16, 128, 28, 4, 1), (16, 128, 28, 2, 1)]
-
-
-def _time(fns, args, repeats):
-    for fn in fns:
-        for _ in range(2):
-            fn(*args)
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for k, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn(*args)
-            times[k].append(time.perf_counter() - t0)
-    return [statistics.median(t) * 1e3 for t in times]
 
 
 def measure(n, c, hw, cpg, stride, layout, repeats):
@@ -72,15 +56,8 @@ def measure(n, c, hw, cpg, stride, layout, repeats):
     def train(conv):
         return lambda x, w, b: torch.autograd.grad(conv(x, w, b, **kw), (x, w, b), grad)
 
-    def native(fn):
-        def run(*args):
-            with pyops.backend("native"):
-                return fn(*args)
-
-        return run
-
-    ours_f, torch_f = _time([native(fwd(PF.conv2d)), fwd(TF.conv2d)], (x, w, b), repeats)
-    ours_t, torch_t = _time([native(train(PF.conv2d)), train(TF.conv2d)], (x, w, b), repeats)
+    ours_f, torch_f = time_cpu([_in_backend(fwd(PF.conv2d), "native"), fwd(TF.conv2d)], [(x, w, b)], repeats)
+    ours_t, torch_t = time_cpu([_in_backend(train(PF.conv2d), "native"), train(TF.conv2d)], [(x, w, b)], repeats)
     pick = auto_rule(
         "conv2d",
         "cpu",
