@@ -122,6 +122,53 @@ def _case(label, shape, k, groups, stride, mode, dtype, device, calls=1, family=
     )
 
 
+def _conv_bn_case(label, shape, groups, dtype, device):
+    """A training step's depthwise/grouped 3x3 -> batch norm -> relu (input, weight and batch norm
+    gradients): pyops with the batch statistics gathered in the convolution's epilogue
+    (conv2d_stats -> batch_norm_given_stats, what pyops.convert links), pyops as two ops ("unfused"),
+    torch eager."""
+    k = shape[1]
+    out_shape, _ = _sizes(shape, k, groups, 1)
+    kw = {"padding": 1, "groups": groups}
+
+    def make_inputs():
+        def leaf(*size):
+            return torch.randn(size, device=device, dtype=dtype, requires_grad=True)
+
+        stats = (torch.zeros(k, device=device, dtype=dtype), torch.ones(k, device=device, dtype=dtype))
+        g = torch.randn(out_shape, device=device, dtype=dtype)
+        return (leaf(*shape), leaf(k, shape[1] // groups, 3, 3), leaf(k), leaf(k), *stats, g)
+
+    def iteration(impl):
+        def run(x, w, bw, bb, rm, rv, g):
+            if impl == "pyops":
+                y, mean, var = PF.conv2d_stats(x, w, None, **kw)
+                out = PF.batch_norm_given_stats(y, mean, var, rm, rv, bw, bb, activation="relu")
+            elif impl == "unfused":
+                out = PF.batch_norm(PF.conv2d(x, w, None, **kw), rm, rv, bw, bb, True, activation="relu")
+            else:
+                out = torch.relu(TF.batch_norm(TF.conv2d(x, w, None, **kw), rm, rv, bw, bb, True))
+            torch.autograd.grad(out, (x, w, bw, bb), g)
+
+        return run
+
+    return Case(
+        "conv",
+        f"{label}+bn+relu g={groups}",
+        "fwd+bwd",
+        shape,
+        dtype,
+        device,
+        0,
+        make_inputs,
+        iteration,
+        compile_baseline=False,
+        references=[("torch eager", "eager")],
+        variants=[("native unfused", "unfused", "native")],
+        auto=True,
+    )
+
+
 def cases(device, quick=False):
     if device == "cpu":
         shapes, dtypes = CPU_SHAPES, [torch.float32]
@@ -131,6 +178,10 @@ def cases(device, quick=False):
         for label, shape, k, groups, stride in shapes:
             for mode in ("fwd", "fwd+bwd"):
                 yield _case(label, shape, k, groups, stride, mode, dtype, device)
+    # conv -> batch norm in training, the statistics gathered in the convolution's epilogue
+    if device == "cpu":
+        for label, shape, _, groups, _ in CPU_SHAPES:
+            yield _conv_bn_case(label, shape, groups, torch.float32, device)
     # the fixed cost of a call: a tiny depthwise convolution, many calls an iteration
     for mode in ("fwd+bwd", "no_grad"):
         c, calls = OVERHEAD_SHAPE[1], OVERHEAD_CALLS[quick]

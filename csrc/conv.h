@@ -7,6 +7,8 @@
 // supplies:
 //   D::Guard(tensor)                                       device guard (a no-op on CPU)
 //   D::forward(shape, x, w, bias, out, act, scalar)        out = act(conv(x, w) + bias); bias may be undefined
+//   D::forward_stats(shape, x, w, bias, out, mean, var)    out = conv(x, w) + bias, and out's per-channel mean
+//                                                          and biased variance (float32 or float64 tensors)
 //   D::mask(out, mask, act)                                the activation family's mask bits of out, read
 //                                                          from out (relu: !(y <= 0); leaky_relu: y > 0)
 //   D::backward_input(shape, grad_out, w, grad_in)         grad_in = conv's transpose applied to grad_out
@@ -18,13 +20,17 @@
 // strides (the CUDA device, with torch's own result: csrc/cuda/conv.cu).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/elu.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/leaky_relu.h>
 #include <ATen/ops/relu.h>
 #include <c10/core/SymIntArrayRef.h>
 
+#include <limits>
 #include <optional>
+#include <utility>
 #include <tuple>
 
 #include "common/act.h"
@@ -76,6 +82,17 @@ inline ConvShape conv_shape(const char* op, at::IntArrayRef in, at::IntArrayRef 
   return s;
 }
 
+// The per-channel mean and biased variance of a conv output by the batch_norm family's statistics
+// primitive `op` (its native or Triton name), for devices whose forward records none in its epilogue.
+inline void stats_by_op(const char* op, const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var) {
+  const auto handle = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow(op, "")
+                          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  const auto [m, v] = handle.call(out);
+  mean.copy_(m);
+  var.copy_(v);
+}
+
 // Torch's layout for a convolution's output: channels_last when the input or the weight suggests it.
 inline at::MemoryFormat conv_format(const at::Tensor& a, const at::Tensor& b) {
   return a.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
@@ -105,11 +122,10 @@ template <class D>
 struct Conv {
   using Tensor = at::Tensor;
 
-  static std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& input, const Tensor& weight,
-                                               const std::optional<Tensor>& bias_opt, at::IntArrayRef stride,
-                                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                               int64_t act_code, double scalar) {
-    const char* op = "conv2d_fwd";
+  // The forward's checks: the shape, and the bias (undefined when absent).
+  static std::pair<ConvShape, Tensor> forward_args(const char* op, const Tensor& input, const Tensor& weight,
+                                                   const std::optional<Tensor>& bias_opt, at::IntArrayRef stride,
+                                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
     check_floating(op, "input", input);
     check_like(op, "input", input, "weight", weight);
     const ConvShape s = conv_shape(op, input.sizes(), weight.sizes(), stride, padding, dilation, groups);
@@ -120,6 +136,15 @@ struct Conv {
       TORCH_CHECK(bias.dim() == 1 && bias.size(0) == s.K, "pyops::", op, ": bias must be 1-d of ", s.K,
                   " elements (the weight's output channels), got sizes ", bias.sizes());
     }
+    return {s, bias};
+  }
+
+  static std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& input, const Tensor& weight,
+                                               const std::optional<Tensor>& bias_opt, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                               int64_t act_code, double scalar) {
+    const char* op = "conv2d_fwd";
+    const auto [s, bias] = forward_args(op, input, weight, bias_opt, stride, padding, dilation, groups);
     const Act act = act_of_code(op, act_code);
     TORCH_CHECK(scalar >= 0, "pyops::", op, ": the activation's scalar must be non-negative, got ", scalar);
     typename D::Guard guard(input);
@@ -136,6 +161,35 @@ struct Conv {
     }
     if (masked) D::mask(out, mask, act);
     return {out, mask};
+  }
+
+  // out = conv(x, w) + bias and its per-channel mean and biased variance (batch norm's statistics, in its
+  // op-math dtype: float32 for float16/bfloat16 inputs), for a batch norm that follows in training.
+  static std::tuple<Tensor, Tensor, Tensor> conv2d_fwd_stats(const Tensor& input, const Tensor& weight,
+                                                             const std::optional<Tensor>& bias_opt,
+                                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                                             at::IntArrayRef dilation, int64_t groups) {
+    const char* op = "conv2d_fwd_stats";
+    const auto [s, bias] = forward_args(op, input, weight, bias_opt, stride, padding, dilation, groups);
+    typename D::Guard guard(input);
+    Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().memory_format(conv_format(input, weight)));
+    const auto stat_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    Tensor mean = at::empty({s.K}, input.options().dtype(stat_type));
+    Tensor var = at::empty({s.K}, input.options().dtype(stat_type));
+    if (out.numel() == 0) {  // no element: torch's mean and variance of nothing
+      mean.fill_(std::numeric_limits<double>::quiet_NaN());
+      var.fill_(std::numeric_limits<double>::quiet_NaN());
+      return {out, mean, var};
+    }
+    if (s.C == 0) {  // an empty sum: the bias alone, a constant per channel
+      out.zero_();
+      if (bias.defined()) out.add_(bias.view({1, s.K, 1, 1}));
+      mean.copy_(bias.defined() ? bias : at::zeros_like(mean));
+      var.zero_();
+      return {out, mean, var};
+    }
+    D::forward_stats(s, input, weight.contiguous(), bias.defined() ? bias.contiguous() : bias, out, mean, var);
+    return {out, mean, var};
   }
 
   static Tensor conv2d_bwd_input(const Tensor& grad_out, const Tensor& weight, c10::SymIntArrayRef input_size,
@@ -192,6 +246,7 @@ struct Conv {
   do {                                                         \
     using C = ::pyops::Conv<D>;                                \
     m.impl("conv2d_fwd" SUFFIX, &C::conv2d_fwd);               \
+    m.impl("conv2d_fwd_stats" SUFFIX, &C::conv2d_fwd_stats);   \
     m.impl("conv2d_bwd_input" SUFFIX, &C::conv2d_bwd_input);   \
     m.impl("conv2d_bwd_weight" SUFFIX, &C::conv2d_bwd_weight); \
   } while (0)

@@ -39,6 +39,12 @@ TORCH_LIBRARY(pyops, m) {
       "batch_norm(Tensor input, Tensor? running_mean, Tensor? running_var, Tensor? weight=None, Tensor? bias=None, "
       "bool training=False, float momentum=0.1, float eps=1e-05, *, str? activation=None, "
       "float negative_slope=0.01, float alpha=1.0, Tensor? residual=None, bool memory_efficient=False) -> Tensor");
+  // batch_norm in training with the input's batch statistics given (conv2d_stats's; empty: computed)
+  m.def(
+      "batch_norm.given_stats(Tensor input, Tensor batch_mean, Tensor batch_var, Tensor? running_mean, "
+      "Tensor? running_var, Tensor? weight=None, Tensor? bias=None, float momentum=0.1, float eps=1e-05, *, "
+      "str? activation=None, float negative_slope=0.01, float alpha=1.0, Tensor? residual=None, "
+      "bool memory_efficient=False) -> Tensor");
   // batch_norm's running-average step, one op as torch's batch norm kernels do it (a composite's in-place
   // update of plain buffers from a tensor subclass's statistics is what subclasses cannot follow)
   m.def(
@@ -54,6 +60,11 @@ TORCH_LIBRARY(pyops, m) {
   m.def(
       "conv2d(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
       "int[2] dilation=1, int groups=1, *, str? activation=None) -> Tensor");
+  // conv2d and, in training, its output's batch statistics for the batch norm that follows (empty where the
+  // backend computes none)
+  m.def(
+      "conv2d_stats(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1) -> (Tensor, Tensor, Tensor)");
   m.def(
       "conv2d.padding(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, str padding=\"valid\", "
       "int[2] dilation=1, int groups=1, *, str? activation=None) -> Tensor");

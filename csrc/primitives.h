@@ -90,6 +90,11 @@
   X("conv2d_fwd", "conv2d_fwd_triton",                                                              \
     "(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "  \
     "int groups, int activation, float scalar) -> (Tensor, Tensor)")                                 \
+  /* out = conv(x, w) + bias with its per-channel mean and biased variance (float32, float64 for  \
+     float64 input), for a batch norm that follows in training */                                  \
+  X("conv2d_fwd_stats", "conv2d_fwd_stats_triton",                                                  \
+    "(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "  \
+    "int groups) -> (Tensor, Tensor, Tensor)")                                                       \
   X("conv2d_bwd_input", "conv2d_bwd_input_triton",                                                  \
     "(Tensor grad_out, Tensor weight, SymInt[] input_size, int[2] stride, int[2] padding, "         \
     "int[2] dilation, int groups) -> Tensor")                                                        \

@@ -152,14 +152,33 @@ def _uses(model):
     return uses
 
 
+def _links_batch_norm(conv, bn, uses):
+    """Whether the pyops Conv2d `conv`, followed by `bn`, gathers bn's batch statistics in its epilogue:
+    bn a pyops BatchNorm2d used at one place, neither with hooks, conv with zero padding given as numbers
+    and no activation of its own."""
+    return (
+        type(conv) is pnn.Conv2d
+        and type(bn) is pnn.BatchNorm2d
+        and uses.get(id(bn), 0) == 1
+        and conv.activation is None
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not _has_hooks(conv)
+        and not _has_hooks(bn)
+    )
+
+
 def fuse_activations(model):
     """In every nn.Sequential of model whose forward is nn.Sequential's own (its children chained in
     order), a pyops batch norm or convolution directly followed by a ReLU/LeakyReLU/ELU takes the
     activation into its kernel (`activation=...`) and the activation's place becomes nn.Identity, so
     indices and state_dict keys stay the same. A module used at more than one place is left alone (the
     activation would apply at every place), and so is a Sequential subclass with a forward of its own
-    (its children need not run in order). A convolution followed by a batch norm is left as it is (the
-    batch norm takes the activation). Returns model."""
+    (its children need not run in order). A convolution directly followed by a batch norm keeps no
+    activation (the batch norm takes it) and is linked to that batch norm: in training, its epilogue
+    gathers the output's per-channel mean and variance (pyops.functional.conv2d_stats), which the batch
+    norm uses instead of its own pass over the output when it is called on that output (else it computes
+    its own). Returns model."""
     uses = _uses(model)
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         if type(seq).forward is not nn.Sequential.forward:
@@ -168,6 +187,9 @@ def fuse_activations(model):
         for first, second in zip(names, names[1:]):
             m = seq._modules[first]
             if m is None or uses.get(id(m), 0) != 1:
+                continue
+            if _links_batch_norm(m, seq._modules[second], uses):
+                object.__setattr__(m, "_batch_norm", seq._modules[second])  # not a child: state_dict unchanged
                 continue
             act = _fusable(seq._modules[second]) if seq._modules[second] is not None else None
             if act is not None and _fuse_into(m, *act):

@@ -20,6 +20,7 @@ from . import _C
 from . import ops as _ops  # noqa: F401  (registers fake kernels and the Triton launch ops)
 
 __all__ = ["relu", "leaky_relu", "elu", "sigmoid", "tanh", "maxout", "batch_norm", "conv2d"]
+__all__ += ["conv2d_stats", "batch_norm_given_stats"]
 __all__ += ["l1_loss", "mse_loss", "huber_loss", "rmse_loss", "cross_entropy"]
 
 _P = torch.ops.pyops
@@ -347,3 +348,56 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     else:
         op = _conv2d if _compiling() else _conv2d_eager
     return op(input, weight, bias, stride, padding, dilation, groups, activation=activation)
+
+
+def conv2d_stats(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """conv2d without activation, returning (out, batch_mean, batch_var): out's per-channel mean and
+    biased variance over (N, H, W), gathered by the convolution's epilogue on a pyops backend (float32;
+    float64 for float64 input), for a batch norm in training to use (batch_norm_given_stats) instead of
+    its own pass over out. Where the convolution runs on torch (the `torch` backend, or `auto`'s rule),
+    and for an unbatched input, both are empty tensors: the batch norm then computes its own. stride,
+    padding (ints or pairs), dilation and groups as in conv2d."""
+    if not isinstance(input, torch.Tensor):
+        raise _tensor_expected("conv2d_stats", input)
+    stride, padding, dilation, groups = _ints(stride), _ints(padding), _ints(dilation), _ints(groups)
+    pair = lambda v: [v, v] if isinstance(v, int) else v  # noqa: E731
+    return _P.conv2d_stats(input, weight, bias, pair(stride), pair(padding), pair(dilation), groups)
+
+
+def batch_norm_given_stats(
+    input,
+    batch_mean,
+    batch_var,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    activation=None,
+    negative_slope=0.01,
+    alpha=1.0,
+    residual=None,
+    memory_efficient=False,
+):
+    """batch_norm in training (see batch_norm) with the input's batch statistics given: batch_mean and the
+    biased batch_var per channel, as conv2d_stats returns them; they must be the statistics of `input`
+    (the result is batch_norm's, derivative included, only then). Empty statistics, or the torch backend,
+    compute them as batch_norm does."""
+    return _P.batch_norm.given_stats(
+        input,
+        batch_mean,
+        batch_var,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        momentum,
+        eps,
+        activation=activation,
+        negative_slope=negative_slope,
+        alpha=alpha,
+        residual=residual,
+        memory_efficient=memory_efficient,
+    )

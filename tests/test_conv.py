@@ -152,6 +152,9 @@ def _primitive_samples(name, device):
     if name == "conv2d_fwd":
         yield (x, w, b, *geometry, 1, 0.0)
         yield (xcl, wdw, None, [1, 1], [1, 1], [1, 1], 3, 3, 1.0)
+    if name == "conv2d_fwd_stats":
+        yield (x, w, b, *geometry)
+        yield (xcl, wdw, None, [1, 1], [1, 1], [1, 1], 3)
     y = torch.nn.functional.conv2d(x.detach(), w.detach(), None, *geometry)
     g = torch.randn_like(y, requires_grad=True)
     if name == "conv2d_bwd_input":

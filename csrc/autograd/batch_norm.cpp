@@ -424,7 +424,15 @@ bool wants_grad(const Opt& t) { return t.has_value() && t->defined() && t->requi
 Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& running_var, const Opt& weight,
                   const Opt& bias, bool training, double momentum, double eps,
                   std::optional<c10::string_view> activation, double negative_slope, double alpha, const Opt& residual,
-                  bool memory_efficient) {
+                  bool memory_efficient);
+
+// given_mean / given_var (training only): the input's batch statistics, computed by the caller (a
+// convolution's epilogue, pyops::conv2d_stats), used on a pyops backend; else undefined.
+Tensor batch_norm_impl(const Tensor& input, const Opt& running_mean, const Opt& running_var, const Opt& weight,
+                       const Opt& bias, bool training, double momentum, double eps,
+                       std::optional<c10::string_view> activation, double negative_slope, double alpha,
+                       const Opt& residual, bool memory_efficient, const Tensor& given_mean_in,
+                       const Tensor& given_var) {
   const Act act = activation.has_value() ? parse_act("batch_norm", *activation) : Act::kNone;
   const double param = act == Act::kLeakyRelu ? negative_slope : act == Act::kElu ? alpha : 0.0;
   TORCH_CHECK_VALUE(!memory_efficient || act_invertible(act, param), "pyops.batch_norm: memory_efficient=True ",
@@ -466,6 +474,7 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
                 },
                 {&input, weight ? &*weight : nullptr, bias ? &*bias : nullptr, residual ? &*residual : nullptr});
   const Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
+  const Tensor given_mean = training && b != Backend::kTorch ? given_mean_in : Tensor();
   if (b == Backend::kTorch) {
     Tensor y = at::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, true);
     if (has_residual) y = y + *residual;
@@ -484,7 +493,12 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
   Tensor mean, invstd;
   if (training) {
     Tensor var;
-    std::tie(mean, var) = below_autograd([&] { return bn_stats[b].call(input); });
+    if (given_mean.defined()) {
+      mean = given_mean;
+      var = given_var;
+    } else {
+      std::tie(mean, var) = below_autograd([&] { return bn_stats[b].call(input); });
+    }
     invstd = (var + eps).rsqrt();
     if (rm.defined() && (!known || *known > 0)) {
       at::NoGradGuard no_grad;
@@ -522,6 +536,36 @@ Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& runni
   return fused ? out : apply_activation(out, act, param);
 }
 
+Tensor batch_norm(const Tensor& input, const Opt& running_mean, const Opt& running_var, const Opt& weight,
+                  const Opt& bias, bool training, double momentum, double eps,
+                  std::optional<c10::string_view> activation, double negative_slope, double alpha, const Opt& residual,
+                  bool memory_efficient) {
+  return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                         negative_slope, alpha, residual, memory_efficient, Tensor(), Tensor());
+}
+
+// batch_norm in training with the input's batch statistics given (pyops::conv2d_stats's), used on a pyops
+// backend; empty statistics, or the torch backend, compute them as batch_norm does.
+Tensor batch_norm_given(const Tensor& input, const Tensor& batch_mean, const Tensor& batch_var, const Opt& running_mean,
+                        const Opt& running_var, const Opt& weight, const Opt& bias, double momentum, double eps,
+                        std::optional<c10::string_view> activation, double negative_slope, double alpha,
+                        const Opt& residual, bool memory_efficient) {
+  const bool given = batch_mean.numel() > 0;
+  if (given) {
+    const int64_t channels = input.dim() >= 2 ? input.size(1) : -1;
+    const auto stat_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    for (const auto& [name, t] :
+         {std::pair<const char*, const Tensor&>{"batch_mean", batch_mean}, {"batch_var", batch_var}})
+      TORCH_CHECK_VALUE(
+          t.dim() == 1 && t.size(0) == channels && t.scalar_type() == stat_type && t.device() == input.device(),
+          "pyops.batch_norm: ", name, " must be a 1-d ", stat_type, " tensor of the input's ", channels,
+          " channels on ", input.device(), ", got ", t.scalar_type(), " of sizes ", t.sizes(), " on ", t.device());
+  }
+  return batch_norm_impl(input, running_mean, running_var, weight, bias, true, momentum, eps, activation,
+                         negative_slope, alpha, residual, memory_efficient, given ? batch_mean : Tensor(),
+                         given ? batch_var : Tensor());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
@@ -529,7 +573,10 @@ TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
   PYOPS_REGISTER_BATCH_NORM_AUTOGRAD(m, Backend::kTriton, "_triton");
 }
 
-TORCH_LIBRARY_IMPL(pyops, CompositeImplicitAutograd, m) { m.impl("batch_norm", &batch_norm); }
+TORCH_LIBRARY_IMPL(pyops, CompositeImplicitAutograd, m) {
+  m.impl("batch_norm", &batch_norm);
+  m.impl("batch_norm.given_stats", &batch_norm_given);
+}
 
 TORCH_LIBRARY_IMPL(pyops, CompositeExplicitAutograd, m) { m.impl("batch_norm_running_update", &running_update); }
 

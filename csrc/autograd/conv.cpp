@@ -13,6 +13,7 @@
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/elu.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/leaky_relu.h>
 #include <ATen/ops/relu.h>
@@ -44,6 +45,10 @@ using Pair = std::tuple<Tensor, Tensor>;
 const Prim<Pair(const Tensor&, const Tensor&, const std::optional<Tensor>&, IntArrayRef, IntArrayRef, IntArrayRef,
                 int64_t, int64_t, double)>
     conv2d_fwd("pyops::conv2d_fwd", "pyops::conv2d_fwd_triton");
+using Triple = std::tuple<Tensor, Tensor, Tensor>;
+const Prim<Triple(const Tensor&, const Tensor&, const std::optional<Tensor>&, IntArrayRef, IntArrayRef, IntArrayRef,
+                  int64_t)>
+    conv2d_fwd_stats("pyops::conv2d_fwd_stats", "pyops::conv2d_fwd_stats_triton");
 const Prim<Tensor(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, int64_t)>
     conv2d_bwd_input("pyops::conv2d_bwd_input", "pyops::conv2d_bwd_input_triton");
 const Prim<Pair(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, int64_t,
@@ -230,6 +235,30 @@ struct Kernels {
     }
     return {out, mask};  // the mask has no gradient
   }
+  // conv2d_fwd without activation, and the output's statistics, which have no derivative of their own: the
+  // batch norm they feed differentiates through them (csrc/autograd/batch_norm.cpp)
+  static Triple conv2d_fwd_stats_k(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
+                                   IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
+    const Tensor b = bias.has_value() ? *bias : Tensor();
+    const bool rec = graph_of(x, w, b), fw = has_tangent(x, w, b);
+    if (!rec && !fw) PYOPS_BELOW_AUTOGRAD(conv2d_fwd_stats[B].call(x, w, bias, stride, padding, dilation, groups));
+    auto [out, mean, var] =
+        below_autograd([&] { return conv2d_fwd_stats[B].call(x, w, bias, stride, padding, dilation, groups); });
+    Params p{stride.vec(), padding.vec(), dilation.vec(), groups};
+    decltype(make_node<ConvBackward<B>>()) node;
+    if (rec) {
+      node = make_node<ConvBackward<B>>();
+      record(node, out, x, w, b);
+    }
+    if (fw) set_tangent(out, conv_tangent<B>(x, w, b, out, Tensor(), p, int64_t(Act::kNone), 0.0));
+    if (rec) {
+      node->x_ = SavedVariable(x, /*is_output=*/false);
+      node->w_ = SavedVariable(w, /*is_output=*/false);
+      node->p_ = std::move(p);
+      node->bias_ = b.defined();
+    }
+    return {out, mean, var};
+  }
   static Tensor conv2d_bwd_input_k(const Tensor& g, const Tensor& w, c10::SymIntArrayRef input_size, IntArrayRef stride,
                                    IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
     const bool rec = graph_of(g, w), fw = has_tangent(g, w);
@@ -278,6 +307,7 @@ struct Kernels {
   do {                                                           \
     using K = Kernels<B>;                                        \
     m.impl("conv2d_fwd" SUFFIX, &K::conv2d_fwd_k);               \
+    m.impl("conv2d_fwd_stats" SUFFIX, &K::conv2d_fwd_stats_k);   \
     m.impl("conv2d_bwd_input" SUFFIX, &K::conv2d_bwd_input_k);   \
     m.impl("conv2d_bwd_weight" SUFFIX, &K::conv2d_bwd_weight_k); \
   } while (0)
@@ -392,6 +422,35 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Ten
   return batched ? y : y.squeeze(0);
 }
 
+// conv2d without activation, and in training its output's per-channel mean and biased variance for the
+// batch norm that follows (pyops.nn.Conv2d linked by pyops.convert to the BatchNorm2d after it): on a
+// pyops backend the convolution's epilogue gathers them (pyops::conv2d_fwd_stats); on the torch backend,
+// and for an unbatched input, the statistics are empty tensors (the batch norm computes its own).
+std::tuple<Tensor, Tensor, Tensor> conv2d_stats(const Tensor& input, const Tensor& weight,
+                                                const std::optional<Tensor>& bias, IntArrayRef stride,
+                                                IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
+  if (input.dim() == 4) {
+    check_operand_device("conv2d", "weight", weight, input);
+    TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
+                ") and weight type (", weight.scalar_type(), ") should be the same");
+    if (bias.has_value() && bias->defined()) {
+      check_operand_device("conv2d", "bias", bias, input);
+      TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
+                  ") and bias type (", bias->scalar_type(), ") should be the same");
+    }
+    const auto s = pair("stride", stride), p = pair("padding", padding), d = pair("dilation", dilation);
+    check_conv_args(input, input, weight, s, p, d, groups);
+    const Facts facts = conv_facts(input, weight, groups, s, p, d);
+    const Backend b =
+        choose(Op::conv2d, "conv2d", input, &facts,
+               [&] { return pyops::conv2d(input, weight, bias, stride, padding, dilation, groups, std::nullopt); },
+               {&input, &weight, bias ? &*bias : nullptr});
+    if (b != Backend::kTorch) return conv2d_fwd_stats[b].call(input, weight, bias, s, p, d, groups);
+  }
+  const Tensor none = at::empty({0}, input.options().dtype(at::kFloat));
+  return {pyops::conv2d(input, weight, bias, stride, padding, dilation, groups, std::nullopt), none, none};
+}
+
 Tensor conv2d_padding(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, IntArrayRef stride,
                       c10::string_view padding, IntArrayRef dilation, int64_t groups,
                       std::optional<c10::string_view> activation) {
@@ -460,6 +519,7 @@ TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
 TORCH_LIBRARY_IMPL(pyops, CompositeImplicitAutograd, m) {
   m.impl("conv2d", &conv2d);
   m.impl("conv2d.padding", &conv2d_padding);
+  m.impl("conv2d_stats", &conv2d_stats);
 }
 
 }  // namespace pyops

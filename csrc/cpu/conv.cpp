@@ -50,6 +50,38 @@ struct Cpu {
     direct_forward(s, x, w, bias, out, act, scalar);
   }
 
+  // out = conv(x, w) + bias, and its per-channel mean and biased variance: the direct and channels_last
+  // depthwise engines record them in their epilogue (each task's output while in cache); after the
+  // im2col + BLAS engine they take a pass over the output.
+  static void forward_stats(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                            const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var) {
+    const int64_t M = s.OH * s.OW;
+    const bool cl = s.Cg() < kGemmChannels && depthwise_cl(s, x, out);
+    Moments m(cl ? s.N * s.OH : s.N, s.K, cl ? s.OW : M);
+    if (s.Cg() >= kGemmChannels) {
+      gemm_forward(s, x, w, bias, out, Act::kNone, 0);
+      PYOPS_DISPATCH_FLOATING(out.scalar_type(), [&] {
+        const View4<scalar_t> ov(out);
+        at::parallel_for(0, s.N * s.K, 1, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t n = t / s.K, k = t % s.K;
+            const auto [mu, sq] = part_moments(ov.p + n * ov.s0 + k * ov.s1, s.OH, ov.s2, s.OW, ov.s3);
+            m.set(n, k, mu, sq);
+          }
+        });
+      });
+    } else if (cl) {
+      dw_cl_forward(s, x, w, bias, out, Act::kNone, 0, &m);
+    } else {
+      direct_forward(s, x, w, bias, out, Act::kNone, 0, &m);
+    }
+    if (mean.scalar_type() == at::kDouble) {
+      m.combine(mean.mutable_data_ptr<double>(), var.mutable_data_ptr<double>());
+    } else {
+      m.combine(mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>());
+    }
+  }
+
   static void mask(const at::Tensor& out, const at::Tensor& mask, Act act) {
     PYOPS_DISPATCH_FLOATING(out.scalar_type(), [&] {
       output_mask(out.const_data_ptr<scalar_t>(), mask.mutable_data_ptr<uint8_t>(), out.numel(), act);

@@ -42,13 +42,35 @@ inline std::pair<int64_t, int64_t> inner_columns(const ConvShape& s) {
   return {lo, std::max(lo, hi)};
 }
 
+// The epilogue of a row's task: partial r of every channel, from the row's OW pixels (pixel stride ps,
+// channels contiguous), vectorized over channels.
+template <typename T>
+void row_moments(const T* row, int64_t C, int64_t OW, int64_t ps, int64_t r, Moments& m) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  __at_align__ T mu[L], sq[L];
+  for (int64_t c0 = 0; c0 < C; c0 += L) {
+    const int cnt = static_cast<int>(std::min<int64_t>(L, C - c0));
+    Vec sum(T(0)), m2(T(0));
+    for (int64_t ow = 0; ow < OW; ++ow) sum = sum + Vec::loadu(row + ow * ps + c0, cnt);
+    const Vec mean = sum / Vec(T(OW));
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const Vec d = Vec::loadu(row + ow * ps + c0, cnt) - mean;
+      m2 = at::vec::fmadd(d, d, m2);
+    }
+    mean.store(mu);
+    m2.store(sq);
+    for (int c = 0; c < cnt; ++c) m.set(r, c0 + c, double(mu[c]), double(sq[c]));
+  }
+}
+
 // out[n, oh, ow, c] = act(bias[c] + sum_{kh, kw} wt[kh * KW + kw, c] * x[n, oh * sh - ph + kh * dh,
 // ow * sw - pw + kw * dw, c]) (zero outside x), x and out with channel stride 1, wt [KH * KW, C]. A task
 // is an output row; along it, blocks of kPixels pixels, and within a block every channel vector in
 // turn, so the pixels' channels are read in memory order.
 template <typename T>
 void dw_cl_correlate(const ConvShape& s, const View4<T>& xv, const T* wp, const T* bp, const View4<T>& ov, Act act,
-                     T sc) {
+                     T sc, Moments* moments = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
   const int64_t C = s.C;
@@ -153,16 +175,17 @@ void dw_cl_correlate(const ConvShape& s, const View4<T>& xv, const T* wp, const 
         }
       }
       for (; ow < s.OW; ++ow) columns(ow);
+      if (moments) row_moments(orow, C, s.OW, ov.s3, r, *moments);  // the row, still in cache
     }
   });
 }
 
 template <typename T>
 void dw_cl_forward_t(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                     const at::Tensor& out, Act act, double scalar) {
+                     const at::Tensor& out, Act act, double scalar, Moments* moments) {
   const at::Tensor wt = taps_by_channel<T>(w, s);
   dw_cl_correlate<T>(s, View4<T>(x), wt.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr,
-                     View4<T>(out), act, T(scalar));
+                     View4<T>(out), act, T(scalar), moments);
 }
 
 // The input gradient. Stride 1: the forward correlation of grad_out with the weight flipped in space
@@ -347,9 +370,9 @@ void dw_cl_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at::
 
 // float32/float64 only (depthwise_cl() routes no other dtype here; another is an error, not a no-op).
 void dw_cl_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                   const at::Tensor& out, Act act, double scalar) {
+                   const at::Tensor& out, Act act, double scalar, Moments* moments) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops::conv2d (depthwise channels_last)",
-                             [&] { dw_cl_forward_t<scalar_t>(s, x, w, bias, out, act, scalar); });
+                             [&] { dw_cl_forward_t<scalar_t>(s, x, w, bias, out, act, scalar, moments); });
 }
 void dw_cl_backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi) {
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pyops::conv2d (depthwise channels_last)",

@@ -170,7 +170,8 @@ void krow(const T* base, const int64_t* offs, const T* wp, int64_t taps, const T
 // strided 4-d tensor (padding may be negative: a crop), w opmath [K, Cg, KH, KW], bias opmath or null.
 template <typename scalar_t>
 void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_type<scalar_t>* w,
-                      const at::opmath_type<scalar_t>* bias, const at::Tensor& out, Act act, double scalar) {
+                      const at::opmath_type<scalar_t>* bias, const at::Tensor& out, Act act, double scalar,
+                      Moments* moments = nullptr) {
   using T = at::opmath_type<scalar_t>;
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
@@ -209,6 +210,14 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
         offs[(c * s.KH + kh) * s.KW + kw] = c * geo.plane + kh * s.dh * geo.stride + kw * s.dw;
   // grain: enough (image, group) pairs to amortise a task (~64K multiply-adds)
   const int64_t work = std::max<int64_t>(1, Kg * s.OH * s.OW * taps);
+  // the epilogue of a task: the moments of the group's output planes of image n, still in cache
+  const auto record = [&](int64_t n, int64_t grp) {
+    if (!moments) return;
+    for (int64_t k = grp * Kg; k < (grp + 1) * Kg; ++k) {
+      const auto [mu, sq] = part_moments(ov.p + n * ov.s0 + k * ov.s1, s.OH, ov.s2, s.OW, ov.s3);
+      moments->set(n, k, mu, sq);
+    }
+  };
   at::parallel_for(0, s.N * G, std::max<int64_t>(1, (1 << 16) / work), [&](int64_t t0, int64_t t1) {
     std::vector<T> xs(Cg * geo.plane + L);
     std::vector<T> row(kRowsBuf * OWv);
@@ -228,6 +237,7 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
             for (int64_t r = oh; r < oe; ++r) store_row(row.data() + (r - oh) * OWv, dst + r * ov.s2, ov.s3, s.OW);
           }
         }
+        record(n, grp);
         continue;
       }
       int64_t kl0 = 0;
@@ -282,6 +292,7 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
           store_row(row.data(), dst + oh * ov.s2, ov.s3, s.OW);
         }
       }
+      record(n, grp);
     }
   });
 }
@@ -593,14 +604,14 @@ void direct_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at:
 }  // namespace
 
 void direct_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                    const at::Tensor& out, Act act, double scalar) {
+                    const at::Tensor& out, Act act, double scalar, Moments* moments) {
   PYOPS_DISPATCH_FLOATING(x.scalar_type(), [&] {
     using T = at::opmath_type<scalar_t>;
     const auto opmath = c10::CppTypeToScalarType<T>::value;
     const at::Tensor wf = w.to(opmath).contiguous();
     const at::Tensor bf = bias.defined() ? bias.to(opmath).contiguous() : bias;
     direct_forward_t<scalar_t>(s, x, wf.const_data_ptr<T>(), bf.defined() ? bf.const_data_ptr<T>() : nullptr, out, act,
-                               scalar);
+                               scalar, moments);
   });
 }
 void direct_backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi) {

@@ -3,6 +3,7 @@
 // helpers that copy planes into op-math buffers.
 #pragma once
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -11,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "common/act.h"
 #include "conv.h"
@@ -114,6 +117,75 @@ inline void store_row(const T* row, scalar_t* dst, int64_t ds, int64_t n) {
   }
 }
 
+// ---- the output's per-channel moments, gathered in the forward's epilogue (conv2d_fwd_stats) -------
+// Each task of an engine that writes a part of the output while it is in cache records, per channel, the
+// mean and M2 (sum of squared deviations from that mean) of the part, as a partial: partial p of channel k
+// at [p * K + k], every partial over `count` elements. combine() folds the partials of each channel in
+// index order (Chan, Golub and LeVeque's pairwise update), so that the result depends on the shape alone,
+// never on the thread count. Partials are computed in op-math (two passes over the part, which is in
+// cache) and kept in double.
+struct Moments {
+  int64_t parts = 0, K = 0, count = 0;
+  std::vector<double> mean, m2;
+  Moments(int64_t parts_, int64_t K_, int64_t count_)
+      : parts(parts_), K(K_), count(count_), mean(parts_ * K_), m2(parts_ * K_) {}
+  void set(int64_t p, int64_t k, double mu, double sq) {
+    mean[p * K + k] = mu;
+    m2[p * K + k] = sq;
+  }
+  // mean_out[k], var_out[k] (biased: M2 / elements), written in their dtype (float or double)
+  template <typename S>
+  void combine(S* mean_out, S* var_out) const {
+    at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        double mu = 0, sq = 0;
+        for (int64_t p = 0; p < parts; ++p) {
+          const double na = double(p * count), n = double((p + 1) * count);
+          const double delta = mean[p * K + k] - mu;
+          mu += delta * (double(count) / n);
+          sq += m2[p * K + k] + delta * delta * (na * double(count) / n);
+        }
+        mean_out[k] = S(mu);
+        var_out[k] = S(sq / double(parts * count));
+      }
+    });
+  }
+};
+
+// The mean and M2 of rows x rows_len elements at p (row stride rs, element stride es), in op-math.
+template <typename scalar_t>
+std::pair<double, double> part_moments(const scalar_t* p, int64_t rows, int64_t rs, int64_t len, int64_t es) {
+  using T = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  const bool vector = std::is_same_v<scalar_t, T> && es == 1;
+  const auto sweep = [&](auto&& f_vec, auto&& f_one) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* row = p + r * rs;
+      int64_t j = 0;
+      if constexpr (std::is_same_v<scalar_t, T>) {
+        if (vector)
+          for (; j + L <= len; j += L) f_vec(Vec::loadu(row + j));
+      }
+      for (; j < len; ++j) f_one(T(row[j * es]));
+    }
+  };
+  Vec vs(T(0));
+  T ss = 0;
+  sweep([&](const Vec& v) { vs = vs + v; }, [&](T v) { ss += v; });
+  const T mu = (at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vs) + ss) / T(rows * len);
+  Vec vq(T(0));
+  T sq = 0;
+  const Vec vmu(mu);
+  sweep(
+      [&](const Vec& v) {
+        const Vec d = v - vmu;
+        vq = at::vec::fmadd(d, d, vq);
+      },
+      [&](T v) { sq += (v - mu) * (v - mu); });
+  return {double(mu), double(at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vq) + sq)};
+}
+
 // Whether the channels_last depthwise engine takes the call: one input and one output channel per
 // group, float32/float64, both tensors with channel stride 1.
 inline bool depthwise_cl(const ConvShape& s, const at::Tensor& a, const at::Tensor& b) {
@@ -125,13 +197,14 @@ inline bool depthwise_cl(const ConvShape& s, const at::Tensor& a, const at::Tens
 // ---- the engines (csrc/cpu/conv_direct.cpp, conv_depthwise_cl.cpp, conv_gemm.cpp) -----------------
 // forward: out = act(conv(x, w) + bias); backward_input: gi = conv's transpose of g; backward_weight:
 // gw (and gb when defined) from g and x, in a fixed order.
+// moments (forward only; may be null): the output's per-channel partials, recorded by the tasks
 void direct_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                    const at::Tensor& out, Act act, double scalar);
+                    const at::Tensor& out, Act act, double scalar, Moments* moments = nullptr);
 void direct_backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi);
 void direct_backward_weight(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
                             const at::Tensor& gb);
 void dw_cl_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                   const at::Tensor& out, Act act, double scalar);
+                   const at::Tensor& out, Act act, double scalar, Moments* moments = nullptr);
 void dw_cl_backward_input(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi);
 void dw_cl_backward_weight(const ConvShape& s, const at::Tensor& g, const at::Tensor& x, const at::Tensor& gw,
                            const at::Tensor& gb);

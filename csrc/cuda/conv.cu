@@ -599,6 +599,13 @@ struct Cuda {
     }
   }
 
+  // no statistics epilogue yet: the forward, then the batch_norm family's CUDA statistics kernel
+  static void forward_stats(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                            at::Tensor& out, const at::Tensor& mean, const at::Tensor& var) {
+    forward(s, x, w, bias, out, Act::kNone, 0);
+    stats_by_op("pyops::batch_norm_stats", out, mean, var);
+  }
+
   static void mask(const at::Tensor& out, const at::Tensor& mask, Act act) {
     const KernelLaunch l = conv_plan::mask(out.numel());
     PYOPS_DISPATCH_FLOATING(out.scalar_type(), [&] {

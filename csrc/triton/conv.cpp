@@ -27,6 +27,12 @@ struct Triton {
     static const TritonLaunch launch("pyops::_triton_conv2d_fwd");
     launch(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, out, shape(s), int64_t(act), scalar);
   }
+  // no statistics epilogue yet: the forward, then the batch_norm family's Triton statistics kernel
+  static void forward_stats(const ConvShape& s, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                            const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var) {
+    forward(s, x, w, bias, out, Act::kNone, 0);
+    stats_by_op("pyops::batch_norm_stats_triton", out, mean, var);
+  }
   static void mask(const at::Tensor& out, const at::Tensor& mask, Act act) {
     static const TritonLaunch launch("pyops::_triton_conv2d_mask");
     launch(out, mask, int64_t(act));

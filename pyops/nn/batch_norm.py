@@ -124,8 +124,28 @@ class _BatchNormMixin(_FusedBatchNorm):
         """act(batch_norm(input) + residual) (see pyops.functional.batch_norm)."""
         self._check_input_dim(input)
         factor, bn_training, running_mean, running_var = self._factor_and_mode()
+        # the batch statistics of the convolution linked before it (pyops.convert), for its very output
+        given = getattr(self, "_given_stats", None)
+        if given is not None:
+            self._given_stats = None
+            if not (bn_training and given[0] is input):
+                given = None
 
         def call(momentum, running_mean=running_mean, running_var=running_var):
+            if given is not None:
+                return F.batch_norm_given_stats(
+                    input,
+                    given[1],
+                    given[2],
+                    running_mean,
+                    running_var,
+                    self.weight,
+                    self.bias,
+                    momentum,
+                    self.eps,
+                    residual=residual,
+                    **self._fused_kwargs(),
+                )
             return F.batch_norm(
                 input,
                 running_mean,

@@ -65,7 +65,21 @@ class Conv2d(nn.Conv2d):
         )
 
     def forward(self, input):
+        if not torch.jit.is_scripting():
+            bn = getattr(self, "_batch_norm", None)
+            if bn is not None and bn.training:
+                return self._forward_gathering(input, bn)
         return self._conv_forward(input, self.weight, self.bias)
+
+    @torch.jit.unused
+    def _forward_gathering(self, input, bn):
+        """Linked by pyops.convert to the batch norm `bn` that follows: the epilogue gathers the output's
+        batch statistics, which bn uses if it is called on this very output."""
+        out, mean, var = F.conv2d_stats(
+            input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+        bn._given_stats = (out, mean, var)
+        return out
 
     def extra_repr(self):
         s = super().extra_repr()

@@ -47,6 +47,13 @@ def _fake_conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, act
     return out, mask
 
 
+def _fake_conv2d_fwd_stats(input, weight, bias, stride, padding, dilation, groups):
+    out, _ = _fake_conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, 0, 0.0)
+    stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    k = weight.shape[0]
+    return out, input.new_empty((k,), dtype=stat_dtype), input.new_empty((k,), dtype=stat_dtype)
+
+
 def _fake_conv2d_bwd_input(grad_out, weight, input_size, stride, padding, dilation, groups):
     _check(grad_out.device == weight.device, "conv2d_bwd_input: grad_out and weight on different devices")
     fmt = suggest_memory_format(grad_out)
@@ -61,6 +68,7 @@ def _fake_conv2d_bwd_weight(grad_out, input, weight_size, stride, padding, dilat
 
 FAKES = {
     "conv2d_fwd": _fake_conv2d_fwd,
+    "conv2d_fwd_stats": _fake_conv2d_fwd_stats,
     "conv2d_bwd_input": _fake_conv2d_bwd_input,
     "conv2d_bwd_weight": _fake_conv2d_bwd_weight,
 }

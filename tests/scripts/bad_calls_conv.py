@@ -38,6 +38,8 @@ PUBLIC = {
 }
 PRIMITIVE = {
     "fwd: integer input": lambda o: o["conv2d_fwd"](x.long(), w.long(), None, *geo, 0, 0.0),
+    "fwd_stats: integer input": lambda o: o["conv2d_fwd_stats"](x.long(), w.long(), None, *geo),
+    "fwd_stats: bias of the wrong size": lambda o: o["conv2d_fwd_stats"](x, w, torch.randn(3), *geo),
     "fwd: bad activation code": lambda o: o["conv2d_fwd"](x, w, None, *geo, 7, 0.0),
     "fwd: negative scalar": lambda o: o["conv2d_fwd"](x, w, None, *geo, 2, -1.0),
     "fwd: groups not dividing": lambda o: o["conv2d_fwd"](x, w, None, [1, 1], [0, 0], [1, 1], 3, 0, 0.0),
