@@ -70,6 +70,16 @@ def _blocked_cases():
         "grouped_k3_dil": ((1, 6, 8, 13), (6, 2, 3, 3), {"groups": 3, "padding": 2, "dilation": 2}),
         "grouped_k8_w1": ((2, 8, 4, 1), (16, 4, 3, 3), {"groups": 2, "padding": 1}),
         "grouped_k6_w40": ((1, 6, 5, 40), (12, 3, 3, 3), {"groups": 2, "padding": 1}),
+        # strided along the width: the input rows split by column phase
+        "grouped_k4_stride2": ((2, 16, 9, 29), (16, 4, 3, 3), {"groups": 4, "padding": 1, "stride": 2}),
+        "grouped_stride3_dil2": ((1, 4, 10, 37), (4, 2, 3, 3), {"groups": 2, "padding": 2, "stride": 3, "dilation": 2}),
+        "dw5_stride2_w70": (
+            (1, 2, 9, 70),
+            (2, 1, 5, 5),
+            {"groups": 2, "padding": 2, "stride": 2, "activation": "relu"},
+        ),
+        "k1_stride2": ((2, 4, 7, 9), (8, 2, 1, 1), {"groups": 2, "stride": 2}),
+        "dw3_stride_w": ((1, 3, 6, 19), (3, 1, 3, 3), {"groups": 3, "padding": (0, 1), "stride": (1, 2)}),
     }
     for name, (xs, ws, kw) in cases.items():
         for dtype in DTYPES:
@@ -84,6 +94,8 @@ def _blocked_cases():
         ("k4_nonfinite", (2, 8, 6, 6), (8, 4, 3, 3), 2),
     ]:
         yield pytest.param(name, xs, ws, {"groups": g, "padding": 1}, torch.float32, id=name)
+        kw = {"groups": g, "padding": 1, "stride": 2}
+        yield pytest.param(name, xs, ws, kw, torch.float32, id=f"{name}_stride2")
 
 
 @pytest.mark.parametrize("name,xs,ws,kw,dtype", list(_blocked_cases()))
@@ -409,3 +421,20 @@ def test_operands_on_another_device_are_refused_in_torch_words():
         PF.conv2d(x, w.to("meta"), b)
     with pytest.raises(RuntimeError, match="pyops.conv2d: bias: Tensor on device meta is not on the expected device"):
         PF.conv2d(x, w, b.to("meta"))
+
+
+@pytest.mark.parametrize("stride", [(2, 2), (1, 2), (3, 1)])
+def test_strided_input_gradient_with_a_non_finite_weight(stride):
+    """Input columns no output reads get no 0 * inf from the strided input gradient's vector lanes: the
+    NaN pattern is torch's."""
+    x = torch.randn(1, 2, 9, 24, dtype=torch.float64, requires_grad=True)  # stride 2: the last column unread
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    w[1, 0, 2, 1] = float("inf")
+    g = torch.randn(TF.conv2d(x, w, None, stride, 0, 1, 2).shape, dtype=torch.float64)
+    (want,) = torch.autograd.grad(TF.conv2d(x, w, None, stride, 0, 1, 2), x, g)
+    with pyops.backend("native"):
+        (got,) = torch.autograd.grad(PF.conv2d(x, w, None, stride, 0, 1, 2), x, g)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.isinf(), want.isinf())
+    fin = want.isfinite()
+    torch.testing.assert_close(got[fin], want[fin])

@@ -2,7 +2,8 @@
 // ResNeXt-like groups, a dense layer on a few channels). One task is one (image, group): the group's
 // input planes are copied once, zero-padded, into a thread-local opmath buffer (any input strides,
 // float16/bfloat16 converted there), then each output row is accumulated in vector registers across the
-// kernel taps, vectorized over the output width (stride 1 along the width; a scalar loop otherwise),
+// kernel taps, vectorized over the output width (strided along the width, the buffer holds each row
+// split by column phase, so that every tap reads consecutive elements),
 // with bias and activation applied before the store; register-blocked where it pays: depthwise 3x3
 // (4 output rows x 1-2 vectors, the 9 weights in registers) and a few channels per group (4 output
 // channels x 1-4 vectors, each input vector feeding 4 channels). The input gradient at stride 1 is the same kernel
@@ -177,22 +178,18 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
   constexpr int64_t L = Vec::size();
   const View4<scalar_t> xv(x), ov(out);
   const int64_t Cg = s.Cg(), Kg = s.Kg(), G = s.groups;
-  const bool vector = s.sw == 1;
   const int64_t OWv = round_up(s.OW, L);
   PlaneGeometry geo;
-  geo.rows = s.H + 2 * s.ph;
-  geo.cols = s.W + 2 * s.pw;
-  geo.stride = vector ? round_up(std::max(geo.cols, OWv + s.dw * (s.KW - 1)), L) : geo.cols;
-  geo.plane = geo.rows * geo.stride;
+  vector_rows(s, OWv, L, geo);  // strided along the width: rows split by column phase
   const T sc = T(scalar);
   const int64_t taps = Cg * s.KH * s.KW;
   const bool direct_store = std::is_same_v<scalar_t, T> && ov.s3 == 1;
   // depthwise 3x3 along a vector row: the register-blocked kernel
-  const bool dw3 = vector && Cg == 1 && Kg == 1 && s.KH == 3 && s.KW == 3;
+  const bool dw3 = s.sw == 1 && Cg == 1 && Kg == 1 && s.KH == 3 && s.KW == 3;
   constexpr int64_t kRowsBuf = 8;  // rows through `row` when the output is not a dense opmath row
   // a few channels per group (not depthwise): blocks of kKB output channels, weights packed [tap][kKB]
   constexpr int64_t kKB = 4;
-  const bool kblocked = vector && !dw3 && Kg >= kKB;
+  const bool kblocked = !dw3 && Kg >= kKB;
   std::vector<T> packed;
   const T zeros[kKB] = {};
   if (kblocked) {
@@ -207,7 +204,7 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
   for (int64_t c = 0; c < Cg; ++c)
     for (int64_t kh = 0; kh < s.KH; ++kh)
       for (int64_t kw = 0; kw < s.KW; ++kw)
-        offs[(c * s.KH + kh) * s.KW + kw] = c * geo.plane + kh * s.dh * geo.stride + kw * s.dw;
+        offs[(c * s.KH + kh) * s.KW + kw] = c * geo.plane + kh * s.dh * geo.stride + geo.col(kw * s.dw);
   // grain: enough (image, group) pairs to amortise a task (~64K multiply-adds)
   const int64_t work = std::max<int64_t>(1, Kg * s.OH * s.OW * taps);
   // the epilogue of a task: the moments of the group's output planes of image n, still in cache
@@ -269,26 +266,12 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
         const T b = bias ? bias[k] : T(0);
         scalar_t* dst = ov.p + n * ov.s0 + k * ov.s1;
         for (int64_t oh = 0; oh < s.OH; ++oh) {
-          const int64_t row0 = oh * s.sh;
-          if (vector) {
-            // straight into the output row where it is a dense row of opmath values, else via `row`
-            T* target = direct_store ? reinterpret_cast<T*>(dst + oh * ov.s2) : row.data();
-            const T* rbase = xs.data() + row0 * geo.stride;
-            const int64_t valid = direct_store ? s.OW : OWv;
-            krow<1, true>(rbase, offs.data(), wk, taps, &b, act, sc, target, 0, valid, OWv / L);  // one channel
-            if (direct_store) continue;
-          } else {
-            for (int64_t ow = 0; ow < s.OW; ++ow) {
-              T acc = b;
-              for (int64_t c = 0; c < Cg; ++c)
-                for (int64_t kh = 0; kh < s.KH; ++kh) {
-                  const T* srow = xs.data() + c * geo.plane + (row0 + kh * s.dh) * geo.stride + ow * s.sw;
-                  const T* wrow = wk + (c * s.KH + kh) * s.KW;
-                  for (int64_t kw = 0; kw < s.KW; ++kw) acc += wrow[kw] * srow[kw * s.dw];
-                }
-              row[ow] = act_forward(act, acc, sc);
-            }
-          }
+          // straight into the output row where it is a dense row of opmath values, else via `row`
+          T* target = direct_store ? reinterpret_cast<T*>(dst + oh * ov.s2) : row.data();
+          const T* rbase = xs.data() + oh * s.sh * geo.stride;
+          const int64_t valid = direct_store ? s.OW : OWv;
+          krow<1, true>(rbase, offs.data(), wk, taps, &b, act, sc, target, 0, valid, OWv / L);  // one channel
+          if (direct_store) continue;
           store_row(row.data(), dst + oh * ov.s2, ov.s3, s.OW);
         }
       }
@@ -299,7 +282,7 @@ void direct_forward_t(const ConvShape& s, const at::Tensor& x, const at::opmath_
 
 // ---- direct input gradient ------------------------------------------------------------------------
 // Stride 1: the forward kernel on grad_out (K channels) with w'[c, k] = w[k, c] flipped in space and
-// padding d * (k - 1) - p. Other strides: each grad_out element scattered into a padded buffer.
+// padding d * (k - 1) - p. Other strides: grad_out rows added into a padded buffer split by column phase.
 template <typename scalar_t>
 void direct_backward_input_t(const ConvShape& s, const at::Tensor& g, const at::Tensor& w, const at::Tensor& gi) {
   using T = at::opmath_type<scalar_t>;
@@ -319,18 +302,23 @@ void direct_backward_input_t(const ConvShape& s, const at::Tensor& g, const at::
     direct_forward_t<scalar_t>(t, g, wt.const_data_ptr<T>(), nullptr, gi, Act::kNone, 0.0);
     return;
   }
+  // Other strides: each grad_out row, times a tap's weight, added along a row of a padded input-gradient
+  // buffer whose rows are split by column phase (as the forward's input), so that consecutive output
+  // columns land on consecutive elements: vector multiply-adds, the lanes past the last output column
+  // left untouched (0 * inf must not reach an input no output reads).
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
   const at::Tensor wc = w.to(opmath).contiguous();
   const T* wp = wc.const_data_ptr<T>();
   const View4<scalar_t> gv(g), iv(gi);
+  const int64_t OWv = round_up(s.OW, L), NV = OWv / L, tail = s.OW - (NV - 1) * L;
   PlaneGeometry geo;
-  geo.rows = s.H + 2 * s.ph;
-  geo.cols = s.W + 2 * s.pw;
-  geo.stride = geo.cols;
-  geo.plane = geo.rows * geo.stride;
+  vector_rows(s, OWv, L, geo);
   const int64_t taps = Cg * s.KH * s.KW;
   const int64_t work = std::max<int64_t>(1, Kg * s.OH * s.OW * taps);
   at::parallel_for(0, s.N * G, std::max<int64_t>(1, (1 << 16) / work), [&](int64_t t0, int64_t t1) {
-    std::vector<T> buf(Cg * geo.plane);
+    std::vector<T> buf(Cg * geo.plane + L);
+    std::vector<T> grow(OWv);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / G, grp = t % G;
       std::fill(buf.begin(), buf.end(), T(0));
@@ -338,21 +326,32 @@ void direct_backward_input_t(const ConvShape& s, const at::Tensor& g, const at::
         const int64_t k = grp * Kg + kl;
         const T* wk = wp + k * taps;
         const scalar_t* gk = gv.p + n * gv.s0 + k * gv.s1;
-        for (int64_t oh = 0; oh < s.OH; ++oh)
-          for (int64_t ow = 0; ow < s.OW; ++ow) {
-            const T v = T(gk[oh * gv.s2 + ow * gv.s3]);
-            for (int64_t c = 0; c < Cg; ++c)
-              for (int64_t kh = 0; kh < s.KH; ++kh) {
-                T* brow = buf.data() + c * geo.plane + (oh * s.sh + kh * s.dh) * geo.stride + ow * s.sw;
-                const T* wrow = wk + (c * s.KH + kh) * s.KW;
-                for (int64_t kw = 0; kw < s.KW; ++kw) brow[kw * s.dw] += v * wrow[kw];
+        for (int64_t oh = 0; oh < s.OH; ++oh) {
+          for (int64_t ow = 0; ow < s.OW; ++ow) grow[ow] = T(gk[oh * gv.s2 + ow * gv.s3]);
+          for (int64_t c = 0; c < Cg; ++c)
+            for (int64_t kh = 0; kh < s.KH; ++kh) {
+              T* brow = buf.data() + c * geo.plane + (oh * s.sh + kh * s.dh) * geo.stride;
+              const T* wrow = wk + (c * s.KH + kh) * s.KW;
+              for (int64_t kw = 0; kw < s.KW; ++kw) {
+                T* b = brow + geo.col(kw * s.dw);
+                const Vec wv(wrow[kw]);
+                for (int64_t v = 0; v + 1 < NV; ++v)
+                  at::vec::fmadd(Vec::loadu(grow.data() + v * L), wv, Vec::loadu(b + v * L)).store(b + v * L);
+                T* bl = b + (NV - 1) * L;
+                const Vec old = Vec::loadu(bl);
+                const Vec sum = at::vec::fmadd(Vec::loadu(grow.data() + (NV - 1) * L), wv, old);
+                Vec::set(old, sum, tail).store(bl);
               }
-          }
+            }
+        }
       }
       for (int64_t c = 0; c < Cg; ++c) {
         scalar_t* dst = iv.p + n * iv.s0 + (grp * Cg + c) * iv.s1;
-        for (int64_t ih = 0; ih < s.H; ++ih)
-          store_row(buf.data() + c * geo.plane + (ih + s.ph) * geo.stride + s.pw, dst + ih * iv.s2, iv.s3, s.W);
+        for (int64_t ih = 0; ih < s.H; ++ih) {
+          const T* brow = buf.data() + c * geo.plane + (ih + s.ph) * geo.stride;
+          scalar_t* drow = dst + ih * iv.s2;
+          for (int64_t iw = 0; iw < s.W; ++iw) drow[iw * iv.s3] = scalar_t(brow[geo.col(iw + s.pw)]);
+        }
       }
     }
   });
@@ -480,21 +479,17 @@ void direct_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at:
   const View4<scalar_t> gv(g), xv(x);
   const int64_t Cg = s.Cg(), Kg = s.Kg(), G = s.groups;
   const int64_t taps = Cg * s.KH * s.KW, wsize = s.K * taps;
-  const bool vector = s.sw == 1;
   const int64_t OWv = round_up(s.OW, L), NV = OWv / L, tail = s.OW - (NV - 1) * L;
   PlaneGeometry geo;
-  geo.rows = s.H + 2 * s.ph;
-  geo.cols = s.W + 2 * s.pw;
-  geo.stride = vector ? round_up(std::max(geo.cols, OWv + s.dw * (s.KW - 1)), L) : geo.cols;
-  geo.plane = geo.rows * geo.stride;
-  const bool dw3 = vector && Cg == 1 && Kg == 1 && s.KH == 3 && s.KW == 3;
+  vector_rows(s, OWv, L, geo);  // strided along the width: rows split by column phase
+  const bool dw3 = s.sw == 1 && Cg == 1 && Kg == 1 && s.KH == 3 && s.KW == 3;
   // depthwise: a plane is small and a group's planes lie an image apart, so chunks of one image (up to
   // ~256K partial values) keep each task's reads in memory order; still a function of the shape alone
   const int64_t NC = dw3 ? std::min<int64_t>(s.N, std::max<int64_t>(image_chunks(s.N, G), (1 << 18) / (wsize + s.K)))
                          : image_chunks(s.N, G);
   const int64_t per = (s.N + NC - 1) / NC;
   // a few channels per group with 3 taps a kernel row: the 4-channel register-blocked reduction
-  const bool kw3 = vector && !dw3 && s.KW == 3 && Kg >= 4;
+  const bool kw3 = s.sw == 1 && !dw3 && s.KW == 3 && Kg >= 4;
   __at_align__ T bits[L];
   std::memset(bits, 0, sizeof(bits));
   std::memset(bits, 0xff, tail * sizeof(T));
@@ -551,30 +546,22 @@ void direct_backward_weight_t(const ConvShape& s, const at::Tensor& g, const at:
           for (int64_t c = 0; c < Cg; ++c)
             for (int64_t kh = 0; kh < s.KH; ++kh)
               for (int64_t kw = 0; kw < s.KW; ++kw) {
-                const T* xc = xs.data() + c * geo.plane + kh * s.dh * geo.stride + kw * s.dw;
+                const T* xc = xs.data() + c * geo.plane + kh * s.dh * geo.stride + geo.col(kw * s.dw);
                 const T* gk = gs.data() + kl * s.OH * OWv;
-                T total;
-                if (vector) {
-                  Vec a0(T(0)), a1(T(0));
-                  for (int64_t oh = 0; oh < s.OH; ++oh) {
-                    const T* grow = gk + oh * OWv;
-                    const T* xrow = xc + oh * s.sh * geo.stride;
-                    Vec acc = (oh & 1) ? a1 : a0;
-                    for (int64_t v = 0; v + 1 < NV; ++v)
-                      acc = at::vec::fmadd(Vec::loadu(grow + v * L), Vec::loadu(xrow + v * L), acc);
-                    // past the last output column only zeros of grad_out: the inputs there must not count
-                    // (0 * inf would be NaN)
-                    const Vec xt = Vec::set(Vec(T(0)), Vec::loadu(xrow + (NV - 1) * L), tail);
-                    acc = at::vec::fmadd(Vec::loadu(grow + (NV - 1) * L), xt, acc);
-                    ((oh & 1) ? a1 : a0) = acc;
-                  }
-                  total = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, a0 + a1);
-                } else {
-                  total = 0;
-                  for (int64_t oh = 0; oh < s.OH; ++oh)
-                    for (int64_t ow = 0; ow < s.OW; ++ow)
-                      total += gk[oh * OWv + ow] * xc[oh * s.sh * geo.stride + ow * s.sw];
+                Vec a0(T(0)), a1(T(0));
+                for (int64_t oh = 0; oh < s.OH; ++oh) {
+                  const T* grow = gk + oh * OWv;
+                  const T* xrow = xc + oh * s.sh * geo.stride;
+                  Vec acc = (oh & 1) ? a1 : a0;
+                  for (int64_t v = 0; v + 1 < NV; ++v)
+                    acc = at::vec::fmadd(Vec::loadu(grow + v * L), Vec::loadu(xrow + v * L), acc);
+                  // past the last output column only zeros of grad_out: the inputs there must not count
+                  // (0 * inf would be NaN)
+                  const Vec xt = Vec::set(Vec(T(0)), Vec::loadu(xrow + (NV - 1) * L), tail);
+                  acc = at::vec::fmadd(Vec::loadu(grow + (NV - 1) * L), xt, acc);
+                  ((oh & 1) ? a1 : a0) = acc;
                 }
+                const T total = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, a0 + a1);
                 pw[(kl * Cg + c) * s.KH * s.KW + kh * s.KW + kw] += total;
               }
       }

@@ -49,16 +49,37 @@ inline void copy_convert(const S* src, D* dst, int64_t n) {
 
 // Padded planes of one (image, group) in opmath: plane c's row r, column j holds
 // src[c, r - pad_r, j - pad_c] (zero outside the source; pads may be negative: a crop).
+// With phases P > 1 (a convolution's stride along the width), each row holds its columns split by
+// phase: column j at (j % P) * seg + j / P, so that a strided tap reads consecutive elements (see col).
 struct PlaneGeometry {
   int64_t rows, cols, stride, plane;  // cols valid columns, stride >= cols (zeros past them)
+  int64_t phases = 1, seg = 0;        // seg: elements a phase takes in a row (phases > 1)
+  int64_t col(int64_t j) const { return phases == 1 ? j : (j % phases) * seg + j / phases; }
 };
+
+// The row layout of a forward or weight-gradient pass vectorized along the output width: stride 1,
+// rows of OWv + the taps' reach; stride sw > 1, rows split into sw phases, each as long as the padded
+// row's share or the vectors a tap reads, whichever is longer (every tap's reads stay in its phase).
+inline void vector_rows(const ConvShape& s, int64_t OWv, int64_t L, PlaneGeometry& geo) {
+  geo.rows = s.H + 2 * s.ph;
+  geo.cols = s.W + 2 * s.pw;
+  const int64_t reach = s.dw * (s.KW - 1);
+  if (s.sw == 1) {
+    geo.stride = round_up(std::max(geo.cols, OWv + reach), L);
+  } else {
+    geo.phases = s.sw;
+    geo.seg = round_up(std::max((geo.cols + s.sw - 1) / s.sw, OWv + reach / s.sw), L);
+    geo.stride = geo.phases * geo.seg;
+  }
+  geo.plane = geo.rows * geo.stride;
+}
 
 template <typename scalar_t, typename T>
 void copy_padded(const scalar_t* src, int64_t sc, int64_t sh, int64_t sw, int64_t channels, int64_t H, int64_t W,
                  int64_t pad_r, int64_t pad_c, const PlaneGeometry& g, T* dst) {
   const int64_t j0 = std::clamp<int64_t>(pad_c, 0, g.stride), j1 = std::clamp<int64_t>(W + pad_c, j0, g.stride);
   if constexpr (std::is_same_v<scalar_t, T>) {
-    if (sw == 1) {
+    if (sw == 1 && g.phases == 1) {
       // short rows (a plane of a depthwise convolution is often 7 to 56 wide): vector stores in place
       // of a memset and a memcpy call per row
       using Vec = Vectorized<T>;
@@ -95,9 +116,14 @@ void copy_padded(const scalar_t* src, int64_t sc, int64_t sh, int64_t sw, int64_
         std::fill(d, d + g.stride, T(0));
         continue;
       }
+      const scalar_t* s = src + c * sc + ih * sh + (j0 - pad_c) * sw;
+      if (g.phases > 1) {  // split by column phase
+        std::fill(d, d + g.stride, T(0));
+        for (int64_t j = j0; j < j1; ++j, s += sw) d[g.col(j)] = T(*s);
+        continue;
+      }
       std::fill(d, d + j0, T(0));
       std::fill(d + j1, d + g.stride, T(0));
-      const scalar_t* s = src + c * sc + ih * sh + (j0 - pad_c) * sw;
       if (sw == 1) {
         copy_convert(s, d + j0, j1 - j0);
       } else {

@@ -10,7 +10,9 @@ for relu/leaky_relu or from the output for elu):
                               * w[k, c, kh, kw]
   dw[k, c, kh, kw] = sum_{n, oh, ow} gz[n, k, oh, ow] * x[n, g * Cg + c, oh * sh - ph + kh * dh, ...]
   db[k] = sum_{n, oh, ow} gz[n, k, oh, ow]
-The primitives (pyops::conv2d_fwd, conv2d_bwd_input, conv2d_bwd_weight and their Triton twins) are
+conv2d_fwd_stats: out (no activation) with its per-channel mean and biased variance over (n, oh, ow),
+  float32 (float64 for float64 input), for the batch norm that follows in training.
+The primitives (pyops::conv2d_fwd, conv2d_fwd_stats, conv2d_bwd_input, conv2d_bwd_weight and their Triton twins) are
 defined in C++ (csrc/primitives.h), their host side is csrc/conv.h for every backend, their
 derivatives csrc/autograd/conv.cpp. The output is channels_last when the input or the weight is (as
 torch lays it out); the input gradient takes grad_out's layout; the weight gradient is contiguous.
