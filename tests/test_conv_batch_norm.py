@@ -239,3 +239,16 @@ def test_torch_compile_fullgraph_of_a_linked_pair():
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         got = compiled(x)
     assert_close(got, want.double(), torch.float32)
+
+
+def test_autocast_casts_the_linked_convolution_as_the_plain_one():
+    torch.manual_seed(8)
+    model = pyops.convert(_seq(nn))
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pyops.backend("native"):
+        y, mean, var = PF.conv2d_stats(x, model[0].weight, None, padding=1, groups=4)
+        assert y.dtype == PF.conv2d(x, model[0].weight, None, padding=1, groups=4).dtype == torch.bfloat16
+        assert mean.dtype == torch.float32
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert_close(mean, torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)[1], torch.float32, reduced=72)

@@ -495,6 +495,14 @@ struct Autocast {
                                  at::autocast::cached_cast(dt, bias, DT), stride, padding, dilation, groups,
                                  activation);
   }
+  static std::tuple<Tensor, Tensor, Tensor> conv2d_stats(const Tensor& input, const Tensor& weight,
+                                                         const std::optional<Tensor>& bias, IntArrayRef stride,
+                                                         IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(KEY);
+    const auto dt = at::autocast::get_autocast_dtype(DT);
+    return pyops::conv2d_stats(at::autocast::cached_cast(dt, input, DT), at::autocast::cached_cast(dt, weight, DT),
+                               at::autocast::cached_cast(dt, bias, DT), stride, padding, dilation, groups);
+  }
 };
 
 }  // namespace
@@ -503,12 +511,14 @@ TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) {
   using A = Autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>;
   m.impl("conv2d", &A::conv2d);
   m.impl("conv2d.padding", &A::conv2d_padding);
+  m.impl("conv2d_stats", &A::conv2d_stats);
 }
 
 TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) {
   using A = Autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>;
   m.impl("conv2d", &A::conv2d);
   m.impl("conv2d.padding", &A::conv2d_padding);
+  m.impl("conv2d_stats", &A::conv2d_stats);
 }
 
 TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
