@@ -123,7 +123,6 @@ class _Fused:
     for-loop step on those lists; _state_keys: the state key each list holds (None: params, grads,
     steps); _steps_at: where the step counts are (None: no step counts)."""
 
-    _step_supports_amp_scaling = True
     master_weights = False  # instances set it; kept through deepcopy and pickling (__getstate__)
     _steps_at = None
 
@@ -132,7 +131,22 @@ class _Fused:
         a None state tensor is one the step creates like its parameter."""
         raise NotImplementedError
 
+    # GradScaler.step reads this before anything else; under step_in_backward (in_backward.py) the
+    # scaler's skip of the whole step cannot be kept, so the read refuses. torch's fused constructors
+    # assign it, hence the setter.
+    @property
+    def _step_supports_amp_scaling(self):
+        if self.__dict__.get("_in_backward") is not None:
+            self._in_backward.refuse("GradScaler.step(optimizer)")
+        return True
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value):
+        pass
+
     def step(self, closure=None):
+        if self.__dict__.get("_in_backward") is not None:
+            self._in_backward.refuse("optimizer.step()")
         if self.defaults.get("differentiable"):
             count = sum(p.grad is not None for g in self.param_groups for p in g["params"])
             _fell_back(self, "differentiable=True", count)
@@ -145,10 +159,15 @@ class _Fused:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        self._step_groups(self.param_groups, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        return loss
+
+    @torch.no_grad()
+    def _step_groups(self, groups, grad_scale, found_inf):
+        """Step each group's parameters that have a gradient (groups: param_groups, or step_in_backward's
+        one-parameter views of them)."""
         self._stand_ins = {}  # id(tensor stepped instead of a parameter) -> the parameter, this step
-        for group in self.param_groups:
+        for group in groups:
             lists, has_sparse = self._collect(group)
             if not lists[0]:
                 continue
@@ -170,7 +189,6 @@ class _Fused:
             if writeback is not None:
                 writeback(grad_scale is not None)
         self._stand_ins = {}
-        return loss
 
     def _whole_group(self, group, lists, grad_scale, found_inf):
         """Step the group in one kernel call when it fits one (the primitive's own first check, asked
