@@ -364,6 +364,9 @@ def _hyper(*slots):
 
 
 # The launchers take the primitives' own arguments (csrc/primitives.h), checked by csrc/optim.h.
+# bf16_stochastic_round and seed arrive False and 0: the host side (csrc/optim.h) refuses the flag for
+# bfloat16 parameters on this backend (stochastic rounding is native-only for now: the CPU and CUDA
+# kernels) and clears it for other dtypes.
 def sgd_step(
     params,
     grads,
@@ -377,6 +380,8 @@ def sgd_step(
     new_buffers,
     grad_scale,
     found_inf,
+    bf16_stochastic_round=False,
+    seed=0,
 ):
     hyper = _hyper((SGD_MOMENTUM, momentum), (SGD_DAMPENING, dampening), (SGD_WEIGHT_DECAY, weight_decay))
     _launch(
@@ -412,6 +417,8 @@ def adam_step(
     decoupled,
     grad_scale,
     found_inf,
+    bf16_stochastic_round=False,
+    seed=0,
 ):
     hyper = _hyper((ADAM_BETA1, beta1), (ADAM_BETA2, beta2), (ADAM_WEIGHT_DECAY, weight_decay), (ADAM_EPS, eps))
     _launch(
@@ -430,7 +437,21 @@ def adam_step(
     )
 
 
-def adagrad_step(params, grads, sums, steps, lr, lr_decay, weight_decay, eps, maximize, grad_scale, found_inf):
+def adagrad_step(
+    params,
+    grads,
+    sums,
+    steps,
+    lr,
+    lr_decay,
+    weight_decay,
+    eps,
+    maximize,
+    grad_scale,
+    found_inf,
+    bf16_stochastic_round=False,
+    seed=0,
+):
     hyper = _hyper((ADAGRAD_LR_DECAY, lr_decay), (ADAGRAD_WEIGHT_DECAY, weight_decay), (ADAGRAD_EPS, eps))
     _launch("adagrad", params, grads, [sums], steps, [], lr, grad_scale, found_inf, maximize, [], hyper)
 
@@ -451,6 +472,8 @@ def rmsprop_step(
     maximize,
     grad_scale,
     found_inf,
+    bf16_stochastic_round=False,
+    seed=0,
 ):
     hyper = _hyper(
         (RMSPROP_ALPHA, alpha), (RMSPROP_EPS, eps), (RMSPROP_WEIGHT_DECAY, weight_decay), (RMSPROP_MOMENTUM, momentum)
