@@ -259,6 +259,14 @@ def test_what_cannot_step_in_backward_is_refused_when_the_handle_is_made():
     hook.remove()
 
 
+def test_several_ranks_are_refused(monkeypatch):
+    """Data-parallel wrappers reduce the gradients across ranks after the hooks would have stepped."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    with _refusal("refused under torch.distributed with 2 ranks: .* unreduced gradient"):
+        popt.step_in_backward(popt.SGD(Net().parameters()))
+
+
 def test_a_parameter_added_later_is_refused_at_the_next_backward():
     net = Net()
     opt = popt.SGD([net.a.weight], lr=0.1)

@@ -23,8 +23,10 @@ What cannot work, and is refused:
     is inf/NaN, after backward; here each parameter has stepped with its scaled gradient before any
     could be checked. GradScaler.step(optimizer) raises (the backward before it has already stepped
     with the scaled gradients: discard those parameters). bfloat16 autocast needs no scaler.
-  - differentiable=True (torch's own step over the whole optimizer), and optimizer step pre/post hooks
-    (they wrap optimizer.step(), which no longer runs): refused when the handle is made.
+  - differentiable=True (torch's own step over the whole optimizer), optimizer step pre/post hooks
+    (they wrap optimizer.step(), which no longer runs), and torch.distributed with several ranks
+    (DistributedDataParallel and FSDP reduce the gradients across ranks after the hooks would have
+    stepped with the unreduced ones): refused when the handle is made.
 Not detectable, documented: gradient clipping over all parameters (torch.nn.utils.clip_grad_norm_)
 needs every gradient at once; called after backward it sees none (the norm of nothing, 0) and clips
 nothing. Gradient accumulation over several backward calls steps at each. Parameters added with
@@ -35,6 +37,8 @@ ones), and the backend is that thread's selection (the default, "auto", unless s
 """
 
 import threading
+
+import torch
 
 from ._step import _Fused
 
@@ -48,6 +52,11 @@ def step_in_backward(optimizer):
     free the gradient (see the module docstring). Returns a StepInBackward handle; `handle.remove()`
     restores stepping with optimizer.step()."""
     return StepInBackward(optimizer)
+
+
+def _ranks():
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class StepInBackward:
@@ -66,6 +75,12 @@ class StepInBackward:
             raise ValueError(
                 f"{_WHO}: differentiable=True is refused: a differentiable step is torch's own step() over "
                 "the whole optimizer"
+            )
+        if _ranks() > 1:
+            raise RuntimeError(
+                f"{_WHO}: refused under torch.distributed with {_ranks()} ranks: DistributedDataParallel and "
+                "FSDP reduce the gradients across ranks after backward (or in their own hooks), and a "
+                "parameter stepped in its hook would step with its rank's unreduced gradient"
             )
         from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
