@@ -9,7 +9,8 @@
 // everything when found_inf != 0, and otherwise advances the step counts and clears the SGD
 // new-buffer flags it applied. A device that rounds bfloat16 parameters stochastically
 // (bf16_stochastic_round, csrc/common/stochastic_round.h) says so with
-// `static constexpr bool kStochasticRound = true`; the others refuse the flag for bfloat16 groups.
+// `static constexpr bool kStochasticRound = true` (every device does today); a device without it
+// refuses the flag for bfloat16 groups.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>

@@ -2,8 +2,8 @@
 Unbiased (the mean of many roundings within a binomial bound of the exact value), each result one of
 the two bfloat16 neighbours, reproducible from torch.manual_seed and independent of the thread count,
 unchanged behaviour without the flag, and a bfloat16 training run whose updates are below half an ulp
-moves with the flag and stalls without it. The CPU's native kernel implements it; the other backends
-refuse it for bfloat16 parameters."""
+moves with the flag and stalls without it. Native (CPU here; CUDA marked) and Triton (interpreted here)
+kernels hash alike."""
 
 import math
 
@@ -192,17 +192,40 @@ def test_refused_with_master_weights_and_differentiable():
 
 
 @pytest.mark.skipif("triton" not in pyops.available_backends("cpu"), reason="Triton's interpreter not enabled")
-def test_triton_refuses_the_flag_for_bfloat16():
-    p = torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
-    p.grad = torch.ones_like(p)
-    opt = popt.SGD([p], lr=0.1, bf16_stochastic_round=True)
-    with pyops.backend("triton"), pytest.raises(RuntimeError, match="sgd_step_: bf16_stochastic_round=True is not"):
-        opt.step()
-    q = torch.ones(4, requires_grad=True)  # float32: the flag does not apply, the step runs
-    q.grad = torch.ones_like(q)
-    with pyops.backend("triton"):
-        popt.SGD([q], lr=0.1, bf16_stochastic_round=True).step()
-    assert torch.equal(q.detach(), torch.full((4,), 0.9))
+def test_triton_rounds_as_the_native_kernel():
+    """The same hash in Triton (kernels/_common.py) as in C++: bitwise the native kernel's result where
+    both compute the same float32 value. SGD's p - lr g with lr a power of two and bfloat16 p and g
+    has an exact product, so one rounding of the difference (fused multiply-add or not) gives it.
+    (bfloat16 state, as Adam's, is not compared: the interpreter's bfloat16 conversions are not the
+    GPU's.)"""
+    torch.manual_seed(0)
+    x, g = torch.randn(3000).bfloat16(), torch.randn(3000).bfloat16()
+    results = []
+    for backend in ("native", "triton"):
+        p = x.clone().requires_grad_()
+        p.grad = g.clone()
+        opt = popt.SGD([p], lr=2.0**-4, bf16_stochastic_round=True)
+        torch.manual_seed(5)
+        with pyops.backend(backend):
+            opt.step()
+        results.append(p.detach())
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], _nearest_reference(x, g, 2.0**-4))
+
+
+@pytest.mark.skipif("triton" not in pyops.available_backends("cpu"), reason="Triton's interpreter not enabled")
+def test_triton_unbiased_within_the_binomial_bound():
+    f = 0.3
+    low = round(f * 65536)
+    p = [torch.ones(8192, dtype=torch.bfloat16) for _ in range(2)]
+    grads = [torch.ones_like(t) for t in p]
+    lr = torch.tensor(low * FLOAT_ULP_AT_ONE, dtype=torch.float64)
+    PRIMITIVES["triton"]["sgd_step_"](p, grads, [], lr, 0.0, 0.0, 0.0, False, True, [], None, None, True, 11)
+    ups = sum(int((t != 1).sum()) for t in p)
+    n = sum(t.numel() for t in p)
+    f = low / 65536
+    assert all(bool(((t == 1) | (t.double() == 1 + ULP_AT_ONE)).all()) for t in p)
+    assert abs(ups - n * f) <= SIGMAS * math.sqrt(n * f * (1 - f))
 
 
 def test_survives_deepcopy_and_pickling():

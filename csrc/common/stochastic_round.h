@@ -5,7 +5,8 @@
 //
 // The random bits are a counter-based hash of (seed, tensor index, element index): no generator state,
 // the same bits whatever the thread count or launch shape, and the same function on every device
-// (kernels/_common.py's stochastic_round_bits is its Triton twin: keep the two alike).
+// (kernels/_common.py's stochastic_round_key and bfloat16_round_stochastic are its Triton twins: keep
+// them alike).
 #pragma once
 #include <c10/macros/Macros.h>
 

@@ -11,6 +11,7 @@ namespace pyops {
 namespace {
 
 struct Triton {
+  static constexpr bool kStochasticRound = true;  // kernels/optim.py's _store_param
   using Guard = AnyDeviceGuard;
 
   static void sgd(const SgdStep& s) {

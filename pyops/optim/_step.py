@@ -28,9 +28,8 @@ round to nearest loses every step, still move the parameter on average. The rand
 of (seed, tensor index, element index) (csrc/common/stochastic_round.h), the seed drawn from torch's
 default generator at each kernel call: torch.manual_seed makes a run reproducible, whatever the thread
 count. Only bfloat16 parameters are affected, and only where a pyops kernel steps them: the native
-kernels (CPU and CUDA) round stochastically, the CUDA one outside CUDA graph capture only (a replay
-would reuse the captured seed); the Triton kernels refuse the flag for bfloat16 parameters
-(RuntimeError naming the primitive), and torch's for-loop fallback (listed above) rounds to nearest.
+(CPU, CUDA) and Triton kernels hash alike; on a GPU they refuse CUDA graph capture (a replay would
+reuse the captured seed); torch's for-loop fallback (listed above) rounds to nearest.
 It cannot be combined with master_weights (whose float32 copy already keeps small updates).
 """
 
