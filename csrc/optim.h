@@ -7,7 +7,10 @@
 //   D::rmsprop(const RmspropStep&)            the update, on checked, non-empty lists
 // The device reads lr, grad_scale and found_inf where they live (no host read on a GPU), skips
 // everything when found_inf != 0, and otherwise advances the step counts and clears the SGD
-// new-buffer flags it applied.
+// new-buffer flags it applied. A device that rounds bfloat16 parameters stochastically
+// (bf16_stochastic_round, csrc/common/stochastic_round.h) says so with
+// `static constexpr bool kStochasticRound = true` (every device does today); a device without it
+// refuses the flag for bfloat16 groups.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
@@ -32,6 +35,10 @@ struct GroupStep {
   at::Tensor lr;
   bool maximize = false;
   std::optional<at::Tensor> grad_scale, found_inf;
+  // bfloat16 parameters: the final store rounds stochastically, from random bits hashed from
+  // (seed, tensor index, element index) (csrc/common/stochastic_round.h); set only for bfloat16.
+  bool stochastic_round = false;
+  int64_t seed = 0;
 };
 
 struct SgdStep : GroupStep {
@@ -225,6 +232,12 @@ inline void bump_versions(std::initializer_list<at::TensorList> lists) {
 }
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+template <class D, class = void>
+struct rounds_stochastically : std::false_type {};
+template <class D>
+struct rounds_stochastically<D, std::void_t<decltype(D::kStochasticRound)>>
+    : std::integral_constant<bool, D::kStochasticRound> {};
+
 template <class D>
 struct Optim {
   using Tensor = at::Tensor;
@@ -241,9 +254,19 @@ struct Optim {
     g.found_inf = found_inf;
   }
 
+  // bf16_stochastic_round applies to bfloat16 parameters only (others round as they always do).
+  static void set_rounding(const char* op, GroupStep& g, bool stochastic_round, int64_t seed) {
+    g.stochastic_round = stochastic_round && !g.params.empty() && g.params[0].scalar_type() == at::kBFloat16;
+    g.seed = seed;
+    TORCH_CHECK(!g.stochastic_round || rounds_stochastically<D>::value, "pyops::", op,
+                ": bf16_stochastic_round=True is not implemented on this backend (bfloat16 parameters on ",
+                g.params[0].device(), "); use the native backend on the CPU, or master_weights=True");
+  }
+
   static void sgd_step_(TensorList params, TensorList grads, TensorList momentum_buffers, const Tensor& lr,
                         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-                        TensorList new_buffers, const Opt& grad_scale, const Opt& found_inf) {
+                        TensorList new_buffers, const Opt& grad_scale, const Opt& found_inf, bool bf16_stochastic_round,
+                        int64_t seed) {
     SgdStep s;
     set_group(s, params, grads, lr, maximize, grad_scale, found_inf);
     s.momentum_buffers = momentum_buffers;
@@ -255,6 +278,7 @@ struct Optim {
     check_group("sgd_step_", s, {{"momentum_buffers", momentum_buffers, momentum != 0, "momentum != 0"}}, {}, false,
                 new_buffers);
     if (params.empty()) return;
+    set_rounding("sgd_step_", s, bf16_stochastic_round, seed);
     typename D::Guard guard(params[0]);
     D::sgd(s);
     bump_versions(
@@ -264,7 +288,7 @@ struct Optim {
   static void adam_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                          TensorList max_exp_avg_sqs, TensorList steps, const Tensor& lr, double beta1, double beta2,
                          double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled,
-                         const Opt& grad_scale, const Opt& found_inf) {
+                         const Opt& grad_scale, const Opt& found_inf, bool bf16_stochastic_round, int64_t seed) {
     AdamStep s;
     set_group(s, params, grads, lr, maximize, grad_scale, found_inf);
     s.exp_avgs = exp_avgs;
@@ -283,6 +307,7 @@ struct Optim {
                  {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad, "amsgrad"}},
                 steps, true);
     if (params.empty()) return;
+    set_rounding("adam_step_", s, bf16_stochastic_round, seed);
     typename D::Guard guard(params[0]);
     D::adam(s);
     bump_versions({params, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : TensorList(), steps,
@@ -291,7 +316,7 @@ struct Optim {
 
   static void adagrad_step_(TensorList params, TensorList grads, TensorList sums, TensorList steps, const Tensor& lr,
                             double lr_decay, double weight_decay, double eps, bool maximize, const Opt& grad_scale,
-                            const Opt& found_inf) {
+                            const Opt& found_inf, bool bf16_stochastic_round, int64_t seed) {
     AdagradStep s;
     set_group(s, params, grads, lr, maximize, grad_scale, found_inf);
     s.sums = sums;
@@ -301,6 +326,7 @@ struct Optim {
     s.eps = eps;
     check_group("adagrad_step_", s, {{"sums", sums, true}}, steps, true);
     if (params.empty()) return;
+    set_rounding("adagrad_step_", s, bf16_stochastic_round, seed);
     typename D::Guard guard(params[0]);
     D::adagrad(s);
     bump_versions({params, sums, steps, has(grad_scale) ? grads : TensorList()});
@@ -309,7 +335,7 @@ struct Optim {
   static void rmsprop_step_(TensorList params, TensorList grads, TensorList square_avgs, TensorList grad_avgs,
                             TensorList momentum_buffers, TensorList steps, const Tensor& lr, double alpha, double eps,
                             double weight_decay, double momentum, bool centered, bool maximize, const Opt& grad_scale,
-                            const Opt& found_inf) {
+                            const Opt& found_inf, bool bf16_stochastic_round, int64_t seed) {
     RmspropStep s;
     set_group(s, params, grads, lr, maximize, grad_scale, found_inf);
     s.square_avgs = square_avgs;
@@ -327,6 +353,7 @@ struct Optim {
                  {"momentum_buffers", momentum_buffers, momentum > 0, "momentum > 0"}},
                 steps, true);
     if (params.empty()) return;
+    set_rounding("rmsprop_step_", s, bf16_stochastic_round, seed);
     typename D::Guard guard(params[0]);
     D::rmsprop(s);
     bump_versions({params, square_avgs, centered ? grad_avgs : TensorList(),

@@ -31,25 +31,28 @@
      grad_scale and found_inf are one-element float32/float64 tensors on the parameters' device;    \
      steps are one-element float32/float64 tensors there, incremented by the step. new_buffers (SGD):\
      empty, or per parameter a one-element bool/uint8 flag: the buffer is new and starts as the     \
-     gradient; the step clears the flags it applied (none when found_inf is set). */                \
+     gradient; the step clears the flags it applied (none when found_inf is set).                   \
+     bf16_stochastic_round: bfloat16 parameters take their new value rounded stochastically, the     \
+     random bits hashed from (seed, tensor index, element index) (csrc/common/stochastic_round.h). */ \
   X("sgd_step_", "sgd_step_triton_",                                                                \
     "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor lr, "          \
     "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "            \
-    "Tensor(d!)[] new_buffers, Tensor? grad_scale, Tensor? found_inf) -> ()")                        \
+    "Tensor(d!)[] new_buffers, Tensor? grad_scale, Tensor? found_inf, "                              \
+    "bool bf16_stochastic_round=False, int seed=0) -> ()")                                           \
   X("adam_step_", "adam_step_triton_",                                                              \
     "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "   \
     "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, Tensor lr, float beta1, float beta2, "        \
     "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled, Tensor? grad_scale, " \
-    "Tensor? found_inf) -> ()")                                                                      \
+    "Tensor? found_inf, bool bf16_stochastic_round=False, int seed=0) -> ()")                        \
   X("adagrad_step_", "adagrad_step_triton_",                                                        \
     "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] sums, Tensor(d!)[] steps, Tensor lr, "  \
     "float lr_decay, float weight_decay, float eps, bool maximize, Tensor? grad_scale, "             \
-    "Tensor? found_inf) -> ()")                                                                      \
+    "Tensor? found_inf, bool bf16_stochastic_round=False, int seed=0) -> ()")                        \
   X("rmsprop_step_", "rmsprop_step_triton_",                                                        \
     "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "  \
     "Tensor(e!)[] momentum_buffers, Tensor(f!)[] steps, Tensor lr, float alpha, float eps, "         \
     "float weight_decay, float momentum, bool centered, bool maximize, Tensor? grad_scale, "         \
-    "Tensor? found_inf) -> ()")                                                                      \
+    "Tensor? found_inf, bool bf16_stochastic_round=False, int seed=0) -> ()")                        \
   /* ---- batch_norm (csrc/batch_norm.h): statistics per channel (mean, biased variance; op-math       \
      dtype); out = act((x - mean) * invstd * w + b + r); backward reduction: sum(dz), sum(dz * xhat) and \
      dr = dz when grad_residual (else an empty tensor); backward elementwise: dx, with mean_dz and       \

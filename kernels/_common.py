@@ -209,6 +209,48 @@ def device_table(values, dtype, device):
     )
 
 
+# ---- stochastic rounding to bfloat16 (the optimizers' bf16_stochastic_round) -------------------------
+# The twin of csrc/common/stochastic_round.h: the same hash and rounding, bit for bit (keep them alike).
+MIX_MUL1 = tl.constexpr(0x7FEB352D)
+MIX_MUL2 = tl.constexpr(0x846CA68B)
+INDEX_HIGH_SALT = tl.constexpr(0x9E3779B9)
+FLOAT_EXPONENT_MASK = tl.constexpr(0x7F800000)
+FLOAT_MANTISSA_MASK = tl.constexpr(0x007FFFFF)
+BELOW_BFLOAT16_MASK = tl.constexpr(0xFFFF)
+BFLOAT16_NAN = tl.constexpr(0x7FC0)
+
+
+@triton.jit
+def mix32(x):
+    """lowbias32 on uint32 values (mix32 in csrc/common/stochastic_round.h)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], MIX_MUL1, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], MIX_MUL2, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def stochastic_round_key(seed_lo, seed_hi, tensor):
+    """The key of a tensor's random bits (uint32 halves of the seed, the tensor's index as uint32)."""
+    return mix32(seed_lo ^ mix32(seed_hi ^ mix32(tensor)))
+
+
+@triton.jit
+def bfloat16_round_stochastic(v, key, index):
+    """The bfloat16 bit patterns (uint16) of float32 v rounded stochastically with the random bits of
+    `index` (int64) under `key`: random low 16 bits added below bfloat16's mantissa, then truncated; inf
+    stays inf, NaN gives c10's NaN."""
+    lo = index.to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    r = mix32(mix32(key ^ lo) ^ hi ^ tl.full([], INDEX_HIGH_SALT, tl.uint32))
+    bits = v.to(tl.uint32, bitcast=True)
+    special = (bits & tl.full([], FLOAT_EXPONENT_MASK, tl.uint32)) == tl.full([], FLOAT_EXPONENT_MASK, tl.uint32)
+    nan = special & ((bits & tl.full([], FLOAT_MANTISSA_MASK, tl.uint32)) != 0)
+    up = tl.where(special, bits, bits + (r & tl.full([], BELOW_BFLOAT16_MASK, tl.uint32)))
+    return tl.where(nan, tl.full([], BFLOAT16_NAN, tl.uint32), up >> 16).to(tl.uint16)
+
+
 # ---- launch sizes for a GPU ---------------------------------------------------------------------------
 # An H100 (SXM): what bounds the programs resident on one SM.
 H100_SMS = 132

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_dtype, device_table
+from ._common import bfloat16_round_stochastic, compute_dtype, device_table, stochastic_round_key
 
 BLOCK = 1024  # elements per program of an update kernel
 FINISH_BLOCK = 128  # tensors per program of the step-count kernel
@@ -34,7 +34,8 @@ MAXIMIZE = tl.constexpr(6)
 OPTION_SLOTS = tl.constexpr(7)  # each algorithm's boolean options, named below
 TENSOR_COUNT = tl.constexpr(9)
 CHUNKS_AT = tl.constexpr(10)  # where the (tensor, start) pairs begin
-HEADER_SIZE = tl.constexpr(11)
+STOCHASTIC_ROUND = tl.constexpr(11)  # bf16_stochastic_round on a bfloat16 group (seed: the hyper table)
+HEADER_SIZE = tl.constexpr(12)
 SGD_NESTEROV = OPTION_SLOTS
 ADAM_AMSGRAD = OPTION_SLOTS
 ADAM_DECOUPLED = OPTION_SLOTS + 1
@@ -74,7 +75,9 @@ RMSPROP_ALPHA = tl.constexpr(0)
 RMSPROP_EPS = tl.constexpr(1)
 RMSPROP_WEIGHT_DECAY = tl.constexpr(2)
 RMSPROP_MOMENTUM = tl.constexpr(3)
-HYPER_SIZE = 4
+SEED_LO = tl.constexpr(4)  # stochastic rounding's seed as two uint32 halves (exact in float64), every algorithm
+SEED_HI = tl.constexpr(5)
+HYPER_SIZE = 6
 
 
 # ---- shared pieces (few: the interpreter re-patches the language at every nested jit call, ~0.25 ms
@@ -120,6 +123,25 @@ def _gradient(table, row, offs, mask, DTYPE: tl.constexpr, COMPUTE: tl.constexpr
     return g
 
 
+@triton.jit
+def _store_param(table, hyper, p_ptr, offs, p, mask, DTYPE: tl.constexpr):
+    """The parameter's new value p stored, rounded to nearest, or stochastically for a bfloat16 group
+    under bf16_stochastic_round (its bits written through a uint16 view; kernels/_common.py)."""
+    if DTYPE == tl.bfloat16:
+        if tl.load(table + STOCHASTIC_ROUND) != 0:
+            pid = tl.program_id(0).to(tl.int64)
+            tensor = tl.load(table + tl.load(table + CHUNKS_AT) + 2 * pid)
+            seed_lo = tl.load(hyper + SEED_LO).to(tl.uint32)
+            seed_hi = tl.load(hyper + SEED_HI).to(tl.uint32)
+            key = stochastic_round_key(seed_lo, seed_hi, tensor.to(tl.uint32))
+            bits = bfloat16_round_stochastic(p.to(tl.float32), key, offs)
+            tl.store(p_ptr.to(tl.pointer_type(tl.uint16)) + offs, bits, mask=mask)
+        else:
+            tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+    else:
+        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+
+
 # ---- the update kernels, one per algorithm. State is stored and read back rounded to DTYPE, as
 # torch's update reads its state; lr_is_f32: torch computes step-size scalars in a tensor lr's dtype.
 @triton.jit
@@ -145,7 +167,7 @@ def _sgd_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK:
             g = g + momentum.to(COMPUTE) * buf.to(COMPUTE)
         else:
             g = buf.to(COMPUTE)
-    tl.store(p_ptr + offs, (p - lr * g).to(DTYPE), mask=mask)
+    _store_param(table, hyper, p_ptr, offs, p - lr * g, mask, DTYPE)
 
 
 @triton.jit
@@ -195,7 +217,7 @@ def _adam_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK
         v = vmax.to(COMPUTE)
     eps = tl.load(hyper + ADAM_EPS).to(COMPUTE)
     denom = tl.sqrt(v) * inv_bias_correction2_sqrt.to(COMPUTE) + eps
-    tl.store(p_ptr + offs, (p - step_size.to(COMPUTE) * m.to(COMPUTE) / denom).to(DTYPE), mask=mask)
+    _store_param(table, hyper, p_ptr, offs, p - step_size.to(COMPUTE) * m.to(COMPUTE) / denom, mask, DTYPE)
 
 
 @triton.jit
@@ -216,7 +238,7 @@ def _adagrad_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BL
     s = (tl.load(s_ptr + offs, mask=mask, other=0.0).to(COMPUTE) + g * g).to(DTYPE)
     tl.store(s_ptr + offs, s, mask=mask)
     eps = tl.load(hyper + ADAGRAD_EPS).to(COMPUTE)
-    tl.store(p_ptr + offs, (p - clr.to(COMPUTE) * g / (tl.sqrt(s.to(COMPUTE)) + eps)).to(DTYPE), mask=mask)
+    _store_param(table, hyper, p_ptr, offs, p - clr.to(COMPUTE) * g / (tl.sqrt(s.to(COMPUTE)) + eps), mask, DTYPE)
 
 
 @triton.jit
@@ -252,7 +274,7 @@ def _rmsprop_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BL
         p = p - lr * buf.to(COMPUTE)
     else:
         p = p - lr * g / avg
-    tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+    _store_param(table, hyper, p_ptr, offs, p, mask, DTYPE)
 
 
 @triton.jit
@@ -312,9 +334,12 @@ def _address(t):
     return t.data_ptr() if t is not None else 0
 
 
-def _launch(name, params, grads, states, steps, new_buffers, lr, grad_scale, found_inf, maximize, options, hyper):
+def _launch(
+    name, params, grads, states, steps, new_buffers, lr, grad_scale, found_inf, maximize, options, hyper, rounding
+):
     """One update launch over the group, then (where steps or flags exist) the finish launch.
-    states: up to MAX_STATES lists (empty where unused); options: (header slot, bool) pairs."""
+    states: up to MAX_STATES lists (empty where unused); options: (header slot, bool) pairs; rounding:
+    (bf16_stochastic_round, seed), the flag set only for bfloat16 groups (csrc/optim.h)."""
     n = len(params)
     device, dtype = params[0].device, params[0].dtype
     header = [0] * HEADER_SIZE.value
@@ -330,6 +355,15 @@ def _launch(name, params, grads, states, steps, new_buffers, lr, grad_scale, fou
     for slot, value in options:
         header[slot] = int(value)
     header[TENSOR_COUNT] = n
+    header[STOCHASTIC_ROUND] = int(rounding[0])
+    if rounding[0] and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "pyops: bf16_stochastic_round=True cannot be captured in a CUDA graph (each replay would reuse the "
+            "captured seed); capture the step without it, or use master_weights=True"
+        )
+    if rounding[0]:  # a new seed each step: the hyper table changes with it (uploaded, not cached for long)
+        hyper = list(hyper)
+        hyper[SEED_LO], hyper[SEED_HI] = rounding[1] & 0xFFFFFFFF, (rounding[1] >> 32) & 0xFFFFFFFF
     states = [s for s in states] + [[]] * (MAX_STATES - len(states))
     rows, chunks = [], []
     for i, p in enumerate(params):
@@ -363,7 +397,8 @@ def _hyper(*slots):
     return values
 
 
-# The launchers take the primitives' own arguments (csrc/primitives.h), checked by csrc/optim.h.
+# The launchers take the primitives' own arguments (csrc/primitives.h), checked by csrc/optim.h (which
+# clears bf16_stochastic_round for groups of another dtype than bfloat16).
 def sgd_step(
     params,
     grads,
@@ -377,6 +412,8 @@ def sgd_step(
     new_buffers,
     grad_scale,
     found_inf,
+    bf16_stochastic_round=False,
+    seed=0,
 ):
     hyper = _hyper((SGD_MOMENTUM, momentum), (SGD_DAMPENING, dampening), (SGD_WEIGHT_DECAY, weight_decay))
     _launch(
@@ -392,6 +429,7 @@ def sgd_step(
         maximize,
         [(SGD_NESTEROV, nesterov)],
         hyper,
+        (bf16_stochastic_round, seed),
     )
 
 
@@ -412,6 +450,8 @@ def adam_step(
     decoupled,
     grad_scale,
     found_inf,
+    bf16_stochastic_round=False,
+    seed=0,
 ):
     hyper = _hyper((ADAM_BETA1, beta1), (ADAM_BETA2, beta2), (ADAM_WEIGHT_DECAY, weight_decay), (ADAM_EPS, eps))
     _launch(
@@ -427,12 +467,28 @@ def adam_step(
         maximize,
         [(ADAM_AMSGRAD, amsgrad), (ADAM_DECOUPLED, decoupled)],
         hyper,
+        (bf16_stochastic_round, seed),
     )
 
 
-def adagrad_step(params, grads, sums, steps, lr, lr_decay, weight_decay, eps, maximize, grad_scale, found_inf):
+def adagrad_step(
+    params,
+    grads,
+    sums,
+    steps,
+    lr,
+    lr_decay,
+    weight_decay,
+    eps,
+    maximize,
+    grad_scale,
+    found_inf,
+    bf16_stochastic_round=False,
+    seed=0,
+):
     hyper = _hyper((ADAGRAD_LR_DECAY, lr_decay), (ADAGRAD_WEIGHT_DECAY, weight_decay), (ADAGRAD_EPS, eps))
-    _launch("adagrad", params, grads, [sums], steps, [], lr, grad_scale, found_inf, maximize, [], hyper)
+    rounding = (bf16_stochastic_round, seed)
+    _launch("adagrad", params, grads, [sums], steps, [], lr, grad_scale, found_inf, maximize, [], hyper, rounding)
 
 
 def rmsprop_step(
@@ -451,6 +507,8 @@ def rmsprop_step(
     maximize,
     grad_scale,
     found_inf,
+    bf16_stochastic_round=False,
+    seed=0,
 ):
     hyper = _hyper(
         (RMSPROP_ALPHA, alpha), (RMSPROP_EPS, eps), (RMSPROP_WEIGHT_DECAY, weight_decay), (RMSPROP_MOMENTUM, momentum)
@@ -468,4 +526,5 @@ def rmsprop_step(
         maximize,
         [(RMSPROP_CENTERED, centered)],
         hyper,
+        (bf16_stochastic_round, seed),
     )

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/stochastic_round.h"
 #include "optim.h"
 
 namespace pyops {
@@ -93,6 +94,30 @@ Vectorized<T> maximum_(const Vectorized<T>& a, const Vectorized<T>& b) {
   return at::vec::maximum(a, b);
 }
 
+// A parameter's new value, stored as every optimizer stores it: rounded to nearest, or for bfloat16
+// parameters under bf16_stochastic_round stochastically (csrc/common/stochastic_round.h; bfloat16
+// takes the scalar loop, so v is a float there).
+struct ParamStore {
+  bool stochastic;
+  uint64_t seed;
+  explicit ParamStore(const GroupStep& s) : stochastic(s.stochastic_round), seed(uint64_t(s.seed)) {}
+
+  // The key of a tensor's random bits, once per chunk.
+  uint32_t key(int64_t tensor) const { return stochastic ? stochastic_round_key(seed, uint64_t(tensor)) : 0; }
+
+  template <typename T, typename W>
+  void operator()(T* p, uint32_t key, int64_t j, const W& v) const {
+    if constexpr (std::is_same_v<T, at::BFloat16> && std::is_arithmetic_v<W>) {
+      if (stochastic) {
+        p[j] = c10::BFloat16(bfloat16_round_stochastic(float(v), stochastic_round_bits(key, uint64_t(j))),
+                             c10::BFloat16::from_bits());
+        return;
+      }
+    }
+    st(p + j, v);
+  }
+};
+
 // v as stored in a T tensor and read back: itself unless T rounds (float16/bfloat16), so that the
 // update uses what the state holds, as torch's does, without reloading it where nothing rounds.
 template <typename T, typename W>
@@ -159,6 +184,7 @@ void for_each_chunk(at::TensorList params, const Body& body) {
 }
 
 struct Cpu {
+  static constexpr bool kStochasticRound = true;  // ParamStore
   struct Guard {
     explicit Guard(const at::Tensor&) {}
   };
@@ -168,6 +194,7 @@ struct Cpu {
     const StepScalars sc = step_scalars(s);
     const double lr = sc.lr, momentum = s.momentum, dampening = s.dampening, weight_decay = s.weight_decay;
     const bool nesterov = s.nesterov, maximize = s.maximize;
+    const ParamStore store(s);
     std::vector<char> is_new(s.params.size(), 0);
     for (size_t i = 0; i < s.new_buffers.size(); ++i)
       is_new[i] = *static_cast<const uint8_t*>(s.new_buffers[i].const_data_ptr()) != 0;
@@ -175,6 +202,7 @@ struct Cpu {
       using T = std::remove_pointer_t<decltype(tag)>;
       using opmath_t = at::opmath_type<T>;
       T* p = ptr<T>(s.params, ch.tensor);
+      const uint32_t key = store.key(ch.tensor);
       T* g = ptr<T>(s.grads, ch.tensor);
       T* m = momentum != 0 ? ptr<T>(s.momentum_buffers, ch.tensor) : nullptr;
       const bool first = is_new[ch.tensor];
@@ -188,7 +216,7 @@ struct Cpu {
               stored(m + j, first ? gj : W(opmath_t(momentum)) * ld<W>(m + j) + W(opmath_t(1 - dampening)) * gj);
           gj = nesterov ? gj + W(opmath_t(momentum)) * buf : buf;
         }
-        st(p + j, pj - W(opmath_t(lr)) * gj);
+        store(p, key, j, pj - W(opmath_t(lr)) * gj);
       });
     });
     for (const at::Tensor& f : s.new_buffers) *static_cast<uint8_t*>(f.mutable_data_ptr()) = 0;
@@ -207,10 +235,12 @@ struct Cpu {
     const double decay = decoupled_decay(sc.lr, sc.lr_is_float, s.weight_decay);
     const double weight_decay = s.weight_decay, eps = s.eps;
     const bool amsgrad = s.amsgrad, decoupled = s.decoupled, maximize = s.maximize;
+    const ParamStore store(s);
     for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
       using T = std::remove_pointer_t<decltype(tag)>;
       using opmath_t = at::opmath_type<T>;
       T* p = ptr<T>(s.params, ch.tensor);
+      const uint32_t key = store.key(ch.tensor);
       T* g = ptr<T>(s.grads, ch.tensor);
       T* m = ptr<T>(s.exp_avgs, ch.tensor);
       T* v = ptr<T>(s.exp_avg_sqs, ch.tensor);
@@ -232,7 +262,7 @@ struct Cpu {
         W vu = stored(v + j, ld<W>(v + j) * W(b2) + W(1 - b2) * gj * gj);
         if (amsgrad) vu = stored(vmax + j, maximum_(ld<W>(vmax + j), vu));
         const W denom = sqrt_(vu) * W(inv_bc2_t) + W(opmath_t(eps));  // one division per element, not two
-        st(p + j, pj - W(ss) * mj / denom);
+        store(p, key, j, pj - W(ss) * mj / denom);
       });
     });
   }
@@ -245,10 +275,12 @@ struct Cpu {
       clr[i] = adagrad_clr(sc.lr, sc.lr_is_float, s.lr_decay, increment_step(s.steps[i]));
     const double weight_decay = s.weight_decay, eps = s.eps;
     const bool maximize = s.maximize;
+    const ParamStore store(s);
     for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
       using T = std::remove_pointer_t<decltype(tag)>;
       using opmath_t = at::opmath_type<T>;
       T* p = ptr<T>(s.params, ch.tensor);
+      const uint32_t key = store.key(ch.tensor);
       T* g = ptr<T>(s.grads, ch.tensor);
       T* sum = ptr<T>(s.sums, ch.tensor);
       const opmath_t c = clr[ch.tensor];
@@ -258,7 +290,7 @@ struct Cpu {
         const W pj = ld<W>(p + j);
         if (weight_decay != 0) gj = gj + W(opmath_t(weight_decay)) * pj;
         const W sj = stored(sum + j, ld<W>(sum + j) + gj * gj);
-        st(p + j, pj - W(c) * gj / (sqrt_(sj) + W(opmath_t(eps))));
+        store(p, key, j, pj - W(c) * gj / (sqrt_(sj) + W(opmath_t(eps))));
       });
     });
   }
@@ -269,10 +301,12 @@ struct Cpu {
     for (const at::Tensor& step : s.steps) increment_step(step);
     const double lr = sc.lr, weight_decay = s.weight_decay, eps = s.eps, momentum = s.momentum;
     const bool centered = s.centered, maximize = s.maximize;
+    const ParamStore store(s);
     for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
       using T = std::remove_pointer_t<decltype(tag)>;
       using opmath_t = at::opmath_type<T>;
       T* p = ptr<T>(s.params, ch.tensor);
+      const uint32_t key = store.key(ch.tensor);
       T* g = ptr<T>(s.grads, ch.tensor);
       T* sq = ptr<T>(s.square_avgs, ch.tensor);
       T* ga = centered ? ptr<T>(s.grad_avgs, ch.tensor) : nullptr;
@@ -294,9 +328,9 @@ struct Cpu {
         }
         if (momentum > 0) {
           const W mj = stored(m + j, ld<W>(m + j) * W(opmath_t(momentum)) + gj / avg);
-          st(p + j, pj - W(opmath_t(lr)) * mj);
+          store(p, key, j, pj - W(opmath_t(lr)) * mj);
         } else {
-          st(p + j, pj - W(opmath_t(lr)) * gj / avg);
+          store(p, key, j, pj - W(opmath_t(lr)) * gj / avg);
         }
       });
     });

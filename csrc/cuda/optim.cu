@@ -23,6 +23,7 @@
 
 #include "common/dispatch.h"
 #include "common/launch_plan.h"
+#include "common/stochastic_round.h"
 #include "optim.h"
 
 namespace pyops {
@@ -63,7 +64,23 @@ DeviceScalar device_scalar(const std::optional<at::Tensor>& t) {
 struct Common {
   DeviceScalar lr, grad_scale, found_inf;
   bool maximize;
+  bool stochastic_round;  // bf16_stochastic_round on a bfloat16 group (csrc/common/stochastic_round.h)
+  uint64_t seed;
 };
+
+// Element j of a tensor (its random bits' key: stochastic_round_key) takes its new value v: rounded to nearest, or
+// stochastically (bfloat16 under bf16_stochastic_round), the one parameter store of every algorithm.
+template <typename T, typename O>
+__device__ __forceinline__ void store_param(T* p, uint32_t key, int64_t j, O v, const Common& c) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (c.stochastic_round) {
+      p[j] = c10::BFloat16(bfloat16_round_stochastic(float(v), stochastic_round_bits(key, uint64_t(j))),
+                           c10::BFloat16::from_bits());
+      return;
+    }
+  }
+  p[j] = v;
+}
 
 __device__ __forceinline__ double next_step(const TensorMeta& m) {
   return (m.step_is_double ? *static_cast<const double*>(m.step) : double(*static_cast<const float*>(m.step))) + 1;
@@ -75,7 +92,8 @@ __device__ __forceinline__ T* state(const TensorMeta& m, int slot) {
 }
 
 // Each algorithm: its hyper-parameters, what a block computes once for its tensor (prepare), and the
-// update of element j from the (unscaled, maximize-negated) gradient g.
+// update of element j from the (unscaled, maximize-negated) gradient g: it writes the state and
+// returns the parameter's new value, which the kernel stores (store_param).
 struct SgdKernel {
   static constexpr int kMomentumBuffer = 0;
   double momentum, dampening, weight_decay;
@@ -87,7 +105,7 @@ struct SgdKernel {
     return {m.new_buffer != nullptr && *m.new_buffer != 0};
   }
   template <typename T, typename O>
-  __device__ void update(const TensorMeta& m, int64_t j, T* p, O g, O lr, const PerTensor& t) const {
+  __device__ O update(const TensorMeta& m, int64_t j, T* p, O g, O lr, const PerTensor& t) const {
     const O pj = p[j];
     if (weight_decay != 0) g += O(weight_decay) * pj;
     if (momentum != 0) {
@@ -96,7 +114,7 @@ struct SgdKernel {
       const O b = buf[j];
       g = nesterov ? g + O(momentum) * b : b;
     }
-    p[j] = pj - lr * g;
+    return pj - lr * g;
   }
 };
 
@@ -113,7 +131,7 @@ struct AdamKernel {
             decoupled_decay(lr, lr_is_float, weight_decay)};
   }
   template <typename T, typename O>
-  __device__ void update(const TensorMeta& m, int64_t j, T* p, O g, O, const PerTensor& t) const {
+  __device__ O update(const TensorMeta& m, int64_t j, T* p, O g, O, const PerTensor& t) const {
     O pj = p[j];
     if (weight_decay != 0) {
       if (decoupled) {
@@ -135,7 +153,7 @@ struct AdamKernel {
       max_exp_avg_sq[j] = (vmax != vmax || vmax > v) ? vmax : v;  // NaN wins, as torch.maximum
       v = max_exp_avg_sq[j];
     }
-    p[j] = pj - O(t.step_size) * O(exp_avg[j]) / (sqrt(v) * O(t.inv_bias_correction2_sqrt) + O(eps));
+    return pj - O(t.step_size) * O(exp_avg[j]) / (sqrt(v) * O(t.inv_bias_correction2_sqrt) + O(eps));
   }
 };
 
@@ -149,12 +167,12 @@ struct AdagradKernel {
     return {adagrad_clr(lr, lr_is_float, lr_decay, next_step(m))};
   }
   template <typename T, typename O>
-  __device__ void update(const TensorMeta& m, int64_t j, T* p, O g, O, const PerTensor& t) const {
+  __device__ O update(const TensorMeta& m, int64_t j, T* p, O g, O, const PerTensor& t) const {
     const O pj = p[j];
     if (weight_decay != 0) g += O(weight_decay) * pj;
     T* sum = state<T>(m, kSum);
     sum[j] = O(sum[j]) + g * g;
-    p[j] = pj - O(t.clr) * g / (sqrt(O(sum[j])) + O(eps));
+    return pj - O(t.clr) * g / (sqrt(O(sum[j])) + O(eps));
   }
 };
 
@@ -165,7 +183,7 @@ struct RmspropKernel {
   struct PerTensor {};
   __device__ PerTensor prepare(const TensorMeta&, double, bool) const { return {}; }
   template <typename T, typename O>
-  __device__ void update(const TensorMeta& m, int64_t j, T* p, O g, O lr, const PerTensor&) const {
+  __device__ O update(const TensorMeta& m, int64_t j, T* p, O g, O lr, const PerTensor&) const {
     const O pj = p[j];
     const O a = alpha;
     if (weight_decay != 0) g += O(weight_decay) * pj;
@@ -184,10 +202,9 @@ struct RmspropKernel {
     if (momentum > 0) {
       T* buf = state<T>(m, kMomentumBuffer);
       buf[j] = O(buf[j]) * O(momentum) + g / avg;
-      p[j] = pj - lr * O(buf[j]);
-    } else {
-      p[j] = pj - lr * g / avg;
+      return pj - lr * O(buf[j]);
     }
+    return pj - lr * g / avg;
   }
 };
 
@@ -205,6 +222,7 @@ __global__ void __launch_bounds__(kThreads)
   const opmath_t inv = unscale ? opmath_t(1.0 / c.grad_scale.get()) : opmath_t(1);
   T* p = static_cast<T*>(m.param);
   T* g = static_cast<T*>(m.grad);
+  const uint32_t key = c.stochastic_round ? stochastic_round_key(c.seed, uint64_t(t)) : 0;
   for (int64_t j = start + threadIdx.x; j < end; j += blockDim.x) {
     opmath_t gj = g[j];
     if (unscale) {
@@ -212,7 +230,7 @@ __global__ void __launch_bounds__(kThreads)
       gj = g[j];  // the update uses the gradient as written back
     }
     if (c.maximize) gj = -gj;
-    k.template update<T, opmath_t>(m, j, p, gj, opmath_t(lr), per_tensor);
+    store_param(p, key, j, k.template update<T, opmath_t>(m, j, p, gj, opmath_t(lr), per_tensor), c);
   }
 }
 
@@ -311,6 +329,12 @@ void* data_or_null(at::TensorList list, size_t i) { return list.empty() ? nullpt
 template <typename K>
 void launch(const GroupStep& s, const K& kernel, std::initializer_list<at::TensorList> states, at::TensorList steps,
             at::TensorList new_buffers = {}) {
+  // A CUDA graph replays the seed it captured: every replay would round each element with the same
+  // random bits, no longer independently from step to step (an element would stall as without the flag).
+  TORCH_CHECK(
+      !s.stochastic_round || c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+      "pyops: bf16_stochastic_round=True cannot be captured in a CUDA graph (each replay would reuse the "
+      "captured seed); capture the step without it, or use master_weights=True");
   const at::Tensor& p0 = s.params[0];
   const size_t n = s.params.size();
   std::vector<TensorMeta> metas(n);
@@ -329,7 +353,8 @@ void launch(const GroupStep& s, const K& kernel, std::initializer_list<at::Tenso
   const Tables t = tables_for(metas, p0.device());
   const auto* meta_ptr = reinterpret_cast<const TensorMeta*>(t.metas_device.const_data_ptr<uint8_t>());
   const auto* chunk_ptr = reinterpret_cast<const int64_t*>(t.chunks_device.const_data_ptr<uint8_t>());
-  const Common common{device_scalar(s.lr), device_scalar(s.grad_scale), device_scalar(s.found_inf), s.maximize};
+  const Common common{device_scalar(s.lr), device_scalar(s.grad_scale), device_scalar(s.found_inf),
+                      s.maximize,          s.stochastic_round,          uint64_t(s.seed)};
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (t.num_chunks > 0) {
     std::vector<int64_t> numels(n);
@@ -351,6 +376,7 @@ void launch(const GroupStep& s, const K& kernel, std::initializer_list<at::Tenso
 }
 
 struct Cuda {
+  static constexpr bool kStochasticRound = true;  // store_param
   struct Guard {
     c10::cuda::CUDAGuard guard;
     explicit Guard(const at::Tensor& t) : guard(t.device()) {}

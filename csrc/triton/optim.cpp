@@ -11,27 +11,29 @@ namespace pyops {
 namespace {
 
 struct Triton {
+  static constexpr bool kStochasticRound = true;  // kernels/optim.py's _store_param
   using Guard = AnyDeviceGuard;
 
   static void sgd(const SgdStep& s) {
     static const TritonLaunch launch("pyops::_triton_sgd_step");
     launch(s.params, s.grads, s.momentum_buffers, s.lr, s.momentum, s.dampening, s.weight_decay, s.nesterov, s.maximize,
-           s.new_buffers, s.grad_scale, s.found_inf);
+           s.new_buffers, s.grad_scale, s.found_inf, s.stochastic_round, s.seed);
   }
   static void adam(const AdamStep& s) {
     static const TritonLaunch launch("pyops::_triton_adam_step");
     launch(s.params, s.grads, s.exp_avgs, s.exp_avg_sqs, s.max_exp_avg_sqs, s.steps, s.lr, s.beta1, s.beta2,
-           s.weight_decay, s.eps, s.amsgrad, s.maximize, s.decoupled, s.grad_scale, s.found_inf);
+           s.weight_decay, s.eps, s.amsgrad, s.maximize, s.decoupled, s.grad_scale, s.found_inf, s.stochastic_round,
+           s.seed);
   }
   static void adagrad(const AdagradStep& s) {
     static const TritonLaunch launch("pyops::_triton_adagrad_step");
     launch(s.params, s.grads, s.sums, s.steps, s.lr, s.lr_decay, s.weight_decay, s.eps, s.maximize, s.grad_scale,
-           s.found_inf);
+           s.found_inf, s.stochastic_round, s.seed);
   }
   static void rmsprop(const RmspropStep& s) {
     static const TritonLaunch launch("pyops::_triton_rmsprop_step");
     launch(s.params, s.grads, s.square_avgs, s.grad_avgs, s.momentum_buffers, s.steps, s.lr, s.alpha, s.eps,
-           s.weight_decay, s.momentum, s.centered, s.maximize, s.grad_scale, s.found_inf);
+           s.weight_decay, s.momentum, s.centered, s.maximize, s.grad_scale, s.found_inf, s.stochastic_round, s.seed);
   }
 };
 

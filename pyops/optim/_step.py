@@ -19,6 +19,18 @@ and the "pyops" logger says so once per optimizer and reason at debug level):
 master_weights=True keeps a float32 copy of each float16/bfloat16 parameter ("master_param" in its
 state) and its state in float32; the parameter takes the rounded result after each step. The float32
 state survives deepcopy, pickling and state_dict()/load_state_dict().
+
+bf16_stochastic_round=True (the name torchao's bfloat16 optimizers give the option) is the other way to
+train bfloat16 parameters, without the master copy's 4 bytes a parameter: the kernel computes the new
+value in float32 as always and stores it rounded stochastically, up with probability (its distance to
+the bfloat16 below) / ulp, so that E[stored] = the float32 value and updates below half an ulp, which
+round to nearest loses every step, still move the parameter on average. The random bits are a hash
+of (seed, tensor index, element index) (csrc/common/stochastic_round.h), the seed drawn from torch's
+default generator at each kernel call: torch.manual_seed makes a run reproducible, whatever the thread
+count. Only bfloat16 parameters are affected, and only where a pyops kernel steps them: the native
+(CPU, CUDA) and Triton kernels hash alike; on a GPU they refuse CUDA graph capture (a replay would
+reuse the captured seed); torch's for-loop fallback (listed above) rounds to nearest.
+It cannot be combined with master_weights (whose float32 copy already keeps small updates).
 """
 
 import logging
@@ -36,6 +48,7 @@ from ..ops import optim as _optim_ops  # noqa: F401  (the primitives' fakes and 
 KERNEL_BACKENDS = ("native", "triton")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_CACHED_LRS = 64
+_SEED_BOUND = 2**63 - 1  # stochastic rounding's seeds: any non-negative int64
 
 try:  # FSDP2's sharded parameters
     from torch.distributed.tensor import DTensor as _DTensor
@@ -123,8 +136,8 @@ class _Fused:
     for-loop step on those lists; _state_keys: the state key each list holds (None: params, grads,
     steps); _steps_at: where the step counts are (None: no step counts)."""
 
-    _step_supports_amp_scaling = True
     master_weights = False  # instances set it; kept through deepcopy and pickling (__getstate__)
+    bf16_stochastic_round = False  # likewise
     _steps_at = None
 
     def _step_lists(self, group, lists):
@@ -132,7 +145,22 @@ class _Fused:
         a None state tensor is one the step creates like its parameter."""
         raise NotImplementedError
 
+    # GradScaler.step reads this before anything else; under step_in_backward (in_backward.py) the
+    # scaler's skip of the whole step cannot be kept, so the read refuses. torch's fused constructors
+    # assign it, hence the setter.
+    @property
+    def _step_supports_amp_scaling(self):
+        if self.__dict__.get("_in_backward") is not None:
+            self._in_backward.refuse("GradScaler.step(optimizer)")
+        return True
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value):
+        pass
+
     def step(self, closure=None):
+        if self.__dict__.get("_in_backward") is not None:
+            self._in_backward.refuse("optimizer.step()")
         if self.defaults.get("differentiable"):
             count = sum(p.grad is not None for g in self.param_groups for p in g["params"])
             _fell_back(self, "differentiable=True", count)
@@ -145,10 +173,15 @@ class _Fused:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        self._step_groups(self.param_groups, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        return loss
+
+    @torch.no_grad()
+    def _step_groups(self, groups, grad_scale, found_inf):
+        """Step each group's parameters that have a gradient (groups: param_groups, or step_in_backward's
+        one-parameter views of them)."""
         self._stand_ins = {}  # id(tensor stepped instead of a parameter) -> the parameter, this step
-        for group in self.param_groups:
+        for group in groups:
             lists, has_sparse = self._collect(group)
             if not lists[0]:
                 continue
@@ -170,7 +203,6 @@ class _Fused:
             if writeback is not None:
                 writeback(grad_scale is not None)
         self._stand_ins = {}
-        return loss
 
     def _whole_group(self, group, lists, grad_scale, found_inf):
         """Step the group in one kernel call when it fits one (the primitive's own first check, asked
@@ -211,7 +243,15 @@ class _Fused:
     def _run(self, backend, group, lists, device, grad_scale, found_inf):
         """One primitive call over lists (one device and dtype; each parameter listed once)."""
         lr = _lr_tensor(group["lr"], device)
-        PRIMITIVES[backend][self._primitive](*self._arguments(group, lists, lr, grad_scale, found_inf))
+        args = self._arguments(group, lists, lr, grad_scale, found_inf)
+        PRIMITIVES[backend][self._primitive](*args, *self._rounding(lists[0]))
+
+    def _rounding(self, params):
+        """The primitive's trailing (bf16_stochastic_round, seed) where the flag applies (bfloat16
+        parameters), with a seed drawn from torch's default generator; else nothing (the defaults)."""
+        if not self.bf16_stochastic_round or params[0].dtype != torch.bfloat16:
+            return ()
+        return True, int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64))
 
     def _careful_step(self, group, lists, grad_scale, found_inf):
         """Per tensor: the kernel where one can run it (after bringing gradients and state to the
@@ -399,6 +439,7 @@ class _Fused:
         self._settle()
         state = super().__getstate__()
         state["master_weights"] = self.master_weights
+        state["bf16_stochastic_round"] = self.bf16_stochastic_round
         return state
 
     def state_dict(self):
@@ -423,9 +464,19 @@ class _Fused:
         """Resolve what the device decides lazily (SGD's new momentum buffers under a grad scaler)."""
 
 
-def _check_master(master_weights, differentiable):
+def _check_master(master_weights, differentiable, bf16_stochastic_round=False):
     if master_weights and differentiable:
         raise ValueError(
             "pyops.optim: master_weights=True needs differentiable=False (a differentiable step is "
             "torch's own, which keeps no master copies)"
+        )
+    if bf16_stochastic_round and differentiable:
+        raise ValueError(
+            "pyops.optim: bf16_stochastic_round=True needs differentiable=False (a differentiable step is "
+            "torch's own, which rounds to nearest)"
+        )
+    if bf16_stochastic_round and master_weights:
+        raise ValueError(
+            "pyops.optim: bf16_stochastic_round=True and master_weights=True exclude each other: the float32 "
+            "master copy already keeps the updates that rounding a bfloat16 parameter would lose"
         )

@@ -17,8 +17,8 @@ the gradients, which are written back unscaled; `found_inf` set leaves parameter
 state untouched. Steps bump the version counters of what they write, as torch's in-place ops do. A
 parameter listed twice in a group steps twice, as torch's (from the gradient unscaled once).
 
-Which tensors take a kernel, torch's for-loop or torch's own step, and master_weights: the shared step
-machinery, pyops/optim/_step.py.
+Which tensors take a kernel, torch's for-loop or torch's own step, master_weights and
+bf16_stochastic_round: the shared step machinery, pyops/optim/_step.py.
 """
 
 import torch
@@ -55,8 +55,9 @@ class SGD(_Fused, optim.SGD):
         differentiable=False,
         fused=None,
         master_weights=False,
+        bf16_stochastic_round=False,
     ):
-        _check_master(master_weights, differentiable)
+        _check_master(master_weights, differentiable, bf16_stochastic_round)
         super().__init__(
             params,
             lr,
@@ -70,6 +71,7 @@ class SGD(_Fused, optim.SGD):
             fused=fused,
         )
         self.master_weights = bool(master_weights)
+        self.bf16_stochastic_round = bool(bf16_stochastic_round)
 
     def _collect(self, group):
         params, grads, bufs = [], [], []
@@ -121,6 +123,7 @@ class SGD(_Fused, optim.SGD):
             flags,
             grad_scale,
             found_inf,
+            *self._rounding(params),
         )
         if new or flags:
             self._keep_buffers(params, bufs, new, flags if dampening != 0 else [], found_inf)
@@ -269,8 +272,9 @@ class Adam(_AdamStep, _Fused, optim.Adam):
         fused=None,
         decoupled_weight_decay=False,
         master_weights=False,
+        bf16_stochastic_round=False,
     ):
-        _check_master(master_weights, differentiable)
+        _check_master(master_weights, differentiable, bf16_stochastic_round)
         super().__init__(
             params,
             lr,
@@ -286,6 +290,7 @@ class Adam(_AdamStep, _Fused, optim.Adam):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         self.master_weights = bool(master_weights)
+        self.bf16_stochastic_round = bool(bf16_stochastic_round)
 
     @staticmethod
     def _decoupled(group):
@@ -310,8 +315,9 @@ class AdamW(_AdamStep, _Fused, optim.AdamW):
         differentiable=False,
         fused=None,
         master_weights=False,
+        bf16_stochastic_round=False,
     ):
-        _check_master(master_weights, differentiable)
+        _check_master(master_weights, differentiable, bf16_stochastic_round)
         super().__init__(
             params,
             lr,
@@ -326,6 +332,7 @@ class AdamW(_AdamStep, _Fused, optim.AdamW):
             fused=fused,
         )
         self.master_weights = bool(master_weights)
+        self.bf16_stochastic_round = bool(bf16_stochastic_round)
 
     @staticmethod
     def _decoupled(group):
@@ -354,8 +361,9 @@ class Adagrad(_Fused, optim.Adagrad):
         differentiable=False,
         fused=None,
         master_weights=False,
+        bf16_stochastic_round=False,
     ):
-        _check_master(master_weights, differentiable)
+        _check_master(master_weights, differentiable, bf16_stochastic_round)
         super().__init__(
             params,
             lr,
@@ -369,6 +377,7 @@ class Adagrad(_Fused, optim.Adagrad):
             fused=fused,
         )
         self.master_weights = bool(master_weights)
+        self.bf16_stochastic_round = bool(bf16_stochastic_round)
 
     def _collect(self, group):
         params, grads, sums, steps = [], [], [], []
@@ -435,8 +444,9 @@ class RMSprop(_Fused, optim.RMSprop):
         maximize=False,
         differentiable=False,
         master_weights=False,
+        bf16_stochastic_round=False,
     ):
-        _check_master(master_weights, differentiable)
+        _check_master(master_weights, differentiable, bf16_stochastic_round)
         super().__init__(
             params,
             lr,
@@ -451,6 +461,7 @@ class RMSprop(_Fused, optim.RMSprop):
             differentiable=differentiable,
         )
         self.master_weights = bool(master_weights)
+        self.bf16_stochastic_round = bool(bf16_stochastic_round)
 
     def _collect(self, group):
         params, grads, square_avgs, bufs, grad_avgs, steps = [], [], [], [], [], []
