@@ -43,24 +43,28 @@ inline std::pair<int64_t, int64_t> inner_columns(const ConvShape& s) {
 }
 
 // The epilogue of a row's task: partial r of every channel, from the row's OW pixels (pixel stride ps,
-// channels contiguous), vectorized over channels.
+// channels contiguous), vectorized over channels, in one pass shifted by the first pixel (part_moments).
 template <typename T>
 void row_moments(const T* row, int64_t C, int64_t OW, int64_t ps, int64_t r, Moments& m) {
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
-  __at_align__ T mu[L], sq[L];
+  __at_align__ T x0[L], sum[L], sq[L];
   for (int64_t c0 = 0; c0 < C; c0 += L) {
     const int cnt = static_cast<int>(std::min<int64_t>(L, C - c0));
-    Vec sum(T(0)), m2(T(0));
-    for (int64_t ow = 0; ow < OW; ++ow) sum = sum + Vec::loadu(row + ow * ps + c0, cnt);
-    const Vec mean = sum / Vec(T(OW));
-    for (int64_t ow = 0; ow < OW; ++ow) {
-      const Vec d = Vec::loadu(row + ow * ps + c0, cnt) - mean;
-      m2 = at::vec::fmadd(d, d, m2);
+    const Vec first = Vec::loadu(row + c0, cnt);
+    Vec s(T(0)), q(T(0));
+    for (int64_t ow = 1; ow < OW; ++ow) {
+      const Vec d = Vec::loadu(row + ow * ps + c0, cnt) - first;
+      s = s + d;
+      q = at::vec::fmadd(d, d, q);
     }
-    mean.store(mu);
-    m2.store(sq);
-    for (int c = 0; c < cnt; ++c) m.set(r, c0 + c, double(mu[c]), double(sq[c]));
+    first.store(x0);
+    s.store(sum);
+    q.store(sq);
+    for (int c = 0; c < cnt; ++c) {
+      const double n = double(OW), su = double(sum[c]);
+      m.set(r, c0 + c, double(x0[c]) + su / n, std::max(0.0, double(sq[c]) - su * su / n));
+    }
   }
 }
 

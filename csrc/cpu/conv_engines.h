@@ -178,38 +178,41 @@ struct Moments {
   }
 };
 
-// The mean and M2 of rows x rows_len elements at p (row stride rs, element stride es), in op-math.
+// The mean and M2 of rows x len elements at p (row stride rs, element stride es), in op-math, in one pass
+// over data shifted by its first element (sums of d = x - x0 and d^2: M2 = sum d^2 - (sum d)^2 / n, which
+// loses nothing to cancellation while x0 lies within a few standard deviations of the mean, as a sample
+// of the data does).
 template <typename scalar_t>
 std::pair<double, double> part_moments(const scalar_t* p, int64_t rows, int64_t rs, int64_t len, int64_t es) {
   using T = at::opmath_type<scalar_t>;
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
-  const bool vector = std::is_same_v<scalar_t, T> && es == 1;
-  const auto sweep = [&](auto&& f_vec, auto&& f_one) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* row = p + r * rs;
-      int64_t j = 0;
-      if constexpr (std::is_same_v<scalar_t, T>) {
-        if (vector)
-          for (; j + L <= len; j += L) f_vec(Vec::loadu(row + j));
-      }
-      for (; j < len; ++j) f_one(T(row[j * es]));
+  const T x0 = T(p[0]);
+  const Vec vx0(x0);
+  Vec vs(T(0)), vq(T(0));
+  T ss = 0, sq = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = p + r * rs;
+    int64_t j = 0;
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      if (es == 1)
+        for (; j + L <= len; j += L) {
+          const Vec d = Vec::loadu(row + j) - vx0;
+          vs = vs + d;
+          vq = at::vec::fmadd(d, d, vq);
+        }
     }
-  };
-  Vec vs(T(0));
-  T ss = 0;
-  sweep([&](const Vec& v) { vs = vs + v; }, [&](T v) { ss += v; });
-  const T mu = (at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vs) + ss) / T(rows * len);
-  Vec vq(T(0));
-  T sq = 0;
-  const Vec vmu(mu);
-  sweep(
-      [&](const Vec& v) {
-        const Vec d = v - vmu;
-        vq = at::vec::fmadd(d, d, vq);
-      },
-      [&](T v) { sq += (v - mu) * (v - mu); });
-  return {double(mu), double(at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vq) + sq)};
+    for (; j < len; ++j) {
+      const T d = T(row[j * es]) - x0;
+      ss += d;
+      sq += d * d;
+    }
+  }
+  const auto add = [](Vec& a, Vec& b) { return a + b; };
+  const double n = double(rows * len);
+  const double sum = double(at::vec::vec_reduce_all<T>(add, vs) + ss);
+  const double sum2 = double(at::vec::vec_reduce_all<T>(add, vq) + sq);
+  return {double(x0) + sum / n, std::max(0.0, sum2 - sum * sum / n)};
 }
 
 // Whether the channels_last depthwise engine takes the call: one input and one output channel per
