@@ -390,12 +390,8 @@ Facts conv_facts(const Tensor& x, const Tensor& weight, int64_t groups, const st
   return f;
 }
 
-Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, IntArrayRef stride,
-              IntArrayRef padding, IntArrayRef dilation, int64_t groups, std::optional<c10::string_view> activation) {
-  const Activation a = parse_activation(activation);
-  TORCH_CHECK(input.dim() == 3 || input.dim() == 4,
-              "pyops.conv2d: Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: ",
-              input.sym_sizes());
+// weight and bias on input's device and of its dtype, in torch's words
+void check_operands(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
   check_operand_device("conv2d", "weight", weight, input);
   TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
               ") and weight type (", weight.scalar_type(), ") should be the same");
@@ -404,6 +400,15 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Ten
     TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
                 ") and bias type (", bias->scalar_type(), ") should be the same");
   }
+}
+
+Tensor conv2d(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, IntArrayRef stride,
+              IntArrayRef padding, IntArrayRef dilation, int64_t groups, std::optional<c10::string_view> activation) {
+  const Activation a = parse_activation(activation);
+  TORCH_CHECK(input.dim() == 3 || input.dim() == 4,
+              "pyops.conv2d: Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: ",
+              input.sym_sizes());
+  check_operands(input, weight, bias);
   const auto s = pair("stride", stride), p = pair("padding", padding), d = pair("dilation", dilation);
   const bool batched = input.dim() == 4;
   const Tensor x = batched ? input : input.unsqueeze(0);
@@ -430,14 +435,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_stats(const Tensor& input, const Tenso
                                                 const std::optional<Tensor>& bias, IntArrayRef stride,
                                                 IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
   if (input.dim() == 4) {
-    check_operand_device("conv2d", "weight", weight, input);
-    TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
-                ") and weight type (", weight.scalar_type(), ") should be the same");
-    if (bias.has_value() && bias->defined()) {
-      check_operand_device("conv2d", "bias", bias, input);
-      TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "pyops.conv2d: input type (", input.scalar_type(),
-                  ") and bias type (", bias->scalar_type(), ") should be the same");
-    }
+    check_operands(input, weight, bias);
     const auto s = pair("stride", stride), p = pair("padding", padding), d = pair("dilation", dilation);
     check_conv_args(input, input, weight, s, p, d, groups);
     const Facts facts = conv_facts(input, weight, groups, s, p, d);
