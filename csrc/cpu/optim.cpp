@@ -8,7 +8,14 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -60,10 +67,16 @@ StepScalars step_scalars(const GroupStep& s) {
 // One body serves the vector loop and the scalar tail: W is Vectorized<opmath_t> (float and double
 // tensors) or opmath_t itself, and these helpers load, store and compute on either.
 using at::vec::Vectorized;
+// (A bfloat16 state of float32 parameters, Adam's state_dtype=torch.bfloat16, loads to and stores from
+// float vectors; the store rounds to nearest even, as torch's conversion.)
 template <typename W, typename T>
 W ld(const T* p) {
   if constexpr (std::is_arithmetic_v<W>) {
     return W(*p);
+  } else if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, Vectorized<float>>) {
+    W out;
+    at::vec::load_fp32_from_bf16(p, out);
+    return out;
   } else {
     return W::loadu(p);
   }
@@ -72,6 +85,8 @@ template <typename T, typename W>
 void st(T* p, const W& v) {
   if constexpr (std::is_arithmetic_v<W>) {
     *p = T(v);
+  } else if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, Vectorized<float>>) {
+    at::vec::convert_float_bfloat16(v, v).store(p, W::size());
   } else {
     v.store(p);
   }
@@ -158,6 +173,252 @@ void for_each_chunk(at::TensorList params, const Body& body) {
   });
 }
 
+// ---- 8-bit blockwise states (Adam8bitStep, csrc/optim.h) ------------------------------------------
+// A map's quantizer: code(y) = the number of midpoints mid[c] = (q[c] + q[c+1]) / 2 (float32) below y,
+// i.e. the nearest map value, ties to the lower one (a NaN y, in a block whose absmax is NaN, takes any
+// code). The scalar path binary-searches
+// the midpoints. The vector path reads a first guess from a table indexed by y's sign, exponent and
+// kBucketBits leading mantissa bits (the map's decades of linear steps make each such bucket hold at most
+// kRefine midpoints), then counts the kRefine midpoints above the guess that lie below y: the same code
+// as the search. A map with a bucket holding more midpoints takes the scalar path.
+constexpr int kBucketBits = 7;
+constexpr int kRefine = 1;  // enough for the dynamic maps with kBucketBits = 7 (each bucket holds at most one midpoint)
+constexpr int kTopExponent = 127;                   // |y| < 2: y = x / absmax with |x| <= absmax, rounded
+constexpr int kBottomExponent = kTopExponent - 24;  // below 2^-24 every bucket is the one of 0 for these maps
+constexpr int kRows = kTopExponent - kBottomExponent + 1;
+constexpr int kBuckets = 2 * kRows << kBucketBits;
+
+inline int32_t bucket_of(float y) {
+  uint32_t bits;
+  std::memcpy(&bits, &y, sizeof bits);
+  const int32_t sign = int32_t(bits >> 31);
+  int32_t e = int32_t((bits >> 23) & 0xff), m = int32_t((bits >> (23 - kBucketBits)) & ((1 << kBucketBits) - 1));
+  if (e < kBottomExponent) e = kBottomExponent, m = 0;
+  if (e > kTopExponent) e = kTopExponent, m = (1 << kBucketBits) - 1;
+  return ((sign * kRows + e - kBottomExponent) << kBucketBits) | m;
+}
+
+struct Quantizer {
+  float q[kQuantMapSize];
+  float mid[kQuantMapSize + kRefine];  // +inf past the last midpoint
+  uint8_t guess[kBuckets + 3];         // 4-byte gathers read 3 bytes past the last bucket
+  bool fast = true;
+
+  explicit Quantizer(const float* map) {
+    std::copy(map, map + kQuantMapSize, q);
+    for (int c = 0; c + 1 < kQuantMapSize; ++c) mid[c] = (q[c] + q[c + 1]) * 0.5f;
+    for (int c = kQuantMapSize - 1; c < kQuantMapSize + kRefine; ++c) mid[c] = INFINITY;
+    std::fill(guess, guess + sizeof guess, 0);
+    for (int b = 0; b < kBuckets; ++b) {  // the bucket's y range, bounds included
+      const int m = b & ((1 << kBucketBits) - 1), row = b >> kBucketBits;
+      const int e = row % kRows + kBottomExponent;
+      const bool negative = row >= kRows;
+      double lo = std::ldexp(1.0 + double(m) / (1 << kBucketBits), e - 127);
+      double hi = std::ldexp(1.0 + double(m + 1) / (1 << kBucketBits), e - 127);
+      if (e == kBottomExponent && m == 0) lo = 0;
+      if (e == kTopExponent && m == (1 << kBucketBits) - 1) hi = INFINITY;
+      const double ymin = negative ? -hi : lo, ymax = negative ? -lo : hi;
+      const int c_min = count_below(ymin), c_max = count_below(ymax);
+      guess[b] = uint8_t(std::min<int64_t>(c_min, kQuantMapSize - 1));
+      fast = fast && c_max - c_min <= kRefine;
+    }
+  }
+  int count_below(double y) const {  // midpoints below y
+    return int(std::lower_bound(mid, mid + kQuantMapSize - 1, y, [](float a, double v) { return a < v; }) - mid);
+  }
+  uint8_t code(float y) const { return uint8_t(std::lower_bound(mid, mid + kQuantMapSize - 1, y) - mid); }
+};
+
+// The quantizers of the last maps this thread saw (maps rarely change: one pair per optimizer).
+std::shared_ptr<const Quantizer> quantizer_of(const at::Tensor& map, const char* name) {
+  thread_local std::vector<std::shared_ptr<const Quantizer>> cache;
+  const float* values = map.const_data_ptr<float>();
+  for (const auto& qz : cache)
+    if (std::memcmp(qz->q, values, sizeof qz->q) == 0) return qz;
+  for (int c = 0; c < kQuantMapSize; ++c)
+    TORCH_CHECK(std::isfinite(values[c]) && (c == 0 || values[c - 1] <= values[c]), "pyops::adam_step_8bit_: ", name,
+                " must hold finite values sorted ascending, got ", values[c], " at ", c,
+                c > 0 ? c10::str(" after ", values[c - 1]) : std::string());
+  if (cache.size() >= 4) cache.erase(cache.begin());
+  cache.push_back(std::make_shared<const Quantizer>(values));
+  return cache.back();
+}
+
+struct Adam8bitScalars {
+  StepScalars sc;
+  double decay, weight_decay, eps, beta1, beta2;
+  bool decoupled, maximize;
+};
+
+// One block of n <= kQuantBlock elements, in memory order: dequantize, Adam's float update (the float32
+// kernel's expressions, in opmath_t), the new absmaxs, requantize. Elements [0, nv) take the vector path.
+template <typename T>
+void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va, int64_t n, const Quantizer& qs,
+                     const Quantizer& qu, const Adam8bitScalars& k, double step_size, double inv_bc2) {
+  using opmath_t = at::opmath_type<T>;
+  const StepScalars& sc = k.sc;
+  const opmath_t b1 = k.beta1, b2 = k.beta2, ss = step_size, inv_bc2_t = inv_bc2;
+  const opmath_t one_b1 = 1 - b1, one_b2 = 1 - b2, decay = k.decay, wd = k.weight_decay, eps = k.eps;
+  const float ma0 = *ma, va0 = *va;
+  float mnew[kQuantBlock], vnew[kQuantBlock];
+  int64_t j = 0;
+  float mmax = 0, vmax = 0;
+  bool nan = false;
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr int64_t L = 16;
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 vma0 = _mm512_set1_ps(ma0), vva0 = _mm512_set1_ps(va0), vinv = _mm512_set1_ps(float(sc.inv));
+    const __m512 vb1 = _mm512_set1_ps(one_b1), vb2 = _mm512_set1_ps(b2), v1b2 = _mm512_set1_ps(one_b2);
+    const __m512 vss = _mm512_set1_ps(ss), vbc = _mm512_set1_ps(inv_bc2_t), veps = _mm512_set1_ps(eps);
+    const __m512 vdecay = _mm512_set1_ps(decay), vwd = _mm512_set1_ps(wd);
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    __m512 amax_m = _mm512_setzero_ps(), amax_v = _mm512_setzero_ps();
+    __mmask16 unordered = 0;
+    for (; j + L <= n; j += L) {
+      const __m512 m0 = _mm512_mul_ps(
+          _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mc + j))), qs.q, 4),
+          vma0);
+      const __m512 v0 = _mm512_mul_ps(
+          _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vc + j))), qu.q, 4),
+          vva0);
+      __m512 gj = _mm512_loadu_ps(g + j);
+      if (sc.unscale) {
+        gj = _mm512_mul_ps(gj, vinv);
+        _mm512_storeu_ps(g + j, gj);
+      }
+      if (k.maximize) gj = _mm512_xor_ps(gj, sign);
+      __m512 pj = _mm512_loadu_ps(p + j);
+      if (wd != 0) {
+        if (k.decoupled) {
+          pj = _mm512_mul_ps(pj, vdecay);
+        } else {
+          gj = _mm512_add_ps(gj, _mm512_mul_ps(vwd, pj));
+        }
+      }
+      const __m512 mj = _mm512_add_ps(m0, _mm512_mul_ps(vb1, _mm512_sub_ps(gj, m0)));
+      const __m512 vj = _mm512_add_ps(_mm512_mul_ps(v0, vb2), _mm512_mul_ps(_mm512_mul_ps(v1b2, gj), gj));
+      const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vj), vbc), veps);
+      _mm512_storeu_ps(p + j, _mm512_sub_ps(pj, _mm512_div_ps(_mm512_mul_ps(vss, mj), denom)));
+      _mm512_storeu_ps(mnew + j, mj);
+      _mm512_storeu_ps(vnew + j, vj);
+      amax_m = _mm512_max_ps(amax_m, _mm512_andnot_ps(sign, mj));
+      amax_v = _mm512_max_ps(amax_v, _mm512_andnot_ps(sign, vj));
+      unordered |= _mm512_cmp_ps_mask(mj, vj, _CMP_UNORD_Q);
+    }
+    mmax = _mm512_reduce_max_ps(amax_m);
+    vmax = _mm512_reduce_max_ps(amax_v);
+    nan = unordered != 0;
+  }
+#endif
+  [[maybe_unused]] const int64_t nv = j;
+  for (; j < n; ++j) {
+    opmath_t gj = opmath_t(g[j]);
+    if (sc.unscale) {
+      g[j] = T(gj * opmath_t(sc.inv));
+      gj = opmath_t(g[j]);
+    }
+    if (k.maximize) gj = -gj;
+    opmath_t pj = opmath_t(p[j]);
+    if (wd != 0) {
+      if (k.decoupled) {
+        pj = pj * decay;
+      } else {
+        gj = gj + wd * pj;
+      }
+    }
+    const opmath_t m0 = opmath_t(qs.q[mc[j]] * ma0), v0 = opmath_t(qu.q[vc[j]] * va0);
+    const opmath_t mj = m0 + one_b1 * (gj - m0);
+    const opmath_t vj = v0 * b2 + one_b2 * gj * gj;
+    const opmath_t denom = std::sqrt(vj) * inv_bc2_t + eps;
+    p[j] = T(pj - ss * mj / denom);
+    mnew[j] = float(mj);
+    vnew[j] = float(vj);
+    mmax = std::max(mmax, std::abs(mnew[j]));
+    vmax = std::max(vmax, std::abs(vnew[j]));
+    nan = nan || std::isnan(mnew[j]) || std::isnan(vnew[j]);
+  }
+  if (nan) mmax = vmax = NAN;  // a NaN state poisons its block, whose absmax says so
+  *ma = mmax;
+  *va = vmax;
+  const float minv = mmax > 0 ? 1.0f / mmax : 0.0f, vinv = vmax > 0 ? 1.0f / vmax : 0.0f;
+  j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if (qs.fast && qu.fast) {
+    for (; j + L <= nv; j += L) {
+      auto quantize = [&](const Quantizer& qz, const float* x, float inv, uint8_t* out) {
+        const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(inv));
+        const __m512i bits = _mm512_castps_si512(y);
+        const __m512i sgn = _mm512_srli_epi32(bits, 31);
+        __m512i e = _mm512_and_si512(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(0xff));
+        __m512i m =
+            _mm512_and_si512(_mm512_srli_epi32(bits, 23 - kBucketBits), _mm512_set1_epi32((1 << kBucketBits) - 1));
+        m = _mm512_mask_mov_epi32(m, _mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(kBottomExponent)),
+                                  _mm512_setzero_si512());
+        m = _mm512_mask_mov_epi32(m, _mm512_cmpgt_epi32_mask(e, _mm512_set1_epi32(kTopExponent)),
+                                  _mm512_set1_epi32((1 << kBucketBits) - 1));
+        e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(kBottomExponent)), _mm512_set1_epi32(kTopExponent));
+        const __m512i row = _mm512_add_epi32(_mm512_mullo_epi32(sgn, _mm512_set1_epi32(kRows)),
+                                             _mm512_sub_epi32(e, _mm512_set1_epi32(kBottomExponent)));
+        const __m512i b = _mm512_or_si512(_mm512_slli_epi32(row, kBucketBits), m);
+        __m512i c = _mm512_and_si512(_mm512_i32gather_epi32(b, qz.guess, 1), _mm512_set1_epi32(0xff));
+        const __m512i one = _mm512_set1_epi32(1);
+        __m512i at = c;
+        for (int r = 0; r < kRefine; ++r) {
+          const __m512 mid = _mm512_i32gather_ps(at, qz.mid, 4);
+          c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(y, mid, _CMP_GT_OQ), c, one);
+          at = _mm512_add_epi32(at, one);
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm512_cvtepi32_epi8(c));
+      };
+      quantize(qs, mnew, minv, mc);
+      quantize(qu, vnew, vinv, vc);
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    mc[j] = qs.code(mnew[j] * minv);
+    vc[j] = qu.code(vnew[j] * vinv);
+  }
+}
+
+void adam_8bit_step(const Adam8bitStep& s) {
+  if (skip_step(s)) return;
+  const auto signed_map = quantizer_of(s.qmap_signed, "qmap_signed");
+  const auto unsigned_map = quantizer_of(s.qmap_unsigned, "qmap_unsigned");
+  const Quantizer &qs = *signed_map, &qu = *unsigned_map;
+  const StepScalars sc = step_scalars(s);
+  const size_t n = s.params.size();
+  std::vector<double> step_size(n), inv_bc2(n);
+  for (size_t i = 0; i < n; ++i) {  // as the float32 kernel
+    const double step = increment_step(s.steps[i]);
+    step_size[i] = adam_step_size(sc.lr, sc.lr_is_float, s.beta1, step);
+    inv_bc2[i] = adam_inv_bias_correction2_sqrt(s.beta2, step);
+  }
+  const Adam8bitScalars k{sc,
+                          decoupled_decay(sc.lr, sc.lr_is_float, s.weight_decay),
+                          s.weight_decay,
+                          s.eps,
+                          s.beta1,
+                          s.beta2,
+                          s.decoupled,
+                          s.maximize};
+  static_assert(kChunk % kQuantBlock == 0, "chunks hold whole blocks");
+  for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const int64_t i = ch.tensor;
+    T* p = ptr<T>(s.params, i);
+    T* g = ptr<T>(s.grads, i);
+    uint8_t* mc = ptr<uint8_t>(s.exp_avgs, i);
+    uint8_t* vc = ptr<uint8_t>(s.exp_avg_sqs, i);
+    float* ma = ptr<float>(s.exp_avg_absmaxs, i);
+    float* va = ptr<float>(s.exp_avg_sq_absmaxs, i);
+    for (int64_t b = ch.begin; b < ch.end; b += kQuantBlock) {
+      const int64_t blk = b / kQuantBlock, len = std::min(kQuantBlock, ch.end - b);
+      adam_8bit_block<T>(p + b, g + b, mc + b, vc + b, ma + blk, va + blk, len, qs, qu, k, step_size[i], inv_bc2[i]);
+    }
+  });
+}
+
 struct Cpu {
   struct Guard {
     explicit Guard(const at::Tensor&) {}
@@ -194,6 +455,9 @@ struct Cpu {
     for (const at::Tensor& f : s.new_buffers) *static_cast<uint8_t*>(f.mutable_data_ptr()) = 0;
   }
 
+  // D::adam takes bfloat16 state for float32 parameters (csrc/optim.h): per parameter, its state's dtype.
+  static constexpr bool kBf16AdamStates = true;
+
   static void adam(const AdamStep& s) {
     if (skip_step(s)) return;
     const StepScalars sc = step_scalars(s);
@@ -207,14 +471,16 @@ struct Cpu {
     const double decay = decoupled_decay(sc.lr, sc.lr_is_float, s.weight_decay);
     const double weight_decay = s.weight_decay, eps = s.eps;
     const bool amsgrad = s.amsgrad, decoupled = s.decoupled, maximize = s.maximize;
-    for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
+    // T: the parameters' type; S: the state's (T, or bfloat16 for float32 parameters).
+    auto update = [&](auto* tag, auto* state_tag, const Chunk& ch) {
       using T = std::remove_pointer_t<decltype(tag)>;
+      using S = std::remove_pointer_t<decltype(state_tag)>;
       using opmath_t = at::opmath_type<T>;
       T* p = ptr<T>(s.params, ch.tensor);
       T* g = ptr<T>(s.grads, ch.tensor);
-      T* m = ptr<T>(s.exp_avgs, ch.tensor);
-      T* v = ptr<T>(s.exp_avg_sqs, ch.tensor);
-      T* vmax = amsgrad ? ptr<T>(s.max_exp_avg_sqs, ch.tensor) : nullptr;
+      S* m = ptr<S>(s.exp_avgs, ch.tensor);
+      S* v = ptr<S>(s.exp_avg_sqs, ch.tensor);
+      S* vmax = amsgrad ? ptr<S>(s.max_exp_avg_sqs, ch.tensor) : nullptr;
       const opmath_t b1 = s.beta1, b2 = s.beta2, ss = step_size[ch.tensor], inv_bc2_t = inv_bc2[ch.tensor];
       for_elements<T>(ch.begin, ch.end, [&](int64_t j, auto w) {
         using W = decltype(w);
@@ -234,8 +500,17 @@ struct Cpu {
         const W denom = sqrt_(vu) * W(inv_bc2_t) + W(opmath_t(eps));  // one division per element, not two
         st(p + j, pj - W(ss) * mj / denom);
       });
+    };
+    for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      if constexpr (std::is_same_v<T, float>) {
+        if (s.exp_avgs[ch.tensor].scalar_type() == at::kBFloat16) return update(tag, (at::BFloat16*)nullptr, ch);
+      }
+      update(tag, tag, ch);
     });
   }
+
+  static void adam_8bit(const Adam8bitStep& s) { adam_8bit_step(s); }
 
   static void adagrad(const AdagradStep& s) {
     if (skip_step(s)) return;
@@ -305,6 +580,9 @@ struct Cpu {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CPU, m) { PYOPS_REGISTER_OPTIM(m, ::pyops::Cpu, ""); }
+TORCH_LIBRARY_IMPL(pyops, CPU, m) {
+  PYOPS_REGISTER_OPTIM(m, ::pyops::Cpu, "");
+  PYOPS_REGISTER_OPTIM_8BIT(m, ::pyops::Cpu, "");
+}
 
 }  // namespace pyops

@@ -31,6 +31,8 @@ def _fake(params, grads, *rest):
 
 for _name in LAUNCHES:
     register_fake(_name, _fake)
+# The 8-bit state Adam (csrc/optim.h, Adam8bitStep): a CPU kernel for now; no Triton launch op yet.
+register_fake("adam_step_8bit_", _fake)
 
 
 def _kernels():
