@@ -1,6 +1,18 @@
 """pyops optimizers: drop-ins for torch.optim, each step one fused kernel call per (device, dtype) group."""
 
 from .convert import convert
-from .fused import SGD, Adagrad, Adam, AdamW, RMSprop, fallback_counts
+from .fused import SGD, Adagrad, Adam, Adam8bit, AdamW, AdamW8bit, RMSprop, fallback_counts
+from .quantized import dequantized_state_dict
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "fallback_counts", "convert"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adam8bit",
+    "AdamW8bit",
+    "Adagrad",
+    "RMSprop",
+    "fallback_counts",
+    "convert",
+    "dequantized_state_dict",
+]
