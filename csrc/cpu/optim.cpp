@@ -202,12 +202,20 @@ struct Quantizer {
   float q[kQuantMapSize];
   float mid[kQuantMapSize + kRefine];  // +inf past the last midpoint
   uint8_t guess[kBuckets + 3];         // 4-byte gathers read 3 bytes past the last bucket
+  // q and mid as byte planes (plane k: byte k of each value) for 64-lane byte-permute lookups
+  alignas(64) uint8_t q_planes[4][kQuantMapSize], mid_planes[4][kQuantMapSize];
   bool fast = true;
 
   explicit Quantizer(const float* map) {
     std::copy(map, map + kQuantMapSize, q);
     for (int c = 0; c + 1 < kQuantMapSize; ++c) mid[c] = (q[c] + q[c + 1]) * 0.5f;
     for (int c = kQuantMapSize - 1; c < kQuantMapSize + kRefine; ++c) mid[c] = INFINITY;
+    for (int c = 0; c < kQuantMapSize; ++c) {
+      uint32_t qb, mb;
+      std::memcpy(&qb, q + c, sizeof qb);
+      std::memcpy(&mb, mid + c, sizeof mb);
+      for (int k = 0; k < 4; ++k) q_planes[k][c] = uint8_t(qb >> (8 * k)), mid_planes[k][c] = uint8_t(mb >> (8 * k));
+    }
     std::fill(guess, guess + sizeof guess, 0);
     for (int b = 0; b < kBuckets; ++b) {  // the bucket's y range, bounds included
       const int m = b & ((1 << kBucketBits) - 1), row = b >> kBucketBits;
@@ -381,6 +389,128 @@ void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Zen 4 and Ice Lake or later (AVX512-VBMI): a 256-entry float table looked up for 64 byte codes at once
+// by byte permutes (two 128-entry vpermi2b per byte plane and a blend on the code's top bit), several
+// times faster than the 32-bit gathers of the path above on these machines.
+const bool kHasVbmi = __builtin_cpu_supports("avx512vbmi");
+
+#define PYOPS_VBMI __attribute__((target("avx512vbmi,avx512bw,avx512f,avx512vl,avx512dq")))
+PYOPS_VBMI inline void lookup64(__m512i codes, const uint8_t (*planes)[kQuantMapSize], __m512 out[4]) {
+  const __mmask64 top = _mm512_movepi8_mask(codes);
+  __m512i b[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m512i* t = reinterpret_cast<const __m512i*>(planes[k]);
+    b[k] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(_mm512_load_si512(t), codes, _mm512_load_si512(t + 1)),
+                                  _mm512_permutex2var_epi8(_mm512_load_si512(t + 2), codes, _mm512_load_si512(t + 3)));
+  }
+  // bytes to floats: within each 128-bit lane L, f0..f3 hold elements 16L + (0..3, 4..7, 8..11, 12..15)
+  const __m512i l01 = _mm512_unpacklo_epi8(b[0], b[1]), h01 = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i l23 = _mm512_unpacklo_epi8(b[2], b[3]), h23 = _mm512_unpackhi_epi8(b[2], b[3]);
+  const __m512i f0 = _mm512_unpacklo_epi16(l01, l23), f1 = _mm512_unpackhi_epi16(l01, l23);
+  const __m512i f2 = _mm512_unpacklo_epi16(h01, h23), f3 = _mm512_unpackhi_epi16(h01, h23);
+  const __m512i a0 = _mm512_shuffle_i64x2(f0, f1, 0x44), a1 = _mm512_shuffle_i64x2(f2, f3, 0x44);
+  const __m512i a2 = _mm512_shuffle_i64x2(f0, f1, 0xEE), a3 = _mm512_shuffle_i64x2(f2, f3, 0xEE);
+  out[0] = _mm512_castsi512_ps(_mm512_shuffle_i64x2(a0, a1, 0x88));
+  out[1] = _mm512_castsi512_ps(_mm512_shuffle_i64x2(a0, a1, 0xDD));
+  out[2] = _mm512_castsi512_ps(_mm512_shuffle_i64x2(a2, a3, 0x88));
+  out[3] = _mm512_castsi512_ps(_mm512_shuffle_i64x2(a2, a3, 0xDD));
+}
+
+// The bucket of each lane's y (bucket_of), as the table's byte offset.
+PYOPS_VBMI inline __m512i bucket16(__m512 y) {
+  const __m512i bits = _mm512_castps_si512(y);
+  const __m512i sgn = _mm512_srli_epi32(bits, 31);
+  __m512i e = _mm512_and_si512(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(0xff));
+  __m512i m = _mm512_and_si512(_mm512_srli_epi32(bits, 23 - kBucketBits), _mm512_set1_epi32((1 << kBucketBits) - 1));
+  m = _mm512_mask_mov_epi32(m, _mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(kBottomExponent)), _mm512_setzero_si512());
+  m = _mm512_mask_mov_epi32(m, _mm512_cmpgt_epi32_mask(e, _mm512_set1_epi32(kTopExponent)),
+                            _mm512_set1_epi32((1 << kBucketBits) - 1));
+  e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(kBottomExponent)), _mm512_set1_epi32(kTopExponent));
+  const __m512i row = _mm512_add_epi32(_mm512_mullo_epi32(sgn, _mm512_set1_epi32(kRows)),
+                                       _mm512_sub_epi32(e, _mm512_set1_epi32(kBottomExponent)));
+  return _mm512_or_si512(_mm512_slli_epi32(row, kBucketBits), m);
+}
+
+// 64 codes of x[0..64) * inv: the bucket table's guess (a byte gather), then one midpoint comparison
+// (kRefine = 1; the caller checked the maps' `fast`).
+PYOPS_VBMI inline void quantize64(const Quantizer& qz, const float* x, __m512 inv, uint8_t* out) {
+  __m512 y[4];
+  __m512i c = _mm512_setzero_si512();
+  for (int r = 0; r < 4; ++r) {
+    y[r] = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * r), inv);
+    const __m512i guess =
+        _mm512_and_si512(_mm512_i32gather_epi32(bucket16(y[r]), qz.guess, 1), _mm512_set1_epi32(0xff));
+    c = _mm512_inserti32x4(c, _mm512_cvtepi32_epi8(guess), r);
+  }
+  __m512 mid[4];
+  lookup64(c, qz.mid_planes, mid);
+  __mmask64 up = 0;
+  for (int r = 0; r < 4; ++r) up |= __mmask64(_mm512_cmp_ps_mask(y[r], mid[r], _CMP_GT_OQ)) << (16 * r);
+  _mm512_storeu_si512(out, _mm512_mask_add_epi8(c, up, c, _mm512_set1_epi8(1)));
+}
+
+// A whole block of float32 parameters: adam_8bit_block's vector path with byte-permute lookups.
+PYOPS_VBMI void adam_8bit_block_vbmi(float* p, float* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
+                                     const Quantizer& qs, const Quantizer& qu, const Adam8bitScalars& k,
+                                     double step_size, double inv_bc2) {
+  const StepScalars& sc = k.sc;
+  const float b1 = k.beta1, b2 = k.beta2;
+  const __m512 vma0 = _mm512_set1_ps(*ma), vva0 = _mm512_set1_ps(*va), vinv = _mm512_set1_ps(float(sc.inv));
+  const __m512 vb1 = _mm512_set1_ps(1 - b1), vb2 = _mm512_set1_ps(b2), v1b2 = _mm512_set1_ps(1 - b2);
+  const __m512 vss = _mm512_set1_ps(float(step_size)), vbc = _mm512_set1_ps(float(inv_bc2));
+  const __m512 veps = _mm512_set1_ps(float(k.eps)), vdecay = _mm512_set1_ps(float(k.decay));
+  const __m512 vwd = _mm512_set1_ps(float(k.weight_decay)), sign = _mm512_set1_ps(-0.0f);
+  const bool wd = k.weight_decay != 0;
+  alignas(64) float mnew[kQuantBlock], vnew[kQuantBlock];
+  __m512 amax_m = _mm512_setzero_ps(), amax_v = _mm512_setzero_ps();
+  __mmask16 unordered = 0;
+  for (int64_t j0 = 0; j0 < kQuantBlock; j0 += 64) {
+    __m512 m0s[4], v0s[4];
+    lookup64(_mm512_loadu_si512(mc + j0), qs.q_planes, m0s);
+    lookup64(_mm512_loadu_si512(vc + j0), qu.q_planes, v0s);
+    for (int r = 0; r < 4; ++r) {
+      const int64_t j = j0 + 16 * r;
+      const __m512 m0 = _mm512_mul_ps(m0s[r], vma0), v0 = _mm512_mul_ps(v0s[r], vva0);
+      __m512 gj = _mm512_loadu_ps(g + j);
+      if (sc.unscale) {
+        gj = _mm512_mul_ps(gj, vinv);
+        _mm512_storeu_ps(g + j, gj);
+      }
+      if (k.maximize) gj = _mm512_xor_ps(gj, sign);
+      __m512 pj = _mm512_loadu_ps(p + j);
+      if (wd) {
+        if (k.decoupled) {
+          pj = _mm512_mul_ps(pj, vdecay);
+        } else {
+          gj = _mm512_add_ps(gj, _mm512_mul_ps(vwd, pj));
+        }
+      }
+      const __m512 mj = _mm512_add_ps(m0, _mm512_mul_ps(vb1, _mm512_sub_ps(gj, m0)));
+      const __m512 vj = _mm512_add_ps(_mm512_mul_ps(v0, vb2), _mm512_mul_ps(_mm512_mul_ps(v1b2, gj), gj));
+      const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vj), vbc), veps);
+      _mm512_storeu_ps(p + j, _mm512_sub_ps(pj, _mm512_div_ps(_mm512_mul_ps(vss, mj), denom)));
+      _mm512_store_ps(mnew + j, mj);
+      _mm512_store_ps(vnew + j, vj);
+      amax_m = _mm512_max_ps(amax_m, _mm512_andnot_ps(sign, mj));
+      amax_v = _mm512_max_ps(amax_v, _mm512_andnot_ps(sign, vj));
+      unordered |= _mm512_cmp_ps_mask(mj, vj, _CMP_UNORD_Q);
+    }
+  }
+  float mmax = _mm512_reduce_max_ps(amax_m), vmax = _mm512_reduce_max_ps(amax_v);
+  if (unordered) mmax = vmax = NAN;
+  *ma = mmax;
+  *va = vmax;
+  const __m512 minv = _mm512_set1_ps(mmax > 0 ? 1.0f / mmax : 0.0f),
+               vinv_ = _mm512_set1_ps(vmax > 0 ? 1.0f / vmax : 0.0f);
+  for (int64_t j0 = 0; j0 < kQuantBlock; j0 += 64) {
+    quantize64(qs, mnew + j0, minv, mc + j0);
+    quantize64(qu, vnew + j0, vinv_, vc + j0);
+  }
+}
+#undef PYOPS_VBMI
+#endif
+
 void adam_8bit_step(const Adam8bitStep& s) {
   if (skip_step(s)) return;
   const auto signed_map = quantizer_of(s.qmap_signed, "qmap_signed");
@@ -403,6 +533,7 @@ void adam_8bit_step(const Adam8bitStep& s) {
                           s.decoupled,
                           s.maximize};
   static_assert(kChunk % kQuantBlock == 0, "chunks hold whole blocks");
+  [[maybe_unused]] const bool vbmi = qs.fast && qu.fast && kRefine == 1;
   for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t i = ch.tensor;
@@ -414,6 +545,14 @@ void adam_8bit_step(const Adam8bitStep& s) {
     float* va = ptr<float>(s.exp_avg_sq_absmaxs, i);
     for (int64_t b = ch.begin; b < ch.end; b += kQuantBlock) {
       const int64_t blk = b / kQuantBlock, len = std::min(kQuantBlock, ch.end - b);
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<T, float>) {
+        if (kHasVbmi && vbmi && len == kQuantBlock) {
+          adam_8bit_block_vbmi(p + b, g + b, mc + b, vc + b, ma + blk, va + blk, qs, qu, k, step_size[i], inv_bc2[i]);
+          continue;
+        }
+      }
+#endif
       adam_8bit_block<T>(p + b, g + b, mc + b, vc + b, ma + blk, va + blk, len, qs, qu, k, step_size[i], inv_bc2[i]);
     }
   });

@@ -198,6 +198,10 @@ class _AdamStep:
 
     # ---- quantized states (state_dtype: pyops/optim/quantized.py) ---------------------------------
     def _set_state_dtype(self, state_dtype):
+        """A group's "state_dtype", where it is not None (so that without it state_dict() and the groups
+        are torch's own)."""
+        if state_dtype is None:
+            return
         self.defaults["state_dtype"] = state_dtype
         for group in self.param_groups:
             group.setdefault("state_dtype", state_dtype)
@@ -238,7 +242,9 @@ class _AdamStep:
         own = [g.get("state_dtype", self.defaults.get("state_dtype")) for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, state_dtype in zip(self.param_groups, own):
-            group["state_dtype"] = state_dtype
+            group.pop("state_dtype", None)
+            if state_dtype is not None:
+                group["state_dtype"] = state_dtype
         _q.convert_loaded_state(self, state_dict)
 
     def _collect(self, group):
