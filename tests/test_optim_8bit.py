@@ -570,3 +570,53 @@ def test_grad_scaler_found_inf_skips_quantized():
     assert torch.equal(params[0], p0)
     for k, v in opt.state[params[0]].items():
         assert torch.equal(v, before[k]), k
+
+
+def _codes_of(y_blocks):
+    """The kernel's codes for chosen normalized states: with beta1 = 0 (or beta2 = 0) and a zero state,
+    the new exp_avg is the gradient itself (exp_avg_sq its square), and a 1.0 in each block makes its
+    absmax 1, so y = state exactly."""
+    g = y_blocks.reshape(-1).clone()
+    n = g.numel()
+    p = torch.zeros(n)
+    mc, vc = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+    ma, va = torch.zeros(n // 256), torch.zeros(n // 256)
+    PRIMITIVES["native"]["adam_step_8bit_"](
+        [p], [g], [mc], [vc], [ma], [va], [torch.tensor(0.0)], QS, QU, 256, torch.tensor(0.0, dtype=torch.float64),
+        0.0, 0.0, 0.0, 1e-8, False, False, None, None,
+    )  # fmt: skip
+    return mc, vc, ma, va
+
+
+def test_codes_are_the_nearest_map_values_at_every_boundary():
+    """Every midpoint of both maps, a few units in the last place either side and exactly on it, and
+    values across all magnitudes, both signs: the kernel's code is the count of the map's float32
+    midpoints below y (the nearest value, ties to the lower), on the vector path (whole blocks) and the
+    scalar tail alike. exp_avg_sq's y is the square of the gradient, rounded."""
+    for qmap, signed in ((QS, True), (QU, False)):
+        mids = (qmap[:-1] + qmap[1:]) * 0.5
+        around = [mids]
+        up, down = mids.clone(), mids.clone()
+        for _ in range(3):
+            up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-2.0))
+            around += [up, down]
+        y = torch.cat(around + [torch.logspace(-12, 0, 5000), qmap, torch.zeros(3)])
+        y = y[(y.abs() <= 1)]
+        if signed:
+            y = torch.cat([y, -y])
+        else:
+            y = y[y >= 0]
+        # blocks of 255 values and a 1.0 (the absmax)
+        blocks = torch.nn.functional.pad(y, (0, (-y.numel()) % 255)).view(-1, 255)
+        blocks = torch.cat([blocks, torch.ones(blocks.shape[0], 1)], 1)
+        if signed:
+            mc, _, ma, _ = _codes_of(blocks)
+            assert (ma == 1).all()
+            want = torch.bucketize(blocks.reshape(-1), mids)
+            assert torch.equal(mc.long(), want)
+        else:  # y = g * g: choose g = sqrt(y), compare with the rounded square
+            g = blocks.sqrt()
+            _, vc, _, va = _codes_of(g)
+            sq = g.reshape(-1) * g.reshape(-1)
+            want = torch.bucketize(sq / va.repeat_interleave(256), mids)
+            assert torch.equal(vc.long(), want)

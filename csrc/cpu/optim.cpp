@@ -205,6 +205,14 @@ struct Quantizer {
   // q and mid as byte planes (plane k: byte k of each value) for 64-lane byte-permute lookups
   alignas(64) uint8_t q_planes[4][kQuantMapSize], mid_planes[4][kQuantMapSize];
   bool fast = true;
+  // The decade guess (the dynamic maps' structure: decade i = 10^(i-6) [0.1, 1) holds n_i = 2^i (signed) or
+  // 2^(i+1) values, evenly spaced): for a = |y|, i = #{k: a >= 10^(k-7)}, g = offset_i + floor((a 10^(6-i) -
+  // 0.1) n_i / 0.9) + base, and the code is within [h - 1, h + 2] of h = g + 1 (y >= 0) or 252 - g (y < 0,
+  // the signed map's mirror image). Checked against the search at every point where either can change
+  // (guess_ok); a map where it fails takes the table path.
+  static constexpr int kDecades = 7;
+  float decade_floor[kDecades - 1], decade_scale[kDecades], decade_rate[kDecades], decade_offset[kDecades];
+  bool is_signed = false, guess_ok = false;
 
   explicit Quantizer(const float* map) {
     std::copy(map, map + kQuantMapSize, q);
@@ -230,6 +238,59 @@ struct Quantizer {
       guess[b] = uint8_t(std::min<int64_t>(c_min, kQuantMapSize - 1));
       fast = fast && c_max - c_min <= kRefine;
     }
+    is_signed = q[0] < 0;
+    for (int i = 0; i < kDecades; ++i) {
+      const double n = is_signed ? std::ldexp(1.0, i) : std::ldexp(1.0, i + 1);
+      if (i > 0) decade_floor[i - 1] = float(std::pow(10.0, i - 7));
+      decade_scale[i] = float(std::pow(10.0, 6 - i));
+      decade_rate[i] = float(n) / 0.9f;
+      decade_offset[i] = float(n - (is_signed ? 1 : 2));
+    }
+    guess_ok = check_guess();
+  }
+  // h of y (see above), the scalar twin of the vector code's.
+  int guess_of(float y) const {
+    const float a = std::abs(y);
+    int i = 0;
+    for (int k = 0; k < kDecades - 1; ++k) i += a >= decade_floor[k];
+    const float u = a * decade_scale[i];
+    const float pos = (u - 0.1f) * decade_rate[i];
+    float gf = decade_offset[i] + std::floor(pos);
+    gf = std::min(std::max(gf, 0.0f), float(is_signed ? 127 : 254));  // NaN -> 0
+    const int g = int(gf) + (is_signed ? 127 : 0);
+    const int h = !std::signbit(y) ? g + 1 : is_signed ? 252 - g : 1;  // unsigned: every y <= -0 has code 0
+    return std::min(std::max(h, 1), int(kQuantMapSize) - 3);
+  }
+  bool guess_fits(float y) const {
+    const int h = guess_of(y), c = code(y);
+    return c >= h - 1 && c <= h + 2;
+  }
+  // The guess and the search change only near a midpoint, a decade floor or a point where floor(pos)
+  // steps: every float within kNear units in the last place of one, and one point between each, is tried.
+  bool check_guess() const {
+    constexpr int kNear = 8;
+    std::vector<float> critical(mid, mid + kQuantMapSize - 1);
+    for (int i = 0; i < kDecades; ++i) {
+      if (i > 0) critical.push_back(decade_floor[i - 1]);
+      for (int j = 0; j <= int(decade_offset[i]) + 3; ++j)
+        critical.push_back(float((double(j) / decade_rate[i] + 0.1) / decade_scale[i]));
+    }
+    critical.push_back(1.0f);
+    critical.push_back(2.0f);
+    std::vector<float> points;
+    for (float c : critical) {
+      c = std::abs(c);
+      float lo = c, hi = c;
+      for (int k = 0; k < kNear; ++k) lo = std::nextafter(lo, 0.0f), hi = std::nextafter(hi, INFINITY);
+      for (float x = lo; x <= hi; x = std::nextafter(x, INFINITY)) points.push_back(x);
+    }
+    std::sort(points.begin(), points.end());
+    const size_t n = points.size();
+    for (size_t k = 0; k + 1 < n; ++k) points.push_back(points[k] + (points[k + 1] - points[k]) * 0.5f);
+    for (float x : {0.0f, 1e-30f, 1e-12f, 1e-9f, 3.0f, 1e30f, INFINITY}) points.push_back(x);
+    for (float x : points)
+      if (!guess_fits(x) || !guess_fits(-x)) return false;
+    return true;
   }
   int count_below(double y) const {  // midpoints below y
     return int(std::lower_bound(mid, mid + kQuantMapSize - 1, y, [](float a, double v) { return a < v; }) - mid);
@@ -432,22 +493,48 @@ PYOPS_VBMI inline __m512i bucket16(__m512 y) {
   return _mm512_or_si512(_mm512_slli_epi32(row, kBucketBits), m);
 }
 
-// 64 codes of x[0..64) * inv: the bucket table's guess (a byte gather), then one midpoint comparison
-// (kRefine = 1; the caller checked the maps' `fast`).
+// 64 codes of x[0..64) * inv: the decade guess h (Quantizer::guess_of), then three midpoint comparisons
+// (the code lies in [h - 1, h + 2]; the caller checked the maps' guess_ok).
 PYOPS_VBMI inline void quantize64(const Quantizer& qz, const float* x, __m512 inv, uint8_t* out) {
+  const __m512 floors[6] = {_mm512_set1_ps(qz.decade_floor[0]), _mm512_set1_ps(qz.decade_floor[1]),
+                            _mm512_set1_ps(qz.decade_floor[2]), _mm512_set1_ps(qz.decade_floor[3]),
+                            _mm512_set1_ps(qz.decade_floor[4]), _mm512_set1_ps(qz.decade_floor[5])};
+  const __m512 scale = _mm512_maskz_loadu_ps(0x7f, qz.decade_scale), rate = _mm512_maskz_loadu_ps(0x7f, qz.decade_rate);
+  const __m512 offset = _mm512_maskz_loadu_ps(0x7f, qz.decade_offset);
+  const __m512 gmax = _mm512_set1_ps(qz.is_signed ? 127.0f : 254.0f), sign = _mm512_set1_ps(-0.0f);
+  const __m512i base = _mm512_set1_epi32(qz.is_signed ? 127 : 0), one = _mm512_set1_epi32(1);
   __m512 y[4];
-  __m512i c = _mm512_setzero_si512();
+  __m512i h = _mm512_setzero_si512();
   for (int r = 0; r < 4; ++r) {
     y[r] = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * r), inv);
-    const __m512i guess =
-        _mm512_and_si512(_mm512_i32gather_epi32(bucket16(y[r]), qz.guess, 1), _mm512_set1_epi32(0xff));
-    c = _mm512_inserti32x4(c, _mm512_cvtepi32_epi8(guess), r);
+    const __m512 a = _mm512_andnot_ps(sign, y[r]);
+    __m512i i = _mm512_setzero_si512();
+    for (int k = 0; k < 6; ++k) i = _mm512_mask_add_epi32(i, _mm512_cmp_ps_mask(a, floors[k], _CMP_GE_OQ), i, one);
+    const __m512 u = _mm512_mul_ps(a, _mm512_permutexvar_ps(i, scale));
+    const __m512 pos = _mm512_mul_ps(_mm512_sub_ps(u, _mm512_set1_ps(0.1f)), _mm512_permutexvar_ps(i, rate));
+    __m512 gf = _mm512_add_ps(_mm512_permutexvar_ps(i, offset),
+                              _mm512_roundscale_ps(pos, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    gf = _mm512_min_ps(_mm512_max_ps(gf, _mm512_setzero_ps()), gmax);  // max_ps(NaN, 0) = 0
+    const __m512i g = _mm512_add_epi32(_mm512_cvttps_epi32(gf), base);
+    __m512i hr = _mm512_add_epi32(g, one);
+    const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(y[r]));
+    hr = qz.is_signed ? _mm512_mask_sub_epi32(hr, negative, _mm512_set1_epi32(252), g)
+                      : _mm512_mask_mov_epi32(hr, negative, one);
+    hr = _mm512_min_epi32(_mm512_max_epi32(hr, one), _mm512_set1_epi32(kQuantMapSize - 3));
+    h = _mm512_inserti32x4(h, _mm512_cvtepi32_epi8(hr), r);
   }
-  __m512 mid[4];
-  lookup64(c, qz.mid_planes, mid);
-  __mmask64 up = 0;
-  for (int r = 0; r < 4; ++r) up |= __mmask64(_mm512_cmp_ps_mask(y[r], mid[r], _CMP_GT_OQ)) << (16 * r);
-  _mm512_storeu_si512(out, _mm512_mask_add_epi8(c, up, c, _mm512_set1_epi8(1)));
+  const __m512i one8 = _mm512_set1_epi8(1);
+  __m512i c = _mm512_sub_epi8(h, one8);  // h - 1 + the number of mid[h - 1], mid[h], mid[h + 1] below y
+  __m512i at = c;
+  for (int step = 0; step < 3; ++step) {
+    __m512 mid[4];
+    lookup64(at, qz.mid_planes, mid);
+    __mmask64 up = 0;
+    for (int r = 0; r < 4; ++r) up |= __mmask64(_mm512_cmp_ps_mask(y[r], mid[r], _CMP_GT_OQ)) << (16 * r);
+    c = _mm512_mask_add_epi8(c, up, c, one8);
+    at = _mm512_add_epi8(at, one8);
+  }
+  _mm512_storeu_si512(out, c);
 }
 
 // A whole block of float32 parameters: adam_8bit_block's vector path with byte-permute lookups.
@@ -533,7 +620,7 @@ void adam_8bit_step(const Adam8bitStep& s) {
                           s.decoupled,
                           s.maximize};
   static_assert(kChunk % kQuantBlock == 0, "chunks hold whole blocks");
-  [[maybe_unused]] const bool vbmi = qs.fast && qu.fast && kRefine == 1;
+  [[maybe_unused]] const bool vbmi = qs.guess_ok && qu.guess_ok;
   for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t i = ch.tensor;
