@@ -23,6 +23,12 @@ struct Triton {
     launch(s.params, s.grads, s.exp_avgs, s.exp_avg_sqs, s.max_exp_avg_sqs, s.steps, s.lr, s.beta1, s.beta2,
            s.weight_decay, s.eps, s.amsgrad, s.maximize, s.decoupled, s.grad_scale, s.found_inf);
   }
+  static void adam_8bit(const Adam8bitStep& s) {
+    static const TritonLaunch launch("pyops::_triton_adam_step_8bit");
+    launch(s.params, s.grads, s.exp_avgs, s.exp_avg_sqs, s.exp_avg_absmaxs, s.exp_avg_sq_absmaxs, s.steps,
+           s.qmap_signed, s.qmap_unsigned, s.block_size, s.lr, s.beta1, s.beta2, s.weight_decay, s.eps, s.maximize,
+           s.decoupled, s.grad_scale, s.found_inf);
+  }
   static void adagrad(const AdagradStep& s) {
     static const TritonLaunch launch("pyops::_triton_adagrad_step");
     launch(s.params, s.grads, s.sums, s.steps, s.lr, s.lr_decay, s.weight_decay, s.eps, s.maximize, s.grad_scale,
@@ -37,7 +43,13 @@ struct Triton {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CPU, m) { PYOPS_REGISTER_OPTIM(m, ::pyops::Triton, "_triton"); }
-TORCH_LIBRARY_IMPL(pyops, CUDA, m) { PYOPS_REGISTER_OPTIM(m, ::pyops::Triton, "_triton"); }
+TORCH_LIBRARY_IMPL(pyops, CPU, m) {
+  PYOPS_REGISTER_OPTIM(m, ::pyops::Triton, "_triton");
+  PYOPS_REGISTER_OPTIM_8BIT(m, ::pyops::Triton, "_triton");
+}
+TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
+  PYOPS_REGISTER_OPTIM(m, ::pyops::Triton, "_triton");
+  PYOPS_REGISTER_OPTIM_8BIT(m, ::pyops::Triton, "_triton");
+}
 
 }  // namespace pyops

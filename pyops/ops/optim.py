@@ -15,6 +15,7 @@ from . import PRIMITIVES, define_launch, register_fake
 LAUNCHES = {
     "sgd_step_": ("_triton_sgd_step", "sgd_step"),
     "adam_step_": ("_triton_adam_step", "adam_step"),
+    "adam_step_8bit_": ("_triton_adam_step_8bit", "adam_step_8bit"),
     "adagrad_step_": ("_triton_adagrad_step", "adagrad_step"),
     "rmsprop_step_": ("_triton_rmsprop_step", "rmsprop_step"),
 }
@@ -31,8 +32,6 @@ def _fake(params, grads, *rest):
 
 for _name in LAUNCHES:
     register_fake(_name, _fake)
-# The 8-bit state Adam (csrc/optim.h, Adam8bitStep): a CPU kernel for now; no Triton launch op yet.
-register_fake("adam_step_8bit_", _fake)
 
 
 def _kernels():
