@@ -65,6 +65,16 @@ struct Adam8bitStep : GroupStep {
   bool decoupled = false;
 };
 inline int64_t quant_blocks(int64_t numel) { return (numel + kQuantBlock - 1) / kQuantBlock; }
+// A map in host memory holds finite values sorted ascending (the binary searches assume it); a device
+// whose maps live on a GPU does not read them on the host (no synchronisation): unsorted maps give other
+// codes there, never an access out of bounds.
+inline void check_quant_map_on_host(const at::Tensor& map, const char* name) {
+  const float* values = map.const_data_ptr<float>();
+  for (int64_t c = 0; c < kQuantMapSize; ++c)
+    TORCH_CHECK(std::isfinite(values[c]) && (c == 0 || values[c - 1] <= values[c]), "pyops::adam_step_8bit_: ", name,
+                " must hold finite values sorted ascending, got ", values[c], " at ", c,
+                c > 0 ? c10::str(" after ", values[c - 1]) : std::string());
+}
 
 // Whether device D's adam kernel takes bfloat16 state (exp_avg, exp_avg_sq, max_exp_avg_sq) for float32
 // parameters (D::kBf16AdamStates = true; csrc/cpu/optim.cpp). Other devices refuse it in adam_step_'s checks.

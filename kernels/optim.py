@@ -149,7 +149,9 @@ def _sgd_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK:
 
 
 @triton.jit
-def _adam_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _adam_kernel(
+    table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, STATE: tl.constexpr
+):  # STATE: the states' dtype (DTYPE, or bfloat16 for float32 parameters)
     row, offs, mask = _chunk(table, BLOCK)
     g = _gradient(table, row, offs, mask, DTYPE, COMPUTE)
     p_ptr = tl.load(row + ROW_PARAM).to(tl.pointer_type(DTYPE))
@@ -176,21 +178,21 @@ def _adam_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK
             p = p * decay.to(COMPUTE)
         else:
             g = g + weight_decay.to(COMPUTE) * p
-    m_ptr = tl.load(row + ADAM_EXP_AVG).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(row + ADAM_EXP_AVG_SQ).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(row + ADAM_EXP_AVG).to(tl.pointer_type(STATE))
+    v_ptr = tl.load(row + ADAM_EXP_AVG_SQ).to(tl.pointer_type(STATE))
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     b1 = beta1.to(COMPUTE)
     b2 = beta2.to(COMPUTE)
-    m = (m + (1.0 - b1) * (g - m)).to(DTYPE)  # lerp
-    v = (v * b2 + (1.0 - b2) * g * g).to(DTYPE)
+    m = (m + (1.0 - b1) * (g - m)).to(STATE)  # lerp
+    v = (v * b2 + (1.0 - b2) * g * g).to(STATE)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     v = v.to(COMPUTE)
     if tl.load(table + ADAM_AMSGRAD) != 0:
-        vmax_ptr = tl.load(row + ADAM_MAX_EXP_AVG_SQ).to(tl.pointer_type(DTYPE))
+        vmax_ptr = tl.load(row + ADAM_MAX_EXP_AVG_SQ).to(tl.pointer_type(STATE))
         vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        vmax = tl.where(vmax != vmax, vmax, tl.where(vmax > v, vmax, v)).to(DTYPE)  # NaN wins, as torch.maximum
+        vmax = tl.where(vmax != vmax, vmax, tl.where(vmax > v, vmax, v)).to(STATE)  # NaN wins, as torch.maximum
         tl.store(vmax_ptr + offs, vmax, mask=mask)
         v = vmax.to(COMPUTE)
     eps = tl.load(hyper + ADAM_EPS).to(COMPUTE)
@@ -288,10 +290,18 @@ FINISH_SIGNATURE = {"table": "*i64"}
 UPDATE_OPTIONS = {"enable_fp_fusion": False}
 
 
-def _update_constexprs(dtype):
+def _update_constexprs(dtype, name=None, state_dtype=None):
     """The compile-time parameters of an update launch: the parameters' dtype, the compute dtype it
-    implies (float32 for half types, as torch's opmath), the block size."""
-    return {"DTYPE": DTYPES[dtype], "COMPUTE": compute_dtype(dtype), "BLOCK": BLOCK}
+    implies (float32 for half types, as torch's opmath), the block size; Adam's also its states' dtype
+    (the parameters', or bfloat16 for float32 parameters: ADAM_STATE_DTYPES)."""
+    out = {"DTYPE": DTYPES[dtype], "COMPUTE": compute_dtype(dtype), "BLOCK": BLOCK}
+    if name == "adam":
+        out["STATE"] = DTYPES[state_dtype or dtype]
+    return out
+
+
+# The states' dtypes of the Adam launches besides the parameters' own: (parameters, states).
+ADAM_STATE_DTYPES = ((torch.float32, torch.bfloat16),)
 
 
 def _finish_constexprs():
@@ -301,10 +311,15 @@ def _finish_constexprs():
 def aot_variants():
     """Every launch the launchers below make: (label, kernel, signature, constexprs)."""
     variants = [
-        (f"{name} {str(dtype).replace('torch.', '')}", kernel, dict(UPDATE_SIGNATURE), _update_constexprs(dtype))
+        (f"{name} {str(dtype).replace('torch.', '')}", kernel, dict(UPDATE_SIGNATURE), _update_constexprs(dtype, name))
         for name, kernel in UPDATE_KERNELS.items()
         for dtype in DTYPES
     ]
+    variants += [
+        (f"adam {str(p).replace('torch.', '')} state {str(st).replace('torch.', '')}", _adam_kernel,
+         dict(UPDATE_SIGNATURE), _update_constexprs(p, "adam", st))
+        for p, st in ADAM_STATE_DTYPES
+    ]  # fmt: skip
     variants += _adam_8bit_variants()
     return variants + [("finish", _finish_kernel, dict(FINISH_SIGNATURE), _finish_constexprs())]
 
@@ -313,9 +328,24 @@ def _address(t):
     return t.data_ptr() if t is not None else 0
 
 
-def _launch(name, params, grads, states, steps, new_buffers, lr, grad_scale, found_inf, maximize, options, hyper):
+def _launch(
+    name,
+    params,
+    grads,
+    states,
+    steps,
+    new_buffers,
+    lr,
+    grad_scale,
+    found_inf,
+    maximize,
+    options,
+    hyper,
+    state_dtype=None,
+):
     """One update launch over the group, then (where steps or flags exist) the finish launch.
-    states: up to MAX_STATES lists (empty where unused); options: (header slot, bool) pairs."""
+    states: up to MAX_STATES lists (empty where unused); options: (header slot, bool) pairs; state_dtype:
+    Adam's states' dtype where not the parameters'."""
     n = len(params)
     device, dtype = params[0].device, params[0].dtype
     header = [0] * HEADER_SIZE.value
@@ -351,7 +381,8 @@ def _launch(name, params, grads, states, steps, new_buffers, lr, grad_scale, fou
     table = device_table(header + rows + chunks, torch.int64, device)
     if chunks:
         hyper_table = device_table(hyper, torch.float64, device)
-        UPDATE_KERNELS[name][(len(chunks) // 2,)](table, hyper_table, **_update_constexprs(dtype), **UPDATE_OPTIONS)
+        constexprs = _update_constexprs(dtype, name, state_dtype)
+        UPDATE_KERNELS[name][(len(chunks) // 2,)](table, hyper_table, **constexprs, **UPDATE_OPTIONS)
     if steps or new_buffers:
         _finish_kernel[(triton.cdiv(n, FINISH_BLOCK),)](table, **_finish_constexprs())
 
@@ -415,20 +446,28 @@ def adam_step(
     found_inf,
 ):
     hyper = _hyper((ADAM_BETA1, beta1), (ADAM_BETA2, beta2), (ADAM_WEIGHT_DECAY, weight_decay), (ADAM_EPS, eps))
-    _launch(
-        "adam",
-        params,
-        grads,
-        [exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []],
-        steps,
-        [],
-        lr,
-        grad_scale,
-        found_inf,
-        maximize,
-        [(ADAM_AMSGRAD, amsgrad), (ADAM_DECOUPLED, decoupled)],
-        hyper,
-    )
+    # one launch per states' dtype: the parameters', or bfloat16 for float32 parameters (ADAM_STATE_DTYPES;
+    # a parameter's states share one: csrc/optim.h checks)
+    by_state = {}
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        by_state.setdefault(m.dtype if (p.dtype, m.dtype) in ADAM_STATE_DTYPES else None, []).append(i)
+    for state_dtype, idx in by_state.items():
+        pick = (lambda lst, idx=idx: [lst[i] for i in idx]) if len(by_state) > 1 else (lambda lst: lst)
+        _launch(
+            "adam",
+            pick(params),
+            pick(grads),
+            [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []],
+            pick(steps),
+            [],
+            lr,
+            grad_scale,
+            found_inf,
+            maximize,
+            [(ADAM_AMSGRAD, amsgrad), (ADAM_DECOUPLED, decoupled)],
+            hyper,
+            state_dtype,
+        )
 
 
 def adagrad_step(params, grads, sums, steps, lr, lr_decay, weight_decay, eps, maximize, grad_scale, found_inf):
@@ -479,9 +518,9 @@ def rmsprop_step(
 # midpoints (q[c] + q[c+1]) * 0.5 below state * (1 / absmax), found by an 8-step binary search (two
 # gathers from the 1 KB map a step). Every operation is a separate IEEE-rounded one (no fused
 # multiply-add: UPDATE_OPTIONS; div_rn and sqrt_rn), in the order csrc/optim.h states the update, so
-# the codes are those of that float32 math bit for bit. The maps' order is not checked here (a
-# device read; the optimizers pass bitsandbytes' sorted maps): unsorted maps give other codes, never a
-# read out of bounds.
+# the codes are those of that float32 math bit for bit. The maps' order is checked on the host where
+# they are in host memory (csrc/triton/optim.cpp), not on a GPU (a device read; the optimizers pass
+# bitsandbytes' sorted maps): unsorted maps give other codes there, never a read out of bounds.
 # The table: the header and rows of the update kernels (state slots: exp_avg codes, exp_avg_sq codes,
 # exp_avg absmaxs; no new-buffer flag, so _finish_kernel advances the steps), then per tensor the address
 # of its exp_avg_sq absmaxs, then the two maps' addresses, then the (tensor, start) pairs of the blocks.

@@ -256,6 +256,8 @@ def test_triton_bad_input():
         PRIMITIVES["triton"]["adam_step_8bit_"](*args(ma=torch.zeros(3)))
     with pytest.raises(RuntimeError, match=r"pyops::adam_step_8bit_: qmap_signed must be .* 256"):
         PRIMITIVES["triton"]["adam_step_8bit_"](*args(qs=QS[:128]))
+    with pytest.raises(RuntimeError, match=r"pyops::adam_step_8bit_: qmap_signed must hold finite values sorted"):
+        PRIMITIVES["triton"]["adam_step_8bit_"](*args(qs=QS.flip(0).contiguous()))
 
 
 def _step_args(x, block_size=256, ma=None, qs=None):
@@ -265,6 +267,54 @@ def _step_args(x, block_size=256, ma=None, qs=None):
         QS if qs is None else qs, QU, block_size, torch.tensor(LR, dtype=torch.float64), BETA1, BETA2, 0.0, EPS,
         False, False, None, None,
     )  # fmt: skip
+
+
+# ---- bfloat16 states (pyops::adam_step_ with bfloat16 exp_avg/exp_avg_sq for float32 parameters) ----------
+def _bf16_step(backend, amsgrad, device="cpu"):
+    """One Adam call over a parameter with bfloat16 states and one with float32 states (two launches on
+    Triton, one per states' dtype); returns every tensor it writes."""
+    gen = torch.Generator().manual_seed(7)
+    ps = [torch.randn(s, generator=gen).to(device) for s in ((300,), (2, 50))]
+    gs = [(torch.randn(p.shape, generator=gen) * 0.05).to(device) for p in ps]
+    dtypes = (torch.bfloat16, torch.float32)
+    ms = [(torch.randn(p.shape, generator=gen) * 0.01).to(device, dt) for p, dt in zip(ps, dtypes)]
+    vs = [(torch.rand(p.shape, generator=gen) * 1e-4).to(device, dt) for p, dt in zip(ps, dtypes)]
+    vmaxs = [(v.float() * 1.5).to(dt) for v, dt in zip(vs, dtypes)] if amsgrad else []
+    steps = [torch.tensor(STEP, device=device) for _ in ps]
+    start = [p.cpu().clone() for p in ps]
+    PRIMITIVES[backend]["adam_step_"](
+        ps, gs, ms, vs, vmaxs, steps, torch.tensor(LR, dtype=torch.float64, device=device), BETA1, BETA2, 0.1, EPS,
+        amsgrad, False, True, None, None,
+    )  # fmt: skip
+    return ps, ms, vs, vmaxs, steps, start
+
+
+def _assert_bf16_close(got, want, exact_share):
+    """Parameters and states against the CPU kernel's: bfloat16 states within one bfloat16 unit, at least
+    exact_share of them bit-equal, float32 ones to float32 rounding (the CPU kernel's fused multiply-adds);
+    parameters within what such units of exp_avg and exp_avg_sq change of the Adam step (2^-6 of it) and
+    float32 rounding."""
+    for a, b, p0 in zip(got[0], want[0], want[5]):
+        adam_step = (b - p0 * (1 - LR * 0.1)).abs()  # (weight decay 0.1, decoupled)
+        assert ((a.cpu() - b).abs() <= 2.0**-6 * adam_step + ULPS * b.abs()).all()
+    for k in (1, 2, 3):
+        for a, b in zip(got[k], want[k]):
+            a = a.cpu()
+            assert a.dtype == b.dtype
+            if a.dtype == torch.bfloat16:
+                torch.testing.assert_close(a.float(), b.float(), rtol=torch.finfo(a.dtype).eps, atol=0)
+                assert (a == b).float().mean() >= exact_share
+            else:
+                torch.testing.assert_close(a, b, rtol=ULPS, atol=0)
+    assert [float(s) for s in got[4]] == [STEP + 1] * 2
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_triton_bf16_states(amsgrad):
+    """bfloat16 states of float32 parameters on Triton (the interpreter), with a float32-state parameter
+    in the same call, against the CPU kernel. The interpreter converts float32 to bfloat16 by truncating
+    (the compiled kernel rounds to nearest even, as the CPU kernel): states within one bfloat16 unit."""
+    _assert_bf16_close(_bf16_step("triton", amsgrad), _bf16_step("native", amsgrad), exact_share=0.4)
 
 
 # ---- CUDA (run where a GPU is lent) -------------------------------------------------------------------
@@ -308,3 +358,11 @@ def test_cuda_found_inf_and_bit_equal_to_unfused_math():
     a, oa = _train("native", device="cuda")
     b, ob = _train("torch", device="cuda")
     _assert_agree(a, oa, b, ob, param_rtol=2.0**-23)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_cuda_triton_bf16_states(amsgrad):
+    """bfloat16 states on the Triton backend on the GPU (rounded to nearest even) against the CPU kernel:
+    bit-equal states but where the CPU kernel's fused multiply-adds tip a rounding."""
+    _assert_bf16_close(_bf16_step("triton", amsgrad, device="cuda"), _bf16_step("native", amsgrad), exact_share=0.98)
