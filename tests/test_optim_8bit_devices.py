@@ -361,8 +361,10 @@ def test_cuda_found_inf_and_bit_equal_to_unfused_math():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
-def test_cuda_triton_bf16_states(amsgrad):
-    """bfloat16 states on the Triton backend on the GPU (rounded to nearest even) against the CPU kernel:
-    bit-equal states but where the CPU kernel's fused multiply-adds tip a rounding."""
-    _assert_bf16_close(_bf16_step("triton", amsgrad, device="cuda"), _bf16_step("native", amsgrad), exact_share=0.98)
+def test_cuda_bf16_states(amsgrad, backend):
+    """bfloat16 states of float32 parameters on the GPU (rounded to nearest even), CUDA and Triton kernels,
+    against the CPU kernel: bit-equal states but where the CPU kernel's fused multiply-adds tip a rounding."""
+    got = _bf16_step(backend, amsgrad, device="cuda")
+    _assert_bf16_close(got, _bf16_step("native", amsgrad), exact_share=0.98)

@@ -102,6 +102,9 @@ struct SgdKernel {
   }
 };
 
+// S: the states' type (void: the parameters' own; at::BFloat16 for float32 parameters, rounded to nearest
+// even when stored, and the update reads what they hold).
+template <typename S = void>
 struct AdamKernel {
   static constexpr int kExpAvg = 0, kExpAvgSq = 1, kMaxExpAvgSq = 2;
   double beta1, beta2, weight_decay, eps;
@@ -116,6 +119,7 @@ struct AdamKernel {
   }
   template <typename T, typename O>
   __device__ void update(const TensorMeta& m, int64_t j, T* p, O g, O, const PerTensor& t) const {
+    using St = std::conditional_t<std::is_void_v<S>, T, S>;
     O pj = p[j];
     if (weight_decay != 0) {
       if (decoupled) {
@@ -125,14 +129,14 @@ struct AdamKernel {
       }
     }
     const O b1 = beta1, b2 = beta2;
-    T* exp_avg = state<T>(m, kExpAvg);
-    T* exp_avg_sq = state<T>(m, kExpAvgSq);
+    St* exp_avg = state<St>(m, kExpAvg);
+    St* exp_avg_sq = state<St>(m, kExpAvgSq);
     const O m0 = exp_avg[j];
     exp_avg[j] = m0 + (1 - b1) * (g - m0);  // lerp
     exp_avg_sq[j] = O(exp_avg_sq[j]) * b2 + (1 - b2) * g * g;
     O v = exp_avg_sq[j];
     if (amsgrad) {
-      T* max_exp_avg_sq = state<T>(m, kMaxExpAvgSq);
+      St* max_exp_avg_sq = state<St>(m, kMaxExpAvgSq);
       const O vmax = max_exp_avg_sq[j];
       max_exp_avg_sq[j] = (vmax != vmax || vmax > v) ? vmax : v;  // NaN wins, as torch.maximum
       v = max_exp_avg_sq[j];
@@ -563,9 +567,46 @@ struct Cuda {
     const SgdKernel k{s.momentum, s.dampening, s.weight_decay, s.nesterov};
     launch(s, k, {s.momentum != 0 ? s.momentum_buffers : at::TensorList()}, {}, s.new_buffers);
   }
+  // D::adam takes bfloat16 state for float32 parameters (csrc/optim.h): a launch per states' dtype.
+  static constexpr bool kBf16AdamStates = true;
+
   static void adam(const AdamStep& s) {
-    const AdamKernel k{s.beta1, s.beta2, s.weight_decay, s.eps, s.amsgrad, s.decoupled};
-    launch(s, k, {s.exp_avgs, s.exp_avg_sqs, s.amsgrad ? s.max_exp_avg_sqs : at::TensorList()}, s.steps);
+    auto run = [](const AdamStep& a, auto kernel) {
+      launch(a, kernel, {a.exp_avgs, a.exp_avg_sqs, a.amsgrad ? a.max_exp_avg_sqs : at::TensorList()}, a.steps);
+    };
+    const AdamKernel<> own{s.beta1, s.beta2, s.weight_decay, s.eps, s.amsgrad, s.decoupled};
+    const AdamKernel<at::BFloat16> bf16{s.beta1, s.beta2, s.weight_decay, s.eps, s.amsgrad, s.decoupled};
+    std::vector<size_t> bf16_states, own_states;
+    for (size_t i = 0; i < s.params.size(); ++i)
+      (s.exp_avgs[i].scalar_type() != s.params[i].scalar_type() ? bf16_states : own_states).push_back(i);
+    if (bf16_states.empty()) return run(s, own);
+    if (own_states.empty()) {
+      TORCH_CHECK(s.params[0].scalar_type() == at::kFloat, "pyops::adam_step_: bfloat16 states need float32 params");
+      return run(s, bf16);
+    }
+    for (const auto* idx : {&own_states, &bf16_states}) {  // the group's tensors in two launches
+      std::vector<at::Tensor> lists[6];
+      for (size_t i : *idx) {
+        lists[0].push_back(s.params[i]);
+        lists[1].push_back(s.grads[i]);
+        lists[2].push_back(s.exp_avgs[i]);
+        lists[3].push_back(s.exp_avg_sqs[i]);
+        if (s.amsgrad) lists[4].push_back(s.max_exp_avg_sqs[i]);
+        lists[5].push_back(s.steps[i]);
+      }
+      AdamStep part = s;
+      part.params = lists[0];
+      part.grads = lists[1];
+      part.exp_avgs = lists[2];
+      part.exp_avg_sqs = lists[3];
+      part.max_exp_avg_sqs = lists[4];
+      part.steps = lists[5];
+      if (idx == &own_states) {
+        run(part, own);
+      } else {
+        run(part, bf16);
+      }
+    }
   }
   static void adam_8bit(const Adam8bitStep& s) { launch_adam_8bit(s); }
   static void adagrad(const AdagradStep& s) {
