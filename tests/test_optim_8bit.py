@@ -454,6 +454,7 @@ def test_fallback_is_counted(monkeypatch):
     assert after - before == 3 * 3
     monkeypatch.undo()
     b, _ = _train(popt.Adam8bit, 3)
+    assert sum(v for k, v in popt.fallback_counts().items() if "8-bit" in k) == after  # the kernel ran
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 

@@ -86,7 +86,11 @@ void st(T* p, const W& v) {
   if constexpr (std::is_arithmetic_v<W>) {
     *p = T(v);
   } else if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, Vectorized<float>>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));  // a partial store copies
+#else
     at::vec::convert_float_bfloat16(v, v).store(p, W::size());
+#endif
   } else {
     v.store(p);
   }

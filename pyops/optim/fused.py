@@ -18,7 +18,8 @@ state untouched. Steps bump the version counters of what they write, as torch's 
 parameter listed twice in a group steps twice, as torch's (from the gradient unscaled once).
 
 Which tensors take a kernel, torch's for-loop or torch's own step, and master_weights: the shared step
-machinery, pyops/optim/_step.py.
+machinery, pyops/optim/_step.py. Adam and AdamW's quantized states (state_dtype=torch.bfloat16 or "8bit";
+Adam8bit, AdamW8bit): pyops/optim/quantized.py.
 """
 
 import torch
