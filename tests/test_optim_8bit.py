@@ -659,3 +659,23 @@ def test_parameter_listed_twice_steps_twice():
     once.step()
     torch.testing.assert_close(p, q8, rtol=0, atol=0)
     assert float(ours.state[p]["step"]) == 2
+
+
+def test_bench_rows():
+    """bench/optim.py times the 8-bit and bfloat16 rows beside Adam's and AdamW's float32 ones (not in
+    the fixed-cost sets), each row stepping its own state_dtype."""
+    from bench import optim as bench_optim
+
+    cases = [c for c in bench_optim.cases("cpu", quick=True) if c.op in ("Adam", "AdamW")]
+    big = [c for c in cases if not c.shape[0].startswith("overhead")]
+    assert big and all([v[:2] for v in c.variants] == [("8bit", "pyops_8bit"), ("bf16", "pyops_bf16")] for c in big)
+    assert all(c.variants is None for c in cases if c.shape[0].startswith("overhead"))
+    params = [torch.randn(5000, requires_grad=True) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for impl in ("pyops_8bit", "pyops_bf16"):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        for p, p0 in zip(ps, params):
+            p.grad = p0.grad.clone()
+        big[0].iteration(impl)(ps)
+        assert not torch.equal(ps[0], params[0])
