@@ -454,6 +454,7 @@ def test_fallback_is_counted(monkeypatch):
     assert after - before == 3 * 3
     monkeypatch.undo()
     b, _ = _train(popt.Adam8bit, 3)
+    assert sum(v for k, v in popt.fallback_counts().items() if "8-bit" in k) == after  # the kernel ran
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
@@ -620,3 +621,61 @@ def test_codes_are_the_nearest_map_values_at_every_boundary():
             sq = g.reshape(-1) * g.reshape(-1)
             want = torch.bucketize(sq / va.repeat_interleave(256), mids)
             assert torch.equal(vc.long(), want)
+
+
+@pytest.mark.parametrize("state_dtype", ["8bit", torch.bfloat16], ids=["8bit", "bf16"])
+def test_grad_scale_unscales_and_paths_agree(state_dtype):
+    """grad_scale (found_inf 0): the gradients are written back unscaled and the step is the unscaled
+    one, on the kernel and the torch-ops paths alike."""
+    results = []
+    for backend in ("native", "torch"):
+        params = _model_params()
+        opt = popt.Adam(params, lr=1e-2, state_dtype=state_dtype)
+        gen = torch.Generator().manual_seed(5)
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = (g * 8).to(memory_format=torch.contiguous_format)
+        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+        with pyops.backend(backend):
+            opt.step()
+        for p, g in zip(params, grads):
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+def test_parameter_listed_twice_steps_twice():
+    """A parameter listed twice steps twice, as torch's (two rounds, not one call that races)."""
+    p = torch.randn(5000, requires_grad=True)
+    q8 = torch.nn.Parameter(p.detach().clone())
+    ours = popt.Adam8bit([p, p], lr=1e-2)
+    once = popt.Adam8bit([q8], lr=1e-2)
+    g = torch.randn(5000)
+    p.grad, q8.grad = g.clone(), g.clone()
+    ours.step()
+    once.step()
+    once.step()
+    torch.testing.assert_close(p, q8, rtol=0, atol=0)
+    assert float(ours.state[p]["step"]) == 2
+
+
+def test_bench_rows():
+    """bench/optim.py times the 8-bit and bfloat16 rows beside Adam's and AdamW's float32 ones (not in
+    the fixed-cost sets), each row stepping its own state_dtype."""
+    from bench import optim as bench_optim
+
+    cases = [c for c in bench_optim.cases("cpu", quick=True) if c.op in ("Adam", "AdamW")]
+    big = [c for c in cases if not c.shape[0].startswith("overhead")]
+    assert big and all([v[:2] for v in c.variants] == [("8bit", "pyops_8bit"), ("bf16", "pyops_bf16")] for c in big)
+    assert all(c.variants is None for c in cases if c.shape[0].startswith("overhead"))
+    params = [torch.randn(5000, requires_grad=True) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for impl in ("pyops_8bit", "pyops_bf16"):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        for p, p0 in zip(ps, params):
+            p.grad = p0.grad.clone()
+        big[0].iteration(impl)(ps)
+        assert not torch.equal(ps[0], params[0])

@@ -86,7 +86,11 @@ void st(T* p, const W& v) {
   if constexpr (std::is_arithmetic_v<W>) {
     *p = T(v);
   } else if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, Vectorized<float>>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));  // a partial store copies
+#else
     at::vec::convert_float_bfloat16(v, v).store(p, W::size());
+#endif
   } else {
     v.store(p);
   }
@@ -259,11 +263,14 @@ struct Quantizer {
     gf = std::min(std::max(gf, 0.0f), float(is_signed ? 127 : 254));  // NaN -> 0
     const int g = int(gf) + (is_signed ? 127 : 0);
     const int h = !std::signbit(y) ? g + 1 : is_signed ? 252 - g : 1;  // unsigned: every y <= -0 has code 0
-    return std::min(std::max(h, 1), int(kQuantMapSize) - 3);
+    return std::min(std::max(h, 1), int(kQuantMapSize) - refine());
   }
+  // Midpoint comparisons the code needs after the guess: [h - 1, h - 1 + refine()] holds it (the signed
+  // map's negative half, the mirror image, needs one more than y >= 0).
+  int refine() const { return is_signed ? 3 : 2; }
   bool guess_fits(float y) const {
     const int h = guess_of(y), c = code(y);
-    return c >= h - 1 && c <= h + 2;
+    return c >= h - 1 && c <= h - 1 + refine();
   }
   // The guess and the search change only near a midpoint, a decade floor or a point where floor(pos)
   // steps: every float within kNear units in the last place of one, and one point between each, is tried.
@@ -493,8 +500,9 @@ PYOPS_VBMI inline __m512i bucket16(__m512 y) {
   return _mm512_or_si512(_mm512_slli_epi32(row, kBucketBits), m);
 }
 
-// 64 codes of x[0..64) * inv: the decade guess h (Quantizer::guess_of), then three midpoint comparisons
-// (the code lies in [h - 1, h + 2]; the caller checked the maps' guess_ok).
+// 64 codes of x[0..64) * inv: the decade guess h (Quantizer::guess_of), then R = qz.refine() midpoint
+// comparisons (the code lies in [h - 1, h - 1 + R]; the caller checked the maps' guess_ok).
+template <int R>
 PYOPS_VBMI inline void quantize64(const Quantizer& qz, const float* x, __m512 inv, uint8_t* out) {
   const __m512 floors[6] = {_mm512_set1_ps(qz.decade_floor[0]), _mm512_set1_ps(qz.decade_floor[1]),
                             _mm512_set1_ps(qz.decade_floor[2]), _mm512_set1_ps(qz.decade_floor[3]),
@@ -520,13 +528,13 @@ PYOPS_VBMI inline void quantize64(const Quantizer& qz, const float* x, __m512 in
     const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(y[r]));
     hr = qz.is_signed ? _mm512_mask_sub_epi32(hr, negative, _mm512_set1_epi32(252), g)
                       : _mm512_mask_mov_epi32(hr, negative, one);
-    hr = _mm512_min_epi32(_mm512_max_epi32(hr, one), _mm512_set1_epi32(kQuantMapSize - 3));
+    hr = _mm512_min_epi32(_mm512_max_epi32(hr, one), _mm512_set1_epi32(kQuantMapSize - R));
     h = _mm512_inserti32x4(h, _mm512_cvtepi32_epi8(hr), r);
   }
   const __m512i one8 = _mm512_set1_epi8(1);
-  __m512i c = _mm512_sub_epi8(h, one8);  // h - 1 + the number of mid[h - 1], mid[h], mid[h + 1] below y
+  __m512i c = _mm512_sub_epi8(h, one8);  // h - 1 + the number of mid[h - 1], ..., mid[h - 2 + R] below y
   __m512i at = c;
-  for (int step = 0; step < 3; ++step) {
+  for (int step = 0; step < R; ++step) {
     __m512 mid[4];
     lookup64(at, qz.mid_planes, mid);
     __mmask64 up = 0;
@@ -591,8 +599,8 @@ PYOPS_VBMI void adam_8bit_block_vbmi(float* p, float* g, uint8_t* mc, uint8_t* v
   const __m512 minv = _mm512_set1_ps(mmax > 0 ? 1.0f / mmax : 0.0f),
                vinv_ = _mm512_set1_ps(vmax > 0 ? 1.0f / vmax : 0.0f);
   for (int64_t j0 = 0; j0 < kQuantBlock; j0 += 64) {
-    quantize64(qs, mnew + j0, minv, mc + j0);
-    quantize64(qu, vnew + j0, vinv_, vc + j0);
+    quantize64<3>(qs, mnew + j0, minv, mc + j0);
+    quantize64<2>(qu, vnew + j0, vinv_, vc + j0);
   }
 }
 #undef PYOPS_VBMI
@@ -620,7 +628,7 @@ void adam_8bit_step(const Adam8bitStep& s) {
                           s.decoupled,
                           s.maximize};
   static_assert(kChunk % kQuantBlock == 0, "chunks hold whole blocks");
-  [[maybe_unused]] const bool vbmi = qs.guess_ok && qu.guess_ok;
+  [[maybe_unused]] const bool vbmi = qs.guess_ok && qu.guess_ok && qs.refine() == 3 && qu.refine() == 2;
   for_each_chunk(s.params, [&](auto* tag, const Chunk& ch) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t i = ch.tensor;

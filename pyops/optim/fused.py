@@ -18,7 +18,8 @@ state untouched. Steps bump the version counters of what they write, as torch's 
 parameter listed twice in a group steps twice, as torch's (from the gradient unscaled once).
 
 Which tensors take a kernel, torch's for-loop or torch's own step, and master_weights: the shared step
-machinery, pyops/optim/_step.py.
+machinery, pyops/optim/_step.py. Adam and AdamW's quantized states (state_dtype=torch.bfloat16 or "8bit";
+Adam8bit, AdamW8bit): pyops/optim/quantized.py.
 """
 
 import torch
@@ -222,7 +223,17 @@ class _AdamStep:
         for group in groups:
             quantized = _q.quantized_params(self, group)
             if quantized:
-                _q.step_quantized(self, group, quantized, grad_scale, found_inf, self._decoupled(group))
+                # a parameter listed k times steps k times, as torch's: in rounds, from the gradient
+                # unscaled once (as _run_once_each)
+                rounds, listed = [], {}
+                for p in quantized:
+                    k = listed[id(p)] = listed.get(id(p), -1) + 1
+                    if k == len(rounds):
+                        rounds.append([])
+                    rounds[k].append(p)
+                for k, ps in enumerate(rounds):
+                    scale = grad_scale if k == 0 else None
+                    _q.step_quantized(self, group, ps, scale, found_inf, self._decoupled(group))
                 ids = set(map(id, quantized))
                 group = dict(group, params=[p for p in group["params"] if id(p) not in ids])
             rest.append(group)
