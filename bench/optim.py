@@ -15,6 +15,10 @@ gradients outweigh the activations, the CNN and ResNeXt at 64) with pyops Adam s
 parameter in backward, against the same optimizer stepping after backward, both under `auto`; the
 table gives both times and, on the CPU, both peaks (the profiler's allocation events over one steady
 step, the optimizer's state already made).
+
+Adam and AdamW also time quantized states beside the float32 step, interleaved with it (rows "8bit":
+state_dtype="8bit", 8-bit blockwise states, ~16 bytes moved a parameter instead of 28; "bf16":
+state_dtype=torch.bfloat16, 20 bytes). Their GB/s column counts the float32 step's bytes.
 """
 
 import torch
@@ -38,6 +42,8 @@ OPTIMIZERS = {
 REFERENCES = [("torch for-loop", "forloop"), ("torch foreach", "foreach"), ("torch fused", "fused")]
 OVERHEAD_REFERENCES = [("torch fused", "fused"), ("torch foreach", "foreach")]
 OVERHEAD_NUMEL = 64  # elements per tensor of the fixed-cost sets
+# (row label, impl) -> state_dtype of the quantized-state rows (Adam, AdamW)
+STATE_VARIANTS = {("8bit", "pyops_8bit"): "8bit", ("bf16", "pyops_bf16"): torch.bfloat16}
 
 
 def resnet18_shapes():
@@ -72,14 +78,17 @@ def _case(name, label, shapes, device, references=REFERENCES, shape_label=None):
         def step(params):
             key = (impl, id(params))
             if key not in opts:
-                cls = getattr(popt if impl == "pyops" else torch.optim, name)
+                cls = getattr(popt if impl.startswith("pyops") else torch.optim, name)
                 extra = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+                extra.update({i: {"state_dtype": sd} for (_, i), sd in STATE_VARIANTS.items()})
                 opts[key] = cls(params, **kwargs, **extra.get(impl, {}))
             opts[key].step()
 
         return step
 
     refs = [r for r in references if r[1] != "fused" or _fused_supported(name)]
+    quantized = name in ("Adam", "AdamW") and references is REFERENCES
+    variants = [(label, impl, "auto") for label, impl in STATE_VARIANTS] if quantized else None
     return Case(
         "optim",
         name,
@@ -91,6 +100,7 @@ def _case(name, label, shapes, device, references=REFERENCES, shape_label=None):
         make_inputs,
         iteration,
         references=refs,
+        variants=variants,
     )
 
 

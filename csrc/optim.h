@@ -5,6 +5,8 @@
 //   D::Guard(tensor)                          device guard (a no-op on CPU)
 //   D::sgd(const SgdStep&), D::adam(const AdamStep&), D::adagrad(const AdagradStep&),
 //   D::rmsprop(const RmspropStep&)            the update, on checked, non-empty lists
+//   D::adam_8bit(const Adam8bitStep&)         optional: the 8-bit state Adam (PYOPS_REGISTER_OPTIM_8BIT)
+//   D::kBf16AdamStates                        optional, true: D::adam takes bfloat16 state for float32 params
 // The device reads lr, grad_scale and found_inf where they live (no host read on a GPU), skips
 // everything when found_inf != 0, and otherwise advances the step counts and clears the SGD
 // new-buffer flags it applied. A device that rounds bfloat16 parameters stochastically
@@ -21,6 +23,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -52,6 +55,40 @@ struct AdamStep : GroupStep {
   double beta1 = 0, beta2 = 0, weight_decay = 0, eps = 0;
   bool amsgrad = false, decoupled = false;
 };
+
+// Adam/AdamW with 8-bit blockwise states (pyops::adam_step_8bit_): per parameter, exp_avg and exp_avg_sq
+// as uint8 codes (the parameter's shape and layout) into a 256-entry float32 map (signed for exp_avg,
+// unsigned for exp_avg_sq), and one float32 absmax per block of kQuantBlock elements in memory order:
+// state = map[code] * absmax. The step dequantizes, applies the float32 Adam update, and requantizes
+// each block against its new absmax (code = the number of the map's float32 midpoints below
+// state / absmax: the nearest map value, ties to the lower one).
+constexpr int64_t kQuantBlock = 256;    // bitsandbytes' blockwise optimizers and torchao's AdamW8bit
+constexpr int64_t kQuantMapSize = 256;  // every uint8 code
+struct Adam8bitStep : GroupStep {
+  at::TensorList exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs, steps;
+  at::Tensor qmap_signed, qmap_unsigned;
+  int64_t block_size = kQuantBlock;
+  double beta1 = 0, beta2 = 0, weight_decay = 0, eps = 0;
+  bool decoupled = false;
+};
+inline int64_t quant_blocks(int64_t numel) { return (numel + kQuantBlock - 1) / kQuantBlock; }
+// A map in host memory holds finite values sorted ascending (the binary searches assume it); a device
+// whose maps live on a GPU does not read them on the host (no synchronisation): unsorted maps give other
+// codes there, never an access out of bounds.
+inline void check_quant_map_on_host(const at::Tensor& map, const char* name) {
+  const float* values = map.const_data_ptr<float>();
+  for (int64_t c = 0; c < kQuantMapSize; ++c)
+    TORCH_CHECK(std::isfinite(values[c]) && (c == 0 || values[c - 1] <= values[c]), "pyops::adam_step_8bit_: ", name,
+                " must hold finite values sorted ascending, got ", values[c], " at ", c,
+                c > 0 ? c10::str(" after ", values[c - 1]) : std::string());
+}
+
+// Whether device D's adam kernel takes bfloat16 state (exp_avg, exp_avg_sq, max_exp_avg_sq) for float32
+// parameters (D::kBf16AdamStates = true; csrc/cpu/optim.cpp). Other devices refuse it in adam_step_'s checks.
+template <class D, class = void>
+struct takes_bf16_adam_states : std::false_type {};
+template <class D>
+struct takes_bf16_adam_states<D, std::void_t<decltype(D::kBf16AdamStates)>> : std::bool_constant<D::kBf16AdamStates> {};
 
 struct AdagradStep : GroupStep {
   at::TensorList sums, steps;
@@ -105,6 +142,9 @@ struct StateList {
   at::TensorList list;
   bool required;
   const char* needed_by = nullptr;
+  // A dtype the state may have besides its parameter's, where the parameter is float32 (Adam's
+  // bfloat16 states on a device that takes them); Undefined: none.
+  at::ScalarType also = at::ScalarType::Undefined;
 };
 
 // Two tensors of one shape walk memory alike when their strides agree on every dimension of size
@@ -139,11 +179,13 @@ inline std::string group_misfit(const char* op, at::TensorList params, at::Tenso
   if (!is_kernel_dtype(p0.scalar_type()))
     return c10::str("pyops::", op, ": params must be float64, float32, float16 or bfloat16, got ", p0.scalar_type());
   const at::Device device = p0.device();
-  auto like_param = [&](const char* name, const at::Tensor& t, const at::Tensor& p, size_t i) -> std::string {
+  auto like_param = [&](const char* name, const at::Tensor& t, const at::Tensor& p, size_t i,
+                        at::ScalarType also = at::ScalarType::Undefined) -> std::string {
     if (t.device() != device)
       return c10::str("pyops::", op, ": ", name, " is on ", t.device(), " but params is on ", device, " (tensor ", i,
                       ")");
-    if (t.scalar_type() != p.scalar_type())
+    const bool also_ok = also != at::ScalarType::Undefined && p.scalar_type() == at::kFloat && t.scalar_type() == also;
+    if (t.scalar_type() != p.scalar_type() && !also_ok)
       return c10::str("pyops::", op, ": ", name, " has dtype ", t.scalar_type(), " but params has dtype ",
                       p.scalar_type(), " (tensor ", i, ")");
     if (!same_layout(t, p))
@@ -161,7 +203,7 @@ inline std::string group_misfit(const char* op, at::TensorList params, at::Tenso
                       "] is not dense (its elements must fill its memory without gaps or overlaps)");
     std::string why = like_param("grads", grads[i], p, i);
     for (const auto& s : states)
-      if (why.empty() && !s.list.empty()) why = like_param(s.name, s.list[i], p, i);
+      if (why.empty() && !s.list.empty()) why = like_param(s.name, s.list[i], p, i, s.also);
     if (!why.empty()) return why;
     if (!steps.empty()) {
       const at::Tensor& s = steps[i];
@@ -301,16 +343,86 @@ struct Optim {
     s.eps = eps;
     s.amsgrad = amsgrad;
     s.decoupled = decoupled;
+    // bfloat16 state for float32 parameters where the device takes it (one dtype per parameter's state)
+    const at::ScalarType also = takes_bf16_adam_states<D>::value ? at::kBFloat16 : at::ScalarType::Undefined;
     check_group("adam_step_", s,
-                {{"exp_avgs", exp_avgs, true},
-                 {"exp_avg_sqs", exp_avg_sqs, true},
-                 {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad, "amsgrad"}},
+                {{"exp_avgs", exp_avgs, true, nullptr, also},
+                 {"exp_avg_sqs", exp_avg_sqs, true, nullptr, also},
+                 {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad, "amsgrad", also}},
                 steps, true);
+    for (size_t i = 0; i < params.size(); ++i) {
+      const at::ScalarType m = exp_avgs[i].scalar_type();
+      TORCH_CHECK(exp_avg_sqs[i].scalar_type() == m && (!amsgrad || max_exp_avg_sqs[i].scalar_type() == m),
+                  "pyops::adam_step_: a parameter's states must share one dtype, got exp_avgs[", i, "] ", m,
+                  " and exp_avg_sqs[", i, "] ", exp_avg_sqs[i].scalar_type());
+    }
     if (params.empty()) return;
     set_rounding("adam_step_", s, bf16_stochastic_round, seed);
     typename D::Guard guard(params[0]);
     D::adam(s);
     bump_versions({params, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : TensorList(), steps,
+                   has(grad_scale) ? grads : TensorList()});
+  }
+
+  static void adam_step_8bit_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                              TensorList exp_avg_absmaxs, TensorList exp_avg_sq_absmaxs, TensorList steps,
+                              const Tensor& qmap_signed, const Tensor& qmap_unsigned, int64_t block_size,
+                              const Tensor& lr, double beta1, double beta2, double weight_decay, double eps,
+                              bool maximize, bool decoupled, const Opt& grad_scale, const Opt& found_inf) {
+    constexpr const char* op = "adam_step_8bit_";
+    Adam8bitStep s;
+    set_group(s, params, grads, lr, maximize, grad_scale, found_inf);
+    s.exp_avgs = exp_avgs;
+    s.exp_avg_sqs = exp_avg_sqs;
+    s.exp_avg_absmaxs = exp_avg_absmaxs;
+    s.exp_avg_sq_absmaxs = exp_avg_sq_absmaxs;
+    s.steps = steps;
+    s.qmap_signed = qmap_signed;
+    s.qmap_unsigned = qmap_unsigned;
+    s.block_size = block_size;
+    s.beta1 = beta1;
+    s.beta2 = beta2;
+    s.weight_decay = weight_decay;
+    s.eps = eps;
+    s.decoupled = decoupled;
+    const size_t n = params.size();
+    for (const auto& [name, list] : {std::pair<const char*, TensorList>{"exp_avgs", exp_avgs},
+                                     {"exp_avg_sqs", exp_avg_sqs},
+                                     {"exp_avg_absmaxs", exp_avg_absmaxs},
+                                     {"exp_avg_sq_absmaxs", exp_avg_sq_absmaxs}})
+      TORCH_CHECK(list.size() == n, "pyops::", op, ": ", name, " has ", list.size(), " tensors but params has ", n);
+    TORCH_CHECK(block_size == kQuantBlock, "pyops::", op, ": block_size must be ", kQuantBlock,
+                " (the block the kernels quantize, one float32 absmax each), got ", block_size);
+    check_group(op, s, {}, steps, true);  // params, grads, steps, lr and the grad scaler's tensors
+    if (n == 0) return;
+    const at::Device device = params[0].device();
+    for (const auto& [name, map] :
+         {std::pair<const char*, const Tensor&>{"qmap_signed", qmap_signed}, {"qmap_unsigned", qmap_unsigned}})
+      TORCH_CHECK(map.scalar_type() == at::kFloat && map.dim() == 1 && map.numel() == kQuantMapSize &&
+                      map.is_contiguous() && map.device() == device,
+                  "pyops::", op, ": ", name, " must be a contiguous 1-d float32 tensor of ", kQuantMapSize,
+                  " sorted values on ", device, ", got ", map.scalar_type(), " of shape ", map.sizes(), " on ",
+                  map.device());
+    for (size_t i = 0; i < n; ++i) {
+      const Tensor& p = params[i];
+      for (const auto& [name, codes] :
+           {std::pair<const char*, const Tensor&>{"exp_avgs", exp_avgs[i]}, {"exp_avg_sqs", exp_avg_sqs[i]}})
+        TORCH_CHECK(codes.scalar_type() == at::kByte && codes.device() == device && same_layout(codes, p),
+                    "pyops::", op, ": ", name, "[", i, "] must be uint8 codes of params[", i, "]'s shape ", p.sizes(),
+                    " and strides ", p.strides(), " on ", device, ", got ", codes.scalar_type(), " of shape ",
+                    codes.sizes(), " and strides ", codes.strides(), " on ", codes.device());
+      const int64_t blocks = quant_blocks(p.numel());
+      for (const auto& [name, absmax] : {std::pair<const char*, const Tensor&>{"exp_avg_absmaxs", exp_avg_absmaxs[i]},
+                                         {"exp_avg_sq_absmaxs", exp_avg_sq_absmaxs[i]}})
+        TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.dim() == 1 && absmax.numel() == blocks &&
+                        absmax.is_contiguous() && absmax.device() == device,
+                    "pyops::", op, ": ", name, "[", i, "] must be a contiguous 1-d float32 tensor of ", blocks,
+                    " elements (one per block of ", kQuantBlock, " of params[", i, "]'s ", p.numel(), ") on ", device,
+                    ", got ", absmax.scalar_type(), " of shape ", absmax.sizes(), " on ", absmax.device());
+    }
+    typename D::Guard guard(params[0]);
+    D::adam_8bit(s);
+    bump_versions({params, exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs, steps,
                    has(grad_scale) ? grads : TensorList()});
   }
 
@@ -373,3 +485,8 @@ struct Optim {
     m.impl("adagrad_step" SUFFIX "_", &O::adagrad_step_); \
     m.impl("rmsprop_step" SUFFIX "_", &O::rmsprop_step_); \
   } while (0)
+
+// The 8-bit Adam primitive of a device D that supplies D::adam_8bit(const Adam8bitStep&) (for now the
+// CPU's; a device without it has no kernel for pyops::adam_step_8bit_, and the optimizers take their
+// torch-ops path there: pyops/optim/quantized.py).
+#define PYOPS_REGISTER_OPTIM_8BIT(m, D, SUFFIX) m.impl("adam_step_8bit" SUFFIX "_", &::pyops::Optim<D>::adam_step_8bit_)

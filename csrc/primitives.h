@@ -44,6 +44,16 @@
     "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, Tensor lr, float beta1, float beta2, "        \
     "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled, Tensor? grad_scale, " \
     "Tensor? found_inf, bool bf16_stochastic_round=False, int seed=0) -> ()")                        \
+  /* 8-bit Adam/AdamW (csrc/optim.h, Adam8bitStep): exp_avgs/exp_avg_sqs are uint8 codes shaped and \
+     strided as their parameter, the absmaxs float32 with one value per block of block_size (256)   \
+     elements in memory order; state = qmap[code] * absmax (qmap_signed for exp_avg, qmap_unsigned   \
+     for exp_avg_sq: 256 sorted float32 values each); requantized against each block's new absmax. */ \
+  X("adam_step_8bit_", "adam_step_8bit_triton_",                                                    \
+    "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "   \
+    "Tensor(e!)[] exp_avg_absmaxs, Tensor(f!)[] exp_avg_sq_absmaxs, Tensor(g!)[] steps, "           \
+    "Tensor qmap_signed, Tensor qmap_unsigned, int block_size, Tensor lr, float beta1, float beta2, " \
+    "float weight_decay, float eps, bool maximize, bool decoupled, Tensor? grad_scale, "            \
+    "Tensor? found_inf) -> ()")                                                                      \
   X("adagrad_step_", "adagrad_step_triton_",                                                        \
     "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] sums, Tensor(d!)[] steps, Tensor lr, "  \
     "float lr_decay, float weight_decay, float eps, bool maximize, Tensor? grad_scale, "             \

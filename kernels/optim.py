@@ -171,7 +171,9 @@ def _sgd_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK:
 
 
 @triton.jit
-def _adam_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _adam_kernel(
+    table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, STATE: tl.constexpr
+):  # STATE: the states' dtype (DTYPE, or bfloat16 for float32 parameters)
     row, offs, mask = _chunk(table, BLOCK)
     g = _gradient(table, row, offs, mask, DTYPE, COMPUTE)
     p_ptr = tl.load(row + ROW_PARAM).to(tl.pointer_type(DTYPE))
@@ -198,21 +200,21 @@ def _adam_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK
             p = p * decay.to(COMPUTE)
         else:
             g = g + weight_decay.to(COMPUTE) * p
-    m_ptr = tl.load(row + ADAM_EXP_AVG).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(row + ADAM_EXP_AVG_SQ).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(row + ADAM_EXP_AVG).to(tl.pointer_type(STATE))
+    v_ptr = tl.load(row + ADAM_EXP_AVG_SQ).to(tl.pointer_type(STATE))
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     b1 = beta1.to(COMPUTE)
     b2 = beta2.to(COMPUTE)
-    m = (m + (1.0 - b1) * (g - m)).to(DTYPE)  # lerp
-    v = (v * b2 + (1.0 - b2) * g * g).to(DTYPE)
+    m = (m + (1.0 - b1) * (g - m)).to(STATE)  # lerp
+    v = (v * b2 + (1.0 - b2) * g * g).to(STATE)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     v = v.to(COMPUTE)
     if tl.load(table + ADAM_AMSGRAD) != 0:
-        vmax_ptr = tl.load(row + ADAM_MAX_EXP_AVG_SQ).to(tl.pointer_type(DTYPE))
+        vmax_ptr = tl.load(row + ADAM_MAX_EXP_AVG_SQ).to(tl.pointer_type(STATE))
         vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        vmax = tl.where(vmax != vmax, vmax, tl.where(vmax > v, vmax, v)).to(DTYPE)  # NaN wins, as torch.maximum
+        vmax = tl.where(vmax != vmax, vmax, tl.where(vmax > v, vmax, v)).to(STATE)  # NaN wins, as torch.maximum
         tl.store(vmax_ptr + offs, vmax, mask=mask)
         v = vmax.to(COMPUTE)
     eps = tl.load(hyper + ADAM_EPS).to(COMPUTE)
@@ -310,10 +312,18 @@ FINISH_SIGNATURE = {"table": "*i64"}
 UPDATE_OPTIONS = {"enable_fp_fusion": False}
 
 
-def _update_constexprs(dtype):
+def _update_constexprs(dtype, name=None, state_dtype=None):
     """The compile-time parameters of an update launch: the parameters' dtype, the compute dtype it
-    implies (float32 for half types, as torch's opmath), the block size."""
-    return {"DTYPE": DTYPES[dtype], "COMPUTE": compute_dtype(dtype), "BLOCK": BLOCK}
+    implies (float32 for half types, as torch's opmath), the block size; Adam's also its states' dtype
+    (the parameters', or bfloat16 for float32 parameters: ADAM_STATE_DTYPES)."""
+    out = {"DTYPE": DTYPES[dtype], "COMPUTE": compute_dtype(dtype), "BLOCK": BLOCK}
+    if name == "adam":
+        out["STATE"] = DTYPES[state_dtype or dtype]
+    return out
+
+
+# The states' dtypes of the Adam launches besides the parameters' own: (parameters, states).
+ADAM_STATE_DTYPES = ((torch.float32, torch.bfloat16),)
 
 
 def _finish_constexprs():
@@ -323,10 +333,16 @@ def _finish_constexprs():
 def aot_variants():
     """Every launch the launchers below make: (label, kernel, signature, constexprs)."""
     variants = [
-        (f"{name} {str(dtype).replace('torch.', '')}", kernel, dict(UPDATE_SIGNATURE), _update_constexprs(dtype))
+        (f"{name} {str(dtype).replace('torch.', '')}", kernel, dict(UPDATE_SIGNATURE), _update_constexprs(dtype, name))
         for name, kernel in UPDATE_KERNELS.items()
         for dtype in DTYPES
     ]
+    variants += [
+        (f"adam {str(p).replace('torch.', '')} state {str(st).replace('torch.', '')}", _adam_kernel,
+         dict(UPDATE_SIGNATURE), _update_constexprs(p, "adam", st))
+        for p, st in ADAM_STATE_DTYPES
+    ]  # fmt: skip
+    variants += _adam_8bit_variants()
     return variants + [("finish", _finish_kernel, dict(FINISH_SIGNATURE), _finish_constexprs())]
 
 
@@ -335,11 +351,25 @@ def _address(t):
 
 
 def _launch(
-    name, params, grads, states, steps, new_buffers, lr, grad_scale, found_inf, maximize, options, hyper, rounding
+    name,
+    params,
+    grads,
+    states,
+    steps,
+    new_buffers,
+    lr,
+    grad_scale,
+    found_inf,
+    maximize,
+    options,
+    hyper,
+    rounding=(False, 0),
+    state_dtype=None,
 ):
     """One update launch over the group, then (where steps or flags exist) the finish launch.
     states: up to MAX_STATES lists (empty where unused); options: (header slot, bool) pairs; rounding:
-    (bf16_stochastic_round, seed), the flag set only for bfloat16 groups (csrc/optim.h)."""
+    (bf16_stochastic_round, seed), the flag set only for bfloat16 groups (csrc/optim.h); state_dtype:
+    Adam's states' dtype where not the parameters'."""
     n = len(params)
     device, dtype = params[0].device, params[0].dtype
     header = [0] * HEADER_SIZE.value
@@ -384,7 +414,8 @@ def _launch(
     table = device_table(header + rows + chunks, torch.int64, device)
     if chunks:
         hyper_table = device_table(hyper, torch.float64, device)
-        UPDATE_KERNELS[name][(len(chunks) // 2,)](table, hyper_table, **_update_constexprs(dtype), **UPDATE_OPTIONS)
+        constexprs = _update_constexprs(dtype, name, state_dtype)
+        UPDATE_KERNELS[name][(len(chunks) // 2,)](table, hyper_table, **constexprs, **UPDATE_OPTIONS)
     if steps or new_buffers:
         _finish_kernel[(triton.cdiv(n, FINISH_BLOCK),)](table, **_finish_constexprs())
 
@@ -454,21 +485,29 @@ def adam_step(
     seed=0,
 ):
     hyper = _hyper((ADAM_BETA1, beta1), (ADAM_BETA2, beta2), (ADAM_WEIGHT_DECAY, weight_decay), (ADAM_EPS, eps))
-    _launch(
-        "adam",
-        params,
-        grads,
-        [exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []],
-        steps,
-        [],
-        lr,
-        grad_scale,
-        found_inf,
-        maximize,
-        [(ADAM_AMSGRAD, amsgrad), (ADAM_DECOUPLED, decoupled)],
-        hyper,
-        (bf16_stochastic_round, seed),
-    )
+    # one launch per states' dtype: the parameters', or bfloat16 for float32 parameters (ADAM_STATE_DTYPES;
+    # a parameter's states share one: csrc/optim.h checks)
+    by_state = {}
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        by_state.setdefault(m.dtype if (p.dtype, m.dtype) in ADAM_STATE_DTYPES else None, []).append(i)
+    for state_dtype, idx in by_state.items():
+        pick = (lambda lst, idx=idx: [lst[i] for i in idx]) if len(by_state) > 1 else (lambda lst: lst)
+        _launch(
+            "adam",
+            pick(params),
+            pick(grads),
+            [pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []],
+            pick(steps),
+            [],
+            lr,
+            grad_scale,
+            found_inf,
+            maximize,
+            [(ADAM_AMSGRAD, amsgrad), (ADAM_DECOUPLED, decoupled)],
+            hyper,
+            (bf16_stochastic_round, seed),
+            state_dtype,
+        )
 
 
 def adagrad_step(
@@ -528,3 +567,193 @@ def rmsprop_step(
         hyper,
         (bf16_stochastic_round, seed),
     )
+
+
+# ---- Adam/AdamW with 8-bit blockwise states (pyops::adam_step_8bit_, csrc/optim.h's Adam8bitStep) ----
+# One program per block of QUANT_BLOCK elements (one float32 absmax each) across the group's tensors:
+# dequantize (map[code] * absmax), the float32 Adam/AdamW update (float64 for float64 parameters), the
+# block's new absmax (NaN when it holds a NaN), requantize: code = the number of the map's float32
+# midpoints (q[c] + q[c+1]) * 0.5 below state * (1 / absmax), found by an 8-step binary search (two
+# gathers from the 1 KB map a step). Every operation is a separate IEEE-rounded one (no fused
+# multiply-add: UPDATE_OPTIONS; div_rn and sqrt_rn), in the order csrc/optim.h states the update, so
+# the codes are those of that float32 math bit for bit. The maps' order is checked on the host where
+# they are in host memory (csrc/triton/optim.cpp), not on a GPU (a device read; the optimizers pass
+# bitsandbytes' sorted maps): unsorted maps give other codes there, never a read out of bounds.
+# The table: the header and rows of the update kernels (state slots: exp_avg codes, exp_avg_sq codes,
+# exp_avg absmaxs; no new-buffer flag, so _finish_kernel advances the steps), then per tensor the address
+# of its exp_avg_sq absmaxs, then the two maps' addresses, then the (tensor, start) pairs of the blocks.
+QUANT_BLOCK = 256  # csrc/optim.h's kQuantBlock
+QUANT_MAP_SIZE: tl.constexpr = tl.constexpr(256)
+ADAM8_EXP_AVG = ROW_STATE  # uint8 codes
+ADAM8_EXP_AVG_SQ = ROW_STATE + 1  # uint8 codes
+ADAM8_EXP_AVG_ABSMAX = ROW_STATE + 2  # float32, one per block
+NAN: tl.constexpr = tl.constexpr(float("nan"))
+# Waves: 47 to 56 registers a thread at 4 warps (ptxas, sm_90) leave 9 to 10 programs resident per SM, so
+# a launch over 1M elements (4,096 programs) makes 3 waves or more on an H100.
+
+
+@triton.jit
+def _requantize(x, inv, qmap, BLOCK: tl.constexpr):
+    """The codes of x * inv: how many of the map's 255 midpoints lie below it (a NaN: 0)."""
+    y = x * inv
+    code = tl.zeros([BLOCK], tl.int32)
+    for k in tl.static_range(8):
+        half = 128 >> k  # code + half - 1 <= 254: the gathers stay in the map
+        lo = tl.load(qmap + (code + half - 1))
+        hi = tl.load(qmap + (code + half))
+        code = tl.where((lo + hi) * 0.5 < y, code + half, code)
+    return code.to(tl.uint8)
+
+
+@triton.jit
+def _adam_8bit_kernel(table, hyper, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    pair = table + tl.load(table + CHUNKS_AT) + 2 * pid
+    tensor = tl.load(pair)
+    start = tl.load(pair + 1)
+    count = tl.load(table + TENSOR_COUNT)
+    row = table + HEADER_SIZE + tensor * ROW_SIZE
+    extra = table + HEADER_SIZE + count * ROW_SIZE  # exp_avg_sq absmaxs' addresses, then the maps'
+    not_found = (_scalar(table, FOUND_INF_ADDRESS, FOUND_INF_IS_F64) == 0).to(tl.int32) != 0
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = (offs < tl.load(row + ROW_NUMEL)) & not_found
+    block = start // BLOCK
+    g = _gradient(table, row, offs, mask, DTYPE, COMPUTE)
+    p_ptr = tl.load(row + ROW_PARAM).to(tl.pointer_type(DTYPE))
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    # the per-tensor scalars as _adam_kernel computes them (float64; lr / bias correction rounded once)
+    lr = _scalar(table, LR_ADDRESS, LR_IS_F64)
+    lr_is_f32 = tl.load(table + LR_IS_F64) == 0
+    beta1 = tl.load(hyper + ADAM_BETA1)
+    beta2 = tl.load(hyper + ADAM_BETA2)
+    weight_decay = tl.load(hyper + ADAM_WEIGHT_DECAY)
+    step = _scalar(row, ROW_STEP, ROW_STEP_IS_F64) + 1.0  # the finish kernel stores it
+    bias_correction1 = 1.0 - tl.exp(step * tl.log(beta1))
+    step_size = tl.where(
+        lr_is_f32,
+        tl.div_rn(lr.to(tl.float32), bias_correction1.to(tl.float32)).to(tl.float64),
+        lr / bias_correction1,
+    )
+    inv_bias_correction2_sqrt = 1.0 / tl.sqrt(1.0 - tl.exp(step * tl.log(beta2)))
+    if weight_decay != 0:
+        if tl.load(table + ADAM_DECOUPLED) != 0:
+            decay = tl.where(
+                lr_is_f32,
+                (1.0 - lr.to(tl.float32) * weight_decay.to(tl.float32)).to(tl.float64),
+                1.0 - lr * weight_decay,
+            )
+            p = p * decay.to(COMPUTE)
+        else:
+            g = g + weight_decay.to(COMPUTE) * p
+    # dequantize: map[code] * absmax in float32
+    qmap_signed = tl.load(extra + count).to(tl.pointer_type(tl.float32))
+    qmap_unsigned = tl.load(extra + count + 1).to(tl.pointer_type(tl.float32))
+    mc_ptr = tl.load(row + ADAM8_EXP_AVG).to(tl.pointer_type(tl.uint8))
+    vc_ptr = tl.load(row + ADAM8_EXP_AVG_SQ).to(tl.pointer_type(tl.uint8))
+    ma_ptr = tl.load(row + ADAM8_EXP_AVG_ABSMAX).to(tl.pointer_type(tl.float32)) + block
+    va_ptr = tl.load(extra + tensor).to(tl.pointer_type(tl.float32)) + block
+    mc = tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32)
+    vc = tl.load(vc_ptr + offs, mask=mask, other=0).to(tl.int32)
+    m0 = (tl.load(qmap_signed + mc) * tl.load(ma_ptr)).to(COMPUTE)
+    v0 = (tl.load(qmap_unsigned + vc) * tl.load(va_ptr)).to(COMPUTE)
+    # the update
+    b1 = beta1.to(COMPUTE)
+    b2 = beta2.to(COMPUTE)
+    m = m0 + (1.0 - b1) * (g - m0)
+    v = v0 * b2 + (1.0 - b2) * g * g
+    eps = tl.load(hyper + ADAM_EPS).to(COMPUTE)
+    if COMPUTE == tl.float64:  # float64 division and square root are IEEE-rounded on every target
+        denom = tl.sqrt(v) * inv_bias_correction2_sqrt.to(COMPUTE) + eps
+        p = p - step_size.to(COMPUTE) * m / denom
+    else:
+        denom = tl.sqrt_rn(v) * inv_bias_correction2_sqrt.to(COMPUTE) + eps
+        p = p - tl.div_rn(step_size.to(COMPUTE) * m, denom)
+    tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+    # the block's new absmaxs (NaN for both where a state is NaN), then the codes
+    m32 = tl.where(mask, m.to(tl.float32), 0.0)
+    v32 = tl.where(mask, v.to(tl.float32), 0.0)
+    has_nan = tl.max(((m32 != m32) | (v32 != v32)).to(tl.int32), axis=0) != 0
+    m_absmax = tl.where(has_nan, NAN, tl.max(tl.where(m32 != m32, 0.0, tl.abs(m32)), axis=0))
+    v_absmax = tl.where(has_nan, NAN, tl.max(tl.where(v32 != v32, 0.0, tl.abs(v32)), axis=0))
+    tl.store(ma_ptr, m_absmax, mask=not_found)
+    tl.store(va_ptr, v_absmax, mask=not_found)
+    one = tl.full([], 1.0, tl.float32)
+    m_inv = tl.where(m_absmax > 0, tl.div_rn(one, tl.where(m_absmax > 0, m_absmax, one)), 0.0)
+    v_inv = tl.where(v_absmax > 0, tl.div_rn(one, tl.where(v_absmax > 0, v_absmax, one)), 0.0)
+    tl.store(mc_ptr + offs, _requantize(m32, m_inv, qmap_signed, BLOCK), mask=mask)
+    tl.store(vc_ptr + offs, _requantize(v32, v_inv, qmap_unsigned, BLOCK), mask=mask)
+
+
+def _adam_8bit_constexprs(dtype):
+    return {"DTYPE": DTYPES[dtype], "COMPUTE": compute_dtype(dtype), "BLOCK": QUANT_BLOCK}
+
+
+def _adam_8bit_variants():
+    return [
+        (f"adam_8bit {str(dtype).replace('torch.', '')}", _adam_8bit_kernel, dict(UPDATE_SIGNATURE),
+         _adam_8bit_constexprs(dtype))
+        for dtype in DTYPES
+    ]  # fmt: skip
+
+
+def adam_step_8bit(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    exp_avg_absmaxs,
+    exp_avg_sq_absmaxs,
+    steps,
+    qmap_signed,
+    qmap_unsigned,
+    block_size,
+    lr,
+    beta1,
+    beta2,
+    weight_decay,
+    eps,
+    maximize,
+    decoupled,
+    grad_scale,
+    found_inf,
+):
+    """The launcher of pyops::adam_step_8bit_triton_ (arguments checked by csrc/optim.h: block_size is
+    QUANT_BLOCK, the maps 256 float32 values, the absmaxs one float32 per block)."""
+    n = len(params)
+    device, dtype = params[0].device, params[0].dtype
+    header = [0] * HEADER_SIZE.value
+    header[LR_ADDRESS] = lr.data_ptr()
+    header[LR_IS_F64] = int(lr.dtype == torch.float64)
+    if grad_scale is not None:
+        header[GRAD_SCALE_ADDRESS] = grad_scale.data_ptr()
+        header[GRAD_SCALE_IS_F64] = int(grad_scale.dtype == torch.float64)
+    if found_inf is not None:
+        header[FOUND_INF_ADDRESS] = found_inf.data_ptr()
+        header[FOUND_INF_IS_F64] = int(found_inf.dtype == torch.float64)
+    header[MAXIMIZE] = int(maximize)
+    header[ADAM_DECOUPLED] = int(decoupled)
+    header[TENSOR_COUNT] = n
+    rows, chunks = [], []
+    for i, p in enumerate(params):
+        numel = p.numel()
+        rows += [
+            numel,
+            p.data_ptr(),
+            grads[i].data_ptr(),
+            exp_avgs[i].data_ptr(),
+            exp_avg_sqs[i].data_ptr(),
+            exp_avg_absmaxs[i].data_ptr(),
+            steps[i].data_ptr(),
+            int(steps[i].dtype == torch.float64),
+            0,
+        ]
+        for start in range(0, numel, QUANT_BLOCK):
+            chunks += [i, start]
+    extra = [t.data_ptr() for t in exp_avg_sq_absmaxs] + [qmap_signed.data_ptr(), qmap_unsigned.data_ptr()]
+    header[CHUNKS_AT] = HEADER_SIZE.value + len(rows) + len(extra)
+    table = device_table(header + rows + extra + chunks, torch.int64, device)
+    if chunks:
+        hyper = _hyper((ADAM_BETA1, beta1), (ADAM_BETA2, beta2), (ADAM_WEIGHT_DECAY, weight_decay), (ADAM_EPS, eps))
+        hyper_table = device_table(hyper, torch.float64, device)
+        _adam_8bit_kernel[(len(chunks) // 2,)](table, hyper_table, **_adam_8bit_constexprs(dtype), **UPDATE_OPTIONS)
+    _finish_kernel[(triton.cdiv(n, FINISH_BLOCK),)](table, **_finish_constexprs())

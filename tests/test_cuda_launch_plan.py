@@ -37,6 +37,7 @@ OPS = {
     "sgd": ("optim", {"numel": 1 << 20, "tensors": 10}),
     "adam": ("optim", {"numels": [64 * 3 * 7 * 7, 64, 64, 1000 * 512, 1000]}),
     "adamw": ("optim", {"numel": 1 << 20, "tensors": 3}),
+    "adam_8bit": ("optim", {"numels": [1 << 20, 300, 100]}),
     "adagrad": ("optim", {"numel": 4097, "tensors": 2}),
     "rmsprop": ("optim", {"numel": 1, "tensors": 300}),
 }
@@ -115,6 +116,10 @@ def test_plans_name_each_kernel_of_each_pass():
     ]
     # the optimizers' grid: a block per 4096-element chunk of each tensor
     assert plan("adam", numels=[4096, 4097, 1])[0]["grid"] == (4, 1, 1)
+    # 8-bit states: a block of 256 threads per 256-element block, 16 per chunk (those past the end return)
+    assert names("adam_8bit", numel=10, tensors=2) == ["adam_8bit_kernel", "finish_step"]
+    launch = plan("adam_8bit", numels=[4096, 4097, 1])[0]
+    assert launch["grid"] == (4 * 16, 1, 1) and launch["block"] == (256, 1, 1)
     # nothing to launch for empty tensors
     assert plan("relu", numel=0) == [] and plan("batch_norm", shape=(0, 3, 4, 4)) == []
 
@@ -216,6 +221,7 @@ def test_batch_norm_fills_an_h100_twice(shape, channels_last):
         ("batch_norm", {"shape": (16384, 256)}),
         ("relu", {"numel": 1 << 24}),
         ("adam", {"numel": 11_000_000, "tensors": 1}),
+        ("adam_8bit", {"numel": 1 << 20, "tensors": 1}),
     ],
 )
 def test_large_launches_have_two_waves(op, sizes):

@@ -211,6 +211,17 @@ def _optim_ops(optim, dtype):
             for p in params:
                 p.grad = torch.randn_like(p)
             opt.step()
+    # Adam with 8-bit states (its parameters need 4096 elements to take them: the primitive, on 300)
+    from pyops.ops import PRIMITIVES
+    from pyops.optim import quantized
+
+    p = _randn(300, dtype=dtype)
+    codes = [torch.zeros(300, dtype=torch.uint8) for _ in range(2)]
+    PRIMITIVES["triton"]["adam_step_8bit_"](
+        [p], [torch.randn_like(p)], [codes[0]], [codes[1]], [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(())],
+        *quantized.maps("cpu"), 256, torch.tensor(0.1, dtype=torch.float64), 0.9, 0.999, 0.0, 1e-8, False, True,
+        None, None,
+    )  # fmt: skip
 
 
 FAMILY_OPS = {

@@ -29,6 +29,8 @@
 //                   numels (each tensor's), or numel and tensors (that many of numel); new_buffers
 //                   (sgd, bool, default false: whether new-buffer flags are passed): multi_tensor_kernel,
 //                   then finish_step where the algorithm keeps step counts (or SGD's flags are passed)
+//   adam_8bit       numels, or numel and tensors (Adam/AdamW with 8-bit states): adam_8bit_kernel,
+//                   finish_step
 // Another family adds its plan functions here and one entry to launch_plan_ops().
 #pragma once
 #include <algorithm>
@@ -278,6 +280,15 @@ inline Launch optim_update(const std::vector<int64_t>& numels) {
 inline Launch optim_finish(int64_t tensors) {
   return launch_1d("finish_step", ceil_div(tensors, optim::kThreads), optim::kThreads);
 }
+// Adam with 8-bit states (pyops::adam_step_8bit_): a block of kQuantBlock threads per block of kQuantBlock
+// elements (one absmax each), kChunk / kQuantBlock of them per chunk of the same table (those past a
+// tensor's end return at once), then finish_step.
+namespace optim {
+constexpr int64_t kQuantBlock = 256;  // csrc/optim.h's kQuantBlock
+}  // namespace optim
+inline Launch optim_update_8bit(const std::vector<int64_t>& numels) {
+  return launch_1d("adam_8bit_kernel", optim_chunks(numels) * (optim::kChunk / optim::kQuantBlock), optim::kQuantBlock);
+}
 
 // ---- the export's table -----------------------------------------------------------------------------------
 // `sizes` as the caller gave them: integers (bools as 0/1, tuples as several) and strings.
@@ -365,14 +376,16 @@ inline std::vector<int64_t> optim_numels(const Sizes& s) {
   return std::vector<int64_t>(size_t(s.get("tensors")), s.get("numel"));
 }
 
-// keeps_steps: whether the algorithm has step counts (or flags) for finish_step to advance
-inline std::vector<Launch> optim_plans(const Sizes& s, bool keeps_steps) {
+// keeps_steps: whether the algorithm has step counts (or flags) for finish_step to advance; quantized:
+// Adam with 8-bit states (adam_8bit_kernel)
+inline std::vector<Launch> optim_plans(const Sizes& s, bool keeps_steps, bool quantized = false) {
   const std::vector<int64_t> numels = optim_numels(s);
   std::vector<Launch> out;
   if (numels.empty()) return out;
   int64_t total = 0;
   for (int64_t n : numels) total += n;
-  if (optim_chunks(numels) > 0) out.push_back(touching(optim_update(numels), total));
+  if (optim_chunks(numels) > 0)
+    out.push_back(touching(quantized ? optim_update_8bit(numels) : optim_update(numels), total));
   if (keeps_steps) out.push_back(touching(optim_finish(int64_t(numels.size())), int64_t(numels.size())));
   return out;
 }
@@ -397,6 +410,7 @@ inline const std::map<std::string, PlanFn>& launch_plan_ops() {
       {"sgd", [](const Sizes& s) { return optim_plans(s, s.get("new_buffers", 0) != 0); }},
       {"adam", [](const Sizes& s) { return optim_plans(s, true); }},
       {"adamw", [](const Sizes& s) { return optim_plans(s, true); }},
+      {"adam_8bit", [](const Sizes& s) { return optim_plans(s, true, true); }},
       {"adagrad", [](const Sizes& s) { return optim_plans(s, true); }},
       {"rmsprop", [](const Sizes& s) { return optim_plans(s, true); }},
   };

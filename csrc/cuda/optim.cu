@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <math_constants.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -19,6 +20,7 @@
 #include <optional>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "common/dispatch.h"
@@ -118,6 +120,9 @@ struct SgdKernel {
   }
 };
 
+// S: the states' type (void: the parameters' own; at::BFloat16 for float32 parameters, rounded to nearest
+// even when stored, and the update reads what they hold).
+template <typename S = void>
 struct AdamKernel {
   static constexpr int kExpAvg = 0, kExpAvgSq = 1, kMaxExpAvgSq = 2;
   double beta1, beta2, weight_decay, eps;
@@ -132,6 +137,7 @@ struct AdamKernel {
   }
   template <typename T, typename O>
   __device__ O update(const TensorMeta& m, int64_t j, T* p, O g, O, const PerTensor& t) const {
+    using St = std::conditional_t<std::is_void_v<S>, T, S>;
     O pj = p[j];
     if (weight_decay != 0) {
       if (decoupled) {
@@ -141,14 +147,14 @@ struct AdamKernel {
       }
     }
     const O b1 = beta1, b2 = beta2;
-    T* exp_avg = state<T>(m, kExpAvg);
-    T* exp_avg_sq = state<T>(m, kExpAvgSq);
+    St* exp_avg = state<St>(m, kExpAvg);
+    St* exp_avg_sq = state<St>(m, kExpAvgSq);
     const O m0 = exp_avg[j];
     exp_avg[j] = m0 + (1 - b1) * (g - m0);  // lerp
     exp_avg_sq[j] = O(exp_avg_sq[j]) * b2 + (1 - b2) * g * g;
     O v = exp_avg_sq[j];
     if (amsgrad) {
-      T* max_exp_avg_sq = state<T>(m, kMaxExpAvgSq);
+      St* max_exp_avg_sq = state<St>(m, kMaxExpAvgSq);
       const O vmax = max_exp_avg_sq[j];
       max_exp_avg_sq[j] = (vmax != vmax || vmax > v) ? vmax : v;  // NaN wins, as torch.maximum
       v = max_exp_avg_sq[j];
@@ -375,6 +381,207 @@ void launch(const GroupStep& s, const K& kernel, std::initializer_list<at::Tenso
   }
 }
 
+// ---- Adam/AdamW with 8-bit blockwise states (Adam8bitStep, csrc/optim.h) ---------------------------------
+// A block of kQuantBlock threads per block of kQuantBlock elements, a thread per element: dequantize
+// (map[code] * absmax), the update, the block's new absmaxs (warp shuffles, then the warps' maxima in
+// shared memory, combined in a fixed order; NaN for both where a state is NaN), requantize (code = the
+// number of the map's float32 midpoints below state * (1 / absmax): an 8-step binary search over the
+// midpoints in shared memory). Every operation is one IEEE-rounded intrinsic (nvcc would contract a * b
+// + c into fused multiply-adds), in the order csrc/optim.h states the update, so the codes are those of
+// that float32 math bit for bit, as kernels/optim.py's _adam_8bit_kernel. The blocks take the update
+// kernels' table: a chunk's kChunk / kQuantBlock blocks (those past the tensor's end return at once);
+// the table's rows hold the exp_avg codes, exp_avg_sq codes and exp_avg absmaxs in the state slots, and
+// rows [n, 2n) (size 0: no chunks) the exp_avg_sq absmaxs as their param.
+constexpr int kQuantThreads = int(plan::optim::kQuantBlock);
+constexpr int64_t kQuantBlocksPerChunk = kChunk / kQuantBlock;
+static_assert(plan::optim::kQuantBlock == kQuantBlock && kChunk % kQuantBlock == 0 && kQuantThreads % 32 == 0,
+              "whole warps per block, whole blocks per chunk");
+
+template <typename O>
+__device__ __forceinline__ O add_rn(O a, O b) {
+  if constexpr (std::is_same_v<O, float>) {
+    return __fadd_rn(a, b);
+  } else {
+    return __dadd_rn(a, b);
+  }
+}
+template <typename O>
+__device__ __forceinline__ O sub_rn(O a, O b) {
+  if constexpr (std::is_same_v<O, float>) {
+    return __fsub_rn(a, b);
+  } else {
+    return __dsub_rn(a, b);
+  }
+}
+template <typename O>
+__device__ __forceinline__ O div_rn(O a, O b) {
+  if constexpr (std::is_same_v<O, float>) {
+    return __fdiv_rn(a, b);
+  } else {
+    return __ddiv_rn(a, b);
+  }
+}
+template <typename O>
+__device__ __forceinline__ O sqrt_rn(O a) {
+  if constexpr (std::is_same_v<O, float>) {
+    return __fsqrt_rn(a);
+  } else {
+    return __dsqrt_rn(a);
+  }
+}
+
+struct Adam8bitKernel {
+  static constexpr int kExpAvg = 0, kExpAvgSq = 1, kExpAvgAbsmax = 2;
+  double beta1, beta2, weight_decay, eps;
+  bool decoupled;
+  const float *qmap_signed, *qmap_unsigned;
+};
+
+// How many of the midpoints mid[0..254] lie below y (NaN: none).
+__device__ __forceinline__ uint8_t quant_code(const float* mid, float y) {
+  int c = 0;
+#pragma unroll
+  for (int half = 128; half > 0; half >>= 1) c += mid[c + half - 1] < y ? half : 0;
+  return uint8_t(c);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kQuantThreads)
+    adam_8bit_kernel(const TensorMeta* metas, const int64_t* chunks, int64_t count, Common c, Adam8bitKernel k) {
+  using O = at::opmath_type<T>;
+  constexpr int kWarps = kQuantThreads / 32;
+  __shared__ float mid_signed[kQuantMapSize], mid_unsigned[kQuantMapSize];
+  __shared__ float warp_max[2][kWarps];
+  __shared__ int warp_nan[kWarps];
+  if (c.found_inf.ptr != nullptr && c.found_inf.get() != 0) return;  // the grad scaler skips the step
+  const int64_t chunk = blockIdx.x / kQuantBlocksPerChunk;
+  const int64_t t = chunks[2 * chunk];
+  const int64_t start = chunks[2 * chunk + 1] + (blockIdx.x % kQuantBlocksPerChunk) * kQuantBlock;
+  const TensorMeta m = metas[t];
+  if (start >= m.numel) return;  // the whole block
+  const int tid = threadIdx.x;
+  if (tid + 1 < kQuantMapSize) {
+    mid_signed[tid] = __fmul_rn(__fadd_rn(k.qmap_signed[tid], k.qmap_signed[tid + 1]), 0.5f);
+    mid_unsigned[tid] = __fmul_rn(__fadd_rn(k.qmap_unsigned[tid], k.qmap_unsigned[tid + 1]), 0.5f);
+  }
+  const int64_t block = start / kQuantBlock, j = start + tid;
+  const bool active = j < m.numel;
+  float* m_absmax = state<float>(m, Adam8bitKernel::kExpAvgAbsmax) + block;
+  float* v_absmax = static_cast<float*>(metas[count + t].param) + block;
+  const float m_absmax0 = *m_absmax, v_absmax0 = *v_absmax;
+  uint8_t* m_codes = state<uint8_t>(m, Adam8bitKernel::kExpAvg);
+  uint8_t* v_codes = state<uint8_t>(m, Adam8bitKernel::kExpAvgSq);
+  O mj = 0, vj = 0;
+  if (active) {
+    const double lr = c.lr.get(), step = next_step(m);
+    const bool lr_is_float = !c.lr.is_double;
+    T* p = static_cast<T*>(m.param);
+    T* g = static_cast<T*>(m.grad);
+    O gj = g[j];
+    if (c.grad_scale.ptr != nullptr) {
+      g[j] = T(mul_rounded(gj, O(1.0 / c.grad_scale.get())));
+      gj = g[j];  // the update uses the gradient as written back
+    }
+    if (c.maximize) gj = -gj;
+    O pj = p[j];
+    if (k.weight_decay != 0) {
+      if (k.decoupled) {
+        pj = mul_rounded(pj, O(decoupled_decay(lr, lr_is_float, k.weight_decay)));
+      } else {
+        gj = add_rn(gj, mul_rounded(O(k.weight_decay), pj));
+      }
+    }
+    const O m0 = O(__fmul_rn(k.qmap_signed[m_codes[j]], m_absmax0));
+    const O v0 = O(__fmul_rn(k.qmap_unsigned[v_codes[j]], v_absmax0));
+    const O b1 = O(k.beta1), b2 = O(k.beta2);
+    mj = add_rn(m0, mul_rounded(sub_rn(O(1), b1), sub_rn(gj, m0)));
+    vj = add_rn(mul_rounded(v0, b2), mul_rounded(mul_rounded(sub_rn(O(1), b2), gj), gj));
+    const O denom = add_rn(mul_rounded(sqrt_rn(vj), O(adam_inv_bias_correction2_sqrt(k.beta2, step))), O(k.eps));
+    const O step_size = O(adam_step_size(lr, lr_is_float, k.beta1, step));
+    p[j] = T(sub_rn(pj, div_rn(mul_rounded(step_size, mj), denom)));
+  }
+  const float m32 = float(mj), v32 = float(vj);
+  float m_max = fabsf(m32), v_max = fabsf(v32);  // (fmaxf drops a NaN: the flag keeps it)
+  const int nan = __any_sync(0xffffffffu, isnan(m32) || isnan(v32));
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, offset));
+    v_max = fmaxf(v_max, __shfl_xor_sync(0xffffffffu, v_max, offset));
+  }
+  if (tid % 32 == 0) {
+    warp_max[0][tid / 32] = m_max;
+    warp_max[1][tid / 32] = v_max;
+    warp_nan[tid / 32] = nan;
+  }
+  __syncthreads();  // (also: every thread has read the old absmaxs, and the midpoints are in place)
+  bool any_nan = false;
+  m_max = v_max = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    m_max = fmaxf(m_max, warp_max[0][w]);
+    v_max = fmaxf(v_max, warp_max[1][w]);
+    any_nan = any_nan || warp_nan[w] != 0;
+  }
+  if (any_nan) m_max = v_max = CUDART_NAN_F;
+  if (tid == 0) {
+    *m_absmax = m_max;
+    *v_absmax = v_max;
+  }
+  if (active) {
+    const float m_inv = m_max > 0 ? __fdiv_rn(1.0f, m_max) : 0.0f, v_inv = v_max > 0 ? __fdiv_rn(1.0f, v_max) : 0.0f;
+    m_codes[j] = quant_code(mid_signed, __fmul_rn(m32, m_inv));
+    v_codes[j] = quant_code(mid_unsigned, __fmul_rn(v32, v_inv));
+  }
+}
+
+void launch_adam_8bit(const Adam8bitStep& s) {
+  const at::Tensor& p0 = s.params[0];
+  const size_t n = s.params.size();
+  std::vector<TensorMeta> metas(2 * n);  // [n, 2n): the exp_avg_sq absmaxs, no elements
+  for (size_t i = 0; i < n; ++i) {
+    TensorMeta& m = metas[i];
+    m.param = s.params[i].data_ptr();
+    m.grad = s.grads[i].data_ptr();
+    m.state[Adam8bitKernel::kExpAvg] = s.exp_avgs[i].data_ptr();
+    m.state[Adam8bitKernel::kExpAvgSq] = s.exp_avg_sqs[i].data_ptr();
+    m.state[Adam8bitKernel::kExpAvgAbsmax] = s.exp_avg_absmaxs[i].data_ptr();
+    m.step = s.steps[i].data_ptr();
+    m.step_is_double = s.steps[i].scalar_type() == at::kDouble;
+    m.new_buffer = nullptr;
+    m.numel = s.params[i].numel();
+    TensorMeta& e = metas[n + i];
+    e = TensorMeta{};
+    e.param = s.exp_avg_sq_absmaxs[i].data_ptr();
+  }
+  const Tables t = tables_for(metas, p0.device());
+  const auto* meta_ptr = reinterpret_cast<const TensorMeta*>(t.metas_device.const_data_ptr<uint8_t>());
+  const auto* chunk_ptr = reinterpret_cast<const int64_t*>(t.chunks_device.const_data_ptr<uint8_t>());
+  const Common common{device_scalar(s.lr), device_scalar(s.grad_scale), device_scalar(s.found_inf), s.maximize};
+  const Adam8bitKernel k{s.beta1,
+                         s.beta2,
+                         s.weight_decay,
+                         s.eps,
+                         s.decoupled,
+                         s.qmap_signed.const_data_ptr<float>(),
+                         s.qmap_unsigned.const_data_ptr<float>()};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (t.num_chunks > 0) {
+    std::vector<int64_t> numels(n);
+    for (size_t i = 0; i < n; ++i) numels[i] = metas[i].numel;
+    const plan::Launch l = plan::optim_update_8bit(numels);
+    TORCH_CHECK(l.grid.x == t.num_chunks * kQuantBlocksPerChunk && l.grid.x <= plan::kMaxGridX, "pyops: a group of ",
+                t.num_chunks, " chunks does not fit one launch of adam_8bit_kernel");
+    PYOPS_DISPATCH_FLOATING(p0.scalar_type(), [&] {
+      adam_8bit_kernel<scalar_t>
+          <<<plan::grid_of(l), plan::block_of(l), l.smem, stream>>>(meta_ptr, chunk_ptr, int64_t(n), common, k);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const plan::Launch l = plan::optim_finish(int64_t(n));
+  finish_step<<<plan::grid_of(l), plan::block_of(l), l.smem, stream>>>(meta_ptr, int64_t(n), common.found_inf);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 struct Cuda {
   static constexpr bool kStochasticRound = true;  // store_param
   struct Guard {
@@ -386,10 +593,48 @@ struct Cuda {
     const SgdKernel k{s.momentum, s.dampening, s.weight_decay, s.nesterov};
     launch(s, k, {s.momentum != 0 ? s.momentum_buffers : at::TensorList()}, {}, s.new_buffers);
   }
+  // D::adam takes bfloat16 state for float32 parameters (csrc/optim.h): a launch per states' dtype.
+  static constexpr bool kBf16AdamStates = true;
+
   static void adam(const AdamStep& s) {
-    const AdamKernel k{s.beta1, s.beta2, s.weight_decay, s.eps, s.amsgrad, s.decoupled};
-    launch(s, k, {s.exp_avgs, s.exp_avg_sqs, s.amsgrad ? s.max_exp_avg_sqs : at::TensorList()}, s.steps);
+    auto run = [](const AdamStep& a, auto kernel) {
+      launch(a, kernel, {a.exp_avgs, a.exp_avg_sqs, a.amsgrad ? a.max_exp_avg_sqs : at::TensorList()}, a.steps);
+    };
+    const AdamKernel<> own{s.beta1, s.beta2, s.weight_decay, s.eps, s.amsgrad, s.decoupled};
+    const AdamKernel<at::BFloat16> bf16{s.beta1, s.beta2, s.weight_decay, s.eps, s.amsgrad, s.decoupled};
+    std::vector<size_t> bf16_states, own_states;
+    for (size_t i = 0; i < s.params.size(); ++i)
+      (s.exp_avgs[i].scalar_type() != s.params[i].scalar_type() ? bf16_states : own_states).push_back(i);
+    if (bf16_states.empty()) return run(s, own);
+    if (own_states.empty()) {
+      TORCH_CHECK(s.params[0].scalar_type() == at::kFloat, "pyops::adam_step_: bfloat16 states need float32 params");
+      return run(s, bf16);
+    }
+    for (const auto* idx : {&own_states, &bf16_states}) {  // the group's tensors in two launches
+      std::vector<at::Tensor> lists[6];
+      for (size_t i : *idx) {
+        lists[0].push_back(s.params[i]);
+        lists[1].push_back(s.grads[i]);
+        lists[2].push_back(s.exp_avgs[i]);
+        lists[3].push_back(s.exp_avg_sqs[i]);
+        if (s.amsgrad) lists[4].push_back(s.max_exp_avg_sqs[i]);
+        lists[5].push_back(s.steps[i]);
+      }
+      AdamStep part = s;
+      part.params = lists[0];
+      part.grads = lists[1];
+      part.exp_avgs = lists[2];
+      part.exp_avg_sqs = lists[3];
+      part.max_exp_avg_sqs = lists[4];
+      part.steps = lists[5];
+      if (idx == &own_states) {
+        run(part, own);
+      } else {
+        run(part, bf16);
+      }
+    }
   }
+  static void adam_8bit(const Adam8bitStep& s) { launch_adam_8bit(s); }
   static void adagrad(const AdagradStep& s) {
     const AdagradKernel k{s.lr_decay, s.weight_decay, s.eps};
     launch(s, k, {s.sums}, s.steps);
@@ -405,6 +650,9 @@ struct Cuda {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyops, CUDA, m) { PYOPS_REGISTER_OPTIM(m, ::pyops::Cuda, ""); }
+TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
+  PYOPS_REGISTER_OPTIM(m, ::pyops::Cuda, "");
+  PYOPS_REGISTER_OPTIM_8BIT(m, ::pyops::Cuda, "");
+}
 
 }  // namespace pyops

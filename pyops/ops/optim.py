@@ -15,6 +15,7 @@ from . import PRIMITIVES, define_launch, register_fake
 LAUNCHES = {
     "sgd_step_": ("_triton_sgd_step", "sgd_step"),
     "adam_step_": ("_triton_adam_step", "adam_step"),
+    "adam_step_8bit_": ("_triton_adam_step_8bit", "adam_step_8bit"),
     "adagrad_step_": ("_triton_adagrad_step", "adagrad_step"),
     "rmsprop_step_": ("_triton_rmsprop_step", "rmsprop_step"),
 }

@@ -4,9 +4,10 @@ import inspect
 
 from torch import optim
 
-from .fused import SGD, Adagrad, Adam, AdamW, RMSprop
+from .fused import SGD, Adagrad, Adam, Adam8bit, AdamW, AdamW8bit, RMSprop
 
 _DROP_INS = {optim.SGD: SGD, optim.Adam: Adam, optim.AdamW: AdamW, optim.Adagrad: Adagrad, optim.RMSprop: RMSprop}
+_OURS = (*_DROP_INS.values(), Adam8bit, AdamW8bit)
 
 
 def convert(optimizer):
@@ -14,7 +15,7 @@ def convert(optimizer):
     type): the same parameters, param groups and hyper-parameters, and its state (step counts,
     moment buffers) loaded through state_dict, so training continues where it stood. A pyops
     optimizer comes back as it is; any other type raises TypeError."""
-    if type(optimizer) in _DROP_INS.values():
+    if type(optimizer) in _OURS:
         return optimizer
     cls = _DROP_INS.get(type(optimizer))
     if cls is None:

@@ -18,7 +18,8 @@ state untouched. Steps bump the version counters of what they write, as torch's 
 parameter listed twice in a group steps twice, as torch's (from the gradient unscaled once).
 
 Which tensors take a kernel, torch's for-loop or torch's own step, master_weights and
-bf16_stochastic_round: the shared step machinery, pyops/optim/_step.py.
+bf16_stochastic_round: the shared step machinery, pyops/optim/_step.py. Adam and AdamW's quantized states
+(state_dtype=torch.bfloat16 or "8bit"; Adam8bit, AdamW8bit): pyops/optim/quantized.py.
 """
 
 import torch
@@ -29,9 +30,10 @@ from torch.optim import rmsprop as _rmsprop
 from torch.optim import sgd as _sgd
 
 from ..ops import PRIMITIVES
+from . import quantized as _q
 from ._step import _as_state_of, _check_master, _Fused, _lr_tensor, _scalar, fallback_counts
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "fallback_counts"]
+__all__ = ["SGD", "Adam", "AdamW", "Adam8bit", "AdamW8bit", "Adagrad", "RMSprop", "fallback_counts"]
 
 
 class SGD(_Fused, optim.SGD):
@@ -198,6 +200,67 @@ class _AdamStep:
     _state_keys = (None, None, "exp_avg", "exp_avg_sq", "max_exp_avg_sq", None)
     _steps_at = 5
 
+    # ---- quantized states (state_dtype: pyops/optim/quantized.py) ---------------------------------
+    def _set_state_dtype(self, state_dtype):
+        """A group's "state_dtype", where it is not None (so that without it state_dict() and the groups
+        are torch's own)."""
+        if state_dtype is None:
+            return
+        self.defaults["state_dtype"] = state_dtype
+        for group in self.param_groups:
+            group.setdefault("state_dtype", state_dtype)
+
+    @torch.no_grad()
+    def _fused_step(self, closure):
+        """Parameters with quantized states take pyops/optim/quantized.py's step; the rest (float states:
+        small tensors, or no state_dtype) the float step, through the group without them."""
+        if not any(g.get("state_dtype") is not None or self._has_quantized(g) for g in self.param_groups):
+            return super()._fused_step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        groups, rest = self.param_groups, []
+        for group in groups:
+            quantized = _q.quantized_params(self, group)
+            if quantized:
+                # a parameter listed k times steps k times, as torch's: in rounds, from the gradient
+                # unscaled once (as _run_once_each)
+                rounds, listed = [], {}
+                for p in quantized:
+                    k = listed[id(p)] = listed.get(id(p), -1) + 1
+                    if k == len(rounds):
+                        rounds.append([])
+                    rounds[k].append(p)
+                for k, ps in enumerate(rounds):
+                    scale = grad_scale if k == 0 else None
+                    _q.step_quantized(self, group, ps, scale, found_inf, self._decoupled(group))
+                ids = set(map(id, quantized))
+                group = dict(group, params=[p for p in group["params"] if id(p) not in ids])
+            rest.append(group)
+        self.param_groups = rest
+        try:
+            super()._fused_step(None)
+        finally:
+            self.param_groups = groups
+        return loss
+
+    def _has_quantized(self, group):
+        return any(_q.kind_of(self.state[p], p) for p in group["params"] if p in self.state)
+
+    def load_state_dict(self, state_dict):
+        """torch's, then the states brought to this optimizer's state_dtype (its own, per group, whatever
+        the state_dict's groups say): quantized from float states, dequantized where it has none."""
+        own = [g.get("state_dtype", self.defaults.get("state_dtype")) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, state_dtype in zip(self.param_groups, own):
+            group.pop("state_dtype", None)
+            if state_dtype is not None:
+                group["state_dtype"] = state_dtype
+        _q.convert_loaded_state(self, state_dict)
+
     def _collect(self, group):
         params, grads, m, v, vmax, steps = [], [], [], [], [], []
         self._init_group(group, params, grads, m, v, vmax, steps)
@@ -273,8 +336,11 @@ class Adam(_AdamStep, _Fused, optim.Adam):
         decoupled_weight_decay=False,
         master_weights=False,
         bf16_stochastic_round=False,
+        state_dtype=None,
     ):
         _check_master(master_weights, differentiable, bf16_stochastic_round)
+        _q.check_state_dtype(type(self).__name__, state_dtype, amsgrad, master_weights, differentiable)
+        _q.check_rounding(type(self).__name__, state_dtype, bf16_stochastic_round)
         super().__init__(
             params,
             lr,
@@ -291,6 +357,7 @@ class Adam(_AdamStep, _Fused, optim.Adam):
         )
         self.master_weights = bool(master_weights)
         self.bf16_stochastic_round = bool(bf16_stochastic_round)
+        self._set_state_dtype(state_dtype)
 
     @staticmethod
     def _decoupled(group):
@@ -316,8 +383,11 @@ class AdamW(_AdamStep, _Fused, optim.AdamW):
         fused=None,
         master_weights=False,
         bf16_stochastic_round=False,
+        state_dtype=None,
     ):
         _check_master(master_weights, differentiable, bf16_stochastic_round)
+        _q.check_state_dtype(type(self).__name__, state_dtype, amsgrad, master_weights, differentiable)
+        _q.check_rounding(type(self).__name__, state_dtype, bf16_stochastic_round)
         super().__init__(
             params,
             lr,
@@ -333,10 +403,28 @@ class AdamW(_AdamStep, _Fused, optim.AdamW):
         )
         self.master_weights = bool(master_weights)
         self.bf16_stochastic_round = bool(bf16_stochastic_round)
+        self._set_state_dtype(state_dtype)
 
     @staticmethod
     def _decoupled(group):
         return True
+
+
+class Adam8bit(Adam):
+    """Adam with 8-bit blockwise states: pyops.optim.Adam(..., state_dtype="8bit") (the name bitsandbytes
+    and torchao give it; see pyops/optim/quantized.py for the format)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, **kwargs):
+        kwargs.setdefault("state_dtype", "8bit")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+
+
+class AdamW8bit(AdamW):
+    """AdamW with 8-bit blockwise states: pyops.optim.AdamW(..., state_dtype="8bit")."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, **kwargs):
+        kwargs.setdefault("state_dtype", "8bit")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
 
 
 class Adagrad(_Fused, optim.Adagrad):
