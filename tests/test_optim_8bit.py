@@ -666,7 +666,7 @@ def test_bench_rows():
     the fixed-cost sets), each row stepping its own state_dtype."""
     from bench import optim as bench_optim
 
-    cases = [c for c in bench_optim.cases("cpu", quick=True) if c.op in ("Adam", "AdamW")]
+    cases = [c for c in bench_optim._step_cases("cpu", quick=True) if c.op in ("Adam", "AdamW")]
     big = [c for c in cases if not c.shape[0].startswith("overhead")]
     assert big and all([v[:2] for v in c.variants] == [("8bit", "pyops_8bit"), ("bf16", "pyops_bf16")] for c in big)
     assert all(c.variants is None for c in cases if c.shape[0].startswith("overhead"))
