@@ -205,11 +205,14 @@ void for_each_chunk(at::TensorList params, const Body& body) {
 // ---- 8-bit blockwise states (Adam8bitStep, csrc/optim.h) ------------------------------------------
 // A map's quantizer: code(y) = the number of midpoints mid[c] = (q[c] + q[c+1]) / 2 (float32) below y,
 // i.e. the nearest map value, ties to the lower one (a NaN y, in a block whose absmax is NaN, takes any
-// code). The scalar path binary-searches
-// the midpoints. The vector path reads a first guess from a table indexed by y's sign, exponent and
-// kBucketBits leading mantissa bits (the map's decades of linear steps make each such bucket hold at most
-// kRefine midpoints), then counts the kRefine midpoints above the guess that lie below y: the same code
-// as the search. A map with a bucket holding more midpoints takes the scalar path.
+// code). Three paths give that same code:
+//   - whole blocks of float32 parameters on AVX512-VBMI machines (adam_8bit_block_vbmi): the maps looked
+//     up 64 codes at a time by byte permutes, and the code found from the dynamic maps' decade structure
+//     (Quantizer::guess_of) and two or three midpoint comparisons;
+//   - other AVX-512 machines, and maps whose decade guess fails its check (adam_8bit_block): 32-bit
+//     gathers, and a first guess from a table indexed by y's sign, exponent and kBucketBits leading
+//     mantissa bits (each such bucket holds at most kRefine midpoints), then kRefine comparisons;
+//   - the rest (other dtypes, tails, other CPUs, maps neither guess fits): a binary search.
 constexpr int kBucketBits = 7;
 constexpr int kRefine = 1;  // enough for the dynamic maps with kBucketBits = 7 (each bucket holds at most one midpoint)
 constexpr int kTopExponent = 127;                   // |y| < 2: y = x / absmax with |x| <= absmax, rounded
@@ -364,7 +367,7 @@ void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
   float mnew[kQuantBlock], vnew[kQuantBlock];
   int64_t j = 0;
   float mmax = 0, vmax = 0;
-  bool nan = false;
+  bool nan_m = false, nan_v = false;
 #if defined(CPU_CAPABILITY_AVX512)
   constexpr int64_t L = 16;
   if constexpr (std::is_same_v<T, float>) {
@@ -374,7 +377,7 @@ void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
     const __m512 vdecay = _mm512_set1_ps(decay), vwd = _mm512_set1_ps(wd);
     const __m512 sign = _mm512_set1_ps(-0.0f);
     __m512 amax_m = _mm512_setzero_ps(), amax_v = _mm512_setzero_ps();
-    __mmask16 unordered = 0;
+    __mmask16 unordered_m = 0, unordered_v = 0;
     for (; j + L <= n; j += L) {
       const __m512 m0 = _mm512_mul_ps(
           _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mc + j))), qs.q, 4),
@@ -404,11 +407,13 @@ void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
       _mm512_storeu_ps(vnew + j, vj);
       amax_m = _mm512_max_ps(amax_m, _mm512_andnot_ps(sign, mj));
       amax_v = _mm512_max_ps(amax_v, _mm512_andnot_ps(sign, vj));
-      unordered |= _mm512_cmp_ps_mask(mj, vj, _CMP_UNORD_Q);
+      unordered_m |= _mm512_cmp_ps_mask(mj, mj, _CMP_UNORD_Q);
+      unordered_v |= _mm512_cmp_ps_mask(vj, vj, _CMP_UNORD_Q);
     }
     mmax = _mm512_reduce_max_ps(amax_m);
     vmax = _mm512_reduce_max_ps(amax_v);
-    nan = unordered != 0;
+    nan_m = unordered_m != 0;
+    nan_v = unordered_v != 0;
   }
 #endif
   [[maybe_unused]] const int64_t nv = j;
@@ -436,9 +441,11 @@ void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
     vnew[j] = float(vj);
     mmax = std::max(mmax, std::abs(mnew[j]));
     vmax = std::max(vmax, std::abs(vnew[j]));
-    nan = nan || std::isnan(mnew[j]) || std::isnan(vnew[j]);
+    nan_m = nan_m || std::isnan(mnew[j]);
+    nan_v = nan_v || std::isnan(vnew[j]);
   }
-  if (nan) mmax = vmax = NAN;  // a NaN state poisons its block, whose absmax says so
+  if (nan_m) mmax = NAN;  // a NaN state poisons its block, whose absmax says so
+  if (nan_v) vmax = NAN;
   *ma = mmax;
   *va = vmax;
   const float minv = mmax > 0 ? 1.0f / mmax : 0.0f, vinv = vmax > 0 ? 1.0f / vmax : 0.0f;
@@ -584,7 +591,7 @@ PYOPS_VBMI void adam_8bit_block_vbmi(float* p, float* g, uint8_t* mc, uint8_t* v
   const bool wd = k.weight_decay != 0;
   alignas(64) float mnew[kQuantBlock], vnew[kQuantBlock];
   __m512 amax_m = _mm512_setzero_ps(), amax_v = _mm512_setzero_ps();
-  __mmask16 unordered = 0;
+  __mmask16 unordered_m = 0, unordered_v = 0;
   for (int64_t j0 = 0; j0 < kQuantBlock; j0 += 64) {
     __m512 m0s[4], v0s[4];
     lookup64(_mm512_loadu_si512(mc + j0), qs.q_planes, m0s);
@@ -614,11 +621,13 @@ PYOPS_VBMI void adam_8bit_block_vbmi(float* p, float* g, uint8_t* mc, uint8_t* v
       _mm512_store_ps(vnew + j, vj);
       amax_m = _mm512_max_ps(amax_m, _mm512_andnot_ps(sign, mj));
       amax_v = _mm512_max_ps(amax_v, _mm512_andnot_ps(sign, vj));
-      unordered |= _mm512_cmp_ps_mask(mj, vj, _CMP_UNORD_Q);
+      unordered_m |= _mm512_cmp_ps_mask(mj, mj, _CMP_UNORD_Q);
+      unordered_v |= _mm512_cmp_ps_mask(vj, vj, _CMP_UNORD_Q);
     }
   }
   float mmax = _mm512_reduce_max_ps(amax_m), vmax = _mm512_reduce_max_ps(amax_v);
-  if (unordered) mmax = vmax = NAN;
+  if (unordered_m) mmax = NAN;
+  if (unordered_v) vmax = NAN;
   *ma = mmax;
   *va = vmax;
   const __m512 minv = _mm512_set1_ps(mmax > 0 ? 1.0f / mmax : 0.0f),
