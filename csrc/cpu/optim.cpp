@@ -367,7 +367,7 @@ void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
   float mnew[kQuantBlock], vnew[kQuantBlock];
   int64_t j = 0;
   float mmax = 0, vmax = 0;
-  bool nan_m = false, nan_v = false;
+  bool nan = false;
 #if defined(CPU_CAPABILITY_AVX512)
   constexpr int64_t L = 16;
   if constexpr (std::is_same_v<T, float>) {
@@ -377,7 +377,7 @@ void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
     const __m512 vdecay = _mm512_set1_ps(decay), vwd = _mm512_set1_ps(wd);
     const __m512 sign = _mm512_set1_ps(-0.0f);
     __m512 amax_m = _mm512_setzero_ps(), amax_v = _mm512_setzero_ps();
-    __mmask16 unordered_m = 0, unordered_v = 0;
+    __mmask16 unordered = 0;
     for (; j + L <= n; j += L) {
       const __m512 m0 = _mm512_mul_ps(
           _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mc + j))), qs.q, 4),
@@ -407,13 +407,11 @@ void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
       _mm512_storeu_ps(vnew + j, vj);
       amax_m = _mm512_max_ps(amax_m, _mm512_andnot_ps(sign, mj));
       amax_v = _mm512_max_ps(amax_v, _mm512_andnot_ps(sign, vj));
-      unordered_m |= _mm512_cmp_ps_mask(mj, mj, _CMP_UNORD_Q);
-      unordered_v |= _mm512_cmp_ps_mask(vj, vj, _CMP_UNORD_Q);
+      unordered |= _mm512_cmp_ps_mask(mj, vj, _CMP_UNORD_Q);
     }
     mmax = _mm512_reduce_max_ps(amax_m);
     vmax = _mm512_reduce_max_ps(amax_v);
-    nan_m = unordered_m != 0;
-    nan_v = unordered_v != 0;
+    nan = unordered != 0;
   }
 #endif
   [[maybe_unused]] const int64_t nv = j;
@@ -441,11 +439,9 @@ void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
     vnew[j] = float(vj);
     mmax = std::max(mmax, std::abs(mnew[j]));
     vmax = std::max(vmax, std::abs(vnew[j]));
-    nan_m = nan_m || std::isnan(mnew[j]);
-    nan_v = nan_v || std::isnan(vnew[j]);
+    nan = nan || std::isnan(mnew[j]) || std::isnan(vnew[j]);
   }
-  if (nan_m) mmax = NAN;  // a NaN state poisons its block, whose absmax says so
-  if (nan_v) vmax = NAN;
+  if (nan) mmax = vmax = NAN;  // a NaN in either state poisons its block: both absmaxs say so (every device)
   *ma = mmax;
   *va = vmax;
   const float minv = mmax > 0 ? 1.0f / mmax : 0.0f, vinv = vmax > 0 ? 1.0f / vmax : 0.0f;
@@ -591,7 +587,7 @@ PYOPS_VBMI void adam_8bit_block_vbmi(float* p, float* g, uint8_t* mc, uint8_t* v
   const bool wd = k.weight_decay != 0;
   alignas(64) float mnew[kQuantBlock], vnew[kQuantBlock];
   __m512 amax_m = _mm512_setzero_ps(), amax_v = _mm512_setzero_ps();
-  __mmask16 unordered_m = 0, unordered_v = 0;
+  __mmask16 unordered = 0;
   for (int64_t j0 = 0; j0 < kQuantBlock; j0 += 64) {
     __m512 m0s[4], v0s[4];
     lookup64(_mm512_loadu_si512(mc + j0), qs.q_planes, m0s);
@@ -621,13 +617,11 @@ PYOPS_VBMI void adam_8bit_block_vbmi(float* p, float* g, uint8_t* mc, uint8_t* v
       _mm512_store_ps(vnew + j, vj);
       amax_m = _mm512_max_ps(amax_m, _mm512_andnot_ps(sign, mj));
       amax_v = _mm512_max_ps(amax_v, _mm512_andnot_ps(sign, vj));
-      unordered_m |= _mm512_cmp_ps_mask(mj, mj, _CMP_UNORD_Q);
-      unordered_v |= _mm512_cmp_ps_mask(vj, vj, _CMP_UNORD_Q);
+      unordered |= _mm512_cmp_ps_mask(mj, vj, _CMP_UNORD_Q);
     }
   }
   float mmax = _mm512_reduce_max_ps(amax_m), vmax = _mm512_reduce_max_ps(amax_v);
-  if (unordered_m) mmax = NAN;
-  if (unordered_v) vmax = NAN;
+  if (unordered) mmax = vmax = NAN;
   *ma = mmax;
   *va = vmax;
   const __m512 minv = _mm512_set1_ps(mmax > 0 ? 1.0f / mmax : 0.0f),
