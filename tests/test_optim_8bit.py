@@ -666,7 +666,7 @@ def test_bench_rows():
     the fixed-cost sets), each row stepping its own state_dtype."""
     from bench import optim as bench_optim
 
-    cases = [c for c in bench_optim._step_cases("cpu", quick=True) if c.op in ("Adam", "AdamW")]
+    cases = [c for c in bench_optim.cases("cpu", quick=True) if c.op in ("Adam", "AdamW") and c.mode == "step"]
     big = [c for c in cases if not c.shape[0].startswith("overhead")]
     assert big and all([v[:2] for v in c.variants] == [("8bit", "pyops_8bit"), ("bf16", "pyops_bf16")] for c in big)
     assert all(c.variants is None for c in cases if c.shape[0].startswith("overhead"))
@@ -679,3 +679,66 @@ def test_bench_rows():
             p.grad = p0.grad.clone()
         big[0].iteration(impl)(ps)
         assert not torch.equal(ps[0], params[0])
+
+
+@pytest.mark.parametrize("state_dtype", ["8bit", torch.bfloat16], ids=["8bit", "bf16"])
+def test_step_in_backward_with_quantized_states(state_dtype):
+    """pyops.optim.step_in_backward steps quantized states too, bitwise as optimizer.step() after
+    backward does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 8))
+    twin = copy.deepcopy(model)
+    a = popt.AdamW(model.parameters(), lr=1e-2, state_dtype=state_dtype)
+    b = popt.AdamW(twin.parameters(), lr=1e-2, state_dtype=state_dtype)
+    handle = popt.step_in_backward(a)
+    for _ in range(3):
+        x = torch.randn(16, 64)
+        model(x).square().mean().backward()
+        twin(x).square().mean().backward()
+        b.step()
+        b.zero_grad()
+    handle.remove()
+    for p, q_ in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q_)
+    assert q.kind_of(a.state[model[0].weight], model[0].weight) == ("8bit" if state_dtype == "8bit" else "bf16")
+
+
+def test_8bit_refuses_bf16_stochastic_round():
+    p = torch.randn(5000, requires_grad=True)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "pyops.optim.AdamW8bit: bf16_stochastic_round=True is not supported with 8-bit states (state_dtype='8bit')"
+        ),
+    ):
+        popt.AdamW8bit([p], bf16_stochastic_round=True)
+
+
+@pytest.mark.parametrize("n", [4096, 4100])  # whole blocks (vector path), and a tail
+def test_nan_poisons_only_its_block(n):
+    """A NaN in either state (here: a NaN exp_avg absmax, a NaN gradient) makes both absmaxs of its block
+    NaN (every device's kernel and the torch-ops path alike); other blocks stay finite."""
+    gen = torch.Generator().manual_seed(6)
+    p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.1
+    mc, vc, ma, va = _random_state(n, gen)
+    ma[1] = float("nan")
+    g[5] = float("nan")
+    args = [[p.clone()], [g.clone()], [mc.clone()], [vc.clone()], [ma.clone()], [va.clone()], [torch.tensor(1.0)]]
+    PRIMITIVES["native"]["adam_step_8bit_"](
+        *args, QS, QU, 256, torch.tensor(1e-3), 0.9, 0.999, 0.0, 1e-8, False, False, None, None
+    )
+    mas, vas = args[4][0], args[5][0]
+    assert mas[:2].isnan().all() and vas[:2].isnan().all()
+    assert not mas[2:].isnan().any() and not vas[2:].isnan().any()
+    # the torch-ops path: the same blocks
+    opt = popt.Adam8bit([torch.nn.Parameter(p.clone())], lr=1e-3)
+    param = opt.param_groups[0]["params"][0]
+    param.grad = g.clone()
+    opt.step()  # creates the state and steps once
+    state = opt.state[param]
+    state["exp_avg_absmax"][1] = float("nan")
+    param.grad = g.clone()
+    with pyops.backend("torch"):
+        opt.step()
+    ma2, va2 = state["exp_avg_absmax"], state["exp_avg_sq_absmax"]
+    assert ma2[:2].isnan().all() and va2[:2].isnan().all() and not ma2[2:].isnan().any()

@@ -205,11 +205,14 @@ void for_each_chunk(at::TensorList params, const Body& body) {
 // ---- 8-bit blockwise states (Adam8bitStep, csrc/optim.h) ------------------------------------------
 // A map's quantizer: code(y) = the number of midpoints mid[c] = (q[c] + q[c+1]) / 2 (float32) below y,
 // i.e. the nearest map value, ties to the lower one (a NaN y, in a block whose absmax is NaN, takes any
-// code). The scalar path binary-searches
-// the midpoints. The vector path reads a first guess from a table indexed by y's sign, exponent and
-// kBucketBits leading mantissa bits (the map's decades of linear steps make each such bucket hold at most
-// kRefine midpoints), then counts the kRefine midpoints above the guess that lie below y: the same code
-// as the search. A map with a bucket holding more midpoints takes the scalar path.
+// code). Three paths give that same code:
+//   - whole blocks of float32 parameters on AVX512-VBMI machines (adam_8bit_block_vbmi): the maps looked
+//     up 64 codes at a time by byte permutes, and the code found from the dynamic maps' decade structure
+//     (Quantizer::guess_of) and two or three midpoint comparisons;
+//   - other AVX-512 machines, and maps whose decade guess fails its check (adam_8bit_block): 32-bit
+//     gathers, and a first guess from a table indexed by y's sign, exponent and kBucketBits leading
+//     mantissa bits (each such bucket holds at most kRefine midpoints), then kRefine comparisons;
+//   - the rest (other dtypes, tails, other CPUs, maps neither guess fits): a binary search.
 constexpr int kBucketBits = 7;
 constexpr int kRefine = 1;  // enough for the dynamic maps with kBucketBits = 7 (each bucket holds at most one midpoint)
 constexpr int kTopExponent = 127;                   // |y| < 2: y = x / absmax with |x| <= absmax, rounded
@@ -438,7 +441,7 @@ void adam_8bit_block(T* p, T* g, uint8_t* mc, uint8_t* vc, float* ma, float* va,
     vmax = std::max(vmax, std::abs(vnew[j]));
     nan = nan || std::isnan(mnew[j]) || std::isnan(vnew[j]);
   }
-  if (nan) mmax = vmax = NAN;  // a NaN state poisons its block, whose absmax says so
+  if (nan) mmax = vmax = NAN;  // a NaN in either state poisons its block: both absmaxs say so (every device)
   *ma = mmax;
   *va = vmax;
   const float minv = mmax > 0 ? 1.0f / mmax : 0.0f, vinv = vmax > 0 ? 1.0f / vmax : 0.0f;

@@ -211,18 +211,13 @@ class _AdamStep:
             group.setdefault("state_dtype", state_dtype)
 
     @torch.no_grad()
-    def _fused_step(self, closure):
+    def _step_groups(self, groups, grad_scale, found_inf):
         """Parameters with quantized states take pyops/optim/quantized.py's step; the rest (float states:
-        small tensors, or no state_dtype) the float step, through the group without them."""
-        if not any(g.get("state_dtype") is not None or self._has_quantized(g) for g in self.param_groups):
-            return super()._fused_step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        groups, rest = self.param_groups, []
+        small tensors, or no state_dtype) the float step, through the groups without them (groups:
+        param_groups, or step_in_backward's one-parameter views of them)."""
+        if not any(g.get("state_dtype") is not None or self._has_quantized(g) for g in groups):
+            return super()._step_groups(groups, grad_scale, found_inf)
+        rest = []
         for group in groups:
             quantized = _q.quantized_params(self, group)
             if quantized:
@@ -240,12 +235,7 @@ class _AdamStep:
                 ids = set(map(id, quantized))
                 group = dict(group, params=[p for p in group["params"] if id(p) not in ids])
             rest.append(group)
-        self.param_groups = rest
-        try:
-            super()._fused_step(None)
-        finally:
-            self.param_groups = groups
-        return loss
+        return super()._step_groups(rest, grad_scale, found_inf)
 
     def _has_quantized(self, group):
         return any(_q.kind_of(self.state[p], p) for p in group["params"] if p in self.state)

@@ -90,13 +90,21 @@ def dequantize(codes, absmax, qmap):
     return (values.view(-1, BLOCK_SIZE) * absmax.view(-1, 1)).view(-1)[:n]
 
 
-def quantize(x, qmap):
-    """(codes, absmax) of a 1-d float32 x: per block of BLOCK_SIZE its absmax (NaN if it holds one), and
-    per element the number of the map's float32 midpoints below x * (1 / absmax) (0 for a zero block)."""
+def _block_nan(x):
+    """Per block of BLOCK_SIZE of a 1-d x, whether it holds a NaN."""
+    n = x.numel()
+    return F.pad(x, (0, _blocks(n) * BLOCK_SIZE - n)).view(-1, BLOCK_SIZE).isnan().any(1)
+
+
+def quantize(x, qmap, nan=None):
+    """(codes, absmax) of a 1-d float32 x: per block of BLOCK_SIZE its absmax (NaN if it holds one, or
+    where `nan` says so), and per element the number of the map's float32 midpoints below
+    x * (1 / absmax) (0 for a zero block)."""
     n = x.numel()
     blocks = F.pad(x, (0, _blocks(n) * BLOCK_SIZE - n)).view(-1, BLOCK_SIZE)
     absmax = blocks.abs().amax(1)
-    absmax = torch.where(blocks.isnan().any(1), torch.full_like(absmax, float("nan")), absmax)
+    nan = blocks.isnan().any(1) if nan is None else nan
+    absmax = torch.where(nan, torch.full_like(absmax, float("nan")), absmax)
     inv = torch.where(absmax > 0, absmax.reciprocal(), torch.zeros_like(absmax))
     y = (blocks * inv.view(-1, 1)).view(-1)[:n]
     mids = (qmap[:-1] + qmap[1:]) * 0.5
@@ -448,9 +456,10 @@ def _torch_step(optimizer, group, kind, ps, grads, grad_scale, found_inf, decoup
         denom = vd.sqrt() * torch.as_tensor(inv_bc2).to(x.device, compute) + compute_scalar(eps, compute)
         new_p = (x - torch.as_tensor(step_size).to(x.device, compute) * md / denom).to(p.dtype)
         updates = [(pf, new_p), (step, new_step)]
-        if kind == "8bit":
+        if kind == "8bit":  # a NaN in either state poisons both absmaxs of its block, as the kernels do
+            nan = _block_nan(m) | _block_nan(v)
             for key, qmap, val in (("exp_avg", qs, m), ("exp_avg_sq", qu, v)):
-                codes, absmax = quantize(val.float(), qmap)
+                codes, absmax = quantize(val.float(), qmap, nan)
                 updates += [(_flat(state[key]), codes), (state[ABSMAX_KEYS[key]], absmax)]
         else:
             updates += [(_flat(state["exp_avg"]), m), (_flat(state["exp_avg_sq"]), v)]
