@@ -20,9 +20,10 @@ small tensors in float32 likewise) keep float32 states (the parameter's dtype), 
 non-dense and DTensor parameters and those with sparse gradients: they take the float32 kernel.
 amsgrad with 8-bit states is refused (it would need a third quantized state).
 
-Paths: the CPU kernel (pyops::adam_step_8bit_, and pyops::adam_step_ with bfloat16 states); on a device
-or backend without one (CUDA and Triton for now, the `torch` backend) the same dequantize -> update ->
-requantize in torch ops, counted in pyops.optim.fallback_counts() under `auto`.
+Paths: the kernels of every device (pyops::adam_step_8bit_, and pyops::adam_step_ with bfloat16 states:
+C++ on the CPU, CUDA, Triton); on a backend without one (the `torch` backend, or a CUDA-less build's
+GPU tensors) the same dequantize -> update -> requantize in torch ops, counted in
+pyops.optim.fallback_counts() under `auto`.
 
 state_dict: per quantized parameter "exp_avg" and "exp_avg_sq" (uint8 codes, or bfloat16),
 "exp_avg_absmax" and "exp_avg_sq_absmax" (float32, one per block; 8-bit only) and "step"; it round-trips
@@ -287,7 +288,8 @@ def dequantized_state_dict(optimizer):
 
 # ---- the step ------------------------------------------------------------------------------------
 
-_BF16_STATE_KERNELS = {("native", "cpu")}  # adam_step_ kernels that take bfloat16 state (csrc/optim.h)
+# adam_step_ kernels that take bfloat16 state for float32 parameters (D::kBf16AdamStates, csrc/optim.h)
+_BF16_STATE_KERNELS = {("native", "cpu"), ("native", "cuda"), ("triton", "cpu"), ("triton", "cuda")}
 
 
 def _has_8bit_kernel(backend, device):
