@@ -191,16 +191,29 @@ std::pair<double, double> part_moments(const scalar_t* p, int64_t rows, int64_t 
   const Vec vx0(x0);
   Vec vs(T(0)), vq(T(0));
   T ss = 0, sq = 0;
+  const int64_t n_all = rows * len;
+  if (es == 1 && rs == len) {  // a dense part (an NCHW plane): one row, so that short rows vectorize too
+    len = n_all;
+    rows = 1;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = p + r * rs;
     int64_t j = 0;
     if constexpr (std::is_same_v<scalar_t, T>) {
-      if (es == 1)
+      if (es == 1) {
         for (; j + L <= len; j += L) {
           const Vec d = Vec::loadu(row + j) - vx0;
           vs = vs + d;
           vq = at::vec::fmadd(d, d, vq);
         }
+        if (j < len) {  // the last partial vector, its missing lanes 0
+          const int cnt = static_cast<int>(len - j);
+          const Vec d = Vec::set(Vec(T(0)), Vec::loadu(row + j, cnt) - vx0, cnt);
+          vs = vs + d;
+          vq = at::vec::fmadd(d, d, vq);
+          j = len;
+        }
+      }
     }
     for (; j < len; ++j) {
       const T d = T(row[j * es]) - x0;
@@ -209,7 +222,7 @@ std::pair<double, double> part_moments(const scalar_t* p, int64_t rows, int64_t 
     }
   }
   const auto add = [](Vec& a, Vec& b) { return a + b; };
-  const double n = double(rows * len);
+  const double n = double(n_all);
   const double sum = double(at::vec::vec_reduce_all<T>(add, vs) + ss);
   const double sum2 = double(at::vec::vec_reduce_all<T>(add, vq) + sq);
   return {double(x0) + sum / n, std::max(0.0, sum2 - sum * sum / n)};
