@@ -444,6 +444,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_stats(const Tensor& input, const Tenso
                [&] { return pyops::conv2d(input, weight, bias, stride, padding, dilation, groups, std::nullopt); },
                {&input, &weight, bias ? &*bias : nullptr});
     if (b != Backend::kTorch) return conv2d_fwd_stats[b].call(input, weight, bias, s, p, d, groups);
+    const Tensor none = at::empty({0}, input.options().dtype(at::kFloat));
+    return {at::conv2d(input, weight, bias, s, p, d, groups), none, none};  // chosen already: torch's
   }
   const Tensor none = at::empty({0}, input.options().dtype(at::kFloat));
   return {pyops::conv2d(input, weight, bias, stride, padding, dilation, groups, std::nullopt), none, none};

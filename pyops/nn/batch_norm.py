@@ -128,7 +128,7 @@ class _BatchNormMixin(_FusedBatchNorm):
         given = getattr(self, "_given_stats", None)
         if given is not None:
             self._given_stats = None
-            if not (bn_training and given[0] is input):
+            if not (bn_training and given[0] is input and given[1].numel()):  # (empty: torch's convolution)
                 given = None
 
         def call(momentum, running_mean=running_mean, running_var=running_var):
