@@ -114,11 +114,15 @@ def _mean_over_ranks(value, device):
 # ---- training -------------------------------------------------------------------------------------------
 
 
-def _optimizer(side, params, lr):
+# --state-dtype: the pyops side's Adam states (pyops.optim.Adam's state_dtype)
+STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "8bit": "8bit"}
+
+
+def _optimizer(side, params, lr, state_dtype=None):
     if side == "pyops":
         from . import optim as popt
 
-        return popt.Adam(params, lr=lr)
+        return popt.Adam(params, lr=lr, state_dtype=STATE_DTYPES[state_dtype or "float32"])
     return torch.optim.Adam(params, lr=lr)
 
 
@@ -145,15 +149,18 @@ def train(
     params=None,
     progress=True,
     desc=None,
+    state_dtype=None,
 ):
     """Train `model` (built from `side`'s modules) on (x, y) with `side`'s Adam and cross-entropy (class
     weights `weight`), the batches drawn from `seed`; only `params` (default: all) are trained. Under
     torchrun each rank takes its share of every batch, and the ranks' losses and gradients combine to
-    the global batch's (see _share). Returns a Run."""
+    the global batch's (see _share). state_dtype: the pyops Adam's states ("float32", "bfloat16" or
+    "8bit"; see STATE_DTYPES). Returns a Run."""
     device = x.device
     rank, size = world()
     net = _wrap(model, side, sync_bn)
-    opt = _optimizer(side, params if params is not None else [p for p in net.parameters() if p.requires_grad], lr)
+    trained = params if params is not None else [p for p in net.parameters() if p.requires_grad]
+    opt = _optimizer(side, trained, lr, state_dtype)
     weight = None if weight is None else weight.to(device)
     loss_fn = _loss(side, weight)
     steps = [pdata.batches(len(y), batch_size, e, seed, device) for e in range(epochs)]
@@ -310,13 +317,17 @@ def compare(args, split):
             continue
         model = model.to(device=device, dtype=args.dtype)
         x = split.x_train.to(args.dtype)
-        run = fit(args, model, x, split.y_train, f"{side} {args.model}", side=side, sync_bn=args.sync_bn)
+        states = args.state_dtype if side == "pyops" else None
+        run = fit(args, model, x, split.y_train, f"{side} {args.model}", side=side, sync_bn=args.sync_bn,
+                  state_dtype=states)  # fmt: skip
+        if states not in (None, "float32"):
+            run.side = f"{side} ({states} Adam states)"
         runs.append(run)
         evaluations.append(metrics(run.model, split.x_test.to(args.dtype), split.y_test))
     if rank == 0:
         where = f"{device}" + (f", {size} processes (DistributedDataParallel)" if size > 1 else "")
         for run, m in zip(runs, evaluations):
-            lib = "pyops modules, pyops.optim.Adam" if run.side == "pyops" else "torch modules, torch.optim.Adam"
+            lib = "torch modules, torch.optim.Adam" if run.side == "torch" else "pyops modules, pyops.optim.Adam"
             _table(
                 f"{run.side}: {args.model} ({lib}) on {args.data_name}, {args.epochs} epochs, batch "
                 f"{args.batch_size}, on {where}",
@@ -487,6 +498,9 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument(
+        "--state-dtype", choices=list(STATE_DTYPES), default="float32", help="the pyops side's Adam states"
+    )
     parser.add_argument("--data", default=None, help="a torch.save'd (images, labels) pair instead of the digits")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="loss, precision-recall and ROC curves")
     parser.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm across ranks")

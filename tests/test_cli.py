@@ -95,6 +95,14 @@ def test_demo_trains_both_sides_and_plots(tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_demo_trains_the_pyops_side_with_quantized_adam_states():
+    """--state-dtype 8bit: the pyops side's Adam keeps 8-bit states (its large tensors), the torch side float32."""
+    out = _run("demo", "--model", "mlp3", "--epochs", "1", "--no-progress", "--state-dtype", "8bit", interpret=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "pyops (8bit Adam states): mlp3 (pyops modules, pyops.optim.Adam)" in out.stdout
+    assert "torch: mlp3 (torch modules, torch.optim.Adam)" in out.stdout
+
+
 def _demo_extra():
     """setup.py's distribution name and its "demo" extra, read from the setup() call."""
     import ast
