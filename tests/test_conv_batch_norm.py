@@ -252,3 +252,28 @@ def test_autocast_casts_the_linked_convolution_as_the_plain_one():
         out = model(x)
     assert out.dtype == torch.bfloat16
     assert_close(mean, torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)[1], torch.float32, reduced=72)
+
+
+@pytest.mark.parametrize("case", ["direct dw3", "depthwise channels_last", "im2col gemm", "direct strided"])
+def test_non_finite_outputs_give_batch_norms_statistics(case):
+    """inf, -inf and NaN in the output: the gathered mean and variance are batch_norm_stats's (inf, -inf or
+    NaN as a sum gives the mean; NaN variance), so the running statistics move as without the link."""
+    xs, ws, kw, fmt = ENGINES[case]
+    torch.manual_seed(9)
+    x = torch.randn(xs)
+    x[0, 0, 1, 1], x[-1, 1, 2, 2], x[0, 2, 0, 0], x[-1, 2, 0, 0] = (
+        float("inf"),
+        float("-inf"),
+        float("inf"),
+        float("nan"),
+    )
+    x = x.contiguous(memory_format=fmt)
+    w = torch.rand(ws) + 0.1  # positive: an infinity keeps its sign through the sum
+    P = PRIMITIVES["native"]
+    out, mean, var = P["conv2d_fwd_stats"](x, w, None, *_geometry(kw))
+    want_mean, want_var = P["batch_norm_stats"](out)
+    assert torch.equal(mean.isnan(), want_mean.isnan()) and torch.equal(var.isnan(), want_var.isnan())
+    fin = want_mean.isfinite()
+    assert torch.equal(mean[~fin & ~mean.isnan()], want_mean[~fin & ~want_mean.isnan()])
+    torch.testing.assert_close(mean[fin], want_mean[fin], rtol=1e-5, atol=1e-5)
+    assert not fin.all()  # the case reaches the non-finite path

@@ -63,7 +63,14 @@ void row_moments(const T* row, int64_t C, int64_t OW, int64_t ps, int64_t r, Mom
     q.store(sq);
     for (int c = 0; c < cnt; ++c) {
       const double n = double(OW), su = double(sum[c]);
-      m.set(r, c0 + c, double(x0[c]) + su / n, std::max(0.0, double(sq[c]) - su * su / n));
+      double mu = double(x0[c]) + su / n;
+      if (!std::isfinite(mu)) {  // an infinite first pixel: the mean as a sum gives it (part_moments)
+        mu = 0;
+        for (int64_t ow = 0; ow < OW; ++ow) mu += double(row[ow * ps + c0 + c]);
+        mu /= n;
+      }
+      const double m2 = double(sq[c]) - su * su / n;  // below 0 by rounding: 0; NaN stays
+      m.set(r, c0 + c, mu, m2 < 0 ? 0.0 : m2);
     }
   }
 }

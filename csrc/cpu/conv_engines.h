@@ -9,6 +9,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -164,19 +165,31 @@ struct Moments {
   void combine(S* mean_out, S* var_out) const {
     at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        double mu = 0, sq = 0;
+        double mu = 0, sq = 0, plain = 0;
         for (int64_t p = 0; p < parts; ++p) {
           const double na = double(p * count), n = double((p + 1) * count);
           const double delta = mean[p * K + k] - mu;
           mu += delta * (double(count) / n);
           sq += m2[p * K + k] + delta * delta * (na * double(count) / n);
+          plain += mean[p * K + k];
         }
-        mean_out[k] = S(mu);
+        // a non-finite part (an inf: inf - inf in the update) takes the plain mean of the parts: inf, -inf or
+        // NaN as a sum gives it, as batch_norm's statistics do
+        mean_out[k] = S(std::isfinite(mu) ? mu : plain / double(parts));
         var_out[k] = S(sq / double(parts * count));
       }
     });
   }
 };
+
+// The mean of rows x len elements at p as a sum gives it (inf, -inf or NaN where the data hold them).
+template <typename scalar_t>
+double plain_mean(const scalar_t* p, int64_t rows, int64_t rs, int64_t len, int64_t es) {
+  double sum = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < len; ++j) sum += double(p[r * rs + j * es]);
+  return sum / double(rows * len);
+}
 
 // The mean and M2 of rows x len elements at p (row stride rs, element stride es), in op-math, in one pass
 // over data shifted by its first element (sums of d = x - x0 and d^2: M2 = sum d^2 - (sum d)^2 / n, which
@@ -225,7 +238,9 @@ std::pair<double, double> part_moments(const scalar_t* p, int64_t rows, int64_t 
   const double n = double(n_all);
   const double sum = double(at::vec::vec_reduce_all<T>(add, vs) + ss);
   const double sum2 = double(at::vec::vec_reduce_all<T>(add, vq) + sq);
-  return {double(x0) + sum / n, std::max(0.0, sum2 - sum * sum / n)};
+  const double mu = double(x0) + sum / n;  // x0 infinite: NaN, and combine() takes the plain sum
+  const double m2 = sum2 - sum * sum / n;  // rounding may leave it below 0; NaN (non-finite data) stays
+  return {std::isfinite(mu) ? mu : plain_mean(p, rows, rs, len, es), m2 < 0 ? 0.0 : m2};
 }
 
 // Whether the channels_last depthwise engine takes the call: one input and one output channel per
